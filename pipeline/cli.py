@@ -1,0 +1,65 @@
+"""The `pipeline` command: one subcommand per process or tool.
+
+Each subcommand lives in its own module, which exposes ``register(subparsers)``; the module is
+imported only when listed here, so a process pays only for what it runs. A registered parser sets
+``func`` (``args -> int``) as its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that contribute subcommands, in the order `pipeline --help` lists them.
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "pipeline.runner",
+    "pipeline.sim.cli",
+    "pipeline.ingest",
+    "pipeline.trading_cli",
+    "pipeline.consumer",
+    "pipeline.ring_cli",
+    "pipeline.health",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Low-latency Binance gateway (ingest, ring, consumers, trading, simulator).",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "text", "json"),
+        default="auto",
+        help="log format: text on a terminal, JSON lines otherwise (auto)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # not written yet; anything else is a real error
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pipeline.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

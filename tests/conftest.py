@@ -1,0 +1,47 @@
+"""Session-wide hygiene: a run that leaks a /dev/shm segment or a child process fails."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+SHM = Path("/dev/shm")
+
+
+def _segments() -> set[str]:
+    if not SHM.is_dir():
+        return set()
+    return {p.name for p in SHM.iterdir() if not p.name.startswith("sem.")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks() -> Iterator[None]:
+    before = _segments()
+    yield
+    leaked_shm = sorted(_segments() - before)
+    me = psutil.Process(os.getpid())
+    children = [c for c in me.children(recursive=True) if c.is_running()]
+    # Give dying children a moment, then kill what is left so CI is not poisoned by them.
+    _gone, alive = psutil.wait_procs(children, timeout=3)
+    for proc in alive:
+        proc.kill()
+    problems = []
+    if leaked_shm:
+        problems.append(f"leaked /dev/shm segments: {leaked_shm}")
+        for name in leaked_shm:
+            (SHM / name).unlink(missing_ok=True)
+    if alive:
+        problems.append(f"orphan child processes: {[(p.pid, p.name()) for p in alive]}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def shm_name(request: pytest.FixtureRequest) -> str:
+    """A /dev/shm name unique to this test and process."""
+    safe = "".join(c if c.isalnum() else "_" for c in request.node.name)[:40]
+    return f"pt_{os.getpid()}_{safe}"
