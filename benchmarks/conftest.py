@@ -1,0 +1,28 @@
+"""Benchmarks only: collect ``bench_*.py`` files and print the ring-vs-baselines table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    # pyproject's python_files is test_*.py (for tests/); benchmark modules are bench_*.py
+    # (a bench file named on the command line is collected by pytest itself: not twice)
+    if parent.session.isinitpath(file_path):
+        return None
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    try:
+        from ipc_baselines import RESULTS, report
+    except ImportError:
+        return
+    if RESULTS:
+        for line in report().splitlines():
+            terminalreporter.write_line(line)
