@@ -1,0 +1,242 @@
+"""User data stream events (binance-protocol.md §2.14-2.15), parsed into small typed records.
+
+Wire field names are kept in the comments, values converted once here: decimals to float,
+times (ms) to ns. :func:`parse_event` takes the ``event`` object of a WS API frame (or a legacy
+raw / combined payload) plus the local receive time, and never raises for an unknown event
+type: it returns :class:`UnknownEvent`, which the caller counts. A known type with missing or
+mistyped fields raises :class:`UserDataError` (remote fault), for the caller's counted skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+_MS = 1_000_000
+
+
+class UserDataError(ValueError):
+    """A user data event of a known type that we cannot read."""
+
+    remote = True
+
+
+def _f(event: dict[str, Any], key: str) -> float:
+    value = event.get(key)
+    if value is None:
+        return 0.0
+    try:
+        return float(Decimal(str(value)))
+    except InvalidOperation:
+        raise UserDataError(f"{event.get('e')}: field {key!r} is not a number") from None
+
+
+def _i(event: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = event.get(key, default)
+    if isinstance(value, bool) or value is None:
+        raise UserDataError(f"{event.get('e')}: field {key!r} missing or not an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserDataError(f"{event.get('e')}: field {key!r} is not an integer") from None
+
+
+def _s(event: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = event.get(key, default)
+    if value is None:
+        if default is not None:
+            return default
+        raise UserDataError(f"{event.get('e')}: field {key!r} missing")
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionReport:
+    symbol: str  # s
+    client_order_id: str  # c (on a cancel: the cancel request's new client order id)
+    orig_client_order_id: str  # C: id of the order being canceled, "" otherwise
+    side: str  # S
+    order_type: str  # o
+    time_in_force: str  # f
+    qty: float  # q
+    price: float  # p
+    exec_type: str  # x: NEW CANCELED REPLACED REJECTED TRADE EXPIRED TRADE_PREVENTION
+    status: str  # X: NEW PARTIALLY_FILLED FILLED CANCELED REJECTED EXPIRED EXPIRED_IN_MATCH
+    reject_reason: str  # r
+    order_id: int  # i
+    last_qty: float  # l
+    cum_qty: float  # z
+    last_price: float  # L
+    cum_quote: float  # Z
+    commission: float  # n
+    commission_asset: str  # N (null -> "")
+    trade_id: int  # t (-1 when not a trade)
+    is_maker: bool  # m
+    event_time_ns: int  # E
+    transact_time_ns: int  # T
+    recv_time_ns: int
+
+    @property
+    def order_key(self) -> str:
+        """The client order id our order table is keyed by: ``C`` for cancels, else ``c``."""
+        return self.orig_client_order_id or self.client_order_id
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    asset: str  # a
+    free: float  # f
+    locked: float  # l
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPosition:
+    event_time_ns: int  # E
+    update_time_ns: int  # u
+    balances: tuple[Balance, ...]  # B
+    recv_time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceUpdate:
+    asset: str  # a
+    delta: float  # d
+    event_time_ns: int  # E
+    clear_time_ns: int  # T
+    recv_time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListStatus:
+    symbol: str  # s
+    order_list_id: int  # g
+    contingency_type: str  # c
+    list_status_type: str  # l
+    list_order_status: str  # L
+    reject_reason: str  # r
+    list_client_order_id: str  # C
+    orders: tuple[tuple[str, int, str], ...]  # O: (symbol s, orderId i, clientOrderId c)
+    event_time_ns: int  # E
+    transact_time_ns: int  # T
+    recv_time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTerminated:
+    """``eventStreamTerminated``: the subscription is gone; resubscribe if still wanted."""
+
+    event_time_ns: int
+    recv_time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerShutdown:
+    """``serverShutdown``: open a new connection now (make-before-break)."""
+
+    event_time_ns: int
+    recv_time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownEvent:
+    type: str
+    recv_time_ns: int
+
+
+UserDataEvent = (
+    ExecutionReport
+    | AccountPosition
+    | BalanceUpdate
+    | ListStatus
+    | StreamTerminated
+    | ServerShutdown
+    | UnknownEvent
+)
+
+
+def unwrap(frame: dict[str, Any]) -> dict[str, Any]:
+    """The event object of a WS API ``{"subscriptionId","event"}`` frame or a legacy one."""
+    if isinstance(frame.get("event"), dict):
+        return frame["event"]
+    if isinstance(frame.get("data"), dict) and "stream" in frame:
+        return frame["data"]
+    return frame
+
+
+def parse_execution_report(ev: dict[str, Any], recv_time_ns: int) -> ExecutionReport:
+    return ExecutionReport(
+        symbol=_s(ev, "s"),
+        client_order_id=_s(ev, "c"),
+        orig_client_order_id=_s(ev, "C", ""),
+        side=_s(ev, "S"),
+        order_type=_s(ev, "o"),
+        time_in_force=_s(ev, "f", ""),
+        qty=_f(ev, "q"),
+        price=_f(ev, "p"),
+        exec_type=_s(ev, "x"),
+        status=_s(ev, "X"),
+        reject_reason=_s(ev, "r", "NONE"),
+        order_id=_i(ev, "i"),
+        last_qty=_f(ev, "l"),
+        cum_qty=_f(ev, "z"),
+        last_price=_f(ev, "L"),
+        cum_quote=_f(ev, "Z"),
+        commission=_f(ev, "n"),
+        commission_asset=_s(ev, "N", ""),
+        trade_id=_i(ev, "t", -1),
+        is_maker=bool(ev.get("m", False)),
+        event_time_ns=_i(ev, "E") * _MS,
+        transact_time_ns=_i(ev, "T", ev.get("E")) * _MS,
+        recv_time_ns=recv_time_ns,
+    )
+
+
+def parse_event(frame: dict[str, Any], recv_time_ns: int) -> UserDataEvent:
+    ev = unwrap(frame)
+    kind = ev.get("e")
+    if kind == "executionReport":
+        return parse_execution_report(ev, recv_time_ns)
+    if kind == "outboundAccountPosition":
+        raw = ev.get("B")
+        if not isinstance(raw, list):
+            raise UserDataError("outboundAccountPosition: field 'B' is not a list")
+        balances = []
+        for b in raw:
+            if not isinstance(b, dict):
+                raise UserDataError("outboundAccountPosition: balance is not an object")
+            balances.append(Balance(_s(b, "a"), _f(b, "f"), _f(b, "l")))
+        return AccountPosition(
+            _i(ev, "E") * _MS, _i(ev, "u", ev.get("E")) * _MS, tuple(balances), recv_time_ns
+        )
+    if kind == "balanceUpdate":
+        return BalanceUpdate(
+            _s(ev, "a"),
+            _f(ev, "d"),
+            _i(ev, "E") * _MS,
+            _i(ev, "T", ev.get("E")) * _MS,
+            recv_time_ns,
+        )
+    if kind == "listStatus":
+        orders = []
+        for o in ev.get("O") or []:
+            if isinstance(o, dict):
+                orders.append((_s(o, "s", ""), _i(o, "i", -1), _s(o, "c", "")))
+        return ListStatus(
+            symbol=_s(ev, "s"),
+            order_list_id=_i(ev, "g"),
+            contingency_type=_s(ev, "c", ""),
+            list_status_type=_s(ev, "l", ""),
+            list_order_status=_s(ev, "L", ""),
+            reject_reason=_s(ev, "r", "NONE"),
+            list_client_order_id=_s(ev, "C", ""),
+            orders=tuple(orders),
+            event_time_ns=_i(ev, "E") * _MS,
+            transact_time_ns=_i(ev, "T", ev.get("E")) * _MS,
+            recv_time_ns=recv_time_ns,
+        )
+    if kind == "eventStreamTerminated":
+        return StreamTerminated(_i(ev, "E") * _MS, recv_time_ns)
+    if kind == "serverShutdown":
+        return ServerShutdown(_i(ev, "E") * _MS, recv_time_ns)
+    return UnknownEvent(kind if isinstance(kind, str) else "", recv_time_ns)

@@ -1,0 +1,320 @@
+"""``pipeline trade``, ``pipeline keygen`` and ``pipeline order``: the trading command line.
+
+- ``trade`` runs the trading process (:mod:`pipeline.trading`) until SIGTERM/SIGINT (exit 0,
+  segments unlinked) or Failed (exit 3: logon rejected, do not restart blindly; exit 4: gave up
+  reconnecting). Exit 2: bad arguments or an unusable key (the message says why).
+- ``keygen --out DIR`` writes an Ed25519 key pair (private PEM mode 0600) and prints the public
+  key's path: register that public key with Binance to get the API key for ``--api-key``.
+- ``order place|cancel|modify|status`` talks to a running ``trade`` through
+  :class:`pipeline.orders.OrderClient` and prints the answer as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    _register_trade(subparsers)
+    _register_keygen(subparsers)
+    _register_order(subparsers)
+
+
+# ---- trade --------------------------------------------------------------------------------
+
+
+def _register_trade(subparsers: Any) -> None:
+    from pipeline.orders import EXEC_RING
+
+    p = subparsers.add_parser(
+        "trade",
+        help="run the trading session (WS API, order entry over shared memory)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--wsapi-url",
+        default=None,
+        help="WS API URL (default: production; --testnet for the testnet)",
+    )
+    p.add_argument("--testnet", action="store_true", help="use the Spot testnet WS API")
+    p.add_argument("--api-key", required=True, help="the API key registered for the public key")
+    p.add_argument(
+        "--private-key",
+        required=True,
+        metavar="PATH",
+        help="Ed25519 private key: PEM, DER, hex or base64 seed (mode 0600)",
+    )
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding the private key's passphrase",
+    )
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="WebSocket ping frame interval (default 30)",
+    )
+    p.add_argument(
+        "--json-ping-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="JSON `ping` request interval (default 30)",
+    )
+    p.add_argument(
+        "--pong-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a pong / ping reply missing this long means dead (default 10)",
+    )
+    p.add_argument("--request-timeout", type=float, default=15.0, metavar="S")
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=10,
+        metavar="N",
+        help="failed reconnects before giving up (exit 4); 0 = never",
+    )
+    p.add_argument("--backoff-initial", type=float, default=1.0, metavar="S")
+    p.add_argument("--backoff-max", type=float, default=60.0, metavar="S")
+    p.add_argument("--recv-window", type=int, default=None, metavar="MS")
+    p.add_argument("--exec-ring", default=EXEC_RING, metavar="NAME")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="NAME",
+        help="metrics block name (default pipeline.trading.metrics)",
+    )
+    p.set_defaults(func=_trade)
+
+
+def _trade(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from pipeline.backoff import BackoffPolicy
+    from pipeline.binance.keys import KeyLoadError, load_private_key
+    from pipeline.binance.wsapi import PROD_URL, TESTNET_URL
+    from pipeline.session import SessionConfig
+    from pipeline.trading import METRICS_NAME, TradingConfig, TradingProcess
+
+    log = logging.getLogger("pipeline.trading")
+    passphrase = None
+    if args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env)
+        if passphrase is None:
+            print(f"error: environment variable {args.passphrase_env} is not set", file=sys.stderr)
+            return 2
+    try:
+        signer = load_private_key(args.private_key, passphrase)
+    except KeyLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    url = args.wsapi_url or (TESTNET_URL if args.testnet else PROD_URL)
+    try:
+        policy = BackoffPolicy(
+            initial_s=args.backoff_initial, max_s=args.backoff_max, max_attempts=args.max_attempts
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    session = SessionConfig(
+        api_key=args.api_key,
+        ping_interval_s=args.ping_interval,
+        json_ping_interval_s=args.json_ping_interval,
+        pong_timeout_s=args.pong_timeout,
+        request_timeout_s=args.request_timeout,
+        recv_window_ms=args.recv_window,
+        backoff=policy,
+    )
+    cfg = TradingConfig(
+        url=url,
+        session=session,
+        exec_ring=args.exec_ring,
+        metrics_name=args.metrics or METRICS_NAME,
+    )
+    tp = TradingProcess(cfg, signer)
+    log.info("trading starting", extra={"event": "trading_start", "url": url})
+    from pipeline.metrics import MetricsError
+    from pipeline.ring import RingError
+
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            code = asyncio.run(tp.run(install_signals=True))
+        else:
+            code = uvloop.run(tp.run(install_signals=True))
+    except (MetricsError, RingError) as exc:
+        print(f"error: {exc} (is another `pipeline trade` running?)", file=sys.stderr)
+        return 2
+    if code:
+        print(f"error: trading session failed: {tp.exit_reason}", file=sys.stderr)
+    return code
+
+
+# ---- keygen -------------------------------------------------------------------------------
+
+
+def _register_keygen(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "keygen", help="write a new Ed25519 key pair (PEM) for the Binance WS API"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the two PEM files")
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt the private key with the passphrase in this variable",
+    )
+    p.set_defaults(func=_keygen)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from pipeline.binance.keys import generate_keypair
+
+    passphrase = None
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if not value:
+            print(f"error: environment variable {args.passphrase_env} is not set", file=sys.stderr)
+            return 2
+        passphrase = value.encode()
+    try:
+        priv, pub = generate_keypair(args.out, passphrase)
+    except (FileExistsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {priv} (mode 0600; keep it secret)", file=sys.stderr)
+    print(
+        "register the public key with Binance, then pass the API key it gives to "
+        "`pipeline trade --api-key`",
+        file=sys.stderr,
+    )
+    print(pub)
+    return 0
+
+
+# ---- order --------------------------------------------------------------------------------
+
+
+def _register_order(subparsers: Any) -> None:
+    from pipeline.orders import EXEC_RING
+
+    p = subparsers.add_parser("order", help="send an order to the running trading process")
+    sub = p.add_subparsers(dest="order_command", metavar="ACTION")
+    sub.required = True
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--exec-ring", default=EXEC_RING, metavar="NAME")
+        sp.add_argument("--client", default=None, help="client name (default cli<pid>)")
+        sp.add_argument("--timeout", type=float, default=10.0, metavar="S")
+
+    pl = sub.add_parser("place", help="place a new order")
+    pl.add_argument("--symbol", required=True)
+    pl.add_argument("--side", required=True, choices=("BUY", "SELL"), type=str.upper)
+    pl.add_argument(
+        "--type", default="LIMIT", choices=("LIMIT", "MARKET", "LIMIT_MAKER"), type=str.upper
+    )
+    pl.add_argument("--price", type=float)
+    pl.add_argument("--qty", required=True, type=float)
+    pl.add_argument("--tif", choices=("GTC", "IOC", "FOK"), type=str.upper)
+    pl.add_argument("--id", dest="client_order_id", help="client order id (default: generated)")
+    common(pl)
+
+    cx = sub.add_parser("cancel", help="cancel an order by client order id")
+    cx.add_argument("--id", dest="client_order_id", required=True)
+    cx.add_argument("--symbol", default="")
+    common(cx)
+
+    md = sub.add_parser("modify", help="cancel-replace an order (new price/qty)")
+    md.add_argument("--id", dest="client_order_id", required=True)
+    md.add_argument("--qty", required=True, type=float)
+    md.add_argument("--price", type=float)
+    md.add_argument("--symbol", default="")
+    md.add_argument("--side", default="", choices=("", "BUY", "SELL"), type=str.upper)
+    md.add_argument(
+        "--type", default="", choices=("", "LIMIT", "MARKET", "LIMIT_MAKER"), type=str.upper
+    )
+    common(md)
+
+    st = sub.add_parser("status", help="ask the exchange for an order's status")
+    st.add_argument("--id", dest="client_order_id", required=True)
+    st.add_argument("--symbol", required=True)
+    common(st)
+    p.set_defaults(func=_order)
+
+
+def _order(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.orders import (
+        CANCEL_ANSWERS,
+        STATUS_ANSWERS,
+        OrderClient,
+        TradingNotRunningError,
+    )
+
+    def out(obj: dict[str, Any]) -> None:
+        print(json.dumps(obj, sort_keys=True))
+
+    if args.order_command == "place" and args.type == "LIMIT" and args.price is None:
+        out({"error": "a LIMIT order needs --price"})
+        return 2
+    name = args.client or f"cli{os.getpid()}"
+    try:
+        client = OrderClient.attach(name, exec_ring=args.exec_ring)
+    except (TradingNotRunningError, ValueError) as exc:
+        out({"error": str(exc)})
+        return 1
+    kinds = None
+    try:
+        if args.order_command == "place":
+            coid = client.place(
+                symbol=args.symbol,
+                side=args.side,
+                type=args.type,
+                qty=args.qty,
+                price=args.price,
+                tif=args.tif,
+                client_order_id=args.client_order_id,
+            )
+        elif args.order_command == "cancel":
+            coid = client.cancel(args.client_order_id, symbol=args.symbol)
+            kinds = CANCEL_ANSWERS
+        elif args.order_command == "modify":
+            coid = client.modify(
+                args.client_order_id,
+                qty=args.qty,
+                price=args.price,
+                symbol=args.symbol,
+                side=args.side,
+                type=args.type,
+            )
+        else:
+            coid = client.status(args.client_order_id, symbol=args.symbol)
+            kinds = STATUS_ANSWERS
+        try:
+            report = client.wait(coid, args.timeout, kinds)
+        except TimeoutError:
+            out(
+                {
+                    "client_order_id": coid,
+                    "status": "TIMEOUT",
+                    "error": f"no answer within {args.timeout} s",
+                }
+            )
+            return 1
+        out(report.as_dict())
+        return 0 if report.error_code == 0 else 1
+    except ValueError as exc:
+        out({"error": str(exc)})
+        return 2
+    finally:
+        client.close()
