@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(BIN)/pipeline run $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests scripts benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: lint

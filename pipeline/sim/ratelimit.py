@@ -1,0 +1,141 @@
+"""Binance-style fixed-window counters for the simulated WS API (binance-protocol.md 2.5 and 4).
+
+PURE: callers pass ``now_ms``. Windows are fixed and aligned to the epoch, as Binance documents:
+the minute resets at :00, the 10-second window at :00/:10/..., the day at 00:00 UTC.
+
+- :class:`IpLimits` -- REQUEST_WEIGHT per IP (shared by all connections from that IP) plus the
+  429 -> 418 escalation: after a 429 with ``retryAfter`` R, a client that keeps sending before R
+  gets ``grace`` more 429s and is then banned (418) until ``now + ban_ms``.
+- :class:`OrderLimits` -- the ORDERS (unfilled order count) windows per account, 10 s and 1 day.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+
+
+@dataclass
+class FixedWindow:
+    """One ``rateLimits`` entry: a count that resets at every multiple of ``interval_ms``."""
+
+    rate_limit_type: str  # "REQUEST_WEIGHT" | "ORDERS"
+    interval: str  # "SECOND" | "MINUTE" | "DAY"
+    interval_num: int
+    limit: int
+    start: int = -1
+    count: int = 0
+
+    @property
+    def interval_ms(self) -> int:
+        unit = {"SECOND": 1000, "MINUTE": MINUTE_MS, "HOUR": 3_600_000, "DAY": DAY_MS}
+        return unit[self.interval] * self.interval_num
+
+    def _roll(self, now_ms: int) -> None:
+        start = now_ms - now_ms % self.interval_ms
+        if start != self.start:
+            self.start = start
+            self.count = 0
+
+    def current(self, now_ms: int) -> int:
+        self._roll(now_ms)
+        return self.count
+
+    def add(self, now_ms: int, n: int = 1) -> int:
+        self._roll(now_ms)
+        self.count += n
+        return self.count
+
+    def resets_at(self, now_ms: int) -> int:
+        """Epoch ms at which the current window ends (the ``retryAfter`` to advertise)."""
+        return now_ms - now_ms % self.interval_ms + self.interval_ms
+
+    def entry(self, now_ms: int) -> dict[str, Any]:
+        return {
+            "rateLimitType": self.rate_limit_type,
+            "interval": self.interval,
+            "intervalNum": self.interval_num,
+            "limit": self.limit,
+            "count": self.current(now_ms),
+        }
+
+
+@dataclass
+class IpLimits:
+    """REQUEST_WEIGHT for one IP, and its 429/418 state."""
+
+    weight: FixedWindow
+    grace: int = 1  # further requests tolerated (answered 429) after a 429 before the ban
+    penalty_until: int = 0  # retryAfter of the last 429 (0 = none pending)
+    grace_left: int = 0
+    banned_until: int = 0
+
+    @classmethod
+    def make(cls, weight_per_minute: int, grace: int) -> IpLimits:
+        return cls(FixedWindow("REQUEST_WEIGHT", "MINUTE", 1, weight_per_minute), grace=grace)
+
+    def admit(self, now_ms: int, weight: int, ban_ms: int) -> tuple[str, int]:
+        """Count one request. Returns ``(verdict, retry_after)``: ``("ok", 0)``,
+        ``("429", retry_after)`` (weight limit exceeded, or still in the penalty period), or
+        ``("418", banned_until)`` (banned; the shell must disconnect).
+        """
+        if now_ms < self.banned_until:
+            return "418", self.banned_until
+        if now_ms < self.penalty_until:
+            if self.grace_left <= 0:
+                self.banned_until = now_ms + ban_ms
+                self.penalty_until = 0
+                return "418", self.banned_until
+            self.grace_left -= 1
+            self.weight.add(now_ms, weight)
+            return "429", self.penalty_until
+        count = self.weight.add(now_ms, weight)
+        if count > self.weight.limit:
+            retry = self.weight.resets_at(now_ms)
+            self.penalize(retry)
+            return "429", retry
+        return "ok", 0
+
+    def penalize(self, retry_after: int) -> None:
+        """Arm the escalation: requests before ``retry_after`` spend grace, then ban."""
+        self.penalty_until = max(self.penalty_until, retry_after)
+        self.grace_left = self.grace
+
+
+@dataclass
+class OrderLimits:
+    """The ORDERS windows of one account (section 4: 50 per 10 s, 160,000 per day)."""
+
+    windows: list[FixedWindow] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, per_10s: int, per_day: int) -> OrderLimits:
+        return cls(
+            [
+                FixedWindow("ORDERS", "SECOND", 10, per_10s),
+                FixedWindow("ORDERS", "DAY", 1, per_day),
+            ]
+        )
+
+    def exceeded(self, now_ms: int) -> FixedWindow | None:
+        """The first window that has no room for one more order, or None."""
+        for w in self.windows:
+            if w.current(now_ms) >= w.limit:
+                return w
+        return None
+
+    def add(self, now_ms: int) -> None:
+        for w in self.windows:
+            w.add(now_ms)
+
+    def remove(self, now_ms: int) -> None:
+        """One order less in every current window (it filled, or was refused), never below 0."""
+        for w in self.windows:
+            if w.current(now_ms) > 0:
+                w.add(now_ms, -1)
+
+    def entries(self, now_ms: int) -> list[dict[str, Any]]:
+        return [w.entry(now_ms) for w in self.windows]

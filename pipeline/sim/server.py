@@ -1,0 +1,1405 @@
+"""The simulator's asyncio shell: market streams, REST, WS API and admin on ONE port.
+
+``websockets`` (asyncio server) does the handshakes, ping/pong and closing handshakes; plain HTTP
+(REST, ``/sim`` admin) is answered from ``process_request``. Market data bypasses websockets'
+send path: frames are pre-encoded once per (event, wrapping) and written straight to the
+connection's transport as whole frames from the single event-loop thread, so they never
+interleave with the protocol's own frames (pings, pongs, close).
+
+Paths (binance-protocol.md section 1.2):
+- ``/stream?streams=a/b`` combined, ``/stream`` then SUBSCRIBE, ``/ws/<stream>[/<stream>...]`` raw,
+  ``/ws`` then SUBSCRIBE;
+- ``/ws-api/v3`` -> :func:`pipeline.sim.wsapi.serve_connection` (SIM-VENUE's module);
+- ``GET /api/v3/{ping,time,exchangeInfo,depth,aggTrades,ticker/bookTicker}``;
+- ``GET /sim/state``, ``POST /sim/fault/<name>`` (JSON body or query parameters).
+
+Rules with tunable timings (section 1.3): server pings every ``ping_interval`` and drops a
+connection without pong after ``pong_timeout``; ``serverShutdown`` ``shutdown_notice`` before
+``max_lifetime`` then close; more than ``max_incoming_per_s`` incoming frames in one second
+(data, ping and pong frames all count) drops a stream connection; at most ``max_streams`` streams.
+
+Backpressure: a stream client whose transport buffer exceeds ``write_high_water`` pauses the
+walk (nobody is sent more than it can take); one that stays above it for
+``slow_consumer_timeout`` seconds is disconnected, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import math
+import re
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from pipeline.logs import RateLimitedLog
+from pipeline.sim import market as mk
+from pipeline.sim.faults import (
+    IMMEDIATE,
+    FaultError,
+    FaultRequest,
+    Faults,
+    apply_switch,
+    parse_fault,
+)
+
+log = logging.getLogger("pipeline.sim")
+_rlog = RateLimitedLog(log)
+
+DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")
+STREAM_KINDS = (
+    "aggTrade",
+    "trade",
+    "bookTicker",
+    "depth",
+    "depth@100ms",
+    *(f"depth{n}{sfx}" for n in mk.PARTIAL_LEVELS for sfx in ("", "@100ms")),
+)
+_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,36}$")
+_CONTROL_METHODS = (
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "LIST_SUBSCRIPTIONS",
+    "SET_PROPERTY",
+    "GET_PROPERTY",
+)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+@dataclass
+class SimConfig:
+    """Everything a simulator run needs; defaults are Binance's real values."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    symbols: list[str] = field(default_factory=lambda: list(DEFAULT_SYMBOLS))
+    seed: int = 0
+    # walk actions (taker order / maker order / cancel) per second per symbol; inf = max
+    rate: float = 20.0
+    replay: str | None = None
+    replay_speed: str = "recorded"  # "recorded" | "max"
+    api_keys: dict[str, bytes] = field(default_factory=dict)
+    ping_interval: float = 20.0
+    pong_timeout: float = 60.0
+    max_lifetime: float = 24 * 3600.0
+    shutdown_notice: float = 60.0
+    max_incoming_per_s: int = 5  # 0 = unlimited
+    max_streams: int = 1024
+    history: int = 100_000
+    tick_s: float = 0.01  # generation tick in rate mode
+    write_high_water: int = 1 << 20
+    slow_consumer_timeout: float = 10.0
+    clock_ms: Callable[[], int] | None = None  # wall clock for event times (ms)
+    turbo: bool = False  # benchmark mode: see market.TurboFeed (implies rate = max)
+    wsapi_options: dict[str, Any] = field(default_factory=dict)  # WsApiService **limits
+    faults: Faults = field(default_factory=Faults)
+
+
+def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One final, unmasked server frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Connection subclass: sniff HTTP bodies, count incoming frames, hold writes when black-holed
+
+
+class SimConnection(ServerConnection):
+    """websockets' ServerConnection plus the hooks the simulator needs.
+
+    - websockets' HTTP parser rejects request bodies; admin ``POST`` carries a JSON body, so the
+      first request is buffered here, its body cut out into ``sim_body`` and the request fed on
+      with ``Content-Length: 0``.
+    - ``process_event`` counts every incoming frame (data, ping, pong) for the 5 msg/s rule.
+    - ``send_data`` is held while black-holed (nothing leaves; flushed when it ends).
+    - the ``refuse`` fault in "close" mode drops the TCP connection once the request line is
+      known (so ``/sim`` admin requests still get through).
+    """
+
+    def __init__(self, sim: Simulator, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sim = sim
+        self.sim_sniff: bytearray | None = bytearray()
+        self.sim_body = b""
+        self.sim_route: tuple[str, Any] | None = None
+        self.sim_kind = ""  # "streams" | "wsapi" once accepted
+        self.sim_blackholed = False
+        self.sim_on_frame: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.sim_sniff
+        if buf is None:
+            super().data_received(data)
+            return
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > 65536:  # not our business: let websockets reject it
+                self.sim_sniff = None
+                super().data_received(bytes(buf))
+            return
+        head = bytes(buf[: end + 4])
+        faults = self.sim.faults
+        if faults.refuse and faults.refuse_mode == "close":
+            target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+            if not target.startswith(b"/sim"):  # the admin API must stay reachable
+                faults.count("refuse")
+                self.sim_sniff = None
+                self.transport.abort()
+                return
+        length = 0
+        m = re.search(rb"(?im)^content-length:[ \t]*(\d+)[ \t]*\r\n", head)
+        if m:
+            length = int(m.group(1))
+        if length > 1 << 20:
+            self.sim_sniff = None
+            super().data_received(bytes(buf))  # websockets answers 400
+            return
+        if len(buf) < end + 4 + length:
+            return  # wait for the whole body
+        self.sim_sniff = None
+        if length:
+            self.sim_body = bytes(buf[end + 4 : end + 4 + length])
+            assert m is not None
+            head = head[: m.start()] + head[m.end() :]
+            rest = b""  # nothing may follow a non-upgrade request: we close after answering
+        else:
+            rest = bytes(buf[end + 4 :])
+        super().data_received(head + rest)
+
+    def process_event(self, event: Any) -> None:
+        if (
+            self.sim_on_frame is not None
+            and isinstance(event, Frame)
+            and event.opcode is not Opcode.CLOSE
+        ):
+            self.sim_on_frame()
+        super().process_event(event)
+
+    def send_data(self) -> None:
+        if self.sim_blackholed:
+            return
+        super().send_data()
+
+    # ---- fast path ----
+
+    def sim_can_write(self) -> bool:
+        return (
+            not self.sim_blackholed
+            and self.protocol.state is State.OPEN
+            and not self.transport.is_closing()
+        )
+
+    def sim_write(self, data: bytes) -> bool:
+        if not self.sim_can_write():
+            return False
+        self.transport.write(data)
+        self.sim.stats["bytes_sent"] += len(data)
+        return True
+
+    def sim_blackhole(self) -> None:
+        self.sim_blackholed = True
+        with contextlib.suppress(Exception):
+            self.transport.pause_reading()
+        if self.keepalive_task is not None:
+            self.keepalive_task.cancel()
+            self.keepalive_task = None
+
+    def sim_unblackhole(self) -> None:
+        if not self.sim_blackholed:
+            return
+        self.sim_blackholed = False
+        if self.transport.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            self.transport.resume_reading()
+        self.send_data()
+        if self.protocol.state is State.OPEN and self.keepalive_task is None:
+            self.start_keepalive()
+
+
+# --------------------------------------------------------------------------------------------
+# Stream names and control messages (pure)
+
+
+def parse_stream(name: str, symbols: set[str]) -> str | None:
+    """Canonical stream name if valid for these (lowercase) symbols, else None.
+
+    Conservative: the symbol must be lowercase and configured, the suffix spelled as documented.
+    """
+    sym, sep, kind = name.partition("@")
+    if not sep or sym not in symbols or kind not in STREAM_KINDS:
+        return None
+    return name
+
+
+def _ctl_error(code: int, msg: str, req_id: Any) -> bytes:
+    # Live captures (fixtures: hostile/error_*.json) wrap errors in "error"; the docs' table
+    # shows them flat. We follow the wire.
+    return _json_bytes({"error": {"code": code, "msg": msg}, "id": req_id})
+
+
+@dataclass
+class ControlResult:
+    reply: bytes
+    subscribe: list[str] = field(default_factory=list)
+    unsubscribe: list[str] = field(default_factory=list)
+    combined: bool | None = None
+
+
+def handle_control(
+    text: str | bytes,
+    *,
+    current: list[str],
+    combined: bool,
+    valid_stream: Callable[[str], str | None],
+    max_streams: int,
+) -> ControlResult:
+    """One client control frame -> reply + requested changes (binance-protocol.md 1.5)."""
+    try:
+        msg = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return ControlResult(_ctl_error(3, f"Invalid JSON: {exc}", None))
+    if not isinstance(msg, dict):
+        return ControlResult(_ctl_error(2, "Invalid request: expected a JSON object", None))
+    req_id = msg.get("id")
+    if not (
+        req_id is None
+        or (
+            isinstance(req_id, int)
+            and not isinstance(req_id, bool)
+            and _INT64[0] <= req_id <= _INT64[1]
+        )
+        or (isinstance(req_id, str) and _ID_RE.match(req_id))
+    ):
+        return ControlResult(
+            _ctl_error(2, "Invalid request: request ID must be an unsigned integer", None)
+        )
+    method = msg.get("method")
+    if method is None:
+        return ControlResult(_ctl_error(2, "Invalid request: missing field `method`", req_id))
+    if method not in _CONTROL_METHODS:
+        expected = ", ".join(f"`{m}`" for m in _CONTROL_METHODS)
+        return ControlResult(
+            _ctl_error(
+                2,
+                f"Invalid request: unknown variant `{method}`, expected one of {expected}",
+                req_id,
+            )
+        )
+    params = msg.get("params", [])
+    ok = _json_bytes({"result": None, "id": req_id})
+    if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            return ControlResult(_ctl_error(2, "Invalid request: streams must be an array", req_id))
+        names: list[str] = []
+        for p in params:
+            canon = valid_stream(p)
+            if canon is None:
+                return ControlResult(
+                    _ctl_error(2, f"Invalid request: unknown stream name `{p}`", req_id)
+                )
+            if canon not in names:
+                names.append(canon)
+        if method == "SUBSCRIBE":
+            new = [n for n in names if n not in current]
+            if len(current) + len(new) > max_streams:
+                return ControlResult(
+                    _ctl_error(2, f"Invalid request: too many streams (max {max_streams})", req_id)
+                )
+            return ControlResult(ok, subscribe=new)
+        return ControlResult(ok, unsubscribe=[n for n in names if n in current])
+    if method == "LIST_SUBSCRIPTIONS":
+        return ControlResult(_json_bytes({"result": list(current), "id": req_id}))
+    # SET_PROPERTY / GET_PROPERTY
+    if not isinstance(params, list):
+        return ControlResult(_ctl_error(2, "Invalid request: params must be an array", req_id))
+    want = 2 if method == "SET_PROPERTY" else 1
+    if len(params) > want:
+        return ControlResult(_ctl_error(2, "Invalid request: too many parameters", req_id))
+    if len(params) < want:
+        return ControlResult(_ctl_error(2, "Invalid request: missing parameters", req_id))
+    if not isinstance(params[0], str):
+        return ControlResult(
+            _ctl_error(2, "Invalid request: property name must be a string", req_id)
+        )
+    if params[0] != "combined":
+        return ControlResult(_ctl_error(0, "Unknown property", req_id))
+    if method == "GET_PROPERTY":
+        return ControlResult(_json_bytes({"result": combined, "id": req_id}))
+    if not isinstance(params[1], bool):
+        return ControlResult(_ctl_error(1, "Invalid value type: expected Boolean", req_id))
+    return ControlResult(ok, combined=params[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Stream clients
+
+
+class StreamClient:
+    """Per-connection state of a market-stream connection."""
+
+    __slots__ = (
+        "combined",
+        "conn",
+        "frames_sent",
+        "incoming",
+        "over_since",
+        "pending",
+        "streams",
+    )
+
+    def __init__(self, conn: SimConnection, combined: bool) -> None:
+        self.conn = conn
+        self.combined = combined
+        self.streams: list[str] = []
+        self.pending: list[bytes] = []
+        self.frames_sent = 0
+        self.incoming: deque[float] = deque()
+        self.over_since: float | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Replay of captured sessions
+
+
+@dataclass
+class Capture:
+    """A loaded capture: frames (receive time or None, stream, combined line, raw payload) and
+    REST depth snapshots per symbol (receive time, body)."""
+
+    frames: list[tuple[float | None, str, bytes, bytes]]
+    snapshots: dict[str, list[tuple[float, dict[str, Any]]]]
+    streams: set[str]
+
+
+_TS_PREFIX = re.compile(rb"^\s*(\d+(?:\.\d+)?)\s*[:,\s]\s*(\{.*)$", re.S)
+
+
+def _split_combined(line: bytes, frame: dict[str, Any]) -> tuple[str, bytes, bytes]:
+    stream = frame["stream"]
+    head = b'{"stream":' + orjson.dumps(stream) + b',"data":'
+    if line.startswith(head) and line.endswith(b"}"):
+        return stream, line, line[len(head) : -1]  # verbatim bytes
+    data = orjson.dumps(frame["data"])
+    return stream, head + data + b"}", data
+
+
+def load_capture(path: str | Path) -> Capture:
+    """Parse a capture file: one frame per line, optionally prefixed by its receive time
+    (``1633998512.06: {...}``), or the timeline form ``{"recv_ts","source":"ws","frame"}`` /
+    ``{"recv_ts","source":"rest","url","body"}``. Raises ValueError naming the bad line."""
+    frames: list[tuple[float | None, str, bytes, bytes]] = []
+    snaps: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for lineno, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        ts: float | None = None
+        m = _TS_PREFIX.match(line)
+        if m and not line.startswith(b"{"):
+            ts, line = float(m.group(1)), m.group(2).strip()
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        if "source" in obj and "recv_ts" in obj:
+            ts = float(obj["recv_ts"])
+            if obj["source"] == "rest":
+                q = parse_qs(urlsplit(str(obj.get("url", ""))).query)
+                sym = (q.get("symbol") or [""])[0].upper()
+                if sym and isinstance(obj.get("body"), dict):
+                    snaps.setdefault(sym, []).append((ts, obj["body"]))
+                continue
+            frame = obj.get("frame")
+            if not isinstance(frame, dict):
+                raise ValueError(f"{path}:{lineno}: timeline ws entry without a frame object")
+            line = orjson.dumps(frame)
+            obj = frame
+        if "stream" not in obj or "data" not in obj:
+            raise ValueError(f"{path}:{lineno}: not a combined-stream frame (no stream/data)")
+        stream, combined, payload = _split_combined(line, obj)
+        frames.append((ts, stream, combined, payload))
+    if not frames:
+        raise ValueError(f"{path}: no frames")
+    return Capture(frames, snaps, {f[1] for f in frames})
+
+
+def capture_symbols(cap: Capture) -> list[str]:
+    syms: list[str] = []
+    for s in sorted(cap.streams):
+        sym = s.partition("@")[0].upper()
+        if sym and sym not in syms:
+            syms.append(sym)
+    for sym in cap.snapshots:
+        if sym not in syms:
+            syms.append(sym)
+    return syms
+
+
+# --------------------------------------------------------------------------------------------
+# The simulator
+
+
+class Simulator:
+    """One simulator: market, venue service, websockets server, generation loop.
+
+    ``await sim.start()`` binds and starts; ``await sim.stop()`` closes everything. Use
+    :class:`pipeline.sim.testing.SimServer` in tests.
+    """
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = cfg = config or SimConfig()
+        self.faults = cfg.faults
+        self.capture: Capture | None = None
+        symbols = [s.upper() for s in cfg.symbols]
+        if cfg.replay:
+            self.capture = load_capture(cfg.replay)
+            for s in capture_symbols(self.capture):
+                if s not in symbols:
+                    symbols.append(s)
+        self.market = mk.Market(symbols, cfg.seed, history=cfg.history)
+        self.symbols_lower = {s.lower(): s for s in self.market.symbols}
+        self._stream_b: dict[str, bytes] = {}
+        self._subs: dict[str, set[StreamClient]] = {}
+        self._clients: set[StreamClient] = set()
+        self._conns: set[SimConnection] = set()
+        self._dirty: set[StreamClient] = set()
+        self._timers: dict[SimConnection, list[asyncio.TimerHandle]] = {}
+        self._server: Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._last_ms = 0
+        self._wake = asyncio.Event()
+        self._replay_started = asyncio.Event()
+        self._replay_pos: float | None = None
+        self._blackhole_timer: asyncio.TimerHandle | None = None
+        self._weight: tuple[int, int] = (0, 0)  # (minute, used)
+        self.stats: dict[str, int] = {
+            "connections_total": 0,
+            "stream_connections_total": 0,
+            "wsapi_connections_total": 0,
+            "http_requests": 0,
+            "frames_sent": 0,
+            "bytes_sent": 0,
+            "control_messages": 0,
+            "rate_limit_disconnects": 0,
+            "lifetime_disconnects": 0,
+            "slow_consumer_disconnects": 0,
+            "walk_actions": 0,
+            "replay_frames": 0,
+        }
+        self.service: Any = None
+        self._wsapi_error: str | None = None
+        self.port = 0
+
+    # ---- lifecycle ----
+
+    def now_ms(self) -> int:
+        """Event time in ms: the configured wall clock, never going backwards."""
+        clock = self.config.clock_ms
+        now = clock() if clock is not None else time.time_ns() // 1_000_000
+        if now < self._last_ms:
+            now = self._last_ms
+        self._last_ms = now
+        return now
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._make_service()
+        self.market.set_wakeup(self._wake.set)
+
+        def factory(*args: Any, **kwargs: Any) -> SimConnection:
+            return SimConnection(self, *args, **kwargs)
+
+        self._server = await serve(
+            self._handler,
+            cfg.host,
+            cfg.port,
+            process_request=self._process_request,
+            create_connection=cast(Any, factory),
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.pong_timeout,
+            compression=None,
+            max_size=1 << 20,
+            write_limit=cfg.write_high_water,
+            close_timeout=2,
+            server_header="pipeline-sim",
+            logger=logging.getLogger("pipeline.sim.ws"),
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        if self.capture is not None:
+            self._tasks.append(loop.create_task(self._replay_loop(), name="sim-replay"))
+        else:
+            self._tasks.append(loop.create_task(self._market_loop(), name="sim-market"))
+        log.info(
+            "sim listening",
+            extra={"port": self.port, "symbols": ",".join(self.market.symbols)},
+        )
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        for handles in self._timers.values():
+            for h in handles:
+                h.cancel()
+        if self._blackhole_timer is not None:
+            self._blackhole_timer.cancel()
+        for conn in list(self._conns):
+            if conn.sim_blackholed:  # let the closing handshake out
+                conn.sim_unblackhole()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._bg):
+            task.cancel()
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=2)
+        self.market.set_wakeup(None)
+
+    @property
+    def urls(self) -> dict[str, str]:
+        h, p = self.config.host, self.port
+        return {
+            "streams": f"ws://{h}:{p}",
+            "rest": f"http://{h}:{p}",
+            "wsapi": f"ws://{h}:{p}/ws-api/v3",
+            "admin": f"http://{h}:{p}/sim",
+        }
+
+    def _make_service(self) -> None:
+        try:
+            from pipeline.sim import wsapi
+        except ModuleNotFoundError as exc:
+            if exc.name != "pipeline.sim.wsapi":
+                raise
+            self._wsapi_error = "pipeline.sim.wsapi is not available"
+            log.warning("sim wsapi unavailable", extra={"reason": self._wsapi_error})
+            return
+        self.service = wsapi.WsApiService(
+            market=self.market,
+            api_keys=dict(self.config.api_keys),
+            faults=self.faults,
+            clock_ms=self.now_ms,
+            **self.config.wsapi_options,
+        )
+
+    # ---- HTTP: routing, REST, admin ----
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        sconn = cast(SimConnection, conn)
+        url = urlsplit(request.path)
+        path = unquote(url.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        if path.startswith("/sim/") or path == "/sim":
+            self.stats["http_requests"] += 1
+            return self._admin(request.method, path, query, sconn.sim_body)
+        if self.faults.refuse:
+            self.faults.count("refuse")
+            return _json_response(503, {"code": -1008, "msg": "Service unavailable (simulated)."})
+        if path.startswith("/api/"):
+            self.stats["http_requests"] += 1
+            return self._rest(request.method, path, query)
+        if path == "/ws-api/v3":
+            sconn.sim_route = ("wsapi", None)
+            return None
+        if path in ("/stream", "/ws") or path.startswith("/ws/"):
+            return self._route_stream(sconn, path, query)
+        return _json_response(404, {"code": -1000, "msg": f"Unknown path {path}"})
+
+    def _route_stream(
+        self, conn: SimConnection, path: str, query: dict[str, list[str]]
+    ) -> Response | None:
+        tu = (query.get("timeUnit") or ["MILLISECOND"])[0]
+        if tu not in ("MILLISECOND", "millisecond"):
+            msg = "timeUnit other than MILLISECOND is not supported by the simulator"
+            if tu not in ("MICROSECOND", "microsecond"):
+                msg = "Invalid timeUnit."
+            return _json_response(400, {"code": -1194, "msg": msg})
+        if path == "/stream":
+            raw = (query.get("streams") or [""])[0]
+            names = [n for n in raw.split("/") if n]
+            combined = True
+        else:
+            names = [n for n in path[len("/ws/") :].split("/") if n] if path != "/ws" else []
+            combined = False
+        valid: list[str] = []
+        for n in names:
+            canon = self._valid_stream(n)
+            if canon is None:
+                return _json_response(
+                    400, {"code": 2, "msg": f"Invalid request: unknown stream name `{n}`"}
+                )
+            if canon not in valid:
+                valid.append(canon)
+        if len(valid) > self.config.max_streams:
+            return _json_response(
+                400, {"code": 2, "msg": f"Too many streams (max {self.config.max_streams})"}
+            )
+        conn.sim_route = ("streams", (combined, valid))
+        return None
+
+    def _valid_stream(self, name: str) -> str | None:
+        if self.capture is not None and name in self.capture.streams:
+            return name
+        return parse_stream(name, set(self.symbols_lower))
+
+    def _rest(self, method: str, path: str, q: dict[str, list[str]]) -> Response:
+        now = asyncio.get_running_loop().time()
+        fail = self.faults.rest_should_fail(now)
+        if fail is not None:
+            return _json_response(fail, {"code": -1000, "msg": "Simulated server error."})
+        if method != "GET":
+            return _json_response(405, {"code": -1000, "msg": f"{method} not supported"})
+        weight = 1
+        try:
+            if path == "/api/v3/ping":
+                body: Any = {}
+            elif path == "/api/v3/time":
+                body = {"serverTime": self.now_ms()}
+            elif path == "/api/v3/exchangeInfo":
+                body, weight = self._exchange_info(q), 20
+            elif path == "/api/v3/depth":
+                body, weight = self._rest_depth(q)
+            elif path == "/api/v3/aggTrades":
+                body, weight = self._rest_agg_trades(q), 4
+            elif path == "/api/v3/ticker/bookTicker":
+                sym = self._symbol_param(q)
+                bp, bq, ap, aq = self.market.best_units(sym)
+                body = {
+                    "symbol": sym,
+                    "bidPrice": mk.fmt_units(bp),
+                    "bidQty": mk.fmt_units(bq),
+                    "askPrice": mk.fmt_units(ap),
+                    "askQty": mk.fmt_units(aq),
+                }
+                weight = 2
+            else:
+                return _json_response(404, {"code": -1000, "msg": f"Unknown endpoint {path}"})
+        except _RestError as exc:
+            return _json_response(400, {"code": exc.code, "msg": exc.msg})
+        minute = int(now // 60)
+        used = (self._weight[1] if self._weight[0] == minute else 0) + weight
+        self._weight = (minute, used)
+        return _json_response(200, body, {"X-MBX-USED-WEIGHT-1M": str(used)})
+
+    def _symbol_param(self, q: dict[str, list[str]]) -> str:
+        sym = (q.get("symbol") or [""])[0]
+        if not sym:
+            raise _RestError(
+                -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
+            )
+        if sym not in self.market.symbols:  # case-sensitive like Binance
+            raise _RestError(-1121, "Invalid symbol.")
+        return sym
+
+    def _int_param(self, q: dict[str, list[str]], name: str) -> int | None:
+        vals = q.get(name)
+        if not vals:
+            return None
+        v = vals[0]
+        if not re.fullmatch(r"[0-9]{1,20}", v):
+            raise _RestError(
+                -1100,
+                f"Illegal characters found in parameter '{name}'; "
+                "legal range is '^[0-9]{1,20}$'.",
+            )
+        return int(v)
+
+    def _rest_depth(self, q: dict[str, list[str]]) -> tuple[Any, int]:
+        sym = self._symbol_param(q)
+        limit = self._int_param(q, "limit") or 100
+        limit = min(limit, 5000)
+        weight = 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
+        if self.capture is not None and sym in self.capture.snapshots:
+            snaps = self.capture.snapshots[sym]
+            pos = self._replay_pos
+            chosen = snaps[0][1]
+            if pos is not None:
+                for ts, body in snaps:
+                    if ts <= pos:
+                        chosen = body
+            return {
+                "lastUpdateId": chosen.get("lastUpdateId"),
+                "bids": list(chosen.get("bids", []))[:limit],
+                "asks": list(chosen.get("asks", []))[:limit],
+            }, weight
+        return self.market.depth_snapshot(sym, limit), weight
+
+    def _rest_agg_trades(self, q: dict[str, list[str]]) -> list[dict[str, object]]:
+        sym = self._symbol_param(q)
+        limit = self._int_param(q, "limit")
+        if limit is None:
+            limit = 500
+        if not 1 <= limit <= 1000:
+            raise _RestError(-1130, "Data sent for parameter 'limit' is not valid.")
+        from_id = self._int_param(q, "fromId")
+        start = self._int_param(q, "startTime")
+        end = self._int_param(q, "endTime")
+        if start is not None and end is not None and end - start > 3_600_000:
+            raise _RestError(-1127, "More than 1 hours between startTime and endTime.")
+        trades = self.market.agg_trades(
+            sym, from_id=from_id, start_time=start, end_time=end, limit=limit
+        )
+        return [a.rest_dict() for a in trades]
+
+    def _exchange_info(self, q: dict[str, list[str]]) -> dict[str, Any]:
+        wanted = list(self.market.symbols)
+        if q.get("symbol"):
+            wanted = [self._symbol_param(q)]
+        elif q.get("symbols"):
+            try:
+                lst = orjson.loads(q["symbols"][0])
+            except orjson.JSONDecodeError:
+                raise _RestError(
+                    -1100, "Illegal characters found in parameter 'symbols'."
+                ) from None
+            if not isinstance(lst, list) or not all(isinstance(s, str) for s in lst):
+                raise _RestError(-1100, "Illegal characters found in parameter 'symbols'.")
+            for s in lst:
+                if s not in self.market.symbols:
+                    raise _RestError(-1121, "Invalid symbol.")
+            wanted = lst
+        return {
+            "timezone": "UTC",
+            "serverTime": self.now_ms(),
+            "rateLimits": [
+                {
+                    "rateLimitType": "REQUEST_WEIGHT",
+                    "interval": "MINUTE",
+                    "intervalNum": 1,
+                    "limit": 6000,
+                },
+                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
+                {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000},
+                {
+                    "rateLimitType": "RAW_REQUESTS",
+                    "interval": "MINUTE",
+                    "intervalNum": 5,
+                    "limit": 61000,
+                },
+            ],
+            "exchangeFilters": [],
+            "symbols": [_symbol_entry(self.market.spec(s)) for s in wanted],
+        }
+
+    def _admin(self, method: str, path: str, q: dict[str, list[str]], body: bytes) -> Response:
+        if path == "/sim/state" and method == "GET":
+            return _json_response(200, self.state())
+        if path.startswith("/sim/fault/"):
+            if method != "POST":
+                return _json_response(405, {"error": "use POST"})
+            name = path[len("/sim/fault/") :]
+            params: dict[str, Any] = {}
+            if body:
+                try:
+                    params = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    return _json_response(400, {"error": f"body is not JSON: {exc}"})
+                if not isinstance(params, dict):
+                    return _json_response(400, {"error": "body must be a JSON object"})
+            else:
+                params = {k: _query_value(v[0]) for k, v in q.items()}
+            try:
+                req = parse_fault(name, params)
+                self.fault(req)
+            except FaultError as exc:
+                return _json_response(400, {"error": str(exc)})
+            return _json_response(200, {"ok": True, "fault": name, "params": req.params})
+        return _json_response(404, {"error": f"unknown admin path {path}"})
+
+    def state(self) -> dict[str, Any]:
+        """Counters for GET /sim/state."""
+        subs = {s: len(c) for s, c in self._subs.items() if c}
+        kinds: dict[str, int] = {"streams": 0, "wsapi": 0}
+        for c in self._conns:
+            if c.sim_kind in kinds:
+                kinds[c.sim_kind] += 1
+        market = {}
+        for s in self.market.symbols:
+            bp, _bq, ap, _aq = self.market.best_units(s)
+            market[s] = {
+                "last_update_id": self.market.last_update_id(s),
+                "best_bid": mk.fmt_units(bp),
+                "best_ask": mk.fmt_units(ap),
+            }
+        venue: Any = None
+        if self.service is not None and hasattr(self.service, "state"):
+            try:
+                venue = self.service.state()
+            except Exception as exc:  # the venue's bug must not break the admin endpoint
+                venue = {"error": repr(exc)}
+        return {
+            "port": self.port,
+            "connections": kinds,
+            "stats": dict(self.stats),
+            "subscriptions": subs,
+            "faults": self.faults.snapshot(),
+            "market": market,
+            "venue": venue,
+            "wsapi_error": self._wsapi_error,
+            "replay": None
+            if self.capture is None
+            else {"frames": len(self.capture.frames), "position": self._replay_pos},
+        }
+
+    def _spawn(self, coro: Any) -> None:
+        """Fire-and-forget task that is kept referenced until done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # ---- faults ----
+
+    def fault(self, req: FaultRequest) -> None:
+        """Apply one validated fault now."""
+        loop = asyncio.get_running_loop()
+        log.info("sim fault", extra={"fault": req.name, "params": str(req.params)})
+        if req.name not in IMMEDIATE and req.name != "blackhole":
+            apply_switch(self.faults, req, loop.time())
+            if req.name == "clear":
+                self._end_blackhole()
+            self.faults.count(req.name)
+            return
+        target = req.params.get("target", "all")
+        conns = [c for c in self._conns if target == "all" or c.sim_kind == target]
+        self.faults.count(req.name)
+        if req.name == "drop":
+            for c in conns:
+                if req.params["mode"] == "abort":
+                    c.transport.abort()
+                else:
+                    self._spawn(c.close(req.params["code"], "simulated drop"))
+        elif req.name == "malformed":
+            frames = _malformed_frames(req.params["kind"], req.params["count"], req.params["size"])
+            for c in conns:
+                for f in frames:
+                    c.sim_write(f)
+        elif req.name == "shutdown":
+            for c in conns:
+                self._send_shutdown(c)
+                if req.params["close_after"] is not None:
+                    loop.call_later(req.params["close_after"], self._lifetime_close, c)
+        elif req.name == "blackhole":
+            if not req.params["on"]:
+                self._end_blackhole()
+                return
+            self.faults.blackhole = True
+            for c in conns:
+                c.sim_blackhole()
+            dur = req.params["duration"]
+            if self._blackhole_timer is not None:
+                self._blackhole_timer.cancel()
+                self._blackhole_timer = None
+            if dur is not None:
+                self.faults.blackhole_until = loop.time() + dur
+                self._blackhole_timer = loop.call_later(dur, self._end_blackhole)
+
+    def _end_blackhole(self) -> None:
+        self.faults.blackhole = False
+        self.faults.blackhole_until = None
+        if self._blackhole_timer is not None:
+            self._blackhole_timer.cancel()
+            self._blackhole_timer = None
+        for c in list(self._conns):
+            c.sim_unblackhole()
+
+    # ---- WebSocket handlers ----
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        conn = cast(SimConnection, ws)
+        route = conn.sim_route
+        if route is None:  # cannot happen: process_request routed it
+            await conn.close(1011, "no route")
+            return
+        self.stats["connections_total"] += 1
+        self._conns.add(conn)
+        self._arm_lifetime(conn)
+        try:
+            if route[0] == "wsapi":
+                conn.sim_kind = "wsapi"
+                self.stats["wsapi_connections_total"] += 1
+                await self._wsapi(conn)
+            else:
+                conn.sim_kind = "streams"
+                self.stats["stream_connections_total"] += 1
+                combined, streams = route[1]
+                await self._stream(conn, combined, streams)
+        finally:
+            self._conns.discard(conn)
+            for h in self._timers.pop(conn, []):
+                h.cancel()
+
+    async def _wsapi(self, conn: SimConnection) -> None:
+        if self.service is None:
+            await conn.close(1011, "WS API not available in this build (pipeline.sim.wsapi)")
+            return
+        from pipeline.sim import wsapi
+
+        await wsapi.serve_connection(self.service, conn)
+
+    async def _stream(self, conn: SimConnection, combined: bool, streams: list[str]) -> None:
+        client = StreamClient(conn, combined)
+        self._clients.add(client)
+        self._subscribe(client, streams)
+        limit = self.config.max_incoming_per_s
+        loop = asyncio.get_running_loop()
+
+        def on_frame() -> None:
+            if not limit:
+                return
+            now = loop.time()
+            q = client.incoming
+            q.append(now)
+            while q and now - q[0] >= 1.0:
+                q.popleft()
+            if len(q) > limit and conn.protocol.state is State.OPEN:
+                self.stats["rate_limit_disconnects"] += 1
+                _rlog.warning("sim_rate_limit", "stream client sent > limit msgs/s; closing")
+                self._spawn(conn.close(1008, "Too many requests"))
+
+        conn.sim_on_frame = on_frame
+        if self.capture is not None:
+            self._replay_started.set()
+        try:
+            async for msg in conn:
+                self.stats["control_messages"] += 1
+                res = handle_control(
+                    msg,
+                    current=client.streams,
+                    combined=client.combined,
+                    valid_stream=self._valid_stream,
+                    max_streams=self.config.max_streams,
+                )
+                if res.subscribe:
+                    self._subscribe(client, res.subscribe)
+                if res.unsubscribe:
+                    self._unsubscribe(client, res.unsubscribe)
+                if res.combined is not None:
+                    client.combined = res.combined
+                self._flush_client(client)  # keep data sent before the reply in order
+                if conn.sim_write(ws_frame(res.reply)):
+                    self.stats["frames_sent"] += 1
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.sim_on_frame = None
+            self._unsubscribe(client, list(client.streams))
+            self._clients.discard(client)
+            self._dirty.discard(client)
+
+    @property
+    def _sub_symbols(self) -> set[str]:
+        """Lowercase symbols with at least one subscribed stream."""
+        return {s.partition("@")[0] for s in self._subs}
+
+    def _subscribe(self, client: StreamClient, streams: list[str]) -> None:
+        for s in streams:
+            if s not in client.streams:
+                client.streams.append(s)
+                self._subs.setdefault(s, set()).add(client)
+                if s not in self._stream_b:
+                    self._stream_b[s] = s.encode()
+
+    def _unsubscribe(self, client: StreamClient, streams: list[str]) -> None:
+        for s in streams:
+            if s in client.streams:
+                client.streams.remove(s)
+                subs = self._subs.get(s)
+                if subs is not None:
+                    subs.discard(client)
+                    if not subs:
+                        del self._subs[s]
+
+    # ---- lifetime / serverShutdown ----
+
+    def _arm_lifetime(self, conn: SimConnection) -> None:
+        cfg = self.config
+        if not math.isfinite(cfg.max_lifetime):
+            return
+        loop = asyncio.get_running_loop()
+        handles = [loop.call_later(cfg.max_lifetime, self._lifetime_close, conn)]
+        notice_at = cfg.max_lifetime - cfg.shutdown_notice
+        if cfg.shutdown_notice > 0:
+            handles.append(loop.call_later(max(0.0, notice_at), self._send_shutdown, conn))
+        self._timers[conn] = handles
+
+    def _send_shutdown(self, conn: SimConnection) -> None:
+        now = self.now_ms()
+        event = {"e": "serverShutdown", "E": now}
+        if conn.sim_kind == "wsapi":
+            payload = _json_bytes({"event": event})
+        else:
+            client = next((c for c in self._clients if c.conn is conn), None)
+            if client is not None and client.combined:
+                payload = _json_bytes({"stream": "!serverShutdown", "data": event})
+            else:
+                payload = _json_bytes(event)
+            if client is not None:
+                self._flush_client(client)
+        if conn.sim_write(ws_frame(payload)):
+            self.stats["frames_sent"] += 1
+            self.faults.count("server_shutdown_sent")
+
+    def _lifetime_close(self, conn: SimConnection) -> None:
+        if conn.protocol.state is State.OPEN:
+            self.stats["lifetime_disconnects"] += 1
+            self._spawn(conn.close(1001, "connection lifetime"))
+
+    # ---- fan-out ----
+
+    def _publish(self, stream: str, payload: bytes) -> None:
+        subs = self._subs.get(stream)
+        if not subs:
+            return
+        raw_f: bytes | None = None
+        comb_f: bytes | None = None
+        for c in subs:
+            if c.combined:
+                if comb_f is None:
+                    comb_f = ws_frame(
+                        b'{"stream":"' + self._stream_b[stream] + b'","data":' + payload + b"}"
+                    )
+                c.pending.append(comb_f)
+            else:
+                if raw_f is None:
+                    raw_f = ws_frame(payload)
+                c.pending.append(raw_f)
+            self._dirty.add(c)
+
+    def _flush_client(self, c: StreamClient) -> None:
+        if not c.pending:
+            return
+        n = len(c.pending)
+        data = c.pending[0] if n == 1 else b"".join(c.pending)
+        c.pending = []
+        self._dirty.discard(c)
+        if c.conn.sim_write(data):
+            c.frames_sent += n
+            self.stats["frames_sent"] += n
+
+    def _flush(self) -> None:
+        for c in list(self._dirty):
+            self._flush_client(c)
+
+    def _dispatch(self, events: list[mk.Event]) -> None:
+        subs = self._subs
+        faults = self.faults
+        for ev in events:
+            sym = ev.symbol.lower()
+            if isinstance(ev, mk.AggTrade):
+                if faults.skip_agg_ids and faults.take_skip_agg(ev.symbol):
+                    continue
+                stream = sym + "@aggTrade"
+                if stream in subs:
+                    self._publish(stream, mk.encode_agg_trade(ev))
+            elif isinstance(ev, mk.Trade):
+                stream = sym + "@trade"
+                if stream in subs:
+                    self._publish(stream, mk.encode_trade(ev))
+            else:
+                stream = sym + "@bookTicker"
+                if stream in subs:
+                    self._publish(stream, mk.encode_book_ticker(ev))
+
+    def _depth_tick(self, speed: int, now_ms: int) -> None:
+        sfx = "@100ms" if speed == 100 else ""
+        for sym in self.market.symbols:
+            low = sym.lower()
+            diff = self.market.flush_depth(sym, speed, now_ms)
+            stream = f"{low}@depth{sfx}"
+            if diff is not None and stream in self._subs:
+                self._publish(stream, mk.encode_depth_diff(diff))
+            for n in mk.PARTIAL_LEVELS:
+                stream = f"{low}@depth{n}{sfx}"
+                if stream in self._subs:
+                    self._publish(stream, mk.encode_partial_depth(*self.market.top(sym, n)))
+
+    def _backpressured(self, now: float) -> bool:
+        """True if some stream client cannot take more now; drops ones stuck too long."""
+        high = self.config.write_high_water
+        over = False
+        for c in list(self._clients):
+            conn = c.conn
+            if conn.sim_blackholed or not c.streams or conn.transport.is_closing():
+                continue
+            if conn.transport.get_write_buffer_size() > high:
+                if c.over_since is None:
+                    c.over_since = now
+                elif now - c.over_since > self.config.slow_consumer_timeout:
+                    self.stats["slow_consumer_disconnects"] += 1
+                    _rlog.warning("sim_slow_consumer", "stream client too slow; dropping it")
+                    conn.transport.abort()
+                    continue
+                over = True
+            else:
+                c.over_since = None
+        return over
+
+    async def _market_loop(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        max_mode = cfg.turbo or not math.isfinite(cfg.rate) or cfg.rate <= 0
+        symbols = self.market.symbols
+        turbo = mk.TurboFeed(symbols, cfg.seed) if cfg.turbo else None
+        budget = 0.0
+        last = loop.time()
+        next_100 = next_tick = last + 0.1
+        next_1000 = last + 1.0
+        batch = 16
+        while True:
+            now = loop.time()
+            self.faults.expire(now)
+            stalled = self.faults.stall
+            now_ms = self.now_ms()
+            paused = stalled or self._backpressured(now)
+            if not paused:
+                if max_mode:
+                    # as fast as clients take: only symbols someone listens to
+                    n = batch if self._subs else 0
+                    active = [s for s in symbols if s.lower() in self._sub_symbols]
+                else:
+                    budget = min(budget + cfg.rate * (now - last), cfg.rate * 0.5 + 1)
+                    n = int(budget)
+                    budget -= n
+                    active = symbols
+                try:
+                    if n and turbo is not None:
+                        self._turbo_emit(turbo, active, n, now_ms)
+                    elif n:
+                        for sym in active:
+                            self.market.step(sym, now_ms, n)
+                        self.stats["walk_actions"] += n * len(active)
+                except Exception as exc:  # a venue listener bug must not kill the feed
+                    self.stats["walk_errors"] = self.stats.get("walk_errors", 0) + 1
+                    _rlog.warning("sim_walk_error", "market step failed", error=repr(exc))
+            elif not max_mode:
+                budget = 0.0  # no catch-up burst after a pause
+            last = now
+            if now >= next_tick:  # the venue's clock runs even while market data stalls
+                next_tick = max(next_tick + 0.1, now)
+                if self.service is not None and hasattr(self.service, "on_tick"):
+                    try:
+                        self.service.on_tick(now_ms)
+                    except Exception as exc:
+                        _rlog.warning(
+                            "sim_on_tick_error", "venue on_tick failed", error=repr(exc)
+                        )
+            if not stalled:
+                self._dispatch(self.market.drain_events())
+                if now >= next_100:
+                    self._depth_tick(100, now_ms)
+                    next_100 = max(next_100 + 0.1, now)
+                if now >= next_1000:
+                    self._depth_tick(1000, now_ms)
+                    next_1000 = max(next_1000 + 1.0, now)
+                self._flush()
+            if max_mode and self._subs and not paused:
+                batch = min(batch * 2, 256)
+                await asyncio.sleep(0)
+            elif max_mode and paused and not stalled:
+                await asyncio.sleep(0.0005)
+            else:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), cfg.tick_s)
+
+    def _turbo_emit(self, turbo: mk.TurboFeed, symbols: list[str], n: int, now_ms: int) -> None:
+        subs = self._subs
+        for sym in symbols:
+            low = sym.lower()
+            kinds = {k for k in ("trade", "aggTrade", "bookTicker") if f"{low}@{k}" in subs}
+            if not kinds:
+                continue
+            for kind, payload in turbo.emit(sym, n * 4, now_ms, kinds):
+                self._publish(f"{low}@{kind}", payload)
+
+    async def _replay_loop(self) -> None:
+        cap = self.capture
+        assert cap is not None
+        loop = asyncio.get_running_loop()
+        await self._replay_started.wait()
+        frames = cap.frames
+        t0_rec = next((f[0] for f in frames if f[0] is not None), None)
+        t0 = loop.time()
+        if t0_rec is not None:
+            self._replay_pos = t0_rec
+        recorded = self.config.replay_speed == "recorded"
+        for ts, stream, combined_line, payload in frames:
+            if recorded and ts is not None and t0_rec is not None:
+                delay = (ts - t0_rec) - (loop.time() - t0)
+                if delay > 0:
+                    self._flush()
+                    await asyncio.sleep(delay)
+            while self.faults.stall or self._backpressured(loop.time()):
+                self._flush()
+                await asyncio.sleep(0.005)
+                self.faults.expire(loop.time())
+            if ts is not None:
+                self._replay_pos = ts
+            subs = self._subs.get(stream)
+            if subs:
+                comb_f = raw_f = None
+                for c in subs:
+                    if c.combined:
+                        comb_f = comb_f or ws_frame(combined_line)
+                        c.pending.append(comb_f)
+                    else:
+                        raw_f = raw_f or ws_frame(payload)
+                        c.pending.append(raw_f)
+                    self._dirty.add(c)
+            self.stats["replay_frames"] += 1
+            if not recorded and self.stats["replay_frames"] % 256 == 0:
+                self._flush()
+                await asyncio.sleep(0)
+        self._flush()
+        log.info("sim replay finished", extra={"frames": len(frames)})
+
+
+class _RestError(Exception):
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def _query_value(v: str) -> Any:
+    """Query-string fault parameters: numbers and true/false/null parse as JSON."""
+    try:
+        return orjson.loads(v)
+    except orjson.JSONDecodeError:
+        return v
+
+
+def _json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    data = _json_bytes(body)
+    h = Headers()
+    h["Content-Type"] = "application/json;charset=UTF-8"
+    h["Content-Length"] = str(len(data))
+    h["Connection"] = "close"
+    for k, v in (headers or {}).items():
+        h[k] = v
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    return Response(status, reason, h, data)
+
+
+def _symbol_entry(spec: mk.SymbolSpec) -> dict[str, Any]:
+    """One exchangeInfo symbol, current schema (rest/docs/exchangeInfo.json + filters.json)."""
+
+    def d(x: Any) -> str:
+        return mk.fmt_units(mk.to_units(x))
+
+    return {
+        "symbol": spec.symbol,
+        "status": "TRADING",
+        "baseAsset": spec.base_asset,
+        "baseAssetPrecision": 8,
+        "quoteAsset": spec.quote_asset,
+        "quotePrecision": 8,
+        "quoteAssetPrecision": 8,
+        "baseCommissionPrecision": 8,
+        "quoteCommissionPrecision": 8,
+        "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET"],
+        "icebergAllowed": False,
+        "ocoAllowed": False,
+        "otoAllowed": False,
+        "opoAllowed": False,
+        "quoteOrderQtyMarketAllowed": False,
+        "allowTrailingStop": False,
+        "cancelReplaceAllowed": True,
+        "amendAllowed": True,
+        "pegInstructionsAllowed": False,
+        "isSpotTradingAllowed": True,
+        "isMarginTradingAllowed": False,
+        "filters": [
+            {
+                "filterType": "PRICE_FILTER",
+                "minPrice": d(spec.tick_size),
+                "maxPrice": d("1000000"),
+                "tickSize": d(spec.tick_size),
+            },
+            {
+                "filterType": "LOT_SIZE",
+                "minQty": d(spec.min_qty),
+                "maxQty": d(spec.max_qty),
+                "stepSize": d(spec.step_size),
+            },
+            {
+                "filterType": "MARKET_LOT_SIZE",
+                "minQty": d(spec.min_qty),
+                "maxQty": d(spec.max_qty),
+                "stepSize": d(spec.step_size),
+            },
+            {
+                "filterType": "NOTIONAL",
+                "minNotional": d(spec.min_notional),
+                "applyMinToMarket": True,
+                "maxNotional": d(spec.max_notional),
+                "applyMaxToMarket": False,
+                "avgPriceMins": 5,
+            },
+            {"filterType": "MAX_NUM_ORDERS", "maxNumOrders": 200},
+        ],
+        "permissions": [],
+        "permissionSets": [["SPOT"]],
+        "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
+        "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
+    }
+
+
+def _malformed_frames(kind: str, count: int, size: int) -> list[bytes]:
+    """Bytes to write for the ``malformed`` fault (each entry is written as-is)."""
+    sample = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"s":"BTCUSDT","a":1}}'
+    if kind == "truncated":  # valid frame, JSON cut short
+        one = ws_frame(sample[: len(sample) // 2])
+    elif kind == "invalid_json":
+        one = ws_frame(b"this is not json {")
+    elif kind == "oversized":  # valid JSON, larger than clients' usual 1 MiB max_size
+        pad = max(0, size - 16)
+        one = ws_frame(b'{"pad":"' + b"x" * pad + b'"}')
+    elif kind == "binary":
+        one = ws_frame(b"\x00\x01\x02\xffbinary", opcode=0x2)
+    elif kind == "bad_utf8":
+        one = ws_frame(b'{"s":"\xff\xfe"}')
+    elif kind == "torn":  # header promises more bytes than follow: the stream desyncs
+        one = struct.pack("!BB", 0x81, 100) + sample[:20]
+    else:  # parse_fault validated it
+        raise FaultError(kind)
+    return [one] * count

@@ -1,0 +1,917 @@
+"""Simulated Binance WebSocket API (``/ws-api/v3``): envelopes, auth, rate limits, user data.
+
+Implements the shared protocol reference (binance-protocol.md) sections 2 (envelope 2.2/2.3,
+errors 2.4, limits 2.5, methods 2.6-2.14, events 2.15), 3.2 (signature payload) and 4
+(connection rules). Not implemented: ``timeUnit=MICROSECOND``, SBE, order lists, the
+market-data methods of the WS API (``depth``, ``exchangeInfo``, ...). The exchange
+itself (orders, balances, matching) is the pure :mod:`pipeline.sim.venue`; this module adds what
+belongs to a connection and an IP: sessions, signatures, timestamps, weights, faults.
+
+Layers
+------
+- :class:`WsApiService` is sans-I/O: ``open_session`` / ``handle(session, frame)`` /
+  ``close_session``. ``handle`` returns a :class:`Reply` (the response frame, the session-local
+  frames to send before it, the user-data events it caused, whether to disconnect, how long to
+  delay it). :meth:`WsApiService.dispatch` pushes user-data events to every subscribed session
+  through ``Session.push`` (also called by the venue for fills caused by the market walk).
+- :func:`serve_connection` is the thin asyncio shell the server calls per connection.
+
+Choices where Binance is silent or the reference says UNCONFIRMED (README-worthy):
+- Unknown method -> 400 ``-1100`` "Unknown method: X". Invalid JSON / non-object -> 400
+  ``-1100`` with ``id: null``. Missing ``method`` -> 400 ``-1102``.
+- 429 responses carry ``error.data = {"serverTime", "retryAfter"}`` (epoch ms), like the
+  documented 418. Weight 429s use code -1003, unfilled-order 429s code -1015.
+- After a weight 429 (or an injected ``order_fault="429"``) with retryAfter R, the IP may send
+  ``ban_grace`` more requests before R (each answered 429); the next one is answered 418
+  (-1003 "IP banned until ...") and the connection is closed. Ban lasts ``ban_ms``.
+  -1015 (order count) 429s never lead to a ban.
+- ``userDataStream.subscribe`` without a logged-on session -> 400 ``-1002``.
+- Fault ``reject_logons`` answers ``session.logon`` with -1022 (invalid signature).
+- Fault ``order_fault``: "429" -> 429 -1003, nothing placed; "5xx" -> 500 -1000, NOTHING
+  placed; "-1007" -> 408 -1007 "Timeout waiting for response from backend server. Send status
+  unknown; execution status unknown." with the order ACTUALLY PLACED (its user-data events are
+  sent), so a client must reconcile with ``order.status``.
+- ``eventStreamTerminated`` frames are sent just before the response of the request that ended
+  the subscription (``userDataStream.unsubscribe``, ``session.logout``, re-logon with another key).
+- User-data events caused by a request are sent right AFTER its response. A response delayed
+  by ``wsapi_delay_ms`` is computed (and the order executed) on receipt; only the response frame
+  waits, so the events then arrive BEFORE it. Clients must handle both orders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from pipeline.logs import RateLimitedLog
+from pipeline.sim.ratelimit import IpLimits, OrderLimits
+from pipeline.sim.venue import Event, Venue, VenueError, missing
+
+log = logging.getLogger("pipeline.sim.wsapi")
+_slow_log = RateLimitedLog(log)
+
+# Method -> weight (section 2.6); callables for params-dependent weights.
+WEIGHTS: dict[str, int] = {
+    "ping": 1,
+    "time": 1,
+    "session.logon": 2,
+    "session.status": 2,
+    "session.logout": 2,
+    "session.subscriptions": 2,
+    "order.place": 1,
+    "order.test": 1,
+    "order.cancel": 1,
+    "order.cancelReplace": 1,
+    "order.amend.keepPriority": 4,
+    "order.status": 4,
+    "openOrders.status": 6,
+    "openOrders.cancelAll": 1,
+    "account.status": 20,
+    "account.rateLimits.orders": 40,
+    "userDataStream.subscribe": 2,
+    "userDataStream.subscribe.signature": 2,
+    "userDataStream.unsubscribe": 2,
+}
+SIGNED = frozenset(
+    {
+        "order.place",
+        "order.test",
+        "order.cancel",
+        "order.cancelReplace",
+        "order.amend.keepPriority",
+        "order.status",
+        "openOrders.status",
+        "openOrders.cancelAll",
+        "account.status",
+        "account.rateLimits.orders",
+    }
+)
+ORDER_METHODS = frozenset({"order.place", "order.cancelReplace"})
+CONNECT_WEIGHT = 2
+MAX_PENDING_FRAMES = 50_000  # unsent frames per connection before it is dropped as too slow
+
+MSG_BAD_KEY = "Invalid API-key, IP, or permissions for action."
+MSG_BAD_KEY_FMT = "API-key format invalid."
+MSG_BAD_SIG = "Signature for this request is not valid."
+MSG_TS_AHEAD = "Timestamp for this request was 1000ms ahead of the server's time."
+MSG_TS_OUTSIDE = "Timestamp for this request is outside of the recvWindow."
+MSG_TIMEOUT = (
+    "Timeout waiting for response from backend server. Send status unknown; "
+    "execution status unknown."
+)
+MSG_UNKNOWN_ERR = "An unknown error occured while processing the request."
+_API_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+_MIN_TIMESTAMP = 1483228800000  # 2017-01-01 (section 4, timestamp sanity)
+_MAX_CONCURRENT_SUBS = 1000
+_MAX_TOTAL_SUBS = 65535
+
+
+class _NumText(str):
+    """Text of a JSON number, kept verbatim so it can be signed as sent (section 2.2)."""
+
+
+def param_text(value: Any) -> str:
+    """A param value as the text that is signed and validated (section 3.2)."""
+    if isinstance(value, str):
+        return value
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # only reached if the raw text was not recovered
+    raise TypeError(type(value).__name__)
+
+
+def signature_payload(params: Mapping[str, str]) -> str:
+    """Every param but ``signature``, sorted by name, ``k=v`` joined by ``&``; no encoding."""
+    return "&".join(f"{k}={params[k]}" for k in sorted(params) if k != "signature")
+
+
+_SPKI_ED25519_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
+
+def parse_public_key(data: bytes | str) -> bytes:
+    """An Ed25519 public key as registered with Binance -> the raw 32 bytes ``api_keys`` wants.
+
+    Accepts a PEM ``-----BEGIN PUBLIC KEY-----`` (SubjectPublicKeyInfo, what Binance's key
+    generator writes), its base64 body, 64 hex characters, or the raw 32 bytes. Raises
+    ValueError with the reason otherwise (for CLI/config errors).
+    """
+    if isinstance(data, bytes) and len(data) == 32:
+        return data
+    text = data.decode("ascii", "replace") if isinstance(data, bytes) else data
+    text = text.strip()
+    if "PRIVATE KEY" in text:
+        raise ValueError("this is a private key; register the PUBLIC key")
+    if text.startswith("-----BEGIN"):
+        text = "".join(line for line in text.splitlines() if not line.startswith("-----"))
+    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return bytes.fromhex(text)
+    try:
+        der = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError("not PEM, base64 or hex") from None
+    if len(der) == 32:
+        return der
+    if len(der) == 44 and der.startswith(_SPKI_ED25519_PREFIX):
+        return der[12:]
+    raise ValueError("not an Ed25519 public key (expected 32 raw bytes or SubjectPublicKeyInfo)")
+
+
+@dataclass
+class Session:
+    """Per-connection state; it dies with the connection (accounts/orders live in the venue)."""
+
+    conn_id: int
+    ip: str
+    connected_since: int
+    return_rate_limits: bool = True
+    api_key: str | None = None
+    authorized_since: int | None = None
+    subscriptions: dict[int, tuple[str, bool]] = field(default_factory=dict)  # id -> (acct, logon)
+    subs_total: int = 0
+    push: Callable[[bytes], None] = field(default=lambda frame: None)
+    closed: bool = False
+
+
+@dataclass
+class Reply:
+    """What the shell does for one request frame, in this order: send ``before`` (this
+    session's eventStreamTerminated frames); send ``frame`` (the response), after ``delay_ms``
+    if set; hand ``events`` to :meth:`WsApiService.dispatch` (immediately when delayed, so the
+    user data then overtakes the response); disconnect if ``close``."""
+
+    frame: bytes
+    before: list[bytes] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    close: bool = False
+    delay_ms: int = 0
+
+
+class _Req:
+    __slots__ = ("account", "id", "method", "params")
+
+    def __init__(self, rid: Any, method: str, params: dict[str, str]) -> None:
+        self.id = rid
+        self.method = method
+        self.params = params
+        self.account: str | None = None  # set once authenticated (selects ORDERS rateLimits)
+
+
+class _Fail(Exception):
+    """Internal: a response-level error (status + error object)."""
+
+    def __init__(self, err: VenueError) -> None:
+        super().__init__(err.msg)
+        self.err = err
+
+
+class _NoFaults:
+    wsapi_delay_ms = 0
+    reject_logons = 0
+    order_fault: str | None = None
+    order_fault_count = 0
+
+
+class WsApiService:
+    """The WS API of one simulated exchange: all sessions, accounts (via :class:`Venue`), limits.
+
+    ``api_keys`` maps the ``apiKey`` string a client sends to its raw 32-byte Ed25519 public key;
+    each key gets its own funded account. ``faults`` is :class:`pipeline.sim.faults.Faults` (or
+    anything with the same four fields). ``limits`` (all optional): ``weight_per_minute``
+    (6000), ``orders_per_10s`` (50), ``orders_per_day`` (160000), ``ban_ms`` (120000),
+    ``ban_grace`` (1), ``fault_retry_after_ms`` (1000), and the venue's ``quote_balance``,
+    ``base_balance``, ``balances``, ``maker_commission``, ``taker_commission``, ``stp_mode``,
+    ``fill_on_touch``.
+    """
+
+    _VENUE_KW = frozenset(
+        {
+            "quote_balance",
+            "base_balance",
+            "balances",
+            "maker_commission",
+            "taker_commission",
+            "stp_mode",
+            "fill_on_touch",
+            "max_num_orders",
+            "max_closed_orders",
+        }
+    )
+
+    def __init__(
+        self,
+        market: Any,
+        api_keys: Mapping[str, bytes],
+        faults: Any,
+        clock_ms: Callable[[], int],
+        **limits: Any,
+    ) -> None:
+        venue_kw = {k: v for k, v in limits.items() if k in self._VENUE_KW}
+        own = {k: v for k, v in limits.items() if k not in self._VENUE_KW}
+        self.weight_per_minute = int(own.pop("weight_per_minute", 6000))
+        self.orders_per_10s = int(own.pop("orders_per_10s", 50))
+        self.orders_per_day = int(own.pop("orders_per_day", 160_000))
+        self.ban_ms = int(own.pop("ban_ms", 120_000))
+        self.ban_grace = int(own.pop("ban_grace", 1))
+        self.fault_retry_after_ms = int(own.pop("fault_retry_after_ms", 1000))
+        if own:
+            raise TypeError(f"unknown WsApiService limits: {sorted(own)}")
+        self.market = market
+        self.faults = faults if faults is not None else _NoFaults()
+        self.clock_ms = clock_ms
+        self._keys: dict[str, VerifyKey] = {}
+        self.venue = Venue(market, **venue_kw)
+        for name, pub in api_keys.items():
+            self.add_api_key(name, pub)
+        self.venue.event_sink = self.dispatch
+        self.venue.first_fill_sink = self._first_fill
+        self._ips: dict[str, IpLimits] = {}
+        self._orders: dict[str, OrderLimits] = {}
+        self.sessions: dict[int, Session] = {}
+        self._subs: dict[str, dict[tuple[int, int], Session]] = {}  # acct -> (conn, sub) -> sess
+        self._next_conn = 1
+        self.counters: dict[str, int] = {
+            "connections": 0,
+            "requests": 0,
+            "logons": 0,
+            "logon_failures": 0,
+            "events_sent": 0,
+            "rate_limited": 0,
+            "bans": 0,
+            "faults_fired": 0,
+            "bad_frames": 0,
+            "internal_errors": 0,
+        }
+        self.errors_by_code: dict[int, int] = {}
+        self._bad_input = RateLimitedLog(log)
+
+    # ---------------------------------------------------------------- setup
+
+    def add_api_key(self, name: str, public_key: bytes) -> None:
+        """Register an API key (raw 32-byte Ed25519 public key) and fund its account."""
+        if len(public_key) != 32:
+            raise ValueError(f"Ed25519 public key for {name[:8]}... must be 32 bytes")
+        self._keys[name] = VerifyKey(bytes(public_key))
+        self.venue.add_account(name)
+
+    def rate_limits_info(self) -> list[dict[str, Any]]:
+        """The limits this service enforces, in exchangeInfo's ``rateLimits`` shape, so that the
+        server's exchangeInfo advertises exactly what is enforced."""
+        return [
+            {
+                "rateLimitType": "REQUEST_WEIGHT",
+                "interval": "MINUTE",
+                "intervalNum": 1,
+                "limit": self.weight_per_minute,
+            },
+            {
+                "rateLimitType": "ORDERS",
+                "interval": "SECOND",
+                "intervalNum": 10,
+                "limit": self.orders_per_10s,
+            },
+            {
+                "rateLimitType": "ORDERS",
+                "interval": "DAY",
+                "intervalNum": 1,
+                "limit": self.orders_per_day,
+            },
+        ]
+
+    def on_tick(self, now_ms: int) -> None:
+        """Periodic hook of the server; nothing time-driven is pending in this venue."""
+
+    def state(self) -> dict[str, Any]:
+        """Counters and open orders for ``GET /sim/state``."""
+        now = self.clock_ms()
+        return {
+            "counters": dict(self.counters),
+            "venue": dict(self.venue.counters),
+            "errors_by_code": {str(k): v for k, v in sorted(self.errors_by_code.items())},
+            "sessions": [
+                {
+                    "conn": s.conn_id,
+                    "logged_on": s.api_key is not None,
+                    "subscriptions": len(s.subscriptions),
+                }
+                for s in self.sessions.values()
+            ],
+            "open_orders": self.venue.open_orders_by_client_id(),
+            "banned_ips": [ip for ip, lim in self._ips.items() if lim.banned_until > now],
+        }
+
+    # ---------------------------------------------------------------- sessions
+
+    def open_session(self, ip: str, path: str = "/ws-api/v3") -> Session:
+        """A new connection: counts CONNECT_WEIGHT against the IP (section 4)."""
+        now = self.clock_ms()
+        s = Session(conn_id=self._next_conn, ip=ip, connected_since=now)
+        self._next_conn += 1
+        if "returnRateLimits=false" in path:
+            s.return_rate_limits = False
+        self._ip(ip).weight.add(now, CONNECT_WEIGHT)
+        self.sessions[s.conn_id] = s
+        self.counters["connections"] += 1
+        return s
+
+    def close_session(self, s: Session) -> None:
+        """Connection gone: its logon and subscriptions vanish with it."""
+        s.closed = True
+        for sub_id in list(s.subscriptions):
+            self._drop_sub(s, sub_id)
+        self.sessions.pop(s.conn_id, None)
+
+    def _ip(self, ip: str) -> IpLimits:
+        lim = self._ips.get(ip)
+        if lim is None:
+            lim = self._ips[ip] = IpLimits.make(self.weight_per_minute, self.ban_grace)
+        return lim
+
+    def _first_fill(self, account: str) -> None:
+        """An order traded for the first time: it no longer counts as unfilled."""
+        self._order_limits(account).remove(self.clock_ms())
+
+    def _order_limits(self, account: str) -> OrderLimits:
+        lim = self._orders.get(account)
+        if lim is None:
+            lim = self._orders[account] = OrderLimits.make(self.orders_per_10s, self.orders_per_day)
+        return lim
+
+    # ---------------------------------------------------------------- events
+
+    def dispatch(self, events: list[Event]) -> None:
+        """Push user-data events to every session subscribed to the event's account."""
+        for account, payload in events:
+            targets = self._subs.get(account)
+            if not targets:
+                continue
+            body = orjson.dumps(payload)
+            for (_conn, sub_id), sess in list(targets.items()):
+                sess.push(b'{"subscriptionId":%d,"event":%s}' % (sub_id, body))
+                self.counters["events_sent"] += 1
+
+    def _add_sub(self, s: Session, account: str, via_logon: bool) -> int:
+        if any(acct == account for acct, _ in s.subscriptions.values()):
+            raise VenueError(-2035, "User Data Stream subscription already active.")
+        if len(s.subscriptions) >= _MAX_CONCURRENT_SUBS or s.subs_total >= _MAX_TOTAL_SUBS:
+            raise VenueError(-2042, "Maximum subscription ID reached for this connection.")
+        sub_id = s.subs_total
+        s.subs_total += 1
+        s.subscriptions[sub_id] = (account, via_logon)
+        self._subs.setdefault(account, {})[(s.conn_id, sub_id)] = s
+        return sub_id
+
+    def _drop_sub(self, s: Session, sub_id: int) -> bytes:
+        account, _ = s.subscriptions.pop(sub_id)
+        targets = self._subs.get(account)
+        if targets is not None:
+            targets.pop((s.conn_id, sub_id), None)
+            if not targets:
+                del self._subs[account]
+        ev = {"e": "eventStreamTerminated", "E": self.clock_ms()}
+        return orjson.dumps({"subscriptionId": sub_id, "event": ev})
+
+    # ---------------------------------------------------------------- requests
+
+    def handle(self, s: Session, frame: str | bytes) -> Reply:
+        """One request frame -> its :class:`Reply`. Never raises for bad input."""
+        now = self.clock_ms()
+        self.counters["requests"] += 1
+        delay = int(getattr(self.faults, "wsapi_delay_ms", 0) or 0)
+        if isinstance(frame, bytes | bytearray | memoryview):
+            self.counters["bad_frames"] += 1
+            self._bad_input.warning("binary_frame", "wsapi: binary frame from client")
+            return self._error_reply(None, VenueError(-1100, "Binary frames are not supported."))
+        try:
+            req = self._parse(frame)
+        except _Fail as f:
+            self.counters["bad_frames"] += 1
+            self._bad_input.warning("bad_request", "wsapi: malformed request frame")
+            return self._error_reply(getattr(f, "rid", None), f.err)
+        before: list[bytes] = []
+        events: list[Event] = []
+        try:
+            weight = self._weight(req)
+            verdict, retry = self._ip(s.ip).admit(now, weight, self.ban_ms)
+            if verdict == "418":
+                self.counters["bans"] += 1
+                err = VenueError(
+                    -1003,
+                    f"Way too much request weight used; IP banned until {retry}. "
+                    "Please use WebSocket Streams for live updates to avoid bans.",
+                    status=418,
+                    data={"serverTime": now, "retryAfter": retry},
+                )
+                return Reply(self._envelope(s, req, now, error=err), close=True)
+            if verdict == "429":
+                self.counters["rate_limited"] += 1
+                raise _Fail(self._weight_429(s.ip, now, retry))
+            status, result = self._dispatch_method(s, req, now, before, events)
+            out = self._envelope(s, req, now, result=result, status=status)
+        except _Fail as f:
+            out = self._envelope(s, req, now, error=f.err)
+        except VenueError as e:
+            out = self._envelope(s, req, now, error=e)
+        except Exception:  # a simulator bug: answer like Binance's "unknown", keep serving
+            log.exception("wsapi: request handler failed", extra={"method": req.method})
+            self.counters["internal_errors"] += 1
+            out = self._envelope(s, req, now, error=VenueError(-1000, MSG_UNKNOWN_ERR, 500))
+        return Reply(out, before=before, events=events, delay_ms=delay)
+
+    def _weight_429(self, ip: str, now: int, retry: int) -> VenueError:
+        return VenueError(
+            -1003,
+            f"Too many requests; current limit of IP({ip}) request weight per 1 MINUTE is "
+            f"{self.weight_per_minute}. Please use WebSocket Streams for live updates to avoid "
+            "polling the API.",
+            status=429,
+            data={"serverTime": now, "retryAfter": retry},
+        )
+
+    def _parse(self, frame: str) -> _Req:
+        try:
+            obj = orjson.loads(frame)
+        except orjson.JSONDecodeError as exc:
+            raise _Fail(VenueError(-1100, f"Invalid JSON: {exc.msg}.")) from None
+        if not isinstance(obj, dict):
+            raise _Fail(VenueError(-1100, "Invalid request: expected a JSON object."))
+        if "id" not in obj:
+            raise _Fail(missing("id"))
+        rid = obj["id"]
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, int | str)):
+            raise _Fail(VenueError(-1100, "Illegal characters found in parameter 'id'."))
+        method = obj.get("method")
+        if not isinstance(method, str) or not method:
+            raise _FailWithId(rid, missing("method"))
+        if method.startswith("v3/"):
+            method = method[3:]
+        raw = obj.get("params", {})
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise _FailWithId(rid, VenueError(-1100, "Illegal characters found in 'params'."))
+        if any(isinstance(v, float) for v in raw.values()):
+            # recover the exact text of JSON numbers: that text is what the client signed
+            raw = json.loads(frame, parse_float=_NumText).get("params", {})
+        params: dict[str, str] = {}
+        for k, v in raw.items():
+            try:
+                params[k] = param_text(v)
+            except TypeError:
+                raise _FailWithId(
+                    rid, VenueError(-1100, f"Illegal characters found in parameter '{k}'.")
+                ) from None
+        return _Req(rid, method, params)
+
+    def _weight(self, req: _Req) -> int:
+        if req.method == "openOrders.status" and not req.params.get("symbol"):
+            return 80
+        if req.method == "order.test" and req.params.get("computeCommissionRates") == "true":
+            return 20
+        return WEIGHTS.get(req.method, 1)
+
+    # ---------------------------------------------------------------- envelope
+
+    def _rate_limits(
+        self, s: Session, req: _Req | None, now: int, account: str | None
+    ) -> list[dict[str, Any]] | None:
+        flag = req.params.get("returnRateLimits") if req is not None else None
+        if flag == "false" or (flag is None and not s.return_rate_limits):
+            return None
+        entries: list[dict[str, Any]] = []
+        if req is not None and req.method in ORDER_METHODS and account is not None:
+            entries.extend(self._order_limits(account).entries(now))
+        entries.append(self._ip(s.ip).weight.entry(now))
+        return entries
+
+    def _envelope(
+        self,
+        s: Session,
+        req: _Req,
+        now: int,
+        *,
+        result: Any = None,
+        error: VenueError | None = None,
+        status: int = 200,
+    ) -> bytes:
+        out: dict[str, Any] = {"id": req.id}
+        if error is not None:
+            out["status"] = error.status
+            out["error"] = error.error_obj()
+            self.errors_by_code[error.code] = self.errors_by_code.get(error.code, 0) + 1
+        else:
+            out["status"] = status
+            out["result"] = result
+        limits = self._rate_limits(s, req, now, req.account)
+        if limits is not None:
+            out["rateLimits"] = limits
+        return orjson.dumps(out)
+
+    def _error_reply(self, rid: Any, err: VenueError) -> Reply:
+        self.errors_by_code[err.code] = self.errors_by_code.get(err.code, 0) + 1
+        return Reply(orjson.dumps({"id": rid, "status": err.status, "error": err.error_obj()}))
+
+    # ---------------------------------------------------------------- auth (section 3)
+
+    def _check_timestamp(self, params: Mapping[str, str], now: int) -> None:
+        text = params.get("timestamp")
+        if not text:
+            raise missing("timestamp")
+        if not text.isdigit():
+            raise VenueError(-1100, "Illegal characters found in parameter 'timestamp'.")
+        ts = int(text)
+        if ts >= 10**14:  # microseconds (section 4)
+            ts //= 1000
+        rw_text = params.get("recvWindow")
+        recv_window = Decimal(5000)
+        if rw_text:
+            try:
+                recv_window = Decimal(rw_text)
+            except InvalidOperation:
+                raise VenueError(
+                    -1100, "Illegal characters found in parameter 'recvWindow'."
+                ) from None
+            if recv_window > 60000 or recv_window < 0:
+                raise VenueError(-1131, "recvWindow must be less than 60000")
+        if ts >= now + 1000:
+            raise VenueError(-1021, MSG_TS_AHEAD)
+        if now - ts > recv_window or ts < _MIN_TIMESTAMP:
+            raise VenueError(-1021, MSG_TS_OUTSIDE)
+
+    def _verify(self, params: Mapping[str, str], now: int) -> str:
+        """Explicit ``apiKey`` + ``signature`` on the request: returns the account (API key)."""
+        key = params.get("apiKey")
+        if not key:
+            raise missing("apiKey")
+        if not _API_KEY_RE.match(key):
+            raise VenueError(-2014, MSG_BAD_KEY_FMT)
+        verify_key = self._keys.get(key)
+        if verify_key is None:
+            raise VenueError(-2015, MSG_BAD_KEY)
+        sig_text = params.get("signature")
+        if not sig_text:
+            raise missing("signature")
+        self._check_timestamp(params, now)
+        try:
+            sig = base64.b64decode(sig_text, validate=True)
+            if len(sig) != 64:
+                raise ValueError("length")
+            verify_key.verify(signature_payload(params).encode(), sig)
+        except (binascii.Error, ValueError, BadSignatureError):
+            raise VenueError(-1022, MSG_BAD_SIG) from None
+        return key
+
+    def _authenticate(self, s: Session, req: _Req, now: int) -> str:
+        p = req.params
+        if "apiKey" in p or "signature" in p:
+            account = self._verify(p, now)
+        elif s.api_key is not None:
+            self._check_timestamp(p, now)
+            account = s.api_key
+        else:
+            raise missing("apiKey")
+        req.account = account
+        return account
+
+    # ---------------------------------------------------------------- methods
+
+    def _session_info(self, s: Session, now: int) -> dict[str, Any]:
+        # null = no user data stream available (not logged on), else whether one is active
+        uds = bool(s.subscriptions) if s.api_key is not None or s.subscriptions else None
+        return {
+            "apiKey": s.api_key,
+            "authorizedSince": s.authorized_since,
+            "connectedSince": s.connected_since,
+            "returnRateLimits": s.return_rate_limits,
+            "serverTime": now,
+            "userDataStream": uds,
+        }
+
+    def _end_logon_subs(self, s: Session) -> list[bytes]:
+        return [
+            self._drop_sub(s, sid) for sid, (_, logon) in list(s.subscriptions.items()) if logon
+        ]
+
+    def _dispatch_method(
+        self, s: Session, req: _Req, now: int, before: list[bytes], events: list[Event]
+    ) -> tuple[int, Any]:
+        """Run one method; fills ``before`` (session frames) and ``events`` (user data)."""
+        m, p = req.method, req.params
+        v = self.venue
+        if m == "ping":
+            return 200, {}
+        if m == "time":
+            return 200, {"serverTime": now}
+        if m == "session.logon":
+            if not p.get("apiKey"):
+                raise missing("apiKey")
+            if not p.get("signature"):
+                raise missing("signature")
+            if getattr(self.faults, "reject_logons", 0) > 0:
+                self.faults.reject_logons -= 1
+                self._fault_fired("reject_logons")
+                self.counters["logon_failures"] += 1
+                raise VenueError(-1022, MSG_BAD_SIG)
+            try:
+                key = self._verify(p, now)
+            except VenueError:
+                self.counters["logon_failures"] += 1
+                raise
+            if s.api_key is not None and s.api_key != key:
+                before.extend(self._end_logon_subs(s))
+            if s.api_key != key:
+                s.authorized_since = now
+            s.api_key = key
+            self.counters["logons"] += 1
+            log.info("wsapi: session logon", extra={"conn": s.conn_id, "key": key[:8]})
+            return 200, self._session_info(s, now)
+        if m == "session.status":
+            return 200, self._session_info(s, now)
+        if m == "session.logout":
+            before.extend(self._end_logon_subs(s))
+            s.api_key = None
+            s.authorized_since = None
+            return 200, self._session_info(s, now)
+        if m == "session.subscriptions":
+            return 200, [{"subscriptionId": i} for i in sorted(s.subscriptions)]
+        if m == "userDataStream.subscribe":
+            if s.api_key is None:
+                raise VenueError(-1002, "You are not authorized to execute this request.")
+            return 200, {"subscriptionId": self._add_sub(s, s.api_key, True)}
+        if m == "userDataStream.subscribe.signature":
+            account = self._verify(p, now)
+            return 200, {"subscriptionId": self._add_sub(s, account, False)}
+        if m == "userDataStream.unsubscribe":
+            text = p.get("subscriptionId")
+            if text:
+                if not text.isdigit() or int(text) not in s.subscriptions:
+                    raise VenueError(-2036, "User Data Stream subscription not active.")
+                before.append(self._drop_sub(s, int(text)))
+            else:
+                if not s.subscriptions:
+                    raise VenueError(-2036, "User Data Stream subscription not active.")
+                before.extend(self._drop_sub(s, sid) for sid in list(s.subscriptions))
+            return 200, {}
+        if m not in SIGNED:
+            raise VenueError(-1100, f"Unknown method: {m}")
+        account = self._authenticate(s, req, now)
+        if m == "order.place" or m == "order.cancelReplace":
+            return self._order_method(s, req, account, now, events)
+        if m == "order.test":
+            return 200, v.test_order(account, p, now)
+        if m == "order.cancel":
+            result, evs = v.cancel(account, p, now)
+            events.extend(evs)
+            return 200, result
+        if m == "order.amend.keepPriority":
+            result, evs = v.amend_keep_priority(account, p, now)
+            events.extend(evs)
+            return 200, result
+        if m == "order.status":
+            return 200, v.order_status(account, p)
+        if m == "openOrders.status":
+            return 200, v.open_orders(account, p)
+        if m == "openOrders.cancelAll":
+            results, evs = v.cancel_all(account, p, now)
+            events.extend(evs)
+            return 200, results
+        if m == "account.status":
+            return 200, v.account_status(account, p, now)
+        if m == "account.rateLimits.orders":
+            return 200, self._order_limits(account).entries(now)
+        raise VenueError(-1100, f"Unknown method: {m}")  # pragma: no cover - SIGNED is closed
+
+    def _fault_fired(self, name: str) -> None:
+        self.counters["faults_fired"] += 1
+        count = getattr(self.faults, "count", None)
+        if callable(count):
+            count(name)
+
+    def _take_order_fault(self) -> str | None:
+        kind = getattr(self.faults, "order_fault", None)
+        if kind and getattr(self.faults, "order_fault_count", 0) > 0:
+            self.faults.order_fault_count -= 1
+            self._fault_fired("order_fault")
+            return str(kind)
+        return None
+
+    def _order_method(
+        self, s: Session, req: _Req, account: str, now: int, events: list[Event]
+    ) -> tuple[int, Any]:
+        """order.place / order.cancelReplace: unfilled-order limits, faults, then the venue."""
+        p = req.params
+        limits = self._order_limits(account)
+        full = limits.exceeded(now)
+        cr = req.method == "order.cancelReplace"
+        limit_err: VenueError | None = None
+        if full is not None:
+            unit = {"SECOND": "SECOND", "DAY": "DAY"}.get(full.interval, full.interval)
+            limit_err = VenueError(
+                -1015,
+                f"Too many new orders; current limit is {full.limit} orders per "
+                f"{full.interval_num} {unit}.",
+                status=429,
+                data={"serverTime": now, "retryAfter": full.resets_at(now)},
+            )
+            if not (cr and p.get("orderRateLimitExceededMode") == "CANCEL_ONLY"):
+                self.counters["rate_limited"] += 1
+                raise limit_err
+        fault = self._take_order_fault()
+        if fault == "429":
+            retry = now + self.fault_retry_after_ms
+            self._ip(s.ip).penalize(retry)
+            raise self._weight_429(s.ip, now, retry)
+        if fault == "5xx":
+            raise VenueError(-1000, MSG_UNKNOWN_ERR, status=500)
+        # Count first, undo if the request is refused before the matching engine: a fill inside
+        # the call then decrements a count that already includes this order (FAQ: unfilled
+        # order count, "when an order is first filled ... decreases by one").
+        counted = limit_err is None
+        if counted:
+            limits.add(now)
+        if cr:
+            new_err = None
+            if limit_err is not None:
+                new_err = VenueError(limit_err.code, limit_err.msg)
+            try:
+                status, body, evs = self.venue.cancel_replace(
+                    account, p, now, new_order_error=new_err
+                )
+            except VenueError:
+                if counted:
+                    limits.remove(now)
+                raise
+            events.extend(evs)
+            if fault == "-1007":
+                raise VenueError(-1007, MSG_TIMEOUT, status=408)
+            if status != 200:
+                raise VenueError(body["code"], body["msg"], status=status, data=body.get("data"))
+            return 200, body
+        try:
+            result, evs = self.venue.place(account, p, now)
+        except VenueError:
+            limits.remove(now)  # only successful placements count
+            raise
+        events.extend(evs)
+        if fault == "-1007":
+            raise VenueError(-1007, MSG_TIMEOUT, status=408)
+        return 200, result
+
+
+class _FailWithId(_Fail):
+    def __init__(self, rid: Any, err: VenueError) -> None:
+        super().__init__(err)
+        self.rid = rid
+
+
+# --------------------------------------------------------------------------------------------
+# the asyncio shell
+
+
+async def serve_connection(service: WsApiService, conn: Any) -> None:
+    """Run one WS API connection (a ``websockets.asyncio.server.ServerConnection``) until it
+    closes: read text frames, answer them, and push user-data events for its subscriptions."""
+    remote = getattr(conn, "remote_address", None)
+    ip = str(remote[0]) if remote else "?"
+    request = getattr(conn, "request", None)
+    path = getattr(request, "path", "/ws-api/v3") or "/ws-api/v3"
+    session = service.open_session(ip, path)
+    queue: asyncio.Queue[bytes | int] = asyncio.Queue()
+
+    def push(frame: bytes) -> None:
+        # A client that stops reading must not grow the server without bound: disconnect it.
+        if queue.qsize() >= MAX_PENDING_FRAMES:
+            if not session.closed:
+                session.closed = True
+                service.counters["slow_consumers"] = service.counters.get("slow_consumers", 0) + 1
+                _slow_log.warning("slow_consumer", "wsapi: client not reading, disconnecting")
+                queue.put_nowait(1008)
+            return
+        queue.put_nowait(frame)
+
+    session.push = push
+    loop = asyncio.get_running_loop()
+    writer = asyncio.create_task(_writer(conn, queue), name=f"wsapi-writer-{session.conn_id}")
+    try:
+        async for message in conn:
+            reply = service.handle(session, message)
+            for frame in reply.before:
+                queue.put_nowait(frame)
+            if reply.close:
+                service.dispatch(reply.events)
+                queue.put_nowait(reply.frame)
+                queue.put_nowait(1008)  # banned: answer, then disconnect (section 2.5)
+                break
+            if reply.delay_ms > 0:
+                loop.call_later(reply.delay_ms / 1000, _push_if_open, session, reply.frame)
+                service.dispatch(reply.events)
+            else:
+                queue.put_nowait(reply.frame)
+                service.dispatch(reply.events)
+            if writer.done():
+                break
+    except Exception as exc:  # connection errors end the connection, never the server
+        if not _is_closed(exc):
+            log.warning(
+                "wsapi: connection error", extra={"conn": session.conn_id, "err": repr(exc)}
+            )
+    finally:
+        service.close_session(session)
+        session.push = _discard
+        if not writer.done():
+            queue.put_nowait(1000)
+            try:
+                await writer
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # already logged by _writer
+                pass
+
+
+def _discard(frame: bytes) -> None:
+    """Frames for a closed session (e.g. a delayed response) go nowhere."""
+
+
+def _push_if_open(session: Session, frame: bytes) -> None:
+    if not session.closed:
+        session.push(frame)
+
+
+def _is_closed(exc: BaseException) -> bool:
+    try:
+        from websockets.exceptions import ConnectionClosed
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, ConnectionClosed)
+
+
+async def _writer(conn: Any, queue: asyncio.Queue[bytes | int]) -> None:
+    """The only task that sends on ``conn``: keeps response/event order; an int is a close code."""
+    try:
+        while True:
+            frame = await queue.get()
+            if isinstance(frame, int):
+                await conn.close(frame)
+                return
+            await conn.send(frame, text=True)
+    except Exception as exc:
+        if not _is_closed(exc):
+            log.warning("wsapi: send failed", extra={"err": repr(exc)})
