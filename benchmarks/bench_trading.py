@@ -1,0 +1,153 @@
+"""Order round trip: strategy -> shared memory -> trading process -> WS API -> ack -> back.
+
+Three processes, as in production: the simulator (a spawned child with unlimited order/weight
+limits so the benchmark measures latency, not rate limiting), ``pipeline trade`` (a subprocess)
+and the strategy (this process, an :class:`pipeline.orders.OrderClient`). Each round places a
+resting LIMIT order far from the market, waits for its ACK on the execution ring, and cancels
+it (so the book stays small). The ACK record carries four wall-clock stamps::
+
+    submit (client) -> sent (trading hands the request to websockets)
+        -> reply (trading receives the response) -> publish (ACK on the exec ring) -> seen (client)
+
+"ours" = (sent - submit) + (publish - reply) + (seen - publish): ring transit, intake polling,
+session and codec, exec ring and client wake-up. "wire" = reply - sent: websockets send and
+receive on both ends, loopback TCP and the simulator's own processing (an upper bound for the
+network part). p50/p99 of the total and the share of each part are printed and recorded.
+
+Scale with ``BENCH_SCALE`` (default 1.0 = 2000 orders; 0.01 for a smoke run).
+Smoke run: ``BENCH_SCALE=0.01 pytest benchmarks/bench_trading.py --benchmark-disable``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
+N_ORDERS = max(20, int(2000 * SCALE))
+
+
+def _sim_main(conn: Any, public_key: bytes) -> None:
+    """Child process: the simulator with unlimited limits; sends its WS API URL, runs until told."""
+    import asyncio
+
+    from pipeline.sim.server import SimConfig
+    from pipeline.sim.testing import SimServer
+
+    async def main() -> None:
+        cfg = SimConfig(symbols=["BTCUSDT"], rate=5.0, api_keys={"bench": public_key})
+        cfg.wsapi_options = {"orders_per_10s": 10**9, "weight_per_minute": 10**9}
+        async with SimServer(cfg) as sim:
+            bid = float(sim.market.best("BTCUSDT")[0])
+            conn.send({"url": sim.wsapi_url, "bid": bid})
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, conn.recv)  # any message = stop
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    from pipeline.binance.keys import generate_keypair, load_public_key
+    from pipeline.metrics import MetricsBlock
+
+    priv, pub = generate_keypair(tmp_path / "keys")
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    sim = ctx.Process(target=_sim_main, args=(child, load_public_key(pub)), daemon=True)
+    sim.start()
+    info = parent.recv()
+    tag = f"bench{os.getpid()}"
+    exec_ring, metrics = f"{tag}.exec", f"{tag}.metrics"
+    trade = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--log-level", "WARNING", "trade",
+         "--wsapi-url", info["url"], "--api-key", "bench", "--private-key", str(priv),
+         "--exec-ring", exec_ring, "--metrics", metrics],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with MetricsBlock.attach(metrics) as m:
+                    if m.snapshot()["state"] == 3:
+                        break
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline or trade.poll() is not None:
+                raise RuntimeError("trading process did not become READY")
+            time.sleep(0.05)
+        yield {"exec_ring": exec_ring, "bid": info["bid"], "tag": tag}
+    finally:
+        trade.terminate()
+        _out, err = trade.communicate(timeout=20)
+        parent.send("stop")
+        sim.join(20)
+        if sim.is_alive():
+            sim.kill()
+            sim.join()
+        assert trade.returncode == 0, err[-2000:]
+
+
+def test_order_round_trip(stack: dict[str, Any], benchmark: Any) -> None:
+    from pipeline.orders import CANCEL_ANSWERS, OrderClient
+
+    price = round(stack["bid"] * 0.5, 2)
+    client = OrderClient.attach(f"{stack['tag']}c", exec_ring=stack["exec_ring"])
+    try:
+        # warm-up: the trading process discovers the new order ring (scan every 0.5 s)
+        client.wait(client.place(symbol="BTCUSDT", side="BUY", qty=0.001, price=price), 10)
+        rows: list[tuple[int, int, int, int, int]] = []
+
+        def one_round() -> None:
+            coid = client.place(symbol="BTCUSDT", side="BUY", qty=0.001, price=price)
+            ack = client.wait(coid, 10, frozenset({"ACK", "REJECT"}))
+            seen = time.time_ns()
+            assert ack.kind == "ACK", ack
+            assert ack.status == "NEW"
+            rows.append(
+                (ack.submit_time_ns, ack.sent_time_ns, ack.reply_time_ns, ack.publish_time_ns,
+                 seen)
+            )  # fmt: skip
+            client.cancel(coid, symbol="BTCUSDT")
+            client.wait(coid, 10, CANCEL_ANSWERS)
+
+        if getattr(benchmark, "disabled", False):  # --benchmark-disable runs once: all rounds
+            benchmark(lambda: [one_round() for _ in range(N_ORDERS)])
+        else:
+            benchmark.pedantic(one_round, rounds=N_ORDERS, iterations=1, warmup_rounds=0)
+    finally:
+        client.close()
+
+    a = np.array(rows, dtype=np.int64)
+    assert len(a) == N_ORDERS
+    submit, sent, reply, publish, seen = a.T
+    assert np.all(submit <= sent)
+    assert np.all(sent <= reply)
+    assert np.all(reply <= publish)
+    total = (seen - submit) / 1e3
+    wire = (reply - sent) / 1e3
+    ours = total - wire
+    p50, p99 = np.percentile(total, [50, 99])
+    summary = {
+        "orders": len(a),
+        "round_trip_p50_us": round(float(p50), 1),
+        "round_trip_p99_us": round(float(p99), 1),
+        "wire_p50_us": round(float(np.percentile(wire, 50)), 1),
+        "ours_p50_us": round(float(np.percentile(ours, 50)), 1),
+        "ours_share": round(float(ours.sum() / total.sum()), 3),
+        "client_to_sent_p50_us": round(float(np.percentile((sent - submit) / 1e3, 50)), 1),
+        "reply_to_seen_p50_us": round(float(np.percentile((seen - reply) / 1e3, 50)), 1),
+    }
+    benchmark.extra_info.update(summary)
+    print("\norder round trip:", json.dumps(summary))
