@@ -1,0 +1,209 @@
+"""Local order book kept in sync from a REST snapshot + diff-depth events (pure state machine).
+
+Implements shared/binance-protocol.md section 1.7 (the algorithm as corrected 2025-11-12), one
+:class:`OrderBook` per symbol. No I/O, no clock, no asyncio: the ingest shell feeds it events and
+snapshots and acts on the returned :class:`Action`.
+
+States and transitions (every transition the code makes is in :data:`TRANSITIONS`)::
+
+    state          input     condition                  -> next state, action
+    -------------  --------  -------------------------  ----------------------------
+    WAIT_EVENT     diff      -                          WAIT_SNAPSHOT, NEED_SNAPSHOT
+    WAIT_SNAPSHOT  diff      -                          WAIT_SNAPSHOT, BUFFERED
+    WAIT_SNAPSHOT  snapshot  lastUpdateId+1 < first U   WAIT_SNAPSHOT, REFETCH
+    WAIT_SNAPSHOT  snapshot  otherwise                  SYNCED, SYNCED
+    SYNCED         diff      u <= book id               SYNCED, IGNORED
+    SYNCED         diff      U > book id + 1 (gap)      WAIT_SNAPSHOT, NEED_SNAPSHOT
+    SYNCED         diff      otherwise                  SYNCED, APPLIED
+    SYNCED         snapshot  -                          SYNCED, IGNORED (stale)
+    any            reset()   -                          WAIT_EVENT
+
+Calling contract: on NEED_SNAPSHOT start (or keep) a resync task that fetches
+``/api/v3/depth`` and calls :meth:`OrderBook.on_snapshot` - never await it in the frame handler;
+on REFETCH fetch again (after a short delay); on SYNCED / APPLIED publish :meth:`OrderBook.top`.
+``resynced_after_break`` is True for the sync that follows a sequence break (the shell marks its
+records Flags.RESYNCED and emits Kind.BOOK_RESYNC).
+
+Deviation from the documented step 3, on purpose: the doc refetches when ``lastUpdateId < U`` of
+the first buffered event; we refetch only when ``lastUpdateId + 1 < U``. When
+``lastUpdateId == U - 1`` the first event continues the snapshot exactly (``U <= lastUpdateId+1
+<= u``, step 4), so the doc's rule would refetch a usable snapshot (and spin on a quiet market).
+
+Prices are float64 dictionary keys: equal decimal strings ("0.00100000", "0.001") give the same
+double and different <= 15-significant-digit decimals give different doubles, so float keys
+compare exactly as the doc's "compare as decimals" asks.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections import deque
+from collections.abc import Iterable
+from enum import Enum, IntEnum
+
+Level = tuple[float, float]
+
+
+class State(Enum):
+    WAIT_EVENT = "wait_event"  # no event seen yet: nothing to anchor a snapshot to
+    WAIT_SNAPSHOT = "wait_snapshot"  # buffering diffs until a usable snapshot arrives
+    SYNCED = "synced"  # book valid; diffs applied as they come
+
+
+class Action(IntEnum):
+    NONE = 0
+    BUFFERED = 1  # diff kept for after the snapshot
+    NEED_SNAPSHOT = 2  # start a snapshot fetch (first sync or a sequence break)
+    REFETCH = 3  # the snapshot was too old: fetch another
+    SYNCED = 4  # book rebuilt from a snapshot: publish BOOK_RESYNC + top
+    APPLIED = 5  # diff applied: publish top
+    IGNORED = 6  # diff older than the book (duplicate / overlap) or a stale snapshot
+
+
+TRANSITIONS: dict[tuple[State, str], set[tuple[State, Action]]] = {
+    (State.WAIT_EVENT, "diff"): {(State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)},
+    (State.WAIT_SNAPSHOT, "diff"): {(State.WAIT_SNAPSHOT, Action.BUFFERED)},
+    (State.WAIT_SNAPSHOT, "snapshot"): {(State.WAIT_SNAPSHOT, Action.REFETCH),
+                                        (State.SYNCED, Action.SYNCED)},
+    (State.SYNCED, "diff"): {(State.SYNCED, Action.IGNORED),
+                             (State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT),
+                             (State.SYNCED, Action.APPLIED)},
+    (State.SYNCED, "snapshot"): {(State.SYNCED, Action.IGNORED)},
+    (State.WAIT_EVENT, "snapshot"): {(State.WAIT_EVENT, Action.IGNORED)},
+}
+
+
+class _Side:
+    """One side of the book: price -> qty plus a sorted key list (bids stored negated so that
+    index 0 is always the best level)."""
+
+    __slots__ = ("keys", "levels", "sign")
+
+    def __init__(self, is_bid: bool) -> None:
+        self.sign = -1.0 if is_bid else 1.0
+        self.levels: dict[float, float] = {}
+        self.keys: list[float] = []  # sign * price, ascending
+
+    def clear(self) -> None:
+        self.levels.clear()
+        self.keys.clear()
+
+    def load(self, levels: Iterable[Level]) -> None:
+        self.clear()
+        for p, q in levels:
+            if q > 0.0:
+                self.levels[p] = q
+        self.keys = sorted(self.sign * p for p in self.levels)
+
+    def apply(self, levels: Iterable[Level]) -> None:
+        book = self.levels
+        keys = self.keys
+        sign = self.sign
+        for p, q in levels:
+            if q == 0.0:
+                if book.pop(p, None) is not None:
+                    k = sign * p
+                    del keys[bisect_left(keys, k)]
+            else:
+                if p not in book:
+                    insort(keys, sign * p)
+                book[p] = q
+
+    def top(self, n: int) -> list[Level]:
+        sign = self.sign
+        book = self.levels
+        return [(sign * k, book[sign * k]) for k in self.keys[:n]]
+
+
+class OrderBook:
+    """One symbol's local book; see the module docstring for the state table."""
+
+    def __init__(self, max_buffer: int = 10_000) -> None:
+        self.state = State.WAIT_EVENT
+        self.update_id = 0  # book.updateId (section 1.7 step 5)
+        self.bids = _Side(True)
+        self.asks = _Side(False)
+        self.buffer: deque[tuple[int, int, list[Level], list[Level]]] = deque()
+        self.max_buffer = max_buffer
+        self.resynced_after_break = False
+        self.breaks = 0  # sequence breaks seen (each one causes a resync)
+        self.syncs = 0  # snapshots applied
+        self._broken = False
+
+    def _go(self, event: str, new: State, action: Action) -> Action:
+        assert (new, action) in TRANSITIONS[(self.state, event)], (self.state, event, new, action)
+        self.state = new
+        return action
+
+    def reset(self) -> None:
+        """Forget everything (e.g. the symbol's stream was unsubscribed)."""
+        self.state = State.WAIT_EVENT
+        self.bids.clear()
+        self.asks.clear()
+        self.buffer.clear()
+
+    def on_diff(self, first_id: int, last_id: int, bids: list[Level],
+                asks: list[Level]) -> Action:
+        """One ``depthUpdate`` (``U`` = first_id, ``u`` = last_id)."""
+        state = self.state
+        if state is State.SYNCED:
+            if last_id <= self.update_id:
+                return self._go("diff", State.SYNCED, Action.IGNORED)
+            if first_id > self.update_id + 1:  # step 6: gap -> restart from step 1
+                self.breaks += 1
+                self._broken = True
+                self.bids.clear()
+                self.asks.clear()
+                self.buffer.clear()
+                self.buffer.append((first_id, last_id, bids, asks))
+                return self._go("diff", State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)
+            self.bids.apply(bids)
+            self.asks.apply(asks)
+            self.update_id = last_id
+            return self._go("diff", State.SYNCED, Action.APPLIED)
+        if state is State.WAIT_EVENT:
+            self.buffer.clear()
+            self.buffer.append((first_id, last_id, bids, asks))
+            return self._go("diff", State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)
+        # WAIT_SNAPSHOT: keep one contiguous run of events (the latest), bounded
+        buf = self.buffer
+        if buf:
+            prev_last = buf[-1][1]
+            if last_id <= prev_last:  # duplicate (two connections during rotation)
+                return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
+            if first_id > prev_last + 1:  # hole inside the buffer: only the newer run is usable
+                buf.clear()
+        buf.append((first_id, last_id, bids, asks))
+        if len(buf) > self.max_buffer:
+            buf.popleft()
+        return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
+
+    def on_snapshot(self, last_update_id: int, bids: list[Level], asks: list[Level]) -> Action:
+        """A REST ``/api/v3/depth`` snapshot (steps 3-6)."""
+        if self.state is not State.WAIT_SNAPSHOT:
+            return self._go("snapshot", self.state, Action.IGNORED)
+        buf = self.buffer
+        if buf and last_update_id + 1 < buf[0][0]:  # step 3: snapshot older than our buffer
+            return self._go("snapshot", State.WAIT_SNAPSHOT, Action.REFETCH)
+        while buf and buf[0][1] <= last_update_id:  # step 4: drop what the snapshot contains
+            buf.popleft()
+        self.bids.load(bids)  # step 5
+        self.asks.load(asks)
+        self.update_id = last_update_id
+        while buf:  # step 6 for the buffered events (contiguous by construction)
+            _first, last, b, a = buf.popleft()
+            self.bids.apply(b)
+            self.asks.apply(a)
+            self.update_id = last
+        self.syncs += 1
+        self.resynced_after_break = self._broken
+        self._broken = False
+        return self._go("snapshot", State.SYNCED, Action.SYNCED)
+
+    def top(self, n: int = 1) -> tuple[list[Level], list[Level]]:
+        """Best ``n`` levels per side, best first: (bids, asks)."""
+        return self.bids.top(n), self.asks.top(n)
+
+    @property
+    def synced(self) -> bool:
+        return self.state is State.SYNCED

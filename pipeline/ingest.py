@@ -1,0 +1,887 @@
+"""`pipeline ingest`: Binance market-data streams -> the shared-memory tick ring, gap-free.
+
+The process is a thin asyncio shell (uvloop) around pure cores:
+
+- :mod:`pipeline.binance.streams` decodes each frame once into a record tuple or an event;
+- :mod:`pipeline.gapfill` makes aggregate trades exactly-once and in order per symbol;
+- :mod:`pipeline.book` keeps each local order book in sync (snapshot + diffs, section 1.7);
+- :mod:`pipeline.net.ws` / :mod:`pipeline.net.http` are the sockets.
+
+Connections: the subscribed streams are split into shards of at most 1024 streams (one
+connection each), opened as ``/stream?streams=a/b/...`` (the remainder, if the URL would be too
+long, goes out as SUBSCRIBE batches at <= 4 messages/s, under the 5/s limit of section 1.3).
+
+Liveness and gap-freedom:
+
+- the websocket library answers server pings and sends our own; a connection that delivers no
+  message for ``--stall-timeout`` s is dead; it is closed and reopened with exponential backoff
+  (pipeline/backoff.py: base doubling to the cap, jittered; reset once a connection stayed
+  healthy for ``--healthy-after`` s);
+- rotation before ``--max-lifetime`` and on ``serverShutdown`` is make-before-break: open and
+  subscribe the new connection, wait for its first message, then close the old one; duplicates
+  from the overlap are dropped by id (agg trade id, trade id, book update id);
+- a jump in a symbol's aggregate trade ids (after a reconnect or a server hiccup) is filled from
+  REST ``/api/v3/aggTrades`` in a separate task (never in the frame handler) and published
+  flagged BACKFILLED before the live trades behind it; if that fails ``--rest-retries`` times a
+  Kind.GAP record names the missing ids;
+- diff-depth books resync from a REST snapshot in a separate task on a sequence break and say so
+  (Kind.BOOK_RESYNC + Flags.RESYNCED).
+
+Counters live in Python ints on the hot path and are copied into the MetricsBlock every
+``--metrics-interval`` s (a seqlock write per frame would cost more than the frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.logs import RateLimitedLog
+
+log = logging.getLogger("pipeline.ingest")
+
+DEFAULT_STREAMS_URL = "wss://stream.binance.com:9443"
+DEFAULT_REST_URL = "https://api.binance.com"
+MAX_STREAMS_PER_CONNECTION = 1024  # section 1.3
+MAX_URL_CHARS = 4000  # longer stream lists go out as SUBSCRIBE messages
+SUBSCRIBE_BATCH = 100  # streams per SUBSCRIBE message
+SUBSCRIBE_INTERVAL_S = 0.25  # <= 4 control messages/s (limit: 5 incoming messages/s, 1.3)
+MAX_SHARDS_IN_METRICS = 8
+MAX_SYMBOLS_IN_METRICS = 16
+
+# connection states (metrics conn_state_<i>)
+DOWN, CONNECTING, UP, ROTATING, BACKOFF = 0, 1, 2, 3, 4
+
+
+class ConfigError(ValueError):
+    """Bad configuration; ``field`` names the flag."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field = field_name
+
+
+@dataclass
+class IngestConfig:
+    streams_url: str = DEFAULT_STREAMS_URL
+    rest_url: str = DEFAULT_REST_URL
+    symbols: list[str] = field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
+    streams: list[str] = field(default_factory=lambda: ["aggTrade", "bookTicker", "depth"])
+    ring: str = "ticks"
+    ring_capacity: int = 1 << 20
+    cpu: int | None = None
+    stall_timeout: float = 30.0
+    transport: str = "picows"
+    decoder: str = "msgspec"
+    max_lifetime: float = 23.5 * 3600  # rotate before the 24 h server limit
+    metrics: str = "pipeline.ingest.metrics"
+    metrics_interval: float = 0.1
+    depth_levels: int = 0
+    depth_snapshot_limit: int = 1000
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    healthy_after: float = 30.0
+    ping_interval: float = 20.0
+    backfill_grace: float = 0.2
+    rest_retries: int = 5
+    rest_timeout: float = 5.0
+    streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
+    max_frame_bytes: int = 4 << 20
+
+    def stream_names(self) -> list[str]:
+        from pipeline.binance.streams import stream_name
+
+        return [stream_name(sym, kind) for sym in self.symbols for kind in self.streams]
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if not (value >= 0 if allow_zero else value > 0) or value != value:
+        raise ConfigError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: IngestConfig) -> IngestConfig:
+    """Check everything before any socket or segment exists; errors name the flag."""
+    import re
+
+    from pipeline.binance.streams import DEPTH_DIFF, STREAM_SUFFIXES
+    from pipeline.net.ws import TRANSPORTS
+
+    for name, url, schemes in (("--streams-url", cfg.streams_url, ("ws://", "wss://")),
+                               ("--rest-url", cfg.rest_url, ("http://", "https://"))):
+        if not url.startswith(schemes) or len(url) <= len(schemes[0]) + 1:
+            raise ConfigError(name, f"must start with {' or '.join(schemes)}, got {url!r}")
+    if not cfg.symbols:
+        raise ConfigError("--symbols", "at least one symbol is required")
+    for s in cfg.symbols:
+        if not re.fullmatch(r"[A-Z0-9]{2,20}", s):
+            raise ConfigError("--symbols", f"{s!r} is not an upper-case Binance symbol")
+    if len(set(cfg.symbols)) != len(cfg.symbols):
+        raise ConfigError("--symbols", "duplicate symbol")
+    if not cfg.streams:
+        raise ConfigError("--streams", "at least one stream kind is required")
+    if len(set(cfg.streams)) != len(cfg.streams):
+        raise ConfigError("--streams", "duplicate stream kind")
+    for k in cfg.streams:
+        if k not in STREAM_SUFFIXES:
+            raise ConfigError("--streams", f"unknown stream kind {k!r}; known: "
+                              f"{', '.join(STREAM_SUFFIXES)}")
+    diff = [k for k in cfg.streams if STREAM_SUFFIXES[k] == DEPTH_DIFF]
+    if len(diff) > 1:  # one local book per symbol
+        raise ConfigError("--streams", f"subscribe one diff-depth stream per symbol, got {diff}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", cfg.ring):
+        raise ConfigError("--ring", f"not a valid shared-memory name: {cfg.ring!r}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", cfg.metrics):
+        raise ConfigError("--metrics", f"not a valid shared-memory name: {cfg.metrics!r}")
+    cap = cfg.ring_capacity
+    if cap < 2 or cap & (cap - 1):
+        raise ConfigError("--ring-capacity", f"must be a power of two >= 2, got {cap}")
+    if cfg.cpu is not None:
+        allowed = sorted(os.sched_getaffinity(0))
+        if cfg.cpu not in allowed:
+            raise ConfigError("--cpu", f"CPU {cfg.cpu} is not available (allowed: {allowed})")
+    if cfg.transport not in TRANSPORTS:
+        raise ConfigError("--transport", f"must be one of {', '.join(TRANSPORTS)}")
+    if cfg.decoder not in ("msgspec", "orjson"):
+        raise ConfigError("--decoder", "must be msgspec or orjson")
+    for name, v in (("--stall-timeout", cfg.stall_timeout), ("--max-lifetime", cfg.max_lifetime),
+                    ("--metrics-interval", cfg.metrics_interval),
+                    ("--backoff-base", cfg.backoff_base), ("--backoff-max", cfg.backoff_max),
+                    ("--rest-timeout", cfg.rest_timeout)):
+        _positive(name, v)
+    for name, v in (("--healthy-after", cfg.healthy_after), ("--ping-interval", cfg.ping_interval),
+                    ("--backfill-grace", cfg.backfill_grace),
+                    ("--rest-retries", cfg.rest_retries), ("--depth-levels", cfg.depth_levels)):
+        _positive(name, v, allow_zero=True)
+    if cfg.backoff_max < cfg.backoff_base:
+        raise ConfigError("--backoff-max", "must be >= --backoff-base")
+    if not 1 <= cfg.streams_per_connection <= MAX_STREAMS_PER_CONNECTION:
+        raise ConfigError("--streams-per-connection", f"must be in 1..{MAX_STREAMS_PER_CONNECTION}")
+    if not 1 <= cfg.depth_snapshot_limit <= 5000:
+        raise ConfigError("--depth-snapshot-limit", "must be in 1..5000")
+    if cfg.depth_levels > 1000:
+        raise ConfigError("--depth-levels", "must be <= 1000")
+    if len(cfg.symbols) > 65535:
+        raise ConfigError("--symbols", "too many symbols for the ring's u2 symbol id")
+    return cfg
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+COUNTERS = (
+    "frames_received", "frames_decoded", "published", "control_replies", "control_errors",
+    "duplicates", "reconnects", "rotations", "stalls", "server_shutdowns", "connect_failures",
+    "gaps_detected", "gaps_backfilled", "ids_backfilled", "gaps_unrecoverable", "ids_lost",
+    "book_resyncs", "book_breaks", "rest_requests", "rest_errors", "callback_errors",
+)
+
+
+def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
+    from pipeline.binance.streams import SKIP_REASONS
+
+    fields = [(c, "<i8") for c in COUNTERS]
+    fields += [(f"skipped_{r}", "<i8") for r in SKIP_REASONS]
+    fields += [("skipped_total", "<i8"), ("last_frame_ns", "<i8"), ("shards", "<i8"),
+               ("symbols", "<i8")]
+    fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
+    fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
+    return fields
+
+
+# --- connections ------------------------------------------------------------------------------
+
+
+class Conn:
+    """One websocket connection of a shard, with its own liveness bookkeeping."""
+
+    def __init__(self, shard: Shard, serial: int) -> None:
+        self.shard = shard
+        self.serial = serial
+        self.ws: Any = None
+        self.opened_at = time.monotonic()
+        self.last_ns = time.time_ns()  # wall clock of the last message (the transport's stamp)
+        self.first_msg = asyncio.get_running_loop().create_future()
+        self.first_pending = True
+        self.shutdown_requested = False
+        # the transport calls the handler directly (no per-frame wrapper): handle(conn, ...)
+        self.on_message = functools.partial(shard.ingest.handle, self)
+
+    def got_first(self) -> None:
+        self.first_pending = False
+        if not self.first_msg.done():
+            self.first_msg.set_result(None)
+
+    def silent_s(self) -> float:
+        return (time.time_ns() - self.last_ns) / 1e9
+
+
+class Shard:
+    """Streams carried by one connection at a time (two during a rotation)."""
+
+    def __init__(self, ingest: Ingest, index: int, streams: list[str]) -> None:
+        self.ingest = ingest
+        self.index = index
+        self.streams = streams
+        self.state = DOWN
+        self.conn: Conn | None = None
+        self.wake = asyncio.Event()
+        self._serial = 0
+        cfg = ingest.cfg
+        base = cfg.streams_url.rstrip("/") + "/stream?streams="
+        self.url_streams: list[str] = []
+        for s in streams:
+            if len(base) + sum(len(x) + 1 for x in self.url_streams) + len(s) > MAX_URL_CHARS:
+                break
+            self.url_streams.append(s)
+        self.sub_streams = streams[len(self.url_streams):]
+        self.url = base + "/".join(self.url_streams)
+
+    async def open(self) -> Conn:
+        """Connect and subscribe everything; raises WsConnectError."""
+        from pipeline.net import ws as wsmod
+
+        cfg = self.ingest.cfg
+        self._serial += 1
+        conn = Conn(self, self._serial)
+        conn.ws = await wsmod.connect(
+            self.url, conn.on_message, transport=cfg.transport,
+            ping_interval=cfg.ping_interval, ping_timeout=max(cfg.ping_interval, 1.0),
+            # the transport limit is looser than the decoder's, so an oversized frame is a
+            # counted skip rather than a dropped connection
+            max_frame_size=max(16 << 20, 4 * cfg.max_frame_bytes),
+            handshake_timeout=max(cfg.stall_timeout, 1.0),
+        )
+        conn.opened_at = time.monotonic()
+        conn.last_ns = time.time_ns()
+        for i in range(0, len(self.sub_streams), SUBSCRIBE_BATCH):
+            if i:
+                await asyncio.sleep(SUBSCRIBE_INTERVAL_S)
+            batch = self.sub_streams[i:i + SUBSCRIBE_BATCH]
+            self.ingest.next_req_id += 1
+            params = ",".join(f'"{s}"' for s in batch)
+            conn.ws.send_text(
+                f'{{"method":"SUBSCRIBE","params":[{params}],"id":{self.ingest.next_req_id}}}')
+        log.info("connected", extra={"shard": self.index, "conn": conn.serial,
+                                     "streams": len(self.streams)})
+        return conn
+
+    def _set_state(self, state: int) -> None:
+        self.state = state
+
+    async def run(self) -> None:
+        from pipeline.backoff import Backoff, BackoffPolicy
+        from pipeline.net.ws import WsConnectError
+
+        ing = self.ingest
+        cfg = ing.cfg
+        backoff = Backoff(BackoffPolicy(initial_s=cfg.backoff_base, max_s=cfg.backoff_max,
+                                        max_attempts=0))
+        while not ing.stopping:
+            self._set_state(CONNECTING)
+            try:
+                conn = await self.open()
+            except WsConnectError as exc:
+                ing.c["connect_failures"] += 1
+                delay = backoff.next_delay() or cfg.backoff_max
+                ing.rlog.warning("connect_failed", "connect failed", shard=self.index,
+                                 error=str(exc), retry_in_s=round(delay, 3))
+                self._set_state(BACKOFF)
+                await ing.sleep(delay)
+                continue
+            self.conn = conn
+            self._set_state(UP)
+            while True:
+                reason = await self.supervise(conn)
+                if reason == "rotate" and not ing.stopping:
+                    new = await self.rotate(conn)
+                    if new is not None:
+                        conn = new
+                        continue
+                    reason = "dead" if conn.ws.closed else reason
+                    if reason == "rotate":
+                        continue
+                break
+            self.conn = None
+            if ing.stopping:
+                await conn.ws.close(1000, "shutdown")
+                break
+            # the connection died (closed by the peer, stalled, or failed to rotate)
+            healthy = time.monotonic() - conn.opened_at >= cfg.healthy_after
+            if healthy:
+                backoff.reset()
+            ing.c["reconnects"] += 1
+            delay = backoff.next_delay() or cfg.backoff_max
+            info = conn.ws.close_info
+            ing.rlog.warning("reconnect", "connection lost; reconnecting", shard=self.index,
+                             reason=reason, close=str(info), retry_in_s=round(delay, 3))
+            self._set_state(BACKOFF)
+            await ing.sleep(delay)
+        self._set_state(DOWN)
+
+    async def supervise(self, conn: Conn) -> str:
+        """Wait until this connection must be replaced: 'dead', 'rotate' or 'stop'."""
+        ing = self.ingest
+        cfg = ing.cfg
+        tick = min(cfg.stall_timeout / 4, 0.5)
+        closed = asyncio.ensure_future(conn.ws.wait_closed())
+        try:
+            while True:
+                if ing.stopping:
+                    return "stop"
+                if conn.ws.closed:
+                    return "dead"
+                now = time.monotonic()
+                silent = conn.silent_s()
+                if silent > cfg.stall_timeout:
+                    ing.c["stalls"] += 1
+                    ing.rlog.warning("stall", "no data; closing connection", shard=self.index,
+                                     silent_s=round(silent, 3))
+                    await conn.ws.close(1000, "stalled", grace_s=0.2)
+                    return "dead"
+                if conn.shutdown_requested or now - conn.opened_at >= cfg.max_lifetime:
+                    return "rotate"
+                self.wake.clear()
+                wake = asyncio.ensure_future(self.wake.wait())
+                await asyncio.wait({closed, wake}, timeout=tick,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+        finally:
+            closed.cancel()
+
+    async def rotate(self, old: Conn) -> Conn | None:
+        """Make-before-break: the new connection is delivering before the old one closes.
+        Returns the new connection, or None if it could not be opened (old one kept)."""
+        from pipeline.net.ws import WsConnectError
+
+        ing = self.ingest
+        cfg = ing.cfg
+        self._set_state(ROTATING)
+        why = "server_shutdown" if old.shutdown_requested else "lifetime"
+        try:
+            new = await self.open()
+        except WsConnectError as exc:
+            ing.rlog.warning("rotate_failed", "rotation connect failed", shard=self.index,
+                             error=str(exc))
+            self._set_state(UP)
+            old.opened_at = time.monotonic() - cfg.max_lifetime + min(cfg.backoff_base * 4, 30)
+            await ing.sleep(cfg.backoff_base)
+            return None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(new.first_msg), cfg.stall_timeout)
+        self.conn = new
+        ing.c["rotations"] += 1
+        log.info("rotated", extra={"shard": self.index, "why": why, "old": old.serial,
+                                   "new": new.serial})
+        await old.ws.close(1000, "rotated")
+        self._set_state(UP)
+        return new
+
+
+# --- the process ------------------------------------------------------------------------------
+
+
+class Ingest:
+    """Owns the ring, the metrics block, the per-symbol cores and the shards."""
+
+    def __init__(self, cfg: IngestConfig, ring: Any, metrics: Any) -> None:
+        from pipeline.binance import streams as st
+        from pipeline.book import OrderBook
+        from pipeline.gapfill import AggTracker
+
+        self.cfg = cfg
+        self.ring = ring
+        self.metrics = metrics
+        self.st = st
+        self.decoder = st.make_decoder(cfg.decoder, cfg.symbols, cfg.max_frame_bytes)
+        n = len(cfg.symbols)
+        self.trackers: list[AggTracker[tuple[Any, ...]]] = [AggTracker() for _ in range(n)]
+        self.books = [OrderBook() for _ in range(n)]
+        self.last_book_u = [-1] * n  # bookTicker dedupe
+        self.last_trade = [-1] * n  # trade dedupe
+        self.last_partial = [-1] * n  # partial depth dedupe
+        self.c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.skipped: dict[str, int] = dict.fromkeys(st.SKIP_REASONS, 0)
+        self.last_frame_ns = 0
+        self.next_req_id = 0
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self.rlog = RateLimitedLog(log)
+        names = cfg.stream_names()
+        per = cfg.streams_per_connection
+        self.shards = [Shard(self, i, names[k:k + per]) for i, k in
+                       enumerate(range(0, len(names), per))]
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._backfilling: set[int] = set()
+        self._resyncing: set[int] = set()
+        self._publish_raw: Callable[[Any], int] = ring.publish
+        self._cursor0 = ring.cursor
+        self._time_ns = time.time_ns
+        self._ready = False
+
+    # -- publishing --
+    def publish(self, rec: tuple[Any, ...]) -> None:
+        self._publish_raw((*rec, self._time_ns()))
+
+    def publish_many(self, recs: list[tuple[Any, ...]]) -> None:
+        for r in recs:
+            self.publish(r)
+
+    # -- the frame handler (hot path; never awaits, never raises) --
+    def handle(self, conn: Conn, payload: bytes, recv_ns: int) -> None:
+        conn.last_ns = recv_ns
+        if conn.first_pending:
+            conn.got_first()
+        st = self.st
+        c = self.c
+        c["frames_received"] += 1
+        try:
+            tag, val = self.decoder.decode(payload, recv_ns)
+            if tag == st.AGG:
+                sid = val[2]
+                tr = self.trackers[sid]
+                a = val[11]
+                last = tr.last
+                if last is not None and a == last + 1 and not tr.pending:  # the common case
+                    tr.last = a
+                    self._publish_raw((*val, self._time_ns()))  # `published`: ring cursor
+                    return
+                dups = tr.stats.duplicates
+                out = tr.on_live(a, val)
+                c["duplicates"] += tr.stats.duplicates - dups
+                if out:
+                    self.publish_many(out)
+                if tr.pending and sid not in self._backfilling:
+                    self._spawn(self._backfill(sid), self._backfilling, sid)
+            elif tag == st.BOOK_TICKER:
+                sid = val[2]
+                if val[11] <= self.last_book_u[sid]:
+                    c["duplicates"] += 1
+                    return
+                self.last_book_u[sid] = val[11]
+                self.publish(val)
+            elif tag == st.DEPTH_DIFF:
+                self._on_diff(val)
+            elif tag == st.SKIP:
+                self.skipped[val] += 1
+                self.rlog.warning(f"skip_{val}", "frame skipped", reason=val,
+                                  head=bytes(payload[:80]).decode("utf-8", "replace"))
+            elif tag == st.TRADE:
+                sid = val[2]
+                if val[11] <= self.last_trade[sid]:
+                    c["duplicates"] += 1
+                    return
+                self.last_trade[sid] = val[11]
+                self.publish(val)
+            elif tag == st.DEPTH_PARTIAL:
+                self._on_partial(val)
+            elif tag == st.CONTROL:
+                c["control_replies"] += 1
+                if val.error is not None:
+                    c["control_errors"] += 1
+                    self.rlog.warning("control_error", "control request failed",
+                                      id=str(val.id), error=str(val.error))
+            elif tag == st.SHUTDOWN:
+                c["server_shutdowns"] += 1
+                log.info("serverShutdown received", extra={"shard": conn.shard.index})
+                conn.shutdown_requested = True
+                conn.shard.wake.set()
+        except Exception as exc:  # a bug must not take the read loop down
+            c["callback_errors"] += 1
+            self.rlog.warning("handler_error", "frame handler failed", error=repr(exc))
+
+    # -- depth --
+    def _top_records(self, sid: int, flags: int, u: int, first: int, ev_ns: int,
+                     recv_ns: int, bids: list[tuple[float, float]],
+                     asks: list[tuple[float, float]]) -> list[tuple[Any, ...]]:
+        from pipeline.records import Kind
+
+        bp, bq = bids[0] if bids else (0.0, 0.0)
+        ap, aq = asks[0] if asks else (0.0, 0.0)
+        out = [(int(Kind.DEPTH_TOP), flags, sid, 0, 0, 0.0, 0.0, bp, bq, ap, aq, u, first,
+                ev_ns, recv_ns)]
+        for lvl in range(self.cfg.depth_levels):
+            if lvl >= len(bids) and lvl >= len(asks):
+                break
+            bp, bq = bids[lvl] if lvl < len(bids) else (0.0, 0.0)
+            ap, aq = asks[lvl] if lvl < len(asks) else (0.0, 0.0)
+            out.append((int(Kind.DEPTH_LEVEL), flags, sid, lvl, 0, 0.0, 0.0, bp, bq, ap, aq, u,
+                        first, ev_ns, recv_ns))
+        return out
+
+    def _publish_book(self, sid: int, flags: int, first: int, ev_ns: int, recv_ns: int) -> None:
+        book = self.books[sid]
+        bids, asks = book.top(max(1, self.cfg.depth_levels))
+        self.publish_many(self._top_records(sid, flags, book.update_id, first, ev_ns, recv_ns,
+                                            bids, asks))
+
+    def _on_diff(self, d: Any) -> None:
+        from pipeline.book import Action
+
+        book = self.books[d.symbol]
+        act = book.on_diff(d.first_id, d.last_id, d.bids, d.asks)
+        if act == Action.APPLIED:
+            self._publish_book(d.symbol, 0, d.first_id, d.event_time_ns, d.recv_time_ns)
+        elif act == Action.IGNORED:
+            self.c["duplicates"] += 1
+        elif act == Action.NEED_SNAPSHOT and d.symbol not in self._resyncing:
+            self._spawn(self._resync(d.symbol), self._resyncing, d.symbol)
+
+    def _on_partial(self, p: Any) -> None:
+        from pipeline.records import Flags
+
+        if p.last_update_id <= self.last_partial[p.symbol]:
+            self.c["duplicates"] += 1
+            return
+        self.last_partial[p.symbol] = p.last_update_id
+        self.publish_many(self._top_records(p.symbol, int(Flags.SNAPSHOT), p.last_update_id, 0,
+                                            0, p.recv_time_ns, p.bids, p.asks))
+
+    async def _resync(self, sid: int) -> None:
+        """Fetch snapshots until the book is synced (section 1.7 steps 2-6)."""
+        from pipeline.backoff import Backoff, BackoffPolicy
+        from pipeline.book import Action, State
+        from pipeline.net.http import HttpError, get_json
+        from pipeline.records import Flags, Kind
+
+        cfg = self.cfg
+        book = self.books[sid]
+        sym = cfg.symbols[sid]
+        backoff = Backoff(BackoffPolicy(initial_s=0.1, max_s=max(cfg.backoff_max, 0.1),
+                                        max_attempts=0))
+        while not self.stopping and book.state is State.WAIT_SNAPSHOT:
+            self.c["rest_requests"] += 1
+            try:
+                _, body = await get_json(cfg.rest_url, "/api/v3/depth",
+                                         {"symbol": sym, "limit": cfg.depth_snapshot_limit},
+                                         timeout_s=cfg.rest_timeout)
+                lid = body["lastUpdateId"]
+                bids = [(float(p), float(q)) for p, q in body["bids"]]
+                asks = [(float(p), float(q)) for p, q in body["asks"]]
+                if type(lid) is not int:
+                    raise ValueError("lastUpdateId is not an integer")
+            except (HttpError, KeyError, TypeError, ValueError) as exc:
+                self.c["rest_errors"] += 1
+                self.rlog.warning("snapshot_failed", "depth snapshot failed", symbol=sym,
+                                  error=str(exc)[:200])
+                await self.sleep(backoff.next_delay() or 1.0)
+                continue
+            recv_ns = time.time_ns()
+            act = book.on_snapshot(lid, bids, asks)
+            if act == Action.SYNCED:
+                self.c["book_resyncs"] += 1
+                flags = int(Flags.SNAPSHOT)
+                if book.resynced_after_break:
+                    flags |= int(Flags.RESYNCED)
+                self.publish((int(Kind.BOOK_RESYNC), flags, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                              0.0, lid, book.update_id, 0, recv_ns))
+                self._publish_book(sid, flags, lid, 0, recv_ns)
+                log.info("book synced", extra={"symbol": sym, "last_update_id": lid,
+                                               "after_break": book.resynced_after_break})
+                return
+            if act == Action.REFETCH:
+                await self.sleep(min(0.05 * (1 + backoff.attempts), 1.0))
+                backoff.attempts += 1
+
+    # -- aggTrade backfill --
+    def _rest_row(self, sid: int, row: Any, recv_ns: int) -> tuple[int, tuple[Any, ...]] | None:
+        from pipeline.records import Flags, Kind
+
+        try:
+            a, p, q, last, t, m = row["a"], float(row["p"]), float(row["q"]), row["l"], \
+                row["T"], row["m"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if type(a) is not int or type(last) is not int or type(t) is not int \
+                or not (0.0 <= p < float("inf") and 0.0 <= q < float("inf")):
+            return None
+        flags = int(Flags.BACKFILLED) | (int(Flags.BUYER_IS_MAKER) if m is True else 0)
+        return a, (int(Kind.AGG_TRADE), flags, sid, 0, 0, p, q, 0.0, 0.0, 0.0, 0.0, a, last,
+                   t * 1_000_000, recv_ns)
+
+    def _gap_record(self, sid: int) -> Callable[[Any], tuple[Any, ...]]:
+        from pipeline.records import Kind
+
+        def make(g: Any) -> tuple[Any, ...]:
+            return (int(Kind.GAP), 0, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, g.first, g.last,
+                    0, time.time_ns())
+
+        return make
+
+    async def _backfill(self, sid: int) -> None:
+        """Fill the symbol's missing aggregate trade ids from REST, in order; GAP on failure."""
+        from pipeline.net.http import HttpError, get_json
+
+        cfg = self.cfg
+        tr = self.trackers[sid]
+        sym = cfg.symbols[sid]
+        await self.sleep(cfg.backfill_grace)  # the live stream may still fill a small hole
+        failures = 0
+        while not self.stopping:
+            req = tr.next_request()
+            if req is None:
+                return
+            if tr.overflowing:
+                failures = cfg.rest_retries + 1
+            else:
+                self.c["rest_requests"] += 1
+                try:
+                    _, rows = await get_json(cfg.rest_url, "/api/v3/aggTrades",
+                                             {"symbol": sym, "fromId": req[0], "limit": req[1]},
+                                             timeout_s=cfg.rest_timeout)
+                    if not isinstance(rows, list):
+                        raise TypeError("aggTrades answer is not a list")
+                except (HttpError, TypeError) as exc:
+                    self.c["rest_errors"] += 1
+                    failures += 1
+                    self.rlog.warning("backfill_failed", "aggTrades backfill failed",
+                                      symbol=sym, from_id=req[0], error=str(exc)[:200])
+                else:
+                    recv_ns = time.time_ns()
+                    parsed = [r for r in (self._rest_row(sid, x, recv_ns) for x in rows) if r]
+                    before = tr.stats.published_backfill
+                    out = tr.on_backfill(parsed)
+                    got = tr.stats.published_backfill - before
+                    self.c["ids_backfilled"] += got
+                    self.publish_many(out)
+                    if tr.missing() is None:
+                        self.c["gaps_backfilled"] += 1
+                        log.info("backfilled", extra={"symbol": sym, "ids": got})
+                        failures = 0
+                        continue
+                    failures = 0 if got else failures + 1  # no progress: REST not there yet
+            if failures > cfg.rest_retries:
+                gap = tr.missing()
+                out = tr.give_up(self._gap_record(sid))
+                self.c["gaps_unrecoverable"] += 1
+                if gap is not None:
+                    self.c["ids_lost"] += gap[1] - gap[0] + 1
+                self.rlog.warning("gap", "aggregate trades lost", symbol=sym,
+                                  first=gap[0] if gap else None, last=gap[1] if gap else None)
+                self.publish_many(out)
+                failures = 0
+                continue
+            if failures:
+                await self.sleep(min(cfg.backoff_base * 2 ** (failures - 1), cfg.backoff_max))
+
+    # -- plumbing --
+    def _spawn(self, coro: Any, running: set[int], key: int) -> None:
+        running.add(key)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            running.discard(key)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task failed", exc_info=t.exception())
+            elif not self.stopping and running is self._backfilling \
+                    and self.trackers[key].pending:
+                self._spawn(self._backfill(key), running, key)  # more arrived meanwhile
+
+        task.add_done_callback(done)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on shutdown."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def stop(self) -> None:
+        if not self.stopping:
+            log.info("stopping")
+        self.stopping = True
+        self._stop.set()
+        for sh in self.shards:
+            sh.wake.set()
+
+    def flush_metrics(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        c = self.c
+        vals: dict[str, float] = dict(c)
+        for r, n in self.skipped.items():
+            vals[f"skipped_{r}"] = n
+        skipped = vals["skipped_total"] = sum(self.skipped.values())
+        # derived here rather than counted per frame on the hot path
+        vals["published"] = self.ring.cursor - self._cursor0
+        vals["frames_decoded"] = (c["frames_received"] - skipped - c["control_replies"]
+                                  - c["server_shutdowns"] - c["callback_errors"])
+        for sh in self.shards:
+            if sh.conn is not None:
+                self.last_frame_ns = max(self.last_frame_ns, sh.conn.last_ns)
+        vals["last_frame_ns"] = self.last_frame_ns
+        vals["callback_errors"] = self.c["callback_errors"] + sum(
+            sh.conn.ws.callback_errors for sh in self.shards if sh.conn and sh.conn.ws)
+        vals["shards"] = len(self.shards)
+        vals["symbols"] = len(self.cfg.symbols)
+        for i, sh in enumerate(self.shards[:MAX_SHARDS_IN_METRICS]):
+            vals[f"conn_state_{i}"] = sh.state
+        for i, tr in enumerate(self.trackers[:MAX_SYMBOLS_IN_METRICS]):
+            vals[f"last_agg_id_{i}"] = tr.last if tr.last is not None else -1
+        vals["gaps_detected"] = sum(t.stats.gaps_detected for t in self.trackers)
+        vals["book_breaks"] = sum(b.breaks for b in self.books)
+        m.set(**vals)
+
+    async def _metrics_loop(self) -> None:
+        from pipeline import sdnotify
+
+        wd = sdnotify.Watchdog()
+        while not self.stopping:
+            self.flush_metrics()
+            if not self._ready and self.ring.cursor > self._cursor0:
+                self._ready = True
+                sdnotify.ready(f"streaming {len(self.cfg.symbols)} symbols")
+            age_s = (time.time_ns() - self.last_frame_ns) / 1e9 if self.last_frame_ns else 0.0
+            wd.tick(healthy=age_s < 2 * self.cfg.stall_timeout)
+            await self.sleep(self.cfg.metrics_interval)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        log.info("ingest starting", extra={
+            "symbols": ",".join(self.cfg.symbols), "streams": ",".join(self.cfg.streams),
+            "shards": len(self.shards), "transport": self.cfg.transport,
+            "decoder": self.cfg.decoder, "ring": self.cfg.ring})
+        metrics_task = loop.create_task(self._metrics_loop())
+        try:
+            await asyncio.gather(*(sh.run() for sh in self.shards))
+        finally:
+            self.stop()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(metrics_task, return_exceptions=True)
+            self.flush_metrics()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def run(cfg: IngestConfig) -> int:
+    """Create the ring + metrics, run until SIGTERM/SIGINT, clean up. Returns the exit code."""
+    import uvloop
+
+    from pipeline.metrics import MetricsBlock
+    from pipeline.records import TICK_DTYPE
+    from pipeline.ring import RingError, RingWriter
+
+    if cfg.cpu is not None:
+        os.sched_setaffinity(0, {cfg.cpu})
+    logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connect at INFO
+    try:
+        ring = RingWriter.create(cfg.ring, dtype=TICK_DTYPE, capacity=cfg.ring_capacity,
+                                 symbols=cfg.symbols)
+    except (RingError, OSError) as exc:
+        print(f"pipeline ingest: error: --ring: cannot create ring {cfg.ring!r}: {exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        try:
+            metrics = MetricsBlock.create(cfg.metrics, metrics_fields(len(cfg.symbols)))
+        except Exception as exc:
+            print(f"pipeline ingest: error: --metrics: cannot create {cfg.metrics!r}: {exc}",
+                  file=sys.stderr)
+            return 2
+        try:
+            async def main() -> None:
+                await Ingest(cfg, ring, metrics).run()
+
+            uvloop.run(main())
+        finally:
+            metrics.close()
+    finally:
+        ring.close()
+    log.info("ingest stopped")
+    return 0
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def config_from_args(args: argparse.Namespace) -> IngestConfig:
+    cfg = IngestConfig(
+        streams_url=args.streams_url, rest_url=args.rest_url, symbols=_csv(args.symbols),
+        streams=_csv(args.streams), ring=args.ring, ring_capacity=args.ring_capacity,
+        cpu=args.cpu, stall_timeout=args.stall_timeout, transport=args.transport,
+        decoder=args.decoder, max_lifetime=args.max_lifetime, metrics=args.metrics,
+        metrics_interval=args.metrics_interval, depth_levels=args.depth_levels,
+        depth_snapshot_limit=args.depth_snapshot_limit, backoff_base=args.backoff_base,
+        backoff_max=args.backoff_max, healthy_after=args.healthy_after,
+        ping_interval=args.ping_interval, backfill_grace=args.backfill_grace,
+        rest_retries=args.rest_retries, rest_timeout=args.rest_timeout,
+        streams_per_connection=args.streams_per_connection,
+        max_frame_bytes=args.max_frame_bytes,
+    )
+    return validate(cfg)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"pipeline ingest: error: {exc}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``ingest`` subcommand."""
+    d = IngestConfig()
+    p = subparsers.add_parser(
+        "ingest", help="market-data streams -> shared-memory tick ring (gap-free)",
+        description="Subscribe Binance market-data streams and publish ticks into a ring.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--streams-url", default=d.streams_url, help="market streams base URL")
+    p.add_argument("--rest-url", default=d.rest_url, help="REST base URL (snapshots, backfill)")
+    p.add_argument("--symbols", default=",".join(d.symbols), help="comma-separated symbols")
+    p.add_argument("--streams", default=",".join(d.streams),
+                   help="stream kinds per symbol: aggTrade, trade, bookTicker, depth, "
+                        "depth@100ms, depth5/10/20[@100ms]")
+    p.add_argument("--ring", default=d.ring, help="ring (shared-memory) name")
+    p.add_argument("--ring-capacity", type=int, default=d.ring_capacity,
+                   help="ring slots (power of two)")
+    p.add_argument("--cpu", type=int, default=None, help="pin the process to this CPU")
+    p.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
+                   help="seconds without any message before a connection counts as dead")
+    p.add_argument("--transport", default=d.transport, help="picows | websockets")
+    p.add_argument("--decoder", default=d.decoder, help="msgspec | orjson")
+    p.add_argument("--max-lifetime", type=float, default=d.max_lifetime,
+                   help="rotate connections after this many seconds (server limit: 24 h)")
+    p.add_argument("--metrics", default=d.metrics, help="metrics block name")
+    p.add_argument("--metrics-interval", type=float, default=d.metrics_interval,
+                   help="seconds between metrics updates")
+    p.add_argument("--depth-levels", type=int, default=d.depth_levels,
+                   help="also publish this many book levels as DEPTH_LEVEL records")
+    p.add_argument("--depth-snapshot-limit", type=int, default=d.depth_snapshot_limit,
+                   help="levels per REST depth snapshot")
+    p.add_argument("--backoff-base", type=float, default=d.backoff_base,
+                   help="first reconnect delay (s), doubling")
+    p.add_argument("--backoff-max", type=float, default=d.backoff_max,
+                   help="reconnect delay cap (s)")
+    p.add_argument("--healthy-after", type=float, default=d.healthy_after,
+                   help="a connection up this long resets the backoff")
+    p.add_argument("--ping-interval", type=float, default=d.ping_interval,
+                   help="own keep-alive ping after this many idle seconds (0 = off)")
+    p.add_argument("--backfill-grace", type=float, default=d.backfill_grace,
+                   help="wait this long for the live stream to fill a hole before REST")
+    p.add_argument("--rest-retries", type=int, default=d.rest_retries,
+                   help="failed/unproductive REST attempts before a GAP record")
+    p.add_argument("--rest-timeout", type=float, default=d.rest_timeout, help="REST timeout (s)")
+    p.add_argument("--streams-per-connection", type=int, default=d.streams_per_connection,
+                   help="streams per connection (max 1024)")
+    p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes,
+                   help="larger frames are skipped (counted as oversized)")
+    p.set_defaults(func=_main)

@@ -1,0 +1,174 @@
+"""Order-book sync (section 1.7) on the recorded session and on constructed sequence breaks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from pipeline.binance import streams as st
+from pipeline.book import TRANSITIONS, Action, OrderBook, State
+
+FIX = Path(__file__).parent / "fixtures" / "streams_ingest"
+
+
+def session_diffs(symbol: str) -> list[st.DepthDiff]:
+    dec = st.MsgspecDecoder([symbol])
+    out = []
+    for line in (FIX / "combined_session.jsonl").read_bytes().splitlines():
+        tag, val = dec.decode(line, 0)
+        if tag == st.DEPTH_DIFF:
+            out.append(val)
+    return out
+
+
+def snapshot() -> tuple[int, list[tuple[float, float]], list[tuple[float, float]]]:
+    body = json.loads((FIX / "depth_snapshot.json").read_text())
+    conv = lambda side: [(float(p), float(q)) for p, q in body[side]]  # noqa: E731
+    return body["lastUpdateId"], conv("bids"), conv("asks")
+
+
+def reference_book(lid: int, bids: list, asks: list, diffs: list[st.DepthDiff]) -> tuple:
+    """Naive model: dicts, apply every diff with u > lid in order."""
+    b, a = dict(bids), dict(asks)
+    for d in diffs:
+        if d.last_id <= lid:
+            continue
+        for side, levels in ((b, d.bids), (a, d.asks)):
+            for p, q in levels:
+                if q == 0:
+                    side.pop(p, None)
+                else:
+                    side[p] = q
+    return sorted(b.items(), reverse=True), sorted(a.items())
+
+
+def test_recorded_session_syncs_and_matches_reference() -> None:
+    diffs = session_diffs("NKNUSDT")
+    assert len(diffs) == 150
+    lid, bids, asks = snapshot()
+    book = OrderBook()
+    # the snapshot was fetched after the first diff arrived (timeline): buffer a few first
+    assert book.on_diff(diffs[0].first_id, diffs[0].last_id, diffs[0].bids, diffs[0].asks) \
+        == Action.NEED_SNAPSHOT
+    for d in diffs[1:5]:
+        assert book.on_diff(d.first_id, d.last_id, d.bids, d.asks) == Action.BUFFERED
+    assert book.on_snapshot(lid, bids, asks) == Action.SYNCED
+    assert book.update_id == diffs[4].last_id
+    assert not book.resynced_after_break
+    for d in diffs[5:]:
+        assert book.on_diff(d.first_id, d.last_id, d.bids, d.asks) == Action.APPLIED
+    ref_b, ref_a = reference_book(lid, bids, asks, diffs)
+    top_b, top_a = book.top(len(ref_b) + len(ref_a))
+    assert top_b == ref_b
+    assert top_a == ref_a
+    assert top_b[0][0] < top_a[0][0]  # not crossed
+    assert book.update_id == diffs[-1].last_id
+
+
+def test_first_diff_ending_at_snapshot_is_dropped() -> None:
+    diffs = session_diffs("NKNUSDT")
+    lid, bids, asks = snapshot()
+    assert diffs[0].last_id == lid  # fixture property (SOURCES.md)
+    book = OrderBook()
+    book.on_diff(diffs[0].first_id, diffs[0].last_id, diffs[0].bids, diffs[0].asks)
+    assert book.on_snapshot(lid, bids, asks) == Action.SYNCED
+    assert book.update_id == lid
+    assert book.top(1) == ([bids[0]], [asks[0]])
+
+
+def test_old_snapshot_is_refetched() -> None:
+    book = OrderBook()
+    book.on_diff(100, 105, [(1.0, 1.0)], [])
+    assert book.on_snapshot(90, [(1.0, 2.0)], [(2.0, 1.0)]) == Action.REFETCH
+    assert book.state is State.WAIT_SNAPSHOT
+    # lastUpdateId == U - 1: the first event continues it exactly -> usable
+    assert book.on_snapshot(99, [(1.0, 2.0)], [(2.0, 1.0)]) == Action.SYNCED
+    assert book.top(1) == ([(1.0, 1.0)], [(2.0, 1.0)])
+
+
+def test_sequence_break_resyncs_and_is_marked() -> None:
+    book = OrderBook()
+    book.on_diff(10, 11, [], [])
+    book.on_snapshot(11, [(5.0, 1.0)], [(6.0, 1.0)])
+    assert book.on_diff(12, 13, [(5.5, 2.0)], []) == Action.APPLIED
+    assert book.on_diff(12, 13, [(5.5, 9.0)], []) == Action.IGNORED  # duplicate
+    assert book.top(1)[0] == [(5.5, 2.0)]
+    assert book.on_diff(20, 21, [], []) == Action.NEED_SNAPSHOT  # 14..19 missing
+    assert book.breaks == 1
+    assert book.top(1) == ([], [])  # discarded, not served stale
+    assert book.on_diff(22, 22, [(5.1, 1.0)], []) == Action.BUFFERED
+    assert book.on_snapshot(21, [(5.0, 3.0)], [(6.0, 3.0)]) == Action.SYNCED
+    assert book.resynced_after_break
+    assert book.top(2)[0] == [(5.1, 1.0), (5.0, 3.0)]
+    assert book.on_snapshot(30, [], []) == Action.IGNORED  # stale fetch after sync
+
+
+def test_deletions_and_unknown_deletions() -> None:
+    book = OrderBook()
+    book.on_diff(1, 1, [], [])
+    book.on_snapshot(1, [(10.0, 1.0), (9.0, 1.0)], [(11.0, 1.0), (12.0, 1.0)])
+    book.on_diff(2, 2, [(10.0, 0.0), (8.0, 0.0)], [(11.0, 0.0), (11.5, 4.0)])
+    assert book.top(5) == ([(9.0, 1.0)], [(11.5, 4.0), (12.0, 1.0)])
+
+
+def test_buffer_keeps_latest_contiguous_run_and_is_bounded() -> None:
+    book = OrderBook(max_buffer=3)
+    book.on_diff(1, 1, [], [])
+    book.on_diff(2, 2, [], [])
+    book.on_diff(2, 2, [], [])  # duplicate ignored
+    book.on_diff(5, 5, [(1.0, 1.0)], [])  # hole 3..4: older run useless
+    for i in range(6, 10):
+        book.on_diff(i, i, [], [])
+    assert [e[0] for e in book.buffer] == [7, 8, 9]
+    assert book.on_snapshot(5, [], []) == Action.REFETCH  # 6 was dropped by the bound
+    assert book.on_snapshot(6, [], []) == Action.SYNCED
+    assert book.update_id == 9
+
+
+def test_every_transition_is_in_the_table() -> None:
+    for (state, _event), outs in TRANSITIONS.items():
+        assert all(isinstance(s, State) and isinstance(a, Action) for s, a in outs), state
+
+
+@settings(max_examples=60, deadline=None)
+@given(hs.lists(hs.tuples(hs.integers(0, 9), hs.integers(0, 3)), min_size=1, max_size=40),
+       hs.integers(0, 39))
+def test_random_diffs_match_reference(steps: list[tuple[int, int]], snap_at: int) -> None:
+    """Contiguous event stream, snapshot taken at an arbitrary point: same book as the model."""
+    events = []
+    uid = 100
+    for price_i, qty in steps:
+        events.append((uid + 1, uid + 1, [(float(price_i), float(qty))], []))
+        uid += 1
+    book = OrderBook()
+    model: dict[float, float] = {}
+    snap_at = min(snap_at, len(events) - 1)
+    book.on_diff(*events[0])
+    for ev in events[1:snap_at + 1]:
+        book.on_diff(*ev)
+    # snapshot state = model after events[0..k] for some k <= snap_at; use k = snap_at - 1
+    k = max(0, snap_at - 1)
+    for ev in events[:k + 1]:
+        for p, q in ev[2]:
+            model.pop(p, None) if q == 0 else model.__setitem__(p, q)
+    assert book.on_snapshot(events[k][1], sorted(model.items()), []) == Action.SYNCED
+    for ev in events[k + 1:]:
+        for p, q in ev[2]:
+            model.pop(p, None) if q == 0 else model.__setitem__(p, q)
+    for ev in events[snap_at + 1:]:
+        assert book.on_diff(*ev) == Action.APPLIED
+    assert book.top(100)[0] == sorted(model.items(), reverse=True)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_top_n(n: int) -> None:
+    book = OrderBook()
+    book.on_diff(1, 1, [], [])
+    book.on_snapshot(1, [(1.0, 1.0), (2.0, 1.0)], [(3.0, 1.0)])
+    b, a = book.top(n)
+    assert b == [(2.0, 1.0), (1.0, 1.0)][:n]
+    assert a == [(3.0, 1.0)][:n]
