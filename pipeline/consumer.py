@@ -1,0 +1,97 @@
+"""`pipeline consume NAME`: run one ring consumer (monitor, persist, risk) as its own process.
+
+Settings come from ``--config`` / ``PIPELINE_*`` env (see :mod:`pipeline.config`); the flags here
+override them for one run. The loop (attach with retry, idle wait, writer restarts, SIGTERM,
+sd_notify) is :func:`pipeline.consumers.run_consumer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("pipeline.consumer")
+
+DEFAULT_START = {"monitor": "head", "persist": "oldest", "risk": "oldest"}
+
+
+def register(subparsers: Any) -> None:
+    from pipeline.consumers import REGISTRY
+
+    p = subparsers.add_parser(
+        "consume",
+        help="run a ring consumer (monitor, persist, risk)",
+        description="Attach to the tick ring and run one consumer until SIGTERM/SIGINT.",
+    )
+    p.add_argument("name", choices=sorted(REGISTRY), help="which consumer")
+    p.add_argument("--config", default=None, help="TOML config file (see examples/pipeline.toml)")
+    p.add_argument("--ring", default=None, help="ring name (default: ring.name from config)")
+    p.add_argument("--reader-name", default=None, help="name in the ring's readers table")
+    p.add_argument(
+        "--start", choices=("head", "oldest"), default=None,
+        help="where to start reading (monitor: head; persist/risk: oldest)",
+    )  # fmt: skip
+    p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    p.add_argument(
+        "--attach-timeout", type=float, default=None,
+        help="give up if the ring does not appear within S seconds (default: wait forever)",
+    )  # fmt: skip
+    g = p.add_argument_group("monitor")
+    g.add_argument(
+        "--status-interval", type=float, default=None, help="seconds between status lines"
+    )
+    g.add_argument(
+        "--print-interval", type=float, default=None, help="min seconds between lines per symbol"
+    )
+    g = p.add_argument_group("persist")
+    g.add_argument("--sqlite", default=None, help="SQLite file (default: persist.sqlite_path)")
+    g.add_argument("--postgres-url", default=None, help="PostgreSQL URL (overrides SQLite)")
+    g.add_argument("--batch-max", type=int, default=None, help="max rows per transaction")
+    g = p.add_argument_group("persist / risk")
+    g.add_argument("--metrics-name", default=None, help="metrics block name ('' for none)")
+    g = p.add_argument_group("risk")
+    g.add_argument(
+        "--exec-ring", default=None, help="execution-report ring (default: ring.exec_name)"
+    )
+    g.add_argument(
+        "--limits-name", default=None, help="limits table name (default: risk.limits_name)"
+    )
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.consumers import REGISTRY, LoopOptions, StopFlag, run_consumer
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pipeline consume: config error: {exc}", file=sys.stderr)
+        return 2
+    module_name, _, factory = REGISTRY[args.name].partition(":")
+    module = importlib.import_module(module_name)
+    stop = StopFlag()
+    stop.install()
+    try:
+        consumer = getattr(module, factory)(args, cfg)
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error(
+            "cannot start consumer %s: %s", args.name, exc, extra={"event": "consumer_start_failed"}
+        )
+        return 1
+    opts = LoopOptions(
+        ring=args.ring or cfg.ring.name,
+        reader_name=args.reader_name or args.name,
+        start=args.start or DEFAULT_START.get(args.name, "head"),  # type: ignore[arg-type]
+        duration_s=args.duration,
+        attach_timeout_s=args.attach_timeout,
+        tick_interval_s=float(getattr(consumer, "tick_interval_s", 0.25)),
+    )
+    log.info(
+        "consumer starting",
+        extra={"event": "consumer_start", "consumer": args.name, "ring": opts.ring},
+    )
+    return run_consumer(consumer, opts, stop)

@@ -1,0 +1,209 @@
+"""Ring consumers: the shared loop every consumer process runs, and the registry of consumers.
+
+A consumer is a small class with ``on_batch(batch, reader)`` (records since the last call), an
+optional ``on_tick(reader, now)`` (called about every ``tick_interval_s`` even when idle, for
+status lines, commits and watchdog pings) and ``close()``. :func:`run_consumer` does the rest,
+identically for every consumer:
+
+* attach to the ring, retrying while it does not exist yet (consumers may start before ingest;
+  systemd starts units in parallel);
+* wait for records without burning a core (the ring's sleeping ``wait``), poll in batches;
+* a restarted writer is picked up by the reader itself (``RingReader`` resyncs on a new
+  generation; ``resyncs`` / ``missed`` say what happened), and a ring that disappears for good
+  (writer closed) is waited for again;
+* SIGTERM / SIGINT stop the loop cleanly: the consumer's ``close`` runs (final commit);
+* ``sd_notify``: READY=1 once attached, WATCHDOG=1 while the loop turns, STOPPING=1 at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from pipeline import sdnotify
+
+log = logging.getLogger("pipeline.consumer")
+
+# name -> "module:factory"; imported lazily so `pipeline consume monitor` never imports sqlite3
+# or psycopg.
+REGISTRY: dict[str, str] = {
+    "monitor": "pipeline.consumers.monitor:from_args",
+    "persist": "pipeline.consumers.persist:from_args",
+    "risk": "pipeline.consumers.risk:from_args",
+}
+
+
+class Consumer(Protocol):
+    """What :func:`run_consumer` drives."""
+
+    def on_batch(self, batch: np.ndarray, reader: Any) -> None: ...
+
+    def on_tick(self, reader: Any, now: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class LoopOptions:
+    ring: str
+    reader_name: str
+    start: Literal["head", "oldest"] = "head"
+    max_records: int = 8192  # per poll: bounds the work (and memory) of one batch
+    tick_interval_s: float = 0.25
+    attach_retry_s: float = 0.2
+    attach_timeout_s: float | None = None  # None: wait for the ring forever
+    duration_s: float | None = None  # stop after this long (tests, demos)
+    idle_max_sleep_s: float = 1e-3  # nap cap while idle: latency vs CPU for a non-hot consumer
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (or by the caller); the loop checks it between batches."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal: int | None = None
+
+    def set(self, signum: int | None = None) -> None:
+        self.signal = signum
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; True if stopped."""
+        return self._event.wait(seconds)
+
+    def install(self) -> None:
+        """Route SIGTERM and SIGINT to this flag (main thread only)."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self.set(signum)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def attach_with_retry(
+    ring: str,
+    name: str,
+    stop: StopFlag,
+    *,
+    start: Literal["head", "oldest"] = "head",
+    retry_s: float = 0.2,
+    timeout_s: float | None = None,
+    idle_check_s: float = 3600.0,
+) -> Any:
+    """Attach as reader ``name``; while the ring is missing (writer not up yet) retry every
+    ``retry_s``. Returns the reader, or None if stopped / timed out. A segment that exists but
+    is not a ring (or another layout) is an error at once: retrying would not fix it.
+
+    ``idle_check_s`` is long on purpose: :func:`run_consumer` looks for a restarted writer itself
+    (``check_writer`` once per tick) instead of letting ``wait`` do it mid-wait."""
+    from pipeline.ring import RingError, RingLayoutError, RingNotFoundError, RingReader
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    waited = False
+    while not stop:
+        try:
+            reader = RingReader.attach(ring, name, start=start, check_interval_s=idle_check_s)
+        except RingNotFoundError:
+            pass
+        except RingLayoutError as exc:
+            if "still being created" not in str(exc) and "is empty" not in str(exc):
+                raise
+        except RingError:
+            pass
+        else:
+            if waited:
+                log.info("ring attached", extra={"event": "ring_attached", "ring": ring})
+            return reader
+        if not waited:
+            log.info("waiting for ring %s", ring, extra={"event": "ring_waiting", "ring": ring})
+            waited = True
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        stop.sleep(retry_s)
+    return None
+
+
+def run_consumer(
+    consumer: Consumer,
+    opts: LoopOptions,
+    stop: StopFlag | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    watchdog: sdnotify.Watchdog | None = None,
+) -> int:
+    """Attach and feed ``consumer`` until stopped. Returns an exit code (0 = clean stop)."""
+    stop = stop if stop is not None else StopFlag()
+    started = clock()
+    end = None if opts.duration_s is None else started + opts.duration_s
+    watchdog = watchdog if watchdog is not None else sdnotify.Watchdog()
+    remaining = None if end is None else max(0.0, end - clock())
+    timeout = opts.attach_timeout_s
+    if remaining is not None:
+        timeout = remaining if timeout is None else min(timeout, remaining)
+    reader = attach_with_retry(
+        opts.ring, opts.reader_name, stop, start=opts.start, retry_s=opts.attach_retry_s,
+        timeout_s=timeout,
+    )  # fmt: skip
+    if reader is None:
+        consumer.close()
+        if stop or (end is not None and clock() >= end):
+            return 0
+        log.error("ring %s did not appear", opts.ring, extra={"event": "ring_missing"})
+        return 1
+    sdnotify.ready(f"reading {opts.ring} as {opts.reader_name}")
+    next_tick = clock()
+    try:
+        while not stop:
+            now = clock()
+            if end is not None and now >= end:
+                break
+            if now >= next_tick:
+                next_tick = now + opts.tick_interval_s
+                reader.check_writer()  # writer restarted? resync (only once drained)
+                consumer.on_tick(reader, now)
+                watchdog.tick(healthy=True)
+            wait_s = max(0.0, min(next_tick - now, opts.tick_interval_s))
+            if reader.wait(wait_s, max_sleep_s=opts.idle_max_sleep_s):
+                batch = reader.poll(opts.max_records)
+                if len(batch):
+                    consumer.on_batch(batch, reader)
+            elif reader.writer_closed:
+                # The writer shut down cleanly and unlinked the ring: a restart will create a
+                # new segment, which the reader finds by itself (check_writer) once it exists.
+                stop.sleep(min(opts.attach_retry_s, opts.tick_interval_s))
+        # Drain what is already published (bounded: one capacity's worth), so a consumer
+        # stopped before ingest (the shutdown order) still has every record up to this moment.
+        for _ in range(max(1, reader.capacity // max(1, opts.max_records)) + 1):
+            batch = reader.poll(opts.max_records)
+            if not len(batch):
+                break
+            consumer.on_batch(batch, reader)
+        consumer.on_tick(reader, clock())
+    finally:
+        sdnotify.stopping()
+        try:
+            consumer.close()
+        finally:
+            reader.close()
+    return 0
+
+
+def symbol_names(reader: Any) -> list[str]:
+    """The ring's symbol table (id -> name), tolerant of records with an unknown id."""
+    return list(getattr(reader, "symbols", []) or [])
+
+
+def symbol_of(symbols: list[str], sid: int) -> str:
+    return symbols[sid] if 0 <= sid < len(symbols) else f"#{sid}"

@@ -1,0 +1,320 @@
+"""`pipeline health [--json] [--serve-prometheus PORT]`: every component's state from shared memory.
+
+Sources (no IPC with the processes, nothing they have to answer): the metrics blocks under
+``/dev/shm/pipeline.*`` (:func:`pipeline.metrics.snapshot_all`) and the tick ring's header and
+readers table (:func:`pipeline.ring.ring_stats`). :func:`evaluate` is pure: snapshots plus "now"
+in, a per-component verdict out, so every rule below is a unit test:
+
+* **trading** (``pipeline.trading.metrics``): unhealthy unless ``state`` is READY and its writer
+  is alive. Reported: state (name), reconnects, last_rtt_us, orders_unknown, and the rest.
+* **ingest** (``pipeline.ingest.metrics``): unhealthy when its writer is dead or the last frame
+  is older than ``--max-frame-age`` seconds.
+* **ring**: unhealthy when the writer pid is dead; each reader's lag and missed count shown.
+* any other block (persist, risk, ...): unhealthy when its writer is dead.
+* a component that is *expected* (``--expect``, default ingest + trading when enabled in the
+  config) but has no block at all is unhealthy ("not running").
+
+Exit status: 0 all healthy, 1 something unhealthy, 2 usage/config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+log = logging.getLogger("pipeline.health")
+
+BLOCK_PREFIX = "pipeline."
+TRADING_BLOCK = "pipeline.trading.metrics"
+INGEST_BLOCK = "pipeline.ingest.metrics"
+
+# Trading session states (pipeline.session.State); duplicated as names so health works even
+# if that module changes shape.
+TRADING_STATES = {0: "DISCONNECTED", 1: "CONNECTING", 2: "AUTHENTICATING", 3: "READY",
+                  4: "RECONNECTING", 5: "FAILED"}  # fmt: skip
+
+# Field-name fallbacks: the first present wins (metrics blocks are owned by other modules).
+FRAME_TIME_FIELDS = ("last_frame_ns", "last_recv_ns", "last_message_ns", "last_frame_time_ns")
+RTT_FIELDS = ("last_rtt_us", "rtt_us", "rtt_smoothed_us")
+RECONNECT_FIELDS = ("reconnects", "reconnects_total", "reconnect_attempts")
+
+
+def component_name(block: str, prefix: str = BLOCK_PREFIX) -> str:
+    """``pipeline.trading.metrics`` -> ``trading``; ``pipeline.persist.metrics`` -> ``persist``."""
+    name = block[len(prefix) :] if block.startswith(prefix) else block
+    return name[: -len(".metrics")] if name.endswith(".metrics") else name
+
+
+def _first(snap: Mapping[str, Any], names: Iterable[str]) -> Any:
+    for n in names:
+        if n in snap:
+            return snap[n]
+    return None
+
+
+def evaluate(
+    blocks: Mapping[str, Mapping[str, Any]],
+    rings: Mapping[str, Mapping[str, Any] | None],
+    now_ns: int,
+    *,
+    expect: Iterable[str] = (),
+    max_frame_age_s: float = 10.0,
+    prefix: str = BLOCK_PREFIX,
+) -> dict[str, Any]:
+    """Pure verdict. ``blocks``: block name -> snapshot (with ``_writer_alive``); ``rings``:
+    ring name -> ring_stats dict (None when the ring does not exist)."""
+    out: dict[str, Any] = {}
+    for block, snap in sorted(blocks.items()):
+        comp = component_name(block, prefix)
+        fields = {k: v for k, v in snap.items() if not k.startswith("_")}
+        alive = bool(snap.get("_writer_alive", True))
+        problems: list[str] = []
+        entry: dict[str, Any] = {"block": block, "writer_alive": alive}
+        if not alive:
+            problems.append("writer process is dead")
+        if comp == "trading":
+            code = int(fields.get("state", -1))
+            state = TRADING_STATES.get(code, f"UNKNOWN({code})")
+            entry.update(
+                state=state,
+                reconnects=_first(fields, RECONNECT_FIELDS) or 0,
+                last_rtt_us=_first(fields, RTT_FIELDS),
+                orders_unknown=fields.get("orders_unknown", 0),
+            )
+            if state != "READY":
+                problems.append(f"session state {state}, not READY")
+        elif comp == "ingest":
+            last = _first(fields, FRAME_TIME_FIELDS)
+            if last is not None:
+                age = (now_ns - int(last)) / 1e9 if last else math.inf
+                entry["last_frame_age_s"] = round(age, 3) if math.isfinite(age) else None
+                if age > max_frame_age_s:
+                    problems.append("no frame yet" if not last else f"last frame {age:.1f}s ago")
+        entry["metrics"] = fields
+        entry["problems"] = problems
+        entry["healthy"] = not problems
+        out[comp] = entry
+    for ring, stats in rings.items():
+        key = f"ring:{ring}"
+        if stats is None:
+            out[key] = {"healthy": False, "problems": ["ring does not exist"], "readers": []}
+            continue
+        problems = (
+            [] if stats.get("writer_alive") else [f"writer pid {stats.get('writer_pid')} is dead"]
+        )
+        out[key] = {
+            "healthy": not problems,
+            "problems": problems,
+            "writer_pid": stats.get("writer_pid"),
+            "generation": stats.get("generation"),
+            "cursor": stats.get("cursor"),
+            "capacity": stats.get("capacity"),
+            "readers": [
+                {k: r.get(k) for k in ("name", "pid", "lag", "missed")}
+                for r in stats.get("readers", [])
+            ],
+        }
+    for comp in expect:
+        if comp not in out:
+            out[comp] = {"healthy": False, "problems": ["not running (no metrics block)"]}
+    return out
+
+
+def overall(report: Mapping[str, Any]) -> bool:
+    return all(v.get("healthy", False) for v in report.values())
+
+
+def collect(
+    rings: Iterable[str] = ("pipeline.ticks",),
+    *,
+    expect: Iterable[str] = (),
+    max_frame_age_s: float = 10.0,
+    prefix: str = BLOCK_PREFIX,
+    now_ns: Callable[[], int] = time.time_ns,
+) -> dict[str, Any]:
+    """Read shared memory and :func:`evaluate` it."""
+    from pipeline.metrics import snapshot_all
+    from pipeline.ring import RingError, ring_stats
+
+    blocks = snapshot_all(prefix)
+    ring_info: dict[str, Mapping[str, Any] | None] = {}
+    for ring in rings:
+        try:
+            ring_info[ring] = ring_stats(ring)
+        except (RingError, FileNotFoundError, OSError):
+            ring_info[ring] = None
+    return evaluate(
+        blocks, ring_info, now_ns(), expect=expect, max_frame_age_s=max_frame_age_s, prefix=prefix
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# rendering
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) < 1e12 else f"{v:.0f}"
+    return str(v)
+
+
+def render_text(report: Mapping[str, Any]) -> str:
+    lines = []
+    for comp, e in report.items():
+        flag = "OK  " if e.get("healthy") else "FAIL"
+        head = f"{flag} {comp:<24}"
+        if comp == "trading" and "state" in e:
+            detail = (
+                f"state={e['state']} reconnects={_fmt(e['reconnects'])} "
+                f"last_rtt_us={_fmt(e['last_rtt_us'])} orders_unknown={_fmt(e['orders_unknown'])}"
+            )
+        elif comp.startswith("ring:") and "cursor" in e:
+            readers = ", ".join(
+                f"{r['name']}(lag {r['lag']}, missed {r['missed']})" for r in e["readers"]
+            )
+            detail = (
+                f"writer {e['writer_pid']} gen {e['generation']} cursor {e['cursor']}"
+                f" readers: {readers or 'none'}"
+            )
+        elif comp == "ingest" and "last_frame_age_s" in e:
+            detail = f"last frame {e['last_frame_age_s']}s ago"
+        else:
+            detail = ""
+        if e.get("metrics"):
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in e["metrics"].items())
+            detail = f"{detail}  [{extra}]" if detail else f"[{extra}]"
+        if e.get("problems"):
+            detail += "  PROBLEMS: " + "; ".join(e["problems"])
+        lines.append(f"{head} {detail}".rstrip())
+    status = "healthy" if overall(report) else "UNHEALTHY"
+    lines.append(f"overall: {status}")
+    return "\n".join(lines)
+
+
+def _prom_name(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s).strip("_")
+
+
+def render_prometheus(report: Mapping[str, Any]) -> str:
+    """Prometheus text exposition (version 0.0.4) of the same report."""
+    out = [
+        "# HELP pipeline_component_healthy 1 if the component passes its health rules.",
+        "# TYPE pipeline_component_healthy gauge",
+    ]
+    metrics: list[str] = []
+    for comp, e in report.items():
+        label = comp.replace("\\", "\\\\").replace('"', '\\"')
+        out.append(
+            f'pipeline_component_healthy{{component="{label}"}} {int(bool(e.get("healthy")))}'
+        )
+        for k, v in (e.get("metrics") or {}).items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                metrics.append(f"pipeline_{_prom_name(comp)}_{_prom_name(k)} {v}")
+        for r in e.get("readers", []) or []:
+            rl = str(r.get("name", "")).replace('"', "")
+            metrics.append(
+                f'pipeline_ring_reader_lag{{ring="{label}",reader="{rl}"}} {r.get("lag", 0)}'
+            )
+            metrics.append(
+                f'pipeline_ring_reader_missed{{ring="{label}",reader="{rl}"}} {r.get("missed", 0)}'
+            )
+    return "\n".join(out + metrics) + "\n"
+
+
+def serve_prometheus(
+    port: int, make_report: Callable[[], dict[str, Any]], host: str = "127.0.0.1"
+) -> Any:
+    """Start a tiny HTTP server (``/metrics``) in a thread; returns it (``.shutdown()``)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            body = render_prometheus(make_report()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="prometheus", daemon=True).start()
+    return server
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "health",
+        help="print every component's health from shared memory (exit 1 if unhealthy)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object, a key per component")
+    p.add_argument("--config", default=None, help="TOML config (ring names, what to expect)")
+    p.add_argument("--ring", action="append", default=None, help="ring(s) to inspect (repeatable)")
+    p.add_argument(
+        "--expect", default=None,
+        help="comma-separated components that must be running (default: ingest[,trading])",
+    )  # fmt: skip
+    p.add_argument("--max-frame-age", type=float, default=10.0, help="ingest staleness limit, s")
+    p.add_argument(
+        "--serve-prometheus", type=int, default=None, metavar="PORT",
+        help="serve the same data as Prometheus text on 127.0.0.1:PORT/metrics until stopped",
+    )  # fmt: skip
+    p.add_argument("--bind", default="127.0.0.1", help="address for --serve-prometheus")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pipeline health: config error: {exc}", file=sys.stderr)
+        return 2
+    rings = args.ring or [cfg.ring.name]
+    if args.expect is None:
+        expect = ["ingest"] + (["trading"] if cfg.trading.enabled else [])
+    else:
+        expect = [e.strip() for e in args.expect.split(",") if e.strip()]
+
+    def report() -> dict[str, Any]:
+        return collect(
+            rings, expect=expect, max_frame_age_s=args.max_frame_age, prefix=cfg.run.shm_prefix
+        )
+
+    if args.serve_prometheus is not None:
+        server = serve_prometheus(args.serve_prometheus, report, args.bind)
+        host, port = server.server_address[:2]
+        print(f"serving Prometheus metrics on http://{host}:{port}/metrics", flush=True)
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        server.shutdown()
+        server.server_close()
+        return 0
+    rep = report()
+    if args.json:
+        print(json.dumps(rep, sort_keys=True, default=str))
+    else:
+        print(render_text(rep))
+    return 0 if overall(rep) else 1
