@@ -9,6 +9,18 @@ Two kinds of ring, both the ordinary :mod:`pipeline.ring` machinery:
 - **The execution ring** ``pipeline.trading.exec`` (:data:`EXEC_DTYPE`), written by the trading
   process: acks, rejects, fills, cancels, UNKNOWN / RECONCILED states, status answers. Each
   client reads it (``RingReader``) and keeps the records of its ``client_id``.
+- **The reply ring** ``pipeline.trading.replies`` (:data:`REPLY_DTYPE`), written by the trading
+  process: the JSON answers to the account-level requests (``OPEN_ORDERS`` ->
+  ``openOrders.status``, ``CANCEL_ALL`` -> ``openOrders.cancelAll``, ``ACCOUNT`` ->
+  ``account.status``). Those answers are unbounded JSON (an account lists every asset), so they
+  do not fit a fixed exec record: each is cut into :data:`REPLY_CHUNK`-byte chunks, one record
+  each, tagged with the client id, the request id, the chunk index and the chunk count; the
+  client reassembles them (:class:`ReplyAssembler`). A reply is capped at :data:`MAX_REPLY_BYTES`
+  (a quarter of the ring, so a reader that is merely slow is never lapped mid-reply); a bigger
+  one is replaced by an error reply saying so (ask per symbol instead). A reader that *was*
+  lapped (``missed`` grew) gets an error, never a corrupt reply. Why a ring and not files: it
+  is the mechanism every process already has, needs no cleanup of per-request files, and the
+  conftest/health tooling already understands its segments.
 
 Duplicate protection at the boundary: the trading process refuses (REJECT, code
 :data:`LOCAL_STALE`) any order record submitted before it started or older than
@@ -34,7 +46,21 @@ from pipeline.session import ExecKind, ExecUpdate, OrderStatus
 
 ORDER_RING_PREFIX = "pipeline.orders."
 EXEC_RING = "pipeline.trading.exec"
+REPLY_RING = "pipeline.trading.replies"
+
+
+def reply_ring_for(exec_ring: str) -> str:
+    """The reply ring that goes with an exec ring (``X.exec`` -> ``X.replies``), so a trading
+    process and its clients agree on it from the one name they already share."""
+    base = exec_ring[: -len(".exec")] if exec_ring.endswith(".exec") else exec_ring
+    return f"{base}.replies"
+
+
 LOCAL_STALE = -9008
+# The pre-trade risk check (``pipeline trade --risk-limits``) refused the order; error_msg
+# names the limit (``max_position BTCUSDT: ...``, ``risk_unavailable: ...``, ``risk_stale: ...``).
+LOCAL_RISK = -9009
+LOCAL_REPLY_TOO_LARGE = -9010
 
 
 class Action(IntEnum):
@@ -42,7 +68,17 @@ class Action(IntEnum):
     CANCEL = 2
     MODIFY = 3  # order.cancelReplace: cancel orig_client_order_id, place client_order_id
     STATUS = 4
+    OPEN_ORDERS = 5  # openOrders.status (symbol optional); answer on the reply ring
+    CANCEL_ALL = 6  # openOrders.cancelAll (symbol required); answer on the reply ring
+    ACCOUNT = 7  # account.status (zero balances omitted); answer on the reply ring
 
+
+# Account-level requests: action -> WS API method. Their answers go to the reply ring.
+REQUEST_METHODS: dict[Action, str] = {
+    Action.OPEN_ORDERS: "openOrders.status",
+    Action.CANCEL_ALL: "openOrders.cancelAll",
+    Action.ACCOUNT: "account.status",
+}
 
 SIDES = ("", "BUY", "SELL")
 TYPES = ("", "LIMIT", "MARKET", "LIMIT_MAKER")
@@ -88,10 +124,25 @@ EXEC_DTYPE = np.dtype(
         ("reply_time_ns", "<i8"),  # ACK: response frame received (trading process)
         ("symbol", "S24"),
         ("client_order_id", "S40"),
-        ("error_msg", "S64"),  # short text (truncated); codes are the contract
+        ("error_msg", "S128"),  # short text (truncated); codes are the contract
     ],
     align=True,
 )
+
+REPLY_CHUNK = 968  # data bytes per reply record: a record is exactly 1 KiB
+REPLY_DTYPE = np.dtype(
+    [
+        ("client_id", "<u4"),  # crc32 of the client name, as in the exec ring
+        ("chunk", "<u4"),  # 0 .. nchunks-1
+        ("nchunks", "<u4"),
+        ("total_len", "<u4"),  # bytes of the whole JSON text
+        ("request_id", "S40"),  # the request's id (the order record's client_order_id)
+        ("data", f"S{REPLY_CHUNK}"),  # a slice of UTF-8 JSON text (JSON never contains NUL)
+    ],
+    align=True,
+)
+REPLY_CAPACITY = 1 << 12  # records: 4 MiB
+MAX_REPLY_BYTES = REPLY_CAPACITY * REPLY_CHUNK // 4
 
 
 def client_id_of(name: str) -> int:
@@ -147,8 +198,66 @@ def exec_record(u: ExecUpdate, publish_time_ns: int) -> tuple[Any, ...]:
         int(u.reply_time_ns),
         u.symbol.encode()[:24],
         u.client_order_id.encode()[:40],
-        u.error_msg.encode("utf-8", "replace")[:64],
+        _truncate_utf8(u.error_msg, 128),
     )
+
+
+def _truncate_utf8(text: str, n: int) -> bytes:
+    """At most ``n`` bytes of ``text`` without cutting a multi-byte character in half."""
+    return text.encode("utf-8", "replace")[:n].decode("utf-8", "ignore").encode()
+
+
+def reply_records(client_id: int, request_id: str, payload: bytes) -> np.ndarray:
+    """``payload`` (JSON text) as :data:`REPLY_DTYPE` records, ready for ``publish_many``."""
+    n = max(1, -(-len(payload) // REPLY_CHUNK))
+    out = np.zeros(n, dtype=REPLY_DTYPE)
+    out["client_id"] = client_id & 0xFFFFFFFF
+    out["chunk"] = np.arange(n)
+    out["nchunks"] = n
+    out["total_len"] = len(payload)
+    out["request_id"] = request_id.encode()[:40]
+    data = out["data"]
+    for k in range(n):
+        data[k] = payload[k * REPLY_CHUNK : (k + 1) * REPLY_CHUNK]
+    return out
+
+
+class ReplyLostError(RuntimeError):
+    """Part of a reply was overwritten before this client read it (its reader was lapped)."""
+
+
+class ReplyAssembler:
+    """Collects reply chunks for one client; :meth:`feed` returns the replies it completed.
+
+    Chunks of one reply are published contiguously by one writer, so a reply is complete when
+    all ``nchunks`` have arrived; a chunk of a reply we were not waiting for starts it afresh
+    (a restarted request id, or chunks we missed the start of, are dropped by the length check).
+    """
+
+    def __init__(self, client_id: int) -> None:
+        self.client_id = client_id
+        self._parts: dict[str, dict[int, bytes]] = {}
+        self.done: dict[str, bytes] = {}
+        self.corrupt = 0
+
+    def feed(self, batch: np.ndarray) -> list[str]:
+        finished: list[str] = []
+        for r in batch:
+            if int(r["client_id"]) != self.client_id:
+                continue
+            rid = bytes(r["request_id"]).decode("ascii", "replace")
+            parts = self._parts.setdefault(rid, {})
+            parts[int(r["chunk"])] = bytes(r["data"])
+            n = int(r["nchunks"])
+            if len(parts) == n:
+                payload = b"".join(parts[k] for k in range(n) if k in parts)
+                del self._parts[rid]
+                if len(payload) != int(r["total_len"]):
+                    self.corrupt += 1
+                    continue
+                self.done[rid] = payload
+                finished.append(rid)
+        return finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +330,9 @@ class OrderClient:
     return at once (with the client order id); ``wait`` blocks for the answer.
     """
 
-    def __init__(self, name: str, writer: RingWriter, reader: RingReader) -> None:
+    def __init__(
+        self, name: str, writer: RingWriter, reader: RingReader, *, reply_ring: str = REPLY_RING
+    ) -> None:
         self.name = name
         self.client_id = client_id_of(name)
         self._writer = writer
@@ -230,9 +341,24 @@ class OrderClient:
         self._seen: list[ExecReport] = []
         self._mark: dict[str, int] = {}
         self.missed = 0
+        self.reply_ring = reply_ring
+        self._replies: RingReader | None = None
+        self._assembler = ReplyAssembler(self.client_id)
+        self._reply_missed = 0
 
     @classmethod
-    def attach(cls, name: str, *, exec_ring: str = EXEC_RING, capacity: int = 1024) -> OrderClient:
+    def attach(
+        cls,
+        name: str,
+        *,
+        exec_ring: str = EXEC_RING,
+        capacity: int = 1024,
+        prefix: str | None = None,
+        reply_ring: str | None = None,
+    ) -> OrderClient:
+        """``prefix`` (default :data:`ORDER_RING_PREFIX`) must match the trading process's
+        ``TradingConfig.order_prefix``; ``reply_ring`` (default :func:`reply_ring_for` the exec
+        ring) its reply ring."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
             raise ValueError("client name: 1-40 letters, digits, '_' or '-'")
         try:
@@ -242,15 +368,19 @@ class OrderClient:
                 f"execution ring {exec_ring!r} not found: is `pipeline trade` running?"
             ) from None
         try:
-            writer = RingWriter.create(ORDER_RING_PREFIX + name, ORDER_DTYPE, capacity)
+            writer = RingWriter.create(
+                (ORDER_RING_PREFIX if prefix is None else prefix) + name, ORDER_DTYPE, capacity
+            )
         except BaseException:
             reader.close()
             raise
-        return cls(name, writer, reader)
+        return cls(name, writer, reader, reply_ring=reply_ring or reply_ring_for(exec_ring))
 
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
+        if self._replies is not None:
+            self._replies.close()
 
     def __enter__(self) -> OrderClient:
         return self
@@ -342,6 +472,72 @@ class OrderClient:
     def status(self, client_order_id: str, *, symbol: str = "") -> str:
         self._publish(Action.STATUS, client_order_id, symbol)
         return client_order_id
+
+    # ---- account-level requests (answers on the reply ring) -----------------------------
+
+    def request(self, action: Action, symbol: str = "") -> str:
+        """Send an account-level request (:data:`REQUEST_METHODS`); returns its request id.
+
+        The reply ring is attached *before* the request goes out, so the answer cannot be
+        missed. Raises :class:`TradingNotRunningError` if the trading process has no reply ring.
+        """
+        if action not in REQUEST_METHODS:
+            raise ValueError(f"{action!r} is not an account-level request")
+        if action is Action.CANCEL_ALL and not symbol:
+            raise ValueError("cancel-all needs a symbol")
+        if symbol and len(symbol.encode()) > 24:
+            raise ValueError("symbol: 1-24 bytes")
+        if self._replies is None:
+            try:
+                self._replies = RingReader.attach(self.reply_ring, name=f"or.{self.name}"[:24])
+            except FileNotFoundError:
+                raise TradingNotRunningError(
+                    f"reply ring {self.reply_ring!r} not found: is `pipeline trade` running?"
+                ) from None
+        rid = "r" + self._ids.next()
+        self._publish(action, rid[:36], symbol)
+        return rid[:36]
+
+    def open_orders(self, symbol: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        """``openOrders.status`` (all symbols when ``symbol`` is empty)."""
+        return self.wait_reply(self.request(Action.OPEN_ORDERS, symbol), timeout)
+
+    def cancel_all(self, symbol: str, timeout: float = 10.0) -> dict[str, Any]:
+        """``openOrders.cancelAll`` for ``symbol``."""
+        return self.wait_reply(self.request(Action.CANCEL_ALL, symbol), timeout)
+
+    def account(self, timeout: float = 10.0) -> dict[str, Any]:
+        """``account.status`` (zero balances omitted)."""
+        return self.wait_reply(self.request(Action.ACCOUNT), timeout)
+
+    def wait_reply(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The decoded reply: ``{"request_id", "method", "ok", "status", "result", "error"}``.
+
+        Raises ``TimeoutError``, or :class:`ReplyLostError` when this client's reply reader
+        was lapped while the reply was in the ring.
+        """
+        import json
+
+        if self._replies is None:
+            raise ValueError("no request sent yet")
+        reader = self._replies
+        deadline = time.monotonic() + timeout
+        while True:
+            payload = self._assembler.done.pop(request_id, None)
+            if payload is not None:
+                out: dict[str, Any] = json.loads(payload)
+                return out
+            if reader.missed > self._reply_missed:
+                self._reply_missed = reader.missed
+                raise ReplyLostError(
+                    f"reply ring {self.reply_ring!r} lapped this reader: answer to "
+                    f"{request_id} lost, ask again"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply for {request_id} within {timeout} s")
+            reader.wait(min(left, 0.05))
+            self._assembler.feed(reader.poll())
 
     def poll(self) -> list[ExecReport]:
         """New execution records for this client."""

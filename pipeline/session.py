@@ -449,6 +449,12 @@ class Session:
     def orders(self) -> dict[str, OrderStatus]:
         return {k: o.status for k, o in self._orders.items()}
 
+    def order_info(self, coid: str) -> tuple[str, str] | None:
+        """``(symbol, side)`` of an order this session placed (the shell's risk check needs
+        them for a modify that does not restate them)."""
+        order = self._orders.get(coid)
+        return (order.symbol, order.side) if order else None
+
     # ---- connection lifecycle ----------------------------------------------------------
 
     def start(self) -> None:

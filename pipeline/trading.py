@@ -13,7 +13,22 @@ Shared memory it owns (names are constants so other processes can find them):
   4 Reconnecting, 5 Failed); ``*_ns`` fields are wall-clock ns; ``last_error_code`` is a
   Binance code (< 0) or a ``LOCAL_*`` code of :mod:`pipeline.session` (-9xxx).
 - :data:`pipeline.orders.EXEC_RING` ``pipeline.trading.exec`` - the execution ring.
+- :data:`pipeline.orders.REPLY_RING` ``pipeline.trading.replies`` (the exec ring's name with
+  ``.exec`` replaced by ``.replies``) - JSON answers to the
+  account-level requests (open orders, cancel-all, account), chunked (see :mod:`pipeline.orders`).
 - It reads every ``pipeline.orders.<client>`` order ring (:class:`pipeline.orders.OrderIntake`).
+
+systemd (``Type=notify``, ``WatchdogSec=``; :mod:`pipeline.sdnotify`, no-ops outside systemd):
+READY=1 when the session first reaches Ready (logged on; sent once the metrics block shows it),
+STATUS= on every state change, WATCHDOG=1 from the timer loop only while healthy - Ready, or
+reconnecting within the attempt budget - so a wedged event loop or a session that cannot get
+back starves it, and STOPPING=1 on shutdown.
+
+Pre-trade risk (``TradingConfig.risk_limits`` / ``pipeline trade --risk-limits NAME``): every
+place and modify is checked by :class:`RiskGate` against the risk consumer's limits table
+(:class:`pipeline.consumers.risk.LimitsView`) plus this process's own in-flight orders; a
+refused order never reaches the exchange and is answered on the exec ring with a REJECT,
+``error_code`` :data:`pipeline.orders.LOCAL_RISK` and ``error_msg`` naming the limit.
 
 Exit codes: 0 after SIGTERM/SIGINT (segments unlinked), 3 when the exchange rejected the
 logon (wrong key: not retried), 4 after ``max_attempts`` failed reconnects. After a failure the
@@ -33,18 +48,41 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import orjson
 
-from pipeline.metrics import MetricsBlock
-from pipeline.orders import EXEC_DTYPE, EXEC_RING, Action, OrderIntake, exec_record
+from pipeline import sdnotify
+from pipeline.binance.wsapi import ApiError, Response
+from pipeline.logs import RateLimitedLog
+from pipeline.metrics import MetricsBlock, MetricsError
+from pipeline.orders import (
+    EXEC_DTYPE,
+    EXEC_RING,
+    LOCAL_REPLY_TOO_LARGE,
+    LOCAL_RISK,
+    MAX_REPLY_BYTES,
+    ORDER_RING_PREFIX,
+    REPLY_CAPACITY,
+    REPLY_CHUNK,
+    REPLY_DTYPE,
+    REQUEST_METHODS,
+    Action,
+    OrderIntake,
+    exec_record,
+    reply_records,
+    reply_ring_for,
+)
 from pipeline.ring import RingWriter
 from pipeline.session import (
     FLOAT_METRICS,
+    LOCAL_INVALID,
     METRIC_FIELDS,
     ApiReply,
     Close,
+    ExecKind,
     ExecUpdate,
     Exit,
     Open,
+    OrderStatus,
     Ping,
     Send,
     Session,
@@ -60,7 +98,15 @@ _ws_log.setLevel(logging.INFO)
 
 METRICS_NAME = "pipeline.trading.metrics"
 # Session metrics (see pipeline.session.METRIC_FIELDS) plus the shell's own.
-SHELL_FIELDS: tuple[str, ...] = ("order_rings", "exec_published", "orders_stale", "pid")
+SHELL_FIELDS: tuple[str, ...] = (
+    "order_rings",
+    "exec_published",
+    "orders_stale",
+    "pid",
+    "orders_risk_rejected",
+    "risk_inflight",
+    "replies_sent",
+)
 METRICS_FIELDS: list[tuple[str, str]] = [
     (name, "<f8" if name in FLOAT_METRICS else "<i8") for name in METRIC_FIELDS
 ] + [(name, "<i8") for name in SHELL_FIELDS]
@@ -79,7 +125,185 @@ class TradingConfig:
     open_timeout_s: float = 10.0
     metrics_interval_s: float = 0.05
     keep_metrics_on_failure: bool = True
+    order_prefix: str = ORDER_RING_PREFIX
+    reply_ring: str | None = None  # default: reply_ring_for(exec_ring)
+    reply_capacity: int = REPLY_CAPACITY
+    # Pre-trade risk: the limits table's name (None: no check), its max age, and the name the
+    # risk consumer's reader has on the exec ring (to know which of our orders it has seen).
+    risk_limits: str | None = None
+    risk_max_age_s: float = 5.0
+    risk_reader: str = "risk"
+    risk_observe_interval_s: float = 0.01
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    symbol: str
+    side: str
+    qty: float
+    exec_seq: int | None = None  # exec ring cursor once its first record was published
+    seen_ns: int | None = None  # wall clock when the risk reader was seen past exec_seq
+
+
+class RiskGate:
+    """The pre-trade check: the risk consumer's limits table plus our own in-flight orders.
+
+    Why the in-flight part: the table is built by another process from the exec ring, so it
+    lags. Two orders sent back to back would both be checked against a table that knows
+    neither, and together could breach a limit neither breaches alone. So an order that passed
+    is also counted here, as a working order on its side, until the risk process has provably
+    taken it into the table: its reader on the exec ring (``risk_reader``) was seen past the
+    order's first execution record at time *t* (:meth:`observe`), and a table published after
+    *t* is in hand. Until then it may be counted twice: a false reject near a limit is possible,
+    a false accept is not. If the risk process never reads the exec ring, nothing is retired
+    and orders are refused once the in-flight set is full: that is the fail-closed answer to a
+    risk process whose positions cannot be right.
+
+    Fails closed like :class:`LimitsView`: no table, dead writer or stale table -> refused
+    (``risk_unavailable`` / ``risk_stale``). A restarted risk process (a new segment under the
+    same name) is re-attached, at most every ``retry_s``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_age_s: float = 5.0,
+        attach: Any = None,
+        now_ns: Any = time.time_ns,
+        monotonic: Any = time.monotonic,
+        retry_s: float = 0.5,
+        max_inflight: int = 10_000,
+    ) -> None:
+        from pipeline.consumers.risk import LimitsView, check_order, field_name
+
+        if attach is None:
+            attach = LimitsView.attach
+        self._check_order = check_order
+        self._field_name = field_name
+        self.name = name
+        self.max_age_s = max_age_s
+        self.retry_s = retry_s
+        self.max_inflight = max_inflight
+        self._attach = attach
+        self._now_ns = now_ns
+        self._mono = monotonic
+        self._view: Any = None
+        self._next_attach = 0.0
+        self.inflight: dict[str, _InFlight] = {}
+
+    def _get_view(self) -> Any:
+        view = self._view
+        if view is not None and view.block.writer_alive():
+            return view
+        now = self._mono()
+        if now < self._next_attach:
+            return view
+        self._next_attach = now + self.retry_s
+        try:
+            new = self._attach(self.name, self.max_age_s)
+        except (MetricsError, OSError, ValueError):
+            return view
+        if view is not None:
+            view.close()
+        self._view = new
+        return new
+
+    def check(self, symbol: str, side: str, qty: float, price: float = 0.0) -> str | None:
+        """None if the order may go out, else the reason (it names the limit)."""
+        field_name = self._field_name
+        view = self._get_view()
+        if view is None:
+            return f"risk_unavailable: limits table {self.name} not found"
+        if not view.block.writer_alive():
+            return "risk_unavailable: the risk process is not running"
+        snap = dict(view.block.snapshot())
+        updated = int(snap.get("updated_ns", 0))
+        age = (self._now_ns() - updated) / 1e9
+        if age > self.max_age_s:
+            return f"risk_stale: limits table not updated for {age:.1f}s"
+        self._retire(updated)
+        if len(self.inflight) >= self.max_inflight:
+            return f"risk_inflight: {len(self.inflight)} orders not yet seen by the risk process"
+        buy, sell = self.pending(symbol)
+        if buy:
+            key = field_name(symbol, "open_buy")
+            snap[key] = float(snap.get(key, 0.0)) + buy
+        if sell:
+            key = field_name(symbol, "open_sell")
+            snap[key] = float(snap.get(key, 0.0)) + sell
+        reason: str | None = self._check_order(snap, symbol, side, qty, price)
+        return reason
+
+    def pending(self, symbol: str) -> tuple[float, float]:
+        """In-flight (buy, sell) quantity of ``symbol`` not yet in the table."""
+        buy = sell = 0.0
+        for o in self.inflight.values():
+            if o.symbol == symbol:
+                if o.side == "BUY":
+                    buy += o.qty
+                else:
+                    sell += o.qty
+        return buy, sell
+
+    def sent(self, coid: str, symbol: str, side: str, qty: float) -> None:
+        self.inflight[coid] = _InFlight(symbol, side, qty)
+
+    def published(self, coid: str, kind: int, status: int, exec_cursor: int) -> None:
+        """An execution record for ``coid`` is in the exec ring below ``exec_cursor``."""
+        o = self.inflight.get(coid)
+        if o is None:
+            return
+        if kind == ExecKind.REJECT and status == OrderStatus.REJECTED:
+            del self.inflight[coid]  # never at the exchange: no exposure to count
+        elif o.exec_seq is None:
+            o.exec_seq = exec_cursor
+
+    @property
+    def needs_observation(self) -> bool:
+        return any(o.exec_seq is not None and o.seen_ns is None for o in self.inflight.values())
+
+    def observe(self, risk_cursor: int | None, now_ns: int) -> None:
+        """The risk reader's position on the exec ring (None: it is not attached)."""
+        if risk_cursor is None:
+            return
+        for o in self.inflight.values():
+            if o.seen_ns is None and o.exec_seq is not None and risk_cursor >= o.exec_seq:
+                o.seen_ns = now_ns
+
+    def retire(self) -> None:
+        """Forget in-flight orders the current table already holds (between orders, so the
+        in-flight set and ``risk_inflight`` shrink even when no order is being checked)."""
+        if not any(o.seen_ns is not None for o in self.inflight.values()):
+            return
+        view = self._view
+        if view is None or not view.block.writer_alive():
+            return
+        self._retire(int(view.block.snapshot().get("updated_ns", 0)))
+
+    def _retire(self, table_updated_ns: int) -> None:
+        done = [
+            c
+            for c, o in self.inflight.items()
+            if o.seen_ns is not None and table_updated_ns > o.seen_ns
+        ]
+        for c in done:
+            del self.inflight[c]
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.close()
+            self._view = None
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplyTag:
+    """Routes a generic request's answer to the client that asked (via the reply ring)."""
+
+    client_id: int
+    request_id: str
+    method: str
 
 
 class _Conn:
@@ -110,10 +334,58 @@ class TradingProcess:
         self._published = 0
         self._replies: list[ApiReply] = []
         self._dirty = False
+        self._reply_w: RingWriter | None = None
+        self._replies_sent = 0
+        self._risk = (
+            RiskGate(config.risk_limits, max_age_s=config.risk_max_age_s)
+            if config.risk_limits
+            else None
+        )
+        self._risk_rejected = 0
+        self._next_observe = 0.0
+        self._rl = RateLimitedLog(log)
+        self._notified_ready = False
+        self._pending_ready = False
+        self._pending_status: str | None = None
+        self._watchdog = sdnotify.Watchdog()
         self.session.on_transition = self._on_transition
 
     def _on_transition(self, old: State, new: State, event: str) -> None:
         self._dirty = True  # health readers must see every state change promptly
+        # systemd hears of it from _pump, after the metrics block shows the new state, so
+        # "started" (READY=1) never precedes what `pipeline health` reports.
+        if new is State.READY:
+            self._pending_ready = not self._notified_ready
+            self._pending_status = "ready: logged on"
+        elif new is State.RECONNECTING:
+            attempt = int(self.session.metrics["reconnect_attempts"]) + 1
+            self._pending_status = f"reconnecting (attempt {attempt})"
+        elif new is State.FAILED:
+            self._pending_status = f"failed ({event})"
+        else:
+            self._pending_status = new.name.lower()
+
+    def _notify(self) -> None:
+        if self._pending_ready:
+            self._pending_ready = False
+            self._notified_ready = True
+            sdnotify.ready(status=self._pending_status or "ready")
+        elif self._pending_status:
+            sdnotify.status(self._pending_status)
+        self._pending_status = None
+
+    def healthy(self) -> bool:
+        """What feeds the watchdog: Ready, or getting there within the reconnect budget."""
+        state = self.session.state
+        if state is State.READY:
+            return True
+        if state in (State.CONNECTING, State.AUTHENTICATING, State.RECONNECTING):
+            budget = self.config.session.backoff.max_attempts
+            return budget == 0 or self.session.metrics["reconnect_attempts"] < budget
+        return False
+
+    def _feed_watchdog(self) -> None:
+        self._watchdog.tick(healthy=self.healthy())
 
     # ---- public -----------------------------------------------------------------------
 
@@ -135,8 +407,20 @@ class TradingProcess:
         except BaseException:
             self._metrics.close()
             raise
+        try:
+            self._reply_w = RingWriter.create(
+                self.config.reply_ring or reply_ring_for(self.config.exec_ring),
+                REPLY_DTYPE,
+                self.config.reply_capacity,
+            )
+        except BaseException:
+            self._exec.close()
+            self._metrics.close()
+            raise
         self._intake = OrderIntake(
-            start_time_ns=time.time_ns(), max_order_age_s=self.config.max_order_age_s
+            start_time_ns=time.time_ns(),
+            max_order_age_s=self.config.max_order_age_s,
+            prefix=self.config.order_prefix,
         )
         self._metrics.set(pid=__import__("os").getpid())
         if install_signals:
@@ -151,6 +435,7 @@ class TradingProcess:
             self._pump()
             await self._stop.wait()
         finally:
+            sdnotify.stopping()
             if self._exit_code is None and self.session.state is not State.FAILED:
                 self.session.stop()
                 self._pump()
@@ -166,6 +451,9 @@ class TradingProcess:
             self._flush_metrics(force=True)
             self._intake.close()
             self._exec.close()
+            self._reply_w.close()
+            if self._risk is not None:
+                self._risk.close()
             if self.session.state is State.FAILED and self.config.keep_metrics_on_failure:
                 # Leave the block behind (writer dead, state FAILED) so `pipeline health` can
                 # say why we exited; the next start replaces it.
@@ -202,16 +490,55 @@ class TradingProcess:
         if updates:
             self._publish(updates)
         self._flush_metrics(force=False)
+        if self._pending_status is not None:
+            self._notify()
         self._wake.set()
 
     def _publish(self, updates: list[ExecUpdate | ApiReply]) -> None:
         now = time.time_ns()
-        recs = [exec_record(u, now) for u in updates if isinstance(u, ExecUpdate)]
-        self._replies.extend(u for u in updates if isinstance(u, ApiReply))
+        execs = [u for u in updates if isinstance(u, ExecUpdate)]
+        for u in updates:
+            if isinstance(u, ApiReply):
+                if isinstance(u.tag, _ReplyTag):
+                    self._send_reply(u.tag, u.response)
+                else:
+                    self._replies.append(u)
         del self._replies[:-100]
-        if recs and self._exec is not None:
+        if execs and self._exec is not None:
+            recs = [exec_record(u, now) for u in execs]
             self._exec.publish_many(np.array(recs, dtype=EXEC_DTYPE))
             self._published += len(recs)
+            if self._risk is not None:
+                cursor = self._exec.cursor
+                for u in execs:
+                    self._risk.published(u.client_order_id, u.kind, u.status, cursor)
+
+    def _send_reply(self, tag: _ReplyTag, resp: Response) -> None:
+        """An account-level answer, as chunked JSON on the reply ring (see pipeline.orders)."""
+        if self._reply_w is None:
+            return
+        err = resp.error
+        body: dict[str, Any] = {
+            "request_id": tag.request_id,
+            "method": tag.method,
+            "ok": resp.ok,
+            "status": resp.status,
+            "result": resp.result,
+            "error": {"code": err.code, "msg": err.msg} if err else None,
+        }
+        try:
+            payload = orjson.dumps(body)
+        except TypeError:  # not JSON-able (cannot happen for parsed JSON): say so
+            body.update(result=None, error={"code": LOCAL_INVALID, "msg": "unencodable reply"})
+            payload = orjson.dumps(body)
+        limit = min(MAX_REPLY_BYTES, self.config.reply_capacity * REPLY_CHUNK // 4)
+        if len(payload) > limit:
+            msg = f"reply of {len(payload)} bytes exceeds the {limit}-byte limit; ask per symbol"
+            body.update(ok=False, result=None, error={"code": LOCAL_REPLY_TOO_LARGE, "msg": msg})
+            payload = orjson.dumps(body)
+            self._rl.warning("reply_too_large", msg, method=tag.method)
+        self._reply_w.publish_many(reply_records(tag.client_id, tag.request_id, payload))
+        self._replies_sent += 1
 
     def _flush_metrics(self, *, force: bool) -> None:
         m = self._metrics
@@ -231,6 +558,9 @@ class TradingProcess:
         if self._intake is not None:
             values["order_rings"] = len(self._intake.readers)
             values["orders_stale"] = self._intake.stale
+        values["orders_risk_rejected"] = self._risk_rejected
+        values["risk_inflight"] = len(self._risk.inflight) if self._risk is not None else 0
+        values["replies_sent"] = self._replies_sent
         m.set(**{k: (float(v) if k in FLOAT_METRICS else int(v)) for k, v in values.items()})
 
     # ---- connections ---------------------------------------------------------------------
@@ -344,12 +674,16 @@ class TradingProcess:
             timeout = None
             if deadline is not None:
                 timeout = max(0.0, (deadline - s.clock.monotonic_ns()) / 1e9)
-            timeout = min(timeout if timeout is not None else 1.0, 1.0)
+            cap = 1.0
+            if self._watchdog.enabled and self._watchdog.interval_s is not None:
+                cap = min(cap, self._watchdog.interval_s / 2)
+            timeout = min(timeout if timeout is not None else cap, cap)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             s.tick()
             self._pump()
             self._flush_metrics(force=False)
+            self._feed_watchdog()
             # prune finished tasks
             for conn in self._conns.values():
                 conn.tasks = [t for t in conn.tasks if not t.done()]
@@ -363,6 +697,11 @@ class TradingProcess:
             if now >= next_scan:
                 intake.scan()
                 next_scan = now + self.config.scan_interval_s
+            if self._risk is not None and self._risk.inflight and now >= self._next_observe:
+                self._next_observe = now + self.config.risk_observe_interval_s
+                if self._risk.needs_observation:
+                    self._observe_risk()
+                self._risk.retire()
             cmds, rejects = intake.poll(time.time_ns())
             if rejects:
                 self._publish(list(rejects))
@@ -374,10 +713,58 @@ class TradingProcess:
             else:
                 await asyncio.sleep(self.config.poll_interval_s)
 
+    def _observe_risk(self) -> None:
+        """Where the risk consumer's exec-ring reader is (see :class:`RiskGate`)."""
+        from pipeline.ring import RingError, ring_stats
+
+        assert self._risk is not None
+        try:
+            stats = ring_stats(self.config.exec_ring)
+        except (RingError, OSError):
+            return
+        cursors = [r["cursor"] for r in stats["readers"] if r["name"] == self.config.risk_reader]
+        self._risk.observe(min(cursors) if cursors else None, time.time_ns())
+
+    def _risk_refused(self, cmd: Any, symbol: str, side: str) -> bool:
+        """Run the pre-trade check; on a refusal publish the REJECT and return True."""
+        if self._risk is None:
+            return False
+        reason = self._risk.check(symbol, side, cmd.qty, cmd.price)
+        if reason is None:
+            return False
+        self._risk_rejected += 1
+        self._dirty = True
+        self._rl.warning(
+            "risk_reject",
+            f"order refused by risk: {reason}",
+            client_order_id=cmd.client_order_id,
+            symbol=symbol,
+        )
+        self._publish(
+            [
+                ExecUpdate(
+                    cmd.client_order_id,
+                    ExecKind.REJECT,
+                    OrderStatus.REJECTED,
+                    symbol=symbol,
+                    side=side,
+                    price=cmd.price,
+                    qty=cmd.qty,
+                    error_code=LOCAL_RISK,
+                    error_msg=reason,
+                    submit_time_ns=cmd.submit_time_ns,
+                    client_id=cmd.client_id,
+                )
+            ]
+        )
+        return True
+
     def _execute(self, cmd: Any) -> None:
         s = self.session
         if cmd.action is Action.PLACE:
-            s.place(
+            if self._risk_refused(cmd, cmd.symbol, cmd.side):
+                return
+            sent = s.place(
                 cmd.client_order_id,
                 cmd.symbol,
                 cmd.side,
@@ -388,10 +775,17 @@ class TradingProcess:
                 submit_time_ns=cmd.submit_time_ns,
                 client_id=cmd.client_id,
             )
+            if sent and self._risk is not None:
+                self._risk.sent(cmd.client_order_id, cmd.symbol, cmd.side, cmd.qty)
         elif cmd.action is Action.CANCEL:
             s.cancel(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)
         elif cmd.action is Action.MODIFY:
-            s.modify(
+            info = s.order_info(cmd.orig_client_order_id)
+            symbol = cmd.symbol or (info[0] if info else "")
+            side = cmd.side or (info[1] if info else "")
+            if self._risk_refused(cmd, symbol, side):
+                return
+            sent = s.modify(
                 cmd.orig_client_order_id,
                 cmd.client_order_id,
                 qty=cmd.qty,
@@ -403,5 +797,19 @@ class TradingProcess:
                 submit_time_ns=cmd.submit_time_ns,
                 client_id=cmd.client_id,
             )
+            if sent and self._risk is not None:
+                self._risk.sent(cmd.client_order_id, symbol, side, cmd.qty)
         elif cmd.action is Action.STATUS:
             s.query(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)
+        elif cmd.action in REQUEST_METHODS:
+            method = REQUEST_METHODS[cmd.action]
+            tag = _ReplyTag(cmd.client_id, cmd.client_order_id, method)
+            params: dict[str, Any] = {"symbol": cmd.symbol} if cmd.symbol else {}
+            if cmd.action is Action.ACCOUNT:
+                params = {"omitZeroBalances": True}
+            if cmd.action is Action.CANCEL_ALL and not cmd.symbol:
+                self._send_reply(
+                    tag, Response(None, 400, None, ApiError(LOCAL_INVALID, "symbol required"))
+                )
+                return
+            s.request(method, params, tag=tag)

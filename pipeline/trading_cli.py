@@ -6,7 +6,13 @@
 - ``keygen --out DIR`` writes an Ed25519 key pair (private PEM mode 0600) and prints the public
   key's path: register that public key with Binance to get the API key for ``--api-key``.
 - ``order place|cancel|modify|status`` talks to a running ``trade`` through
-  :class:`pipeline.orders.OrderClient` and prints the answer as one JSON line.
+  :class:`pipeline.orders.OrderClient` and prints the answer as one JSON line;
+  ``order open-orders [--symbol S]|cancel-all --symbol S|account`` print the exchange's JSON
+  answer (``{"ok", "status", "result", "error", ...}``, carried on the reply ring).
+  Exit 0 when the exchange accepted, 1 when it (or the risk check) refused or no answer came.
+- ``trade --risk-limits NAME`` checks every order against the risk consumer's limits table
+  first; a refused order is answered with a REJECT, error_code -9009 and the limit in
+  ``error_msg`` (``order place`` also prints it to stderr).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def register(subparsers: Any) -> None:
 
 
 def _register_trade(subparsers: Any) -> None:
-    from pipeline.orders import EXEC_RING
+    from pipeline.orders import EXEC_RING, ORDER_RING_PREFIX
 
     p = subparsers.add_parser(
         "trade",
@@ -92,6 +98,33 @@ def _register_trade(subparsers: Any) -> None:
         metavar="NAME",
         help="metrics block name (default pipeline.trading.metrics)",
     )
+    p.add_argument(
+        "--reply-ring",
+        default=None,
+        metavar="NAME",
+        help="ring for open-orders / cancel-all / account answers "
+        "(default: the exec ring's name with .exec -> .replies)",
+    )
+    p.add_argument(
+        "--order-prefix",
+        default=ORDER_RING_PREFIX,
+        metavar="PREFIX",
+        help=f"order rings to read: /dev/shm/PREFIX<client> (default {ORDER_RING_PREFIX})",
+    )
+    p.add_argument(
+        "--risk-limits",
+        default=None,
+        metavar="NAME",
+        help="check every order against this risk limits table (e.g. pipeline.risk.limits; "
+        "default: no pre-trade check)",
+    )
+    p.add_argument(
+        "--risk-max-age",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="refuse orders when the limits table is older than this (default 5)",
+    )
     p.set_defaults(func=_trade)
 
 
@@ -139,6 +172,10 @@ def _trade(args: argparse.Namespace) -> int:
         session=session,
         exec_ring=args.exec_ring,
         metrics_name=args.metrics or METRICS_NAME,
+        reply_ring=args.reply_ring,
+        order_prefix=args.order_prefix,
+        risk_limits=args.risk_limits or None,
+        risk_max_age_s=args.risk_max_age,
     )
     tp = TradingProcess(cfg, signer)
     log.info("trading starting", extra={"event": "trading_start", "url": url})
@@ -205,7 +242,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _register_order(subparsers: Any) -> None:
-    from pipeline.orders import EXEC_RING
+    from pipeline.orders import EXEC_RING, ORDER_RING_PREFIX
 
     p = subparsers.add_parser("order", help="send an order to the running trading process")
     sub = p.add_subparsers(dest="order_command", metavar="ACTION")
@@ -215,6 +252,8 @@ def _register_order(subparsers: Any) -> None:
         sp.add_argument("--exec-ring", default=EXEC_RING, metavar="NAME")
         sp.add_argument("--client", default=None, help="client name (default cli<pid>)")
         sp.add_argument("--timeout", type=float, default=10.0, metavar="S")
+        sp.add_argument("--reply-ring", default=None, metavar="NAME")
+        sp.add_argument("--order-prefix", default=ORDER_RING_PREFIX, metavar="PREFIX")
 
     pl = sub.add_parser("place", help="place a new order")
     pl.add_argument("--symbol", required=True)
@@ -248,6 +287,17 @@ def _register_order(subparsers: Any) -> None:
     st.add_argument("--id", dest="client_order_id", required=True)
     st.add_argument("--symbol", required=True)
     common(st)
+
+    oo = sub.add_parser("open-orders", help="list open orders (openOrders.status)")
+    oo.add_argument("--symbol", default="", help="one symbol (default: all)")
+    common(oo)
+
+    ca = sub.add_parser("cancel-all", help="cancel every open order on a symbol")
+    ca.add_argument("--symbol", required=True)
+    common(ca)
+
+    ac = sub.add_parser("account", help="balances and permissions (account.status)")
+    common(ac)
     p.set_defaults(func=_order)
 
 
@@ -256,8 +306,11 @@ def _order(args: argparse.Namespace) -> int:
 
     from pipeline.orders import (
         CANCEL_ANSWERS,
+        LOCAL_RISK,
         STATUS_ANSWERS,
+        Action,
         OrderClient,
+        ReplyLostError,
         TradingNotRunningError,
     )
 
@@ -269,12 +322,31 @@ def _order(args: argparse.Namespace) -> int:
         return 2
     name = args.client or f"cli{os.getpid()}"
     try:
-        client = OrderClient.attach(name, exec_ring=args.exec_ring)
+        client = OrderClient.attach(
+            name, exec_ring=args.exec_ring, reply_ring=args.reply_ring, prefix=args.order_prefix
+        )
     except (TradingNotRunningError, ValueError) as exc:
         out({"error": str(exc)})
         return 1
     kinds = None
+    requests = {
+        "open-orders": Action.OPEN_ORDERS,
+        "cancel-all": Action.CANCEL_ALL,
+        "account": Action.ACCOUNT,
+    }
     try:
+        if args.order_command in requests:
+            try:
+                rid = client.request(requests[args.order_command], getattr(args, "symbol", ""))
+                reply = client.wait_reply(rid, args.timeout)
+            except TradingNotRunningError as exc:
+                out({"error": str(exc)})
+                return 1
+            except (TimeoutError, ReplyLostError) as exc:
+                out({"status": "TIMEOUT", "error": str(exc)})
+                return 1
+            out(reply)
+            return 0 if reply.get("ok") else 1
         if args.order_command == "place":
             coid = client.place(
                 symbol=args.symbol,
@@ -312,6 +384,8 @@ def _order(args: argparse.Namespace) -> int:
             )
             return 1
         out(report.as_dict())
+        if report.error_code == LOCAL_RISK:
+            print(f"error: refused by the risk check: {report.error_msg}", file=sys.stderr)
         return 0 if report.error_code == 0 else 1
     except ValueError as exc:
         out({"error": str(exc)})

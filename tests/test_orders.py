@@ -374,3 +374,84 @@ def test_trade_cli_refuses_a_second_instance(
         )  # fmt: skip
     assert code == 2
     assert "another `pipeline trade`" in capsys.readouterr().err
+
+
+# ---- replies (open orders / cancel-all / account) --------------------------------------------
+
+
+def test_reply_chunks_reassemble_and_interleave() -> None:
+    from pipeline.orders import REPLY_CHUNK, REPLY_DTYPE, ReplyAssembler, reply_records
+
+    big = json.dumps({"balances": [{"asset": f"A{i}", "free": "1.5"} for i in range(400)]})
+    payload = big.encode()
+    assert len(payload) > 5 * REPLY_CHUNK
+    mine = reply_records(7, "req-1", payload)
+    other = reply_records(8, "req-1", b'{"x": 1}')  # another client, same request id
+    small = reply_records(7, "req-2", b"{}")
+    assert REPLY_DTYPE.itemsize == 1024
+    assert len(mine) == -(-len(payload) // REPLY_CHUNK)
+    batch = np.concatenate([mine[:3], other, small, mine[3:]])
+    asm = ReplyAssembler(7)
+    assert asm.feed(batch[:4]) == []
+    assert asm.feed(batch[4:]) == ["req-2", "req-1"]
+    assert asm.done["req-1"] == payload
+    assert json.loads(asm.done["req-2"]) == {}
+    # a reply whose chunk went missing is never delivered half
+    asm2 = ReplyAssembler(7)
+    assert asm2.feed(np.concatenate([mine[:2], mine[3:]])) == []
+
+
+def test_reply_ring_name_follows_the_exec_ring() -> None:
+    from pipeline.orders import REPLY_RING, reply_ring_for
+
+    assert reply_ring_for("pipeline.trading.exec") == REPLY_RING
+    assert reply_ring_for("pt_1_x.exec") == "pt_1_x.replies"
+    assert reply_ring_for("odd") == "odd.replies"
+
+
+def test_request_needs_a_running_trading_process(shm_name: str) -> None:
+    from pipeline.orders import Action
+
+    exec_ring = RingWriter.create(f"{shm_name}.exec", EXEC_DTYPE, 64)
+    try:
+        with OrderClient.attach("rq", exec_ring=f"{shm_name}.exec", prefix=f"{shm_name}.o.") as c:
+            with pytest.raises(ValueError, match="symbol"):
+                c.request(Action.CANCEL_ALL)
+            with pytest.raises(ValueError):
+                c.request(Action.PLACE)
+            with pytest.raises(TradingNotRunningError, match="replies"):
+                c.request(Action.ACCOUNT)  # the exec ring exists, the reply ring does not
+    finally:
+        exec_ring.close()
+
+
+def test_wait_reply_reports_a_lapped_reader_and_times_out(shm_name: str) -> None:
+    from pipeline.orders import (
+        REPLY_DTYPE,
+        Action,
+        ReplyLostError,
+        client_id_of,
+        reply_records,
+    )
+
+    exec_ring = RingWriter.create(f"{shm_name}.exec", EXEC_DTYPE, 64)
+    replies = RingWriter.create(f"{shm_name}.replies", REPLY_DTYPE, 8)
+    try:
+        with OrderClient.attach("lap", exec_ring=f"{shm_name}.exec", prefix=f"{shm_name}.o.") as c:
+            rid = c.request(Action.ACCOUNT)
+            with pytest.raises(TimeoutError):
+                c.wait_reply(rid, timeout=0.05)
+            # our answer, then 20 records for another client: this reader (capacity 8) is
+            # lapped before it reads, and our answer is gone
+            replies.publish_many(reply_records(c.client_id, rid, b'{"ok": true}'))
+            for k in range(20):
+                replies.publish_many(reply_records(client_id_of("other"), f"x{k}", b"{}"))
+            with pytest.raises(ReplyLostError, match="lapped"):
+                c.wait_reply(rid, timeout=2.0)
+            # the next answer arrives whole
+            rid2 = c.request(Action.OPEN_ORDERS, "BTCUSDT")
+            replies.publish_many(reply_records(c.client_id, rid2, b'{"ok": true, "result": []}'))
+            assert c.wait_reply(rid2, timeout=2.0) == {"ok": True, "result": []}
+    finally:
+        replies.close()
+        exec_ring.close()

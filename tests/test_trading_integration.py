@@ -143,9 +143,12 @@ async def test_logon_with_raw_der_and_pem_keys(
             )
             task = asyncio.create_task(tp.run())
             await until(
-                lambda tp=tp: (
-                    tp.session.state is State.READY
-                    and tp.session.metrics["user_data_subscribed"] == 1
+                functools.partial(
+                    lambda tp: (
+                        tp.session.state is State.READY
+                        and tp.session.metrics["user_data_subscribed"] == 1
+                    ),
+                    tp,
                 )
             )
             tp.request_stop()
@@ -258,13 +261,15 @@ async def test_orders_across_disconnects_and_1007(tmp_path: Path, shm_name: str)
                 tp._pump()
                 lost_before = s.metrics["reconnects_total"]
                 if round_no == 0:
-                    await until(lambda b=batch: all(at_venue(c) for c in b))
+                    await until(functools.partial(lambda b: all(at_venue(c) for c in b), batch))
                     await sim.set_fault("drop", target="wsapi")
                     await sim.set_fault("wsapi_delay", ms=0)
                 if round_no == 3:  # dropped before the writes surely went out
                     await sim.set_fault("drop", target="wsapi")
                 if round_no in (0, 3):
-                    await until(lambda n=lost_before: s.metrics["reconnects_total"] > n)
+                    await until(
+                        functools.partial(lambda n: s.metrics["reconnects_total"] > n, lost_before)
+                    )
                 await until(
                     lambda: (
                         s.state is State.READY
@@ -399,3 +404,292 @@ async def test_429_is_honoured(tmp_path: Path, shm_name: str) -> None:
         finally:
             tp.request_stop()
             assert await task == 0
+
+
+# ---- systemd notification ------------------------------------------------------------------
+
+
+def test_watchdog_fed_only_while_healthy() -> None:
+    """Ready, or reconnecting within the attempt budget, feeds the watchdog; Failed or an
+    exhausted budget starves it (systemd then restarts the process)."""
+    from pipeline import sdnotify
+
+    sent: list[tuple[str, ...]] = []
+    now = [0.0]
+    cfg = TradingConfig(url="ws://127.0.0.1:9/", session=fast_config("k", attempts=3))
+    tp = TradingProcess(cfg, None)
+
+    def send(*lines: str, env: Any = None) -> bool:
+        sent.append(lines)
+        return True
+
+    tp._watchdog = sdnotify.Watchdog(1.0, clock=lambda: now[0], send=send)
+    s = tp.session
+
+    def step(state: State, attempts: int = 0) -> bool:
+        s.state = state
+        s.metrics["reconnect_attempts"] = attempts
+        now[0] += 1.0
+        before = len(sent)
+        tp._feed_watchdog()
+        return len(sent) > before
+
+    assert step(State.CONNECTING)  # starting up
+    assert step(State.READY)
+    assert step(State.RECONNECTING, attempts=2)
+    assert not step(State.RECONNECTING, attempts=3)  # budget spent: about to give up
+    assert not step(State.FAILED)
+    assert step(State.READY)
+    assert all(lines[0] == "WATCHDOG=1" for lines in sent)
+
+
+@pytest.mark.slow
+def test_sd_notify_ready_after_logon_watchdog_and_stopping(tmp_path: Path, shm_name: str) -> None:
+    """`pipeline trade` under a fake systemd: a real AF_UNIX datagram socket as NOTIFY_SOCKET."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.cli import main
+    from pipeline.sim.testing import run_sim_process
+
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    pub = tmp_path / "k" / "ed25519_public.pem"
+    key = tmp_path / "k" / "ed25519_private.pem"
+    sockdir = tempfile.mkdtemp(prefix="sdn", dir="/tmp")  # AF_UNIX paths are short
+    sock_path = os.path.join(sockdir, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.5)
+    messages: list[tuple[str, int]] = []  # (datagram, block state when it arrived)
+
+    metrics = f"{shm_name}.trading.metrics"  # <prefix>trading.metrics: `pipeline health` finds it
+
+    def block_value(name: str) -> float:
+        try:
+            with MetricsBlock.attach(metrics) as m:
+                return m.snapshot()[name]
+        except FileNotFoundError:
+            return -1
+
+    def block_state() -> int:
+        return int(block_value("state"))
+
+    try:
+        with run_sim_process("--symbols", "BTCUSDT", "--api-key", f"k1={pub}") as sim:
+            env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
+            env.pop("WATCHDOG_PID", None)
+            log_path = tmp_path / "trade.log"
+            with open(log_path, "wb") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pipeline", "trade", "--wsapi-url", sim.wsapi_url,
+                     "--api-key", "k1", "--private-key", str(key),
+                     "--exec-ring", f"{shm_name}.exec", "--metrics", metrics,
+                     "--order-prefix", f"{shm_name}.o.", "--ping-interval", "0.2"],
+                    env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+                )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 20
+
+                def seen(prefix: str) -> list[int]:
+                    return [i for i, (m, _) in enumerate(messages) if prefix in m.split("\n")]
+
+                def done() -> bool:
+                    ready = seen("READY=1")
+                    return bool(ready) and any(i > ready[0] for i in seen("WATCHDOG=1"))
+
+                while not done():
+                    assert time.monotonic() < deadline, (messages, log_path.read_text()[-2000:])
+                    assert proc.poll() is None, log_path.read_text()[-2000:]
+                    try:
+                        data = sock.recv(4096).decode()
+                    except TimeoutError:
+                        continue
+                    messages.append((data, block_state()))
+                while block_value("rtt_us") <= 0:  # a ping frame's pong came back
+                    assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                    time.sleep(0.02)
+                health = health_json(tmp_path, shm_name)
+            finally:
+                proc.terminate()
+                proc.wait(20)
+            assert proc.returncode == 0, log_path.read_text()[-2000:]
+            while True:  # what was sent while stopping
+                try:
+                    messages.append((sock.recv(4096).decode(), -1))
+                except TimeoutError:
+                    break
+    finally:
+        sock.close()
+        os.unlink(sock_path)
+        os.rmdir(sockdir)
+    ready = [(m, st) for m, st in messages if "READY=1" in m.split("\n")]
+    assert len(ready) == 1
+    text, state_then = ready[0]
+    assert state_then == int(State.READY)  # logged on before systemd hears "started"
+    assert f"MAINPID={proc.pid}" in text.split("\n")
+    assert "STATUS=ready: logged on" in text.split("\n")
+    assert any(m.startswith("WATCHDOG=1") for m, _ in messages)
+    assert "STOPPING=1" in [m for m, _ in messages]
+    # `pipeline health --json` while it ran: the trading fields, from the trading block
+    code, rep = health
+    t = rep["trading"]
+    assert code == 0, rep
+    assert t["healthy"] is True
+    assert t["block"] == f"{shm_name}.trading.metrics"
+    assert t["state"] == "READY"
+    assert t["reconnects"] == 0
+    assert t["orders_unknown"] == 0
+    assert t["last_rtt_us"] > 0
+    assert t["metrics"]["pid"] == proc.pid
+
+
+def health_json(tmp_path: Path, shm_name: str) -> tuple[int, dict[str, Any]]:
+    """Run `pipeline health --json` (a subprocess, as an operator would) against the blocks
+    under this test's prefix; returns (exit code, report)."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "health.toml"
+    cfg.write_text(f'[run]\nshm_prefix = "{shm_name}."\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "health", "--json", "--config", str(cfg),
+         "--expect", "trading", "--ring", f"{shm_name}.exec"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return out.returncode, json.loads(out.stdout)
+
+
+# ---- account-level requests over the reply ring ------------------------------------------------
+
+
+@run
+async def test_open_orders_cancel_all_and_account(
+    tmp_path: Path, shm_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from pipeline.cli import main
+
+    path, pub = new_key(tmp_path, "pem", "k")
+    prefix = f"{shm_name}.o."
+    async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT", "ETHUSDT"]) as sim:
+        cfg = TradingConfig(
+            url=sim.wsapi_url,
+            session=fast_config("k"),
+            exec_ring=f"{shm_name}.exec",
+            metrics_name=f"{shm_name}.metrics",
+            scan_interval_s=0.05,
+            order_prefix=prefix,
+        )
+        tp = TradingProcess(cfg, load_private_key(path))
+        task = asyncio.create_task(tp.run())
+        client = None
+        try:
+            await until(lambda: tp.session.state is State.READY)
+            client = OrderClient.attach("acct", exec_ring=f"{shm_name}.exec", prefix=prefix)
+            placed = []
+            for sym in ("BTCUSDT", "BTCUSDT", "ETHUSDT"):
+                price = round(float(sim.market.best(sym)[0]) * 0.9, 2)
+                coid = client.place(symbol=sym, side="BUY", qty=0.01, price=price)
+                assert (await asyncio.to_thread(client.wait, coid, 10.0)).status == "NEW"
+                placed.append(coid)
+
+            every = await asyncio.to_thread(client.open_orders)
+            assert every["ok"] is True
+            assert every["method"] == "openOrders.status"
+            assert sorted(o["clientOrderId"] for o in every["result"]) == sorted(placed)
+            btc = await asyncio.to_thread(client.open_orders, "BTCUSDT")
+            assert sorted(o["clientOrderId"] for o in btc["result"]) == sorted(placed[:2])
+
+            account = await asyncio.to_thread(client.account)
+            assert account["ok"] is True
+            assert account["result"]["canTrade"] is True
+            assert any(b["asset"] == "USDT" for b in account["result"]["balances"])
+
+            # the command line prints the same JSON
+            capsys.readouterr()
+            args = ["--exec-ring", f"{shm_name}.exec", "--order-prefix", prefix]
+            code = await asyncio.to_thread(
+                main, ["order", "open-orders", "--symbol", "ETHUSDT", *args]
+            )
+            cli = json.loads(capsys.readouterr().out)
+            assert code == 0
+            assert [o["clientOrderId"] for o in cli["result"]] == [placed[2]]
+
+            code = await asyncio.to_thread(
+                main, ["order", "cancel-all", "--symbol", "BTCUSDT", *args]
+            )
+            canceled = json.loads(capsys.readouterr().out)
+            assert code == 0
+            assert canceled["method"] == "openOrders.cancelAll"
+            assert sorted(o["origClientOrderId"] for o in canceled["result"]) == sorted(placed[:2])
+            assert all(o["status"] == "CANCELED" for o in canceled["result"])
+            # the session learns of the cancels from the user data stream
+            await until(
+                lambda: all(tp.session.order_status(c) is OrderStatus.CANCELED for c in placed[:2])
+            )
+            # nothing left on BTCUSDT: the exchange's error comes back, exit 1
+            code = await asyncio.to_thread(
+                main, ["order", "cancel-all", "--symbol", "BTCUSDT", *args]
+            )
+            refused = json.loads(capsys.readouterr().out)
+            assert code == 1
+            assert refused["ok"] is False
+            assert refused["error"]["code"] == -2011
+
+            code = await asyncio.to_thread(main, ["order", "account", *args])
+            assert code == 0
+            assert json.loads(capsys.readouterr().out)["result"]["accountType"] == "SPOT"
+            left = await asyncio.to_thread(client.open_orders)
+            assert [o["clientOrderId"] for o in left["result"]] == [placed[2]]
+            assert tp._metrics is not None
+            await until(lambda: tp._metrics.snapshot()["replies_sent"] == 8)  # type: ignore[union-attr]
+        finally:
+            if client is not None:
+                client.close()
+            tp.request_stop()
+            assert await task == 0
+
+
+def test_oversized_reply_becomes_an_error_reply(shm_name: str) -> None:
+    """A reply bigger than a quarter of the reply ring is replaced by an error naming the limit
+    (a whole reply must fit while the client reads it, or it would be lapped mid-reply)."""
+    import json
+
+    import numpy as np
+
+    from pipeline.binance.wsapi import Response
+    from pipeline.orders import LOCAL_REPLY_TOO_LARGE, REPLY_DTYPE, ReplyAssembler
+    from pipeline.ring import RingReader, RingWriter
+    from pipeline.trading import _ReplyTag
+
+    cfg = TradingConfig(url="ws://127.0.0.1:9/", session=fast_config("k"), reply_capacity=8)
+    tp = TradingProcess(cfg, None)
+    tp._reply_w = RingWriter.create(f"{shm_name}.replies", REPLY_DTYPE, 8)
+    try:
+        with RingReader.attach(f"{shm_name}.replies", "t") as reader:
+            orders = [{"symbol": "BTCUSDT", "clientOrderId": f"c{i}"} for i in range(100)]
+            tp._send_reply(_ReplyTag(5, "big", "openOrders.status"), Response("1", 200, orders))
+            tp._send_reply(_ReplyTag(5, "small", "openOrders.status"), Response("2", 200, []))
+            asm = ReplyAssembler(5)
+            assert asm.feed(reader.poll()) == ["big", "small"]
+            big = json.loads(asm.done["big"])
+            assert big["ok"] is False
+            assert big["result"] is None
+            assert big["error"]["code"] == LOCAL_REPLY_TOO_LARGE
+            assert "exceeds the 1936-byte limit" in big["error"]["msg"]
+            assert json.loads(asm.done["small"]) == {
+                "request_id": "small",
+                "method": "openOrders.status",
+                "ok": True,
+                "status": 200,
+                "result": [],
+                "error": None,
+            }
+            assert reader.missed == 0
+            assert isinstance(reader.poll(), np.ndarray)
+    finally:
+        tp._reply_w.close()
