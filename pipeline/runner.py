@@ -158,6 +158,9 @@ def plan_components(
                     "--api-key", ctx.api_key, "--private-key", ctx.private_key,
                     "--exec-ring", cfg.ring.exec_name,
                     "--metrics", f"{cfg.run.shm_prefix}trading.metrics",
+                    # with the risk consumer running, every order passes its limits first
+                    *(["--risk-limits", cfg.risk.limits_name]
+                      if "risk" in cfg.run.consumers else []),
                     *cfg.trading.extra_args]  # fmt: skip
 
         # exit 3: the exchange rejected the logon; retrying would only hammer it

@@ -250,3 +250,16 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "ingest.symbols[1]" in proc.stderr
+
+
+def test_plan_gates_trading_on_risk_limits_only_when_risk_runs() -> None:
+    ctx = RunContext(api_key="k", private_key="/k.pem", public_key="/k.pub")
+    ctx.sim_urls.update(streams="ws://127.0.0.1:9", rest="http://127.0.0.1:9", wsapi="ws://x/ws")
+    have = {"sim", "ingest", "trade", "consume"}
+    plain = load_config(env={})
+    comps, _ = plan_components(plain, ctx, have)
+    assert "--risk-limits" not in {c.name: c for c in comps}["trading"].argv()
+    with_risk = load_config(env={"PIPELINE_RUN_CONSUMERS": "monitor,risk"})
+    comps, _ = plan_components(with_risk, ctx, have)
+    trade = {c.name: c for c in comps}["trading"].argv()
+    assert trade[trade.index("--risk-limits") + 1] == with_risk.risk.limits_name
