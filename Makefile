@@ -23,7 +23,7 @@ test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,postgres,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,postgres,bench,peers]'
 	$(BIN)/python -m pytest benchmarks -p no:randomly --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 
 clean:
