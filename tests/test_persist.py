@@ -3,6 +3,7 @@ restart), and PostgreSQL against a real server this test starts itself."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -209,9 +210,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     pytest.importorskip("psycopg", reason="psycopg not installed (optional extra 'postgres')")
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    # PATH first, then where Debian's postgresql packages put the server binaries.
+    debian = ":".join(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
+    search = os.pathsep.join(filter(None, [os.environ.get("PATH"), debian]))
+    initdb, pg_ctl = shutil.which("initdb", path=search), shutil.which("pg_ctl", path=search)
     if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH")
+        pytest.skip(
+            "SKIPPED LOUDLY: no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in "
+            "/usr/lib/postgresql/*/bin; install Debian's 'postgresql' package to run this test"
+        )
     # Not pytest's tmp_path: that lives under a 0700 root-owned directory the server user
     # cannot enter. A fresh directory directly in the temp dir, removed at teardown.
     base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
