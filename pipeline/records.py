@@ -62,3 +62,8 @@ assert TICK_DTYPE.itemsize == 96, TICK_DTYPE.itemsize
 def empty_ticks(n: int) -> np.ndarray:
     """A zeroed batch of ``n`` tick records."""
     return np.zeros(n, dtype=TICK_DTYPE)
+
+
+# The tick ring's name when nobody says otherwise: ingest, `pipeline run`, the consumers, the
+# latency probe and `pipeline health` must agree on it, or a newcomer's probe finds nothing.
+TICK_RING = "pipeline.ticks"

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.records import TICK_RING
+
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 PCT_KEYS = ("p50", "p90", "p99", "p99.9", "max")
 STAGES = (
@@ -669,7 +671,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ring", default="ticks", help="tick ring name (default: ticks)")
+    p.add_argument("--ring", default=TICK_RING, help=f"tick ring name (default: {TICK_RING})")
     p.add_argument("--seconds", type=float, default=30.0, help="how long to measure")
     p.add_argument("--json", help="write the raw percentiles to this file")
     p.add_argument("--plot", help="write a latency CDF PNG (needs matplotlib)")
