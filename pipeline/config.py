@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -443,6 +444,17 @@ def load_config(
     return cfg
 
 
+def load_config_for_cli(path: str | os.PathLike[str] | None, command: str) -> Config | None:
+    """:func:`load_config` for a subcommand: a bad file or setting is reported on stderr as
+    ``<command>: config error: ...`` and gives None, so every command words (and exits 2 on)
+    a config error the same way instead of dying with a traceback."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{command}: config error: {exc}", file=sys.stderr)
+        return None
+
+
 def validate(cfg: Config) -> None:
     """Cross-field rules (each error names the key to fix)."""
     if cfg.run.mode != "sim":
@@ -500,4 +512,5 @@ __all__ = [
     "TradingConfig",
     "describe",
     "load_config",
+    "load_config_for_cli",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
 from typing import Any
 
 log = logging.getLogger("pipeline.consumer")
@@ -63,13 +62,11 @@ def register(subparsers: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config_for_cli
     from pipeline.consumers import REGISTRY, LoopOptions, StopFlag, run_consumer
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pipeline consume: config error: {exc}", file=sys.stderr)
+    cfg = load_config_for_cli(args.config, "pipeline consume")
+    if cfg is None:
         return 2
     module_name, _, factory = REGISTRY[args.name].partition(":")
     module = importlib.import_module(module_name)

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -283,12 +282,10 @@ def register(subparsers: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config_for_cli
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pipeline health: config error: {exc}", file=sys.stderr)
+    cfg = load_config_for_cli(args.config, "pipeline health")
+    if cfg is None:
         return 2
     rings = args.ring or [cfg.ring.name]
     if args.expect is None:

@@ -62,6 +62,7 @@ from pipeline.binance import userdata as ud
 from pipeline.binance.signing import Signer
 from pipeline.binance.wsapi import (
     ApiError,
+    OrderInfo,
     ProtocolError,
     RequestBuilder,
     Response,
@@ -183,6 +184,19 @@ class SystemClock:
 
     def time_ns(self) -> int:
         return time.time_ns()
+
+
+# executionReport ``x`` -> what we publish (anything else: STATUS). Built once: it is looked up
+# for every user data event.
+_EXEC_KIND: dict[str, ExecKind] = {
+    "NEW": ExecKind.NEW,
+    "TRADE": ExecKind.TRADE,
+    "CANCELED": ExecKind.CANCELED,
+    "EXPIRED": ExecKind.EXPIRED,
+    "REJECTED": ExecKind.REJECT,
+    "REPLACED": ExecKind.REPLACED,
+    "TRADE_PREVENTION": ExecKind.EXPIRED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,33 +713,10 @@ class Session:
             submit_time_ns=submit_time_ns,
             client_id=client_id,
         )
-        if not CLIENT_ORDER_ID_RE.match(client_order_id):
-            self._local_reject(client_order_id, LOCAL_INVALID, order)
+        bad_fields = side not in ("BUY", "SELL") or qty <= 0 or (type == "LIMIT" and not price)
+        if self._refused(order, bad_fields=bad_fields):
             return False
-        if client_order_id in self._orders:
-            self._local_reject(client_order_id, LOCAL_DUPLICATE_ID, order)
-            return False
-        if side not in ("BUY", "SELL") or qty <= 0 or (type == "LIMIT" and not price):
-            self._local_reject(client_order_id, LOCAL_INVALID, order)
-            return False
-        code = self._gate()
-        if code:
-            self._local_reject(client_order_id, code, order)
-            return False
-        params: dict[str, Any] = {
-            "symbol": symbol,
-            "side": side,
-            "type": type,
-            "quantity": qty,
-            "newClientOrderId": client_order_id,
-        }
-        if price:
-            params["price"] = price
-        if type != "MARKET":
-            params["timeInForce"] = tif or "GTC"
-        self._add_order(order)
-        self.metrics["orders_sent"] += 1
-        self._send_ready("order.place", params, "place", coid=client_order_id)
+        self._send_new(order, "order.place", {"symbol": symbol}, "place", coid=client_order_id)
         return True
 
     def cancel(
@@ -782,32 +773,15 @@ class Session:
             submit_time_ns=submit_time_ns,
             client_id=client_id,
         )
-        if not CLIENT_ORDER_ID_RE.match(new_client_order_id) or not sym or not sd:
-            self._local_reject(new_client_order_id, LOCAL_INVALID, new)
-            return False
-        if new_client_order_id in self._orders:
-            self._local_reject(new_client_order_id, LOCAL_DUPLICATE_ID, new)
-            return False
-        code = self._gate()
-        if code:
-            self._local_reject(new_client_order_id, code, new)
+        if self._refused(new, malformed=not sym or not sd):
             return False
         params: dict[str, Any] = {
             "symbol": sym,
             "cancelReplaceMode": self.config.cancel_replace_mode,
             "cancelOrigClientOrderId": client_order_id,
-            "side": sd,
-            "type": tp,
-            "quantity": qty,
-            "newClientOrderId": new_client_order_id,
         }
-        if price:
-            params["price"] = price
-        if tp != "MARKET":
-            params["timeInForce"] = new.tif or "GTC"
-        self._add_order(new)
-        self.metrics["orders_sent"] += 1
-        return self._send_ready(
+        return self._send_new(
+            new,
             "order.cancelReplace",
             params,
             "modify",
@@ -815,17 +789,53 @@ class Session:
             new_coid=new_client_order_id,
         )
 
+    def _refused(self, order: _Order, *, malformed: bool = False, bad_fields: bool = False) -> bool:
+        """Reject a new order locally if it cannot go out; True if it was.
+
+        One order of checks for place and modify, so both report the same code for the same
+        fault: an invalid id (or ``malformed``), a duplicate id, ``bad_fields``, :meth:`_gate`.
+        """
+        coid = order.coid
+        if malformed or not CLIENT_ORDER_ID_RE.match(coid):
+            code = LOCAL_INVALID
+        elif coid in self._orders:
+            code = LOCAL_DUPLICATE_ID
+        elif bad_fields:
+            code = LOCAL_INVALID
+        else:
+            code = self._gate()
+        if code:
+            self._local_reject(coid, code, order)
+        return bool(code)
+
+    def _send_new(
+        self, order: _Order, method: str, params: dict[str, Any], kind: str, **kw: Any
+    ) -> bool:
+        """Send a request creating ``order``: its fields follow the method's own ``params``."""
+        params["side"] = order.side
+        params["type"] = order.type
+        params["quantity"] = order.qty
+        params["newClientOrderId"] = order.coid
+        if order.price:
+            params["price"] = order.price
+        if order.type != "MARKET":
+            params["timeInForce"] = order.tif or "GTC"
+        self._add_order(order)
+        self.metrics["orders_sent"] += 1
+        return self._send_ready(method, params, kind, **kw)
+
     def query(self, client_order_id: str, symbol: str | None = None, *, client_id: int = 0) -> bool:
         order = self._orders.get(client_order_id)
         sym = symbol or (order.symbol if order else "")
-        if self._gate() or not sym:
+        code = self._gate() or (LOCAL_INVALID if not sym else 0)
+        if code:
             self._updates.append(
                 ExecUpdate(
                     client_order_id,
                     ExecKind.STATUS,
                     order.status if order else OrderStatus.UNKNOWN,
                     symbol=sym,
-                    error_code=self._gate() or LOCAL_INVALID,
+                    error_code=code,
                     client_id=client_id,
                 )
             )
@@ -1120,7 +1130,7 @@ class Session:
         if outcome is Outcome.OK:
             info = parse_order(msg.result)
             self.metrics["orders_acked"] += 1
-            self._apply(order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty)
+            self._apply_info(order, info)
             self._emit(
                 order,
                 ExecKind.ACK,
@@ -1141,9 +1151,7 @@ class Session:
         if outcome is Outcome.OK:
             info = parse_order(msg.result)
             if order is not None:
-                self._apply(
-                    order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty
-                )
+                self._apply_info(order, info)
                 self._emit(order, ExecKind.CANCELED, client_id=p.tag or order.client_id)
             else:
                 self._updates.append(
@@ -1190,7 +1198,7 @@ class Session:
         res = parse_cancel_replace(msg)
         if old is not None and res.cancel_ok and res.cancel is not None:
             c = res.cancel
-            self._apply(old, c.status, c.order_id, c.executed_qty, c.cum_quote_qty)
+            self._apply_info(old, c)
             self._emit(old, ExecKind.CANCELED)
         elif res.cancel_error is not None:
             self._updates.append(
@@ -1209,7 +1217,7 @@ class Session:
         if res.new_order_ok and res.new_order is not None:
             n = res.new_order
             self.metrics["orders_acked"] += 1
-            self._apply(new, n.status, n.order_id, n.executed_qty, n.cum_quote_qty)
+            self._apply_info(new, n)
             self._emit(new, ExecKind.ACK, event_time_ns=n.transact_time_ms * 1_000_000)
         else:
             err = res.new_order_error or res.cancel_error or msg.error
@@ -1223,9 +1231,7 @@ class Session:
         if msg.ok:
             info = parse_order(msg.result)
             if order is not None:
-                self._apply(
-                    order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty
-                )
+                self._apply_info(order, info)
                 self._emit(order, ExecKind.STATUS, client_id=p.tag or order.client_id)
             else:
                 st = _STATUS_BY_NAME.get(info.status, OrderStatus.UNKNOWN)
@@ -1265,7 +1271,7 @@ class Session:
             return  # the user data stream resolved it first
         if msg.ok:
             info = parse_order(msg.result)
-            self._apply(order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty)
+            self._apply_info(order, info)
             self.metrics["orders_reconciled"] += 1
             self._emit(order, ExecKind.RECONCILED)
         elif msg.code == -2013:
@@ -1284,6 +1290,10 @@ class Session:
             order.order_id = order_id
         order.cum_qty = max(order.cum_qty, cum_qty)
         order.cum_quote = max(order.cum_quote, cum_quote)
+
+    def _apply_info(self, order: _Order, info: OrderInfo) -> None:
+        """:meth:`_apply` with what an order.place / cancel / status result says."""
+        self._apply(order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty)
 
     def _emit(
         self, order: _Order, kind: ExecKind, *, client_id: int | None = None, **kw: Any
@@ -1366,24 +1376,13 @@ class Session:
             order = self._orders.get(p.new_coid or p.coid)
             if order is not None and order.status is OrderStatus.PENDING:
                 self._make_unknown(order, code)
-            if p.kind == "modify" and p.coid in self._orders:
-                old = self._orders[p.coid]
-                if old.status not in FINAL:
-                    old.status = OrderStatus.UNKNOWN
-                    self._unknown.add(old.coid)
-                    old.was_unknown = True
-                    self.metrics["orders_unknown"] += 1
-                    self._emit(old, ExecKind.UNKNOWN, error_code=code)
-                    self._reconcile(old)
-        elif p.kind in ("cancel",):
+            old = self._orders.get(p.coid) if p.kind == "modify" else None
+            if old is not None:
+                self._make_unknown(old, code)
+        elif p.kind == "cancel":
             order = self._orders.get(p.coid)
-            if order is not None and order.status not in FINAL:
-                order.status = OrderStatus.UNKNOWN
-                self._unknown.add(order.coid)
-                order.was_unknown = True
-                self.metrics["orders_unknown"] += 1
-                self._emit(order, ExecKind.UNKNOWN, error_code=code)
-                self._reconcile(order)
+            if order is not None:
+                self._make_unknown(order, code)
         elif p.kind == "reconcile":
             order = self._orders.get(p.coid)
             if order is not None:
@@ -1436,15 +1435,7 @@ class Session:
         was_unknown = order.status is OrderStatus.UNKNOWN
         late = order.status is OrderStatus.REJECTED and order.was_unknown
         self._apply(order, ev.status, ev.order_id, ev.cum_qty, ev.cum_quote)
-        kind = {
-            "NEW": ExecKind.NEW,
-            "TRADE": ExecKind.TRADE,
-            "CANCELED": ExecKind.CANCELED,
-            "EXPIRED": ExecKind.EXPIRED,
-            "REJECTED": ExecKind.REJECT,
-            "REPLACED": ExecKind.REPLACED,
-            "TRADE_PREVENTION": ExecKind.EXPIRED,
-        }.get(ev.exec_type, ExecKind.STATUS)
+        kind = _EXEC_KIND.get(ev.exec_type, ExecKind.STATUS)
         if was_unknown:
             self.metrics["orders_reconciled"] += 1
             kind = ExecKind.RECONCILED if kind in (ExecKind.NEW, ExecKind.STATUS) else kind

@@ -131,6 +131,19 @@ def loop_runner() -> Iterator[Callable[..., tuple[StopFlag, threading.Thread, li
         assert not t.is_alive()
 
 
+def _publish_until_printed(
+    w: RingWriter, out: io.StringIO, sym: int, price: float, text: str
+) -> None:
+    """Publish trades of symbol id ``sym`` at ``price`` until the monitor has printed ``text``
+    (the reader attaches with retries, so the first records may land before it reads)."""
+    n = 0
+    while text not in out.getvalue():
+        n += 1
+        w.publish_many(ticks(Kind.AGG_TRADE, [(sym, price, 1.0, n)]))
+        time.sleep(0.02)
+        assert n < 500, out.getvalue()
+
+
 def test_monitor_waits_for_ring_then_follows_writer_restart(
     shm_name: str, loop_runner: Callable[..., tuple[StopFlag, threading.Thread, list[int]]]
 ) -> None:
@@ -144,23 +157,12 @@ def test_monitor_waits_for_ring_then_follows_writer_restart(
     time.sleep(0.1)
     w1 = RingWriter.create(shm_name, TICK_DTYPE, 1024, SYMBOLS)
     try:
-        # publish until the (retrying) reader has attached and seen a record
-        n = 0
-        while "BTCUSDT | 100.00" not in out.getvalue():
-            n += 1
-            w1.publish_many(ticks(Kind.AGG_TRADE, [(0, 100.0, 1.0, n)]))
-            time.sleep(0.02)
-            assert n < 500, out.getvalue()
+        _publish_until_printed(w1, out, 0, 100.0, "BTCUSDT | 100.00")
     finally:
         w1.close()  # writer goes away (clean close unlinks the ring)
     w2 = RingWriter.create(shm_name, TICK_DTYPE, 1024, SYMBOLS)
     try:
-        k = 0
-        while "ETHUSDT | 200.00" not in out.getvalue():
-            k += 1
-            w2.publish_many(ticks(Kind.AGG_TRADE, [(1, 200.0, 1.0, k)]))
-            time.sleep(0.02)
-            assert k < 500, out.getvalue()
+        _publish_until_printed(w2, out, 1, 200.0, "ETHUSDT | 200.00")
     finally:
         stop.set()
         thread.join(10)

@@ -307,27 +307,21 @@ def test_trade_process_end_to_end(tmp_path: Path, shm_name: str) -> None:
                 assert time.monotonic() < deadline, "trading never became READY"
                 time.sleep(0.05)
             bid = float(sim.state()["market"]["BTCUSDT"]["best_bid"])
-            placed = subprocess.run(
-                [
-                    *base,
-                    "order",
-                    "place",
-                    "--symbol",
-                    "BTCUSDT",
-                    "--side",
-                    "BUY",
-                    "--price",
-                    f"{bid * 0.9:.2f}",
-                    "--qty",
-                    "0.001",
-                    "--exec-ring",
-                    f"{shm_name}.exec",
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+
+            def order(*args: str) -> subprocess.CompletedProcess[str]:
+                """`pipeline order ...` against this trading process, as a subprocess."""
+                return subprocess.run(
+                    [*base, "order", *args, "--exec-ring", f"{shm_name}.exec"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+
+            placed = order(
+                "place", "--symbol", "BTCUSDT", "--side", "BUY", "--price", f"{bid * 0.9:.2f}",
+                "--qty", "0.001",
+            )  # fmt: skip
             assert placed.returncode == 0, (
                 placed.stdout,
                 proc.poll(),
@@ -335,21 +329,7 @@ def test_trade_process_end_to_end(tmp_path: Path, shm_name: str) -> None:
             )
             ack = json.loads(placed.stdout)
             assert ack["status"] == "NEW"
-            canceled = subprocess.run(
-                [
-                    *base,
-                    "order",
-                    "cancel",
-                    "--id",
-                    ack["client_order_id"],
-                    "--exec-ring",
-                    f"{shm_name}.exec",
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            canceled = order("cancel", "--id", ack["client_order_id"])
             assert json.loads(canceled.stdout)["status"] == "CANCELED", canceled.stdout
         finally:
             proc.terminate()

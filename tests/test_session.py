@@ -193,6 +193,29 @@ def order_result(coid: str, status: str = "NEW", executed: str = "0") -> dict[st
     }
 
 
+UNKNOWN_ORDER = {"code": -2011, "msg": "Unknown order sent."}
+_CANCEL_REPLACE_MSG = {
+    -2021: "Order cancel-replace partially failed.",
+    -2022: "Order cancel-replace failed.",
+}
+
+
+def cancel_replace_error(
+    code: int, cancel: tuple[str, Any], new_order: tuple[str, Any]
+) -> dict[str, Any]:
+    """The ``error`` of a failed order.cancelReplace: each leg is ``(result, response)``."""
+    return {
+        "code": code,
+        "msg": _CANCEL_REPLACE_MSG[code],
+        "data": {
+            "cancelResult": cancel[0],
+            "newOrderResult": new_order[0],
+            "cancelResponse": cancel[1],
+            "newOrderResponse": new_order[1],
+        },
+    }
+
+
 def test_transition_table_covers_the_documented_path() -> None:
     path = [
         ("start", State.CONNECTING),
@@ -527,16 +550,11 @@ def test_cancel_replace_partial_failure() -> None:
         1,
         msg,
         status=409,
-        error={
-            "code": -2021,
-            "msg": "Order cancel-replace partially failed.",
-            "data": {
-                "cancelResult": "SUCCESS",
-                "newOrderResult": "FAILURE",
-                "cancelResponse": order_result("m1", "CANCELED") | {"origClientOrderId": "m1"},
-                "newOrderResponse": {"code": -2010, "msg": "Order would immediately match"},
-            },
-        },
+        error=cancel_replace_error(
+            -2021,
+            ("SUCCESS", order_result("m1", "CANCELED") | {"origClientOrderId": "m1"}),
+            ("FAILURE", {"code": -2010, "msg": "Order would immediately match"}),
+        ),
     )
     assert d.session.order_status("m1") is OrderStatus.CANCELED
     u = d.last("m2")
@@ -551,16 +569,7 @@ def test_cancel_replace_stop_on_failure() -> None:
         1,
         d.take("order.cancelReplace"),
         status=400,
-        error={
-            "code": -2022,
-            "msg": "Order cancel-replace failed.",
-            "data": {
-                "cancelResult": "FAILURE",
-                "newOrderResult": "NOT_ATTEMPTED",
-                "cancelResponse": {"code": -2011, "msg": "Unknown order sent."},
-                "newOrderResponse": None,
-            },
-        },
+        error=cancel_replace_error(-2022, ("FAILURE", UNKNOWN_ORDER), ("NOT_ATTEMPTED", None)),
     )
     assert d.last("gone").kind is ExecKind.CANCEL_REJECT
     assert d.last("m3").status is OrderStatus.REJECTED
@@ -668,16 +677,9 @@ def test_cancel_replace_allow_failure_new_order_placed() -> None:
         1,
         msg,
         status=409,
-        error={
-            "code": -2021,
-            "msg": "Order cancel-replace partially failed.",
-            "data": {
-                "cancelResult": "FAILURE",
-                "newOrderResult": "SUCCESS",
-                "cancelResponse": {"code": -2011, "msg": "Unknown order sent."},
-                "newOrderResponse": order_result("n1"),
-            },
-        },
+        error=cancel_replace_error(
+            -2021, ("FAILURE", UNKNOWN_ORDER), ("SUCCESS", order_result("n1"))
+        ),
     )
     assert d.last("old").kind is ExecKind.CANCEL_REJECT
     assert d.last("old").error_code == -2011

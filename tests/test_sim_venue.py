@@ -455,19 +455,26 @@ def _cr(mode: str, **kw: str) -> dict[str, str]:
     return p
 
 
-def test_cancel_replace_success(venue: Venue, market: Market) -> None:
+def _replace_resting(
+    venue: Venue, market: Market, old: str, new: str
+) -> tuple[int, dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """Rest a BUY 10 below the bid as ``old``, then cancel-replace it 5 below as ``new``."""
     bid = market.best("BTCUSDT")[0]
-    venue.place(ACC, limit("BUY", str(bid - 10), "0.01", newClientOrderId="old"), NOW)
-    status, body, events = venue.cancel_replace(
+    venue.place(ACC, limit("BUY", str(bid - 10), "0.01", newClientOrderId=old), NOW)
+    return venue.cancel_replace(
         ACC,
         _cr(
             "STOP_ON_FAILURE",
-            cancelOrigClientOrderId="old",
+            cancelOrigClientOrderId=old,
             price=str(bid - 5),
-            newClientOrderId="new",
+            newClientOrderId=new,
         ),
         NOW,
     )
+
+
+def test_cancel_replace_success(venue: Venue, market: Market) -> None:
+    status, body, events = _replace_resting(venue, market, "old", "new")
     assert status == 200
     assert body["cancelResult"] == body["newOrderResult"] == "SUCCESS"
     assert body["cancelResponse"]["origClientOrderId"] == "old"
@@ -482,18 +489,7 @@ def test_cancel_replace_success(venue: Venue, market: Market) -> None:
 
 
 def test_cancel_replace_reuses_the_canceled_client_id(venue: Venue, market: Market) -> None:
-    bid = market.best("BTCUSDT")[0]
-    venue.place(ACC, limit("BUY", str(bid - 10), "0.01", newClientOrderId="same"), NOW)
-    status, _, _ = venue.cancel_replace(
-        ACC,
-        _cr(
-            "STOP_ON_FAILURE",
-            cancelOrigClientOrderId="same",
-            price=str(bid - 5),
-            newClientOrderId="same",
-        ),
-        NOW,
-    )
+    status, _, _ = _replace_resting(venue, market, "same", "same")
     assert status == 200
 
 

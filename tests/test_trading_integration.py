@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,40 +47,26 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_ENC, _PRIV = serialization.Encoding, serialization.PrivateFormat
+# fmt -> how the private key is written; "raw" is then hex-encoded, "raw-b64" base64-encoded
+_KEY_FORMATS = {
+    "raw": (_ENC.Raw, _PRIV.Raw),
+    "raw-b64": (_ENC.Raw, _PRIV.Raw),
+    "der": (_ENC.DER, _PRIV.PKCS8),
+    "pem": (_ENC.PEM, _PRIV.PKCS8),
+}
+
+
 def new_key(tmp_path: Path, fmt: str, name: str) -> tuple[Path, bytes]:
     """A fresh Ed25519 key written in ``fmt`` (raw hex / der / pem); returns (path, raw public)."""
     key = ed25519.Ed25519PrivateKey.generate()
-    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    pub = key.public_key().public_bytes(_ENC.Raw, serialization.PublicFormat.Raw)
+    encoding, private_format = _KEY_FORMATS[fmt]
+    data = key.private_bytes(encoding, private_format, serialization.NoEncryption())
     if fmt == "raw":
-        data = (
-            key.private_bytes(
-                serialization.Encoding.Raw,
-                serialization.PrivateFormat.Raw,
-                serialization.NoEncryption(),
-            )
-            .hex()
-            .encode()
-        )
+        data = data.hex().encode()
     elif fmt == "raw-b64":
-        data = base64.b64encode(
-            key.private_bytes(
-                serialization.Encoding.Raw,
-                serialization.PrivateFormat.Raw,
-                serialization.NoEncryption(),
-            )
-        )
-    elif fmt == "der":
-        data = key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    else:
-        data = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        data = base64.b64encode(data)
     path = tmp_path / f"{name}.{fmt}"
     path.write_bytes(data)
     os.chmod(path, 0o600)
@@ -115,6 +102,18 @@ async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(tp: TradingProcess) -> AsyncIterator[TradingProcess]:
+    """Run ``tp`` until it is Ready; on the way out stop it and check that it exited 0."""
+    task = asyncio.create_task(tp.run())
+    try:
+        await until(lambda: tp.session.state is State.READY)
+        yield tp
+    finally:
+        tp.request_stop()
+        assert await task == 0
 
 
 def assert_failed_block_left(name: str) -> None:
@@ -180,9 +179,7 @@ async def test_blackhole_detected_reconnected_resubscribed(tmp_path: Path, shm_n
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}) as sim:
         tp = trading(sim, shm_name, "k", load_private_key(path))
-        task = asyncio.create_task(tp.run())
-        try:
-            await until(lambda: tp.session.state is State.READY)
+        async with running(tp):
             block = MetricsBlock.attach(f"{shm_name}.metrics")
             try:
                 await until(lambda: block.snapshot()["last_pong_ns"] > 0)
@@ -207,9 +204,6 @@ async def test_blackhole_detected_reconnected_resubscribed(tmp_path: Path, shm_n
                 assert snap["reconnect_attempts"] == 0  # reset after success
             finally:
                 block.close()
-        finally:
-            tp.request_stop()
-            assert await task == 0
 
 
 @run
@@ -235,9 +229,7 @@ async def test_orders_across_disconnects_and_1007(tmp_path: Path, shm_name: str)
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
         tp = trading(sim, shm_name, "k", load_private_key(path))
-        task = asyncio.create_task(tp.run())
-        try:
-            await until(lambda: tp.session.state is State.READY)
+        async with running(tp):
             s = tp.session
             bid = float(sim.market.best("BTCUSDT")[0])
             price = round(bid * 0.95, 2)
@@ -302,9 +294,6 @@ async def test_orders_across_disconnects_and_1007(tmp_path: Path, shm_name: str)
             assert sum(per_coid[c] for c in coids[8:12]) == 3
             assert s.metrics["orders_unknown"] >= 3
             assert s.metrics["orders_reconciled"] >= 3
-        finally:
-            tp.request_stop()
-            assert await task == 0
 
 
 @run
@@ -312,9 +301,7 @@ async def test_order_client_round_trip(tmp_path: Path, shm_name: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
         tp = trading(sim, shm_name, "k", load_private_key(path))
-        task = asyncio.create_task(tp.run())
-        try:
-            await until(lambda: tp.session.state is State.READY)
+        async with running(tp):
             bid = float(sim.market.best("BTCUSDT")[0])
             client = OrderClient.attach(f"{shm_name[-20:]}c", exec_ring=f"{shm_name}.exec")
             try:
@@ -339,9 +326,6 @@ async def test_order_client_round_trip(tmp_path: Path, shm_name: str) -> None:
                 assert c.status == "CANCELED"
             finally:
                 client.close()
-        finally:
-            tp.request_stop()
-            assert await task == 0
 
 
 @run
@@ -350,9 +334,7 @@ async def test_server_shutdown_rolls_over_without_downtime(tmp_path: Path, shm_n
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
         tp = trading(sim, shm_name, "k", load_private_key(path))
         states: list[State] = []
-        task = asyncio.create_task(tp.run())
-        try:
-            await until(lambda: tp.session.state is State.READY)
+        async with running(tp):
             hook = tp.session.on_transition
 
             def record(old: State, new: State, event: str) -> None:
@@ -373,9 +355,6 @@ async def test_server_shutdown_rolls_over_without_downtime(tmp_path: Path, shm_n
             assert tp.session.place("after1", "BTCUSDT", "BUY", "LIMIT", 0.001, round(bid * 0.9, 2))
             tp._pump()
             await until(lambda: tp.session.order_status("after1") is OrderStatus.NEW)
-        finally:
-            tp.request_stop()
-            assert await task == 0
 
 
 @run
@@ -383,9 +362,7 @@ async def test_429_is_honoured(tmp_path: Path, shm_name: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
         tp = trading(sim, shm_name, "k", load_private_key(path), json_ping_interval_s=100.0)
-        task = asyncio.create_task(tp.run())
-        try:
-            await until(lambda: tp.session.state is State.READY)
+        async with running(tp):
             s = tp.session
             price = round(float(sim.market.best("BTCUSDT")[0]) * 0.9, 2)
             await sim.set_fault("order_fault", kind="429", count=1)
@@ -401,9 +378,6 @@ async def test_429_is_honoured(tmp_path: Path, shm_name: str) -> None:
             coids = {o.client_order_id for o in venue.orders.values()}
             assert "r1" not in coids
             assert "r2" not in coids
-        finally:
-            tp.request_stop()
-            assert await task == 0
 
 
 # ---- systemd notification ------------------------------------------------------------------

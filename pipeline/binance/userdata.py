@@ -10,7 +10,6 @@ mistyped fields raises :class:`UserDataError` (remote fault), for the caller's c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 _MS = 1_000_000
@@ -27,8 +26,10 @@ def _f(event: dict[str, Any], key: str) -> float:
     if value is None:
         return 0.0
     try:
-        return float(Decimal(str(value)))
-    except InvalidOperation:
+        # float() of the decimal text is correctly rounded: the same value float(Decimal(text))
+        # gives, at a third of the cost (ten of these per executionReport)
+        return float(str(value))
+    except ValueError:
         raise UserDataError(f"{event.get('e')}: field {key!r} is not a number") from None
 
 

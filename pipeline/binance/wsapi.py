@@ -20,7 +20,6 @@ import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -248,8 +247,8 @@ def _num(value: Any) -> float:
     if value is None:
         return 0.0
     try:
-        return float(Decimal(str(value)))
-    except Exception:
+        return float(str(value))  # correctly rounded, as float(Decimal(...)) is, and cheaper
+    except ValueError:
         return 0.0
 
 
@@ -291,7 +290,8 @@ def parse_order(result: Mapping[str, Any]) -> OrderInfo:
         executed_qty=_num(result.get("executedQty")),
         cum_quote_qty=_num(result.get("cummulativeQuoteQty", result.get("cumulativeQuoteQty"))),
         transact_time_ms=_int(result.get("transactTime", result.get("updateTime")), 0),
-        raw=dict(result),
+        # the decoded frame is ours alone: keep it rather than copy it on every order reply
+        raw=result if isinstance(result, dict) else dict(result),
     )
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
+# built once: every counted request reads it (through FixedWindow.interval_ms)
+_UNIT_MS = {"SECOND": 1000, "MINUTE": MINUTE_MS, "HOUR": 3_600_000, "DAY": DAY_MS}
 
 
 @dataclass
@@ -31,8 +33,7 @@ class FixedWindow:
 
     @property
     def interval_ms(self) -> int:
-        unit = {"SECOND": 1000, "MINUTE": MINUTE_MS, "HOUR": 3_600_000, "DAY": DAY_MS}
-        return unit[self.interval] * self.interval_num
+        return _UNIT_MS[self.interval] * self.interval_num
 
     def _roll(self, now_ms: int) -> None:
         start = now_ms - now_ms % self.interval_ms
@@ -51,7 +52,8 @@ class FixedWindow:
 
     def resets_at(self, now_ms: int) -> int:
         """Epoch ms at which the current window ends (the ``retryAfter`` to advertise)."""
-        return now_ms - now_ms % self.interval_ms + self.interval_ms
+        interval = self.interval_ms
+        return now_ms - now_ms % interval + interval
 
     def entry(self, now_ms: int) -> dict[str, Any]:
         return {

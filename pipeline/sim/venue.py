@@ -223,9 +223,12 @@ class SymbolRules:
 # parameter parsing (values are the text the client sent)
 
 
-def _text(params: Mapping[str, str], name: str) -> str | None:
+def _text(params: Mapping[str, str], name: str, *, required: bool = False) -> str | None:
+    """The param's text; absent or empty is None, or -1102 if ``required``."""
     value = params.get(name)
     if value is None or value == "":
+        if required:
+            raise missing(name)
         return None
     return value
 
@@ -234,10 +237,8 @@ def parse_decimal(
     params: Mapping[str, str], name: str, *, required: bool, precision: int = 8
 ) -> Decimal | None:
     """Decimal param: -1102 if required and absent, -1100 if malformed, -1111 if too precise."""
-    text = _text(params, name)
+    text = _text(params, name, required=required)
     if text is None:
-        if required:
-            raise missing(name)
         return None
     if not _DECIMAL_RE.match(text):
         raise illegal(name, _DECIMAL_RANGE)
@@ -249,10 +250,8 @@ def parse_decimal(
 
 
 def parse_int(params: Mapping[str, str], name: str, *, required: bool) -> int | None:
-    text = _text(params, name)
+    text = _text(params, name, required=required)
     if text is None:
-        if required:
-            raise missing(name)
         return None
     if not _INT_RE.match(text):
         raise illegal(name)
@@ -267,14 +266,23 @@ def parse_enum(
     required: bool,
     error: VenueError | None = None,
 ) -> str | None:
-    text = _text(params, name)
+    text = _text(params, name, required=required)
     if text is None:
-        if required:
-            raise missing(name)
         return None
     if text not in allowed:
         raise error if error is not None else illegal(name)
     return text
+
+
+def _cancel_restriction(params: Mapping[str, str]) -> str | None:
+    """``cancelRestrictions`` of order.cancel and order.cancelReplace (-1145 if not known)."""
+    return parse_enum(
+        params,
+        "cancelRestrictions",
+        CANCEL_RESTRICTIONS,
+        required=False,
+        error=VenueError(-1145, "Invalid cancelRestrictions"),
+    )
 
 
 def parse_client_id(params: Mapping[str, str], name: str) -> str | None:
@@ -583,17 +591,10 @@ class Venue:
         stp = parse_enum(params, "selfTradePreventionMode", STP_MODES, required=False)
         assert side is not None
         assert otype is not None
-        if otype == "LIMIT":
-            if tif is None:
+        if otype != "MARKET":  # LIMIT, LIMIT_MAKER: price and base quantity, no quoteOrderQty
+            if otype == "LIMIT" and tif is None:
                 raise missing("timeInForce")
-            if price is None:
-                raise missing("price")
-            if qty is None:
-                raise missing("quantity")
-            if quote_qty is not None:
-                raise not_required("quoteOrderQty")
-        elif otype == "LIMIT_MAKER":
-            if tif is not None:
+            if otype == "LIMIT_MAKER" and tif is not None:
                 raise not_required("timeInForce")
             if price is None:
                 raise missing("price")
@@ -601,8 +602,8 @@ class Venue:
                 raise missing("quantity")
             if quote_qty is not None:
                 raise not_required("quoteOrderQty")
-            tif = "GTC"
-        else:  # MARKET
+            tif = tif or "GTC"  # LIMIT_MAKER rests as GTC
+        else:
             if tif is not None:
                 raise not_required("timeInForce")
             if price is not None:
@@ -1058,13 +1059,7 @@ class Venue:
         rules = self._symbol(params)
         oid, cid = self._order_ref(params, "orderId", "origClientOrderId")
         new_cid = parse_client_id(params, "newClientOrderId")
-        restriction = parse_enum(
-            params,
-            "cancelRestrictions",
-            CANCEL_RESTRICTIONS,
-            required=False,
-            error=VenueError(-1145, "Invalid cancelRestrictions"),
-        )
+        restriction = _cancel_restriction(params)
         order = self._cancel_target(account, rules.symbol, oid, cid, restriction)
         return self._do_cancel(order, new_cid, now_ms)
 
@@ -1224,13 +1219,7 @@ class Venue:
         mode = parse_enum(params, "cancelReplaceMode", CANCEL_REPLACE_MODES, required=True)
         oid, cid = self._order_ref(params, "cancelOrderId", "cancelOrigClientOrderId")
         cancel_cid = parse_client_id(params, "cancelNewClientOrderId")
-        restriction = parse_enum(
-            params,
-            "cancelRestrictions",
-            CANCEL_RESTRICTIONS,
-            required=False,
-            error=VenueError(-1145, "Invalid cancelRestrictions"),
-        )
+        restriction = _cancel_restriction(params)
         parse_enum(
             params,
             "orderRateLimitExceededMode",

@@ -55,6 +55,7 @@ import orjson
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from pipeline.binance.signing import ws_payload
 from pipeline.logs import RateLimitedLog
 from pipeline.sim.ratelimit import IpLimits, OrderLimits
 from pipeline.sim.venue import Event, Venue, VenueError, missing
@@ -139,9 +140,13 @@ def param_text(value: Any) -> str:
     raise TypeError(type(value).__name__)
 
 
-def signature_payload(params: Mapping[str, str]) -> str:
-    """Every param but ``signature``, sorted by name, ``k=v`` joined by ``&``; no encoding."""
-    return "&".join(f"{k}={params[k]}" for k in sorted(params) if k != "signature")
+# The payload rule of section 3.2 (every param but ``signature``, sorted by name, ``k=v`` joined by
+# ``&``, no encoding) is the client's own :func:`~pipeline.binance.signing.ws_payload`: one
+# implementation, pinned to the reference's vectors by tests/test_signing.py. Over the verbatim
+# texts kept here (all ``str``) it renders each value as is. What the simulator checks on its own
+# is everything else: the key, the Ed25519 signature against the registered public key, the
+# timestamp and recvWindow (:meth:`WsApiService._verify`).
+signature_payload = ws_payload
 
 
 _SPKI_ED25519_PREFIX = bytes.fromhex("302a300506032b6570032100")
