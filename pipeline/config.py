@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.records import TICK_RING
+
 ENV_PREFIX = "PIPELINE_"
 
 MODES = ("sim", "testnet", "live")
@@ -111,7 +113,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class RingConfig:
     name: str = field(
-        default="pipeline.ticks",
+        default=TICK_RING,
         metadata=_m("market-data ring segment name (/dev/shm)", shm_name=True),
     )
     capacity: int = field(

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from pipeline.records import TICK_RING
+
 log = logging.getLogger("pipeline.health")
 
 BLOCK_PREFIX = "pipeline."
@@ -132,7 +134,7 @@ def overall(report: Mapping[str, Any]) -> bool:
 
 
 def collect(
-    rings: Iterable[str] = ("pipeline.ticks",),
+    rings: Iterable[str] = (TICK_RING,),
     *,
     expect: Iterable[str] = (),
     max_frame_age_s: float = 10.0,
