@@ -302,18 +302,141 @@ def test_property_book_never_crossed_ids_contiguous(seed: int, ops: list[tuple[s
     assert a_ids == list(range(a_ids[0], a_ids[0] + len(a_ids))) if a_ids else True
 
 
-def test_turbo_feed_keeps_ids_contiguous_across_cycles() -> None:
-    feed = mk.TurboFeed(["BTCUSDT"], seed=1, actions=300)
-    kinds = {"trade", "aggTrade", "bookTicker"}
-    out = feed.emit("BTCUSDT", 2000, 77, kinds)  # several cycles of ~300 actions
-    aggs = [orjson.loads(p) for k, p in out if k == "aggTrade"]
-    trades = [orjson.loads(p) for k, p in out if k == "trade"]
-    tickers = [orjson.loads(p) for k, p in out if k == "bookTicker"]
-    assert [a["a"] for a in aggs] == list(range(aggs[0]["a"], aggs[0]["a"] + len(aggs)))
-    assert [t["t"] for t in trades] == list(range(trades[0]["t"], trades[0]["t"] + len(trades)))
+def _run_batches(
+    m: Market, symbol: str, batches: int, takers: int = 300, t0: int = 1_700_000_000_000
+) -> list[mk.Event]:
+    events: list[mk.Event] = []
+    for i in range(batches):
+        m.step_batch(symbol, t0 + i, takers)
+        m.check_invariants(symbol)
+        got = m.drain_events()
+        tickers = [e for e in got if isinstance(e, BookTicker)]
+        assert tickers, "every batch moves the best levels"
+        bt = tickers[-1]
+        assert (bt.bid_px, bt.bid_qty, bt.ask_px, bt.ask_qty) == m.best_units(symbol)
+        assert bt.u <= m.last_update_id(symbol)
+        events.extend(got)
+    return events
+
+
+def _check_prints(events: list[mk.Event]) -> tuple[list[Trade], list[AggTrade]]:
+    trades = [e for e in events if isinstance(e, Trade)]
+    aggs = [e for e in events if isinstance(e, AggTrade)]
+    assert [t.t for t in trades] == list(range(trades[0].t, trades[0].t + len(trades)))
+    assert [a.a for a in aggs] == list(range(aggs[0].a, aggs[0].a + len(aggs)))
+    by_id = {t.t: t for t in trades}
+    assert aggs[0].f == trades[0].t
     for prev, a in pairwise(aggs):
-        assert a["f"] == prev["l"] + 1
-    assert all(b["u"] > a["u"] for a, b in pairwise(tickers))
-    assert all(a["E"] == a["T"] == 77 for a in aggs)
-    only = feed.emit("BTCUSDT", 100, 78, {"trade"})
-    assert {k for k, _p in only} == {"trade"}
+        assert a.f == prev.l + 1
+    for a in aggs:
+        covered = [by_id[i] for i in range(a.f, a.l + 1)]
+        assert {t.price for t in covered} == {a.price}
+        assert sum(t.qty for t in covered) == a.qty
+        assert {(t.buyer_maker, t.time) for t in covered} == {(a.buyer_maker, a.time)}
+    return trades, aggs
+
+
+def test_step_batch_keeps_ids_contiguous_and_the_book_sane_mixed_with_the_walk() -> None:
+    m = Market(["BTCUSDT"], seed=21)
+    events = _run_batches(m, "BTCUSDT", 20)
+    events += _run(m, "BTCUSDT", 50)  # the per-action walk continues the same ids
+    m.take("BTCUSDT", "SELL", Decimal("0.3"), None, 5)
+    m.publish_trade("BTCUSDT", Decimal("60000.01"), Decimal("0.001"), "BUY", 5)
+    events += m.drain_events()
+    events += _run_batches(m, "BTCUSDT", 20, takers=1000)
+    _trades, aggs = _check_prints(events)
+    assert len(aggs) > 10_000
+    assert sum(a.l > a.f for a in aggs) > 0, "some taker should hit several orders at one price"
+    assert {a.buyer_maker for a in aggs} == {True, False}
+    tickers = [e.u for e in events if isinstance(e, BookTicker)]
+    assert tickers == sorted(set(tickers))  # strictly increasing
+    assert len({a.price for a in aggs}) > 5  # the price moves
+
+
+@pytest.mark.parametrize("speed", mk.DEPTH_SPEEDS_MS)
+def test_step_batch_depth_diffs_rebuild_the_book(speed: int) -> None:
+    m = Market(["ETHUSDT"], seed=6)
+    _run_batches(m, "ETHUSDT", 5)
+    m.flush_depth("ETHUSDT", speed, 0)
+    uid, bids, asks = m.top("ETHUSDT", 5000)
+    book = {"b": dict(bids), "a": dict(asks)}
+    prev_u = uid
+    for i in range(40):
+        if i % 3:
+            m.step_batch("ETHUSDT", 1000 + i, 50 + 40 * i)
+        else:
+            m.step("ETHUSDT", 1000 + i, 1 + i % 7)
+        m.drain_events()
+        d = m.flush_depth("ETHUSDT", speed, 1000 + i)
+        assert d is not None
+        assert prev_u + 1 == d.U
+        assert d.u >= d.U
+        prev_u = d.u
+        _apply(book, d)
+    final_uid, fb, fa = m.top("ETHUSDT", 5000)
+    assert final_uid == prev_u
+    assert book["b"] == dict(fb)
+    assert book["a"] == dict(fa)
+
+
+def test_step_batch_rest_history_equals_the_stream() -> None:
+    m = Market(["BTCUSDT"], seed=2, history=5000)
+    events = _run_batches(m, "BTCUSDT", 10)
+    aggs = [e for e in events if isinstance(e, AggTrade)]
+    mid = aggs[len(aggs) // 2]
+    got = m.agg_trades("BTCUSDT", from_id=mid.a, limit=200)
+    want = aggs[len(aggs) // 2 : len(aggs) // 2 + 200]
+    assert [g.rest_dict() for g in got] == [w.rest_dict() for w in want]
+    assert [g.a for g in m.agg_trades("BTCUSDT", limit=7)] == [a.a for a in aggs[-7:]]
+    window = m.agg_trades("BTCUSDT", start_time=aggs[-1].time, end_time=aggs[-1].time)
+    assert window
+    assert {a.time for a in window} == {aggs[-1].time}
+    # a long run keeps only about `history` of them
+    _run_batches(m, "BTCUSDT", 30, takers=1000)
+    assert 5000 <= len(m.agg_trades("BTCUSDT", from_id=0, limit=10**9)) <= 5000 + 1250
+
+
+def test_step_batch_same_seed_same_bytes() -> None:
+    def go(seed: int) -> list[bytes]:
+        m = Market(["BTCUSDT", "ETHUSDT"], seed=seed)
+        out = []
+        for i in range(8):
+            for s in m.symbols:
+                m.step_batch(s, 1000 + i, 200)
+            out += [mk.encode_event(e) for e in m.drain_events()]
+            d = m.flush_depth("ETHUSDT", 100, 1000 + i)
+            if d:
+                out.append(mk.encode_depth_diff(d))
+        return out
+
+    assert go(5) == go(5)
+    assert go(5) != go(6)
+
+
+def test_step_batch_listeners_hear_every_traded_quantity_per_price() -> None:
+    m = Market(["BTCUSDT"], seed=12)
+    heard: list[tuple] = []
+    m.add_trade_listener(lambda *a: heard.append(a))
+    events = _run_batches(m, "BTCUSDT", 5)
+    want: dict[tuple[int, str], int] = {}
+    for t in events:
+        if isinstance(t, Trade):
+            key = (t.price, "SELL" if t.buyer_maker else "BUY")
+            want[key] = want.get(key, 0) + t.qty
+    got: dict[tuple[int, str], int] = {}
+    for sym, price, qty, side, _now in heard:
+        assert sym == "BTCUSDT"
+        assert isinstance(price, Decimal)
+        key = (mk.to_units(price), side)
+        got[key] = got.get(key, 0) + mk.to_units(qty)
+    assert got == want
+    assert len(heard) < sum(isinstance(e, Trade) for e in events)  # coalesced
+
+
+def test_step_batch_survives_a_thin_book() -> None:
+    m = Market(["BNBUSDT"], seed=3, initial_levels=1)
+    for i in range(30):
+        m.take("BNBUSDT", "BUY" if i % 2 else "SELL", Decimal("50"), None, i)
+        m.step_batch("BNBUSDT", i, 5000)
+        m.check_invariants("BNBUSDT")
+    _check_prints(m.drain_events())

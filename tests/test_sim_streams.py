@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
+from pipeline.sim import market as mk
+from pipeline.sim import server as srv
+from pipeline.sim.market import Market
 from pipeline.sim.server import SimConfig, handle_control, parse_stream
-from pipeline.sim.testing import RawWs, SimServer
+from pipeline.sim.testing import RawWs, SimServer, http_json
 
 FIX = Path(__file__).parent / "fixtures" / "streams"
 
@@ -246,8 +251,11 @@ def test_control_errors_on_the_wire_and_connection_survives() -> None:
 def test_unknown_stream_in_url_is_refused_with_400() -> None:
     async def go() -> None:
         async with SimServer(cfg()) as sim:
-            for path in ("/ws/btcusdt@nope", "/stream?streams=xrpusdt@trade",
-                         "/stream?streams=btcusdt@trade&timeUnit=MICROSECOND"):
+            for path in (
+                "/ws/btcusdt@nope",
+                "/stream?streams=xrpusdt@trade",
+                "/stream?streams=btcusdt@trade&timeUnit=MICROSECOND",
+            ):
                 with pytest.raises(InvalidStatus) as info:
                     async with websockets.connect(sim.streams_url + path):
                         pass
@@ -271,8 +279,10 @@ def test_max_streams_per_connection() -> None:
                 assert "too many streams" in reply["error"]["msg"]
                 await ws.send('{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":2}')
                 assert await recv_reply(ws) == {"result": None, "id": 2}
-            url = sim.streams_url + "/stream?streams=" + "/".join(
-                f"btcusdt@{k}" for k in ("trade", "aggTrade", "depth", "depth5")
+            url = (
+                sim.streams_url
+                + "/stream?streams="
+                + "/".join(f"btcusdt@{k}" for k in ("trade", "aggTrade", "depth", "depth5"))
             )
             with pytest.raises(InvalidStatus):
                 await websockets.connect(url)
@@ -336,6 +346,7 @@ def test_server_pings_and_drops_a_client_that_never_pongs() -> None:
 def test_lifetime_sends_server_shutdown_then_closes_in_both_forms() -> None:
     async def go() -> None:
         async with SimServer(cfg(max_lifetime=0.8, shutdown_notice=0.4, rate=50.0)) as sim:
+
             async def until_shutdown(url: str) -> tuple[dict[str, Any], int | None]:
                 async with websockets.connect(url) as ws:
                     event = None
@@ -373,7 +384,7 @@ def test_replay_at_max_speed_sends_the_capture_verbatim() -> None:
         async with SimServer(config) as sim:
             assert "NKNUSDT" in sim.market.symbols  # capture symbols are known to REST too
             url = f"{sim.streams_url}/stream?streams={'/'.join(wanted)}"
-            async with websockets.connect(url, max_queue=None) as ws:
+            async with websockets.connect(url) as ws:
                 got = [await ws.recv(decode=False) for _ in expected]
             assert got == expected
             raw_url = f"{sim.streams_url}/ws/nknusdt@bookTicker"
@@ -388,7 +399,7 @@ def test_replay_timeline_serves_recorded_snapshots_for_the_sync() -> None:
         config = cfg(replay=str(FIX / "combined_session_timeline.jsonl"), replay_speed="max")
         async with SimServer(config) as sim:
             url = f"{sim.streams_url}/ws/nknusdt@depth@100ms"
-            async with websockets.connect(url, max_queue=None) as ws:
+            async with websockets.connect(url) as ws:
                 first = orjson.loads(await ws.recv())
                 from pipeline.sim.testing import http_json
 
@@ -457,3 +468,110 @@ def test_slow_consumer_pauses_the_walk_then_is_dropped() -> None:
             assert sim.state()["connections"]["streams"] == 0
 
     run(go)
+
+
+# ---- --rate max: the batched walk and its encoder ------------------------------------------
+
+
+def test_frames_encoder_matches_ws_frame_at_every_header_size() -> None:
+    """The one-format batch encoder picks each frame's 2- or 4-byte header from the computed
+    payload lengths (also when one batch straddles 126 bytes), and frames one at a time past
+    its header table (4096)."""
+    for pad in (*range(90, 135), 4040, 4060, 4085, 70_000):
+        tpl = b'{"v":%d,"p":"%s","m":%s,"x":"' + b"x" * pad + b'"}'
+        vals = [1, 12, 10**9, 7, 10**12, 0]
+        strs = [b"0.10000000", b"60000.01000000", b"1.00000000", b"", b"9", b"0.00000001"]
+        flags = [True, False, True, True, False, False]
+        cols = [
+            srv._ints(np.array(vals, np.int64)),
+            (strs, np.array([len(s) for s in strs], np.int64)),
+            srv._bools(np.array(flags)),
+        ]
+        want = b"".join(
+            srv.ws_frame(tpl % (v, s, b"true" if f else b"false"))
+            for v, s, f in zip(vals, strs, flags, strict=True)
+        )
+        assert srv._frames(tpl, cols) == want, pad
+        one = [(c[0][:1], c[1][:1]) for c in cols]
+        assert srv._frames(tpl, one) == srv.ws_frame(tpl % (1, strs[0], b"true"))
+
+
+def test_batch_frames_equal_the_per_event_encoders() -> None:
+    m = Market(["BTCUSDT", "ETHUSDT"], seed=4)
+    for i in range(6):
+        for sym in m.symbols:
+            m.step_batch(sym, 1_700_000_000_000 + i, 100 * (i + 1))
+    batches = [b for b in m.drain_raw() if isinstance(b, mk.TakerBatch)]
+    assert len(batches) == 12
+    for b in batches:
+        events = b.events()
+        for kind in ("aggTrade", "trade", "bookTicker"):
+            envelope = b'{"stream":"ethusdt@' + kind.encode() + b'","data":'
+            for head, tail in ((b"", b""), (envelope, b"}")):
+                data, n = srv.batch_frames(b, kind, head, tail)
+                want = [
+                    srv.ws_frame(head + mk.encode_event(e) + tail) for e in events if e.kind == kind
+                ]
+                assert n == len(want) > 0
+                assert data == b"".join(want)
+
+
+def test_rate_max_streams_are_consistent_with_rest() -> None:
+    """At --rate max (Market.step_batch + the batch encoder) every protocol rule still holds:
+    contiguous ids, aggTrades covering the trades, REST history equal to the stream, diff
+    depth contiguous, bookTicker monotonic; skip_agg_ids still withholds exactly N."""
+
+    async def go() -> None:
+        async with SimServer(cfg(rate=math.inf, symbols=["BTCUSDT"], history=1_000_000)) as sim:
+            kinds = ["aggTrade", "trade", "bookTicker", "depth@100ms"]
+            url = f"{sim.streams_url}/stream?streams={'/'.join(f'btcusdt@{k}' for k in kinds)}"
+            seen: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+            async with websockets.connect(url) as ws:
+                while len(seen["aggTrade"]) < 4000 or len(seen["depth@100ms"]) < 2:
+                    msg = await recv_json(ws)
+                    seen[msg["stream"].partition("@")[2]].append(msg["data"])
+                ws.transport.abort()  # a closing handshake would first read MBs of backlog
+            aggs, trades = seen["aggTrade"], seen["trade"]
+            assert [a["a"] for a in aggs] == list(range(aggs[0]["a"], aggs[0]["a"] + len(aggs)))
+            t_ids = [t["t"] for t in trades]
+            assert t_ids == list(range(t_ids[0], t_ids[0] + len(t_ids)))
+            for prev, a in pairwise(aggs):
+                assert a["f"] == prev["l"] + 1
+            by_id = {t["t"]: t for t in trades}
+            checked = 0
+            for a in aggs:
+                covered = [by_id.get(i) for i in range(a["f"], a["l"] + 1)]
+                if None in covered:
+                    continue
+                assert {t["p"] for t in covered} == {a["p"]}  # type: ignore[index]
+                checked += 1
+            assert checked > 1000
+            us = [b["u"] for b in seen["bookTicker"]]
+            assert us == sorted(set(us))
+            for prev, d in pairwise(seen["depth@100ms"]):
+                assert d["U"] == prev["u"] + 1
+            # REST history is the stream's
+            first = aggs[100]["a"]
+            status, rest = await http_json(
+                f"{sim.rest_url}/api/v3/aggTrades?symbol=BTCUSDT&fromId={first}&limit=1000"
+            )
+            assert status == 200
+            stream = [{k: a[k] for k in ("a", "p", "q", "f", "l", "T", "m", "M")} for a in aggs]
+            assert rest == stream[100:1100]
+            # skip_agg_ids at full speed. Nobody listens now, so the walk is idle: the next
+            # client's first 3 aggTrades are withheld from the stream, not from REST
+            status, last = await http_json(
+                f"{sim.rest_url}/api/v3/aggTrades?symbol=BTCUSDT&limit=1"
+            )
+            await sim.set_fault("skip_agg_ids", count=3, symbol="BTCUSDT")
+            async with websockets.connect(f"{sim.streams_url}/ws/btcusdt@aggTrade") as ws:
+                got = [(await recv_json(ws))["a"] for _ in range(50)]
+                ws.transport.abort()
+            assert got == list(range(last[0]["a"] + 4, last[0]["a"] + 54))
+            assert sim.faults.fired.get("skip_agg_ids") == 1 + 3  # the request + 3 withheld
+            status, rest = await http_json(
+                f"{sim.rest_url}/api/v3/aggTrades?symbol=BTCUSDT&fromId={last[0]['a'] + 1}&limit=3"
+            )
+            assert [a["a"] for a in rest] == [last[0]["a"] + i for i in (1, 2, 3)]
+
+    run(go, timeout=30)

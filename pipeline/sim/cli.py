@@ -33,8 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--turbo",
         action="store_true",
-        help="benchmark mode: replay a pre-generated walk cycle with shifted ids (trade, "
-        "aggTrade, bookTicker only; not backed by REST or the venue)",
+        help="same as --rate max (kept for older scripts: the real walk is now the fast path)",
     )
     p.add_argument("--replay", metavar="FILE", help="replay a capture instead of the walk")
     p.add_argument("--replay-speed", choices=("recorded", "max"), default="recorded")
@@ -79,19 +78,23 @@ def parse_rate(text: str) -> float:
 
 
 def load_api_key(spec: str) -> tuple[str, bytes]:
-    """NAME=PATH -> (NAME, 32 raw Ed25519 public-key bytes)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    """NAME=PATH -> (NAME, 32 raw Ed25519 public-key bytes).
+
+    The file is read by the WS API's own :func:`~pipeline.sim.wsapi.parse_public_key`, so the
+    command line and the service accept the same key formats (PEM as Binance's generator
+    writes it, its base64 body, or hex).
+    """
+    from pipeline.sim.wsapi import parse_public_key
 
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--api-key must be NAME=PUBLIC_KEY_PEM_PATH, got {spec!r}")
     with open(path, "rb") as f:
-        key = serialization.load_pem_public_key(f.read())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path}: not an Ed25519 public key")
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return name, raw
+        data = f.read()
+    try:
+        return name, parse_public_key(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -116,9 +119,8 @@ def build_config(args: argparse.Namespace) -> Any:
         port=args.port,
         symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()],
         seed=args.seed,
-        rate=parse_rate(args.rate),
+        rate=math.inf if args.turbo else parse_rate(args.rate),
         replay=args.replay,
-        turbo=args.turbo,
         replay_speed=args.replay_speed,
         api_keys=dict(load_api_key(s) for s in args.api_key),
         ping_interval=args.ping_interval,

@@ -9,8 +9,12 @@ Calling contract
 2. Drive it: ``m.step(symbol, now_ms, n)`` runs ``n`` walk actions (a taker order that sweeps the
    book, a maker order joining, or a cancel). Takers from outside (the venue's user orders) call
    :meth:`Market.take`; extra public prints call :meth:`Market.publish_trade`.
+   ``m.step_batch(symbol, now_ms, takers)`` is the same walk a batch at a time (makers, then
+   ``takers`` taker orders swept with numpy): what ``--rate max`` uses to outrun any client.
 3. After driving, ``m.drain_events()`` returns the real-time events produced since the last drain,
-   in wire order: :class:`Trade`, :class:`AggTrade`, :class:`BookTicker`.
+   in wire order: :class:`Trade`, :class:`AggTrade`, :class:`BookTicker`. ``m.drain_raw()`` is
+   the same but keeps each batch as one :class:`TakerBatch` of numpy columns (the shell encodes
+   those directly).
 4. Diff depth is time-batched: every 100 ms / 1000 ms call ``m.flush_depth(symbol, speed, now_ms)``
    which returns one :class:`DepthDiff` (or ``None`` when nothing changed). Partial depth is read
    with ``m.top(symbol, levels)``; REST snapshots with :meth:`Market.depth_snapshot`.
@@ -35,9 +39,13 @@ from __future__ import annotations
 import bisect
 import random
 import zlib
+from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+
+import numpy as np
+import numpy.typing as npt
 
 SCALE = 100_000_000  # wire decimals: 8
 DEPTH_SPEEDS_MS = (100, 1000)
@@ -74,8 +82,18 @@ def fmt_units(units: int) -> str:
     return s
 
 
+_DEC_CACHE: dict[int, Decimal] = {}
+
+
 def units_to_decimal(units: int) -> Decimal:
-    return Decimal(fmt_units(units))
+    """Integer 1e-8 units -> Decimal with 8 places (cached: listeners get one per fill)."""
+    d = _DEC_CACHE.get(units)
+    if d is None:
+        d = Decimal(fmt_units(units))
+        if len(_DEC_CACHE) > 200_000:
+            _DEC_CACHE.clear()
+        _DEC_CACHE[units] = d
+    return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +251,127 @@ class DepthDiff:
 
 Event = Trade | AggTrade | BookTicker
 
+I64 = npt.NDArray[np.int64]
+
+
+class TakerBatch:
+    """The public prints of one :meth:`Market.step_batch` as columns (one ``time`` for all).
+
+    Trades ``t0 + i`` (price, qty, buyer_maker); aggTrades ``a0 + i`` covering trades
+    ``f..l``, ``taker`` = index of the taker order that made it; one bookTicker per taker order
+    (every taker changes the best level it hits). Encoding columns costs far less than making
+    an object per event; :meth:`events` gives the objects in wire order for everyone else.
+    """
+
+    __slots__ = (
+        "a0",
+        "a_bm",
+        "a_f",
+        "a_l",
+        "a_price",
+        "a_qty",
+        "a_taker",
+        "bt_ap",
+        "bt_aq",
+        "bt_bp",
+        "bt_bq",
+        "bt_u",
+        "symbol",
+        "t0",
+        "t_bm",
+        "t_price",
+        "t_qty",
+        "time",
+    )
+    kind = "batch"
+
+    def __init__(
+        self,
+        symbol: str,
+        time: int,
+        t0: int,
+        trades: tuple[I64, I64, npt.NDArray[np.bool_]],
+        a0: int,
+        aggs: tuple[I64, I64, I64, I64, npt.NDArray[np.bool_], I64],
+        tickers: tuple[I64, I64, I64, I64, I64],
+    ) -> None:
+        self.symbol = symbol
+        self.time = time
+        self.t0 = t0
+        self.t_price, self.t_qty, self.t_bm = trades
+        self.a0 = a0
+        self.a_price, self.a_qty, self.a_f, self.a_l, self.a_bm, self.a_taker = aggs
+        self.bt_u, self.bt_bp, self.bt_bq, self.bt_ap, self.bt_aq = tickers
+
+    def __len__(self) -> int:
+        return len(self.t_price) + len(self.a_price) + len(self.bt_u)
+
+    def events(self) -> list[Event]:
+        """As objects, in the order the per-action walk emits them: per taker order and price
+        level its trades then the aggTrade, then the taker's bookTicker."""
+        sym, tm, t0 = self.symbol, self.time, self.t0
+        tp, tq, tb = self.t_price.tolist(), self.t_qty.tolist(), self.t_bm.tolist()
+        ap, aq, af, al = (x.tolist() for x in (self.a_price, self.a_qty, self.a_f, self.a_l))
+        ab, ak = self.a_bm.tolist(), self.a_taker.tolist()
+        bu, bbp, bbq, bap, baq = (
+            x.tolist() for x in (self.bt_u, self.bt_bp, self.bt_bq, self.bt_ap, self.bt_aq)
+        )
+        out: list[Event] = []
+        i, n_aggs = 0, len(ap)
+        for k in range(len(bu)):
+            while i < n_aggs and ak[i] == k:
+                for t in range(af[i], al[i] + 1):
+                    j = t - t0
+                    out.append(Trade(sym, t, tp[j], tq[j], tm, tb[j]))
+                out.append(AggTrade(sym, self.a0 + i, ap[i], aq[i], af[i], al[i], tm, ab[i]))
+                i += 1
+            out.append(BookTicker(sym, bu[k], bbp[k], bbq[k], bap[k], baq[k]))
+        return out
+
+
+class _Flat:
+    """The best levels of one book side flattened for a vectorised sweep.
+
+    ``cum`` is the cumulative quantity over the orders in priority order; ``lv_end`` the same at
+    the end of each level. The last level is never consumed (``cap`` stops before it), so the
+    best price after any taker order is always known; at most half the levels are offered, so
+    one batch cannot empty a side."""
+
+    __slots__ = ("cap", "cum", "lv_end", "lv_first", "lv_of", "prices")
+
+    def __init__(self, side: _Side, need: int) -> None:
+        prices, orders, totals = side.prices, side.orders, side.totals
+        n_lv = len(prices)
+        lv_prices: list[int] = []
+        flat: list[int] = []
+        lv_end: list[int] = []
+        lv_first: list[int] = []
+        lv_of: list[int] = []
+        cum = 0
+
+        def add(i: int) -> None:
+            p = prices[-1 - i] if side.is_bid else prices[i]
+            lv = orders[p]
+            lv_first.append(len(flat))
+            lv_of.extend([len(lv_prices)] * len(lv))
+            flat.extend(lv)
+            lv_prices.append(p)
+            lv_end.append(cum + totals[p])
+
+        i = 0
+        while i < max(1, n_lv // 2) and cum < need:  # never more than half the levels
+            add(i)
+            cum = lv_end[-1]
+            i += 1
+        self.cap = cum
+        if n_lv:
+            add(i)  # never consumed: the best level after the last taker
+        self.prices = np.array(lv_prices, np.int64)
+        self.cum = np.cumsum(np.array(flat, np.int64))
+        self.lv_end = np.array(lv_end, np.int64)
+        self.lv_first = lv_first
+        self.lv_of = np.array(lv_of, np.int64)
+
 
 # --------------------------------------------------------------------------------------------
 # Wire encodings of the bare payloads (binance-protocol.md section 1.6)
@@ -335,6 +474,74 @@ class _Side:
         return self.prices[:n]
 
 
+class _AggHistory:
+    """The retained aggregate trades of one symbol as compact columns (``array('q')``).
+
+    Ids are contiguous, so ``a`` is implicit (``first`` + index). A walk at full speed makes
+    hundreds of thousands of aggTrades a second: a column append costs far less than an object,
+    and REST builds its few hundred :class:`AggTrade` objects only when asked.
+    """
+
+    __slots__ = ("bm", "f", "first", "l", "price", "qty", "time")
+
+    def __init__(self) -> None:
+        self.first = 0  # id of the oldest retained aggTrade
+        self.price = array("q")
+        self.qty = array("q")
+        self.f = array("q")
+        self.l = array("q")
+        self.time = array("q")
+        self.bm = array("b")
+
+    def __len__(self) -> int:
+        return len(self.price)
+
+    def append(self, a: int, price: int, qty: int, f: int, last: int, t: int, bm: bool) -> None:
+        if not self.price:
+            self.first = a
+        self.price.append(price)
+        self.qty.append(qty)
+        self.f.append(f)
+        self.l.append(last)
+        self.time.append(t)
+        self.bm.append(bm)
+
+    def extend(
+        self,
+        a0: int,
+        price: npt.NDArray[np.int64],
+        qty: npt.NDArray[np.int64],
+        f: npt.NDArray[np.int64],
+        last: npt.NDArray[np.int64],
+        t: int,
+        bm: npt.NDArray[np.bool_],
+    ) -> None:
+        if not self.price:
+            self.first = a0
+        self.price.frombytes(price.astype(np.int64).tobytes())
+        self.qty.frombytes(qty.astype(np.int64).tobytes())
+        self.f.frombytes(f.astype(np.int64).tobytes())
+        self.l.frombytes(last.astype(np.int64).tobytes())
+        self.time.frombytes(np.full(len(price), t, np.int64).tobytes())
+        self.bm.frombytes(bm.astype(np.int8).tobytes())
+
+    def trim(self, keep: int) -> None:
+        drop = len(self.price) - keep
+        if drop > 0:
+            for col in (self.price, self.qty, self.f, self.l, self.time, self.bm):
+                del col[:drop]
+            self.first += drop
+
+    def objects(self, symbol: str, lo: int, hi: int) -> list[AggTrade]:
+        lo, hi = max(lo, 0), min(hi, len(self.price))
+        pr, qt, f, la, tm, bm = self.price, self.qty, self.f, self.l, self.time, self.bm
+        a0 = self.first
+        return [
+            AggTrade(symbol, a0 + i, pr[i], qt[i], f[i], la[i], tm[i], bool(bm[i]))
+            for i in range(lo, hi)
+        ]
+
+
 class _Sym:
     __slots__ = (
         "accs",
@@ -345,6 +552,7 @@ class _Sym:
         "hist",
         "last_bbo",
         "lot",
+        "np_rng",
         "rng",
         "spec",
         "step_u",
@@ -369,7 +577,10 @@ class _Sym:
         start = to_units(spec.start_price)
         self.fair = start - start % self.tick
         self.accs: dict[int, _DepthAcc] = {}
-        self.hist: list[AggTrade] = []
+        self.hist = _AggHistory()
+        self.np_rng = np.random.default_rng(
+            [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, zlib.crc32(spec.symbol.encode())]
+        )
         self.last_bbo: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
@@ -396,7 +607,7 @@ class Market:
             raise ValueError(f"duplicate symbols in {symbols}")
         self.seed = seed
         self._history = history
-        self._slack = max(1, min(4096, history // 4))
+        self._slack = max(1, history // 4)  # trim in big chunks: a memmove
         self._syms: dict[str, _Sym] = {}
         for sym in self.symbols:
             spec = (specs or {}).get(sym) or default_spec(sym)
@@ -405,7 +616,7 @@ class Market:
             st.accs = {speed: _DepthAcc() for speed in DEPTH_SPEEDS_MS}
             st.last_bbo = self._bbo(st)
             self._syms[sym] = st
-        self._events: list[Event] = []
+        self._events: list[Event | TakerBatch] = []
         self._listeners: list[TradeListener] = []
         self._wakeup: Callable[[], None] | None = None
         self._notify: list[tuple[str, int, int, str, int]] = []
@@ -449,6 +660,10 @@ class Market:
         """``fn(symbol, price, qty, taker_side, now_ms)`` for every trade made by the walk.
 
         Not called for :meth:`take` or :meth:`publish_trade` (their caller already knows).
+        :meth:`step_batch` reports its prints coalesced per taker side and price (one call per
+        price a batch traded at, with the summed quantity, in order of first print): a resting
+        order sees the same liquidity, and a full-speed walk does not pay a Decimal call and
+        a listener call per trade.
         """
         self._listeners.append(fn)
 
@@ -509,16 +724,272 @@ class Market:
             self._walk_action(st, now_ms)
             self._refill(st)
             self._after_change(st)
-            if self._notify:
-                # listeners run once the book is consistent again (they may call take())
-                pending, self._notify = self._notify, []
-                for sym, p, q, side, t in pending:
-                    dp, dq = units_to_decimal(p), units_to_decimal(q)
-                    for fn in self._listeners:
-                        fn(sym, dp, dq, side, t)
+            self._flush_notify()
+
+    def step_batch(self, symbol: str, now_ms: int, takers: int) -> None:
+        """Run one batch of the walk at one instant: makers and cancels, then ``takers`` taker
+        orders, swept through the book with numpy instead of one Python loop per fill.
+
+        This is how ``--rate max`` keeps ahead of any client: it is the same order book with
+        the same rules (contiguous trade/agg/update ids, one aggTrade per taker order per price
+        level, REST history, depth diffs and bookTicker consistent with the book), only
+        generated a batch at a time. The makers all come first, then the takers in random
+        order; bookTicker follows each taker order (not each maker order). The events land
+        in :meth:`drain_raw` as one :class:`TakerBatch`.
+        """
+        st = self._sym(symbol)
+        if takers <= 0:
+            return
+        rng = st.rng
+        tick = st.tick
+        # fair price: the walk's +-1 tick steps (15 % of ~3 actions per taker), summed
+        st.fair += tick * round(rng.gauss(0.0, (0.45 * takers) ** 0.5))
+        st.fair = max(st.fair, tick * 20)
+        bids, asks = st.bids, st.asks
+        self._make_batch(st, max(1, takers // 4))
+        cancels = takers // 24  # a random order among the 15 best levels of a random side
+        draws = st.np_rng.random((3, cancels)).tolist()
+        for side_x, level_x, order_x in zip(*draws, strict=True):
+            side = bids if side_x < 0.5 else asks
+            depth = min(len(side.prices), 15)
+            if depth:
+                i = int(level_x * depth)
+                price = side.prices[-1 - i] if side.is_bid else side.prices[i]
+                orders = side.orders[price]
+                if len(orders) == 1:
+                    self._remove_level(st, side, price)
+                else:
+                    side.totals[price] -= orders.pop(int(order_x * len(orders)))
+                    self._level_changed(st, side, price, side.totals[price])
+        self._refill(st)
+        self._after_change(st)
+        self._take_batch(st, takers, now_ms)
+        self._refill(st)
+        self._after_change(st)
+        self._flush_notify()
+
+    def _make_batch(self, st: _Sym, n: int) -> None:
+        """``n`` maker orders at once (the walk's distribution around the fair price): each is
+        one book update; bids stay below a split price inside the spread and asks at or
+        above it, so the book cannot cross."""
+        bb, ba = st.bids.best(), st.asks.best()
+        if bb is None or ba is None:
+            return
+        tick, step = st.tick, st.step_u
+        nrng = st.np_rng
+        split = min(max(st.fair, bb + tick), ba)
+        is_bid = nrng.random(n) < 0.5
+        d = np.minimum(nrng.exponential(1 / 0.35, n).astype(np.int64), 40)
+        price = np.where(
+            is_bid,
+            np.minimum(st.fair - tick * d, split - tick),
+            np.maximum(st.fair + tick * (d + 1), split),
+        )
+        lots = 1 + (nrng.exponential(1.0, n) * 2).astype(np.int64)
+        qty = st.lot * lots // 2 + step * nrng.integers(1, 100, n)
+        qty = np.maximum(qty - qty % step, step)
+        ok = price > 0
+        if not ok.all():
+            is_bid, price, qty = is_bid[ok], price[ok], qty[ok]
+        made = len(price)
+        if not made:
+            return
+        u0 = st.update_id
+        st.update_id = u0 + made
+        for side, sel in ((st.bids, is_bid), (st.asks, ~is_bid)):
+            px, qs = price[sel], qty[sel]
+            if not len(px):
+                continue
+            order = np.argsort(px, kind="stable")  # keeps time priority within a price
+            px, qs = px[order], qs[order]
+            cut = np.flatnonzero(px[1:] != px[:-1]) + 1
+            changed: dict[int, int] = {}
+            for p, q in zip(px[np.append(0, cut)].tolist(), np.split(qs, cut), strict=True):
+                ql = q.tolist()
+                lst = side.orders.get(p)
+                if lst is None:
+                    side.orders[p] = ql
+                    side.totals[p] = total = sum(ql)
+                    bisect.insort(side.prices, p)
+                else:
+                    lst.extend(ql)
+                    side.totals[p] = total = side.totals[p] + sum(ql)
+                changed[p] = total
+            for acc in st.accs.values():
+                if acc.first == 0:
+                    acc.first = u0 + 1
+                acc.last = st.update_id
+                (acc.bids if side.is_bid else acc.asks).update(changed)
+
+    def _take_batch(self, st: _Sym, n: int, now_ms: int) -> None:
+        """``n`` random taker orders against the current book, vectorised (see step_batch)."""
+        bb0, bq0, ba0, aq0 = self._bbo(st)
+        if not (bb0 and ba0):
+            return
+        nrng = st.np_rng
+        tick = st.tick
+        p_buy = 0.5 + max(-0.3, min(0.3, (2 * st.fair - bb0 - ba0) / (10 * tick)))
+        is_buy = nrng.random(n) < p_buy
+        lot_steps = max(1, st.lot // st.step_u)
+        qty = (1 + nrng.exponential(0.2 * lot_steps, n).astype(np.int64)) * st.step_u
+        qb, qs = qty[is_buy], qty[~is_buy]
+        fa = _Flat(st.asks, int(qb.sum()))
+        fb = _Flat(st.bids, int(qs.sum()))
+        cum_b, cum_s = np.cumsum(qb), np.cumsum(qs)
+        ok_b, ok_s = cum_b <= fa.cap, cum_s <= fb.cap
+        if not (ok_b.all() and ok_s.all()):  # not enough book: drop the takers that find none
+            keep = np.empty(n, np.bool_)
+            keep[is_buy] = ok_b
+            keep[~is_buy] = ok_s
+            is_buy, qty = is_buy[keep], qty[keep]
+            cum_b, cum_s = cum_b[ok_b], cum_s[ok_s]
+            n = len(is_buy)
+            if n == 0:
+                return
+        buy_pos = np.flatnonzero(is_buy)
+        sell_pos = np.flatnonzero(~is_buy)
+        # fills: the union of taker and maker-order boundaries cuts each side's consumed
+        # quantity into (taker, maker order) pieces = trades
+        parts_gk: list[I64] = []
+        parts_q: list[I64] = []
+        parts_px: list[I64] = []
+        for cum_t, pos, fl in ((cum_b, buy_pos, fa), (cum_s, sell_pos, fb)):
+            if not len(cum_t):
+                continue
+            total = cum_t[-1]
+            # two sorted runs: a stable sort merges them in linear time (timsort)
+            edges = np.concatenate((cum_t, fl.cum[: np.searchsorted(fl.cum, total)]))
+            edges.sort(kind="stable")
+            if len(edges) > 1:
+                edges = edges[np.append(True, edges[1:] != edges[:-1])]
+            parts_q.append(np.diff(edges, prepend=0))
+            parts_gk.append(pos[np.searchsorted(cum_t, edges)])
+            parts_px.append(fl.prices[fl.lv_of[np.searchsorted(fl.cum, edges)]])
+        gk = np.concatenate(parts_gk)
+        order = np.argsort(gk, kind="stable")
+        gk = gk[order]
+        t_q = np.concatenate(parts_q)[order]
+        t_px = np.concatenate(parts_px)[order]
+        t_bm = ~is_buy[gk]
+        n_t = len(gk)
+        new = np.ones(n_t, np.bool_)
+        new[1:] = (gk[1:] != gk[:-1]) | (t_px[1:] != t_px[:-1])
+        starts = np.flatnonzero(new)
+        n_a = len(starts)
+        t0, a0, u0 = st.trade_id, st.agg_id, st.update_id
+        a_taker = gk[starts]
+        a_f = starts + t0
+        a_l = np.append(starts[1:], n_t) + (t0 - 1)
+        a_qty = np.add.reduceat(t_q, starts)
+        a_px = t_px[starts]
+        a_bm = t_bm[starts]
+        # book ticker after each taker order: each side's state after its own last taker
+        bt_u = np.cumsum(np.bincount(a_taker, minlength=n)) + u0
+        nb = np.cumsum(is_buy) - 1
+        ns = np.cumsum(~is_buy) - 1
+        if len(cum_b):
+            k = np.searchsorted(fa.cum, cum_b, side="right")
+            lv = fa.lv_of[k]
+            ask_px = np.where(nb >= 0, fa.prices[lv][nb], ba0)
+            ask_q = np.where(nb >= 0, (fa.lv_end[lv] - cum_b)[nb], aq0)
+        else:
+            ask_px, ask_q = np.full(n, ba0, np.int64), np.full(n, aq0, np.int64)
+        if len(cum_s):
+            k = np.searchsorted(fb.cum, cum_s, side="right")
+            lv = fb.lv_of[k]
+            bid_px = np.where(ns >= 0, fb.prices[lv][ns], bb0)
+            bid_q = np.where(ns >= 0, (fb.lv_end[lv] - cum_s)[ns], bq0)
+        else:
+            bid_px, bid_q = np.full(n, bb0, np.int64), np.full(n, bq0, np.int64)
+        # apply to the book (only the levels reached), then the bookkeeping
+        changed_a = self._consume(st.asks, fa, int(cum_b[-1]) if len(cum_b) else 0)
+        changed_b = self._consume(st.bids, fb, int(cum_s[-1]) if len(cum_s) else 0)
+        st.trade_id = t0 + n_t
+        st.agg_id = a0 + n_a
+        st.update_id = u0 + n_a  # one book update per aggTrade (taker x price level)
+        for acc in st.accs.values():
+            if acc.first == 0:
+                acc.first = u0 + 1
+            acc.last = st.update_id
+            acc.asks.update(changed_a)
+            acc.bids.update(changed_b)
+        st.last_bbo = (int(bid_px[-1]), int(bid_q[-1]), int(ask_px[-1]), int(ask_q[-1]))
+        hist = st.hist
+        hist.extend(a0, a_px, a_qty, a_f, a_l, now_ms, a_bm)
+        if len(hist) > self._history + self._slack:
+            hist.trim(self._history)
+        self._events.append(
+            TakerBatch(
+                st.symbol,
+                now_ms,
+                t0,
+                (t_px, t_q, t_bm),
+                a0,
+                (a_px, a_qty, a_f, a_l, a_bm, a_taker),
+                (bt_u, bid_px, bid_q, ask_px, ask_q),
+            )
+        )
+        if self._listeners:
+            # one print per taker side and price for the whole batch (see add_trade_listener)
+            keys, first, inv = np.unique(a_px * 2 + a_bm, return_index=True, return_inverse=True)
+            sums = np.zeros(len(keys), np.int64)
+            np.add.at(sums, inv, a_qty)
+            order = np.argsort(first)
+            sym = st.symbol
+            self._notify.extend(
+                (sym, k >> 1, q, "SELL" if k & 1 else "BUY", now_ms)
+                for k, q in zip(keys[order].tolist(), sums[order].tolist(), strict=True)
+            )
+
+    @staticmethod
+    def _consume(side: _Side, fl: _Flat, used: int) -> dict[int, int]:
+        """Take ``used`` from the front of a flattened side; returns {price: new total}."""
+        if used <= 0:
+            return {}
+        k = int(np.searchsorted(fl.cum, used, side="right"))  # first order not fully used
+        lv = int(fl.lv_of[k])
+        gone = fl.prices[:lv].tolist()
+        changed = dict.fromkeys(gone, 0)
+        for p in gone:
+            del side.orders[p]
+            del side.totals[p]
+        if gone:
+            if side.is_bid:
+                del side.prices[len(side.prices) - len(gone) :]
+            else:
+                del side.prices[: len(gone)]
+        before = int(fl.cum[k - 1]) if k else 0  # consumed before order k
+        if used > (int(fl.lv_end[lv - 1]) if lv else 0):  # level lv partly used
+            p = int(fl.prices[lv])
+            rest = side.orders[p][k - fl.lv_first[lv] :]
+            rest[0] -= used - before
+            side.orders[p] = rest
+            side.totals[p] = total = int(fl.lv_end[lv]) - used
+            changed[p] = total
+        return changed
+
+    def _flush_notify(self) -> None:
+        if self._notify:
+            # listeners run once the book is consistent again (they may call take())
+            pending, self._notify = self._notify, []
+            for sym, p, q, side, t in pending:
+                dp, dq = units_to_decimal(p), units_to_decimal(q)
+                for fn in self._listeners:
+                    fn(sym, dp, dq, side, t)
 
     def drain_events(self) -> list[Event]:
         """Real-time events since the last drain, in order. The caller owns the list."""
+        out: list[Event] = []
+        for e in self.drain_raw():
+            if isinstance(e, TakerBatch):
+                out.extend(e.events())
+            else:
+                out.append(e)
+        return out
+
+    def drain_raw(self) -> list[Event | TakerBatch]:
+        """Like :meth:`drain_events` but :meth:`step_batch` output stays one
+        :class:`TakerBatch` (the shell encodes its columns directly)."""
         out = self._events
         self._events = []
         return out
@@ -574,22 +1045,25 @@ class Market:
         With ``from_id``: ids >= from_id (an id older than the history starts at the oldest
         retained one). With start/end time: T within [start, end]. Neither: the newest ``limit``.
         """
-        hist = self._sym(symbol).hist
-        if not hist:
+        st = self._sym(symbol)
+        hist = st.hist
+        n = len(hist)
+        if not n:
             return []
         if from_id is not None:
-            lo = max(0, from_id - hist[0].a)
-            out = hist[lo : lo + limit]
+            lo = max(0, from_id - hist.first)
+            out = hist.objects(st.symbol, lo, lo + limit)
             if end_time is not None:
                 out = [a for a in out if a.time <= end_time]
             return out
         if start_time is not None or end_time is not None:
-            lo = 0 if start_time is None else bisect.bisect_left(hist, start_time, key=_time)
-            hi = len(hist) if end_time is None else bisect.bisect_right(hist, end_time, key=_time)
+            times = hist.time
+            lo = 0 if start_time is None else bisect.bisect_left(times, start_time)
+            hi = n if end_time is None else bisect.bisect_right(times, end_time)
             if start_time is None:
                 lo = max(lo, hi - limit)
-            return hist[lo : min(hi, lo + limit)]
-        return hist[-limit:]
+            return hist.objects(st.symbol, lo, min(hi, lo + limit))
+        return hist.objects(st.symbol, n - limit, n)
 
     def check_invariants(self, symbol: str) -> None:
         """Raise AssertionError if the book is crossed or its bookkeeping is inconsistent."""
@@ -727,9 +1201,9 @@ class Market:
         st.agg_id += 1
         self._events.append(agg)
         hist = st.hist
-        hist.append(agg)
+        hist.append(agg.a, agg.price, agg.qty, agg.f, agg.l, agg.time, agg.buyer_maker)
         if len(hist) > self._history + self._slack:  # trim in chunks: O(1) amortised
-            del hist[: len(hist) - self._history]
+            hist.trim(self._history)
 
     def _walk_action(self, st: _Sym, now_ms: int) -> None:
         rng = st.rng
@@ -797,93 +1271,3 @@ class Market:
         if bbo != st.last_bbo:
             st.last_bbo = bbo
             self._events.append(BookTicker(st.symbol, st.update_id, *bbo))
-
-
-def _time(a: AggTrade) -> int:
-    return a.time
-
-
-class TurboFeed:
-    """Benchmark mode: a pre-generated walk cycle re-emitted with shifted ids, ~1 us a message.
-
-    The real walk costs several microseconds per action in Python; a client benchmark needs a
-    source that outruns the client. This records ``actions`` walk actions per symbol once, keeps
-    the real-time events as byte templates, and then replays the cycle forever, shifting trade,
-    aggregate and book-update ids by the cycle's span so ids stay contiguous and increasing on
-    the wire. Prices jump back at each cycle boundary. Not backed by REST or the venue, and no
-    depth streams: use it for throughput, never for correctness tests.
-    """
-
-    def __init__(self, symbols: list[str], seed: int = 0, actions: int = 20_000) -> None:
-        m = Market(symbols, seed)
-        self._cycles: dict[str, list[tuple[str, bytes, int, int, int]]] = {}
-        self._spans: dict[str, tuple[int, int, int]] = {}
-        self._pos: dict[str, int] = {}
-        self._round: dict[str, int] = {}
-        for sym in m.symbols:
-            m.step(sym, 0, actions)
-            events = m.drain_events()
-            items: list[tuple[str, bytes, int, int, int]] = []
-            tids = [e.t for e in events if isinstance(e, Trade)]
-            aids = [e.a for e in events if isinstance(e, AggTrade)]
-            uids = [e.u for e in events if isinstance(e, BookTicker)]
-            if not (tids and aids and uids):
-                raise ValueError(f"{sym}: walk produced no trades in {actions} actions")
-            for e in events:
-                if isinstance(e, AggTrade):
-                    tpl = (
-                        f'{{"e":"aggTrade","E":%d,"s":"{e.symbol}","a":%d,'
-                        f'"p":"{fmt_units(e.price)}","q":"{fmt_units(e.qty)}","f":%d,"l":%d,'
-                        f'"T":%d,"m":{_TRUE_FALSE[e.buyer_maker]},"M":true}}'
-                    ).encode()
-                    items.append(("aggTrade", tpl, e.a, e.f, e.l))
-                elif isinstance(e, Trade):
-                    tpl = (
-                        f'{{"e":"trade","E":%d,"s":"{e.symbol}","t":%d,'
-                        f'"p":"{fmt_units(e.price)}","q":"{fmt_units(e.qty)}","T":%d,'
-                        f'"m":{_TRUE_FALSE[e.buyer_maker]},"M":true}}'
-                    ).encode()
-                    items.append(("trade", tpl, e.t, 0, 0))
-                else:
-                    tpl = (
-                        f'{{"u":%d,"s":"{e.symbol}","b":"{fmt_units(e.bid_px)}",'
-                        f'"B":"{fmt_units(e.bid_qty)}","a":"{fmt_units(e.ask_px)}",'
-                        f'"A":"{fmt_units(e.ask_qty)}"}}'
-                    ).encode()
-                    items.append(("bookTicker", tpl, e.u, 0, 0))
-            self._cycles[sym] = items
-            self._spans[sym] = (
-                tids[-1] - tids[0] + 1,
-                aids[-1] - aids[0] + 1,
-                uids[-1] - uids[0] + 1,
-            )
-            self._pos[sym] = 0
-            self._round[sym] = 0
-
-    def emit(
-        self, symbol: str, n: int, now_ms: int, kinds: set[str] | frozenset[str]
-    ) -> list[tuple[str, bytes]]:
-        """The next ``n`` events of ``symbol``; only kinds in ``kinds`` are encoded."""
-        items = self._cycles[symbol]
-        t_span, a_span, u_span = self._spans[symbol]
-        pos, rnd = self._pos[symbol], self._round[symbol]
-        out: list[tuple[str, bytes]] = []
-        size = len(items)
-        for _ in range(n):
-            kind, tpl, i0, i1, i2 = items[pos]
-            if kind in kinds:
-                if kind == "aggTrade":
-                    ts = rnd * t_span
-                    out.append(
-                        (kind, tpl % (now_ms, i0 + rnd * a_span, i1 + ts, i2 + ts, now_ms))
-                    )
-                elif kind == "trade":
-                    out.append((kind, tpl % (now_ms, i0 + rnd * t_span, now_ms)))
-                else:
-                    out.append((kind, tpl % (i0 + rnd * u_span,)))
-            pos += 1
-            if pos == size:
-                pos = 0
-                rnd += 1
-        self._pos[symbol], self._round[symbol] = pos, rnd
-        return out

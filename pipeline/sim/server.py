@@ -6,6 +6,14 @@ send path: frames are pre-encoded once per (event, wrapping) and written straigh
 connection's transport as whole frames from the single event-loop thread, so they never
 interleave with the protocol's own frames (pings, pongs, close).
 
+Speed (``--rate max``): the walk runs in batches (:meth:`pipeline.sim.market.Market.step_batch`,
+numpy), each batch's frames are formatted by one ``%`` over a byte template per stream and
+wrapping (:func:`batch_frames`), and all pending frames of a client leave in one
+``transport.write`` per loop turn. One client subscribed to one aggTrade stream gets about
+0.5-0.8 M msg/s on a small shared 2-core machine (benchmarks/bench_sim.py; ~1.3 us of
+simulator CPU per message), above what a Python client ingests, so ingest benchmarks measure
+the client.
+
 Paths (binance-protocol.md section 1.2):
 - ``/stream?streams=a/b`` combined, ``/stream`` then SUBSCRIBE, ``/ws/<stream>[/<stream>...]`` raw,
   ``/ws`` then SUBSCRIBE;
@@ -40,6 +48,8 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -80,6 +90,9 @@ _CONTROL_METHODS = (
     "GET_PROPERTY",
 )
 _INT64 = (-(2**63), 2**63 - 1)
+# taker orders per symbol per loop turn at --rate max (Market.step_batch): big enough that
+# numpy's per-call cost vanishes, small enough that one turn stays around a millisecond
+MAX_BATCH = 2048
 
 
 @dataclass
@@ -106,7 +119,6 @@ class SimConfig:
     write_high_water: int = 1 << 20
     slow_consumer_timeout: float = 10.0
     clock_ms: Callable[[], int] | None = None  # wall clock for event times (ms)
-    turbo: bool = False  # benchmark mode: see market.TurboFeed (implies rate = max)
     wsapi_options: dict[str, Any] = field(default_factory=dict)  # WsApiService **limits
     faults: Faults = field(default_factory=Faults)
 
@@ -123,6 +135,125 @@ def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 def _json_bytes(obj: Any) -> bytes:
     return orjson.dumps(obj)
+
+
+_TF = (b"false", b"true")
+_POW10 = np.array([10**i for i in range(19)], np.int64)
+# a batch column for _frames: the row values and the length of each formatted
+_Col = tuple[list[Any], npt.NDArray[np.int64]]
+
+
+def _ints(col: npt.NDArray[np.int64]) -> _Col:
+    """A column of non-negative ints and the length of each in decimal."""
+    return col.tolist(), np.maximum(np.searchsorted(_POW10, col, side="right"), 1)
+
+
+_P10_8 = 10 ** np.arange(7, -1, -1, dtype=np.int64)
+
+
+def _units(col: npt.NDArray[np.int64]) -> list[_Col]:
+    """A column of 1e-8 units as the two values of a ``%d.%s`` placeholder: the whole part,
+    and the 8 fraction digits rendered by numpy (``%08d`` is several times slower)."""
+    whole, frac = np.divmod(col, mk.SCALE)
+    digits = ((frac[:, None] // _P10_8) % 10 + 48).astype(np.uint8)
+    return [_ints(whole), (digits.view("S8").ravel().tolist(), np.full(len(col), 8, np.int64))]
+
+
+def _prices(col: npt.NDArray[np.int64]) -> _Col:
+    """A column of 1e-8 units with few distinct values (prices) as ready 8-decimal bytes."""
+    uniq, inv = np.unique(col, return_inverse=True)
+    strs = np.array([mk.fmt_units(x).encode() for x in uniq.tolist()], dtype=object)
+    lens = np.array([len(x) for x in strs], np.int64)
+    return strs[inv].tolist(), lens[inv]
+
+
+_TF_OBJ = np.array([b"false", b"true"], dtype=object)
+
+
+def _bools(col: npt.NDArray[np.bool_]) -> _Col:
+    idx = col.astype(np.int64)
+    return _TF_OBJ[idx].tolist(), 5 - idx  # false: 5 bytes, true: 4
+
+
+# every frame header for payloads shorter than 4096 bytes, indexable by a numpy length array
+_HDR_OBJ = np.array(
+    [ws_frame(b"\0" * n)[: -n or None] for n in range(4096)],
+    dtype=object,
+)
+
+
+def _frames(tpl: bytes, cols: list[_Col]) -> bytes:
+    """All frames ``tpl % row`` for the rows of ``cols``, headers included, as ONE bytes.
+
+    Each column is (values, their formatted lengths). The payload lengths come from the
+    columns' lengths (numpy), so the frame headers are one more %s column and a single
+    ``(tpl * n) % args`` formats the whole batch in C. Only %d and %s placeholders: they are
+    the fast ones (``%c`` and ``%08d`` cost several times more)."""
+    n = len(cols[0][0])
+    if n == 0:
+        return b""
+    fixed = len(tpl % tuple(c[0][0] for c in cols)) - sum(int(c[1][0]) for c in cols)
+    total: npt.NDArray[np.int64] = cols[0][1] + fixed
+    for c in cols[1:]:
+        total = total + c[1]
+    if int(total.max()) >= len(_HDR_OBJ):  # not for market data: one frame at a time
+        rows = zip(*(c[0] for c in cols), strict=True)
+        return b"".join(ws_frame(tpl % row) for row in rows)
+    cols = [(_HDR_OBJ[total].tolist(), total), *cols]
+    k = len(cols)
+    args: list[Any] = [None] * (n * k)
+    for i, (vals, _lens) in enumerate(cols):
+        args[i::k] = vals
+    return ((b"%s" + tpl) * n) % tuple(args)
+
+
+def batch_frames(
+    b: mk.TakerBatch, kind: str, head: bytes = b"", tail: bytes = b""
+) -> tuple[bytes, int]:
+    """(wire frames, count) of one kind of a TakerBatch; each payload wrapped as
+    ``head + payload + tail`` (the combined-stream envelope, or nothing).
+
+    Byte templates and %-formatting of ints instead of a dict or an object per event: this is
+    what lets ``--rate max`` outrun a client. The bytes equal the ``encode_*`` output framed.
+    """
+    now, sym = b"%d" % b.time, b.symbol.encode()
+    if kind == "aggTrade":
+        tpl = (
+            head + b'{"e":"aggTrade","E":' + now + b',"s":"' + sym + b'","a":%d,"p":"%s",'
+            b'"q":"%d.%s","f":%d,"l":%d,"T":' + now + b',"m":%s,"M":true}' + tail
+        )
+        n = len(b.a_price)
+        cols = [
+            _ints(np.arange(b.a0, b.a0 + n, dtype=np.int64)),
+            _prices(b.a_price),
+            *_units(b.a_qty),
+            _ints(b.a_f),
+            _ints(b.a_l),
+            _bools(b.a_bm),
+        ]
+    elif kind == "trade":
+        tpl = (
+            head + b'{"e":"trade","E":' + now + b',"s":"' + sym + b'","t":%d,"p":"%s",'
+            b'"q":"%d.%s","T":' + now + b',"m":%s,"M":true}' + tail
+        )
+        n = len(b.t_price)
+        cols = [
+            _ints(np.arange(b.t0, b.t0 + n, dtype=np.int64)),
+            _prices(b.t_price),
+            *_units(b.t_qty),
+            _bools(b.t_bm),
+        ]
+    else:
+        tpl = head + b'{"u":%d,"s":"' + sym + b'","b":"%s","B":"%d.%s","a":"%s","A":"%d.%s"}' + tail
+        n = len(b.bt_u)
+        cols = [
+            _ints(b.bt_u),
+            _prices(b.bt_bp),
+            *_units(b.bt_bq),
+            _prices(b.bt_ap),
+            *_units(b.bt_aq),
+        ]
+    return _frames(tpl, cols), n
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +502,7 @@ class StreamClient:
         "incoming",
         "over_since",
         "pending",
+        "pending_frames",
         "streams",
     )
 
@@ -378,7 +510,8 @@ class StreamClient:
         self.conn = conn
         self.combined = combined
         self.streams: list[str] = []
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = []  # whole frames, possibly many in one bytes
+        self.pending_frames = 0
         self.frames_sent = 0
         self.incoming: deque[float] = deque()
         self.over_since: float | None = None
@@ -513,6 +646,7 @@ class Simulator:
             "rate_limit_disconnects": 0,
             "lifetime_disconnects": 0,
             "slow_consumer_disconnects": 0,
+            "backpressure_waits": 0,
             "walk_actions": 0,
             "replay_frames": 0,
         }
@@ -1022,10 +1156,15 @@ class Simulator:
             self._clients.discard(client)
             self._dirty.discard(client)
 
-    @property
-    def _sub_symbols(self) -> set[str]:
-        """Lowercase symbols with at least one subscribed stream."""
-        return {s.partition("@")[0] for s in self._subs}
+    def _writable_symbols(self) -> set[str]:
+        """Lowercase symbols with a subscriber that can be written to now (not closing, not
+        black-holed): at --rate max nobody else is worth a batch."""
+        out: set[str] = set()
+        for stream, subs in self._subs.items():
+            sym = stream.partition("@")[0]
+            if sym not in out and any(c.conn.sim_can_write() for c in subs):
+                out.add(sym)
+        return out
 
     def _subscribe(self, client: StreamClient, streams: list[str]) -> None:
         for s in streams:
@@ -1099,14 +1238,16 @@ class Simulator:
                 if raw_f is None:
                     raw_f = ws_frame(payload)
                 c.pending.append(raw_f)
+            c.pending_frames += 1
             self._dirty.add(c)
 
     def _flush_client(self, c: StreamClient) -> None:
         if not c.pending:
             return
-        n = len(c.pending)
-        data = c.pending[0] if n == 1 else b"".join(c.pending)
+        n = c.pending_frames
+        data = c.pending[0] if len(c.pending) == 1 else b"".join(c.pending)
         c.pending = []
+        c.pending_frames = 0
         self._dirty.discard(c)
         if c.conn.sim_write(data):
             c.frames_sent += n
@@ -1116,10 +1257,16 @@ class Simulator:
         for c in list(self._dirty):
             self._flush_client(c)
 
-    def _dispatch(self, events: list[mk.Event]) -> None:
+    def _dispatch(self, events: list[mk.Event | mk.TakerBatch]) -> None:
         subs = self._subs
         faults = self.faults
         for ev in events:
+            if isinstance(ev, mk.TakerBatch):
+                if faults.skip_agg_ids:  # rare: per event, so the budget counts exactly
+                    self._dispatch(list(ev.events()))
+                else:
+                    self._publish_batch(ev)
+                continue
             sym = ev.symbol.lower()
             if isinstance(ev, mk.AggTrade):
                 if faults.skip_agg_ids and faults.take_skip_agg(ev.symbol):
@@ -1135,6 +1282,35 @@ class Simulator:
                 stream = sym + "@bookTicker"
                 if stream in subs:
                     self._publish(stream, mk.encode_book_ticker(ev))
+
+    def _publish_batch(self, b: mk.TakerBatch) -> None:
+        """Fan a TakerBatch out: per subscribed stream its frames, encoded once per wrapping.
+
+        Within one batch (one instant) each stream's frames stay in order, but the trade,
+        aggTrade and bookTicker streams follow one another rather than interleave."""
+        low = b.symbol.lower()
+        for kind in ("trade", "aggTrade", "bookTicker"):
+            stream = f"{low}@{kind}"
+            subs = self._subs.get(stream)
+            if not subs:
+                continue
+            raw: tuple[bytes, int] | None = None
+            comb: tuple[bytes, int] | None = None
+            for c in subs:
+                if c.combined:
+                    if comb is None:
+                        comb = batch_frames(
+                            b, kind, b'{"stream":"' + self._stream_b[stream] + b'","data":', b"}"
+                        )
+                    data, n = comb
+                else:
+                    if raw is None:
+                        raw = batch_frames(b, kind)
+                    data, n = raw
+                if n:
+                    c.pending.append(data)
+                    c.pending_frames += n
+                    self._dirty.add(c)
 
     def _depth_tick(self, speed: int, now_ms: int) -> None:
         sfx = "@100ms" if speed == 100 else ""
@@ -1173,9 +1349,8 @@ class Simulator:
     async def _market_loop(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        max_mode = cfg.turbo or not math.isfinite(cfg.rate) or cfg.rate <= 0
+        max_mode = not math.isfinite(cfg.rate) or cfg.rate <= 0
         symbols = self.market.symbols
-        turbo = mk.TurboFeed(symbols, cfg.seed) if cfg.turbo else None
         budget = 0.0
         last = loop.time()
         next_100 = next_tick = last + 0.1
@@ -1189,17 +1364,20 @@ class Simulator:
             paused = stalled or self._backpressured(now)
             if not paused:
                 if max_mode:
-                    # as fast as clients take: only symbols someone listens to
-                    n = batch if self._subs else 0
-                    active = [s for s in symbols if s.lower() in self._sub_symbols]
+                    # as fast as clients take: only symbols someone can be sent data for
+                    live = self._writable_symbols()
+                    active = [s for s in symbols if s.lower() in live]
+                    n = batch if active else 0
                 else:
                     budget = min(budget + cfg.rate * (now - last), cfg.rate * 0.5 + 1)
                     n = int(budget)
                     budget -= n
                     active = symbols
                 try:
-                    if n and turbo is not None:
-                        self._turbo_emit(turbo, active, n, now_ms)
+                    if n and max_mode:
+                        for sym in active:
+                            self.market.step_batch(sym, now_ms, n)
+                        self.stats["walk_actions"] += n * len(active)
                     elif n:
                         for sym in active:
                             self.market.step(sym, now_ms, n)
@@ -1216,11 +1394,9 @@ class Simulator:
                     try:
                         self.service.on_tick(now_ms)
                     except Exception as exc:
-                        _rlog.warning(
-                            "sim_on_tick_error", "venue on_tick failed", error=repr(exc)
-                        )
+                        _rlog.warning("sim_on_tick_error", "venue on_tick failed", error=repr(exc))
             if not stalled:
-                self._dispatch(self.market.drain_events())
+                self._dispatch(self.market.drain_raw())
                 if now >= next_100:
                     self._depth_tick(100, now_ms)
                     next_100 = max(next_100 + 0.1, now)
@@ -1229,24 +1405,15 @@ class Simulator:
                     next_1000 = max(next_1000 + 1.0, now)
                 self._flush()
             if max_mode and self._subs and not paused:
-                batch = min(batch * 2, 256)
+                batch = min(batch * 2, MAX_BATCH)
                 await asyncio.sleep(0)
             elif max_mode and paused and not stalled:
+                self.stats["backpressure_waits"] += 1  # the clients are the limit now
                 await asyncio.sleep(0.0005)
             else:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), cfg.tick_s)
-
-    def _turbo_emit(self, turbo: mk.TurboFeed, symbols: list[str], n: int, now_ms: int) -> None:
-        subs = self._subs
-        for sym in symbols:
-            low = sym.lower()
-            kinds = {k for k in ("trade", "aggTrade", "bookTicker") if f"{low}@{k}" in subs}
-            if not kinds:
-                continue
-            for kind, payload in turbo.emit(sym, n * 4, now_ms, kinds):
-                self._publish(f"{low}@{kind}", payload)
 
     async def _replay_loop(self) -> None:
         cap = self.capture
@@ -1281,6 +1448,7 @@ class Simulator:
                     else:
                         raw_f = raw_f or ws_frame(payload)
                         c.pending.append(raw_f)
+                    c.pending_frames += 1
                     self._dirty.add(c)
             self.stats["replay_frames"] += 1
             if not recorded and self.stats["replay_frames"] % 256 == 0:
