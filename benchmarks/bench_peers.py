@@ -15,9 +15,9 @@ What each one does per message differs, and the table should be read with that i
   hard-coded websocket and REST endpoints at the simulator by subclassing;
 - pipeline ingest: picows, msgspec -> record tuple -> exactly-once tracking -> ring publish.
 
-Loads: 10 k messages/s total (``--rate``, see bench_e2e.AGG_PER_ACTION) and saturation
-(``--turbo``). ``BENCH_SCALE`` < 0.1 keeps only saturation with 1 s windows. Peers that cannot be
-imported are skipped with the reason.
+Loads: 10 k aggTrade messages/s total (``--rate 5000 --rate-unit msgs`` per symbol) and
+saturation (``--rate max``). ``BENCH_SCALE`` < 0.1 keeps only saturation with 1 s windows.
+Peers that cannot be imported are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import pytest
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
 SMOKE = SCALE < 0.1
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
-AGG_PER_ACTION = 0.38
 WINDOW_S = max(1.0, 10.0 * SCALE)
 CTX = mp.get_context("spawn")
 RATES = ["max"] if SMOKE else ["10000", "max"]
@@ -209,8 +208,8 @@ def test_peer(benchmark: Any, peer: str, rate: str) -> None:
     from pipeline.sim.testing import run_sim_process
 
     benchmark.group = f"peers {rate} msgs/s"
-    sim_args = ["--turbo"] if rate == "max" else \
-        ["--rate", f"{float(rate) / (len(SYMBOLS) * AGG_PER_ACTION):.1f}"]
+    sim_args = ["--rate", "max"] if rate == "max" else \
+        ["--rate", f"{float(rate) / len(SYMBOLS):.1f}", "--rate-unit", "msgs"]
     with run_sim_process("--symbols", ",".join(SYMBOLS), *sim_args) as sim, \
             run_peer(peer, sim) as (pid, count):
         deadline = time.monotonic() + 30

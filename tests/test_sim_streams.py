@@ -516,6 +516,54 @@ def test_batch_frames_equal_the_per_event_encoders() -> None:
                 assert data == b"".join(want)
 
 
+BATCH_KINDS = ["aggTrade", "trade", "bookTicker", "depth@100ms"]
+
+
+async def collect_btc(sim: SimServer, n_aggs: int) -> dict[str, list[dict[str, Any]]]:
+    """``n_aggs`` aggTrades of BTCUSDT and what the other BATCH_KINDS streams sent meanwhile
+    (at least two depth diffs), from one combined connection."""
+    url = f"{sim.streams_url}/stream?streams={'/'.join(f'btcusdt@{k}' for k in BATCH_KINDS)}"
+    seen: dict[str, list[dict[str, Any]]] = {k: [] for k in BATCH_KINDS}
+    async with websockets.connect(url) as ws:
+        while len(seen["aggTrade"]) < n_aggs or len(seen["depth@100ms"]) < 2:
+            msg = await recv_json(ws)
+            seen[msg["stream"].partition("@")[2]].append(msg["data"])
+        ws.transport.abort()  # a closing handshake would first read MBs of backlog
+    return seen
+
+
+async def check_consistent(sim: SimServer, seen: dict[str, list[dict[str, Any]]]) -> None:
+    """Contiguous trade and aggTrade ids, each aggTrade covering trades at its price, bookTicker
+    ``u`` increasing, diff depth ``U`` = previous ``u`` + 1, REST history equal to the stream."""
+    aggs, trades = seen["aggTrade"], seen["trade"]
+    assert [a["a"] for a in aggs] == list(range(aggs[0]["a"], aggs[0]["a"] + len(aggs)))
+    t_ids = [t["t"] for t in trades]
+    assert t_ids == list(range(t_ids[0], t_ids[0] + len(t_ids)))
+    for prev, a in pairwise(aggs):
+        assert a["f"] == prev["l"] + 1
+    by_id = {t["t"]: t for t in trades}
+    checked = 0
+    for a in aggs:
+        covered = [by_id.get(i) for i in range(a["f"], a["l"] + 1)]
+        if None in covered:
+            continue
+        assert {t["p"] for t in covered} == {a["p"]}  # type: ignore[index]
+        checked += 1
+    assert checked > 1000
+    us = [b["u"] for b in seen["bookTicker"]]
+    assert us == sorted(set(us))
+    for prev, d in pairwise(seen["depth@100ms"]):
+        assert d["U"] == prev["u"] + 1
+    # REST history is the stream's
+    first = aggs[100]["a"]
+    status, rest = await http_json(
+        f"{sim.rest_url}/api/v3/aggTrades?symbol=BTCUSDT&fromId={first}&limit=1000"
+    )
+    assert status == 200
+    stream = [{k: a[k] for k in ("a", "p", "q", "f", "l", "T", "m", "M")} for a in aggs]
+    assert rest == stream[100:1100]
+
+
 def test_rate_max_streams_are_consistent_with_rest() -> None:
     """At --rate max (Market.step_batch + the batch encoder) every protocol rule still holds:
     contiguous ids, aggTrades covering the trades, REST history equal to the stream, diff
@@ -523,41 +571,8 @@ def test_rate_max_streams_are_consistent_with_rest() -> None:
 
     async def go() -> None:
         async with SimServer(cfg(rate=math.inf, symbols=["BTCUSDT"], history=1_000_000)) as sim:
-            kinds = ["aggTrade", "trade", "bookTicker", "depth@100ms"]
-            url = f"{sim.streams_url}/stream?streams={'/'.join(f'btcusdt@{k}' for k in kinds)}"
-            seen: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-            async with websockets.connect(url) as ws:
-                while len(seen["aggTrade"]) < 4000 or len(seen["depth@100ms"]) < 2:
-                    msg = await recv_json(ws)
-                    seen[msg["stream"].partition("@")[2]].append(msg["data"])
-                ws.transport.abort()  # a closing handshake would first read MBs of backlog
-            aggs, trades = seen["aggTrade"], seen["trade"]
-            assert [a["a"] for a in aggs] == list(range(aggs[0]["a"], aggs[0]["a"] + len(aggs)))
-            t_ids = [t["t"] for t in trades]
-            assert t_ids == list(range(t_ids[0], t_ids[0] + len(t_ids)))
-            for prev, a in pairwise(aggs):
-                assert a["f"] == prev["l"] + 1
-            by_id = {t["t"]: t for t in trades}
-            checked = 0
-            for a in aggs:
-                covered = [by_id.get(i) for i in range(a["f"], a["l"] + 1)]
-                if None in covered:
-                    continue
-                assert {t["p"] for t in covered} == {a["p"]}  # type: ignore[index]
-                checked += 1
-            assert checked > 1000
-            us = [b["u"] for b in seen["bookTicker"]]
-            assert us == sorted(set(us))
-            for prev, d in pairwise(seen["depth@100ms"]):
-                assert d["U"] == prev["u"] + 1
-            # REST history is the stream's
-            first = aggs[100]["a"]
-            status, rest = await http_json(
-                f"{sim.rest_url}/api/v3/aggTrades?symbol=BTCUSDT&fromId={first}&limit=1000"
-            )
-            assert status == 200
-            stream = [{k: a[k] for k in ("a", "p", "q", "f", "l", "T", "m", "M")} for a in aggs]
-            assert rest == stream[100:1100]
+            seen = await collect_btc(sim, 4000)
+            await check_consistent(sim, seen)
             # skip_agg_ids at full speed. Nobody listens now, so the walk is idle: the next
             # client's first 3 aggTrades are withheld from the stream, not from REST
             status, last = await http_json(
@@ -572,6 +587,79 @@ def test_rate_max_streams_are_consistent_with_rest() -> None:
             status, rest = await http_json(
                 f"{sim.rest_url}/api/v3/aggTrades?symbol=BTCUSDT&fromId={last[0]['a'] + 1}&limit=3"
             )
+            assert status == 200
             assert [a["a"] for a in rest] == [last[0]["a"] + i for i in (1, 2, 3)]
 
     run(go, timeout=30)
+
+
+# ---- a high finite --rate: the batched walk, paced ----------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["actions", "msgs"])
+def test_walk_finite_switches_to_batches_above_the_threshold(unit: str) -> None:
+    """Pure (no loop, no clock): few units due run the per-action walk, many run step_batch;
+    in ``msgs`` unit the aggTrades printed cover what was due and the units used say so."""
+    sim = srv.Simulator(cfg(symbols=["BTCUSDT"], rate_unit=unit))
+    m = sim.market
+    small = (srv.BATCH_MIN_MSGS if unit == "msgs" else srv.BATCH_MIN_ACTIONS) - 1
+    a0 = m.next_agg_id("BTCUSDT")
+    used = sim._walk_finite("BTCUSDT", small, 1000)
+    assert sim.stats["walk_batches"] == 0
+    if unit == "msgs":
+        assert used == m.next_agg_id("BTCUSDT") - a0 >= small
+    else:
+        assert used == small == sim.stats["walk_actions"]
+    a1 = m.next_agg_id("BTCUSDT")
+    big = 5000 if unit == "msgs" else 20_000  # > MAX_BATCH takers: several chunks
+    used = sim._walk_finite("BTCUSDT", big, 1001)
+    assert sim.stats["walk_batches"] >= 3
+    printed = m.next_agg_id("BTCUSDT") - a1
+    if unit == "msgs":
+        assert used == printed >= big
+    else:
+        assert used == big
+        # the batched walk prints about what the per-action walk would (no rate jump)
+        expect = big * srv.WALK_AGGS_PER_ACTION
+        assert 0.8 * expect < printed < 1.3 * expect
+    m.check_invariants("BTCUSDT")
+    assert [a.a for a in m.agg_trades("BTCUSDT", from_id=a0, limit=100_000)] == list(
+        range(a0, m.next_agg_id("BTCUSDT"))
+    )
+
+
+def test_rejects_an_unknown_rate_unit() -> None:
+    with pytest.raises(ValueError, match="rate_unit"):
+        srv.Simulator(cfg(rate_unit="bytes"))
+
+
+def test_high_finite_rate_uses_batches_and_stays_consistent() -> None:
+    """20 k aggTrade msgs/s on one symbol: ~200 due per 10 ms turn, so the walk runs in
+    batches (stats say so), and every stream and REST rule of the per-action walk holds."""
+
+    async def go() -> None:
+        config = cfg(rate=20_000.0, rate_unit="msgs", symbols=["BTCUSDT"], history=1_000_000)
+        async with SimServer(config) as sim:
+            seen = await collect_btc(sim, 3000)
+            assert sim.sim.stats["walk_batches"] > 0
+            await check_consistent(sim, seen)
+            # aggTrade times never go backwards (one stamp per turn)
+            times = [a["T"] for a in seen["aggTrade"]]
+            assert times == sorted(times)
+
+    run(go, timeout=30)
+
+
+def test_cli_rate_unit_reaches_the_config() -> None:
+    import argparse
+
+    from pipeline.sim import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["sim", "--rate", "50000", "--rate-unit", "msgs"])
+    config = cli.build_config(args)
+    assert (config.rate, config.rate_unit) == (50_000.0, "msgs")
+    assert cli.build_config(parser.parse_args(["sim"])).rate_unit == "actions"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sim", "--rate-unit", "bytes"])

@@ -28,7 +28,14 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--rate",
         default="20",
-        help="walk actions per second per symbol; 0 or 'max' = as fast as clients take",
+        help="per second per symbol, in --rate-unit; 0 or 'max' = as fast as clients take",
+    )
+    p.add_argument(
+        "--rate-unit",
+        choices=("actions", "msgs"),
+        default="actions",
+        help="what --rate counts: walk actions (taker/maker/cancel; ~0.36 aggTrades each) or "
+        "aggTrade messages (exact on average; for benchmarks that want a message rate)",
     )
     p.add_argument(
         "--turbo",
@@ -120,6 +127,7 @@ def build_config(args: argparse.Namespace) -> Any:
         symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()],
         seed=args.seed,
         rate=math.inf if args.turbo else parse_rate(args.rate),
+        rate_unit=args.rate_unit,
         replay=args.replay,
         replay_speed=args.replay_speed,
         api_keys=dict(load_api_key(s) for s in args.api_key),

@@ -1015,6 +1015,11 @@ class Market:
     def last_update_id(self, symbol: str) -> int:
         return self._sym(symbol).update_id
 
+    def next_agg_id(self, symbol: str) -> int:
+        """The id the next aggregate trade of ``symbol`` will get: the difference over a call
+        is how many aggTrade messages it printed (how ``--rate-unit msgs`` keeps its count)."""
+        return self._sym(symbol).agg_id
+
     def top(self, symbol: str, n: int) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
         """(lastUpdateId, n best bids, n best asks) in units, best first."""
         st = self._sym(symbol)

@@ -14,6 +14,12 @@ wrapping (:func:`batch_frames`), and all pending frames of a client leave in one
 simulator CPU per message), above what a Python client ingests, so ingest benchmarks measure
 the client.
 
+A finite ``--rate`` paces the same walk in 10 ms turns (``rate_unit`` "actions": walk actions
+per second per symbol; "msgs": aggTrade messages per second per symbol, exact on average). A
+turn with few units due runs the per-action walk (a bookTicker after every action); from
+BATCH_MIN_ACTIONS / BATCH_MIN_MSGS due it runs step_batch, so fixed rates reach the hundreds of
+thousands of msgs/s too (100 k aggTrade msgs/s over 2 symbols: about a third of a core).
+
 Paths (binance-protocol.md section 1.2):
 - ``/stream?streams=a/b`` combined, ``/stream`` then SUBSCRIBE, ``/ws/<stream>[/<stream>...]`` raw,
   ``/ws`` then SUBSCRIBE;
@@ -93,6 +99,18 @@ _INT64 = (-(2**63), 2**63 - 1)
 # taker orders per symbol per loop turn at --rate max (Market.step_batch): big enough that
 # numpy's per-call cost vanishes, small enough that one turn stays around a millisecond
 MAX_BATCH = 2048
+# finite --rate: from this many walk actions (``rate_unit="actions"``) or aggTrade messages
+# (``"msgs"``) due for one symbol in one loop turn, the turn runs Market.step_batch instead of
+# the per-action walk. One batch call costs ~0.5 ms however small; the per-action walk ~10 us
+# an action (~25 us an aggTrade), so below this the walk is as cheap and keeps its finer mix
+# (a bookTicker after every action, makers and takers interleaved).
+BATCH_MIN_ACTIONS = 96
+BATCH_MIN_MSGS = 32
+# aggTrades per action of the per-action walk (Market.step), measured over long runs. A
+# step_batch taker prints ~1.0 aggTrade, so a batched turn of n actions runs
+# round(n * WALK_AGGS_PER_ACTION) takers: the message rate does not jump at the threshold.
+WALK_AGGS_PER_ACTION = 0.36
+RATE_UNITS = ("actions", "msgs")
 
 
 @dataclass
@@ -103,8 +121,10 @@ class SimConfig:
     port: int = 0
     symbols: list[str] = field(default_factory=lambda: list(DEFAULT_SYMBOLS))
     seed: int = 0
-    # walk actions (taker order / maker order / cancel) per second per symbol; inf = max
+    # per second per symbol: walk actions (taker order / maker order / cancel) or, with
+    # rate_unit="msgs", aggTrade messages; inf = max (as fast as clients take)
     rate: float = 20.0
+    rate_unit: str = "actions"  # "actions" | "msgs"
     replay: str | None = None
     replay_speed: str = "recorded"  # "recorded" | "max"
     api_keys: dict[str, bytes] = field(default_factory=dict)
@@ -610,6 +630,8 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = cfg = config or SimConfig()
+        if cfg.rate_unit not in RATE_UNITS:
+            raise ValueError(f"rate_unit must be one of {RATE_UNITS}, not {cfg.rate_unit!r}")
         self.faults = cfg.faults
         self.capture: Capture | None = None
         symbols = [s.upper() for s in cfg.symbols]
@@ -647,7 +669,8 @@ class Simulator:
             "lifetime_disconnects": 0,
             "slow_consumer_disconnects": 0,
             "backpressure_waits": 0,
-            "walk_actions": 0,
+            "walk_actions": 0,  # a batched taker order counts as one
+            "walk_batches": 0,  # Market.step_batch calls (--rate max, or a busy finite rate)
             "replay_frames": 0,
         }
         self.service: Any = None
@@ -1351,7 +1374,8 @@ class Simulator:
         loop = asyncio.get_running_loop()
         max_mode = not math.isfinite(cfg.rate) or cfg.rate <= 0
         symbols = self.market.symbols
-        budget = 0.0
+        budget = dict.fromkeys(symbols, 0.0)  # finite rate: units due per symbol
+        cap = cfg.rate * 0.5 + 1 if not max_mode else 0.0  # at most half a second of backlog
         last = loop.time()
         next_100 = next_tick = last + 0.1
         next_1000 = last + 1.0
@@ -1363,30 +1387,26 @@ class Simulator:
             now_ms = self.now_ms()
             paused = stalled or self._backpressured(now)
             if not paused:
-                if max_mode:
-                    # as fast as clients take: only symbols someone can be sent data for
-                    live = self._writable_symbols()
-                    active = [s for s in symbols if s.lower() in live]
-                    n = batch if active else 0
-                else:
-                    budget = min(budget + cfg.rate * (now - last), cfg.rate * 0.5 + 1)
-                    n = int(budget)
-                    budget -= n
-                    active = symbols
                 try:
-                    if n and max_mode:
+                    if max_mode:
+                        # as fast as clients take: only symbols someone can be sent data for
+                        live = self._writable_symbols()
+                        active = [s for s in symbols if s.lower() in live]
                         for sym in active:
-                            self.market.step_batch(sym, now_ms, n)
-                        self.stats["walk_actions"] += n * len(active)
-                    elif n:
-                        for sym in active:
-                            self.market.step(sym, now_ms, n)
-                        self.stats["walk_actions"] += n * len(active)
+                            self.market.step_batch(sym, now_ms, batch)
+                        self.stats["walk_actions"] += batch * len(active)
+                        self.stats["walk_batches"] += len(active)
+                    else:
+                        add = cfg.rate * (now - last)
+                        for sym in symbols:
+                            due = min(budget[sym] + add, cap)
+                            n = int(due)
+                            budget[sym] = due - (self._walk_finite(sym, n, now_ms) if n else 0)
                 except Exception as exc:  # a venue listener bug must not kill the feed
                     self.stats["walk_errors"] = self.stats.get("walk_errors", 0) + 1
                     _rlog.warning("sim_walk_error", "market step failed", error=repr(exc))
             elif not max_mode:
-                budget = 0.0  # no catch-up burst after a pause
+                budget = dict.fromkeys(symbols, 0.0)  # no catch-up burst after a pause
             last = now
             if now >= next_tick:  # the venue's clock runs even while market data stalls
                 next_tick = max(next_tick + 0.1, now)
@@ -1414,6 +1434,52 @@ class Simulator:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), cfg.tick_s)
+
+    def _walk_finite(self, sym: str, due: int, now_ms: int) -> int:
+        """Run ``due`` units of a finite rate's walk on one symbol; returns the units used.
+
+        Few due (a low rate): the per-action walk, exactly as many actions, or in ``msgs``
+        unit actions until ``due`` aggTrades are out (a taker may print several, so it can
+        overshoot by a few: the caller carries the excess as debt). Many due: Market.step_batch
+        in chunks of at most MAX_BATCH takers, which is what lets a finite rate reach hundreds
+        of thousands of messages a second; the events of one turn then share one time stamp
+        (they do on the per-action path too) and bookTicker follows taker orders only.
+        """
+        market, stats = self.market, self.stats
+        msgs = self.config.rate_unit == "msgs"
+        a0 = market.next_agg_id(sym)
+        if due < (BATCH_MIN_MSGS if msgs else BATCH_MIN_ACTIONS):
+            if not msgs:
+                market.step(sym, now_ms, due)
+                stats["walk_actions"] += due
+                return due
+            actions = 0
+            limit = 64 * due + 64  # a taker is ~1 action in 3: never loop forever
+            while market.next_agg_id(sym) - a0 < due and actions < limit:
+                market.step(sym, now_ms, 1)
+                actions += 1
+            stats["walk_actions"] += actions
+            return market.next_agg_id(sym) - a0
+        if msgs:
+            # a batch taker prints ~1.0 aggTrade; top up (rarely) until due are out, at most
+            # a few calls: a thin book drops takers that find nothing
+            for _ in range(4):
+                left = due - (market.next_agg_id(sym) - a0)
+                if left <= 0:
+                    break
+                k = min(left, MAX_BATCH)
+                market.step_batch(sym, now_ms, k)
+                stats["walk_actions"] += k
+                stats["walk_batches"] += 1
+            return market.next_agg_id(sym) - a0
+        takers = max(1, round(due * WALK_AGGS_PER_ACTION))
+        while takers > 0:
+            k = min(takers, MAX_BATCH)
+            market.step_batch(sym, now_ms, k)
+            stats["walk_actions"] += k
+            stats["walk_batches"] += 1
+            takers -= k
+        return due
 
     async def _replay_loop(self) -> None:
         cap = self.capture
