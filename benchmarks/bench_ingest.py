@@ -1,7 +1,10 @@
 """Ingest benchmarks, side by side in one run (``make bench``; smoke: ``BENCH_SCALE=0.05``).
 
 1. In-process, per aggTrade frame: decode only, and decode + id tracking + ring publish (the
-   frame handler, i.e. socket-to-ring minus the socket), for msgspec and orjson.
+   frame handler, i.e. socket-to-ring minus the socket), for msgspec and orjson, with ring
+   publishes one by one (``batch 1``) and batched per event-loop iteration (``batch 64``, the
+   default ``--publish-batch``), and the transport floor: picows delivering the blaster's frames
+   (see 3) to a handler that does nothing (framing + the Python callback layer).
 2. The real process at saturation: ``pipeline sim --rate max`` feeding ``pipeline ingest``
    (aggTrade streams, 2 symbols) for each transport x decoder. Reported: messages/s received and
    published, and CPU microseconds per message of the ingest process (psutil user+sys time over
@@ -10,7 +13,8 @@
 3. The same process fed by a "blaster" (a bare websocket server writing pre-built aggTrade frames
    in large batches, in a child process): the simulator is pure Python and saturates before
    ingest does, so this is the variant where ingest itself is the bottleneck and many frames
-   arrive per socket read (``cpu util`` close to 1.0).
+   arrive per socket read (``cpu util`` close to 1.0). ``test_publish_batch_side_by_side`` runs
+   picows + msgspec with ``--publish-batch`` 1 and 64 in the same run.
 
 Target from the issue: <= 2 us of ingest-process CPU per aggTrade frame, socket to ring.
 The summary table is printed by the last test (``test_zz_report``).
@@ -86,20 +90,31 @@ class _FakeConn:
     first_pending = False
 
 
+@pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("decoder", ["msgspec", "orjson"])
-def test_frame_handler_to_ring(benchmark: Any, decoder: str) -> None:
-    """Decode + exactly-once tracking + ring publish, as the live handler runs it."""
+def test_frame_handler_to_ring(benchmark: Any, decoder: str, batch: int) -> None:
+    """Decode + exactly-once tracking + ring publish, as the live handler runs it.
+
+    ``batch`` 64: inside a running uvloop loop with publish batching on, all frames of a run in
+    one loop iteration (as when one socket read carries many frames): records are staged and
+    committed 64 at a time. ``batch`` 1: each record published at once (the pre-batching path).
+    """
+
+    import uvloop
+
     from pipeline.ingest import Ingest, IngestConfig
 
     n = 1000
-    name = f"bench_ingest_{os.getpid()}_{decoder}"
+    name = f"bench_ingest_{os.getpid()}_{decoder}_{batch}"
     w = RingWriter.create(name, TICK_DTYPE, 1 << 16, symbols=SYMBOLS)
+    loop = uvloop.new_event_loop()
     try:
-        ing = Ingest(IngestConfig(decoder=decoder, symbols=SYMBOLS), w, None)
-        state = {"next": 1_000_000}
+        ing = Ingest(IngestConfig(decoder=decoder, symbols=SYMBOLS, publish_batch=batch), w, None)
+        ing.enable_batching(loop)
+        state: dict[str, float] = {"next": 1_000_000}
 
-        def run() -> None:
-            frames = agg_frames(n, state["next"])
+        def one() -> None:
+            frames = agg_frames(n, int(state["next"]))
             state["next"] += n
             h = ing.handle
             conn = _FakeConn()
@@ -107,6 +122,12 @@ def test_frame_handler_to_ring(benchmark: Any, decoder: str) -> None:
             for f in frames:
                 h(conn, f, 1)  # type: ignore[arg-type]
             state["best"] = min(state.get("best", 1e9), time.process_time() - t0)
+
+        async def in_loop() -> None:  # one loop iteration: the end-of-iteration commit runs after
+            one()
+
+        def run() -> None:
+            loop.run_until_complete(in_loop())
 
         benchmark(run)
         runs = max(1, int(50 * SCALE))
@@ -117,10 +138,52 @@ def test_frame_handler_to_ring(benchmark: Any, decoder: str) -> None:
         assert w.cursor - before == runs * n  # every frame published once
         assert ing.trackers[0].last == state["next"] - 1
         assert not ing.trackers[0].pending
-        RESULTS.setdefault(f"in-process handler->ring ({decoder})", {})["cpu_us_per_msg"] = \
-            state["best"] / n * 1e6
+        assert w.staged == 0
+        RESULTS.setdefault(f"in-process handler->ring ({decoder}, batch {batch})", {})[
+            "cpu_us_per_msg"] = state["best"] / n * 1e6
     finally:
+        loop.close()
         w.close()
+
+
+def test_transport_floor_picows(benchmark: Any) -> None:
+    """picows -> a no-op handler, in this process, fed by the blaster: what the socket, the
+    framing and the per-frame Python callback cost before ingest does anything."""
+    import asyncio
+
+    import uvloop
+
+    from pipeline.net import ws as wsmod
+
+    window = max(1.0, 3.0 * SCALE)
+    n = [0]
+    res: dict[str, float] = {}
+
+    async def run(url: str) -> None:
+        flowing = asyncio.Event()
+
+        def on_message(_payload: bytes, _t: int) -> None:
+            n[0] += 1
+            if n[0] == 1000:
+                flowing.set()
+
+        c = await wsmod.connect(url + "/stream?streams=x", on_message, transport="picows",
+                                ping_interval=0)
+        try:
+            await asyncio.wait_for(flowing.wait(), 15)
+            n0, c0, t0 = n[0], time.process_time(), time.monotonic()
+            await asyncio.sleep(window)
+            n1, c1, t1 = n[0], time.process_time(), time.monotonic()
+            res["msgs_per_s"] = (n1 - n0) / (t1 - t0)
+            res["cpu_us_per_msg"] = (c1 - c0) / max(n1 - n0, 1) * 1e6
+            res["cpu_util"] = (c1 - c0) / (t1 - t0)
+        finally:
+            await c.close(grace_s=0.2)
+
+    with blaster() as url:
+        benchmark.pedantic(lambda: uvloop.run(run(url)), rounds=1, iterations=1)
+    assert res["msgs_per_s"] > 0
+    RESULTS["in-process transport floor (picows, no-op handler)"] = res
 
 
 def _blaster_main(port_out: Any, batch: int) -> None:
@@ -207,15 +270,16 @@ def feed(source: str) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def sim_and_ingest(transport: str, decoder: str, tag: str,
-                   source: str = "sim") -> Iterator[tuple[Any, Any, Any]]:
+def sim_and_ingest(transport: str, decoder: str, tag: str, source: str = "sim",
+                   extra: tuple[str, ...] = ()) -> Iterator[tuple[Any, Any, Any]]:
     ring, met = f"bench_{os.getpid()}_{tag}_r", f"bench_{os.getpid()}_{tag}_m"
     with feed(source) as (streams_url, rest_url):
         cmd = [sys.executable, "-m", "pipeline", "--log-format", "text", "--log-level",
                "WARNING", "ingest", "--streams-url", streams_url, "--rest-url",
                rest_url, "--symbols", ",".join(SYMBOLS), "--streams", "aggTrade",
                "--transport", transport, "--decoder", decoder, "--ring", ring, "--metrics", met,
-               "--ring-capacity", str(1 << 20), "--stall-timeout", "5"]
+               "--ring-capacity", str(1 << 20), "--stall-timeout", "5",
+               "--metrics-interval", "0.02", *extra]
         proc = subprocess.Popen(cmd)
         reader = block = None
         try:
@@ -250,9 +314,22 @@ def sim_and_ingest(transport: str, decoder: str, tag: str,
 @pytest.mark.parametrize("decoder", ["msgspec", "orjson"])
 @pytest.mark.parametrize("transport", ["picows", "websockets"])
 def test_end_to_end_saturation(benchmark: Any, transport: str, decoder: str, source: str) -> None:
+    _saturate(benchmark, transport, decoder, source)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_publish_batch_side_by_side(benchmark: Any, batch: int) -> None:
+    """picows + msgspec <- blaster with ``--publish-batch`` 1 (a publish per record) and 64
+    (records of one loop iteration committed together), in the same run."""
+    _saturate(benchmark, "picows", "msgspec", "blaster", batch)
+
+
+def _saturate(benchmark: Any, transport: str, decoder: str, source: str,
+              batch: int | None = None) -> None:
     window = max(1.0, 10.0 * SCALE)
-    tag = f"{transport[:2]}{decoder[:2]}{source[:2]}"
-    with sim_and_ingest(transport, decoder, tag, source) as (proc, reader, block):
+    tag = f"{transport[:2]}{decoder[:2]}{source[:2]}{batch or ''}"
+    extra = ("--publish-batch", str(batch)) if batch is not None else ()
+    with sim_and_ingest(transport, decoder, tag, source, extra) as (proc, reader, block):
         ps = psutil.Process(proc.pid)
         counts: dict[int, list[np.ndarray]] = {0: [], 1: []}
 
@@ -295,16 +372,19 @@ def test_end_to_end_saturation(benchmark: Any, transport: str, decoder: str, sou
             assert len(ids) > 0
             assert np.all(np.diff(ids) == 1), "ids not exactly once in order"
         benchmark.extra_info.update(res)
-        RESULTS[f"process {transport} + {decoder} <- {source}"] = res
+        label = f"process {transport} + {decoder} <- {source}"
+        RESULTS[label + (f" (batch {batch})" if batch is not None else "")] = res
 
 
 def test_zz_report(capsys: pytest.CaptureFixture[str]) -> None:
     lines = ["", "ingest benchmark (CPU us per aggTrade message; target <= 2 us socket->ring)",
-             f"{'path':44} {'msgs/s':>10} {'pub/s':>10} {'cpu us/msg':>11} {'cpu util':>9}"]
+             f"{'path':52} {'msgs/s':>10} {'pub/s':>10} {'cpu us/msg':>11} {'cpu util':>9}"]
+    nan = float("nan")
     for name, r in RESULTS.items():
-        lines.append(f"{name:44} {r.get('msgs_per_s', float('nan')):>10.0f} "
-                     f"{r.get('published_per_s', float('nan')):>10.0f} "
-                     f"{r['cpu_us_per_msg']:>11.2f} {r.get('cpu_util', float('nan')):>9.2f}")
+        lines.append(f"{name:52} {r.get('msgs_per_s', nan):>10.0f} "
+                     f"{r.get('published_per_s', nan):>10.0f} "
+                     f"{r['cpu_us_per_msg']:>11.2f} "
+                     f"{r.get('cpu_util', nan):>9.2f}")
     with capsys.disabled():
         print("\n".join(lines))
     assert RESULTS

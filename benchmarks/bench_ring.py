@@ -1,7 +1,9 @@
 """Ring benchmarks beside the usual IPC baselines, in one run (``make bench``).
 
-In-process: publish (single record, batch of 100) and poll. Cross-process (sender here, receiver
-in a spawned child, each pinned to its own core when there are two): throughput with single
+In-process: publish (single record, batch of 100, 64 staged records + one commit), poll, and
+the CPU an idle reader burns per idle profile (``RingReader.attach(..., idle=...)``).
+Cross-process (sender here, receiver in a spawned child, each pinned to its own core when there
+are two): throughput with single
 records and with batches of 100, and one-way latency p50/p99/p99.9 of spaced single records,
 for our ring (busy-polling reader, and a reader that naps when idle) against
 multiprocessing.Queue, multiprocessing.Pipe, faster_fifo and iceoryx2 (skipped with a reason when
@@ -94,6 +96,45 @@ def test_ring_publish_batch100(benchmark: Any, writer: RingWriter, ring_name: st
         got = r.poll()
     assert np.array_equal(got, batch)
     _note(benchmark, "publish", "ring batch100", per_call_records=100)
+
+
+@pytest.mark.benchmark(group="publish")
+def test_ring_stage_commit64(benchmark: Any, writer: RingWriter, ring_name: str) -> None:
+    """64 records staged (the record minus its trailing publish_time_ns) and committed at once:
+    the per-record cost of ingest's batched publishing."""
+    recs = [tuple(r.tolist())[:-1] for r in tick_records(0, 64)]
+    writer.configure_staging("publish_time_ns", 64)
+    stage, commit = writer.stage, writer.commit
+
+    def run() -> None:
+        for rec in recs:
+            stage(rec)
+        commit(12345)
+
+    benchmark(run)
+    with RingReader.attach(ring_name, start=writer.cursor - 64) as r:
+        got = r.poll()
+    assert got["trade_id"].tolist() == list(range(64))
+    assert np.all(got["publish_time_ns"] == 12345)
+    _note(benchmark, "publish", "ring stage+commit 64", per_call_records=64)
+
+
+@pytest.mark.benchmark(group="idle")
+@pytest.mark.parametrize("idle", ["low-latency", "balanced", "low-cpu"])
+def test_reader_idle_cpu(benchmark: Any, writer: RingWriter, ring_name: str, idle: str) -> None:
+    """CPU an idle reader costs while it waits (nothing published), per idle profile."""
+    seconds = max(0.5, 2.0 * SCALE)
+    out: dict[str, float] = {}
+
+    def run() -> None:
+        with RingReader.attach(ring_name, idle=idle) as r:
+            c0, t0 = time.process_time(), time.perf_counter()
+            assert r.wait(seconds) is False
+            out["cpu"] = (time.process_time() - c0) / (time.perf_counter() - t0)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info["idle_core_fraction"] = round(out["cpu"], 4)
+    record_result("idle reader (% of a core)", f"ring {idle}", 100 * out["cpu"])
 
 
 @pytest.mark.benchmark(group="poll")

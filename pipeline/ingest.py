@@ -29,6 +29,12 @@ Liveness and gap-freedom:
 
 Counters live in Python ints on the hot path and are copied into the MetricsBlock every
 ``--metrics-interval`` s (a seqlock write per frame would cost more than the frame).
+
+Ring publishes are batched per event-loop iteration (``--publish-batch``, default 64; see
+:meth:`Ingest.enable_batching`): the first record of an iteration is published at once, the
+records of further frames from the same socket read are staged in their ring slots and committed
+together at the end of the iteration (one cursor store, one clock read for ``publish_time_ns``),
+which takes ~0.35 us off each frame under load without delaying an isolated frame.
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ class IngestConfig:
     rest_timeout: float = 5.0
     streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
     max_frame_bytes: int = 4 << 20
+    publish_batch: int = 64
 
     def stream_names(self) -> list[str]:
         from pipeline.binance.streams import stream_name
@@ -170,6 +177,8 @@ def validate(cfg: IngestConfig) -> IngestConfig:
         raise ConfigError("--depth-snapshot-limit", "must be in 1..5000")
     if cfg.depth_levels > 1000:
         raise ConfigError("--depth-levels", "must be <= 1000")
+    if not 1 <= cfg.publish_batch <= min(4096, cfg.ring_capacity):
+        raise ConfigError("--publish-batch", "must be in 1..min(4096, --ring-capacity)")
     if len(cfg.symbols) > 65535:
         raise ConfigError("--symbols", "too many symbols for the ring's u2 symbol id")
     return cfg
@@ -402,6 +411,8 @@ class Ingest:
         self.metrics = metrics
         self.st = st
         self.decoder = st.make_decoder(cfg.decoder, cfg.symbols, cfg.max_frame_bytes)
+        self._decode = self.decoder.decode
+        assert st.AGG == 1, "handle() compares the decode tag with the literal 1"
         n = len(cfg.symbols)
         self.trackers: list[AggTracker[tuple[Any, ...]]] = [AggTracker() for _ in range(n)]
         self.books = [OrderBook() for _ in range(n)]
@@ -426,9 +437,49 @@ class Ingest:
         self._cursor0 = ring.cursor
         self._time_ns = time.time_ns
         self._ready = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # set: batch within loop iterations
+        self._iter_open = False  # a record was published in this loop iteration: stage the rest
+        self._stage: Callable[[tuple[Any, ...]], bool] = self._stage_unbatched
 
     # -- publishing --
+    def enable_batching(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Batch ring publishes per event-loop iteration (``--publish-batch`` > 1).
+
+        Why: a ring publish costs ~0.9 us per record (tuple rebuilt with the clock read, pack,
+        three shared-memory stores); staging costs ~0.55 us (the pack and two stores), and the
+        cursor store and clock read are paid once per batch. The first record of a loop iteration
+        is published at once (an isolated frame gets no added latency); later records of the same
+        iteration (several frames from one socket read, under load) are staged and committed by a
+        ``call_soon`` callback at the end of the iteration, or as soon as ``publish_batch`` of
+        them wait. So under saturation a record waits at most ``publish_batch`` frame-handler
+        runs (64 x ~2 us); ``publish_time_ns`` is the commit time, when readers can see it.
+        """
+        if self.cfg.publish_batch <= 1 or not hasattr(self.ring, "configure_staging"):
+            return
+        self.ring.configure_staging("publish_time_ns", self.cfg.publish_batch)
+        self._stage = self.ring.stage
+        self._loop = loop
+
+    def _stage_unbatched(self, rec: tuple[Any, ...]) -> bool:
+        self._publish_raw((*rec, self._time_ns()))
+        return False
+
+    def _end_iteration(self) -> None:
+        self._iter_open = False
+        self.ring.commit(self._time_ns())
+
+    def _commit(self) -> None:
+        self.ring.commit(self._time_ns())
+
     def publish(self, rec: tuple[Any, ...]) -> None:
+        """Publish a record tuple (all fields but ``publish_time_ns``), batched if enabled."""
+        if self._iter_open:
+            if self._stage(rec):
+                self._commit()
+            return
+        if self._loop is not None:
+            self._iter_open = True
+            self._loop.call_soon(self._end_iteration)
         self._publish_raw((*rec, self._time_ns()))
 
     def publish_many(self, recs: list[tuple[Any, ...]]) -> None:
@@ -440,19 +491,22 @@ class Ingest:
         conn.last_ns = recv_ns
         if conn.first_pending:
             conn.got_first()
-        st = self.st
         c = self.c
         c["frames_received"] += 1
         try:
-            tag, val = self.decoder.decode(payload, recv_ns)
-            if tag == st.AGG:
+            tag, val = self._decode(payload, recv_ns)
+            if tag == 1:  # st.AGG (a literal: no module attribute lookup on the hot path)
                 sid = val[2]
                 tr = self.trackers[sid]
                 a = val[11]
                 last = tr.last
                 if last is not None and a == last + 1 and not tr.pending:  # the common case
                     tr.last = a
-                    self._publish_raw((*val, self._time_ns()))  # `published`: ring cursor
+                    if self._iter_open:  # `published` is derived from the ring cursor
+                        if self._stage(val):
+                            self._commit()
+                    else:
+                        self.publish(val)
                     return
                 dups = tr.stats.duplicates
                 out = tr.on_live(a, val)
@@ -461,7 +515,9 @@ class Ingest:
                     self.publish_many(out)
                 if tr.pending and sid not in self._backfilling:
                     self._spawn(self._backfill(sid), self._backfilling, sid)
-            elif tag == st.BOOK_TICKER:
+                return
+            st = self.st
+            if tag == st.BOOK_TICKER:
                 sid = val[2]
                 if val[11] <= self.last_book_u[sid]:
                     c["duplicates"] += 1
@@ -706,6 +762,11 @@ class Ingest:
         m = self.metrics
         if m is None:
             return
+        if self._loop is not None:
+            # records staged in this loop iteration (a frame may have arrived just before this
+            # runs) are committed first, so `published` and `last_agg_id_*` never run ahead of
+            # what readers can see
+            self._commit()
         c = self.c
         vals: dict[str, float] = dict(c)
         for r, n in self.skipped.items():
@@ -752,6 +813,7 @@ class Ingest:
             "symbols": ",".join(self.cfg.symbols), "streams": ",".join(self.cfg.streams),
             "shards": len(self.shards), "transport": self.cfg.transport,
             "decoder": self.cfg.decoder, "ring": self.cfg.ring})
+        self.enable_batching(loop)
         metrics_task = loop.create_task(self._metrics_loop())
         try:
             await asyncio.gather(*(sh.run() for sh in self.shards))
@@ -823,7 +885,7 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
         ping_interval=args.ping_interval, backfill_grace=args.backfill_grace,
         rest_retries=args.rest_retries, rest_timeout=args.rest_timeout,
         streams_per_connection=args.streams_per_connection,
-        max_frame_bytes=args.max_frame_bytes,
+        max_frame_bytes=args.max_frame_bytes, publish_batch=args.publish_batch,
     )
     return validate(cfg)
 
@@ -884,4 +946,7 @@ def register(subparsers: Any) -> None:
                    help="streams per connection (max 1024)")
     p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes,
                    help="larger frames are skipped (counted as oversized)")
+    p.add_argument("--publish-batch", type=int, default=d.publish_batch,
+                   help="at most this many records per ring commit within one event-loop "
+                        "iteration (1 = publish each record at once)")
     p.set_defaults(func=_main)

@@ -192,8 +192,11 @@ def test_chaos_every_agg_trade_exactly_once(shm_name: str) -> None:
         last = {sid: int(agg_of(ing.records(), sid)["trade_id"][-1]) for sid in (0, 1)}
         ing.wait_for(lambda: all(int(agg_of(ing.records(), s)["trade_id"][-1]) > last[s] + 3
                                  for s in (0, 1)), 10, "trades after the faults")
-        recs = ing.records()
+        # metrics first, then the ring: ingest keeps running, so a snapshot taken after the read
+        # could name ids the read did not see yet (a metrics flush only ever follows the commit
+        # of the records behind it, so this order makes the id comparison below race-free)
         m = ing.metrics()
+        recs = ing.records()
         state = sim.state()
         backfilled = assert_exactly_once_in_order(sim, recs)
         assert not np.any(recs["kind"] == Kind.GAP)
@@ -315,7 +318,10 @@ def test_bad_config_exits_2_naming_the_flag() -> None:
                        (["--streams-url", "http://x"], "--streams-url"),
                        (["--ring-capacity", "1000"], "--ring-capacity"),
                        (["--transport", "aiohttp"], "--transport"),
-                       (["--stall-timeout", "0"], "--stall-timeout")):
+                       (["--stall-timeout", "0"], "--stall-timeout"),
+                       (["--publish-batch", "0"], "--publish-batch"),
+                       (["--publish-batch", "2048", "--ring-capacity", "1024"],
+                        "--publish-batch")):
         p = subprocess.run([sys.executable, "-m", "pipeline", "ingest", *args],
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 2, (args, p.stderr)
@@ -459,3 +465,118 @@ def test_long_stream_lists_go_out_as_paced_subscribe_batches(shm_name: str,
     assert c["reconnects"] == 0  # paced: the simulator never dropped us for flooding
     assert seen == {k * 10 + i for k in (Kind.AGG_TRADE, Kind.BOOK_TICKER, Kind.TRADE)
                     for i in range(3)}
+
+
+def _agg_frame(sym: str, agg_id: int) -> bytes:
+    return (b'{"stream":"%s@aggTrade","data":{"e":"aggTrade","E":1768627409826,"s":"%s",'
+            b'"a":%d,"p":"95311.64000000","q":"0.00084000","f":1,"l":2,"T":1768627409825,'
+            b'"m":true,"M":true}}' % (sym.lower().encode(), sym.encode(), agg_id))
+
+
+@pytest.mark.parametrize("batch", [1, 4, 64])
+def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int) -> None:
+    """Frames handled in one event-loop iteration: the first record is published at once, the
+    rest are staged and committed together at the end of the iteration (or every ``batch``
+    records), in order, exactly once, publish_time_ns = commit time. ``batch`` 1: unbatched."""
+
+    import uvloop
+
+    from pipeline.ingest import Ingest, IngestConfig
+    from pipeline.ring import RingWriter
+
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=SYMBOLS)
+    loop = uvloop.new_event_loop()
+    try:
+        cfg = IngestConfig(symbols=SYMBOLS, streams=["aggTrade", "bookTicker"],
+                           publish_batch=batch)
+        ing = Ingest(cfg, w, None)
+        ing.enable_batching(loop)
+
+        class FakeConn:
+            last_ns = 0
+            first_pending = False
+
+        seen_cursor: list[int] = []
+
+        async def one_iteration(first: int, n: int, u: int) -> None:
+            conn = FakeConn()
+            for k in range(n):
+                ing.handle(conn, _agg_frame("BTCUSDT", first + k), 1_000 + k)  # type: ignore[arg-type]
+                seen_cursor.append(w.cursor)
+            ing.handle(conn, b'{"stream":"ethusdt@bookTicker","data":{"u":%d,"s":"ETHUSDT",'  # type: ignore[arg-type]
+                       b'"b":"1.5","B":"2","a":"1.6","A":"3"}}' % u, 2_000)
+            seen_cursor.append(w.cursor)
+
+        before_ns = time.time_ns()
+        loop.run_until_complete(one_iteration(100, 10, 7))
+        loop.run_until_complete(one_iteration(110, 3, 8))
+        assert w.staged == 0  # the end-of-iteration commit ran
+        rd = RingReader.attach(shm_name, name="t", start="oldest")
+        r = rd.poll()
+        rd.close()
+        assert len(r) == 15 == w.cursor
+        agg = r[r["kind"] == Kind.AGG_TRADE]
+        assert agg["trade_id"].tolist() == list(range(100, 113))  # exactly once, in order
+        assert agg["recv_time_ns"].tolist() == [1_000 + k for k in range(10)] + [1_000, 1_001,
+                                                                                  1_002]
+        assert r["kind"].tolist()[10] == Kind.BOOK_TICKER  # mixed kinds keep their order
+        assert r["bid_price"][10] == 1.5
+        assert np.all(r["publish_time_ns"] >= before_ns)
+        assert ing.c["frames_received"] == 15
+        if batch == 1:
+            assert seen_cursor[:11] == list(range(1, 12))  # every record visible at once
+        else:
+            assert seen_cursor[0] == 1  # the first record of an iteration: at once
+            # then a commit every `batch` staged records (none before the iteration ends if
+            # the batch is larger than the iteration)
+            expect = [1 + (k // batch) * batch for k in range(1, 11)]
+            assert seen_cursor[1:11] == expect
+            # publish_time_ns: one stamp per commit, non-decreasing
+            assert np.all(np.diff(r["publish_time_ns"]) >= 0)
+            assert len(set(r["publish_time_ns"][1:11].tolist())) <= -(-10 // batch)
+    finally:
+        loop.close()
+        w.close()
+
+
+def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: str) -> None:
+    """A metrics flush in the same loop iteration as staged records commits them first: the
+    published count and last aggregate id it reports are visible to readers."""
+    import uvloop
+
+    from pipeline.ingest import Ingest, IngestConfig
+    from pipeline.ring import RingWriter
+
+    class FakeMetrics:
+        def __init__(self) -> None:
+            self.vals: dict[str, Any] = {}
+
+        def set(self, **kw: Any) -> None:
+            self.vals = kw
+
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=SYMBOLS)
+    loop = uvloop.new_event_loop()
+    try:
+        met = FakeMetrics()
+        ing = Ingest(IngestConfig(symbols=SYMBOLS, streams=["aggTrade"]), w, met)
+        ing.enable_batching(loop)
+
+        class FakeConn:
+            last_ns = 0
+            first_pending = False
+
+        async def iteration() -> None:
+            for k in range(5):
+                ing.handle(FakeConn(), _agg_frame("ETHUSDT", 500 + k), 1)  # type: ignore[arg-type]
+            assert w.staged == 4  # the first was published at once
+            ing.flush_metrics()
+            assert w.staged == 0
+
+        loop.run_until_complete(iteration())
+        assert met.vals["published"] == 5 == w.cursor
+        assert met.vals["last_agg_id_1"] == 504
+        with RingReader.attach(shm_name, start="oldest") as rd:
+            assert rd.poll()["trade_id"].tolist() == [500, 501, 502, 503, 504]
+    finally:
+        loop.close()
+        w.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -299,3 +301,172 @@ def test_every_record_is_read_once_in_order_or_counted_missed(
     assert seen == sorted(set(seen))  # in order, no duplicates
     assert len(seen) + r.missed == w.cursor  # nothing lost silently
     assert r.lag == 0
+
+
+# --- staging (stage / commit) -------------------------------------------------------------------
+
+STAMPED = np.dtype([("id", "<i8"), ("x", "<f8"), ("stamp", "<i8")])  # 24-byte records
+ODD = np.dtype([("id", "<i4"), ("stamp", "<i8")])  # packed: 12-byte records, stamp at offset 4
+
+
+def test_struct_for_a_prefix_of_the_fields_leaves_the_rest_alone() -> None:
+    st_ = struct_for(TICK_DTYPE, len(TICK_DTYPE.names) - 1)  # type: ignore[arg-type]
+    assert st_ is not None
+    assert st_.size == TICK_DTYPE.fields["publish_time_ns"][1]  # type: ignore[index]
+    out = bytearray(b"\xee" * 96)
+    st_.pack_into(out, 0, *([0] * 15))
+    assert out[88:] == b"\xee" * 8
+
+
+@pytest.mark.parametrize("dtype", [STAMPED, ODD, TICK_DTYPE])
+@pytest.mark.parametrize("n", [1, 3, 9, 13])
+def test_staged_records_are_invisible_until_commit_then_in_order(dtype: np.dtype, n: int) -> None:
+    buf, layout = make_ring(16, dtype)
+    w, r = WriterCore(buf, layout), ReaderCore(buf, layout, verify=True)
+    w.configure_staging("stamp" if dtype is not TICK_DTYPE else "publish_time_ns", 64)
+    nf = len(dtype.names) - 1  # type: ignore[arg-type]
+    w.publish_many(np.zeros(11, dtype))  # n > 5 stages across the wrap (slots 11..15, 0..)
+    r.poll()
+    for k in range(n):
+        rec = [0] * nf
+        rec[0] = 100 + k
+        w.stage(tuple(rec))
+    assert w.staged == n
+    assert w.cursor == 11
+    assert r.poll().size == 0  # nothing visible yet
+    assert w.commit(stamp=777) == n
+    assert w.staged == 0
+    assert w.cursor == 11 + n
+    got = r.poll()
+    first = dtype.names[0]  # type: ignore[index]
+    last = dtype.names[-1]  # type: ignore[index]
+    assert got[first].tolist() == [100 + k for k in range(n)]
+    assert got[last].tolist() == [777] * n
+    assert r.missed == 0
+    assert w.commit(1) == 0  # nothing staged: nothing happens
+
+
+def test_stage_says_when_to_commit_and_never_holds_more_than_capacity() -> None:
+    buf, layout = make_ring(8, STAMPED)
+    w, r = WriterCore(buf, layout), ReaderCore(buf, layout, verify=True)
+    w.configure_staging("stamp", max_staged=3)
+    assert [w.stage((k, 0.5)) for k in range(3)] == [False, False, True]
+    w.commit(5)
+    w.configure_staging("stamp", max_staged=100)  # capped at the capacity
+    assert w.max_staged == 8
+    for k in range(3, 3 + 8):  # the 8th stage commits by itself (the next would overwrite)
+        w.stage((k, 0.5))
+    assert w.staged == 0
+    assert w.cursor == 11
+    got = r.poll()
+    assert r.missed == 3
+    assert got["id"].tolist() == list(range(3, 11))
+
+
+def test_publish_and_close_commit_staged_records_first() -> None:
+    buf, layout = make_ring(16, TICK_DTYPE)
+    w, r = WriterCore(buf, layout), ReaderCore(buf, layout)
+    w.configure_staging("publish_time_ns")
+    w.stage((1, 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 10, 0, 0, 0))
+    w.publish((1, 0, 0, 0, 0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 11, 0, 0, 0, 5))
+    w.stage((1, 0, 0, 0, 0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 12, 0, 0, 0))
+    w.publish_many(np.zeros(1, TICK_DTYPE))
+    got = r.poll()
+    assert got["trade_id"].tolist() == [10, 11, 12, 0]
+    assert got["publish_time_ns"][0] > 0  # stamped with the clock by the implicit commit
+    assert got["publish_time_ns"][1] == 5
+
+
+def test_staging_configuration_errors() -> None:
+    buf, layout = make_ring(8, TICK_DTYPE)
+    w = WriterCore(buf, layout)
+    with pytest.raises(ValueError, match="last field"):
+        w.configure_staging("price")
+    with pytest.raises(ValueError, match="max_staged"):
+        w.configure_staging("publish_time_ns", 0)
+    buf, layout = make_ring(8, np.dtype([("a", "<i8"), ("t", "<f8")]))
+    with pytest.raises(ValueError, match="<i8"):
+        WriterCore(buf, layout).configure_staging("t")
+    buf, layout = make_ring(8, np.dtype([("a", "<f8", (2,)), ("t", "<i8")]))
+    w = WriterCore(buf, layout)
+    with pytest.raises(ValueError, match="cannot be staged"):
+        w.configure_staging("t")
+    with pytest.raises(TypeError, match="cannot be staged"):
+        w.stage(((1.0, 2.0), 3))  # no stamp field, and the dtype is not packable either
+
+
+def test_a_lapped_reader_never_takes_a_staged_slot_for_a_good_one() -> None:
+    """stage() announces each slot (intent) before writing it, like publish()."""
+    buf, layout = make_ring(8, STAMPED)
+    w, r = WriterCore(buf, layout), ReaderCore(buf, layout, verify=True)
+    w.configure_staging("stamp")
+    w.publish_many(np.zeros(8, STAMPED))  # reader at 0, ring full
+
+    def stage_during_copy() -> None:
+        w.stage((99, 0.0))  # overwrites slot 0 (sequence 0) while the reader copies it
+        r._after_copy = None
+
+    r._after_copy = stage_during_copy
+    got = r.poll()
+    assert r.missed == 1  # sequence 0 was dropped, not delivered torn
+    assert len(got) == 7
+    assert not np.any(got["id"] == 99)
+    w.commit(1)
+    assert r.poll()["id"].tolist() == [99]
+
+
+# --- idle policy (pure) -------------------------------------------------------------------------
+
+
+def test_nap_schedule_spins_then_doubles_then_relaxes() -> None:
+    from pipeline.ring import IdlePolicy, nap_schedule, next_nap
+
+    p = IdlePolicy(spin_s=50e-6, first_nap_s=10e-6, max_sleep_s=200e-6, relax_after_s=0.01,
+                   relaxed_max_sleep_s=1e-3)
+    assert next_nap(p, 0.0, 0.0) == 0.0  # spin
+    assert next_nap(p, 49e-6, 0.0) == 0.0
+    assert next_nap(p, 50e-6, 0.0) == 10e-6
+    naps = [n for _, n in nap_schedule(p, 0.05)]
+    assert naps[:6] == pytest.approx([10e-6, 20e-6, 40e-6, 80e-6, 160e-6, 200e-6])
+    early = [n for t, n in nap_schedule(p, 0.05) if t < 0.01]
+    late = [n for t, n in nap_schedule(p, 0.05) if t >= 0.01]
+    assert max(early) == pytest.approx(200e-6)  # latency bound while recently active
+    assert late[:3] == pytest.approx([400e-6, 800e-6, 1e-3])  # keeps doubling from there
+    assert max(late) == pytest.approx(1e-3)
+    assert all(b >= a for a, b in itertools.pairwise(naps))  # never shrinks
+
+
+def test_idle_profiles_trade_latency_for_cpu() -> None:
+    from pipeline.ring import IDLE_PROFILES, nap_schedule
+
+    wakeups = {name: len(nap_schedule(p, 1.0)) for name, p in IDLE_PROFILES.items()}
+    worst = {name: max(n for _, n in nap_schedule(p, 1.0)) for name, p in IDLE_PROFILES.items()}
+    assert worst["low-latency"] == pytest.approx(200e-6)
+    assert worst["balanced"] == pytest.approx(1e-3)
+    assert worst["low-cpu"] == pytest.approx(2e-3)
+    # wake-ups in one idle second (each costs a few us of CPU): ~5000 / ~1000 / ~500
+    assert wakeups["low-latency"] > 4 * wakeups["balanced"]
+    assert wakeups["balanced"] > 1.8 * wakeups["low-cpu"]
+    assert IDLE_PROFILES["low-cpu"].spin_s == 0.0
+    for p in IDLE_PROFILES.values():  # every profile keeps <= its short cap for the first 5 ms
+        assert all(n <= p.max_sleep_s for t, n in nap_schedule(p, 0.005) if t < p.relax_after_s)
+
+
+def test_idle_policy_validation() -> None:
+    from pipeline.ring import IdlePolicy, idle_policy
+
+    with pytest.raises(ValueError, match="first_nap_s"):
+        IdlePolicy(first_nap_s=0.0)
+    with pytest.raises(ValueError, match="spin_s"):
+        IdlePolicy(spin_s=-1.0)
+    with pytest.raises(ValueError, match="max_sleep_s"):
+        IdlePolicy(max_sleep_s=1e-6, first_nap_s=1e-5)
+    with pytest.raises(ValueError, match="relaxed_max_sleep_s"):
+        IdlePolicy(relaxed_max_sleep_s=1e-5)
+    with pytest.raises(ValueError, match="spin_s"):
+        IdlePolicy(spin_s=float("nan"))
+    with pytest.raises(ValueError, match="unknown idle profile 'fast'"):
+        idle_policy("fast")
+    custom = IdlePolicy(spin_s=0.0)
+    assert idle_policy(custom) is custom
+    assert idle_policy("balanced") == IdlePolicy()

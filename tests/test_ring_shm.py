@@ -10,6 +10,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -332,3 +333,135 @@ def test_cli_stats_json_and_text(
         assert capsys.readouterr().out.split() == [shm_name]
     assert main(["ring", "stats", shm_name + "_nope"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+class FakeTime:
+    """perf_counter + sleep for RingReader.wait: sleeping advances the clock by the nap."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.naps: list[float] = []
+        self.on_sleep: Any = None
+
+    def perf_counter(self) -> float:
+        self.t += 1e-7  # each look at the clock costs a little, so spinning ends
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.naps.append(s)
+        self.t += s
+        if self.on_sleep is not None:
+            self.on_sleep(self)
+
+
+@pytest.fixture
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    import pipeline.ring as ring_mod
+
+    ft = FakeTime()
+    monkeypatch.setattr(ring_mod.time, "perf_counter", ft.perf_counter)
+    monkeypatch.setattr(ring_mod.time, "sleep", ft.sleep)
+    return ft
+
+
+def test_wait_naps_by_the_readers_idle_policy(
+    writer: RingWriter, shm_name: str, fake_time: FakeTime
+) -> None:
+    from pipeline.ring import IDLE_PROFILES, nap_schedule
+
+    with RingReader.attach(shm_name, idle="balanced", check_interval_s=1e9) as r:
+        assert r.idle == IDLE_PROFILES["balanced"]
+        assert r.wait(timeout_s=0.03) is False
+        expect = [n for _, n in nap_schedule(r.idle, 0.03)]
+        got = fake_time.naps
+        assert got[: len(expect) - 1] == pytest.approx(expect[:-1], rel=0.02)
+        assert max(got) == pytest.approx(1e-3)  # relaxed after 10 ms of idleness
+        assert max(n for n in got[:40]) == pytest.approx(200e-6)
+        # the idle period goes on across timed-out waits: no spin, no short naps again
+        fake_time.naps.clear()
+        assert r.wait(timeout_s=0.005) is False
+        assert min(fake_time.naps[:-1]) == pytest.approx(1e-3)
+        # data ends it: the next idle period starts short again
+        writer.publish_many(ticks(0, 1))
+        assert r.wait(timeout_s=1.0) is True
+        assert r.poll().size == 1
+        fake_time.naps.clear()
+        assert r.wait(timeout_s=0.001) is False
+        assert fake_time.naps[0] == pytest.approx(10e-6)
+
+
+def test_wait_wakes_for_a_record_published_during_a_nap(
+    writer: RingWriter, shm_name: str, fake_time: FakeTime
+) -> None:
+    with RingReader.attach(shm_name, idle="low-cpu", check_interval_s=1e9) as r:
+
+        def publish_on_third_nap(ft: FakeTime) -> None:
+            if len(ft.naps) == 3:
+                writer.publish_many(ticks(5, 1))
+
+        fake_time.on_sleep = publish_on_third_nap
+        assert r.wait() is True  # no timeout: returns once the record is there
+        assert len(fake_time.naps) == 3
+        assert fake_time.naps[0] == pytest.approx(50e-6)  # low-cpu: no spin, naps from 50 us
+        assert r.poll()["trade_id"].tolist() == [5]
+
+
+def test_wait_explicit_caps_override_the_policy(
+    writer: RingWriter, shm_name: str, fake_time: FakeTime
+) -> None:
+    with RingReader.attach(shm_name, check_interval_s=1e9) as r:
+        assert r.wait(timeout_s=0.05, max_sleep_s=1e-3) is False
+        assert max(fake_time.naps) == pytest.approx(1e-3)
+        assert fake_time.naps[5] == pytest.approx(320e-6)  # 1 ms cap from the start
+    with RingReader.attach(shm_name, idle="low-latency", check_interval_s=1e9) as r:
+        fake_time.naps.clear()
+        assert r.wait(timeout_s=0.05) is False
+        assert max(fake_time.naps) == pytest.approx(200e-6)
+
+
+def test_attach_refuses_an_unknown_idle_profile(writer: RingWriter, shm_name: str) -> None:
+    with pytest.raises(ValueError, match="unknown idle profile"):
+        RingReader.attach(shm_name, idle="sleepy")
+
+
+def test_prefault_allocates_the_whole_segment_up_front(shm_name: str) -> None:
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 12)
+    try:
+        st = os.stat(f"/dev/shm/{shm_name}")
+        assert st.st_blocks * 512 >= w.layout.total_size  # no page left to fault in later
+    finally:
+        w.close()
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 12, prefault=False)
+    try:
+        st = os.stat(f"/dev/shm/{shm_name}")
+        assert st.st_blocks * 512 < w.layout.total_size  # sparse: pages come on first write
+    finally:
+        w.close()
+
+
+def test_a_full_dev_shm_is_a_clear_error_not_a_sigbus_later(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import pipeline.ring as ring_mod
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ring_mod.os, "posix_fallocate", no_space)
+    with pytest.raises(RingError, match=r"cannot allocate .* in /dev/shm"):
+        RingWriter.create(shm_name, TICK_DTYPE, 1 << 12)
+    assert not os.path.exists(f"/dev/shm/{shm_name}")  # nothing left behind
+
+
+def test_default_idle_profile_keeps_the_short_naps(writer: RingWriter, shm_name: str) -> None:
+    """Readers that do not choose (order-reply waits) keep the 200 us cap however long idle."""
+    from pipeline.ring import IDLE_PROFILES, IdlePolicy
+
+    with RingReader.attach(shm_name) as r:
+        assert r.idle == IDLE_PROFILES["low-latency"]
+        assert r.idle.relaxed_max_sleep_s == r.idle.max_sleep_s == 200e-6
+    custom = IdlePolicy(spin_s=0.0, relaxed_max_sleep_s=5e-3)
+    with RingReader.attach(shm_name, idle=custom) as r:
+        assert r.idle is custom
