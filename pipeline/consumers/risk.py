@@ -355,7 +355,8 @@ class Risk:
 
             try:
                 self.exec_reader = RingReader.attach(
-                    self.exec_ring, "risk", start="oldest", check_interval_s=3600.0
+                    self.exec_ring, "risk", start="oldest", check_interval_s=3600.0,
+                    idle="balanced",
                 )
             except (RingError, FileNotFoundError):
                 return
