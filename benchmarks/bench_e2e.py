@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from summary import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import latency_probe as lp  # the probe's stage math, shared on purpose
@@ -490,9 +491,7 @@ def _e2e_report(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if not ROWS:
         return
-    cap = request.config.pluginmanager.get_plugin("capturemanager")
-    with cap.global_and_fixture_disabled() if cap is not None else contextlib.nullcontext():
-        print(format_rows(ROWS), flush=True)
+    emit(format_rows(ROWS))
     out = os.environ.get("BENCH_E2E_JSON")
     if out:
         Path(out).write_text(json.dumps(ROWS, indent=2))

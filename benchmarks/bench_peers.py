@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import psutil
 import pytest
+from summary import emit
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
 SMOKE = SCALE < 0.1
@@ -242,12 +243,4 @@ def _peers_report(request: pytest.FixtureRequest) -> Iterator[None]:
     for r in RESULTS:
         lines.append(f"{r['peer']:<18} {r['rate']:>7} {r['msgs_per_s']:>9.0f} "
                      f"{r['cpu_us_per_msg']:>10.2f} {r['cpu_util']:>8.2f}")
-    _print_uncaptured(request, "\n".join(lines))
-
-
-def _print_uncaptured(request: pytest.FixtureRequest, text: str) -> None:
-    """Module teardown output is captured like a test's: step around the capture manager."""
-    cap = request.config.pluginmanager.get_plugin("capturemanager")
-    ctx = cap.global_and_fixture_disabled() if cap is not None else contextlib.nullcontext()
-    with ctx:
-        print(text, flush=True)
+    emit("\n".join(lines))

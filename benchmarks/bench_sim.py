@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from summary import emit
 
 from pipeline.sim.testing import SimProcess, run_sim_process
 
@@ -156,7 +157,7 @@ def test_sim_push_rate_one_client(
     benchmark.extra_info["messages_per_s_best"] = round(max(rates))
     benchmark.extra_info["messages_per_s_median"] = round(statistics.median(rates))
     benchmark.extra_info["loadavg_1m"] = load[0]
-    print(
-        f"\nsim push rate {path}{'/'.join(streams)[:48]}: best {max(rates):,.0f} msg/s, "
+    emit(
+        f"sim push rate {path}{'/'.join(streams)[:48]}: best {max(rates):,.0f} msg/s, "
         f"median {statistics.median(rates):,.0f} ({len(rates)} rounds, load {load[0]:.2f})"
     )

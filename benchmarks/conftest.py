@@ -19,10 +19,16 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Mod
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from summary import SECTIONS
+
     try:
         from ipc_baselines import RESULTS, report
     except ImportError:
-        return
-    if RESULTS:
-        for line in report().splitlines():
+        pass
+    else:
+        if RESULTS:
+            SECTIONS.insert(0, report())
+    for section in SECTIONS:
+        terminalreporter.write_line("")
+        for line in section.splitlines():
             terminalreporter.write_line(line)
