@@ -124,7 +124,10 @@ def _ring_consumer(ring: str, idx: int, phase: Any, ready: Any, out: Connection)
     from pipeline.records import Kind
     from pipeline.ring import RingReader
 
-    r = RingReader.attach(ring, name=f"e2e{idx}", start="oldest", wait_s=30)
+    # BENCH_E2E_IDLE: the consumers' idle policy (pipeline.ring.IdlePolicy); the built-in
+    # consumers use "balanced", a latency-critical strategy "low-latency".
+    idle = os.environ.get("BENCH_E2E_IDLE", "low-latency")
+    r = RingReader.attach(ring, name=f"e2e{idx}", start="oldest", wait_s=30, idle=idle)
     samples = lp.StageSamples(limit=200_000, seed=idx)
     check = IdCheck(len(SYMBOLS))
     window = total = 0
