@@ -292,7 +292,7 @@ def _receiver(kind: str, args: dict[str, Any]) -> tuple[Callable[[], Any], Calla
                 return (b["trade_id"], b["recv_time_ns"]) if b.size else empty
 
         return recv, r.close
-    if kind == "mp_queue":
+    if kind in ("mp_queue", "faster_fifo"):  # same get(timeout) API, same queue.Empty
         import queue
 
         q = args["q"]
@@ -313,18 +313,6 @@ def _receiver(kind: str, args: dict[str, Any]) -> tuple[Callable[[], Any], Calla
             return _decode(conn.recv_bytes())
 
         return recv, conn.close
-    if kind == "faster_fifo":
-        import queue
-
-        q = args["q"]
-
-        def recv() -> Any:
-            try:
-                return _decode(q.get(timeout=0.05))
-            except queue.Empty:
-                return empty
-
-        return recv, lambda: None
     if kind == "iceoryx2":
         import iceoryx2 as iox
 

@@ -830,8 +830,7 @@ class Ingest:
 
 def run(cfg: IngestConfig) -> int:
     """Create the ring + metrics, run until SIGTERM/SIGINT, clean up. Returns the exit code."""
-    import uvloop
-
+    from pipeline import aio
     from pipeline.metrics import MetricsBlock
     from pipeline.records import TICK_DTYPE
     from pipeline.ring import RingError, RingWriter
@@ -857,7 +856,7 @@ def run(cfg: IngestConfig) -> int:
             async def main() -> None:
                 await Ingest(cfg, ring, metrics).run()
 
-            uvloop.run(main())
+            aio.run(main())
         finally:
             metrics.close()
     finally:
@@ -873,21 +872,46 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+# (IngestConfig field, argparse type, help), in --help order. The flag is the field with dashes
+# and its default the field's default; ``config_from_args`` reads the same table back, so a flag
+# cannot be added on one side and forgotten on the other.
+_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("streams_url", str, "market streams base URL"),
+    ("rest_url", str, "REST base URL (snapshots, backfill)"),
+    ("symbols", str, "comma-separated symbols"),
+    ("streams", str, "stream kinds per symbol: aggTrade, trade, bookTicker, depth, "
+                     "depth@100ms, depth5/10/20[@100ms]"),
+    ("ring", str, "ring (shared-memory) name"),
+    ("ring_capacity", int, "ring slots (power of two)"),
+    ("cpu", int, "pin the process to this CPU"),
+    ("stall_timeout", float, "seconds without any message before a connection counts as dead"),
+    ("transport", str, "picows | websockets"),
+    ("decoder", str, "msgspec | orjson"),
+    ("max_lifetime", float, "rotate connections after this many seconds (server limit: 24 h)"),
+    ("metrics", str, "metrics block name"),
+    ("metrics_interval", float, "seconds between metrics updates"),
+    ("depth_levels", int, "also publish this many book levels as DEPTH_LEVEL records"),
+    ("depth_snapshot_limit", int, "levels per REST depth snapshot"),
+    ("backoff_base", float, "first reconnect delay (s), doubling"),
+    ("backoff_max", float, "reconnect delay cap (s)"),
+    ("healthy_after", float, "a connection up this long resets the backoff"),
+    ("ping_interval", float, "own keep-alive ping after this many idle seconds (0 = off)"),
+    ("backfill_grace", float, "wait this long for the live stream to fill a hole before REST"),
+    ("rest_retries", int, "failed/unproductive REST attempts before a GAP record"),
+    ("rest_timeout", float, "REST timeout (s)"),
+    ("streams_per_connection", int, "streams per connection (max 1024)"),
+    ("max_frame_bytes", int, "larger frames are skipped (counted as oversized)"),
+    ("publish_batch", int, "at most this many records per ring commit within one event-loop "
+                           "iteration (1 = publish each record at once)"),
+)
+_CSV_FIELDS = frozenset({"symbols", "streams"})  # comma-separated on the command line
+
+
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
-    cfg = IngestConfig(
-        streams_url=args.streams_url, rest_url=args.rest_url, symbols=_csv(args.symbols),
-        streams=_csv(args.streams), ring=args.ring, ring_capacity=args.ring_capacity,
-        cpu=args.cpu, stall_timeout=args.stall_timeout, transport=args.transport,
-        decoder=args.decoder, max_lifetime=args.max_lifetime, metrics=args.metrics,
-        metrics_interval=args.metrics_interval, depth_levels=args.depth_levels,
-        depth_snapshot_limit=args.depth_snapshot_limit, backoff_base=args.backoff_base,
-        backoff_max=args.backoff_max, healthy_after=args.healthy_after,
-        ping_interval=args.ping_interval, backfill_grace=args.backfill_grace,
-        rest_retries=args.rest_retries, rest_timeout=args.rest_timeout,
-        streams_per_connection=args.streams_per_connection,
-        max_frame_bytes=args.max_frame_bytes, publish_batch=args.publish_batch,
-    )
-    return validate(cfg)
+    values = {name: getattr(args, name) for name, _, _ in _FLAGS}
+    for name in _CSV_FIELDS:
+        values[name] = _csv(values[name])
+    return validate(IngestConfig(**values))
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -906,47 +930,9 @@ def register(subparsers: Any) -> None:
         "ingest", help="market-data streams -> shared-memory tick ring (gap-free)",
         description="Subscribe Binance market-data streams and publish ticks into a ring.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--streams-url", default=d.streams_url, help="market streams base URL")
-    p.add_argument("--rest-url", default=d.rest_url, help="REST base URL (snapshots, backfill)")
-    p.add_argument("--symbols", default=",".join(d.symbols), help="comma-separated symbols")
-    p.add_argument("--streams", default=",".join(d.streams),
-                   help="stream kinds per symbol: aggTrade, trade, bookTicker, depth, "
-                        "depth@100ms, depth5/10/20[@100ms]")
-    p.add_argument("--ring", default=d.ring, help="ring (shared-memory) name")
-    p.add_argument("--ring-capacity", type=int, default=d.ring_capacity,
-                   help="ring slots (power of two)")
-    p.add_argument("--cpu", type=int, default=None, help="pin the process to this CPU")
-    p.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
-                   help="seconds without any message before a connection counts as dead")
-    p.add_argument("--transport", default=d.transport, help="picows | websockets")
-    p.add_argument("--decoder", default=d.decoder, help="msgspec | orjson")
-    p.add_argument("--max-lifetime", type=float, default=d.max_lifetime,
-                   help="rotate connections after this many seconds (server limit: 24 h)")
-    p.add_argument("--metrics", default=d.metrics, help="metrics block name")
-    p.add_argument("--metrics-interval", type=float, default=d.metrics_interval,
-                   help="seconds between metrics updates")
-    p.add_argument("--depth-levels", type=int, default=d.depth_levels,
-                   help="also publish this many book levels as DEPTH_LEVEL records")
-    p.add_argument("--depth-snapshot-limit", type=int, default=d.depth_snapshot_limit,
-                   help="levels per REST depth snapshot")
-    p.add_argument("--backoff-base", type=float, default=d.backoff_base,
-                   help="first reconnect delay (s), doubling")
-    p.add_argument("--backoff-max", type=float, default=d.backoff_max,
-                   help="reconnect delay cap (s)")
-    p.add_argument("--healthy-after", type=float, default=d.healthy_after,
-                   help="a connection up this long resets the backoff")
-    p.add_argument("--ping-interval", type=float, default=d.ping_interval,
-                   help="own keep-alive ping after this many idle seconds (0 = off)")
-    p.add_argument("--backfill-grace", type=float, default=d.backfill_grace,
-                   help="wait this long for the live stream to fill a hole before REST")
-    p.add_argument("--rest-retries", type=int, default=d.rest_retries,
-                   help="failed/unproductive REST attempts before a GAP record")
-    p.add_argument("--rest-timeout", type=float, default=d.rest_timeout, help="REST timeout (s)")
-    p.add_argument("--streams-per-connection", type=int, default=d.streams_per_connection,
-                   help="streams per connection (max 1024)")
-    p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes,
-                   help="larger frames are skipped (counted as oversized)")
-    p.add_argument("--publish-batch", type=int, default=d.publish_batch,
-                   help="at most this many records per ring commit within one event-loop "
-                        "iteration (1 = publish each record at once)")
+    for name, kind, help_ in _FLAGS:
+        default = getattr(d, name)
+        if name in _CSV_FIELDS:
+            default = ",".join(default)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help_)
     p.set_defaults(func=_main)

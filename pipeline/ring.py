@@ -65,7 +65,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -356,7 +356,23 @@ def valid_after_copy(start: int, count: int, intent: int, capacity: int) -> int:
 _pack_i64 = struct.Struct("<q").pack_into
 
 
-class WriterCore:
+class _RingEnd:
+    """What both ends of a ring take from its memory and layout: the header, seq-stamp and
+    record views, and the geometry they index with. One place, so writer and reader cannot
+    disagree on where a slot lives."""
+
+    def _map(self, mv: memoryview, layout: RingLayout) -> None:
+        self.layout = layout
+        self.dtype: np.dtype = layout.dtype
+        self.capacity = layout.capacity
+        self._mask = layout.capacity - 1
+        self._rs = layout.record_size
+        self._hdr = mv[:FIXED_HEADER_BYTES].cast("q")
+        self._seqs = mv[layout.seqs_off : layout.seqs_off + 8 * layout.capacity].cast("q")
+        self._data = mv[layout.data_off : layout.data_off + layout.capacity * self._rs]
+
+
+class WriterCore(_RingEnd):
     """Publishes records into a formatted ring buffer. Single producer: one WriterCore per ring.
 
     Calling contract: ``publish(record)`` or ``publish_many(array)`` any number of times; each
@@ -372,14 +388,7 @@ class WriterCore:
         self._bind(memoryview(buf), layout)
 
     def _bind(self, mv: memoryview, layout: RingLayout) -> None:
-        self.layout = layout
-        self.dtype: np.dtype = layout.dtype
-        self.capacity = layout.capacity
-        self._mask = layout.capacity - 1
-        self._rs = layout.record_size
-        self._hdr = mv[:FIXED_HEADER_BYTES].cast("q")
-        self._seqs = mv[layout.seqs_off : layout.seqs_off + 8 * layout.capacity].cast("q")
-        self._data = mv[layout.data_off : layout.data_off + layout.capacity * self._rs]
+        self._map(mv, layout)
         self._seqs_np: np.ndarray | None = np.frombuffer(self._seqs, dtype=np.int64)
         self._data_np: np.ndarray | None = np.frombuffer(self._data, dtype=np.uint8)
         self._iota = np.arange(0, dtype=np.int64)
@@ -582,7 +591,7 @@ class WriterCore:
 # --- reader -----------------------------------------------------------------------------------
 
 
-class ReaderCore:
+class ReaderCore(_RingEnd):
     """Reads a formatted ring from a position on; never writes the ring (only its own entry).
 
     Calling contract: call ``poll()`` repeatedly; each call returns the records published since
@@ -609,14 +618,7 @@ class ReaderCore:
     def _bind(
         self, mv: memoryview, layout: RingLayout, start: Literal["head", "oldest"] | int
     ) -> None:
-        self.layout = layout
-        self.dtype: np.dtype = layout.dtype
-        self.capacity = layout.capacity
-        self._mask = layout.capacity - 1
-        self._rs = layout.record_size
-        self._hdr = mv[:FIXED_HEADER_BYTES].cast("q")
-        self._seqs = mv[layout.seqs_off : layout.seqs_off + 8 * layout.capacity].cast("q")
-        self._data = mv[layout.data_off : layout.data_off + layout.capacity * self._rs]
+        self._map(mv, layout)
         self._empty = np.empty(0, dtype=self.dtype)
         self._empty.flags.writeable = False
         cursor = int(self._hdr[W_CURSOR])
@@ -889,7 +891,27 @@ def nap_schedule(policy: IdlePolicy, duration_s: float) -> list[tuple[float, flo
 # --- shared-memory shells ---------------------------------------------------------------------
 
 
-class RingWriter(WriterCore):
+class _SegmentHandle:
+    """What a ring writer and a ring reader share as holders of one mapped segment: ``closed``
+    and the context-manager protocol, both in terms of ``_seg`` and ``close()``."""
+
+    _seg: shm.Segment | None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._seg is None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RingWriter(_SegmentHandle, WriterCore):
     """The owner of a ring segment: creates it (mode 0600), publishes, and unlinks on close.
 
     A writer that restarts under the same name replaces a segment whose writer is dead or closed
@@ -971,16 +993,6 @@ class RingWriter(WriterCore):
         self._release()
         seg.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._seg is None
-
-    def __enter__(self) -> RingWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"RingWriter({self.name!r}, cursor={self._cursor}, capacity={self.capacity})"
 
@@ -1030,7 +1042,7 @@ def _retire_stale(name: str) -> int:
         old.close()
 
 
-class RingReader(ReaderCore):
+class RingReader(_SegmentHandle, ReaderCore):
     """A consumer attached to a ring by name, from any process, at any time.
 
     Starts at the head (only records published after attaching) unless ``start="oldest"``.
@@ -1265,16 +1277,6 @@ class RingReader(ReaderCore):
         self._release()
         self._seg = None
         seg.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._seg is None
-
-    def __enter__(self) -> RingReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

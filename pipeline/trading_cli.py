@@ -129,9 +129,9 @@ def _register_trade(subparsers: Any) -> None:
 
 
 def _trade(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
+    from pipeline import aio
     from pipeline.backoff import BackoffPolicy
     from pipeline.binance.keys import KeyLoadError, load_private_key
     from pipeline.binance.wsapi import PROD_URL, TESTNET_URL
@@ -183,12 +183,7 @@ def _trade(args: argparse.Namespace) -> int:
     from pipeline.ring import RingError
 
     try:
-        try:
-            import uvloop
-        except ImportError:
-            code = asyncio.run(tp.run(install_signals=True))
-        else:
-            code = uvloop.run(tp.run(install_signals=True))
+        code = aio.run(tp.run(install_signals=True))
     except (MetricsError, RingError) as exc:
         print(f"error: {exc} (is another `pipeline trade` running?)", file=sys.stderr)
         return 2

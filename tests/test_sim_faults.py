@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -12,26 +11,12 @@ from typing import Any
 import orjson
 import pytest
 import websockets
+from simhelpers import FIX, drain, run
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from pipeline.sim.faults import FaultError, Faults, apply_switch, parse_fault
 from pipeline.sim.server import SimConfig
 from pipeline.sim.testing import RawWs, SimServer, http_json, http_request, run_sim_process
-
-FIX = Path(__file__).parent / "fixtures" / "streams"
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 15.0) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(coro_fn(), timeout)
-
-    asyncio.run(main())
-
-
-async def drain(ws: Any) -> None:
-    """Receive until the connection closes (raises ConnectionClosed)."""
-    while True:
-        await ws.recv()
 
 
 def cfg(**kw: Any) -> SimConfig:

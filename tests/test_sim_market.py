@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal
 from itertools import pairwise
 from pathlib import Path
@@ -124,19 +125,32 @@ def test_book_ticker_tracks_best_levels_and_update_id() -> None:
             last_u = bt.u
 
 
+def _wire_bytes(
+    seed: int,
+    steps: int,
+    step: Callable[[Market, str, int], object],
+    depth_symbol: str,
+    depth_every: int = 1,
+) -> list[bytes]:
+    """Everything a two-symbol market puts on the wire in ``steps`` steps, encoded: the bytes a
+    seed must reproduce exactly. ``step(m, symbol, t)`` advances one symbol; every
+    ``depth_every`` steps a depth diff of ``depth_symbol`` is flushed as well."""
+    m = Market(["BTCUSDT", "ETHUSDT"], seed=seed)
+    out = []
+    for i in range(steps):
+        for s in m.symbols:
+            step(m, s, 1000 + i)
+        out += [mk.encode_event(e) for e in m.drain_events()]
+        if i % depth_every == 0:
+            d = m.flush_depth(depth_symbol, 100, 1000 + i)
+            if d:
+                out.append(mk.encode_depth_diff(d))
+    return out
+
+
 def test_same_seed_same_bytes_other_seed_differs() -> None:
     def run(seed: int) -> list[bytes]:
-        m = Market(["BTCUSDT", "ETHUSDT"], seed=seed)
-        out = []
-        for i in range(400):
-            for s in m.symbols:
-                m.step(s, 1000 + i, 2)
-            out += [mk.encode_event(e) for e in m.drain_events()]
-            if i % 10 == 0:
-                d = m.flush_depth("BTCUSDT", 100, 1000 + i)
-                if d:
-                    out.append(mk.encode_depth_diff(d))
-        return out
+        return _wire_bytes(seed, 400, lambda m, s, t: m.step(s, t, 2), "BTCUSDT", depth_every=10)
 
     assert run(42) == run(42)
     assert run(42) != run(43)
@@ -398,16 +412,7 @@ def test_step_batch_rest_history_equals_the_stream() -> None:
 
 def test_step_batch_same_seed_same_bytes() -> None:
     def go(seed: int) -> list[bytes]:
-        m = Market(["BTCUSDT", "ETHUSDT"], seed=seed)
-        out = []
-        for i in range(8):
-            for s in m.symbols:
-                m.step_batch(s, 1000 + i, 200)
-            out += [mk.encode_event(e) for e in m.drain_events()]
-            d = m.flush_depth("ETHUSDT", 100, 1000 + i)
-            if d:
-                out.append(mk.encode_depth_diff(d))
-        return out
+        return _wire_bytes(seed, 8, lambda m, s, t: m.step_batch(s, t, 200), "ETHUSDT")
 
     assert go(5) == go(5)
     assert go(5) != go(6)

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import Awaitable, Callable
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import websockets
+from simhelpers import fixture, run, shape
 
 from pipeline.sim.server import SimConfig
 from pipeline.sim.testing import SimServer, http_json, http_request
-
-FIX = Path(__file__).parent / "fixtures" / "streams"
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 15.0) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(coro_fn(), timeout)
-
-    asyncio.run(main())
-
-
-def fixture(name: str) -> Any:
-    return json.loads((FIX / name).read_text())
-
-
-def shape(d: Any) -> Any:
-    if isinstance(d, dict):
-        return [(k, shape(v)) for k, v in d.items()]
-    if isinstance(d, list):
-        return ["list", shape(d[0]) if d else None]
-    return type(d).__name__
 
 
 def cfg(**kw: Any) -> SimConfig:

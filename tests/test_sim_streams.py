@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Awaitable, Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 import websockets
+from simhelpers import FIX, drain, fixture, run, shape
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
@@ -27,38 +27,10 @@ from pipeline.sim.market import Market
 from pipeline.sim.server import SimConfig, handle_control, parse_stream
 from pipeline.sim.testing import RawWs, SimServer, http_json
 
-FIX = Path(__file__).parent / "fixtures" / "streams"
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 15.0) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(coro_fn(), timeout)
-
-    asyncio.run(main())
-
-
-def fixture(name: str) -> Any:
-    return json.loads((FIX / name).read_text())
-
 
 def payload_fixture(name: str, i: int = 0) -> dict[str, Any]:
     item = fixture(name)[i]
     return item["data"] if "stream" in item else item
-
-
-def shape(d: Any) -> Any:
-    """Key order and value types (recursively for dicts; element types for lists)."""
-    if isinstance(d, dict):
-        return [(k, shape(v)) for k, v in d.items()]
-    if isinstance(d, list):
-        return ["list", shape(d[0]) if d else None]
-    return type(d).__name__
-
-
-async def drain(ws: Any) -> None:
-    """Receive until the connection closes (raises ConnectionClosed)."""
-    while True:
-        await ws.recv()
 
 
 def cfg(**kw: Any) -> SimConfig:

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 pytest.importorskip("pipeline.sim.testing")
 pytest.importorskip("pipeline.sim.wsapi")
+
+from simhelpers import async_test, until
 
 from pipeline import shm
 from pipeline.backoff import BackoffPolicy
@@ -35,16 +37,6 @@ from pipeline.sim.testing import SimServer
 from pipeline.trading import TradingConfig, TradingProcess
 
 pytestmark = pytest.mark.slow
-
-
-def run(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run an async test body in a fresh event loop (no asyncio pytest plugin needed)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
-
-    return wrapper
 
 
 _ENC, _PRIV = serialization.Encoding, serialization.PrivateFormat
@@ -96,14 +88,6 @@ def trading(sim: SimServer, shm_name: str, api_key: str, signer: Any, **kw: Any)
     return TradingProcess(cfg, signer)
 
 
-async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
 @contextlib.asynccontextmanager
 async def running(tp: TradingProcess) -> AsyncIterator[TradingProcess]:
     """Run ``tp`` until it is Ready; on the way out stop it and check that it exited 0."""
@@ -126,7 +110,7 @@ def assert_failed_block_left(name: str) -> None:
         shm.unlink(name)
 
 
-@run
+@async_test
 async def test_logon_with_raw_der_and_pem_keys(
     tmp_path: Path, shm_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -159,7 +143,7 @@ async def test_logon_with_raw_der_and_pem_keys(
     assert not any("session.logon" in r.getMessage() for r in client_records)
 
 
-@run
+@async_test
 async def test_wrong_key_is_fatal_and_not_retried(tmp_path: Path, shm_name: str) -> None:
     _, registered = new_key(tmp_path, "pem", "good")
     wrong, _ = new_key(tmp_path, "pem", "bad")
@@ -174,7 +158,7 @@ async def test_wrong_key_is_fatal_and_not_retried(tmp_path: Path, shm_name: str)
         assert_failed_block_left(f"{shm_name}.metrics")
 
 
-@run
+@async_test
 async def test_blackhole_detected_reconnected_resubscribed(tmp_path: Path, shm_name: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}) as sim:
@@ -206,7 +190,7 @@ async def test_blackhole_detected_reconnected_resubscribed(tmp_path: Path, shm_n
                 block.close()
 
 
-@run
+@async_test
 async def test_ten_refused_reconnects_fail(tmp_path: Path, shm_name: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}) as sim:
@@ -223,7 +207,7 @@ async def test_ten_refused_reconnects_fail(tmp_path: Path, shm_name: str) -> Non
         assert_failed_block_left(f"{shm_name}.metrics")
 
 
-@run
+@async_test
 async def test_orders_across_disconnects_and_1007(tmp_path: Path, shm_name: str) -> None:
     """Exactly one order per client order id at the venue; every order ends in a known state."""
     path, pub = new_key(tmp_path, "pem", "k")
@@ -296,7 +280,7 @@ async def test_orders_across_disconnects_and_1007(tmp_path: Path, shm_name: str)
             assert s.metrics["orders_reconciled"] >= 3
 
 
-@run
+@async_test
 async def test_order_client_round_trip(tmp_path: Path, shm_name: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
@@ -328,7 +312,7 @@ async def test_order_client_round_trip(tmp_path: Path, shm_name: str) -> None:
                 client.close()
 
 
-@run
+@async_test
 async def test_server_shutdown_rolls_over_without_downtime(tmp_path: Path, shm_name: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
@@ -357,7 +341,7 @@ async def test_server_shutdown_rolls_over_without_downtime(tmp_path: Path, shm_n
             await until(lambda: tp.session.order_status("after1") is OrderStatus.NEW)
 
 
-@run
+@async_test
 async def test_429_is_honoured(tmp_path: Path, shm_name: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
@@ -539,7 +523,7 @@ def health_json(tmp_path: Path, shm_name: str) -> tuple[int, dict[str, Any]]:
 # ---- account-level requests over the reply ring ------------------------------------------------
 
 
-@run
+@async_test
 async def test_open_orders_cancel_all_and_account(
     tmp_path: Path, shm_name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,17 +8,16 @@ reading the exec ring as reader "risk") next to a trading process against the si
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from simhelpers import async_test, until
 
 from pipeline.consumers.risk import LimitsTable, Risk, RiskBook, RiskLimits, field_name
 from pipeline.metrics import MetricsNotFoundError
@@ -160,14 +159,6 @@ def test_gate_forgets_rejected_orders_at_once_and_caps_in_flight() -> None:
 # ---- against the simulator ----------------------------------------------------------------------
 
 
-def run(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
-
-    return wrapper
-
-
 def new_key(tmp_path: Path) -> tuple[Path, bytes]:
     key = ed25519.Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -183,16 +174,8 @@ def new_key(tmp_path: Path) -> tuple[Path, bytes]:
     return path, pub
 
 
-async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.slow
-@run
+@async_test
 async def test_risk_limits_against_the_simulator(
     tmp_path: Path, shm_name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from pipeline import aio
     from pipeline.sim.server import Simulator
 
     async def main() -> int:
@@ -181,8 +182,4 @@ def run(args: argparse.Namespace) -> int:
         print("pipeline sim: stopped", file=sys.stderr, flush=True)
         return 0
 
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    return int(uvloop.run(main()))
+    return aio.run(main())
