@@ -92,13 +92,15 @@ class _FakeConn:
 
 
 @pytest.mark.parametrize("batch", [1, 64])
-@pytest.mark.parametrize("decoder", ["msgspec", "orjson"])
-def test_frame_handler_to_ring(benchmark: Any, decoder: str, batch: int) -> None:
+@pytest.mark.parametrize(("decoder", "fast"), [("msgspec", "off"), ("orjson", "off"),
+                                               ("msgspec", "on")])
+def test_frame_handler_to_ring(benchmark: Any, decoder: str, fast: str, batch: int) -> None:
     """Decode + exactly-once tracking + ring publish, as the live handler runs it.
 
     ``batch`` 64: inside a running uvloop loop with publish batching on, all frames of a run in
     one loop iteration (as when one socket read carries many frames): records are staged and
     committed 64 at a time. ``batch`` 1: each record published at once (the pre-batching path).
+    ``fast`` on: the compiled aggTrade path takes the frames (the transport calls it directly).
     """
 
     import uvloop
@@ -106,18 +108,20 @@ def test_frame_handler_to_ring(benchmark: Any, decoder: str, batch: int) -> None
     from pipeline.ingest import Ingest, IngestConfig
 
     n = 1000
-    name = f"bench_ingest_{os.getpid()}_{decoder}_{batch}"
+    name = f"bench_ingest_{os.getpid()}_{decoder}_{fast}_{batch}"
     w = RingWriter.create(name, TICK_DTYPE, 1 << 16, symbols=SYMBOLS)
     loop = uvloop.new_event_loop()
+    ing = None
     try:
-        ing = Ingest(IngestConfig(decoder=decoder, symbols=SYMBOLS, publish_batch=batch), w, None)
-        ing.enable_batching(loop)
+        ing = Ingest(IngestConfig(decoder=decoder, symbols=SYMBOLS, publish_batch=batch,
+                                  fast_path=fast), w, None)
+        ing.setup_publishing(loop)
         state: dict[str, float] = {"next": 1_000_000}
 
         def one() -> None:
             frames = agg_frames(n, int(state["next"]))
             state["next"] += n
-            h = ing.handle
+            h = ing.on_frame
             conn = _FakeConn()
             t0 = time.process_time()
             for f in frames:
@@ -137,12 +141,15 @@ def test_frame_handler_to_ring(benchmark: Any, decoder: str, batch: int) -> None
         for _ in range(runs):
             run()
         assert w.cursor - before == runs * n  # every frame published once
-        assert ing.trackers[0].last == state["next"] - 1
+        assert ing.last_agg_id(0) == state["next"] - 1
         assert not ing.trackers[0].pending
         assert w.staged == 0
-        RESULTS.setdefault(f"in-process handler->ring ({decoder}, batch {batch})", {})[
+        path = "C fast path" if fast == "on" else decoder
+        RESULTS.setdefault(f"in-process handler->ring ({path}, batch {batch})", {})[
             "cpu_us_per_msg"] = state["best"] / n * 1e6
     finally:
+        if ing is not None:
+            ing.release()
         loop.close()
         w.close()
 
@@ -312,24 +319,30 @@ def sim_and_ingest(transport: str, decoder: str, tag: str, source: str = "sim",
 
 
 @pytest.mark.parametrize("source", ["sim", "blaster"])
-@pytest.mark.parametrize("decoder", ["msgspec", "orjson"])
-@pytest.mark.parametrize("transport", ["picows", "websockets"])
-def test_end_to_end_saturation(benchmark: Any, transport: str, decoder: str, source: str) -> None:
-    _saturate(benchmark, transport, decoder, source)
+@pytest.mark.parametrize(("transport", "decoder", "fast"), [
+    ("picows", "msgspec", "on"),  # the default
+    ("picows", "msgspec", "off"), ("picows", "orjson", "off"),
+    ("websockets", "msgspec", "off"), ("websockets", "orjson", "off"),
+])
+def test_end_to_end_saturation(benchmark: Any, transport: str, decoder: str, fast: str,
+                               source: str) -> None:
+    _saturate(benchmark, transport, decoder, source, fast=fast)
 
 
 @pytest.mark.parametrize("batch", [1, 64])
 def test_publish_batch_side_by_side(benchmark: Any, batch: int) -> None:
-    """picows + msgspec <- blaster with ``--publish-batch`` 1 (a publish per record) and 64
-    (records of one loop iteration committed together), in the same run."""
-    _saturate(benchmark, "picows", "msgspec", "blaster", batch)
+    """picows + compiled path <- blaster with ``--publish-batch`` 1 (a commit per record) and
+    64 (records of one loop iteration committed together), in the same run."""
+    _saturate(benchmark, "picows", "msgspec", "blaster", batch, fast="on")
 
 
 def _saturate(benchmark: Any, transport: str, decoder: str, source: str,
-              batch: int | None = None) -> None:
+              batch: int | None = None, fast: str = "on") -> None:
     window = max(1.0, 10.0 * SCALE)
-    tag = f"{transport[:2]}{decoder[:2]}{source[:2]}{batch or ''}"
-    extra = ("--publish-batch", str(batch)) if batch is not None else ()
+    tag = f"{transport[:2]}{decoder[:2]}{source[:2]}{batch or ''}{fast}"
+    extra: tuple[str, ...] = ("--fast-path", fast)
+    if batch is not None:
+        extra += ("--publish-batch", str(batch))
     with sim_and_ingest(transport, decoder, tag, source, extra) as (proc, reader, block):
         ps = psutil.Process(proc.pid)
         counts: dict[int, list[np.ndarray]] = {0: [], 1: []}
@@ -373,7 +386,8 @@ def _saturate(benchmark: Any, transport: str, decoder: str, source: str,
             assert len(ids) > 0
             assert np.all(np.diff(ids) == 1), "ids not exactly once in order"
         benchmark.extra_info.update(res)
-        label = f"process {transport} + {decoder} <- {source}"
+        path = "C fast path" if fast == "on" else decoder
+        label = f"process {transport} + {path} <- {source}"
         RESULTS[label + (f" (batch {batch})" if batch is not None else "")] = res
 
 

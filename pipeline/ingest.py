@@ -31,10 +31,16 @@ Counters live in Python ints on the hot path and are copied into the MetricsBloc
 ``--metrics-interval`` s (a seqlock write per frame would cost more than the frame).
 
 Ring publishes are batched per event-loop iteration (``--publish-batch``, default 64; see
-:meth:`Ingest.enable_batching`): the first record of an iteration is published at once, the
+:meth:`Ingest.setup_publishing`): the first record of an iteration is published at once, the
 records of further frames from the same socket read are staged in their ring slots and committed
 together at the end of the iteration (one cursor store, one clock read for ``publish_time_ns``),
 which takes ~0.35 us off each frame under load without delaying an isolated frame.
+
+The common aggTrade frame (next id of its symbol, canonical JSON) does not reach Python at all:
+the compiled path (pipeline/fastpath.py, ``--fast-path``) parses it and stages its record from
+the transport's callback, and calls back into :meth:`Ingest._fast_fallback` for everything else.
+It shares the ring writer's staging counters and the trackers' last ids (:meth:`_agg_synced`),
+so both paths publish one sequence, in order, exactly once.
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ class IngestConfig:
     streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
     max_frame_bytes: int = 4 << 20
     publish_batch: int = 64
+    fast_path: str = "auto"
 
     def stream_names(self) -> list[str]:
         from pipeline.binance.streams import stream_name
@@ -179,6 +186,10 @@ def validate(cfg: IngestConfig) -> IngestConfig:
         raise ConfigError("--depth-levels", "must be <= 1000")
     if not 1 <= cfg.publish_batch <= min(4096, cfg.ring_capacity):
         raise ConfigError("--publish-batch", "must be in 1..min(4096, --ring-capacity)")
+    from pipeline.fastpath import FAST_PATH_MODES
+
+    if cfg.fast_path not in FAST_PATH_MODES:
+        raise ConfigError("--fast-path", f"must be one of {', '.join(FAST_PATH_MODES)}")
     if len(cfg.symbols) > 65535:
         raise ConfigError("--symbols", "too many symbols for the ring's u2 symbol id")
     return cfg
@@ -221,8 +232,9 @@ class Conn:
         self.first_msg = asyncio.get_running_loop().create_future()
         self.first_pending = True
         self.shutdown_requested = False
-        # the transport calls the handler directly (no per-frame wrapper): handle(conn, ...)
-        self.on_message = functools.partial(shard.ingest.handle, self)
+        # the transport calls the frame handler directly (no per-frame wrapper): the compiled
+        # fast path's on_message(conn, ...) or Ingest.handle(conn, ...)
+        self.on_message = functools.partial(shard.ingest.on_frame, self)
 
     def got_first(self) -> None:
         self.first_pending = False
@@ -440,10 +452,16 @@ class Ingest:
         self._loop: asyncio.AbstractEventLoop | None = None  # set: batch within loop iterations
         self._iter_open = False  # a record was published in this loop iteration: stage the rest
         self._stage: Callable[[tuple[Any, ...]], bool] = self._stage_unbatched
+        #: the compiled aggTrade path (pipeline/fastpath.py), once setup_publishing() built it
+        self.fast: Any = None
+        #: what the transport calls per frame: fast.on_message, or handle
+        self.on_frame: Callable[[Conn, bytes, int], None] = self.handle
 
     # -- publishing --
-    def enable_batching(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Batch ring publishes per event-loop iteration (``--publish-batch`` > 1).
+    def setup_publishing(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Batch ring publishes per event-loop iteration (``--publish-batch`` > 1), and build
+        the compiled aggTrade path (``--fast-path``). Call :meth:`release` before closing the
+        ring: the compiled path holds its buffers.
 
         Why: a ring publish costs ~0.9 us per record (tuple rebuilt with the clock read, pack,
         three shared-memory stores); staging costs ~0.55 us (the pack and two stores), and the
@@ -453,19 +471,53 @@ class Ingest:
         ``call_soon`` callback at the end of the iteration, or as soon as ``publish_batch`` of
         them wait. So under saturation a record waits at most ``publish_batch`` frame-handler
         runs (64 x ~2 us); ``publish_time_ns`` is the commit time, when readers can see it.
+
+        The compiled path stages its records the same way (it needs staging configured even
+        with ``--publish-batch 1``: then every record it stages is committed at once).
         """
-        if self.cfg.publish_batch <= 1 or not hasattr(self.ring, "configure_staging"):
+        from pipeline import fastpath
+
+        batch = self.cfg.publish_batch
+        if not hasattr(self.ring, "configure_staging"):
             return
-        self.ring.configure_staging("publish_time_ns", self.cfg.publish_batch)
-        self._stage = self.ring.stage
-        self._loop = loop
+        want_fast = self.cfg.fast_path != "off"
+        if batch > 1 or want_fast:
+            self.ring.configure_staging("publish_time_ns", batch)
+        if batch > 1:
+            self._stage = self.ring.stage
+            self._loop = loop
+        self.fast, how = fastpath.build(self.cfg.fast_path, self.cfg.symbols, self.ring,
+                                        self._fast_fallback, self.cfg.max_frame_bytes)
+        self.on_frame = self.fast.on_message if self.fast is not None else self.handle
+        log.info("aggTrade fast path: " + how)
+
+    def release(self) -> None:
+        """Drop the compiled path's hold on the ring's buffers (idempotent); frames then take
+        the Python handler."""
+        fast, self.fast = self.fast, None
+        self.on_frame = self.handle
+        if fast is not None:
+            for sid in range(len(self.trackers)):  # the ids it published are the trackers' now
+                last = fast.last_id(sid)
+                if last is not None:
+                    self.trackers[sid].last = last
+            fast.close()
 
     def _stage_unbatched(self, rec: tuple[Any, ...]) -> bool:
         self._publish_raw((*rec, self._time_ns()))
         return False
 
+    def _open_iteration(self) -> None:
+        """Records published from here to the end of this loop iteration are staged."""
+        self._iter_open = True
+        if self.fast is not None:
+            self.fast.iter_open = 1
+        self._loop.call_soon(self._end_iteration)  # type: ignore[union-attr]
+
     def _end_iteration(self) -> None:
         self._iter_open = False
+        if self.fast is not None:
+            self.fast.iter_open = 0
         self.ring.commit(self._time_ns())
 
     def _commit(self) -> None:
@@ -478,15 +530,67 @@ class Ingest:
                 self._commit()
             return
         if self._loop is not None:
-            self._iter_open = True
-            self._loop.call_soon(self._end_iteration)
+            self._open_iteration()
         self._publish_raw((*rec, self._time_ns()))
 
     def publish_many(self, recs: list[tuple[Any, ...]]) -> None:
         for r in recs:
             self.publish(r)
 
-    # -- the frame handler (hot path; never awaits, never raises) --
+    # -- the frame handlers (hot path; never await, never raise) --
+    def _fast_fallback(self, conn: Conn, payload: bytes, recv_ns: int, code: int) -> None:
+        """Called by the compiled path: ``code`` 0, a frame it did not take (everything but
+        the next aggTrade id of an armed symbol in canonical JSON): the Python handler decides.
+        ``code`` 2: it staged the record and the shell must act (first record of this loop
+        iteration: publish it now; a full batch: commit; the connection's first frame)."""
+        if code == 0:
+            self.handle(conn, payload, recv_ns)
+            return
+        if conn.first_pending:
+            conn.got_first()
+        if self._loop is None:  # --publish-batch 1: every record at once
+            self._commit()
+        elif not self._iter_open:
+            self._open_iteration()
+            self._commit()
+        elif self.ring.staged >= self.ring.max_staged:
+            self._commit()
+
+    def _agg_synced(self, sid: int, val: tuple[Any, ...]) -> None:
+        """An aggTrade the compiled path did not take: the tracker decides (duplicate, gap,
+        first trade, held behind a gap), starting from the last id the compiled path published,
+        and the compiled path is re-armed only while no gap is open."""
+        fast = self.fast
+        tr = self.trackers[sid]
+        last = fast.last_id(sid)
+        if last is not None:
+            tr.last = last
+        self._on_agg(sid, tr, val)
+        fast.set_last(sid, None if tr.pending else tr.last)
+
+    def _on_agg(self, sid: int, tr: Any, val: tuple[Any, ...]) -> None:
+        dups = tr.stats.duplicates
+        out = tr.on_live(val[11], val)
+        self.c["duplicates"] += tr.stats.duplicates - dups
+        if out:
+            self.publish_many(out)
+        if tr.pending and sid not in self._backfilling:
+            self._spawn(self._backfill(sid), self._backfilling, sid)
+
+    def _tracker_changed(self, sid: int) -> None:
+        """REST filled or gave up a gap: the compiled path may continue after it."""
+        tr = self.trackers[sid]
+        if self.fast is not None:
+            self.fast.set_last(sid, None if tr.pending else tr.last)
+
+    def last_agg_id(self, sid: int) -> int | None:
+        """The last aggregate id published for the symbol (whichever path published it)."""
+        if self.fast is not None:
+            last = self.fast.last_id(sid)
+            if last is not None:
+                return int(last)
+        return self.trackers[sid].last
+
     def handle(self, conn: Conn, payload: bytes, recv_ns: int) -> None:
         conn.last_ns = recv_ns
         if conn.first_pending:
@@ -497,6 +601,9 @@ class Ingest:
             tag, val = self._decode(payload, recv_ns)
             if tag == 1:  # st.AGG (a literal: no module attribute lookup on the hot path)
                 sid = val[2]
+                if self.fast is not None:
+                    self._agg_synced(sid, val)
+                    return
                 tr = self.trackers[sid]
                 a = val[11]
                 last = tr.last
@@ -508,13 +615,7 @@ class Ingest:
                     else:
                         self.publish(val)
                     return
-                dups = tr.stats.duplicates
-                out = tr.on_live(a, val)
-                c["duplicates"] += tr.stats.duplicates - dups
-                if out:
-                    self.publish_many(out)
-                if tr.pending and sid not in self._backfilling:
-                    self._spawn(self._backfill(sid), self._backfilling, sid)
+                self._on_agg(sid, tr, val)
                 return
             st = self.st
             if tag == st.BOOK_TICKER:
@@ -708,6 +809,7 @@ class Ingest:
                     got = tr.stats.published_backfill - before
                     self.c["ids_backfilled"] += got
                     self.publish_many(out)
+                    self._tracker_changed(sid)
                     if tr.missing() is None:
                         self.c["gaps_backfilled"] += 1
                         log.info("backfilled", extra={"symbol": sym, "ids": got})
@@ -723,6 +825,7 @@ class Ingest:
                 self.rlog.warning("gap", "aggregate trades lost", symbol=sym,
                                   first=gap[0] if gap else None, last=gap[1] if gap else None)
                 self.publish_many(out)
+                self._tracker_changed(sid)
                 failures = 0
                 continue
             if failures:
@@ -769,12 +872,14 @@ class Ingest:
             self._commit()
         c = self.c
         vals: dict[str, float] = dict(c)
+        if self.fast is not None:  # frames the compiled path handled without Python
+            vals["frames_received"] = c["frames_received"] + self.fast.frames
         for r, n in self.skipped.items():
             vals[f"skipped_{r}"] = n
         skipped = vals["skipped_total"] = sum(self.skipped.values())
         # derived here rather than counted per frame on the hot path
         vals["published"] = self.ring.cursor - self._cursor0
-        vals["frames_decoded"] = (c["frames_received"] - skipped - c["control_replies"]
+        vals["frames_decoded"] = (vals["frames_received"] - skipped - c["control_replies"]
                                   - c["server_shutdowns"] - c["callback_errors"])
         for sh in self.shards:
             if sh.conn is not None:
@@ -786,8 +891,9 @@ class Ingest:
         vals["symbols"] = len(self.cfg.symbols)
         for i, sh in enumerate(self.shards[:MAX_SHARDS_IN_METRICS]):
             vals[f"conn_state_{i}"] = sh.state
-        for i, tr in enumerate(self.trackers[:MAX_SYMBOLS_IN_METRICS]):
-            vals[f"last_agg_id_{i}"] = tr.last if tr.last is not None else -1
+        for i in range(min(len(self.trackers), MAX_SYMBOLS_IN_METRICS)):
+            last = self.last_agg_id(i)
+            vals[f"last_agg_id_{i}"] = last if last is not None else -1
         vals["gaps_detected"] = sum(t.stats.gaps_detected for t in self.trackers)
         vals["book_breaks"] = sum(b.breaks for b in self.books)
         m.set(**vals)
@@ -813,7 +919,7 @@ class Ingest:
             "symbols": ",".join(self.cfg.symbols), "streams": ",".join(self.cfg.streams),
             "shards": len(self.shards), "transport": self.cfg.transport,
             "decoder": self.cfg.decoder, "ring": self.cfg.ring})
-        self.enable_batching(loop)
+        self.setup_publishing(loop)
         metrics_task = loop.create_task(self._metrics_loop())
         try:
             await asyncio.gather(*(sh.run() for sh in self.shards))
@@ -824,6 +930,7 @@ class Ingest:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await asyncio.gather(metrics_task, return_exceptions=True)
             self.flush_metrics()
+            self.release()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
@@ -835,6 +942,12 @@ def run(cfg: IngestConfig) -> int:
     from pipeline.records import TICK_DTYPE
     from pipeline.ring import RingError, RingWriter
 
+    if cfg.fast_path == "on":
+        from pipeline.fastpath import load
+
+        if load()[0] is None:
+            print(f"pipeline ingest: error: --fast-path on: {load()[1]}", file=sys.stderr)
+            return 2
     if cfg.cpu is not None:
         os.sched_setaffinity(0, {cfg.cpu})
     logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connect at INFO
@@ -903,6 +1016,8 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("max_frame_bytes", int, "larger frames are skipped (counted as oversized)"),
     ("publish_batch", int, "at most this many records per ring commit within one event-loop "
                            "iteration (1 = publish each record at once)"),
+    ("fast_path", str, "compiled aggTrade frame -> ring path: auto (use it if built) | on "
+                       "(refuse to start without it) | off (pure Python)"),
 )
 _CSV_FIELDS = frozenset({"symbols", "streams"})  # comma-separated on the command line
 

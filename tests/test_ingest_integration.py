@@ -115,6 +115,12 @@ def run_ingest(sim: SimProcess, name: str, *extra: str,
         os.unlink(log_path)
 
 
+def fastpath_built() -> bool:
+    from pipeline.fastpath import load
+
+    return load()[0] is not None
+
+
 def rest_agg_ids(sim: SimProcess, symbol: str, first: int, last: int) -> dict[int, tuple]:
     """The simulator's truth for ids first..last: id -> (price, qty, maker)."""
     out: dict[int, tuple] = {}
@@ -263,13 +269,15 @@ def test_rest_failure_produces_a_gap_record(shm_name: str) -> None:
         assert not np.any(agg_of(recs, 1)["flags"] & Flags.BACKFILLED)
 
 
-def test_rotation_is_make_before_break(shm_name: str) -> None:
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+def test_rotation_is_make_before_break(shm_name: str, fast_path: str) -> None:
     """Server lifetime 2.5 s with a serverShutdown notice, plus our own --max-lifetime: every
-    connection is replaced several times, and the ring sees no gap and no duplicate."""
+    connection is replaced several times, and the ring sees no gap and no duplicate (with the
+    compiled aggTrade path and without it: the overlap's duplicates are its fallback's job)."""
     with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "60", "--max-lifetime", "2.5",
                          "--shutdown-notice", "1.0") as sim, \
             run_ingest(sim, shm_name, "--max-lifetime", "1.2",
-                       "--streams", "aggTrade,bookTicker") as ing:
+                       "--streams", "aggTrade,bookTicker", "--fast-path", fast_path) as ing:
         ing.wait_for(lambda: ing.metrics()["rotations"] >= 4, 20, "4 rotations")
         last = {s: int(agg_of(ing.records(), s)["trade_id"][-1]) for s in (0, 1)}
         ing.wait_for(lambda: all(int(agg_of(ing.records(), s)["trade_id"][-1]) > last[s]
@@ -281,6 +289,9 @@ def test_rotation_is_make_before_break(shm_name: str) -> None:
         assert m["reconnects"] == 0, m  # never a break
         assert m["gaps_unrecoverable"] == 0
         assert backfilled == {"BTCUSDT": 0, "ETHUSDT": 0}, "rotation left a hole"
+        assert m["duplicates"] > 0  # the overlap delivered trades twice; the ring has them once
+        expect = "compiled aggTrade path" if fast_path == "auto" else "off (--fast-path off)"
+        assert f"aggTrade fast path: {expect}" in ing.log_text()
 
 
 @pytest.mark.parametrize("transport", ["picows", "websockets"])
@@ -321,7 +332,8 @@ def test_bad_config_exits_2_naming_the_flag() -> None:
                        (["--stall-timeout", "0"], "--stall-timeout"),
                        (["--publish-batch", "0"], "--publish-batch"),
                        (["--publish-batch", "2048", "--ring-capacity", "1024"],
-                        "--publish-batch")):
+                        "--publish-batch"),
+                       (["--fast-path", "maybe"], "--fast-path")):
         p = subprocess.run([sys.executable, "-m", "pipeline", "ingest", *args],
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 2, (args, p.stderr)
@@ -473,11 +485,14 @@ def _agg_frame(sym: str, agg_id: int) -> bytes:
             b'"m":true,"M":true}}' % (sym.lower().encode(), sym.encode(), agg_id))
 
 
+@pytest.mark.parametrize("fast_path", ["off", "auto"])
 @pytest.mark.parametrize("batch", [1, 4, 64])
-def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int) -> None:
+def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int,
+                                                  fast_path: str) -> None:
     """Frames handled in one event-loop iteration: the first record is published at once, the
     rest are staged and committed together at the end of the iteration (or every ``batch``
-    records), in order, exactly once, publish_time_ns = commit time. ``batch`` 1: unbatched."""
+    records), in order, exactly once, publish_time_ns = commit time. ``batch`` 1: unbatched.
+    The same with the compiled aggTrade path taking the frames after the first (``auto``)."""
 
     import uvloop
 
@@ -488,9 +503,10 @@ def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int) -> 
     loop = uvloop.new_event_loop()
     try:
         cfg = IngestConfig(symbols=SYMBOLS, streams=["aggTrade", "bookTicker"],
-                           publish_batch=batch)
+                           publish_batch=batch, fast_path=fast_path)
         ing = Ingest(cfg, w, None)
-        ing.enable_batching(loop)
+        ing.setup_publishing(loop)
+        assert (ing.fast is not None) == (fast_path == "auto" and fastpath_built())
 
         class FakeConn:
             last_ns = 0
@@ -501,9 +517,9 @@ def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int) -> 
         async def one_iteration(first: int, n: int, u: int) -> None:
             conn = FakeConn()
             for k in range(n):
-                ing.handle(conn, _agg_frame("BTCUSDT", first + k), 1_000 + k)  # type: ignore[arg-type]
+                ing.on_frame(conn, _agg_frame("BTCUSDT", first + k), 1_000 + k)  # type: ignore[arg-type]
                 seen_cursor.append(w.cursor)
-            ing.handle(conn, b'{"stream":"ethusdt@bookTicker","data":{"u":%d,"s":"ETHUSDT",'  # type: ignore[arg-type]
+            ing.on_frame(conn, b'{"stream":"ethusdt@bookTicker","data":{"u":%d,"s":"ETHUSDT",'  # type: ignore[arg-type]
                        b'"b":"1.5","B":"2","a":"1.6","A":"3"}}' % u, 2_000)
             seen_cursor.append(w.cursor)
 
@@ -522,7 +538,9 @@ def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int) -> 
         assert r["kind"].tolist()[10] == Kind.BOOK_TICKER  # mixed kinds keep their order
         assert r["bid_price"][10] == 1.5
         assert np.all(r["publish_time_ns"] >= before_ns)
-        assert ing.c["frames_received"] == 15
+        assert ing.c["frames_received"] + (ing.fast.frames if ing.fast else 0) == 15
+        if ing.fast is not None:
+            assert ing.fast.frames == 12  # all 13 aggTrades but the very first
         if batch == 1:
             assert seen_cursor[:11] == list(range(1, 12))  # every record visible at once
         else:
@@ -535,11 +553,14 @@ def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int) -> 
             assert np.all(np.diff(r["publish_time_ns"]) >= 0)
             assert len(set(r["publish_time_ns"][1:11].tolist())) <= -(-10 // batch)
     finally:
+        ing.release()
         loop.close()
         w.close()
 
 
-def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: str) -> None:
+@pytest.mark.parametrize("fast_path", ["off", "auto"])
+def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: str,
+                                                                      fast_path: str) -> None:
     """A metrics flush in the same loop iteration as staged records commits them first: the
     published count and last aggregate id it reports are visible to readers."""
     import uvloop
@@ -558,8 +579,9 @@ def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: 
     loop = uvloop.new_event_loop()
     try:
         met = FakeMetrics()
-        ing = Ingest(IngestConfig(symbols=SYMBOLS, streams=["aggTrade"]), w, met)
-        ing.enable_batching(loop)
+        ing = Ingest(IngestConfig(symbols=SYMBOLS, streams=["aggTrade"], fast_path=fast_path),
+                     w, met)
+        ing.setup_publishing(loop)
 
         class FakeConn:
             last_ns = 0
@@ -567,7 +589,7 @@ def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: 
 
         async def iteration() -> None:
             for k in range(5):
-                ing.handle(FakeConn(), _agg_frame("ETHUSDT", 500 + k), 1)  # type: ignore[arg-type]
+                ing.on_frame(FakeConn(), _agg_frame("ETHUSDT", 500 + k), 1)  # type: ignore[arg-type]
             assert w.staged == 4  # the first was published at once
             ing.flush_metrics()
             assert w.staged == 0
@@ -575,8 +597,12 @@ def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: 
         loop.run_until_complete(iteration())
         assert met.vals["published"] == 5 == w.cursor
         assert met.vals["last_agg_id_1"] == 504
+        assert met.vals["frames_received"] == 5
         with RingReader.attach(shm_name, start="oldest") as rd:
             assert rd.poll()["trade_id"].tolist() == [500, 501, 502, 503, 504]
+        ing.release()
+        assert ing.trackers[1].last == 504  # the ids the compiled path published are handed back
     finally:
+        ing.release()
         loop.close()
         w.close()

@@ -1,0 +1,97 @@
+"""The compiled aggTrade fast path (``pipeline/_fastagg.c``): loading it, checking it, building it.
+
+Why a compiled path: pure Python spends ~3.6 us of CPU per aggTrade frame from socket to ring
+(benchmarks/bench_ingest.py), most of it in decoding and packing the record; the C path parses
+the frame bytes and writes the record straight into its ring slot in one call. It only takes the
+common case (one of our aggTrade streams, the next id of its symbol, strictly canonical JSON)
+and hands everything else, untouched, to the Python handler, so every rule about duplicates,
+gaps, backfill and bad input stays in one place (pipeline/ingest.py, pipeline/gapfill.py).
+
+The extension is optional: ``FAST_PATH_MODES`` says what ``--fast-path`` may be. ``auto`` uses
+it when it was built (the default install builds it; a machine without a C compiler gets the
+pure-Python path and a log line saying so), ``on`` refuses to start without it, ``off`` never
+uses it (the reference path, and the baseline in the benchmarks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any, Final
+
+import numpy as np
+
+from pipeline.records import TICK_DTYPE, Flags, Kind
+
+FAST_PATH_MODES: Final = ("auto", "on", "off")
+
+
+class FastPathUnavailable(RuntimeError):
+    """``--fast-path on`` but the extension is not built (or does not match the record layout)."""
+
+
+def load() -> tuple[ModuleType | None, str]:
+    """The extension module if it is built and matches :data:`TICK_DTYPE`, else None; and why."""
+    try:
+        from pipeline import _fastagg  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"pipeline._fastagg is not built ({exc}); reinstall with a C compiler"
+    problem = layout_mismatch(_fastagg, TICK_DTYPE)
+    if problem:
+        return None, problem
+    return _fastagg, "compiled"
+
+
+def layout_mismatch(mod: Any, dtype: np.dtype) -> str | None:
+    """Why the extension's hard-wired record layout differs from ``dtype`` (None: it matches).
+
+    Checked before the extension may write a single ring slot: a field moved in records.py
+    without the C file following would otherwise corrupt every record silently."""
+    if dtype.itemsize != mod.RECORD_BYTES:
+        return f"record size {dtype.itemsize} != the fast path's {mod.RECORD_BYTES}"
+    fields: Mapping[str, Any] = dtype.fields or {}
+    for name, off in mod.LAYOUT.items():
+        if name not in fields or fields[name][1] != off:
+            got = fields[name][1] if name in fields else "missing"
+            return f"field {name!r} at offset {got}, the fast path writes it at {off}"
+    expect = {"kind": "u1", "flags": "u1", "symbol": "<u2", "price": "<f8", "qty": "<f8",
+              "trade_id": "<i8", "aux_id": "<i8", "event_time_ns": "<i8",
+              "recv_time_ns": "<i8", "publish_time_ns": "<i8"}
+    for name, code in expect.items():
+        if fields[name][0] != np.dtype(code):
+            return f"field {name!r} is {fields[name][0]}, the fast path writes {code}"
+    if int(Kind.AGG_TRADE) != mod.KIND_AGG_TRADE or \
+            int(Flags.BUYER_IS_MAKER) != mod.FLAG_BUYER_IS_MAKER:
+        return "Kind.AGG_TRADE / Flags.BUYER_IS_MAKER differ from the fast path's constants"
+    return None
+
+
+def agg_routes(symbols: list[str]) -> dict[bytes, int]:
+    """Wire stream name of each symbol's aggTrade stream -> ring symbol id."""
+    return {f"{s.lower()}@aggTrade".encode(): i for i, s in enumerate(symbols)}
+
+
+def build(mode: str, symbols: list[str], writer: Any,
+          fallback: Callable[[Any, bytes, int, int], None],
+          max_frame_bytes: int) -> tuple[Any | None, str]:
+    """The fast path for an ingest process, or None; and a line for the log saying which.
+
+    ``writer`` must have staging configured with ``publish_time_ns`` as the stamp field (the C
+    path leaves it 0; the commit writes it). Raises :class:`FastPathUnavailable` for ``on``
+    without the extension, ValueError for an unknown mode."""
+    if mode not in FAST_PATH_MODES:
+        raise ValueError(f"fast path mode must be one of {FAST_PATH_MODES}, got {mode!r}")
+    if mode == "off":
+        return None, "off (--fast-path off)"
+    mod, why = load()
+    if mod is None:
+        if mode == "on":
+            raise FastPathUnavailable(why)
+        return None, f"off: {why}"
+    if getattr(writer, "_stamp_off", -1) != TICK_DTYPE.fields["publish_time_ns"][1]:  # type: ignore[index]
+        raise ValueError("the ring writer must stage with publish_time_ns as the stamp field")
+    from pipeline.ring import W_INTENT
+
+    fast = mod.AggFastPath(agg_routes(symbols), len(symbols), writer, fallback,
+                           intent_word=W_INTENT, max_frame_bytes=max_frame_bytes)
+    return fast, "compiled aggTrade path"
