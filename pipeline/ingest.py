@@ -201,6 +201,7 @@ COUNTERS = (
     "frames_received", "frames_decoded", "published", "control_replies", "control_errors",
     "duplicates", "reconnects", "rotations", "stalls", "server_shutdowns", "connect_failures",
     "gaps_detected", "gaps_backfilled", "ids_backfilled", "gaps_unrecoverable", "ids_lost",
+    "trade_gaps", "trade_ids_lost",
     "book_resyncs", "book_breaks", "rest_requests", "rest_errors", "callback_errors",
 )
 
@@ -429,7 +430,9 @@ class Ingest:
         self.trackers: list[AggTracker[tuple[Any, ...]]] = [AggTracker() for _ in range(n)]
         self.books = [OrderBook() for _ in range(n)]
         self.last_book_u = [-1] * n  # bookTicker dedupe
-        self.last_trade = [-1] * n  # trade dedupe
+        # @trade ids are contiguous per symbol too: same exactly-once tracking, but a hole the
+        # live stream does not fill is reported, not fetched (see _trade_gap)
+        self.trade_trackers: list[AggTracker[tuple[Any, ...]]] = [AggTracker() for _ in range(n)]
         self.last_partial = [-1] * n  # partial depth dedupe
         self.c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.skipped: dict[str, int] = dict.fromkeys(st.SKIP_REASONS, 0)
@@ -444,6 +447,7 @@ class Ingest:
                        enumerate(range(0, len(names), per))]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._backfilling: set[int] = set()
+        self._trade_waiting: set[int] = set()
         self._resyncing: set[int] = set()
         self._publish_raw: Callable[[Any], int] = ring.publish
         self._cursor0 = ring.cursor
@@ -633,11 +637,14 @@ class Ingest:
                                   head=bytes(payload[:80]).decode("utf-8", "replace"))
             elif tag == st.TRADE:
                 sid = val[2]
-                if val[11] <= self.last_trade[sid]:
-                    c["duplicates"] += 1
-                    return
-                self.last_trade[sid] = val[11]
-                self.publish(val)
+                tt = self.trade_trackers[sid]
+                dups = tt.stats.duplicates
+                out = tt.on_live(val[11], val)
+                c["duplicates"] += tt.stats.duplicates - dups
+                if out:
+                    self.publish_many(out)
+                if tt.pending and sid not in self._trade_waiting:
+                    self._spawn(self._trade_gap(sid), self._trade_waiting, sid)
             elif tag == st.DEPTH_PARTIAL:
                 self._on_partial(val)
             elif tag == st.CONTROL:
@@ -764,14 +771,34 @@ class Ingest:
         return a, (int(Kind.AGG_TRADE), flags, sid, 0, 0, p, q, 0.0, 0.0, 0.0, 0.0, a, last,
                    t * 1_000_000, recv_ns)
 
-    def _gap_record(self, sid: int) -> Callable[[Any], tuple[Any, ...]]:
+    def _gap_record(self, sid: int, flags: int = 0) -> Callable[[Any], tuple[Any, ...]]:
         from pipeline.records import Kind
 
         def make(g: Any) -> tuple[Any, ...]:
-            return (int(Kind.GAP), 0, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, g.first, g.last,
-                    0, time.time_ns())
+            return (int(Kind.GAP), flags, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, g.first,
+                    g.last, 0, time.time_ns())
 
         return make
+
+    async def _trade_gap(self, sid: int) -> None:
+        """A hole in a symbol's @trade ids: wait ``--backfill-grace`` for the live stream to fill
+        it (a rotation's two connections can deliver out of order), then publish a GAP record
+        flagged TRADE_IDS and go on. Why not fetch them: the reference documents no REST call
+        that returns individual trades by id (``/api/v3/aggTrades`` rows merge trades), so a
+        consumer that needs them is told exactly which ids it will not get."""
+        from pipeline.records import Flags
+
+        await self.sleep(self.cfg.backfill_grace)
+        tr = self.trade_trackers[sid]
+        gap = tr.missing()
+        if gap is None or self.stopping:
+            return
+        out = tr.give_up(self._gap_record(sid, int(Flags.TRADE_IDS)))
+        self.c["trade_gaps"] += 1
+        self.c["trade_ids_lost"] += gap[1] - gap[0] + 1
+        self.rlog.warning("trade_gap", "trades lost (no REST source for trade ids)",
+                          symbol=self.cfg.symbols[sid], first=gap[0], last=gap[1])
+        self.publish_many(out)
 
     async def _backfill(self, sid: int) -> None:
         """Fill the symbol's missing aggregate trade ids from REST, in order; GAP on failure."""
@@ -845,6 +872,9 @@ class Ingest:
             elif not self.stopping and running is self._backfilling \
                     and self.trackers[key].pending:
                 self._spawn(self._backfill(key), running, key)  # more arrived meanwhile
+            elif not self.stopping and running is self._trade_waiting \
+                    and self.trade_trackers[key].pending:
+                self._spawn(self._trade_gap(key), running, key)  # the next hole
 
         task.add_done_callback(done)
 

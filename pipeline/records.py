@@ -22,6 +22,7 @@ class Kind(IntEnum):
     DEPTH_TOP = 4  # top of the locally maintained book (bid/ask fields), after a diff applied
     DEPTH_LEVEL = 5  # one level of a book: `level` index, bid_* and ask_* at that depth
     GAP = 6  # ids [trade_id, aux_id] of `symbol` are missing and could not be recovered
+    # (aggregate trade ids; trade ids of the @trade stream when flagged TRADE_IDS)
     BOOK_RESYNC = 7  # the local book was rebuilt from a snapshot (trade_id = new lastUpdateId)
 
 
@@ -31,6 +32,7 @@ class Flags(IntFlag):
     BACKFILLED = 2  # came from REST backfill, not the live stream
     SNAPSHOT = 4  # depth record produced from a REST snapshot / partial depth stream
     RESYNCED = 8  # first record after a depth sequence break
+    TRADE_IDS = 16  # GAP: the missing ids are @trade ids, not aggregate trade ids
 
 
 TICK_DTYPE = np.dtype(

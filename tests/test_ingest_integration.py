@@ -606,3 +606,66 @@ def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: 
         ing.release()
         loop.close()
         w.close()
+
+
+def _trade_frame(sym: str, trade_id: int) -> bytes:
+    return (b'{"stream":"%s@trade","data":{"e":"trade","E":1768627409826,"s":"%s","t":%d,'
+            b'"p":"95311.64000000","q":"0.00084000","T":1768627409825,"m":true,"M":true}}'
+            % (sym.lower().encode(), sym.encode(), trade_id))
+
+
+def test_trade_id_holes_are_waited_for_then_reported(shm_name: str) -> None:
+    """@trade ids: out-of-order arrivals within --backfill-grace are put back in order; a hole
+    that stays open becomes one GAP record flagged TRADE_IDS (there is no REST source for
+    individual trades), then the stream goes on; late and repeated ids are dropped."""
+    import asyncio
+
+    import uvloop
+
+    from pipeline.ingest import Ingest, IngestConfig
+    from pipeline.ring import RingWriter
+
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=SYMBOLS)
+    loop = uvloop.new_event_loop()
+    ing = None
+    try:
+        cfg = IngestConfig(symbols=SYMBOLS, streams=["trade"], backfill_grace=0.05)
+        ing = Ingest(cfg, w, None)
+        ing.setup_publishing(loop)
+
+        class FakeConn:
+            last_ns = 0
+            first_pending = False
+
+        conn = FakeConn()
+
+        async def scenario() -> None:
+            assert ing is not None
+            for t in (1, 2, 5, 3, 4):  # 5 early: held until 3 and 4 arrive
+                ing.on_frame(conn, _trade_frame("ETHUSDT", t), t)  # type: ignore[arg-type]
+            await asyncio.sleep(0.15)
+            for t in (6, 9):  # 7 and 8 never come
+                ing.on_frame(conn, _trade_frame("ETHUSDT", t), t)  # type: ignore[arg-type]
+            deadline = time.monotonic() + 5
+            while ing.c["trade_gaps"] == 0:
+                assert time.monotonic() < deadline, "no GAP record"
+                await asyncio.sleep(0.01)
+            for t in (8, 9, 10):  # late, repeated, next
+                ing.on_frame(conn, _trade_frame("ETHUSDT", t), t)  # type: ignore[arg-type]
+
+        loop.run_until_complete(scenario())
+        with RingReader.attach(shm_name, start="oldest") as rd:
+            r = rd.poll()
+        assert [(int(k), int(i)) for k, i in zip(r["kind"], r["trade_id"], strict=True)] == [
+            *[(Kind.TRADE, t) for t in range(1, 7)], (Kind.GAP, 7), (Kind.TRADE, 9),
+            (Kind.TRADE, 10)]
+        gap = r[r["kind"] == Kind.GAP][0]
+        assert (gap["symbol"], gap["aux_id"], gap["flags"]) == (1, 8, Flags.TRADE_IDS)
+        assert ing.c["trade_gaps"] == 1
+        assert ing.c["trade_ids_lost"] == 2
+        assert ing.c["duplicates"] == 2
+    finally:
+        if ing is not None:
+            ing.release()
+        loop.close()
+        w.close()
