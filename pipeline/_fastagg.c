@@ -52,7 +52,6 @@
 
 #define MAX_INT_DIGITS 18       /* < 2^63 without overflow checks */
 #define MAX_DECIMAL_CHARS 40    /* longer price/qty strings go to the Python path */
-#define MAX_EVENT_MS 9223372036854LL  /* E * 1e6 must fit in int64 */
 
 /* ---- parsing ------------------------------------------------------------------------------ */
 
@@ -173,34 +172,33 @@ static inline int literal(Cur *c, const char *lit, Py_ssize_t n) {
     return 1;
 }
 
-/* Skip a JSON number (validated against the grammar). */
+/* Skip a number of a field we do not use: -?int(.frac)?, at most MAX_INT_DIGITS integer digits,
+ * no exponent. Stricter than JSON on purpose: the Python decoders reject some valid JSON
+ * numbers (1e999 overflows, integers beyond 64 bits), and this path must never take a frame
+ * they would refuse. */
 static inline int skip_number(Cur *c) {
     const char *p = c->p, *end = c->end;
     if (p < end && *p == '-')
         p++;
     if (p >= end || *p < '0' || *p > '9')
         return 0;
-    if (*p == '0')
+    if (*p == '0' && p + 1 < end && p[1] >= '0' && p[1] <= '9')
+        return 0;
+    const char *digits = p;
+    while (p < end && *p >= '0' && *p <= '9')
         p++;
-    else
-        while (p < end && *p >= '0' && *p <= '9')
-            p++;
+    if (p - digits > MAX_INT_DIGITS)
+        return 0;
     if (p < end && *p == '.') {
         p++;
-        if (p >= end || *p < '0' || *p > '9')
-            return 0;
+        const char *frac = p;
         while (p < end && *p >= '0' && *p <= '9')
             p++;
-    }
-    if (p < end && (*p == 'e' || *p == 'E')) {
-        p++;
-        if (p < end && (*p == '+' || *p == '-'))
-            p++;
-        if (p >= end || *p < '0' || *p > '9')
+        if (p == frac || p - frac > MAX_DECIMAL_CHARS)
             return 0;
-        while (p < end && *p >= '0' && *p <= '9')
-            p++;
     }
+    if (p < end && (*p == 'e' || *p == 'E'))
+        return 0;
     c->p = p;
     return 1;
 }
@@ -229,7 +227,7 @@ static inline int skip_scalar(Cur *c) {
 enum { F_E = 1, F_A = 2, F_P = 4, F_Q = 8, F_L = 16, F_M = 32, F_ALL = 63 };
 
 /* The aggTrade payload object. */
-static int parse_data(Cur *c, Agg *g) {
+static int parse_data(Cur *c, Agg *g, int64_t max_event) {
     int seen = 0;
     if (c->p >= c->end || *c->p != '{')
         return 0;
@@ -264,7 +262,7 @@ static int parse_data(Cur *c, Agg *g) {
             return 0; /* a required key twice: let the full decoder decide */
         seen |= bit;
         switch (bit) {
-        case F_E: ok = json_uint(c, &g->E) && g->E <= MAX_EVENT_MS; break;
+        case F_E: ok = json_uint(c, &g->E) && g->E <= max_event; break;
         case F_A: ok = json_uint(c, &g->a); break;
         case F_L: ok = json_uint(c, &g->l); break;
         case F_P: ok = decimal_string(c, &g->price); break;
@@ -331,6 +329,7 @@ typedef struct {
     Py_buffer data, seqs, hdr;
     int have_bufs;
     int64_t mask, record_size, max_staged, intent_word;
+    int64_t time_mult, max_event; /* ns per unit of E (timeUnit); E * time_mult fits in int64 */
     Py_ssize_t max_frame_bytes;
     int iter_open;
     long long frames;
@@ -379,7 +378,7 @@ static int parse_frame(AggFastPath *self, const char *buf, Py_ssize_t n, Agg *g,
                 return 0; /* not one of our aggTrade streams: decline before parsing data */
             have_stream = 1;
         } else if (kn == 4 && memcmp(k, "data", 4) == 0 && !have_data) {
-            if (!parse_data(&c, g))
+            if (!parse_data(&c, g, self->max_event))
                 return 0;
             have_data = 1;
         } else {
@@ -400,8 +399,9 @@ static int parse_frame(AggFastPath *self, const char *buf, Py_ssize_t n, Agg *g,
     }
 }
 
-static inline void write_record(char *rec, const Agg *g, int sid, int64_t recv_ns) {
-    int64_t ev = g->E * 1000000LL, zero = 0;
+static inline void write_record(char *rec, const Agg *g, int sid, int64_t recv_ns,
+                                int64_t time_mult) {
+    int64_t ev = g->E * time_mult, zero = 0;
     double dz = 0.0;
     uint16_t sym = (uint16_t)sid, z16 = 0;
     rec[OFF_KIND] = KIND_AGG_TRADE;
@@ -479,11 +479,13 @@ static int64_t int_attr(PyObject *obj, const char *name, int *err) {
 
 static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"routes", "n_symbols", "writer", "fallback", "intent_word",
-                             "max_frame_bytes", NULL};
+                             "max_frame_bytes", "time_mult", NULL};
     PyObject *routes, *writer = Py_None, *fallback = Py_None;
     Py_ssize_t n_symbols, intent_word = 0, max_frame = PY_SSIZE_T_MAX;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|OOnn", kwlist, &PyDict_Type, &routes,
-                                     &n_symbols, &writer, &fallback, &intent_word, &max_frame))
+    long long time_mult = 1000000;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|OOnnL", kwlist, &PyDict_Type, &routes,
+                                     &n_symbols, &writer, &fallback, &intent_word, &max_frame,
+                                     &time_mult))
         return -1;
     if (self->routes != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "AggFastPath is initialised once");
@@ -493,8 +495,14 @@ static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "n_symbols must be in 1..65535");
         return -1;
     }
+    if (time_mult < 1) {
+        PyErr_SetString(PyExc_ValueError, "time_mult must be >= 1 (ns per unit of E)");
+        return -1;
+    }
     self->n_symbols = n_symbols;
     self->max_frame_bytes = max_frame;
+    self->time_mult = time_mult;
+    self->max_event = INT64_MAX / time_mult;
     self->last = PyMem_Calloc((size_t)n_symbols, sizeof(int64_t));
     self->armed = PyMem_Calloc((size_t)n_symbols, 1);
     Py_ssize_t size = 8;
@@ -607,7 +615,8 @@ static int64_t stage(AggFastPath *self, const Agg *g, int sid, int64_t recv_ns) 
      * this order for the compiler, and for the CPU where it could reorder stores) */
     __atomic_store_n(&hdr[self->intent_word], s + 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    write_record((char *)self->data.buf + i * self->record_size, g, sid, recv_ns);
+    write_record((char *)self->data.buf + i * self->record_size, g, sid, recv_ns,
+                 self->time_mult);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     __atomic_store_n(&seqs[i], s, __ATOMIC_RELAXED);
     o = PyLong_FromLongLong(staged + 1);
@@ -723,7 +732,7 @@ static PyObject *AggFastPath_parse(AggFastPath *self, PyObject *args) {
     PyObject *rec = PyBytes_FromStringAndSize(NULL, RECORD_BYTES);
     if (!rec)
         return NULL;
-    write_record(PyBytes_AS_STRING(rec), &g, sid, recv_ns);
+    write_record(PyBytes_AS_STRING(rec), &g, sid, recv_ns, self->time_mult);
     return Py_BuildValue("iLN", sid, (long long)g.a, rec);
 }
 
@@ -810,9 +819,10 @@ static PyMemberDef AggFastPath_members[] = {
 
 PyDoc_STRVAR(AggFastPath_doc,
 "AggFastPath(routes, n_symbols, writer=None, fallback=None, intent_word=0,\n"
-"            max_frame_bytes=sys.maxsize)\n\n"
+"            max_frame_bytes=sys.maxsize, time_mult=1000000)\n\n"
 "routes: {b'btcusdt@aggTrade': symbol_id, ...}; writer: the ring writer (staging configured\n"
-"with the stamp field); fallback(conn, payload, recv_time_ns, code): the Python handler.");
+"with the stamp field); fallback(conn, payload, recv_time_ns, code): the Python handler;\n"
+"time_mult: ns per unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND).");
 
 static PyTypeObject AggFastPathType = {
     PyVarObject_HEAD_INIT(NULL, 0)

@@ -73,12 +73,14 @@ def agg_routes(symbols: list[str]) -> dict[bytes, int]:
 
 def build(mode: str, symbols: list[str], writer: Any,
           fallback: Callable[[Any, bytes, int, int], None],
-          max_frame_bytes: int) -> tuple[Any | None, str]:
+          max_frame_bytes: int, time_mult: int = 1_000_000) -> tuple[Any | None, str]:
     """The fast path for an ingest process, or None; and a line for the log saying which.
 
     ``writer`` must have staging configured with ``publish_time_ns`` as the stamp field (the C
-    path leaves it 0; the commit writes it). Raises :class:`FastPathUnavailable` for ``on``
-    without the extension, ValueError for an unknown mode."""
+    path leaves it 0; the commit writes it). ``time_mult``: ns per unit of ``E`` (the
+    connections' ``timeUnit``, as in the Python decoders). Raises
+    :class:`FastPathUnavailable` for ``on`` without the extension, ValueError for an unknown
+    mode."""
     if mode not in FAST_PATH_MODES:
         raise ValueError(f"fast path mode must be one of {FAST_PATH_MODES}, got {mode!r}")
     if mode == "off":
@@ -93,5 +95,6 @@ def build(mode: str, symbols: list[str], writer: Any,
     from pipeline.ring import W_INTENT
 
     fast = mod.AggFastPath(agg_routes(symbols), len(symbols), writer, fallback,
-                           intent_word=W_INTENT, max_frame_bytes=max_frame_bytes)
+                           intent_word=W_INTENT, max_frame_bytes=max_frame_bytes,
+                           time_mult=time_mult)
     return fast, "compiled aggTrade path"

@@ -111,6 +111,7 @@ class IngestConfig:
     max_frame_bytes: int = 4 << 20
     publish_batch: int = 64
     fast_path: str = "auto"
+    time_unit: str = "MILLISECOND"
 
     def stream_names(self) -> list[str]:
         from pipeline.binance.streams import stream_name
@@ -190,6 +191,10 @@ def validate(cfg: IngestConfig) -> IngestConfig:
 
     if cfg.fast_path not in FAST_PATH_MODES:
         raise ConfigError("--fast-path", f"must be one of {', '.join(FAST_PATH_MODES)}")
+    from pipeline.binance.streams import TIME_UNITS
+
+    if cfg.time_unit not in TIME_UNITS:
+        raise ConfigError("--time-unit", f"must be one of {', '.join(TIME_UNITS)}")
     if len(cfg.symbols) > 65535:
         raise ConfigError("--symbols", "too many symbols for the ring's u2 symbol id")
     return cfg
@@ -259,13 +264,16 @@ class Shard:
         self._serial = 0
         cfg = ingest.cfg
         base = cfg.streams_url.rstrip("/") + "/stream?streams="
+        # Binance's default unit stays implicit: the URL is the one users know
+        suffix = "" if cfg.time_unit == "MILLISECOND" else f"&timeUnit={cfg.time_unit}"
         self.url_streams: list[str] = []
         for s in streams:
-            if len(base) + sum(len(x) + 1 for x in self.url_streams) + len(s) > MAX_URL_CHARS:
+            if len(base) + len(suffix) + sum(len(x) + 1 for x in self.url_streams) + len(s) \
+                    > MAX_URL_CHARS:
                 break
             self.url_streams.append(s)
         self.sub_streams = streams[len(self.url_streams):]
-        self.url = base + "/".join(self.url_streams)
+        self.url = base + "/".join(self.url_streams) + suffix
 
     async def open(self) -> Conn:
         """Connect and subscribe everything; raises WsConnectError."""
@@ -423,7 +431,8 @@ class Ingest:
         self.ring = ring
         self.metrics = metrics
         self.st = st
-        self.decoder = st.make_decoder(cfg.decoder, cfg.symbols, cfg.max_frame_bytes)
+        self.decoder = st.make_decoder(cfg.decoder, cfg.symbols, cfg.max_frame_bytes,
+                                       cfg.time_unit)
         self._decode = self.decoder.decode
         assert st.AGG == 1, "handle() compares the decode tag with the literal 1"
         n = len(cfg.symbols)
@@ -491,7 +500,8 @@ class Ingest:
             self._stage = self.ring.stage
             self._loop = loop
         self.fast, how = fastpath.build(self.cfg.fast_path, self.cfg.symbols, self.ring,
-                                        self._fast_fallback, self.cfg.max_frame_bytes)
+                                        self._fast_fallback, self.cfg.max_frame_bytes,
+                                        self.decoder.time_mult)
         self.on_frame = self.fast.on_message if self.fast is not None else self.handle
         log.info("aggTrade fast path: " + how)
 
@@ -1048,6 +1058,8 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
                            "iteration (1 = publish each record at once)"),
     ("fast_path", str, "compiled aggTrade frame -> ring path: auto (use it if built) | on "
                        "(refuse to start without it) | off (pure Python)"),
+    ("time_unit", str, "exchange timestamps in MILLISECOND (Binance's default) or MICROSECOND "
+                       "(timeUnit on the stream URL; records carry ns either way)"),
 )
 _CSV_FIELDS = frozenset({"symbols", "streams"})  # comma-separated on the command line
 

@@ -110,6 +110,10 @@ def frame(a: int = 100, p: str = "95311.64000000", q: str = "0.00084000", m: str
     frame(extra=',"x":"café"'),                         # non-ASCII
     frame(extra=',"x":{}'),                             # nested value
     frame(extra=',"x":[1]'),
+    frame(extra=',"x":1e999'),                          # JSON, but overflows in the decoders
+    frame(extra=',"x":1e5'),                            # exponents: not taken at all
+    frame(extra=',"x":123456789012345678901234567890'),  # beyond 64 bits
+    frame(extra=',"x":01'),                             # not JSON
     frame(extra=',"a":101'),                            # a required key twice
     frame(p="95311.64000000\",\"p\":\"1"),              # price twice
     frame(a=-1),                                        # negative id
@@ -140,7 +144,7 @@ def test_declines_anything_but_the_canonical_case(fastagg: Any, bad: bytes) -> N
 def test_accepts_json_the_live_exchange_could_send_in_another_layout(fastagg: Any) -> None:
     p = parser(fastagg, SYMBOLS)
     spaced = (b' { "data" : { "m" : true , "l" : 7 , "q" : "2" , "p" : "0.1" , "a" : 5 ,'
-              b' "E" : 3 , "new" : null , "n2" : -1.5e-3 , "n3" : false } ,\n'
+              b' "E" : 3 , "new" : null , "n2" : -1.5 , "n3" : false } ,\n'
               b' "stream" : "ethusdt@aggTrade" } ')
     got = p.parse(spaced, 9)
     assert got is not None
@@ -345,3 +349,20 @@ def test_build_modes(fastagg: Any, shm_name: str) -> None:
             fastpath.build("auto", SYMBOLS, w, Shell(), 1)
     finally:
         w.close()
+
+
+def test_microsecond_event_times_match_the_python_decoders(fastagg: Any) -> None:
+    """timeUnit=MICROSECOND: E is in microseconds, records still carry ns (both paths)."""
+    f = frame(e_ms=1768627409826123)  # microseconds on such a connection
+    us = fastagg.AggFastPath(fastpath.agg_routes(SYMBOLS), 2, time_mult=1_000)
+    got = us.parse(f, 7)
+    assert got is not None
+    for name in ("orjson", "msgspec"):
+        tag, val = st.make_decoder(name, SYMBOLS, time_unit="MICROSECOND").decode(f, 7)
+        assert tag == st.AGG
+        assert got[2] == np.array([(*val, 0)], TICK_DTYPE).tobytes()
+    assert np.frombuffer(got[2], TICK_DTYPE)[0]["event_time_ns"] == 1768627409826123000
+    # a millisecond-path instance declines it: E * 1e6 would not fit in int64
+    assert parser(fastagg, SYMBOLS).parse(f, 7) is None
+    with pytest.raises(ValueError, match="time_mult"):
+        fastagg.AggFastPath(fastpath.agg_routes(SYMBOLS), 2, time_mult=0)

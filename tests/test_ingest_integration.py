@@ -294,6 +294,30 @@ def test_rotation_is_make_before_break(shm_name: str, fast_path: str) -> None:
         assert f"aggTrade fast path: {expect}" in ing.log_text()
 
 
+def test_microsecond_time_unit_end_to_end(shm_name: str) -> None:
+    """--time-unit MICROSECOND: the stream URL asks for it, the simulator sends microseconds, and
+    every record still carries its exchange time in ns (close to the local receive time)."""
+    with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "60", "--seed", "5") as sim, \
+            run_ingest(sim, shm_name, "--time-unit", "MICROSECOND",
+                       "--streams", "aggTrade,trade,depth") as ing:
+        def ready() -> bool:
+            r = ing.records()
+            return len(agg_of(r, 0)) > 20 and bool(np.any(
+                (r["kind"] == Kind.DEPTH_TOP) & (r["event_time_ns"] != 0)))  # from a diff
+
+        ing.wait_for(ready, 15, "trades and diff-depth tops")
+        recs = ing.records()
+        assert_exactly_once_in_order(sim, recs, min_trades=10)
+        timed = recs[np.isin(recs["kind"], [Kind.AGG_TRADE, Kind.TRADE, Kind.DEPTH_TOP])
+                     & (recs["flags"] & Flags.BACKFILLED == 0)
+                     & (recs["event_time_ns"] != 0)]  # tops from a REST snapshot have no time
+        assert np.count_nonzero(timed["kind"] == Kind.DEPTH_TOP) > 0
+        assert np.count_nonzero(timed["kind"] == Kind.TRADE) > 0
+        lag_s = (timed["recv_time_ns"] - timed["event_time_ns"]) / 1e9
+        assert np.all(np.abs(lag_s) < 5), lag_s  # a unit mix-up would be off by 1000x
+        assert not np.any(recs["kind"] == Kind.GAP)
+
+
 @pytest.mark.parametrize("transport", ["picows", "websockets"])
 def test_malformed_flood_is_counted_and_survived(shm_name: str, transport: str) -> None:
     kinds = {"truncated": 40, "invalid_json": 40, "binary": 20, "bad_utf8": 20}
@@ -333,7 +357,8 @@ def test_bad_config_exits_2_naming_the_flag() -> None:
                        (["--publish-batch", "0"], "--publish-batch"),
                        (["--publish-batch", "2048", "--ring-capacity", "1024"],
                         "--publish-batch"),
-                       (["--fast-path", "maybe"], "--fast-path")):
+                       (["--fast-path", "maybe"], "--fast-path"),
+                       (["--time-unit", "NANOSECOND"], "--time-unit")):
         p = subprocess.run([sys.executable, "-m", "pipeline", "ingest", *args],
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 2, (args, p.stderr)

@@ -220,13 +220,89 @@ def test_control_errors_on_the_wire_and_connection_survives() -> None:
     run(go)
 
 
+def test_time_unit_microsecond_gives_that_connection_microsecond_times() -> None:
+    """``timeUnit=MICROSECOND`` (section 1.2): E and T of that connection in microseconds, the
+    same events as a millisecond connection sees; other connections unchanged."""
+    async def go() -> None:
+        async with SimServer(cfg()) as sim:
+            async with websockets.connect(f"{sim.streams_url}/ws/btcusdt@aggTrade"
+                                          "?timeUnit=microsecond") as raw_us:
+                raw = await recv_json(raw_us)
+                assert raw["E"] > 10**15
+            names = "btcusdt@aggTrade/btcusdt@trade/btcusdt@depth@100ms"
+            ms_url = f"{sim.streams_url}/stream?streams={names}"
+            async with websockets.connect(ms_url) as ms_ws, \
+                    websockets.connect(ms_url + "&timeUnit=MICROSECOND") as us_ws:
+                got: dict[str, dict[tuple[str, int], dict[str, Any]]] = {"ms": {}, "us": {}}
+
+                def done() -> bool:  # both saw some of the same aggTrades and depth updates
+                    common = set(got["ms"]) & set(got["us"])
+                    return {k[0] for k in common} >= {"btcusdt@aggTrade", "btcusdt@depth@100ms"}
+
+                async def read(label: str, ws: Any) -> None:  # all at once: no backpressure
+                    while not done():
+                        m = await recv_json(ws)
+                        d = m["data"]
+                        key = d[{"aggTrade": "a", "trade": "t"}.get(d["e"], "u")]
+                        got[label][(m["stream"], key)] = d
+
+                await asyncio.gather(read("ms", ms_ws), read("us", us_ws))
+        common = set(got["ms"]) & set(got["us"])
+        for k in common:
+            ms, us = got["ms"][k], got["us"][k]
+            assert us["E"] == ms["E"] * 1000
+            if "T" in ms:
+                assert us["T"] == ms["T"] * 1000
+            assert {f: v for f, v in us.items() if f not in "ET"} == \
+                {f: v for f, v in ms.items() if f not in "ET"}
+
+    run(go)
+
+
+def test_time_unit_microsecond_at_rate_max_batches() -> None:
+    """The --rate max encoder (one template per batch) with microsecond times: the same bytes
+    as the per-event encoding converted, for every kind and wrapping."""
+    m = Market(["BTCUSDT"], seed=3)
+    m.step_batch("BTCUSDT", 1_700_000_000_123, 300)
+    batch = next(e for e in m.drain_raw() if isinstance(e, mk.TakerBatch))
+    head, tail = b'{"stream":"x","data":', b"}"
+    for kind in ("trade", "aggTrade", "bookTicker"):
+        for h, t in ((b"", b""), (head, tail)):
+            ms, n_ms = srv.batch_frames(batch, kind, h, t)
+            us, n_us = srv.batch_frames(batch, kind, h, t, micros=True)
+            assert n_ms == n_us > 0
+            ms_payloads = [p for _, p in split_frames(ms)]
+            us_payloads = [p for _, p in split_frames(us)]
+            assert us_payloads == [srv.micros_payload(p) for p in ms_payloads]
+            if kind != "bookTicker":
+                assert b'"E":1700000000123000,' in us_payloads[0]
+
+
+def split_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split concatenated server frames (unmasked) into (opcode, payload)."""
+    out = []
+    i = 0
+    while i < len(data):
+        op, ln = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if ln == 126:
+            ln = int.from_bytes(data[i:i + 2], "big")
+            i += 2
+        elif ln == 127:
+            ln = int.from_bytes(data[i:i + 8], "big")
+            i += 8
+        out.append((op, data[i:i + ln]))
+        i += ln
+    return out
+
+
 def test_unknown_stream_in_url_is_refused_with_400() -> None:
     async def go() -> None:
         async with SimServer(cfg()) as sim:
             for path in (
                 "/ws/btcusdt@nope",
                 "/stream?streams=xrpusdt@trade",
-                "/stream?streams=btcusdt@trade&timeUnit=MICROSECOND",
+                "/stream?streams=btcusdt@trade&timeUnit=NANOSECOND",
             ):
                 with pytest.raises(InvalidStatus) as info:
                     async with websockets.connect(sim.streams_url + path):

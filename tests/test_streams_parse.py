@@ -141,6 +141,34 @@ def test_control_replies_and_shutdown(dec: st.OrjsonDecoder) -> None:
         assert ev == 1770123456789 * 1_000_000
 
 
+@pytest.mark.parametrize("name", ["msgspec", "orjson"])
+def test_microsecond_time_unit_scales_every_time_field(name: str) -> None:
+    """A ``timeUnit=MICROSECOND`` connection: E in microseconds; records carry ns either way."""
+    ms = st.make_decoder(name, SYMBOLS)
+    us = st.make_decoder(name, SYMBOLS, time_unit="MICROSECOND")
+    checked = 0
+    for fname in ("aggTrade.json", "trade.json", "depthUpdate.json"):
+        for raw in lines(fname):
+            msg = json.loads(raw)
+            data = msg.get("data", msg)
+            sym = data["s"]
+            if sym not in SYMBOLS:
+                continue
+            data["E"] = data["E"] * 1000 + 123  # the same instant, with microseconds
+            tag_ms, v_ms = ms.decode(raw, RECV)
+            tag_us, v_us = us.decode(orjson.dumps(msg), RECV)
+            assert tag_ms == tag_us
+            ev_ms = v_ms.event_time_ns if tag_ms == st.DEPTH_DIFF else v_ms[13]
+            ev_us = v_us.event_time_ns if tag_us == st.DEPTH_DIFF else v_us[13]
+            assert ev_us == ev_ms + 123_000
+            checked += 1
+    assert checked >= 3
+    tag, ev = us.decode(b'{"e":"serverShutdown","E":1770123456789000}', RECV)
+    assert (tag, ev) == (st.SHUTDOWN, 1770123456789 * 1_000_000)
+    with pytest.raises(ValueError, match="time unit"):
+        st.make_decoder(name, SYMBOLS, time_unit="NANOSECOND")
+
+
 def test_hostile_extra_fields_are_ignored(dec: st.OrjsonDecoder) -> None:
     tag, tup = dec.decode((FIX / "hostile/aggTrade_with_grafted_st_field.json").read_bytes(), RECV)
     assert tag == st.AGG

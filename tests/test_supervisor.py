@@ -237,15 +237,18 @@ def test_ordered_shutdown_and_sigkill_escalation(tmp_path: Path) -> None:
         "open(sys.argv[2]+'.'+name,'w').close()\n"
         "time.sleep(60)\n"
     )
-    sup = Supervisor(stop_timeout_s=0.5)
+    # 2 s: a loaded 2-core machine can take more than 0.5 s to run a child's SIGTERM handler, and
+    # a SIGKILL there would read as a wrong order
+    sup = Supervisor(stop_timeout_s=2.0)
     for name, order in [("sim", 3), ("ingest", 2), ("stubborn", 1), ("monitor", 0)]:
         sup.add(ChildSpec(name, argv=[PY, "-c", code, name, str(log)].copy, stop_order=order))
     sup.start_all()
     for name in ("sim", "ingest", "stubborn", "monitor"):  # wait until each installed its handler
-        for _ in range(500):
+        for _ in range(3000):
             if Path(f"{log}.{name}").exists():
                 break
             time.sleep(0.01)
+        assert Path(f"{log}.{name}").exists(), f"{name} never started"
     result = sup.stop_all()
     assert log.read_text().split() == ["monitor", "ingest", "sim"]
     assert result["stubborn"].startswith("SIGKILLed")

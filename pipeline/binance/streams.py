@@ -33,6 +33,9 @@ original string, so records need not carry the text (tests/test_streams_parse.py
 recorded value). Only values with 16-17 significant digits (e.g. "12345678.12345678") can be off
 in the last digit; nothing in aggTrade/bookTicker/depth prices gets there in practice.
 
+Times: ``E`` / ``T`` are milliseconds unless the connection asked for ``timeUnit=MICROSECOND``
+(section 1.2); the decoder is told which (``time_unit``) and records carry nanoseconds either way.
+
 Two decoders with one behaviour: :class:`MsgspecDecoder` (typed ``msgspec.json.Decoder`` per
 stream kind, strings -> float in C; the hot-path default, ~2x faster here, see
 benchmarks/bench_ingest.py) and :class:`OrjsonDecoder` (orjson to dicts; the baseline). Tests run
@@ -70,7 +73,8 @@ SKIP_REASONS: Final = (MALFORMED_JSON, UNKNOWN_STREAM, UNKNOWN_EVENT, MISSING_FI
                        OVERSIZED)
 
 _INF: Final = float("inf")
-_MS: Final = 1_000_000  # ms -> ns
+#: ``timeUnit`` URL parameter value (section 1.2) -> ns per unit of the stream's time fields
+TIME_UNITS: Final[dict[str, int]] = {"MILLISECOND": 1_000_000, "MICROSECOND": 1_000}
 _F_NONE: Final = int(Flags.NONE)
 _F_MAKER: Final = int(Flags.BUYER_IS_MAKER)
 _K_AGG: Final = int(Kind.AGG_TRADE)
@@ -162,10 +166,14 @@ class OrjsonDecoder(_Routing):
     name = "orjson"
 
     def __init__(self, symbols: list[str], max_frame_bytes: int = 1 << 20,
-                 raw_stream: str | None = None) -> None:
+                 raw_stream: str | None = None, time_unit: str = "MILLISECOND") -> None:
         super().__init__(symbols, max_frame_bytes)
         #: For a raw ``/ws/<stream>`` connection with one stream: route bare payloads by it.
         self.raw_route = self.routes.get(raw_stream) if raw_stream else None
+        if time_unit not in TIME_UNITS:
+            raise ValueError(f"time unit must be one of {sorted(TIME_UNITS)}, got {time_unit!r}")
+        #: ns per unit of ``E`` / ``T`` (the connection's ``timeUnit``)
+        self.time_mult = TIME_UNITS[time_unit]
 
     def decode(self, payload: bytes | bytearray | memoryview | str,
                recv_time_ns: int) -> tuple[int, Any]:
@@ -187,7 +195,7 @@ class OrjsonDecoder(_Routing):
             route = self.routes.get(stream) if type(stream) is str else None
             if route is None:
                 if stream == "!serverShutdown" and type(data) is dict:
-                    return _shutdown(data)
+                    return _shutdown(data, self.time_mult)
                 return SKIP, UNKNOWN_STREAM
             if type(data) is not dict:
                 return SKIP, MISSING_FIELD if data is None else MALFORMED_JSON
@@ -200,7 +208,7 @@ class OrjsonDecoder(_Routing):
         """A bare payload (``/ws/...``): route by ``e``, else by the connection's one stream."""
         event = msg.get("e")
         if event == "serverShutdown":
-            return _shutdown(msg)
+            return _shutdown(msg, self.time_mult)
         if event is not None:
             tag = _RAW_EVENTS.get(event) if type(event) is str else None
             if tag is None:
@@ -214,6 +222,7 @@ class OrjsonDecoder(_Routing):
         return SKIP, UNKNOWN_EVENT
 
     def _payload(self, tag: int, sid: int, d: dict[str, Any], recv_ns: int) -> tuple[int, Any]:
+        tm = self.time_mult
         try:
             if tag == AGG:
                 p = float(d["p"])  # price
@@ -228,7 +237,7 @@ class OrjsonDecoder(_Routing):
                         or type(m) is not bool:
                     return SKIP, BAD_NUMBER
                 return AGG, (_K_AGG, _F_MAKER if m else _F_NONE, sid, 0, 0, p, q,
-                             0.0, 0.0, 0.0, 0.0, a, last, ev * _MS, recv_ns)
+                             0.0, 0.0, 0.0, 0.0, a, last, ev * tm, recv_ns)
             if tag == BOOK_TICKER:
                 b, bq = float(d["b"]), float(d["B"])  # best bid price / qty
                 a_, aq = float(d["a"]), float(d["A"])  # best ask price / qty
@@ -247,7 +256,7 @@ class OrjsonDecoder(_Routing):
                         or type(ev) is not int or type(m) is not bool:
                     return SKIP, BAD_NUMBER
                 return TRADE, (_K_TRADE, _F_MAKER if m else _F_NONE, sid, 0, 0, p, q,
-                               0.0, 0.0, 0.0, 0.0, t, 0, ev * _MS, recv_ns)
+                               0.0, 0.0, 0.0, 0.0, t, 0, ev * tm, recv_ns)
             if tag == DEPTH_DIFF:
                 first, last_, ev = d["U"], d["u"], d["E"]
                 if type(first) is not int or type(last_) is not int or type(ev) is not int:
@@ -256,7 +265,7 @@ class OrjsonDecoder(_Routing):
                 asks = [(float(p), float(q)) for p, q in d["a"]]
                 if not (_levels_ok(bids) and _levels_ok(asks)):
                     return SKIP, BAD_NUMBER
-                return DEPTH_DIFF, DepthDiff(sid, first, last_, ev * _MS, recv_ns, bids, asks)
+                return DEPTH_DIFF, DepthDiff(sid, first, last_, ev * tm, recv_ns, bids, asks)
             # DEPTH_PARTIAL
             lid = d["lastUpdateId"]
             if type(lid) is not int:
@@ -275,9 +284,9 @@ class OrjsonDecoder(_Routing):
 _RAW_EVENTS: Final[dict[str, int]] = {"aggTrade": AGG, "trade": TRADE, "depthUpdate": DEPTH_DIFF}
 
 
-def _shutdown(data: dict[str, Any]) -> tuple[int, Any]:
+def _shutdown(data: dict[str, Any], time_mult: int) -> tuple[int, Any]:
     ev = data.get("E")
-    return SHUTDOWN, ev * _MS if type(ev) is int else 0
+    return SHUTDOWN, ev * time_mult if type(ev) is int else 0
 
 
 # ---- msgspec typed decoding ------------------------------------------------------------------
@@ -336,8 +345,8 @@ class MsgspecDecoder(OrjsonDecoder):
     name = "msgspec"
 
     def __init__(self, symbols: list[str], max_frame_bytes: int = 1 << 20,
-                 raw_stream: str | None = None) -> None:
-        super().__init__(symbols, max_frame_bytes, raw_stream)
+                 raw_stream: str | None = None, time_unit: str = "MILLISECOND") -> None:
+        super().__init__(symbols, max_frame_bytes, raw_stream, time_unit)
         self._env = msgspec.json.Decoder(_Envelope)
         self._agg = msgspec.json.Decoder(_AggTrade, strict=False)
         self._trade = msgspec.json.Decoder(_Trade, strict=False)
@@ -358,6 +367,7 @@ class MsgspecDecoder(OrjsonDecoder):
         if route is None:
             return OrjsonDecoder.decode(self, payload, recv_time_ns)
         tag, sid = route
+        tm = self.time_mult
         try:
             if tag == AGG:
                 x = self._agg.decode(env.data)
@@ -365,7 +375,7 @@ class MsgspecDecoder(OrjsonDecoder):
                 if not (0.0 <= p < _INF and 0.0 <= q < _INF):
                     return SKIP, BAD_NUMBER
                 return AGG, (_K_AGG, _F_MAKER if x.m else _F_NONE, sid, 0, 0, p, q,
-                             0.0, 0.0, 0.0, 0.0, x.a, x.l, x.E * _MS, recv_time_ns)
+                             0.0, 0.0, 0.0, 0.0, x.a, x.l, x.E * tm, recv_time_ns)
             if tag == BOOK_TICKER:
                 k = self._book.decode(env.data)
                 if not (_finite(k.b) and _finite(k.B) and _finite(k.a) and _finite(k.A)):
@@ -377,12 +387,12 @@ class MsgspecDecoder(OrjsonDecoder):
                 if not (_finite(t.p) and _finite(t.q)):
                     return SKIP, BAD_NUMBER
                 return TRADE, (_K_TRADE, _F_MAKER if t.m else _F_NONE, sid, 0, 0, t.p, t.q,
-                               0.0, 0.0, 0.0, 0.0, t.t, 0, t.E * _MS, recv_time_ns)
+                               0.0, 0.0, 0.0, 0.0, t.t, 0, t.E * tm, recv_time_ns)
             if tag == DEPTH_DIFF:
                 d = self._diff.decode(env.data)
                 if not (_levels_ok(d.b) and _levels_ok(d.a)):
                     return SKIP, BAD_NUMBER
-                return DEPTH_DIFF, DepthDiff(sid, d.U, d.u, d.E * _MS, recv_time_ns, d.b, d.a)
+                return DEPTH_DIFF, DepthDiff(sid, d.U, d.u, d.E * tm, recv_time_ns, d.b, d.a)
             s = self._partial.decode(env.data)
             if not (_levels_ok(s.bids) and _levels_ok(s.asks)):
                 return SKIP, BAD_NUMBER
@@ -409,10 +419,12 @@ DECODERS: Final[dict[str, type[OrjsonDecoder]]] = {"msgspec": MsgspecDecoder,
                                                     "orjson": OrjsonDecoder}
 
 
-def make_decoder(name: str, symbols: list[str], max_frame_bytes: int = 1 << 20) -> OrjsonDecoder:
-    """Decoder by name (``msgspec`` is the hot-path default, ``orjson`` the baseline)."""
+def make_decoder(name: str, symbols: list[str], max_frame_bytes: int = 1 << 20,
+                 time_unit: str = "MILLISECOND") -> OrjsonDecoder:
+    """Decoder by name (``msgspec`` is the hot-path default, ``orjson`` the baseline);
+    ``time_unit``: the connections' ``timeUnit`` (MILLISECOND, the default, or MICROSECOND)."""
     try:
         cls = DECODERS[name]
     except KeyError:
         raise ValueError(f"unknown decoder {name!r}; choose one of {sorted(DECODERS)}") from None
-    return cls(symbols, max_frame_bytes)
+    return cls(symbols, max_frame_bytes, time_unit=time_unit)

@@ -22,7 +22,8 @@ thousands of msgs/s too (100 k aggTrade msgs/s over 2 symbols: about a third of 
 
 Paths (binance-protocol.md section 1.2):
 - ``/stream?streams=a/b`` combined, ``/stream`` then SUBSCRIBE, ``/ws/<stream>[/<stream>...]`` raw,
-  ``/ws`` then SUBSCRIBE;
+  ``/ws`` then SUBSCRIBE; ``timeUnit=MICROSECOND`` on any of them gives that connection its ``E``
+  and ``T`` fields in microseconds (the simulator's clock has millisecond steps: ms * 1000);
 - ``/ws-api/v3`` -> :func:`pipeline.sim.wsapi.serve_connection` (SIM-VENUE's module);
 - ``GET /api/v3/{ping,time,exchangeInfo,depth,aggTrades,ticker/bookTicker}``;
 - ``GET /sim/state``, ``POST /sim/fault/<name>`` (JSON body or query parameters).
@@ -227,16 +228,25 @@ def _frames(tpl: bytes, cols: list[_Col]) -> bytes:
     return ((b"%s" + tpl) * n) % tuple(args)
 
 
+def micros_payload(payload: bytes) -> bytes:
+    """A payload with its ``E`` and ``T`` times in microseconds (``timeUnit=MICROSECOND``)."""
+    return _TIME_FIELD.sub(rb"\1\g<2>000", payload)
+
+
+_TIME_FIELD = re.compile(rb'("[ET]":)(\d+)')
+
+
 def batch_frames(
-    b: mk.TakerBatch, kind: str, head: bytes = b"", tail: bytes = b""
+    b: mk.TakerBatch, kind: str, head: bytes = b"", tail: bytes = b"", micros: bool = False
 ) -> tuple[bytes, int]:
     """(wire frames, count) of one kind of a TakerBatch; each payload wrapped as
-    ``head + payload + tail`` (the combined-stream envelope, or nothing).
+    ``head + payload + tail`` (the combined-stream envelope, or nothing); ``micros``: times in
+    microseconds.
 
     Byte templates and %-formatting of ints instead of a dict or an object per event: this is
     what lets ``--rate max`` outrun a client. The bytes equal the ``encode_*`` output framed.
     """
-    now, sym = b"%d" % b.time, b.symbol.encode()
+    now, sym = b"%d" % (b.time * 1000 if micros else b.time), b.symbol.encode()
     if kind == "aggTrade":
         tpl = (
             head + b'{"e":"aggTrade","E":' + now + b',"s":"' + sym + b'","a":%d,"p":"%s",'
@@ -520,15 +530,17 @@ class StreamClient:
         "conn",
         "frames_sent",
         "incoming",
+        "micros",
         "over_since",
         "pending",
         "pending_frames",
         "streams",
     )
 
-    def __init__(self, conn: SimConnection, combined: bool) -> None:
+    def __init__(self, conn: SimConnection, combined: bool, micros: bool = False) -> None:
         self.conn = conn
         self.combined = combined
+        self.micros = micros  # timeUnit=MICROSECOND: E and T in microseconds
         self.streams: list[str] = []
         self.pending: list[bytes] = []  # whole frames, possibly many in one bytes
         self.pending_frames = 0
@@ -802,11 +814,11 @@ class Simulator:
         self, conn: SimConnection, path: str, query: dict[str, list[str]]
     ) -> Response | None:
         tu = (query.get("timeUnit") or ["MILLISECOND"])[0]
-        if tu not in ("MILLISECOND", "millisecond"):
-            msg = "timeUnit other than MILLISECOND is not supported by the simulator"
-            if tu not in ("MICROSECOND", "microsecond"):
-                msg = "Invalid timeUnit."
-            return _json_response(400, {"code": -1194, "msg": msg})
+        if tu not in ("MILLISECOND", "millisecond", "MICROSECOND", "microsecond"):
+            # the streams service's exact answer is UNCONFIRMED (section 1.2): the error code
+            # is the documented -1194 INVALID_TIME_UNIT
+            return _json_response(400, {"code": -1194, "msg": "Invalid timeUnit."})
+        micros = tu in ("MICROSECOND", "microsecond")
         if path == "/stream":
             raw = (query.get("streams") or [""])[0]
             names = [n for n in raw.split("/") if n]
@@ -827,7 +839,7 @@ class Simulator:
             return _json_response(
                 400, {"code": 2, "msg": f"Too many streams (max {self.config.max_streams})"}
             )
-        conn.sim_route = ("streams", (combined, valid))
+        conn.sim_route = ("streams", (combined, valid, micros))
         return None
 
     def _valid_stream(self, name: str) -> str | None:
@@ -1114,8 +1126,8 @@ class Simulator:
             else:
                 conn.sim_kind = "streams"
                 self.stats["stream_connections_total"] += 1
-                combined, streams = route[1]
-                await self._stream(conn, combined, streams)
+                combined, streams, micros = route[1]
+                await self._stream(conn, combined, streams, micros)
         finally:
             self._conns.discard(conn)
             for h in self._timers.pop(conn, []):
@@ -1129,8 +1141,9 @@ class Simulator:
 
         await wsapi.serve_connection(self.service, conn)
 
-    async def _stream(self, conn: SimConnection, combined: bool, streams: list[str]) -> None:
-        client = StreamClient(conn, combined)
+    async def _stream(self, conn: SimConnection, combined: bool, streams: list[str],
+                      micros: bool = False) -> None:
+        client = StreamClient(conn, combined, micros)
         self._clients.add(client)
         self._subscribe(client, streams)
         limit = self.config.max_incoming_per_s
@@ -1227,6 +1240,8 @@ class Simulator:
             payload = _json_bytes({"event": event})
         else:
             client = next((c for c in self._clients if c.conn is conn), None)
+            if client is not None and client.micros:
+                event["E"] = now * 1000
             if client is not None and client.combined:
                 payload = _json_bytes({"stream": "!serverShutdown", "data": event})
             else:
@@ -1250,8 +1265,20 @@ class Simulator:
             return
         raw_f: bytes | None = None
         comb_f: bytes | None = None
+        us_f: dict[bool, bytes] | None = None  # timeUnit=MICROSECOND clients, by wrapping
         for c in subs:
-            if c.combined:
+            if c.micros:
+                if us_f is None:
+                    us_f = {}
+                f = us_f.get(c.combined)
+                if f is None:
+                    p = micros_payload(payload)
+                    f = us_f[c.combined] = ws_frame(
+                        b'{"stream":"' + self._stream_b[stream] + b'","data":' + p + b"}"
+                        if c.combined else p
+                    )
+                c.pending.append(f)
+            elif c.combined:
                 if comb_f is None:
                     comb_f = ws_frame(
                         b'{"stream":"' + self._stream_b[stream] + b'","data":' + payload + b"}"
@@ -1317,19 +1344,15 @@ class Simulator:
             subs = self._subs.get(stream)
             if not subs:
                 continue
-            raw: tuple[bytes, int] | None = None
-            comb: tuple[bytes, int] | None = None
+            done: dict[tuple[bool, bool], tuple[bytes, int]] = {}  # by (combined, micros)
             for c in subs:
-                if c.combined:
-                    if comb is None:
-                        comb = batch_frames(
-                            b, kind, b'{"stream":"' + self._stream_b[stream] + b'","data":', b"}"
-                        )
-                    data, n = comb
-                else:
-                    if raw is None:
-                        raw = batch_frames(b, kind)
-                    data, n = raw
+                key = (c.combined, c.micros)
+                got = done.get(key)
+                if got is None:
+                    head = b'{"stream":"' + self._stream_b[stream] + b'","data":'
+                    got = done[key] = batch_frames(b, kind, head, b"}", c.micros) if c.combined \
+                        else batch_frames(b, kind, micros=c.micros)
+                data, n = got
                 if n:
                     c.pending.append(data)
                     c.pending_frames += n
@@ -1508,7 +1531,10 @@ class Simulator:
             if subs:
                 comb_f = raw_f = None
                 for c in subs:
-                    if c.combined:
+                    if c.micros:  # rare in replay: converted per client
+                        c.pending.append(ws_frame(micros_payload(
+                            combined_line if c.combined else payload)))
+                    elif c.combined:
                         comb_f = comb_f or ws_frame(combined_line)
                         c.pending.append(comb_f)
                     else:
