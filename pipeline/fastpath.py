@@ -1,11 +1,12 @@
-"""The compiled aggTrade fast path (``pipeline/_fastagg.c``): loading it, checking it, building it.
+"""The compiled fast path (``pipeline/_ticks.c``): loading it, checking it, building it.
 
 Why a compiled path: pure Python spends ~3.6 us of CPU per aggTrade frame from socket to ring
 (benchmarks/bench_ingest.py), most of it in decoding and packing the record; the C path parses
-the frame bytes and writes the record straight into its ring slot in one call. It only takes the
-common case (one of our aggTrade streams, the next id of its symbol, strictly canonical JSON)
-and hands everything else, untouched, to the Python handler, so every rule about duplicates,
-gaps, backfill and bad input stays in one place (pipeline/ingest.py, pipeline/gapfill.py).
+the frame bytes and writes the record straight into its ring slot in one call. It takes the
+common case of the three high-rate streams (aggTrade and trade: the next id of the symbol;
+bookTicker: a newer update id; strictly canonical JSON) and hands everything else, untouched, to
+the Python handler, so every rule about duplicates, gaps, backfill and bad input stays in one
+place (pipeline/ingest.py, pipeline/gapfill.py).
 
 The extension is optional: ``FAST_PATH_MODES`` says what ``--fast-path`` may be. ``auto`` uses
 it when it was built (the default install builds it; a machine without a C compiler gets the
@@ -33,13 +34,13 @@ class FastPathUnavailable(RuntimeError):
 def load() -> tuple[ModuleType | None, str]:
     """The extension module if it is built and matches :data:`TICK_DTYPE`, else None; and why."""
     try:
-        from pipeline import _fastagg  # type: ignore[attr-defined]
+        from pipeline import _ticks  # type: ignore[attr-defined]
     except ImportError as exc:
-        return None, f"pipeline._fastagg is not built ({exc}); reinstall with a C compiler"
-    problem = layout_mismatch(_fastagg, TICK_DTYPE)
+        return None, f"pipeline._ticks is not built ({exc}); reinstall with a C compiler"
+    problem = layout_mismatch(_ticks, TICK_DTYPE)
     if problem:
         return None, problem
-    return _fastagg, "compiled"
+    return _ticks, "compiled"
 
 
 def layout_mismatch(mod: Any, dtype: np.dtype) -> str | None:
@@ -54,21 +55,30 @@ def layout_mismatch(mod: Any, dtype: np.dtype) -> str | None:
         if name not in fields or fields[name][1] != off:
             got = fields[name][1] if name in fields else "missing"
             return f"field {name!r} at offset {got}, the fast path writes it at {off}"
-    expect = {"kind": "u1", "flags": "u1", "symbol": "<u2", "price": "<f8", "qty": "<f8",
-              "trade_id": "<i8", "aux_id": "<i8", "event_time_ns": "<i8",
-              "recv_time_ns": "<i8", "publish_time_ns": "<i8"}
+    expect = {"kind": "u1", "flags": "u1", "symbol": "<u2", "level": "<u2", "_pad": "<u2",
+              **dict.fromkeys(("price", "qty", "bid_price", "bid_qty", "ask_price", "ask_qty"),
+                              "<f8"),
+              **dict.fromkeys(("trade_id", "aux_id", "event_time_ns", "recv_time_ns",
+                               "publish_time_ns"), "<i8")}
     for name, code in expect.items():
         if fields[name][0] != np.dtype(code):
             return f"field {name!r} is {fields[name][0]}, the fast path writes {code}"
-    if int(Kind.AGG_TRADE) != mod.KIND_AGG_TRADE or \
-            int(Flags.BUYER_IS_MAKER) != mod.FLAG_BUYER_IS_MAKER:
-        return "Kind.AGG_TRADE / Flags.BUYER_IS_MAKER differ from the fast path's constants"
+    if (int(Kind.AGG_TRADE), int(Kind.TRADE), int(Kind.BOOK_TICKER),
+            int(Flags.BUYER_IS_MAKER)) != (mod.KIND_AGG_TRADE, mod.KIND_TRADE,
+                                           mod.KIND_BOOK_TICKER, mod.FLAG_BUYER_IS_MAKER):
+        return "Kind / Flags values differ from the fast path's constants"
     return None
 
 
-def agg_routes(symbols: list[str]) -> dict[bytes, int]:
-    """Wire stream name of each symbol's aggTrade stream -> ring symbol id."""
-    return {f"{s.lower()}@aggTrade".encode(): i for i, s in enumerate(symbols)}
+#: stream suffix -> record kind, for the streams the compiled path takes
+FAST_STREAMS: Final = {"aggTrade": int(Kind.AGG_TRADE), "trade": int(Kind.TRADE),
+                       "bookTicker": int(Kind.BOOK_TICKER)}
+
+
+def routes(symbols: list[str]) -> dict[bytes, tuple[int, int]]:
+    """Wire stream name -> (ring symbol id, record kind), for every symbol x fast stream."""
+    return {f"{s.lower()}@{suffix}".encode(): (i, kind)
+            for i, s in enumerate(symbols) for suffix, kind in FAST_STREAMS.items()}
 
 
 def build(mode: str, symbols: list[str], writer: Any,
@@ -94,7 +104,7 @@ def build(mode: str, symbols: list[str], writer: Any,
         raise ValueError("the ring writer must stage with publish_time_ns as the stamp field")
     from pipeline.ring import W_INTENT
 
-    fast = mod.AggFastPath(agg_routes(symbols), len(symbols), writer, fallback,
+    fast = mod.TickFastPath(routes(symbols), len(symbols), writer, fallback,
                            intent_word=W_INTENT, max_frame_bytes=max_frame_bytes,
                            time_mult=time_mult)
-    return fast, "compiled aggTrade path"
+    return fast, "compiled (aggTrade, trade, bookTicker)"

@@ -465,7 +465,7 @@ class Ingest:
         self._loop: asyncio.AbstractEventLoop | None = None  # set: batch within loop iterations
         self._iter_open = False  # a record was published in this loop iteration: stage the rest
         self._stage: Callable[[tuple[Any, ...]], bool] = self._stage_unbatched
-        #: the compiled aggTrade path (pipeline/fastpath.py), once setup_publishing() built it
+        #: the compiled path (pipeline/fastpath.py), once setup_publishing() built it
         self.fast: Any = None
         #: what the transport calls per frame: fast.on_message, or handle
         self.on_frame: Callable[[Conn, bytes, int], None] = self.handle
@@ -473,7 +473,7 @@ class Ingest:
     # -- publishing --
     def setup_publishing(self, loop: asyncio.AbstractEventLoop) -> None:
         """Batch ring publishes per event-loop iteration (``--publish-batch`` > 1), and build
-        the compiled aggTrade path (``--fast-path``). Call :meth:`release` before closing the
+        the compiled frame path (``--fast-path``). Call :meth:`release` before closing the
         ring: the compiled path holds its buffers.
 
         Why: a ring publish costs ~0.9 us per record (tuple rebuilt with the clock read, pack,
@@ -503,7 +503,7 @@ class Ingest:
                                         self._fast_fallback, self.cfg.max_frame_bytes,
                                         self.decoder.time_mult)
         self.on_frame = self.fast.on_message if self.fast is not None else self.handle
-        log.info("aggTrade fast path: " + how)
+        log.info("fast path: " + how)
 
     def release(self) -> None:
         """Drop the compiled path's hold on the ring's buffers (idempotent); frames then take
@@ -511,10 +511,14 @@ class Ingest:
         fast, self.fast = self.fast, None
         self.on_frame = self.handle
         if fast is not None:
-            for sid in range(len(self.trackers)):  # the ids it published are the trackers' now
-                last = fast.last_id(sid)
+            for sid in range(len(self.trackers)):  # the ids it published are Python's again
+                for kind, tracker in ((1, self.trackers[sid]), (2, self.trade_trackers[sid])):
+                    last = fast.last_id(sid, kind)
+                    if last is not None:
+                        tracker.last = last
+                last = fast.last_id(sid, 3)
                 if last is not None:
-                    self.trackers[sid].last = last
+                    self.last_book_u[sid] = last
             fast.close()
 
     def _stage_unbatched(self, rec: tuple[Any, ...]) -> bool:
@@ -554,7 +558,8 @@ class Ingest:
     # -- the frame handlers (hot path; never await, never raise) --
     def _fast_fallback(self, conn: Conn, payload: bytes, recv_ns: int, code: int) -> None:
         """Called by the compiled path: ``code`` 0, a frame it did not take (everything but
-        the next aggTrade id of an armed symbol in canonical JSON): the Python handler decides.
+        the expected next id of an armed aggTrade / trade / bookTicker stream in canonical
+        JSON): the Python handler decides.
         ``code`` 2: it staged the record and the shell must act (first record of this loop
         iteration: publish it now; a full batch: commit; the connection's first frame)."""
         if code == 0:
@@ -591,11 +596,12 @@ class Ingest:
         if tr.pending and sid not in self._backfilling:
             self._spawn(self._backfill(sid), self._backfilling, sid)
 
-    def _tracker_changed(self, sid: int) -> None:
-        """REST filled or gave up a gap: the compiled path may continue after it."""
-        tr = self.trackers[sid]
+    def _tracker_changed(self, sid: int, kind: int = 1) -> None:
+        """A gap was filled or given up outside the frame handler: the compiled path may
+        continue after it (``kind`` 1: aggregate ids, 2: trade ids)."""
+        tr = (self.trackers if kind == 1 else self.trade_trackers)[sid]
         if self.fast is not None:
-            self.fast.set_last(sid, None if tr.pending else tr.last)
+            self.fast.set_last(sid, None if tr.pending else tr.last, kind)
 
     def last_agg_id(self, sid: int) -> int | None:
         """The last aggregate id published for the symbol (whichever path published it)."""
@@ -634,10 +640,17 @@ class Ingest:
             st = self.st
             if tag == st.BOOK_TICKER:
                 sid = val[2]
+                fast = self.fast
+                if fast is not None:  # start from what the compiled path published
+                    last = fast.last_id(sid, 3)
+                    if last is not None:
+                        self.last_book_u[sid] = last
                 if val[11] <= self.last_book_u[sid]:
                     c["duplicates"] += 1
                     return
                 self.last_book_u[sid] = val[11]
+                if fast is not None:
+                    fast.set_last(sid, val[11], 3)
                 self.publish(val)
             elif tag == st.DEPTH_DIFF:
                 self._on_diff(val)
@@ -648,11 +661,18 @@ class Ingest:
             elif tag == st.TRADE:
                 sid = val[2]
                 tt = self.trade_trackers[sid]
+                fast = self.fast
+                if fast is not None:  # start from what the compiled path published
+                    last = fast.last_id(sid, 2)
+                    if last is not None:
+                        tt.last = last
                 dups = tt.stats.duplicates
                 out = tt.on_live(val[11], val)
                 c["duplicates"] += tt.stats.duplicates - dups
                 if out:
                     self.publish_many(out)
+                if fast is not None:  # re-armed only while no hole is open
+                    fast.set_last(sid, None if tt.pending else tt.last, 2)
                 if tt.pending and sid not in self._trade_waiting:
                     self._spawn(self._trade_gap(sid), self._trade_waiting, sid)
             elif tag == st.DEPTH_PARTIAL:
@@ -809,6 +829,7 @@ class Ingest:
         self.rlog.warning("trade_gap", "trades lost (no REST source for trade ids)",
                           symbol=self.cfg.symbols[sid], first=gap[0], last=gap[1])
         self.publish_many(out)
+        self._tracker_changed(sid, 2)
 
     async def _backfill(self, sid: int) -> None:
         """Fill the symbol's missing aggregate trade ids from REST, in order; GAP on failure."""

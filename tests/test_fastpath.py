@@ -1,4 +1,4 @@
-"""The compiled aggTrade fast path (pipeline/_fastagg.c, pipeline/fastpath.py).
+"""The compiled aggTrade fast path (pipeline/_ticks.c, pipeline/fastpath.py).
 
 Its one safety property: whatever frame it takes, it writes exactly the bytes the Python
 decoders (orjson baseline and msgspec) would have published for it; anything else it declines
@@ -29,7 +29,7 @@ ALLOW_PURE = os.environ.get("PIPELINE_ALLOW_PURE_PYTHON") == "1"
 
 
 @pytest.fixture(scope="module")
-def fastagg() -> Any:
+def ticks() -> Any:
     mod, why = fastpath.load()
     if mod is None:
         if ALLOW_PURE:
@@ -40,8 +40,8 @@ def fastagg() -> Any:
     return mod
 
 
-def test_the_extension_is_built_and_matches_the_record_layout(fastagg: Any) -> None:
-    assert fastpath.layout_mismatch(fastagg, TICK_DTYPE) is None
+def test_the_extension_is_built_and_matches_the_record_layout(ticks: Any) -> None:
+    assert fastpath.layout_mismatch(ticks, TICK_DTYPE) is None
     # and the check catches a moved field: price and qty swapped
     names = list(TICK_DTYPE.names or ())
     i, j = names.index("price"), names.index("qty")
@@ -49,50 +49,66 @@ def test_the_extension_is_built_and_matches_the_record_layout(fastagg: Any) -> N
     moved = np.dtype({"names": names, "formats": [TICK_DTYPE.fields[n][0] for n in names],  # type: ignore[index]
                       "offsets": [TICK_DTYPE.fields[n][1] for n in TICK_DTYPE.names or ()],  # type: ignore[index]
                       "itemsize": TICK_DTYPE.itemsize})
-    problem = fastpath.layout_mismatch(fastagg, moved)
+    problem = fastpath.layout_mismatch(ticks, moved)
     assert problem is not None
     assert "price" in problem
 
 
+RECORD_TAGS = (st.AGG, st.TRADE, st.BOOK_TICKER)  # what the compiled path may produce
+
+
 def reference(frame: bytes, symbols: list[str], recv_ns: int = 77) -> bytes | None:
-    """What the Python decoders publish for a frame: record bytes, or None if not an AGG.
-    orjson and msgspec must agree whenever both decode it."""
+    """What the Python decoders publish for a frame: record bytes, or None if it is not an
+    aggTrade / trade / bookTicker record. orjson and msgspec must agree whenever both decode
+    it."""
     out = []
     for name in ("orjson", "msgspec"):
         tag, val = st.make_decoder(name, symbols).decode(frame, recv_ns)
-        out.append(np.array([(*val, 0)], TICK_DTYPE).tobytes() if tag == st.AGG else None)
+        out.append(np.array([(*val, 0)], TICK_DTYPE).tobytes() if tag in RECORD_TAGS else None)
     if out[0] is not None and out[1] is not None:
         assert out[0] == out[1], frame
     return out[0]
 
 
-def parser(fastagg: Any, symbols: list[str]) -> Any:
-    return fastagg.AggFastPath(fastpath.agg_routes(symbols), len(symbols))
+def parser(ticks: Any, symbols: list[str]) -> Any:
+    return ticks.TickFastPath(fastpath.routes(symbols), len(symbols))
 
 
-def agg_frames_recorded() -> list[bytes]:
-    frames = [json.dumps(x, separators=(",", ":")).encode()
-              for x in json.loads((FIX / "streams" / "aggTrade.json").read_text())]
+def frames_recorded() -> list[bytes]:
+    """Every recorded aggTrade, trade and bookTicker frame (combined form)."""
+    frames = []
+    for name in ("aggTrade.json", "trade.json", "bookTicker.json"):
+        frames += [json.dumps(x, separators=(",", ":")).encode()
+                   for x in json.loads((FIX / "streams" / name).read_text())]
     for line in (FIX / "streams" / "combined_session.jsonl").read_text().splitlines():
-        if "@aggTrade" in line:
+        if any(f'@{k}"' in line for k in ("aggTrade", "trade", "bookTicker")):
             frames.append(line.encode())
     frames.append((FIX / "streams_ingest" / "hostile" / "aggTrade_with_grafted_st_field.json")
                   .read_bytes().strip())
     return frames
 
 
-def test_every_recorded_agg_trade_frame_gives_the_python_record(fastagg: Any) -> None:
-    frames = agg_frames_recorded()
-    assert len(frames) >= 8
+ID_FIELD = {Kind.AGG_TRADE: "a", Kind.TRADE: "t", Kind.BOOK_TICKER: "u"}
+
+
+def test_every_recorded_frame_gives_the_python_record(ticks: Any) -> None:
+    frames = frames_recorded()
+    kinds = set()
     for frame in frames:
-        sym = json.loads(frame)["data"]["s"]
-        p = parser(fastagg, ["XXXUSDT", sym])
+        msg = json.loads(frame)
+        sym = msg["data"]["s"]
+        p = parser(ticks, ["XXXUSDT", sym])
         got = p.parse(frame, 77)
         assert got is not None, frame
-        sid, agg_id, rec = got
+        kind, sid, tick_id, rec = got
+        kinds.add(kind)
+        assert msg["stream"].endswith({Kind.AGG_TRADE: "@aggTrade", Kind.TRADE: "@trade",
+                                       Kind.BOOK_TICKER: "@bookTicker"}[Kind(kind)])
         assert sid == 1
-        assert agg_id == json.loads(frame)["data"]["a"]
+        assert tick_id == msg["data"][ID_FIELD[Kind(kind)]]
         assert rec == reference(frame, ["XXXUSDT", sym]), frame
+    assert kinds == {Kind.AGG_TRADE, Kind.TRADE, Kind.BOOK_TICKER}
+    assert len(frames) >= 30
 
 
 def frame(a: int = 100, p: str = "95311.64000000", q: str = "0.00084000", m: str = "false",
@@ -102,8 +118,26 @@ def frame(a: int = 100, p: str = "95311.64000000", q: str = "0.00084000", m: str
             f'"M":true{extra}}}}}').encode()
 
 
+def trade_frame(t: int = 7, extra: str = "") -> bytes:
+    return (f'{{"stream":"btcusdt@trade","data":{{"e":"trade","E":1768627409826,"s":"BTCUSDT",'
+            f'"t":{t},"p":"95311.64000000","q":"0.00084000","T":1768627409825,"m":true,'
+            f'"M":true{extra}}}}}').encode()
+
+
+def book_frame(u: int = 9, b: str = "1.5", extra: str = "") -> bytes:
+    return (f'{{"stream":"ethusdt@bookTicker","data":{{"u":{u},"s":"ETHUSDT","b":"{b}",'
+            f'"B":"2.0","a":"1.6","A":"3"{extra}}}}}').encode()
+
+
 @pytest.mark.parametrize("bad", [
-    frame(stream="btcusdt@bookTicker"),                 # not an aggTrade route
+    frame(stream="btcusdt@depth"),                      # a stream this path does not take
+    frame(stream="btcusdt@bookTicker"),                 # aggTrade fields on a bookTicker stream
+    frame(stream="btcusdt@trade"),                      # ... on a trade stream (no `t`)
+    trade_frame(extra=',"t":8'),                        # trade id twice
+    book_frame(b="1e3"), book_frame(extra=',"u":10'),   # bookTicker: exponent, u twice
+    book_frame().replace(b'"u":9', b'"u":"9"'),
+    frame().replace(b'{"stream":"btcusdt@aggTrade",', b'{').replace(
+        b'true}}', b'true},"stream":"btcusdt@aggTrade"}'),  # `data` before `stream`
     frame(stream="xrpusdt@aggTrade"),                   # not our symbol
     frame(stream="btcusdt\\u0040aggTrade"),             # escape in the stream name
     frame(extra=',"x":"caf\\u00e9"'),                   # escape in a skipped string
@@ -137,26 +171,26 @@ def frame(a: int = 100, p: str = "95311.64000000", q: str = "0.00084000", m: str
     b"",
     b"not json",
 ])
-def test_declines_anything_but_the_canonical_case(fastagg: Any, bad: bytes) -> None:
-    assert parser(fastagg, SYMBOLS).parse(bad, 1) is None
+def test_declines_anything_but_the_canonical_case(ticks: Any, bad: bytes) -> None:
+    assert parser(ticks, SYMBOLS).parse(bad, 1) is None
 
 
-def test_accepts_json_the_live_exchange_could_send_in_another_layout(fastagg: Any) -> None:
-    p = parser(fastagg, SYMBOLS)
-    spaced = (b' { "data" : { "m" : true , "l" : 7 , "q" : "2" , "p" : "0.1" , "a" : 5 ,'
-              b' "E" : 3 , "new" : null , "n2" : -1.5 , "n3" : false } ,\n'
-              b' "stream" : "ethusdt@aggTrade" } ')
+def test_accepts_json_the_live_exchange_could_send_in_another_layout(ticks: Any) -> None:
+    p = parser(ticks, SYMBOLS)
+    spaced = (b' { "stream" : "ethusdt@aggTrade" ,\n "data" : { "m" : true , "l" : 7 , '
+              b'"q" : "2" , "p" : "0.1" , "a" : 5 , "E" : 3 , "new" : null , "n2" : -1.5 , '
+              b'"n3" : false } } ')
     got = p.parse(spaced, 9)
     assert got is not None
-    assert got[:2] == (1, 5)
-    assert got[2] == reference(spaced, SYMBOLS, 9)
-    rec = np.frombuffer(got[2], TICK_DTYPE)[0]
+    assert got[:3] == (Kind.AGG_TRADE, 1, 5)
+    assert got[3] == reference(spaced, SYMBOLS, 9)
+    rec = np.frombuffer(got[3], TICK_DTYPE)[0]
     assert rec["kind"] == Kind.AGG_TRADE
     assert rec["flags"] == Flags.BUYER_IS_MAKER
     assert (rec["price"], rec["qty"], rec["aux_id"], rec["event_time_ns"]) == (0.1, 2.0, 7,
                                                                                3_000_000)
     assert p.parse(frame(), 1) is not None
-    assert fastagg.AggFastPath(fastpath.agg_routes(SYMBOLS), 2,
+    assert ticks.TickFastPath(fastpath.routes(SYMBOLS), 2,
                                max_frame_bytes=100).parse(frame(), 1) is None  # oversized
 
 
@@ -168,37 +202,63 @@ decimals = hs.builds(
 ids = hs.integers(0, 10**18 - 1)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(a=ids, last=ids, e_ms=hs.integers(0, 9_000_000_000_000), p=decimals, q=decimals,
-       maker=hs.booleans(), order=hs.permutations(["e", "E", "s", "a", "p", "q", "f", "l", "T",
-                                                   "m", "M"]),
-       stream_first=hs.booleans(), ws=hs.sampled_from(["", " ", "\n\t "]))
-def test_generated_frames_match_the_python_decoders(fastagg: Any, a: int, last: int, e_ms: int,
-                                                    p: str, q: str, maker: bool,
-                                                    order: list[str], stream_first: bool,
-                                                    ws: str) -> None:
-    vals = {"e": '"aggTrade"', "E": str(e_ms), "s": '"ETHUSDT"', "a": str(a), "p": f'"{p}"',
-            "q": f'"{q}"', "f": "1", "l": str(last), "T": str(e_ms), "m": json.dumps(maker),
-            "M": "true"}
-    data = "{" + f",{ws}".join(f'"{k}"{ws}:{ws}{vals[k]}' for k in order) + "}"
-    parts = ['"stream":"ethusdt@aggTrade"', f'"data":{data}']
+INT_FIELDS = {"E", "T", "a", "l", "f", "t", "u"}
+DEC_FIELDS = {"p", "q", "b", "B", "A"}
+LAYOUTS = {  # stream suffix -> (kind, wire fields in live order)
+    "aggTrade": (Kind.AGG_TRADE, ["e", "E", "s", "a", "p", "q", "f", "l", "T", "m", "M"]),
+    "trade": (Kind.TRADE, ["e", "E", "s", "t", "p", "q", "T", "m", "M"]),
+    "bookTicker": (Kind.BOOK_TICKER, ["u", "s", "b", "B", "a", "A"]),
+}
+
+
+@pytest.mark.parametrize("suffix", list(LAYOUTS))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=hs.data(), stream_first=hs.booleans(), ws=hs.sampled_from(["", " ", "\n\t "]))
+def test_generated_frames_match_the_python_decoders(ticks: Any, suffix: str, data: Any,
+                                                    stream_first: bool, ws: str) -> None:
+    kind, names = LAYOUTS[suffix]
+    order = data.draw(hs.permutations(names))
+    vals: dict[str, str] = {}
+    for k in order:
+        if k == "e":
+            vals[k] = f'"{suffix}"'
+        elif k == "s":
+            vals[k] = '"ETHUSDT"'
+        elif k in ("m", "M"):
+            vals[k] = json.dumps(data.draw(hs.booleans()))
+        elif k == "E" or k == "T":
+            vals[k] = str(data.draw(hs.integers(0, 9_000_000_000_000)))
+        elif k in DEC_FIELDS or (k == "a" and kind == Kind.BOOK_TICKER):
+            vals[k] = f'"{data.draw(decimals)}"'
+        else:
+            vals[k] = str(data.draw(ids))
+    body = "{" + f",{ws}".join(f'"{k}"{ws}:{ws}{vals[k]}' for k in order) + "}"
+    parts = [f'"stream":"ethusdt@{suffix}"', f'"data":{body}']
     if not stream_first:
         parts.reverse()
     raw = (ws + "{" + ws + f",{ws}".join(parts) + ws + "}" + ws).encode()
-    got = parser(fastagg, SYMBOLS).parse(raw, 5)
+    ref = reference(raw, SYMBOLS, 5)
+    assert ref is not None  # the Python decoders take every such frame
+    got = parser(ticks, SYMBOLS).parse(raw, 5)
+    if not stream_first:  # decodable, but not the canonical layout: Python's job
+        assert got is None
+        return
     assert got is not None, raw  # every such frame is in the canonical subset
-    assert got[:2] == (1, a)
-    ref = st.make_decoder("orjson", SYMBOLS).decode(raw, 5)
-    assert ref[0] == st.AGG
-    assert got[2] == np.array([(*ref[1], 0)], TICK_DTYPE).tobytes()
+    assert got[:3] == (kind, 1, int(vals[ID_FIELD[kind]]))
+    assert got[3] == ref
 
 
-@settings(max_examples=1500, deadline=None)
+BASES = [frame(a=123456789, p="1.23000000", q="45.60000000", m="true"), trade_frame(),
+         book_frame()]
+
+
+@pytest.mark.parametrize("base", BASES, ids=["aggTrade", "trade", "bookTicker"])
+@settings(max_examples=800, deadline=None)
 @given(edits=hs.lists(hs.tuples(hs.sampled_from(["del", "ins", "set"]), hs.integers(0, 400),
                                 hs.integers(0, 255)), min_size=1, max_size=4))
 def test_mutated_frames_are_declined_or_decoded_exactly_as_python_would(
-        fastagg: Any, edits: list[tuple[str, int, int]]) -> None:
-    buf = bytearray(frame(a=123456789, p="1.23000000", q="45.60000000", m="true"))
+        ticks: Any, base: bytes, edits: list[tuple[str, int, int]]) -> None:
+    buf = bytearray(base)
     for op, pos, byte in edits:
         pos %= len(buf) + 1
         if op == "del" and pos < len(buf):
@@ -208,9 +268,9 @@ def test_mutated_frames_are_declined_or_decoded_exactly_as_python_would(
         elif pos < len(buf):
             buf[pos] = byte
     raw = bytes(buf)
-    got = parser(fastagg, SYMBOLS).parse(raw, 5)
+    got = parser(ticks, SYMBOLS).parse(raw, 5)
     if got is not None:
-        assert got[2] == reference(raw, SYMBOLS, 5), raw
+        assert got[3] == reference(raw, SYMBOLS, 5), raw
 
 
 # ---- on a real ring ---------------------------------------------------------------------------
@@ -238,13 +298,13 @@ def make_writer(name: str, capacity: int, max_staged: int) -> RingWriter:
     return w
 
 
-def test_stages_the_next_id_into_the_ring_and_declines_the_rest(fastagg: Any,
+def test_stages_the_next_id_into_the_ring_and_declines_the_rest(ticks: Any,
                                                                shm_name: str) -> None:
     w = make_writer(shm_name, 16, 4)
     shell = Shell()
     fast, how = fastpath.build("on", SYMBOLS, w, shell, 1 << 20)
     try:
-        assert how == "compiled aggTrade path"
+        assert how == "compiled (aggTrade, trade, bookTicker)"
         conn = Conn()
         fast.on_message(conn, frame(a=100), 1)  # disarmed: the shell decides
         assert shell.calls == [(0, 1)]
@@ -282,7 +342,7 @@ def test_stages_the_next_id_into_the_ring_and_declines_the_rest(fastagg: Any,
         assert r["trade_id"].tolist() == [100, 101, 102, 103, 104, 105]
         assert r["publish_time_ns"].tolist() == [555, 666, 666, 666, 666, 777]
         assert r["recv_time_ns"].tolist() == [2, 101, 102, 103, 104, 108]
-        ref = parser(fastagg, SYMBOLS).parse(frame(a=101), 101)[2]
+        ref = parser(ticks, SYMBOLS).parse(frame(a=101), 101)[3]
         got = r[1:2].copy()
         got["publish_time_ns"] = 0
         assert got.tobytes() == ref
@@ -294,7 +354,49 @@ def test_stages_the_next_id_into_the_ring_and_declines_the_rest(fastagg: Any,
         w.close()
 
 
-def test_wraps_around_the_ring_and_interleaves_with_python_publishes(fastagg: Any,
+def test_trade_and_book_ticker_state(ticks: Any, shm_name: str) -> None:
+    """trade: the next id of an armed symbol, like aggTrade (its own state); bookTicker: any
+    newer update id, older or equal ones to the shell (duplicates of a rotation)."""
+    w = make_writer(shm_name, 16, 8)
+    shell = Shell()
+    fast, _ = fastpath.build("on", SYMBOLS, w, shell, 1 << 20)
+    try:
+        conn = Conn()
+        fast.iter_open = 1
+        fast.on_message(conn, trade_frame(t=7), 1)
+        fast.on_message(conn, book_frame(u=9), 2)
+        assert [c for c, _ in shell.calls] == [0, 0]  # nothing armed yet
+        fast.set_last(0, 6, int(Kind.TRADE))
+        fast.set_last(1, 8, int(Kind.BOOK_TICKER))
+        assert fast.last_id(0) is None  # aggTrade state is separate
+        fast.on_message(conn, trade_frame(t=7), 3)
+        fast.on_message(conn, trade_frame(t=9), 4)  # a hole: the shell's tracker decides
+        fast.on_message(conn, book_frame(u=9), 5)
+        fast.on_message(conn, book_frame(u=9), 6)  # same u: duplicate, the shell drops it
+        fast.on_message(conn, book_frame(u=30, b="1.75"), 7)  # newer by any amount
+        assert [c for c, _ in shell.calls] == [0, 0, 0, 0]
+        assert w.staged == 3
+        assert fast.last_id(0, int(Kind.TRADE)) == 7
+        assert fast.last_id(1, int(Kind.BOOK_TICKER)) == 30
+        w.commit(1)
+        with RingReader.attach(shm_name, start="oldest") as rd:
+            r = rd.poll()
+        assert [(int(k), int(i)) for k, i in zip(r["kind"], r["trade_id"], strict=True)] == [
+            (Kind.TRADE, 7), (Kind.BOOK_TICKER, 9), (Kind.BOOK_TICKER, 30)]
+        assert r[2]["bid_price"] == 1.75
+        assert r[2]["event_time_ns"] == 0
+        for rec, raw in zip(r, (trade_frame(t=7), book_frame(u=9), book_frame(u=30, b="1.75")),
+                            strict=True):
+            expect = reference(raw, SYMBOLS, int(rec["recv_time_ns"]))
+            mine = rec.copy()
+            mine["publish_time_ns"] = 0
+            assert mine.tobytes() == expect
+    finally:
+        fast.close()
+        w.close()
+
+
+def test_wraps_around_the_ring_and_interleaves_with_python_publishes(ticks: Any,
                                                                      shm_name: str) -> None:
     w = make_writer(shm_name, 8, 3)
     fast, _ = fastpath.build("on", SYMBOLS, w, Shell(), 1 << 20)
@@ -328,7 +430,7 @@ def test_wraps_around_the_ring_and_interleaves_with_python_publishes(fastagg: An
         w.close()
 
 
-def test_close_releases_the_ring(fastagg: Any, shm_name: str) -> None:
+def test_close_releases_the_ring(ticks: Any, shm_name: str) -> None:
     w = make_writer(shm_name, 8, 4)
     fast, _ = fastpath.build("on", SYMBOLS, w, Shell(), 1 << 20)
     fast.close()
@@ -338,7 +440,7 @@ def test_close_releases_the_ring(fastagg: Any, shm_name: str) -> None:
         fast.on_message(Conn(), frame(), 1)
 
 
-def test_build_modes(fastagg: Any, shm_name: str) -> None:
+def test_build_modes(ticks: Any, shm_name: str) -> None:
     w = make_writer(shm_name, 8, 4)
     try:
         assert fastpath.build("off", SYMBOLS, w, Shell(), 1) == (None, "off (--fast-path off)")
@@ -351,18 +453,19 @@ def test_build_modes(fastagg: Any, shm_name: str) -> None:
         w.close()
 
 
-def test_microsecond_event_times_match_the_python_decoders(fastagg: Any) -> None:
+def test_microsecond_event_times_match_the_python_decoders(ticks: Any) -> None:
     """timeUnit=MICROSECOND: E is in microseconds, records still carry ns (both paths)."""
     f = frame(e_ms=1768627409826123)  # microseconds on such a connection
-    us = fastagg.AggFastPath(fastpath.agg_routes(SYMBOLS), 2, time_mult=1_000)
+    us = ticks.TickFastPath(fastpath.routes(SYMBOLS), 2, time_mult=1_000)
     got = us.parse(f, 7)
     assert got is not None
+    got = got[1:]  # (symbol, id, record)
     for name in ("orjson", "msgspec"):
         tag, val = st.make_decoder(name, SYMBOLS, time_unit="MICROSECOND").decode(f, 7)
         assert tag == st.AGG
         assert got[2] == np.array([(*val, 0)], TICK_DTYPE).tobytes()
     assert np.frombuffer(got[2], TICK_DTYPE)[0]["event_time_ns"] == 1768627409826123000
     # a millisecond-path instance declines it: E * 1e6 would not fit in int64
-    assert parser(fastagg, SYMBOLS).parse(f, 7) is None
+    assert parser(ticks, SYMBOLS).parse(f, 7) is None
     with pytest.raises(ValueError, match="time_mult"):
-        fastagg.AggFastPath(fastpath.agg_routes(SYMBOLS), 2, time_mult=0)
+        ticks.TickFastPath(fastpath.routes(SYMBOLS), 2, time_mult=0)

@@ -273,7 +273,7 @@ def test_rest_failure_produces_a_gap_record(shm_name: str) -> None:
 def test_rotation_is_make_before_break(shm_name: str, fast_path: str) -> None:
     """Server lifetime 2.5 s with a serverShutdown notice, plus our own --max-lifetime: every
     connection is replaced several times, and the ring sees no gap and no duplicate (with the
-    compiled aggTrade path and without it: the overlap's duplicates are its fallback's job)."""
+    compiled path and without it: the overlap's duplicates are its fallback's job)."""
     with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "60", "--max-lifetime", "2.5",
                          "--shutdown-notice", "1.0") as sim, \
             run_ingest(sim, shm_name, "--max-lifetime", "1.2",
@@ -290,8 +290,9 @@ def test_rotation_is_make_before_break(shm_name: str, fast_path: str) -> None:
         assert m["gaps_unrecoverable"] == 0
         assert backfilled == {"BTCUSDT": 0, "ETHUSDT": 0}, "rotation left a hole"
         assert m["duplicates"] > 0  # the overlap delivered trades twice; the ring has them once
-        expect = "compiled aggTrade path" if fast_path == "auto" else "off (--fast-path off)"
-        assert f"aggTrade fast path: {expect}" in ing.log_text()
+        expect = ("compiled (aggTrade, trade, bookTicker)" if fast_path == "auto"
+                  else "off (--fast-path off)")
+        assert f"fast path: {expect}" in ing.log_text()
 
 
 def test_microsecond_time_unit_end_to_end(shm_name: str) -> None:
@@ -517,7 +518,7 @@ def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int,
     """Frames handled in one event-loop iteration: the first record is published at once, the
     rest are staged and committed together at the end of the iteration (or every ``batch``
     records), in order, exactly once, publish_time_ns = commit time. ``batch`` 1: unbatched.
-    The same with the compiled aggTrade path taking the frames after the first (``auto``)."""
+    The same with the compiled path taking the frames after the first of each stream (``auto``)."""
 
     import uvloop
 
@@ -565,7 +566,7 @@ def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int,
         assert np.all(r["publish_time_ns"] >= before_ns)
         assert ing.c["frames_received"] + (ing.fast.frames if ing.fast else 0) == 15
         if ing.fast is not None:
-            assert ing.fast.frames == 12  # all 13 aggTrades but the very first
+            assert ing.fast.frames == 13  # all but the first aggTrade and the first bookTicker
         if batch == 1:
             assert seen_cursor[:11] == list(range(1, 12))  # every record visible at once
         else:

@@ -1,21 +1,24 @@
-/* Compiled fast path for the ingest hot path: combined-stream aggTrade frame -> ring slot.
+/* Compiled fast path of the ingest hot path: combined-stream frame -> ring slot, for the three
+ * high-rate streams (aggTrade, trade, bookTicker).
  *
- * Why it exists: in pure Python the ingest process spends ~3.6 us of CPU per aggTrade frame
+ * Why it exists: in pure Python the ingest process spent ~3.6 us of CPU per aggTrade frame
  * (typed JSON decode 1.3 us, building and packing the record tuple ~0.6 us, id tracking and
  * ring bookkeeping, picows' callback layer); the target is <= 2 us. This module does the common
- * case of the frame handler in one C call: parse the frame bytes, check that the aggregate trade
- * id is the next expected one for its symbol, and write the record straight into its ring slot
- * (staged, exactly as WriterCore.stage does: intent word, record, sequence stamp). The writer's
- * cursor/commit logic stays in Python (pipeline/ring.py); this only stages.
+ * case of the frame handler in one C call: parse the frame bytes, check the id against the
+ * stream's state (aggTrade / trade: the next id of its symbol; bookTicker: a newer update id),
+ * and write the record straight into its ring slot (staged, exactly as WriterCore.stage does:
+ * intent word, record, sequence stamp). The writer's cursor/commit logic stays in Python
+ * (pipeline/ring.py); this only stages.
  *
  * Conservative by construction: it accepts only a strict subset of JSON (ASCII only, no string
- * escapes, no nested values besides `data`, each required field exactly once, prices/quantities
- * as plain decimal strings, ids as non-negative integers of at most 18 digits). Anything else,
- * and any id that is not last + 1 (duplicates, gaps, the first trade of a symbol), is handed to
- * the Python handler untouched, which decides with the full decoder (tests check that every
- * frame this path accepts decodes to the same record bytes there).
+ * escapes, `stream` before `data`, no nested values inside `data`, each required field exactly
+ * once, prices/quantities as plain decimal strings, ids as non-negative integers of at most 18
+ * digits, unused numbers without exponent). Anything else, and any id the state does not
+ * expect (duplicates, gaps, the first frame of a symbol), is handed to the Python handler
+ * untouched, which decides with the full decoder (tests check that every frame this path
+ * accepts decodes to the same record bytes there).
  *
- * Floats: a decimal with a mantissa < 2^53 and <= 22 fractional digits is converted as
+ * Floats: a decimal with <= 15 significant digits and <= 22 fractional digits is converted as
  * mantissa / 10^k, which is correctly rounded (both operands are exact doubles and IEEE division
  * rounds once), i.e. the same double as Python's float(); anything longer goes through
  * PyOS_string_to_double (also correctly rounded).
@@ -41,6 +44,9 @@
 #define OFF_PRICE 8
 #define OFF_QTY 16
 #define OFF_BID_PRICE 24
+#define OFF_BID_QTY 32
+#define OFF_ASK_PRICE 40
+#define OFF_ASK_QTY 48
 #define OFF_TRADE_ID 56
 #define OFF_AUX_ID 64
 #define OFF_EVENT_TIME 72
@@ -48,6 +54,9 @@
 #define OFF_PUBLISH_TIME 88
 #define RECORD_BYTES 96
 #define KIND_AGG_TRADE 1
+#define KIND_TRADE 2
+#define KIND_BOOK_TICKER 3
+#define N_KINDS 3
 #define FLAG_BUYER_IS_MAKER 1
 
 #define MAX_INT_DIGITS 18       /* < 2^63 without overflow checks */
@@ -60,13 +69,13 @@ typedef struct {
     const char *end;
 } Cur;
 
+/* What a frame carries, for any of the three kinds (unused fields stay 0). */
 typedef struct {
-    const char *stream;
-    Py_ssize_t stream_len;
-    int64_t E, a, l;
-    double price, qty;
+    int kind;
+    int64_t E, id, aux; /* event time; a / t / u; l */
+    double price, qty, bid, bid_qty, ask, ask_qty;
     int maker;
-} Agg;
+} Tick;
 
 static inline void skip_ws(Cur *c) {
     while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t'))
@@ -224,10 +233,53 @@ static inline int skip_scalar(Cur *c) {
     }
 }
 
-enum { F_E = 1, F_A = 2, F_P = 4, F_Q = 8, F_L = 16, F_M = 32, F_ALL = 63 };
+/* A required field of a kind: its bit, how it is read, where it goes. */
+enum { V_UINT, V_DEC, V_BOOL };
+typedef struct {
+    int bit, type;
+    int64_t *i;
+    double *d;
+} Field;
 
-/* The aggTrade payload object. */
-static int parse_data(Cur *c, Agg *g, int64_t max_event) {
+static inline int field_of(int kind, char key, Tick *g, Field *f) {
+    f->i = NULL;
+    f->d = NULL;
+    switch (kind) {
+    case KIND_AGG_TRADE:
+        switch (key) {
+        case 'E': *f = (Field){1, V_UINT, &g->E, NULL}; return 1;
+        case 'a': *f = (Field){2, V_UINT, &g->id, NULL}; return 1;
+        case 'p': *f = (Field){4, V_DEC, NULL, &g->price}; return 1;
+        case 'q': *f = (Field){8, V_DEC, NULL, &g->qty}; return 1;
+        case 'l': *f = (Field){16, V_UINT, &g->aux, NULL}; return 1;
+        case 'm': *f = (Field){32, V_BOOL, NULL, NULL}; return 1;
+        }
+        return 0;
+    case KIND_TRADE:
+        switch (key) {
+        case 'E': *f = (Field){1, V_UINT, &g->E, NULL}; return 1;
+        case 't': *f = (Field){2, V_UINT, &g->id, NULL}; return 1;
+        case 'p': *f = (Field){4, V_DEC, NULL, &g->price}; return 1;
+        case 'q': *f = (Field){8, V_DEC, NULL, &g->qty}; return 1;
+        case 'm': *f = (Field){16, V_BOOL, NULL, NULL}; return 1;
+        }
+        return 0;
+    default: /* KIND_BOOK_TICKER */
+        switch (key) {
+        case 'u': *f = (Field){1, V_UINT, &g->id, NULL}; return 1;
+        case 'b': *f = (Field){2, V_DEC, NULL, &g->bid}; return 1;
+        case 'B': *f = (Field){4, V_DEC, NULL, &g->bid_qty}; return 1;
+        case 'a': *f = (Field){8, V_DEC, NULL, &g->ask}; return 1;
+        case 'A': *f = (Field){16, V_DEC, NULL, &g->ask_qty}; return 1;
+        }
+        return 0;
+    }
+}
+
+static const int REQUIRED[N_KINDS + 1] = {0, 63, 31, 31};
+
+/* The payload object of one kind. */
+static int parse_data(Cur *c, Tick *g, int64_t max_event) {
     int seen = 0;
     if (c->p >= c->end || *c->p != '{')
         return 0;
@@ -238,6 +290,8 @@ static int parse_data(Cur *c, Agg *g, int64_t max_event) {
     for (;;) {
         const char *k;
         Py_ssize_t kn;
+        Field f;
+        int ok;
         skip_ws(c);
         if (!plain_string(c, &k, &kn))
             return 0;
@@ -246,39 +300,20 @@ static int parse_data(Cur *c, Agg *g, int64_t max_event) {
             return 0;
         c->p++;
         skip_ws(c);
-        int bit = 0, ok;
-        if (kn == 1) {
-            switch (k[0]) {
-            case 'E': bit = F_E; break;
-            case 'a': bit = F_A; break;
-            case 'p': bit = F_P; break;
-            case 'q': bit = F_Q; break;
-            case 'l': bit = F_L; break;
-            case 'm': bit = F_M; break;
-            default: break;
-            }
-        }
-        if (bit & seen)
-            return 0; /* a required key twice: let the full decoder decide */
-        seen |= bit;
-        switch (bit) {
-        case F_E: ok = json_uint(c, &g->E) && g->E <= max_event; break;
-        case F_A: ok = json_uint(c, &g->a); break;
-        case F_L: ok = json_uint(c, &g->l); break;
-        case F_P: ok = decimal_string(c, &g->price); break;
-        case F_Q: ok = decimal_string(c, &g->qty); break;
-        case F_M:
-            if (literal(c, "true", 4)) {
-                g->maker = 1;
-                ok = 1;
-            } else if (literal(c, "false", 5)) {
-                g->maker = 0;
-                ok = 1;
+        if (kn == 1 && field_of(g->kind, k[0], g, &f)) {
+            if (f.bit & seen)
+                return 0; /* a required key twice: let the full decoder decide */
+            seen |= f.bit;
+            if (f.type == V_UINT) {
+                ok = json_uint(c, f.i);
+            } else if (f.type == V_DEC) {
+                ok = decimal_string(c, f.d);
             } else {
-                ok = 0;
+                g->maker = literal(c, "true", 4);
+                ok = g->maker || literal(c, "false", 5);
             }
-            break;
-        default: ok = skip_scalar(c); break;
+        } else {
+            ok = skip_scalar(c);
         }
         if (!ok)
             return 0;
@@ -291,7 +326,9 @@ static int parse_data(Cur *c, Agg *g, int64_t max_event) {
         }
         if (*c->p == '}') {
             c->p++;
-            return seen == F_ALL;
+            if (seen != REQUIRED[g->kind])
+                return 0;
+            return g->kind == KIND_BOOK_TICKER || g->E <= max_event;
         }
         return 0;
     }
@@ -303,7 +340,7 @@ typedef struct {
     uint64_t hash;
     char *name; /* NULL: empty slot */
     Py_ssize_t len;
-    int sid;
+    int sid, kind;
 } Route;
 
 static inline uint64_t fnv1a(const char *s, Py_ssize_t n) {
@@ -322,8 +359,11 @@ typedef struct {
     Route *routes;
     Py_ssize_t route_mask;
     Py_ssize_t n_symbols;
-    int64_t *last;     /* per symbol: last published aggregate id (valid when armed) */
-    char *armed;       /* per symbol: 1 = this path may publish last + 1 */
+    /* per (kind, symbol), index (kind - 1) * n_symbols + sid: the last id published (aggTrade
+     * `a`, trade `t`, bookTicker `u`), valid while armed; armed = this path may publish the
+     * next one (last + 1 for trades, anything newer for bookTicker) */
+    int64_t *last;
+    char *armed;
     PyObject *writer;  /* the ring writer whose _cursor / _staged it shares; NULL: parse only */
     PyObject *fallback;
     Py_buffer data, seqs, hdr;
@@ -333,94 +373,101 @@ typedef struct {
     Py_ssize_t max_frame_bytes;
     int iter_open;
     long long frames;
-} AggFastPath;
+} TickFastPath;
 
 static PyObject *S_cursor, *S_staged, *S_last_ns, *S_first_pending;
 
-static int route_lookup(AggFastPath *self, const char *s, Py_ssize_t n) {
+static const Route *route_lookup(TickFastPath *self, const char *s, Py_ssize_t n) {
     uint64_t h = fnv1a(s, n);
     Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)self->route_mask);
     for (;;) {
-        Route *r = &self->routes[i];
+        const Route *r = &self->routes[i];
         if (r->name == NULL)
-            return -1;
+            return NULL;
         if (r->hash == h && r->len == n && memcmp(r->name, s, (size_t)n) == 0)
-            return r->sid;
+            return r;
         i = (i + 1) & self->route_mask;
     }
 }
 
-/* Frame -> Agg with symbol id; 0 if this path does not take it. */
-static int parse_frame(AggFastPath *self, const char *buf, Py_ssize_t n, Agg *g, int *sid) {
+/* Frame -> Tick and symbol id; 0 if this path does not take it. `stream` must come first (as
+ * Binance sends it): the kind decides what the fields of `data` mean (`a` is an id in aggTrade
+ * and a price in bookTicker), and a frame of a stream we do not take is declined unread. */
+static int parse_frame(TickFastPath *self, const char *buf, Py_ssize_t n, Tick *g, int *sid) {
     Cur c = {buf, buf + n};
-    int have_stream = 0, have_data = 0;
+    const char *k, *name;
+    Py_ssize_t kn, name_len;
+    memset(g, 0, sizeof(*g));
     *sid = -1;
     skip_ws(&c);
     if (c.p >= c.end || *c.p != '{')
         return 0;
     c.p++;
-    for (;;) {
-        const char *k;
-        Py_ssize_t kn;
-        skip_ws(&c);
-        if (!plain_string(&c, &k, &kn))
-            return 0;
-        skip_ws(&c);
-        if (c.p >= c.end || *c.p != ':')
-            return 0;
-        c.p++;
-        skip_ws(&c);
-        if (kn == 6 && memcmp(k, "stream", 6) == 0 && !have_stream) {
-            if (!plain_string(&c, &g->stream, &g->stream_len))
-                return 0;
-            *sid = route_lookup(self, g->stream, g->stream_len);
-            if (*sid < 0)
-                return 0; /* not one of our aggTrade streams: decline before parsing data */
-            have_stream = 1;
-        } else if (kn == 4 && memcmp(k, "data", 4) == 0 && !have_data) {
-            if (!parse_data(&c, g, self->max_event))
-                return 0;
-            have_data = 1;
-        } else {
-            return 0;
-        }
-        skip_ws(&c);
-        if (c.p >= c.end)
-            return 0;
-        if (*c.p == ',') {
-            c.p++;
-            continue;
-        }
-        if (*c.p != '}')
-            return 0;
-        c.p++;
-        skip_ws(&c);
-        return c.p == c.end && have_stream && have_data;
-    }
+    skip_ws(&c);
+    if (!plain_string(&c, &k, &kn) || kn != 6 || memcmp(k, "stream", 6) != 0)
+        return 0;
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p != ':')
+        return 0;
+    c.p++;
+    skip_ws(&c);
+    if (!plain_string(&c, &name, &name_len))
+        return 0;
+    const Route *r = route_lookup(self, name, name_len);
+    if (r == NULL)
+        return 0;
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p != ',')
+        return 0;
+    c.p++;
+    skip_ws(&c);
+    if (!plain_string(&c, &k, &kn) || kn != 4 || memcmp(k, "data", 4) != 0)
+        return 0;
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p != ':')
+        return 0;
+    c.p++;
+    skip_ws(&c);
+    g->kind = r->kind;
+    if (!parse_data(&c, g, self->max_event))
+        return 0;
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p != '}')
+        return 0;
+    c.p++;
+    skip_ws(&c);
+    if (c.p != c.end)
+        return 0;
+    *sid = r->sid;
+    return 1;
 }
 
-static inline void write_record(char *rec, const Agg *g, int sid, int64_t recv_ns,
+static inline void put_i64(char *rec, int off, int64_t v) { memcpy(rec + off, &v, 8); }
+static inline void put_f64(char *rec, int off, double v) { memcpy(rec + off, &v, 8); }
+
+static inline void write_record(char *rec, const Tick *g, int sid, int64_t recv_ns,
                                 int64_t time_mult) {
-    int64_t ev = g->E * time_mult, zero = 0;
-    double dz = 0.0;
     uint16_t sym = (uint16_t)sid, z16 = 0;
-    rec[OFF_KIND] = KIND_AGG_TRADE;
+    rec[OFF_KIND] = (char)g->kind;
     rec[OFF_FLAGS] = g->maker ? FLAG_BUYER_IS_MAKER : 0;
     memcpy(rec + OFF_SYMBOL, &sym, 2);
     memcpy(rec + OFF_LEVEL, &z16, 2);
     memcpy(rec + OFF_PAD, &z16, 2);
-    memcpy(rec + OFF_PRICE, &g->price, 8);
-    memcpy(rec + OFF_QTY, &g->qty, 8);
-    for (int k = 0; k < 4; k++)
-        memcpy(rec + OFF_BID_PRICE + 8 * k, &dz, 8);
-    memcpy(rec + OFF_TRADE_ID, &g->a, 8);
-    memcpy(rec + OFF_AUX_ID, &g->l, 8);
-    memcpy(rec + OFF_EVENT_TIME, &ev, 8);
-    memcpy(rec + OFF_RECV_TIME, &recv_ns, 8);
-    memcpy(rec + OFF_PUBLISH_TIME, &zero, 8);
+    put_f64(rec, OFF_PRICE, g->price);
+    put_f64(rec, OFF_QTY, g->qty);
+    put_f64(rec, OFF_BID_PRICE, g->bid);
+    put_f64(rec, OFF_BID_QTY, g->bid_qty);
+    put_f64(rec, OFF_ASK_PRICE, g->ask);
+    put_f64(rec, OFF_ASK_QTY, g->ask_qty);
+    put_i64(rec, OFF_TRADE_ID, g->id);
+    put_i64(rec, OFF_AUX_ID, g->aux);
+    /* bookTicker has no event time: 0, as in the Python decoders */
+    put_i64(rec, OFF_EVENT_TIME, g->kind == KIND_BOOK_TICKER ? 0 : g->E * time_mult);
+    put_i64(rec, OFF_RECV_TIME, recv_ns);
+    put_i64(rec, OFF_PUBLISH_TIME, 0);
 }
 
-static void release_buffers(AggFastPath *self) {
+static void release_buffers(TickFastPath *self) {
     if (self->have_bufs) {
         PyBuffer_Release(&self->data);
         PyBuffer_Release(&self->seqs);
@@ -429,22 +476,22 @@ static void release_buffers(AggFastPath *self) {
     }
 }
 
-static int AggFastPath_traverse(AggFastPath *self, visitproc visit, void *arg) {
+static int TickFastPath_traverse(TickFastPath *self, visitproc visit, void *arg) {
     Py_VISIT(self->writer);
     Py_VISIT(self->fallback);
     return 0;
 }
 
-static int AggFastPath_clear(AggFastPath *self) {
+static int TickFastPath_clear(TickFastPath *self) {
     release_buffers(self);
     Py_CLEAR(self->writer);
     Py_CLEAR(self->fallback);
     return 0;
 }
 
-static void AggFastPath_dealloc(AggFastPath *self) {
+static void TickFastPath_dealloc(TickFastPath *self) {
     PyObject_GC_UnTrack(self);
-    AggFastPath_clear(self);
+    TickFastPath_clear(self);
     if (self->routes) {
         for (Py_ssize_t i = 0; i <= self->route_mask; i++)
             PyMem_Free(self->routes[i].name);
@@ -477,7 +524,7 @@ static int64_t int_attr(PyObject *obj, const char *name, int *err) {
     return x;
 }
 
-static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
+static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"routes", "n_symbols", "writer", "fallback", "intent_word",
                              "max_frame_bytes", "time_mult", NULL};
     PyObject *routes, *writer = Py_None, *fallback = Py_None;
@@ -488,7 +535,7 @@ static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
                                      &time_mult))
         return -1;
     if (self->routes != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "AggFastPath is initialised once");
+        PyErr_SetString(PyExc_RuntimeError, "TickFastPath is initialised once");
         return -1;
     }
     if (n_symbols < 1 || n_symbols > 65535) {
@@ -503,8 +550,8 @@ static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
     self->max_frame_bytes = max_frame;
     self->time_mult = time_mult;
     self->max_event = INT64_MAX / time_mult;
-    self->last = PyMem_Calloc((size_t)n_symbols, sizeof(int64_t));
-    self->armed = PyMem_Calloc((size_t)n_symbols, 1);
+    self->last = PyMem_Calloc((size_t)(N_KINDS * n_symbols), sizeof(int64_t));
+    self->armed = PyMem_Calloc((size_t)(N_KINDS * n_symbols), 1);
     Py_ssize_t size = 8;
     while (size < 2 * PyDict_GET_SIZE(routes) + 1)
         size *= 2;
@@ -517,15 +564,15 @@ static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
     PyObject *key, *value;
     Py_ssize_t pos = 0;
     while (PyDict_Next(routes, &pos, &key, &value)) {
+        int sid, kind;
         if (!PyBytes_Check(key)) {
             PyErr_SetString(PyExc_TypeError, "routes keys must be bytes (stream names)");
             return -1;
         }
-        long sid = PyLong_AsLong(value);
-        if (sid == -1 && PyErr_Occurred())
+        if (!PyArg_ParseTuple(value, "ii;routes values must be (symbol_id, kind)", &sid, &kind))
             return -1;
-        if (sid < 0 || sid >= n_symbols) {
-            PyErr_SetString(PyExc_ValueError, "route symbol id out of range");
+        if (sid < 0 || sid >= n_symbols || kind < 1 || kind > N_KINDS) {
+            PyErr_SetString(PyExc_ValueError, "route symbol id or kind out of range");
             return -1;
         }
         const char *s = PyBytes_AS_STRING(key);
@@ -542,7 +589,8 @@ static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
         memcpy(self->routes[i].name, s, (size_t)n);
         self->routes[i].hash = h;
         self->routes[i].len = n;
-        self->routes[i].sid = (int)sid;
+        self->routes[i].sid = sid;
+        self->routes[i].kind = kind;
     }
     if (writer != Py_None) {
         int err = 0;
@@ -593,7 +641,7 @@ static int AggFastPath_init(AggFastPath *self, PyObject *args, PyObject *kwds) {
 /* Stage the record into the writer's next slot, as WriterCore.stage does. Returns the number
  * of staged records afterwards, -1 with an exception set, or -2 (nothing written) if a full
  * batch is still waiting for its commit. */
-static int64_t stage(AggFastPath *self, const Agg *g, int sid, int64_t recv_ns) {
+static int64_t stage(TickFastPath *self, const Tick *g, int sid, int64_t recv_ns) {
     PyObject *o = PyObject_GetAttr(self->writer, S_cursor);
     if (!o)
         return -1;
@@ -641,7 +689,7 @@ static int get_payload(PyObject *payload, Py_buffer *view, const char **buf, Py_
     return 0;
 }
 
-static PyObject *call_fallback(AggFastPath *self, PyObject *conn, PyObject *payload,
+static PyObject *call_fallback(TickFastPath *self, PyObject *conn, PyObject *payload,
                                PyObject *recv, long code) {
     PyObject *c = PyLong_FromLong(code);
     if (!c)
@@ -654,20 +702,20 @@ static PyObject *call_fallback(AggFastPath *self, PyObject *conn, PyObject *payl
 
 PyDoc_STRVAR(on_message_doc,
 "on_message(conn, payload, recv_time_ns) -> None\n\n"
-"The frame callback. The common case (one of our aggTrade streams, the next id of an armed\n"
-"symbol) is staged into the ring here; then conn.last_ns = recv_time_ns, and the fallback is\n"
+"The frame callback. The common case (one of our streams, the id the armed symbol expects\n"
+"next) is staged into the ring here; then conn.last_ns = recv_time_ns, and the fallback is\n"
 "called with code 2 if Python must act (commit the batch, open the loop iteration, the\n"
 "connection's first frame). Any other frame: fallback(conn, payload, recv_time_ns, 0),\n"
 "nothing written, no state changed.");
 
-static PyObject *AggFastPath_on_message(AggFastPath *self, PyObject *const *args,
+static PyObject *TickFastPath_on_message(TickFastPath *self, PyObject *const *args,
                                         Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "on_message(conn, payload, recv_time_ns)");
         return NULL;
     }
     if (!self->have_bufs) {
-        PyErr_SetString(PyExc_RuntimeError, "AggFastPath has no ring writer (closed?)");
+        PyErr_SetString(PyExc_RuntimeError, "TickFastPath has no ring writer (closed?)");
         return NULL;
     }
     PyObject *conn = args[0], *payload = args[1], *recv = args[2];
@@ -678,12 +726,14 @@ static PyObject *AggFastPath_on_message(AggFastPath *self, PyObject *const *args
         PyErr_Clear();
         return call_fallback(self, conn, payload, recv, 0);
     }
-    Agg g;
+    Tick g;
     int sid = -1;
     int ok = n <= self->max_frame_bytes && parse_frame(self, buf, n, &g, &sid);
     if (view.obj)
         PyBuffer_Release(&view);
-    if (!ok || !self->armed[sid] || g.a != self->last[sid] + 1)
+    Py_ssize_t slot = ok ? (g.kind - 1) * self->n_symbols + sid : 0;
+    if (!ok || !self->armed[slot] ||
+        (g.kind == KIND_BOOK_TICKER ? g.id <= self->last[slot] : g.id != self->last[slot] + 1))
         return call_fallback(self, conn, payload, recv, 0);
     int64_t recv_ns = PyLong_AsLongLong(recv);
     if (recv_ns == -1 && PyErr_Occurred())
@@ -693,7 +743,7 @@ static PyObject *AggFastPath_on_message(AggFastPath *self, PyObject *const *args
         return call_fallback(self, conn, payload, recv, 0);
     if (staged < 0)
         return NULL;
-    self->last[sid] = g.a;
+    self->last[slot] = g.id;
     self->frames++;
     if (PyObject_SetAttr(conn, S_last_ns, recv) < 0)
         return NULL;
@@ -713,16 +763,16 @@ static PyObject *AggFastPath_on_message(AggFastPath *self, PyObject *const *args
 }
 
 PyDoc_STRVAR(parse_doc,
-"parse(payload, recv_time_ns=0) -> (symbol_id, agg_id, record: bytes) | None\n\n"
+"parse(payload, recv_time_ns=0) -> (kind, symbol_id, id, record: bytes) | None\n\n"
 "What on_message would write for this frame (publish_time_ns 0), ignoring the id state;\n"
 "None if this path declines it. For tests and benchmarks.");
 
-static PyObject *AggFastPath_parse(AggFastPath *self, PyObject *args) {
+static PyObject *TickFastPath_parse(TickFastPath *self, PyObject *args) {
     Py_buffer view;
     long long recv_ns = 0;
     if (!PyArg_ParseTuple(args, "y*|L", &view, &recv_ns))
         return NULL;
-    Agg g;
+    Tick g;
     int sid = -1;
     int ok = view.len <= self->max_frame_bytes &&
              parse_frame(self, view.buf, view.len, &g, &sid);
@@ -733,57 +783,67 @@ static PyObject *AggFastPath_parse(AggFastPath *self, PyObject *args) {
     if (!rec)
         return NULL;
     write_record(PyBytes_AS_STRING(rec), &g, sid, recv_ns, self->time_mult);
-    return Py_BuildValue("iLN", sid, (long long)g.a, rec);
+    return Py_BuildValue("iiLN", g.kind, sid, (long long)g.id, rec);
 }
 
-static int check_sid(AggFastPath *self, Py_ssize_t sid) {
-    if (sid < 0 || sid >= self->n_symbols) {
-        PyErr_SetString(PyExc_IndexError, "symbol id out of range");
+/* (symbol_id, kind) arguments -> state slot, or -1 with an exception. */
+static Py_ssize_t state_slot(TickFastPath *self, PyObject *sid_obj, PyObject *kind_obj) {
+    Py_ssize_t sid = PyLong_AsSsize_t(sid_obj);
+    if (sid == -1 && PyErr_Occurred())
+        return -1;
+    long kind = kind_obj ? PyLong_AsLong(kind_obj) : KIND_AGG_TRADE;
+    if (kind == -1 && PyErr_Occurred())
+        return -1;
+    if (sid < 0 || sid >= self->n_symbols || kind < 1 || kind > N_KINDS) {
+        PyErr_SetString(PyExc_IndexError, "symbol id or kind out of range");
         return -1;
     }
-    return 0;
+    return (kind - 1) * self->n_symbols + sid;
 }
 
 PyDoc_STRVAR(last_id_doc,
-"last_id(symbol_id) -> int | None\n\n"
-"The last aggregate id this path published for the symbol, None while it is disarmed.");
+"last_id(symbol_id, kind=1) -> int | None\n\n"
+"The last id this path published for the symbol's stream of that kind (1 aggTrade `a`,\n"
+"2 trade `t`, 3 bookTicker `u`; Kind values), None while it is disarmed.");
 
-static PyObject *AggFastPath_last_id(AggFastPath *self, PyObject *arg) {
-    Py_ssize_t sid = PyLong_AsSsize_t(arg);
-    if (sid == -1 && PyErr_Occurred())
+static PyObject *TickFastPath_last_id(TickFastPath *self, PyObject *const *args,
+                                     Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "last_id(symbol_id, kind=1)");
         return NULL;
-    if (check_sid(self, sid) < 0)
+    }
+    Py_ssize_t slot = state_slot(self, args[0], nargs > 1 ? args[1] : NULL);
+    if (slot < 0)
         return NULL;
-    if (!self->armed[sid])
+    if (!self->armed[slot])
         Py_RETURN_NONE;
-    return PyLong_FromLongLong(self->last[sid]);
+    return PyLong_FromLongLong(self->last[slot]);
 }
 
 PyDoc_STRVAR(set_last_doc,
-"set_last(symbol_id, last: int | None) -> None\n\n"
-"Arm the symbol (this path publishes last + 1 next), or disarm it with None (everything of it\n"
-"goes to the fallback: a gap is open, or no trade was seen yet).");
+"set_last(symbol_id, last: int | None, kind=1) -> None\n\n"
+"Arm the symbol's stream of that kind (this path publishes id last + 1 next; for bookTicker\n"
+"any u > last), or disarm it with None (everything of it goes to the fallback: a gap is\n"
+"open, or nothing was seen yet).");
 
-static PyObject *AggFastPath_set_last(AggFastPath *self, PyObject *const *args,
+static PyObject *TickFastPath_set_last(TickFastPath *self, PyObject *const *args,
                                       Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "set_last(symbol_id, last)");
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "set_last(symbol_id, last, kind=1)");
         return NULL;
     }
-    Py_ssize_t sid = PyLong_AsSsize_t(args[0]);
-    if (sid == -1 && PyErr_Occurred())
-        return NULL;
-    if (check_sid(self, sid) < 0)
+    Py_ssize_t slot = state_slot(self, args[0], nargs > 2 ? args[2] : NULL);
+    if (slot < 0)
         return NULL;
     if (args[1] == Py_None) {
-        self->armed[sid] = 0;
+        self->armed[slot] = 0;
         Py_RETURN_NONE;
     }
     long long last = PyLong_AsLongLong(args[1]);
     if (last == -1 && PyErr_Occurred())
         return NULL;
-    self->last[sid] = last;
-    self->armed[sid] = last < INT64_MAX; /* last + 1 must not overflow */
+    self->last[slot] = last;
+    self->armed[slot] = last < INT64_MAX; /* last + 1 must not overflow */
     Py_RETURN_NONE;
 }
 
@@ -791,61 +851,62 @@ PyDoc_STRVAR(close_doc,
 "close() -> None\n\n"
 "Release the ring buffers (the ring's shared memory cannot be closed while they are held).");
 
-static PyObject *AggFastPath_close(AggFastPath *self, PyObject *Py_UNUSED(ignored)) {
+static PyObject *TickFastPath_close(TickFastPath *self, PyObject *Py_UNUSED(ignored)) {
     release_buffers(self);
     Py_RETURN_NONE;
 }
 
-static PyMethodDef AggFastPath_methods[] = {
-    {"on_message", (PyCFunction)(void (*)(void))AggFastPath_on_message, METH_FASTCALL,
+static PyMethodDef TickFastPath_methods[] = {
+    {"on_message", (PyCFunction)(void (*)(void))TickFastPath_on_message, METH_FASTCALL,
      on_message_doc},
-    {"parse", (PyCFunction)AggFastPath_parse, METH_VARARGS, parse_doc},
-    {"last_id", (PyCFunction)AggFastPath_last_id, METH_O, last_id_doc},
-    {"set_last", (PyCFunction)(void (*)(void))AggFastPath_set_last, METH_FASTCALL,
+    {"parse", (PyCFunction)TickFastPath_parse, METH_VARARGS, parse_doc},
+    {"last_id", (PyCFunction)(void (*)(void))TickFastPath_last_id, METH_FASTCALL, last_id_doc},
+    {"set_last", (PyCFunction)(void (*)(void))TickFastPath_set_last, METH_FASTCALL,
      set_last_doc},
-    {"close", (PyCFunction)AggFastPath_close, METH_NOARGS, close_doc},
+    {"close", (PyCFunction)TickFastPath_close, METH_NOARGS, close_doc},
     {NULL, NULL, 0, NULL},
 };
 
-static PyMemberDef AggFastPath_members[] = {
-    {"iter_open", T_INT, offsetof(AggFastPath, iter_open), 0,
+static PyMemberDef TickFastPath_members[] = {
+    {"iter_open", T_INT, offsetof(TickFastPath, iter_open), 0,
      "1 while an event-loop iteration has published (stage the rest; the shell commits)"},
-    {"frames", T_LONGLONG, offsetof(AggFastPath, frames), READONLY,
+    {"frames", T_LONGLONG, offsetof(TickFastPath, frames), READONLY,
      "frames fully handled here (the shell adds them to frames_received)"},
-    {"max_staged", T_LONGLONG, offsetof(AggFastPath, max_staged), READONLY,
+    {"max_staged", T_LONGLONG, offsetof(TickFastPath, max_staged), READONLY,
      "the writer's max_staged when this was built"},
     {NULL, 0, 0, 0, NULL},
 };
 
-PyDoc_STRVAR(AggFastPath_doc,
-"AggFastPath(routes, n_symbols, writer=None, fallback=None, intent_word=0,\n"
+PyDoc_STRVAR(TickFastPath_doc,
+"TickFastPath(routes, n_symbols, writer=None, fallback=None, intent_word=0,\n"
 "            max_frame_bytes=sys.maxsize, time_mult=1000000)\n\n"
-"routes: {b'btcusdt@aggTrade': symbol_id, ...}; writer: the ring writer (staging configured\n"
-"with the stamp field); fallback(conn, payload, recv_time_ns, code): the Python handler;\n"
-"time_mult: ns per unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND).");
+"routes: {b'btcusdt@aggTrade': (symbol_id, kind), ...}; writer: the ring writer (staging\n"
+"configured with the stamp field); fallback(conn, payload, recv_time_ns, code): the Python\n"
+"handler; time_mult: ns per unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND).");
 
-static PyTypeObject AggFastPathType = {
+static PyTypeObject TickFastPathType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "pipeline._fastagg.AggFastPath",
-    .tp_basicsize = sizeof(AggFastPath),
-    .tp_dealloc = (destructor)AggFastPath_dealloc,
+    .tp_name = "pipeline._ticks.TickFastPath",
+    .tp_basicsize = sizeof(TickFastPath),
+    .tp_dealloc = (destructor)TickFastPath_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_traverse = (traverseproc)AggFastPath_traverse,
-    .tp_clear = (inquiry)AggFastPath_clear,
-    .tp_doc = AggFastPath_doc,
-    .tp_methods = AggFastPath_methods,
-    .tp_members = AggFastPath_members,
-    .tp_init = (initproc)AggFastPath_init,
+    .tp_traverse = (traverseproc)TickFastPath_traverse,
+    .tp_clear = (inquiry)TickFastPath_clear,
+    .tp_doc = TickFastPath_doc,
+    .tp_methods = TickFastPath_methods,
+    .tp_members = TickFastPath_members,
+    .tp_init = (initproc)TickFastPath_init,
     .tp_new = PyType_GenericNew,
 };
 
-static struct PyModuleDef fastagg_module = {
-    PyModuleDef_HEAD_INIT, "pipeline._fastagg",
-    "Compiled aggTrade frame -> ring slot fast path (see pipeline/fastpath.py).", -1, NULL,
+static struct PyModuleDef ticks_module = {
+    PyModuleDef_HEAD_INIT, "pipeline._ticks",
+    "Compiled frame -> ring slot fast path for aggTrade, trade and bookTicker "
+    "(see pipeline/fastpath.py).", -1, NULL,
 };
 
-PyMODINIT_FUNC PyInit__fastagg(void) {
-    if (PyType_Ready(&AggFastPathType) < 0)
+PyMODINIT_FUNC PyInit__ticks(void) {
+    if (PyType_Ready(&TickFastPathType) < 0)
         return NULL;
     S_cursor = PyUnicode_InternFromString("_cursor");
     S_staged = PyUnicode_InternFromString("_staged");
@@ -853,19 +914,20 @@ PyMODINIT_FUNC PyInit__fastagg(void) {
     S_first_pending = PyUnicode_InternFromString("first_pending");
     if (!S_cursor || !S_staged || !S_last_ns || !S_first_pending)
         return NULL;
-    PyObject *m = PyModule_Create(&fastagg_module);
+    PyObject *m = PyModule_Create(&ticks_module);
     if (!m)
         return NULL;
-    Py_INCREF(&AggFastPathType);
-    if (PyModule_AddObject(m, "AggFastPath", (PyObject *)&AggFastPathType) < 0) {
-        Py_DECREF(&AggFastPathType);
+    Py_INCREF(&TickFastPathType);
+    if (PyModule_AddObject(m, "TickFastPath", (PyObject *)&TickFastPathType) < 0) {
+        Py_DECREF(&TickFastPathType);
         Py_DECREF(m);
         return NULL;
     }
     PyObject *layout = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "kind", OFF_KIND, "flags",
-        OFF_FLAGS, "symbol", OFF_SYMBOL, "level", OFF_LEVEL, "_pad", OFF_PAD, "price", OFF_PRICE,
-        "qty", OFF_QTY, "bid_price", OFF_BID_PRICE, "trade_id", OFF_TRADE_ID, "aux_id",
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "kind", OFF_KIND,
+        "flags", OFF_FLAGS, "symbol", OFF_SYMBOL, "level", OFF_LEVEL, "_pad", OFF_PAD, "price",
+        OFF_PRICE, "qty", OFF_QTY, "bid_price", OFF_BID_PRICE, "bid_qty", OFF_BID_QTY,
+        "ask_price", OFF_ASK_PRICE, "ask_qty", OFF_ASK_QTY, "trade_id", OFF_TRADE_ID, "aux_id",
         OFF_AUX_ID, "event_time_ns", OFF_EVENT_TIME, "recv_time_ns", OFF_RECV_TIME,
         "publish_time_ns", OFF_PUBLISH_TIME);
     if (!layout || PyModule_AddObject(m, "LAYOUT", layout) < 0) {
@@ -875,6 +937,8 @@ PyMODINIT_FUNC PyInit__fastagg(void) {
     }
     if (PyModule_AddIntConstant(m, "RECORD_BYTES", RECORD_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "KIND_AGG_TRADE", KIND_AGG_TRADE) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_TRADE", KIND_TRADE) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_BOOK_TICKER", KIND_BOOK_TICKER) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_BUYER_IS_MAKER", FLAG_BUYER_IS_MAKER) < 0) {
         Py_DECREF(m);
         return NULL;
