@@ -91,99 +91,27 @@ class _FakeConn:
     first_pending = False
 
 
-@pytest.mark.parametrize("batch", [1, 64])
-@pytest.mark.parametrize(("decoder", "fast"), [("msgspec", "off"), ("orjson", "off"),
-                                               ("msgspec", "on")])
-def test_frame_handler_to_ring(benchmark: Any, decoder: str, fast: str, batch: int) -> None:
-    """Decode + exactly-once tracking + ring publish, as the live handler runs it.
-
-    ``batch`` 64: inside a running uvloop loop with publish batching on, all frames of a run in
-    one loop iteration (as when one socket read carries many frames): records are staged and
-    committed 64 at a time. ``batch`` 1: each record published at once (the pre-batching path).
-    ``fast`` on: the compiled aggTrade path takes the frames (the transport calls it directly).
-    """
-
+def _handler_to_ring(benchmark: Any, tag: str, cfg: Any,
+                     frames_for: Callable[[int, int], list[bytes]]) -> tuple[float, Any]:
+    """Frames through ``Ingest.on_frame`` (the transport's entry point) into a real ring, all
+    frames of a run in one uvloop loop iteration (as when one socket read carries many frames;
+    the end-of-iteration commit runs after them). Returns the best CPU us per frame and the
+    last id fed; checks every frame was published once."""
     import uvloop
 
-    from pipeline.ingest import Ingest, IngestConfig
+    from pipeline.ingest import Ingest
 
     n = 1000
-    name = f"bench_ingest_{os.getpid()}_{decoder}_{fast}_{batch}"
-    w = RingWriter.create(name, TICK_DTYPE, 1 << 16, symbols=SYMBOLS)
+    w = RingWriter.create(f"bench_{tag}_{os.getpid()}", TICK_DTYPE, 1 << 16, symbols=SYMBOLS)
     loop = uvloop.new_event_loop()
     ing = None
     try:
-        ing = Ingest(IngestConfig(decoder=decoder, symbols=SYMBOLS, publish_batch=batch,
-                                  fast_path=fast), w, None)
-        ing.setup_publishing(loop)
-        state: dict[str, float] = {"next": 1_000_000}
-
-        def one() -> None:
-            frames = agg_frames(n, int(state["next"]))
-            state["next"] += n
-            h = ing.on_frame
-            conn = _FakeConn()
-            t0 = time.process_time()
-            for f in frames:
-                h(conn, f, 1)  # type: ignore[arg-type]
-            state["best"] = min(state.get("best", 1e9), time.process_time() - t0)
-
-        async def in_loop() -> None:  # one loop iteration: the end-of-iteration commit runs after
-            one()
-
-        def run() -> None:
-            loop.run_until_complete(in_loop())
-
-        benchmark(run)
-        runs = max(1, int(50 * SCALE))
-        state["best"] = 1e9
-        before = w.cursor
-        for _ in range(runs):
-            run()
-        assert w.cursor - before == runs * n  # every frame published once
-        assert ing.last_agg_id(0) == state["next"] - 1
-        assert not ing.trackers[0].pending
-        assert w.staged == 0
-        path = "C fast path" if fast == "on" else decoder
-        RESULTS.setdefault(f"in-process handler->ring ({path}, batch {batch})", {})[
-            "cpu_us_per_msg"] = state["best"] / n * 1e6
-    finally:
-        if ing is not None:
-            ing.release()
-        loop.close()
-        w.close()
-
-
-def book_frames(n: int, first_u: int) -> list[bytes]:
-    """Real-shaped combined bookTicker frames (as captured live)."""
-    return [
-        b'{"stream":"ethusdt@bookTicker","data":{"u":%d,"s":"ETHUSDT","b":"3311.64000000",'
-        b'"B":"12.08400000","a":"3311.65000000","A":"0.31990000"}}' % (first_u + i)
-        for i in range(n)
-    ]
-
-
-@pytest.mark.parametrize("fast", ["off", "on"])
-def test_book_ticker_handler_to_ring(benchmark: Any, fast: str) -> None:
-    """bookTicker frames through the live handler into the ring (batch 64, in one loop
-    iteration): msgspec + Python dedupe vs the compiled path."""
-    import uvloop
-
-    from pipeline.ingest import Ingest, IngestConfig
-
-    n = 1000
-    name = f"bench_book_{os.getpid()}_{fast}"
-    w = RingWriter.create(name, TICK_DTYPE, 1 << 16, symbols=SYMBOLS)
-    loop = uvloop.new_event_loop()
-    ing = None
-    try:
-        ing = Ingest(IngestConfig(symbols=SYMBOLS, streams=["bookTicker"], fast_path=fast), w,
-                     None)
+        ing = Ingest(cfg, w, None)
         ing.setup_publishing(loop)
         state: dict[str, float] = {"next": 1_000_000}
 
         async def one() -> None:
-            frames = book_frames(n, int(state["next"]))
+            frames = frames_for(n, int(state["next"]))
             state["next"] += n
             h = ing.on_frame  # type: ignore[union-attr]
             conn = _FakeConn()
@@ -201,15 +129,59 @@ def test_book_ticker_handler_to_ring(benchmark: Any, fast: str) -> None:
         runs = max(1, int(50 * SCALE))
         for _ in range(runs):
             run()
-        assert w.cursor - before == runs * n  # every update published once
-        path = "C fast path" if fast == "on" else "msgspec"
-        RESULTS.setdefault(f"in-process bookTicker handler->ring ({path})", {})[
-            "cpu_us_per_msg"] = state["best"] / n * 1e6
+        assert w.cursor - before == runs * n  # every frame published once
+        assert w.staged == 0
+        if cfg.streams == ["aggTrade"]:
+            assert ing.last_agg_id(0) == state["next"] - 1
+            assert not ing.trackers[0].pending
+        return state["best"] / n * 1e6, ing
     finally:
         if ing is not None:
             ing.release()
         loop.close()
         w.close()
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize(("decoder", "fast"), [("msgspec", "off"), ("orjson", "off"),
+                                               ("msgspec", "on")])
+def test_frame_handler_to_ring(benchmark: Any, decoder: str, fast: str, batch: int) -> None:
+    """Decode + exactly-once tracking + ring publish, as the live handler runs it.
+
+    ``batch`` 64: records are staged and committed 64 at a time (publish batching on);
+    ``batch`` 1: each record published at once. ``fast`` on: the compiled path takes the
+    frames (the transport calls it directly).
+    """
+    from pipeline.ingest import IngestConfig
+
+    cfg = IngestConfig(decoder=decoder, symbols=SYMBOLS, streams=["aggTrade"],
+                       publish_batch=batch, fast_path=fast)
+    us, _ = _handler_to_ring(benchmark, f"agg_{decoder}_{fast}_{batch}", cfg, agg_frames)
+    path = "C fast path" if fast == "on" else decoder
+    RESULTS.setdefault(f"in-process handler->ring ({path}, batch {batch})", {})[
+        "cpu_us_per_msg"] = us
+
+
+def book_frames(n: int, first_u: int) -> list[bytes]:
+    """Real-shaped combined bookTicker frames (as captured live)."""
+    return [
+        b'{"stream":"ethusdt@bookTicker","data":{"u":%d,"s":"ETHUSDT","b":"3311.64000000",'
+        b'"B":"12.08400000","a":"3311.65000000","A":"0.31990000"}}' % (first_u + i)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("fast", ["off", "on"])
+def test_book_ticker_handler_to_ring(benchmark: Any, fast: str) -> None:
+    """bookTicker frames through the live handler into the ring (batch 64): msgspec + Python
+    dedupe vs the compiled path."""
+    from pipeline.ingest import IngestConfig
+
+    cfg = IngestConfig(symbols=SYMBOLS, streams=["bookTicker"], fast_path=fast)
+    us, _ = _handler_to_ring(benchmark, f"book_{fast}", cfg, book_frames)
+    path = "C fast path" if fast == "on" else "msgspec"
+    RESULTS.setdefault(f"in-process bookTicker handler->ring ({path})", {})[
+        "cpu_us_per_msg"] = us
 
 
 def test_transport_floor_picows(benchmark: Any) -> None:

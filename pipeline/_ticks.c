@@ -82,6 +82,16 @@ static inline void skip_ws(Cur *c) {
         c->p++;
 }
 
+/* Whitespace, the character `ch`, whitespace; 0 if `ch` is not there. */
+static inline int expect(Cur *c, char ch) {
+    skip_ws(c);
+    if (c->p >= c->end || *c->p != ch)
+        return 0;
+    c->p++;
+    skip_ws(c);
+    return 1;
+}
+
 /* A string without escapes or non-ASCII bytes: sets *s / *n to its contents. */
 static inline int plain_string(Cur *c, const char **s, Py_ssize_t *n) {
     if (c->p >= c->end || *c->p != '"')
@@ -293,13 +303,8 @@ static int parse_data(Cur *c, Tick *g, int64_t max_event) {
         Field f;
         int ok;
         skip_ws(c);
-        if (!plain_string(c, &k, &kn))
+        if (!plain_string(c, &k, &kn) || !expect(c, ':'))
             return 0;
-        skip_ws(c);
-        if (c->p >= c->end || *c->p != ':')
-            return 0;
-        c->p++;
-        skip_ws(c);
         if (kn == 1 && field_of(g->kind, k[0], g, &f)) {
             if (f.bit & seen)
                 return 0; /* a required key twice: let the full decoder decide */
@@ -399,44 +404,17 @@ static int parse_frame(TickFastPath *self, const char *buf, Py_ssize_t n, Tick *
     Py_ssize_t kn, name_len;
     memset(g, 0, sizeof(*g));
     *sid = -1;
-    skip_ws(&c);
-    if (c.p >= c.end || *c.p != '{')
-        return 0;
-    c.p++;
-    skip_ws(&c);
-    if (!plain_string(&c, &k, &kn) || kn != 6 || memcmp(k, "stream", 6) != 0)
-        return 0;
-    skip_ws(&c);
-    if (c.p >= c.end || *c.p != ':')
-        return 0;
-    c.p++;
-    skip_ws(&c);
-    if (!plain_string(&c, &name, &name_len))
+    if (!expect(&c, '{') || !plain_string(&c, &k, &kn) || kn != 6 ||
+        memcmp(k, "stream", 6) != 0 || !expect(&c, ':') || !plain_string(&c, &name, &name_len))
         return 0;
     const Route *r = route_lookup(self, name, name_len);
     if (r == NULL)
         return 0;
-    skip_ws(&c);
-    if (c.p >= c.end || *c.p != ',')
+    if (!expect(&c, ',') || !plain_string(&c, &k, &kn) || kn != 4 ||
+        memcmp(k, "data", 4) != 0 || !expect(&c, ':'))
         return 0;
-    c.p++;
-    skip_ws(&c);
-    if (!plain_string(&c, &k, &kn) || kn != 4 || memcmp(k, "data", 4) != 0)
-        return 0;
-    skip_ws(&c);
-    if (c.p >= c.end || *c.p != ':')
-        return 0;
-    c.p++;
-    skip_ws(&c);
     g->kind = r->kind;
-    if (!parse_data(&c, g, self->max_event))
-        return 0;
-    skip_ws(&c);
-    if (c.p >= c.end || *c.p != '}')
-        return 0;
-    c.p++;
-    skip_ws(&c);
-    if (c.p != c.end)
+    if (!parse_data(&c, g, self->max_event) || !expect(&c, '}') || c.p != c.end)
         return 0;
     *sid = r->sid;
     return 1;
@@ -786,8 +764,15 @@ static PyObject *TickFastPath_parse(TickFastPath *self, PyObject *args) {
     return Py_BuildValue("iiLN", g.kind, sid, (long long)g.id, rec);
 }
 
-/* (symbol_id, kind) arguments -> state slot, or -1 with an exception. */
-static Py_ssize_t state_slot(TickFastPath *self, PyObject *sid_obj, PyObject *kind_obj) {
+/* The state slot named by `nargs` positional arguments: symbol_id first, kind (default
+ * aggTrade) at `kind_at` if given; -1 with an exception for a wrong count or range. */
+static Py_ssize_t state_slot(TickFastPath *self, PyObject *const *args, Py_ssize_t nargs,
+                             Py_ssize_t kind_at, const char *usage) {
+    if (nargs < kind_at || nargs > kind_at + 1) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    PyObject *sid_obj = args[0], *kind_obj = nargs > kind_at ? args[kind_at] : NULL;
     Py_ssize_t sid = PyLong_AsSsize_t(sid_obj);
     if (sid == -1 && PyErr_Occurred())
         return -1;
@@ -808,11 +793,7 @@ PyDoc_STRVAR(last_id_doc,
 
 static PyObject *TickFastPath_last_id(TickFastPath *self, PyObject *const *args,
                                      Py_ssize_t nargs) {
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "last_id(symbol_id, kind=1)");
-        return NULL;
-    }
-    Py_ssize_t slot = state_slot(self, args[0], nargs > 1 ? args[1] : NULL);
+    Py_ssize_t slot = state_slot(self, args, nargs, 1, "last_id(symbol_id, kind=1)");
     if (slot < 0)
         return NULL;
     if (!self->armed[slot])
@@ -828,11 +809,7 @@ PyDoc_STRVAR(set_last_doc,
 
 static PyObject *TickFastPath_set_last(TickFastPath *self, PyObject *const *args,
                                       Py_ssize_t nargs) {
-    if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "set_last(symbol_id, last, kind=1)");
-        return NULL;
-    }
-    Py_ssize_t slot = state_slot(self, args[0], nargs > 2 ? args[2] : NULL);
+    Py_ssize_t slot = state_slot(self, args, nargs, 2, "set_last(symbol_id, last, kind=1)");
     if (slot < 0)
         return NULL;
     if (args[1] == Py_None) {
