@@ -218,6 +218,9 @@ def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
     fields += [(f"skipped_{r}", "<i8") for r in SKIP_REASONS]
     fields += [("skipped_total", "<i8"), ("last_frame_ns", "<i8"), ("shards", "<i8"),
                ("symbols", "<i8")]
+    # fast_path: 1 while the compiled path is in use (an operator sees a fallback to pure
+    # Python in `pipeline health`); frames_fast: frames it handled without Python
+    fields += [("fast_path", "<i8"), ("frames_fast", "<i8")]
     fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
     fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
     return fields
@@ -467,6 +470,7 @@ class Ingest:
         self._stage: Callable[[tuple[Any, ...]], bool] = self._stage_unbatched
         #: the compiled path (pipeline/fastpath.py), once setup_publishing() built it
         self.fast: Any = None
+        self._frames_fast = 0  # the compiled path's count, kept once it is released
         #: what the transport calls per frame: fast.on_message, or handle
         self.on_frame: Callable[[Conn, bytes, int], None] = self.handle
 
@@ -511,6 +515,7 @@ class Ingest:
         fast, self.fast = self.fast, None
         self.on_frame = self.handle
         if fast is not None:
+            self._frames_fast = fast.frames
             for sid in range(len(self.trackers)):  # the ids it published are Python's again
                 for kind, tracker in ((1, self.trackers[sid]), (2, self.trade_trackers[sid])):
                     last = fast.last_id(sid, kind)
@@ -933,8 +938,11 @@ class Ingest:
             self._commit()
         c = self.c
         vals: dict[str, float] = dict(c)
+        vals["fast_path"] = int(self.fast is not None)
+        vals["frames_fast"] = self._frames_fast
         if self.fast is not None:  # frames the compiled path handled without Python
-            vals["frames_received"] = c["frames_received"] + self.fast.frames
+            vals["frames_fast"] = self._frames_fast = self.fast.frames
+        vals["frames_received"] = c["frames_received"] + vals["frames_fast"]
         for r, n in self.skipped.items():
             vals[f"skipped_{r}"] = n
         skipped = vals["skipped_total"] = sum(self.skipped.values())

@@ -293,6 +293,8 @@ def test_rotation_is_make_before_break(shm_name: str, fast_path: str) -> None:
         expect = ("compiled (aggTrade, trade, bookTicker)" if fast_path == "auto"
                   else "off (--fast-path off)")
         assert f"fast path: {expect}" in ing.log_text()
+        assert m["fast_path"] == (fast_path == "auto")
+        assert (m["frames_fast"] > 0) == (fast_path == "auto")
 
 
 def test_microsecond_time_unit_end_to_end(shm_name: str) -> None:
@@ -624,6 +626,8 @@ def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: 
         assert met.vals["published"] == 5 == w.cursor
         assert met.vals["last_agg_id_1"] == 504
         assert met.vals["frames_received"] == 5
+        assert met.vals["fast_path"] == (fast_path == "auto" and fastpath_built())
+        assert met.vals["frames_fast"] == (4 if met.vals["fast_path"] else 0)  # all but the 1st
         with RingReader.attach(shm_name, start="oldest") as rd:
             assert rd.poll()["trade_id"].tolist() == [500, 501, 502, 503, 504]
         ing.release()
