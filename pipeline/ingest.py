@@ -36,11 +36,13 @@ records of further frames from the same socket read are staged in their ring slo
 together at the end of the iteration (one cursor store, one clock read for ``publish_time_ns``),
 which takes ~0.35 us off each frame under load without delaying an isolated frame.
 
-The common aggTrade frame (next id of its symbol, canonical JSON) does not reach Python at all:
-the compiled path (pipeline/fastpath.py, ``--fast-path``) parses it and stages its record from
-the transport's callback, and calls back into :meth:`Ingest._fast_fallback` for everything else.
-It shares the ring writer's staging counters and the trackers' last ids (:meth:`_agg_synced`),
-so both paths publish one sequence, in order, exactly once.
+The common aggTrade, trade and bookTicker frame (the id its stream expects next, canonical
+JSON) does not reach Python at all: the compiled path (pipeline/fastpath.py, ``--fast-path``)
+parses it and stages its record from the transport's callback, and calls back into
+:meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's staging counters
+and the last ids of the trackers and of the bookTicker dedupe (:meth:`Ingest._agg_synced` and
+the TRADE / BOOK_TICKER branches of :meth:`Ingest.handle`): whichever path sees a frame starts
+from what the other published, so both publish one sequence, in order, exactly once.
 """
 
 from __future__ import annotations
