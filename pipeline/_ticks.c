@@ -53,6 +53,9 @@
 #define OFF_RECV_TIME 80
 #define OFF_PUBLISH_TIME 88
 #define RECORD_BYTES 96
+/* Bumped with every change of the Python-facing interface: pipeline/fastpath.py refuses a build
+ * of another version (an editable install not rebuilt after a pull) instead of failing on it. */
+#define API_VERSION 2
 #define KIND_AGG_TRADE 1
 #define KIND_TRADE 2
 #define KIND_BOOK_TICKER 3
@@ -913,6 +916,7 @@ PyMODINIT_FUNC PyInit__ticks(void) {
         return NULL;
     }
     if (PyModule_AddIntConstant(m, "RECORD_BYTES", RECORD_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "KIND_AGG_TRADE", KIND_AGG_TRADE) < 0 ||
         PyModule_AddIntConstant(m, "KIND_TRADE", KIND_TRADE) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BOOK_TICKER", KIND_BOOK_TICKER) < 0 ||

@@ -25,6 +25,8 @@ import numpy as np
 from pipeline.records import TICK_DTYPE, Flags, Kind
 
 FAST_PATH_MODES: Final = ("auto", "on", "off")
+#: the interface version of pipeline/_ticks.c this module drives (its API_VERSION)
+API_VERSION: Final = 2
 
 
 class FastPathUnavailable(RuntimeError):
@@ -37,6 +39,10 @@ def load() -> tuple[ModuleType | None, str]:
         from pipeline import _ticks  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"pipeline._ticks is not built ({exc}); reinstall with a C compiler"
+    built = getattr(_ticks, "API_VERSION", None)
+    if built != API_VERSION:
+        return None, (f"pipeline._ticks was built from other sources (interface {built}, this "
+                      f"code needs {API_VERSION}): rebuild it (`make`, or pip install -e .)")
     problem = layout_mismatch(_ticks, TICK_DTYPE)
     if problem:
         return None, problem

@@ -40,6 +40,14 @@ def ticks() -> Any:
     return mod
 
 
+def test_a_stale_build_is_refused_not_used(ticks: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fastpath.load()[0] is ticks
+    monkeypatch.setattr(ticks, "API_VERSION", fastpath.API_VERSION - 1)
+    mod, why = fastpath.load()
+    assert mod is None
+    assert "rebuild" in why
+
+
 def test_the_extension_is_built_and_matches_the_record_layout(ticks: Any) -> None:
     assert fastpath.layout_mismatch(ticks, TICK_DTYPE) is None
     # and the check catches a moved field: price and qty swapped
