@@ -42,7 +42,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -264,13 +263,9 @@ def simulator(target: str) -> Iterator[Any]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    from pipeline.sim.testing import stop_process
+
+    stop_process(proc, 10)
 
 
 def _join(procs: list[Any]) -> None:

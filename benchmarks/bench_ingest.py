@@ -41,6 +41,7 @@ from pipeline.binance import streams as st
 from pipeline.metrics import MetricsBlock
 from pipeline.records import TICK_DTYPE, Kind
 from pipeline.ring import RingReader, RingWriter
+from pipeline.sim.testing import stop_process
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -332,16 +333,10 @@ def sim_and_ingest(transport: str, decoder: str, tag: str, source: str = "sim",
                     time.sleep(0.05)
             yield proc, reader, block
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    for name in (ring, met):  # a killed ingest cannot unlink its segments
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(f"/dev/shm/{name}")
+            if stop_process(proc, 20) == -signal.SIGKILL:
+                for name in (ring, met):  # a killed ingest cannot unlink its segments
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"/dev/shm/{name}")
             if reader is not None:
                 reader.close()
             if block is not None:

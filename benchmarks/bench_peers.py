@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -148,6 +147,7 @@ def run_peer(peer: str, sim: Any) -> Iterator[tuple[int, Any]]:
     """Start a client; yield (pid, counter function)."""
     if peer == "pipeline":
         from pipeline.ring import ring_stats
+        from pipeline.sim.testing import stop_process
 
         ring, met = f"bench_{os.getpid()}_peer_r", f"bench_{os.getpid()}_peer_m"
         proc = subprocess.Popen(
@@ -166,13 +166,7 @@ def run_peer(peer: str, sim: Any) -> Iterator[tuple[int, Any]]:
         try:
             yield proc.pid, count
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 10)
         return
     shared = CTX.RawArray("q", 4)
     if peer == "binance-sdk-spot":

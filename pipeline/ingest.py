@@ -40,9 +40,9 @@ The common aggTrade, trade and bookTicker frame (the id its stream expects next,
 JSON) does not reach Python at all: the compiled path (pipeline/fastpath.py, ``--fast-path``)
 parses it and stages its record from the transport's callback, and calls back into
 :meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's staging counters
-and the last ids of the trackers and of the bookTicker dedupe (:meth:`Ingest._agg_synced` and
-the TRADE / BOOK_TICKER branches of :meth:`Ingest.handle`): whichever path sees a frame starts
-from what the other published, so both publish one sequence, in order, exactly once.
+and the last ids of the trackers and of the bookTicker dedupe (:meth:`Ingest._track` and the
+BOOK_TICKER branch of :meth:`Ingest.handle`): whichever path sees a frame starts from what the
+other published, so both publish one sequence, in order, exactly once.
 """
 
 from __future__ import annotations
@@ -582,26 +582,30 @@ class Ingest:
         elif self.ring.staged >= self.ring.max_staged:
             self._commit()
 
-    def _agg_synced(self, sid: int, val: tuple[Any, ...]) -> None:
-        """An aggTrade the compiled path did not take: the tracker decides (duplicate, gap,
-        first trade, held behind a gap), starting from the last id the compiled path published,
-        and the compiled path is re-armed only while no gap is open."""
+    def _track(self, kind: int, sid: int, val: tuple[Any, ...]) -> None:
+        """An aggTrade (``kind`` 1) or trade (2) the fast lane did not take: the symbol's
+        exactly-once tracker decides (duplicate, gap, first trade, held behind a gap), starting
+        from the last id the compiled path published; the compiled path is re-armed only while
+        no hole is open, and a hole starts its filler (REST backfill, or the trade GAP timer).
+        """
+        tr = (self.trackers if kind == 1 else self.trade_trackers)[sid]
         fast = self.fast
-        tr = self.trackers[sid]
-        last = fast.last_id(sid)
-        if last is not None:
-            tr.last = last
-        self._on_agg(sid, tr, val)
-        fast.set_last(sid, None if tr.pending else tr.last)
-
-    def _on_agg(self, sid: int, tr: Any, val: tuple[Any, ...]) -> None:
+        if fast is not None:
+            last = fast.last_id(sid, kind)
+            if last is not None:
+                tr.last = last
         dups = tr.stats.duplicates
         out = tr.on_live(val[11], val)
         self.c["duplicates"] += tr.stats.duplicates - dups
         if out:
             self.publish_many(out)
-        if tr.pending and sid not in self._backfilling:
-            self._spawn(self._backfill(sid), self._backfilling, sid)
+        if fast is not None:
+            fast.set_last(sid, None if tr.pending else tr.last, kind)
+        if tr.pending:
+            if kind == 1 and sid not in self._backfilling:
+                self._spawn(self._backfill(sid), self._backfilling, sid)
+            elif kind == 2 and sid not in self._trade_waiting:
+                self._spawn(self._trade_gap(sid), self._trade_waiting, sid)
 
     def _tracker_changed(self, sid: int, kind: int = 1) -> None:
         """A gap was filled or given up outside the frame handler: the compiled path may
@@ -629,7 +633,7 @@ class Ingest:
             if tag == 1:  # st.AGG (a literal: no module attribute lookup on the hot path)
                 sid = val[2]
                 if self.fast is not None:
-                    self._agg_synced(sid, val)
+                    self._track(1, sid, val)
                     return
                 tr = self.trackers[sid]
                 a = val[11]
@@ -642,7 +646,7 @@ class Ingest:
                     else:
                         self.publish(val)
                     return
-                self._on_agg(sid, tr, val)
+                self._track(1, sid, val)
                 return
             st = self.st
             if tag == st.BOOK_TICKER:
@@ -666,22 +670,7 @@ class Ingest:
                 self.rlog.warning(f"skip_{val}", "frame skipped", reason=val,
                                   head=bytes(payload[:80]).decode("utf-8", "replace"))
             elif tag == st.TRADE:
-                sid = val[2]
-                tt = self.trade_trackers[sid]
-                fast = self.fast
-                if fast is not None:  # start from what the compiled path published
-                    last = fast.last_id(sid, 2)
-                    if last is not None:
-                        tt.last = last
-                dups = tt.stats.duplicates
-                out = tt.on_live(val[11], val)
-                c["duplicates"] += tt.stats.duplicates - dups
-                if out:
-                    self.publish_many(out)
-                if fast is not None:  # re-armed only while no hole is open
-                    fast.set_last(sid, None if tt.pending else tt.last, 2)
-                if tt.pending and sid not in self._trade_waiting:
-                    self._spawn(self._trade_gap(sid), self._trade_waiting, sid)
+                self._track(2, val[2], val)
             elif tag == st.DEPTH_PARTIAL:
                 self._on_partial(val)
             elif tag == st.CONTROL:

@@ -180,16 +180,24 @@ class SimProcess:
             return f.read()
 
     def stop(self, timeout: float = 5.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
+    """SIGTERM, up to ``timeout`` s for a clean exit, then SIGKILL. Returns the exit code
+    (``-signal.SIGKILL`` if it had to be killed). Tests and benchmarks stop every child this
+    way, so none outlives them and a clean shutdown is tried first."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 @contextmanager
