@@ -11,8 +11,20 @@ in, a per-component verdict out, so every rule below is a unit test:
   is older than ``--max-frame-age`` seconds.
 * **ring**: unhealthy when the writer pid is dead; each reader's lag and missed count shown.
 * any other block (persist, risk, ...): unhealthy when its writer is dead.
+* **every block**, whatever its component: any field named ``problem_<x>`` with a non-zero
+  value is a problem named ``<x>`` (with the value). This is how a process says "I am alive but
+  half dead" (orders unknown for too long, a sink that cannot write) without health having to
+  know each component's internals: the owner raises the field, health turns red.
+* **every block that publishes ``heartbeat_interval_ms`` > 0**: unhealthy when its
+  ``_updated_at_ns`` is older than max(3 * interval, 2 s) ("process stalled"). A writer that is
+  alive by pid but no longer updates (SIGSTOPped, wedged in a syscall, its timer task dead) is
+  otherwise indistinguishable from a healthy idle one. Blocks without the field keep only the
+  rules above (their writers may legitimately be idle).
 * a component that is *expected* (``--expect``, default ingest + trading when enabled in the
   config) but has no block at all is unhealthy ("not running").
+* a segment under the prefix that the shared-memory trust rule refuses (not ours, not a regular
+  file, ...) is reported as ``segment:<name>``, unhealthy with the reason: someone planted or
+  broke a name we would use, and an operator should know.
 
 Exit status: 0 all healthy, 1 something unhealthy, 2 usage/config error.
 """
@@ -47,6 +59,13 @@ FRAME_TIME_FIELDS = ("last_frame_ns", "last_recv_ns", "last_message_ns", "last_f
 RTT_FIELDS = ("last_rtt_us", "rtt_us", "rtt_smoothed_us")
 RECONNECT_FIELDS = ("reconnects", "reconnects_total", "reconnect_attempts")
 
+PROBLEM_PREFIX = "problem_"
+HEARTBEAT_FIELD = "heartbeat_interval_ms"
+# A heartbeat block is stale after this many intervals, and never sooner than the floor: one
+# missed flush (GC pause, a busy box) must not flap the verdict.
+HEARTBEAT_MISSES = 3
+HEARTBEAT_FLOOR_S = 2.0
+
 
 def component_name(block: str, prefix: str = BLOCK_PREFIX) -> str:
     """``pipeline.trading.metrics`` -> ``trading``; ``pipeline.persist.metrics`` -> ``persist``."""
@@ -61,6 +80,42 @@ def _first(snap: Mapping[str, Any], names: Iterable[str]) -> Any:
     return None
 
 
+def _number(v: Any) -> float | None:
+    """A finite number from a snapshot field, else None (a torn or NaN field is not a verdict)."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def problem_fields(fields: Mapping[str, Any]) -> list[str]:
+    """``problem_<x>`` fields with a non-zero value, as ``"<x>=<value>"`` problems."""
+    out = []
+    for k, v in fields.items():
+        if k.startswith(PROBLEM_PREFIX) and len(k) > len(PROBLEM_PREFIX):
+            num = _number(v)
+            if num is None or num != 0:  # NaN/inf in a problem field is a problem too
+                out.append(f"{k[len(PROBLEM_PREFIX) :]}={_fmt(v)}")
+    return out
+
+
+def heartbeat_problem(snap: Mapping[str, Any], now_ns: int) -> tuple[float | None, str | None]:
+    """(age in s, problem or None) for a block that publishes ``heartbeat_interval_ms`` > 0;
+    (None, None) when it does not (no heartbeat promised, no staleness rule)."""
+    interval_ms = _number(snap.get(HEARTBEAT_FIELD))
+    if interval_ms is None or interval_ms <= 0:
+        return None, None
+    updated = snap.get("_updated_at_ns")
+    limit_s = max(HEARTBEAT_MISSES * interval_ms / 1000.0, HEARTBEAT_FLOOR_S)
+    if not isinstance(updated, int) or updated <= 0:
+        return None, "metrics never updated: process stalled"
+    age_s = (now_ns - updated) / 1e9
+    if age_s > limit_s:
+        return age_s, f"metrics not updated for {age_s:.1f} s: process stalled"
+    return age_s, None
+
+
 def evaluate(
     blocks: Mapping[str, Mapping[str, Any]],
     rings: Mapping[str, Mapping[str, Any] | None],
@@ -69,10 +124,14 @@ def evaluate(
     expect: Iterable[str] = (),
     max_frame_age_s: float = 10.0,
     prefix: str = BLOCK_PREFIX,
+    refused: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Pure verdict. ``blocks``: block name -> snapshot (with ``_writer_alive``); ``rings``:
-    ring name -> ring_stats dict (None when the ring does not exist)."""
+    """Pure verdict. ``blocks``: block name -> snapshot (with ``_writer_alive`` and
+    ``_updated_at_ns``); ``rings``: ring name -> ring_stats dict (None when the ring does not
+    exist); ``refused``: segment name -> why the trust rule refused to open it."""
     out: dict[str, Any] = {}
+    for name, why in sorted((refused or {}).items()):
+        out[f"segment:{name}"] = {"healthy": False, "problems": [f"refused: {why}"]}
     for block, snap in sorted(blocks.items()):
         comp = component_name(block, prefix)
         fields = {k: v for k, v in snap.items() if not k.startswith("_")}
@@ -81,6 +140,11 @@ def evaluate(
         entry: dict[str, Any] = {"block": block, "writer_alive": alive}
         if not alive:
             problems.append("writer process is dead")
+        age_s, stale = heartbeat_problem(snap, now_ns)
+        if age_s is not None:
+            entry["metrics_age_s"] = round(age_s, 3)
+        if stale and alive:  # a dead writer is already the better explanation
+            problems.append(stale)
         if comp == "trading":
             code = int(fields.get("state", -1))
             state = TRADING_STATES.get(code, f"UNKNOWN({code})")
@@ -90,6 +154,8 @@ def evaluate(
                 last_rtt_us=_first(fields, RTT_FIELDS),
                 orders_unknown=fields.get("orders_unknown", 0),
             )
+            if "orders_unknown_now" in fields:
+                entry["orders_unknown_now"] = fields["orders_unknown_now"]
             if state != "READY":
                 problems.append(f"session state {state}, not READY")
         elif comp == "ingest":
@@ -99,6 +165,7 @@ def evaluate(
                 entry["last_frame_age_s"] = round(age, 3) if math.isfinite(age) else None
                 if age > max_frame_age_s:
                     problems.append("no frame yet" if not last else f"last frame {age:.1f}s ago")
+        problems.extend(problem_fields(fields))
         entry["metrics"] = fields
         entry["problems"] = problems
         entry["healthy"] = not problems
@@ -142,10 +209,9 @@ def collect(
     now_ns: Callable[[], int] = time.time_ns,
 ) -> dict[str, Any]:
     """Read shared memory and :func:`evaluate` it."""
-    from pipeline.metrics import snapshot_all
     from pipeline.ring import RingError, ring_stats
 
-    blocks = snapshot_all(prefix)
+    blocks, refused = snapshot_blocks(prefix)
     ring_info: dict[str, Mapping[str, Any] | None] = {}
     for ring in rings:
         try:
@@ -153,8 +219,47 @@ def collect(
         except (RingError, FileNotFoundError, OSError):
             ring_info[ring] = None
     return evaluate(
-        blocks, ring_info, now_ns(), expect=expect, max_frame_age_s=max_frame_age_s, prefix=prefix
+        blocks, ring_info, now_ns(), expect=expect, max_frame_age_s=max_frame_age_s,
+        prefix=prefix, refused=refused,
+    )  # fmt: skip
+
+
+def snapshot_blocks(prefix: str = BLOCK_PREFIX) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(snapshots, refused) of every metrics block under ``prefix``.
+
+    Unlike :func:`pipeline.metrics.snapshot_all`, a block that cannot be opened or read is not
+    silently dropped: the shared-memory trust rule refusing it (foreign owner, wrong mode, not
+    a regular file) or a writer that died mid-update comes back in ``refused`` with the reason,
+    so health reports it once per run instead of showing a component as merely absent. A block
+    that vanished between listing and attaching is skipped (its process just exited).
+    """
+    from pipeline.metrics import (
+        MetricsBlock,
+        MetricsBusyError,
+        MetricsError,
+        MetricsNotFoundError,
+        list_blocks,
     )
+
+    blocks: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
+    for name in list_blocks(prefix):
+        try:
+            block = MetricsBlock.attach(name)
+        except (MetricsNotFoundError, FileNotFoundError):
+            continue
+        except (MetricsError, OSError) as exc:
+            refused[name] = str(exc)
+            continue
+        try:
+            snap: dict[str, Any] = dict(block.snapshot())
+            snap["_writer_alive"] = block.writer_alive()
+            blocks[name] = snap
+        except MetricsBusyError as exc:
+            refused[name] = str(exc)
+        finally:
+            block.close()
+    return blocks, refused
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,15 +276,18 @@ def render_text(report: Mapping[str, Any]) -> str:
     lines = []
     for comp, e in report.items():
         flag = "OK  " if e.get("healthy") else "FAIL"
-        head = f"{flag} {comp:<24}"
+        head = f"{flag} {_printable(comp):<24}"
         if comp == "trading" and "state" in e:
             detail = (
                 f"state={e['state']} reconnects={_fmt(e['reconnects'])} "
                 f"last_rtt_us={_fmt(e['last_rtt_us'])} orders_unknown={_fmt(e['orders_unknown'])}"
             )
+            if "orders_unknown_now" in e:
+                detail += f" orders_unknown_now={_fmt(e['orders_unknown_now'])}"
         elif comp.startswith("ring:") and "cursor" in e:
             readers = ", ".join(
-                f"{r['name']}(lag {r['lag']}, missed {r['missed']})" for r in e["readers"]
+                f"{_printable(r['name'])}(lag {r['lag']}, missed {r['missed']})"
+                for r in e["readers"]
             )
             detail = (
                 f"writer {e['writer_pid']} gen {e['generation']} cursor {e['cursor']}"
@@ -193,7 +301,7 @@ def render_text(report: Mapping[str, Any]) -> str:
             extra = " ".join(f"{k}={_fmt(v)}" for k, v in e["metrics"].items())
             detail = f"{detail}  [{extra}]" if detail else f"[{extra}]"
         if e.get("problems"):
-            detail += "  PROBLEMS: " + "; ".join(e["problems"])
+            detail += "  PROBLEMS: " + "; ".join(_printable(p) for p in e["problems"])
         lines.append(f"{head} {detail}".rstrip())
     status = "healthy" if overall(report) else "UNHEALTHY"
     lines.append(f"overall: {status}")
@@ -201,18 +309,42 @@ def render_text(report: Mapping[str, Any]) -> str:
 
 
 def _prom_name(s: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in s).strip("_")
+    """A metric-name fragment: ASCII letters and digits kept, anything else ``_`` (str.isalnum
+    alone would let non-ASCII letters through, which the exposition format rejects)."""
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in s).strip("_")
+
+
+def _prom_value(v: Any) -> str:
+    """A sample value; anything that is not a finite number is exposed as NaN, never as text."""
+    num = _number(v)
+    return "NaN" if num is None else (str(v) if isinstance(v, int | float) else str(num))
+
+
+def _printable(v: object) -> str:
+    """A name from another process for a text line: control characters (a newline could fake
+    an extra "OK" line) shown escaped."""
+    text = str(v)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def prom_label(value: object) -> str:
+    """A label value escaped per the text exposition format: backslash, double quote and line
+    feed become ``\\``, ``\\"`` and ``\\n``. Reader and segment names come from other
+    processes; unescaped, one name with a newline would inject arbitrary series into the
+    scrape (or make the whole page unparseable)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def render_prometheus(report: Mapping[str, Any]) -> str:
-    """Prometheus text exposition (version 0.0.4) of the same report."""
+    """Prometheus text exposition (version 0.0.4) of the same report. Every label value goes
+    through :func:`prom_label`; metric names through :func:`_prom_name` (``[A-Za-z0-9_]``)."""
     out = [
         "# HELP pipeline_component_healthy 1 if the component passes its health rules.",
         "# TYPE pipeline_component_healthy gauge",
     ]
     metrics: list[str] = []
     for comp, e in report.items():
-        label = comp.replace("\\", "\\\\").replace('"', '\\"')
+        label = prom_label(comp)
         out.append(
             f'pipeline_component_healthy{{component="{label}"}} {int(bool(e.get("healthy")))}'
         )
@@ -220,13 +352,9 @@ def render_prometheus(report: Mapping[str, Any]) -> str:
             if isinstance(v, int | float) and math.isfinite(v):
                 metrics.append(f"pipeline_{_prom_name(comp)}_{_prom_name(k)} {v}")
         for r in e.get("readers", []) or []:
-            rl = str(r.get("name", "")).replace('"', "")
-            metrics.append(
-                f'pipeline_ring_reader_lag{{ring="{label}",reader="{rl}"}} {r.get("lag", 0)}'
-            )
-            metrics.append(
-                f'pipeline_ring_reader_missed{{ring="{label}",reader="{rl}"}} {r.get("missed", 0)}'
-            )
+            where = f'ring="{label}",reader="{prom_label(r.get("name", ""))}"'
+            for what in ("lag", "missed"):
+                metrics.append(f"pipeline_ring_reader_{what}{{{where}}} {_prom_value(r.get(what))}")
     return "\n".join(out + metrics) + "\n"
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -163,3 +164,230 @@ def test_prometheus_endpoint(live: tuple[str, str, MetricsBlock, MetricsBlock]) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# half-dead components: problem_* fields and heartbeats (issue #11)
+
+
+def test_problem_fields_make_any_component_unhealthy() -> None:
+    blocks: dict[str, dict[str, Any]] = {
+        "pipeline.trading.metrics": {**trading(3), "problem_unknown_orders_stale": 3,
+                                     "problem_other": 0},
+        P: {"inserted": 5, "problem_sink_errors": 0.0},
+    }  # fmt: skip
+    rep = evaluate(blocks, {}, NOW)
+    assert not rep["trading"]["healthy"]
+    assert rep["trading"]["problems"] == ["unknown_orders_stale=3"]
+    assert rep["persist"]["healthy"], rep["persist"]  # zero problem fields are no problem
+    text = render_text(rep)
+    assert "FAIL trading" in text
+    assert "unknown_orders_stale=3" in text
+    blocks[P]["problem_sink_errors"] = float("nan")  # a torn/NaN problem field is not "fine"
+    assert not evaluate(blocks, {}, NOW)["persist"]["healthy"]
+
+
+@pytest.mark.parametrize(
+    ("interval_ms", "age_s", "healthy"),
+    [
+        (1000, 2.9, True),  # within 3 intervals
+        (1000, 3.5, False),  # more than 3 intervals
+        (100, 1.5, True),  # the 2 s floor: a fast heartbeat does not flap on one late flush
+        (100, 2.5, False),
+        (0, 3600.0, True),  # no heartbeat promised: no staleness rule (today's behaviour)
+    ],
+)
+def test_heartbeat_staleness(interval_ms: int, age_s: float, healthy: bool) -> None:
+    snap = {"heartbeat_interval_ms": interval_ms, "_updated_at_ns": NOW - int(age_s * 1e9),
+            "_writer_alive": True}  # fmt: skip
+    rep = evaluate({"pipeline.risk.metrics": snap}, {}, NOW)
+    assert rep["risk"]["healthy"] is healthy, rep["risk"]
+    if not healthy:
+        assert rep["risk"]["problems"] == [
+            f"metrics not updated for {age_s:.1f} s: process stalled"
+        ]
+
+
+def test_block_without_heartbeat_keeps_old_rules() -> None:
+    snap = {"inserted": 1, "_updated_at_ns": NOW - 3600 * 10**9, "_writer_alive": True}
+    assert evaluate({P: snap}, {}, NOW)["persist"]["healthy"]
+
+
+def test_dead_writer_is_named_not_stalled() -> None:
+    snap = {"heartbeat_interval_ms": 100, "_updated_at_ns": OLD, "_writer_alive": False}
+    assert evaluate({P: snap}, {}, NOW)["persist"]["problems"] == ["writer process is dead"]
+
+
+def test_trading_reports_orders_unknown_now() -> None:
+    rep = evaluate({T: {**trading(3), "orders_unknown_now": 4}}, {}, NOW)
+    assert rep["trading"]["orders_unknown_now"] == 4
+    assert "orders_unknown_now=4" in render_text(rep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus label escaping (issue #11: "Prometheus labels do not escape \n")
+
+HOSTILE = 'evil\\name"\nfake_metric{x="1"} 1'
+
+
+def _unescape_label(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            nxt = text[i + 1]
+            out.append({"n": "\n", "\\": "\\", '"': '"'}[nxt])
+            i += 2
+            continue
+        assert c not in '"\n', f"unescaped {c!r} in label value {text!r}"
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def test_prometheus_escapes_hostile_reader_names() -> None:
+    rep = evaluate(
+        {},
+        {"pipeline.ticks": {"writer_alive": True, "writer_pid": 7, "generation": 1, "cursor": 0,
+                            "readers": [{"name": HOSTILE, "pid": 8, "lag": 2, "missed": 0}]}},
+        NOW,
+    )  # fmt: skip
+    prom = render_prometheus(rep)
+    lines = prom.splitlines()
+    # the name's newline did not start a line of its own: no injected series
+    assert not any(line.startswith("fake_metric") for line in lines), prom
+    lag = [line for line in lines if line.startswith("pipeline_ring_reader_lag{")]
+    assert len(lag) == 1, prom
+    assert lag[0] == (
+        'pipeline_ring_reader_lag{ring="ring:pipeline.ticks",'
+        'reader="evil\\\\name\\"\\nfake_metric{x=\\"1\\"} 1"} 2'
+    )
+    label = lag[0].split('reader="', 1)[1].rsplit('"} ', 1)[0]
+    assert _unescape_label(label) == HOSTILE
+    # every sample line is `name{labels} value` or `name value`: nothing else leaked through
+    for line in lines:
+        if not line.startswith("#"):
+            assert line.rsplit(" ", 1)[1].replace(".", "").replace("-", "").isdigit(), line
+    text = render_text(rep)
+    assert "\nfake_metric" not in text  # the text view escapes it too
+
+
+def test_prometheus_endpoint_with_hostile_reader_name(shm_name: str) -> None:
+    """A real ring whose reader table holds a hostile name, scraped over HTTP."""
+    ring = f"{shm_name}.ticks"
+    w = RingWriter.create(ring, TICK_DTYPE, 1024, ["BTCUSDT"])
+    try:
+        r = RingReader.attach(ring, 'a\\b"c\nd')
+    except ValueError as exc:  # names are validated at attach: then nothing can reach health
+        w.close()
+        pytest.skip(f"ring refuses hostile reader names at attach ({exc}); covered by unit test")
+    server = serve_prometheus(0, lambda: collect([ring], prefix=f"{shm_name}."))
+    try:
+        host, port = server.server_address[:2]
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
+            body = resp.read().decode()
+        readers = [ln for ln in body.splitlines() if ln.startswith("pipeline_ring_reader_lag")]
+        assert len(readers) == 1, body
+        assert 'reader="a\\\\b\\"c\\nd"' in readers[0], readers
+    finally:
+        server.shutdown()
+        server.server_close()
+        r.close()
+        w.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# a real process that stops updating (SIGSTOP) turns `pipeline health` red, SIGCONT green again
+
+HEARTBEAT_CHILD = r"""
+import signal, sys, threading
+from pipeline.metrics import MetricsBlock
+from pipeline.records import TICK_DTYPE
+from pipeline.ring import RingWriter
+
+ring, block = sys.argv[1], sys.argv[2]
+w = RingWriter.create(ring, TICK_DTYPE, 1024, ["BTCUSDT"])
+m = MetricsBlock.create(block, [("heartbeat_interval_ms", "<i8"), ("beats", "<i8")])
+m.set(heartbeat_interval_ms=200, beats=0)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+print("ready", flush=True)
+beats = 0
+while not stop.wait(0.2):  # the heartbeat timer: one store per interval, even when idle
+    beats += 1
+    m.set(beats=beats)
+m.close()
+w.close()
+"""
+
+
+def _health(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "health", "--expect", "hb"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def _until_exit(env: dict[str, str], code: int, limit_s: float = 30.0) -> str:
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        res = _health(env)
+        if res.returncode == code:
+            return res.stdout
+        assert time.monotonic() < deadline, (
+            f"`pipeline health` never exited {code}:\n{res.stdout}{res.stderr}"
+        )
+        time.sleep(0.2)  # one check per heartbeat interval is plenty
+
+
+def test_stopped_process_turns_health_red_and_back(shm_name: str) -> None:
+    import signal
+
+    prefix, ring = f"{shm_name}.", f"{shm_name}.ticks"
+    env = {**os.environ, "PIPELINE_RUN_SHM_PREFIX": prefix, "PIPELINE_RING_NAME": ring}
+    child = subprocess.Popen(
+        [sys.executable, "-c", HEARTBEAT_CHILD, ring, f"{prefix}hb.metrics"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        first = _health(env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "OK   hb" in first.stdout
+        child.send_signal(signal.SIGSTOP)
+        red = _until_exit(env, 1)
+        assert "FAIL hb" in red, red
+        assert "process stalled" in red, red
+        assert f"OK   ring:{ring}" in red  # the pid is alive: only the heartbeat tells
+        child.send_signal(signal.SIGCONT)
+        green = _until_exit(env, 0)
+        assert "OK   hb" in green
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.terminate()
+        child.wait(30)
+        assert child.stdout is not None
+        child.stdout.close()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(shm_name)]
+
+
+def test_refused_segment_is_reported_not_dropped(shm_name: str) -> None:
+    """A segment with our metrics magic that cannot be read as a block (here a corrupt
+    description; in the field a neighbour's file the trust rule refuses) shows as unhealthy."""
+    from pipeline.metrics import MAGIC
+
+    path = f"/dev/shm/{shm_name}.bogus.metrics"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, MAGIC + b"\xff" * 248)
+        os.close(fd)
+        rep = collect([], prefix=f"{shm_name}.")
+        entry = rep[f"segment:{shm_name}.bogus.metrics"]
+        assert not entry["healthy"]
+        assert entry["problems"][0].startswith("refused: ")
+        assert not overall(rep)
+    finally:
+        os.unlink(path)
