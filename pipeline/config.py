@@ -62,8 +62,8 @@ ENDPOINTS: dict[str, dict[str, str]] = {
     },
 }
 
-_SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,20}$")
-_SHM_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}")  # fullmatch: "$" would accept a trailing newline
+_SHM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")  # as pipeline.shm, fullmatch
 
 
 class ConfigError(ValueError):
@@ -380,13 +380,13 @@ def _check(key: str, meta: Mapping[str, Any], value: Any, source: str) -> None:
         if not value:
             raise ConfigError(key, "must list at least one symbol", source)
         for i, v in enumerate(value):
-            if not _SYMBOL_RE.match(v):
+            if not isinstance(v, str) or not _SYMBOL_RE.fullmatch(v):
                 raise ConfigError(f"{key}[{i}]", f"not a symbol like BTCUSDT: {v!r}", source)
         if len(set(value)) != len(value):
             raise ConfigError(key, "duplicate symbols", source)
     if meta.get("power_of_two") and value & (value - 1):
         raise ConfigError(key, f"must be a power of two, got {value}", source)
-    if meta.get("shm_name") and not _SHM_NAME_RE.match(value):
+    if meta.get("shm_name") and not _SHM_NAME_RE.fullmatch(value):
         raise ConfigError(key, f"not a valid shared-memory name: {value!r}", source)
     if meta.get("url") and value and not re.match(r"^(wss?|https?)://[^\s/]+", value):
         raise ConfigError(key, f"expected a ws(s):// or http(s):// URL: {value!r}", source)
