@@ -36,6 +36,13 @@ in the last digit; nothing in aggTrade/bookTicker/depth prices gets there in pra
 Times: ``E`` / ``T`` are milliseconds unless the connection asked for ``timeUnit=MICROSECOND``
 (section 1.2); the decoder is told which (``time_unit``) and records carry nanoseconds either way.
 
+Ids and times: every id (``a``, ``l``, ``t``, ``u``, ``U``, ``lastUpdateId``) must be an
+integer in 0..2**63-1 and ``E`` small enough that ``E`` in ns fits an int64; anything else is
+BAD_NUMBER (counted and skipped by the shell), so a record built here always packs into the
+ring. An id that is in range but absurd (10**18 after 4 million) is not judged here: the id
+trackers treat a jump beyond ``--max-id-jump`` as a suspected stream reset (pipeline/gapfill.py).
+A frame nested deeper than the parsers' limit is MALFORMED_JSON, never a RecursionError.
+
 Two decoders with one behaviour: :class:`MsgspecDecoder` (typed ``msgspec.json.Decoder`` per
 stream kind, strings -> float in C; the hot-path default, ~2x faster here, see
 benchmarks/bench_ingest.py) and :class:`OrjsonDecoder` (orjson to dicts; the baseline). Tests run
@@ -45,7 +52,7 @@ every fixture through both and require identical output.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 import orjson
@@ -67,12 +74,16 @@ MALFORMED_JSON: Final = "malformed_json"  # not JSON, or not a JSON object
 UNKNOWN_STREAM: Final = "unknown_stream"  # combined frame for a stream we did not subscribe
 UNKNOWN_EVENT: Final = "unknown_event"  # raw frame whose event type we do not handle
 MISSING_FIELD: Final = "missing_field"  # a required field is absent
-BAD_NUMBER: Final = "bad_number"  # price/qty/id not a finite non-negative number, wrong type
+BAD_NUMBER: Final = "bad_number"  # price/qty not finite >= 0; id/time not in 0..2**63-1; type
 OVERSIZED: Final = "oversized"  # frame longer than the configured maximum
 SKIP_REASONS: Final = (MALFORMED_JSON, UNKNOWN_STREAM, UNKNOWN_EVENT, MISSING_FIELD, BAD_NUMBER,
                        OVERSIZED)
 
 _INF: Final = float("inf")
+#: Largest id / count a record can carry (its int64 fields). Venue ids and times are checked
+#: against it at decode time: a negative or larger one is BAD_NUMBER, never a record that fails
+#: to pack later (after the id tracker had already moved past it).
+I64_MAX: Final = (1 << 63) - 1
 #: ``timeUnit`` URL parameter value (section 1.2) -> ns per unit of the stream's time fields
 TIME_UNITS: Final[dict[str, int]] = {"MILLISECOND": 1_000_000, "MICROSECOND": 1_000}
 _F_NONE: Final = int(Flags.NONE)
@@ -174,6 +185,8 @@ class OrjsonDecoder(_Routing):
             raise ValueError(f"time unit must be one of {sorted(TIME_UNITS)}, got {time_unit!r}")
         #: ns per unit of ``E`` / ``T`` (the connection's ``timeUnit``)
         self.time_mult = TIME_UNITS[time_unit]
+        #: largest ``E`` whose ns value fits the record's int64 (larger: BAD_NUMBER)
+        self.max_event = I64_MAX // self.time_mult
 
     def decode(self, payload: bytes | bytearray | memoryview | str,
                recv_time_ns: int) -> tuple[int, Any]:
@@ -181,7 +194,7 @@ class OrjsonDecoder(_Routing):
             return SKIP, OVERSIZED
         try:
             msg = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+        except (orjson.JSONDecodeError, RecursionError):  # orjson caps depth at 1024 itself
             return SKIP, MALFORMED_JSON
         if type(msg) is not dict:
             return SKIP, MALFORMED_JSON
@@ -234,7 +247,8 @@ class OrjsonDecoder(_Routing):
                 ev = d["E"]  # event time, ms
                 m = d["m"]  # buyer is maker
                 if type(a) is not int or type(last) is not int or type(ev) is not int \
-                        or type(m) is not bool:
+                        or type(m) is not bool or not (0 <= a <= I64_MAX and 0 <= last <= I64_MAX
+                                                       and 0 <= ev <= self.max_event):
                     return SKIP, BAD_NUMBER
                 return AGG, (_K_AGG, _F_MAKER if m else _F_NONE, sid, 0, 0, p, q,
                              0.0, 0.0, 0.0, 0.0, a, last, ev * tm, recv_ns)
@@ -243,7 +257,7 @@ class OrjsonDecoder(_Routing):
                 a_, aq = float(d["a"]), float(d["A"])  # best ask price / qty
                 u = d["u"]  # order book update id
                 if not (_finite(b) and _finite(bq) and _finite(a_) and _finite(aq)) \
-                        or type(u) is not int:
+                        or type(u) is not int or not 0 <= u <= I64_MAX:
                     return SKIP, BAD_NUMBER
                 return BOOK_TICKER, (_K_BOOK, _F_NONE, sid, 0, 0, 0.0, 0.0, b, bq, a_, aq,
                                      u, 0, 0, recv_ns)
@@ -253,13 +267,15 @@ class OrjsonDecoder(_Routing):
                 ev = d["E"]
                 m = d["m"]
                 if not (_finite(p) and _finite(q)) or type(t) is not int \
-                        or type(ev) is not int or type(m) is not bool:
+                        or type(ev) is not int or type(m) is not bool \
+                        or not (0 <= t <= I64_MAX and 0 <= ev <= self.max_event):
                     return SKIP, BAD_NUMBER
                 return TRADE, (_K_TRADE, _F_MAKER if m else _F_NONE, sid, 0, 0, p, q,
                                0.0, 0.0, 0.0, 0.0, t, 0, ev * tm, recv_ns)
             if tag == DEPTH_DIFF:
                 first, last_, ev = d["U"], d["u"], d["E"]
-                if type(first) is not int or type(last_) is not int or type(ev) is not int:
+                if type(first) is not int or type(last_) is not int or type(ev) is not int \
+                        or not (0 <= first <= last_ <= I64_MAX and 0 <= ev <= self.max_event):
                     return SKIP, BAD_NUMBER
                 bids = [(float(p), float(q)) for p, q in d["b"]]
                 asks = [(float(p), float(q)) for p, q in d["a"]]
@@ -268,7 +284,7 @@ class OrjsonDecoder(_Routing):
                 return DEPTH_DIFF, DepthDiff(sid, first, last_, ev * tm, recv_ns, bids, asks)
             # DEPTH_PARTIAL
             lid = d["lastUpdateId"]
-            if type(lid) is not int:
+            if type(lid) is not int or not 0 <= lid <= I64_MAX:
                 return SKIP, BAD_NUMBER
             bids = [(float(p), float(q)) for p, q in d["bids"]]
             asks = [(float(p), float(q)) for p, q in d["asks"]]
@@ -286,7 +302,7 @@ _RAW_EVENTS: Final[dict[str, int]] = {"aggTrade": AGG, "trade": TRADE, "depthUpd
 
 def _shutdown(data: dict[str, Any], time_mult: int) -> tuple[int, Any]:
     ev = data.get("E")
-    return SHUTDOWN, ev * time_mult if type(ev) is int else 0
+    return SHUTDOWN, ev * time_mult if type(ev) is int and 0 <= ev <= I64_MAX // time_mult else 0
 
 
 # ---- msgspec typed decoding ------------------------------------------------------------------
@@ -297,43 +313,46 @@ class _Envelope(msgspec.Struct):
     data: msgspec.Raw = msgspec.Raw(b"")  # payload, decoded by the typed decoder of its kind
 
 
-class _AggTrade(msgspec.Struct):
-    E: int  # event time, ms
-    a: int  # aggregate trade id
-    p: float  # price (decimal string on the wire)
-    q: float  # quantity
-    l: int  # last underlying trade id  # noqa: E741
-    m: bool  # buyer is maker
+#: an id / count: the range of the record's int64 fields, checked by msgspec in C (free)
+_Id = Annotated[int, msgspec.Meta(ge=0, le=I64_MAX)]
 
 
-class _Trade(msgspec.Struct):
-    E: int  # event time, ms
-    t: int  # trade id
-    p: float  # price
-    q: float  # quantity
-    m: bool  # buyer is maker
+class _Kinds:
+    """The typed payload structs of one ``timeUnit``: ``E`` is bounded so that ``E * time_mult``
+    fits an int64 (checked by msgspec while decoding, no Python comparison on the hot path).
+    Built once per decoder (:func:`_kinds` caches them by bound)."""
+
+    def __init__(self, max_event: int) -> None:
+        # defstruct, not class statements: the bound is a runtime value, and this module's
+        # postponed annotations would be evaluated by msgspec outside this scope
+        ev = Annotated[int, msgspec.Meta(ge=0, le=max_event)]
+        lv = list[tuple[float, float]]  # [price, qty] levels
+        d = msgspec.defstruct
+        #: fields as on the wire: E event time, a aggregate id, p price, q qty, l last trade id,
+        #: m buyer is maker
+        self.agg = d("_AggTrade", [("E", ev), ("a", _Id), ("p", float), ("q", float),
+                                   ("l", _Id), ("m", bool)])
+        #: t trade id
+        self.trade = d("_Trade", [("E", ev), ("t", _Id), ("p", float), ("q", float),
+                                  ("m", bool)])
+        #: u update id, b/B best bid price/qty, a/A best ask price/qty
+        self.book = d("_BookTicker", [("u", _Id), ("b", float), ("B", float), ("a", float),
+                                      ("A", float)])
+        #: U first / u final update id of the event, b bids, a asks
+        self.diff = d("_DepthUpdate", [("E", ev), ("U", _Id), ("u", _Id), ("b", lv),
+                                       ("a", lv)])
+        self.partial = d("_DepthPartial", [("lastUpdateId", _Id), ("bids", lv),
+                                           ("asks", lv)])
 
 
-class _BookTicker(msgspec.Struct):
-    u: int  # order book update id
-    b: float  # best bid price
-    B: float  # best bid qty
-    a: float  # best ask price
-    A: float  # best ask qty
+_KINDS: dict[int, _Kinds] = {}  # at most one entry per TIME_UNITS value (2)
 
 
-class _DepthUpdate(msgspec.Struct):
-    E: int  # event time, ms
-    U: int  # first update id in event
-    u: int  # final update id in event
-    b: list[tuple[float, float]]  # bids [price, qty]
-    a: list[tuple[float, float]]  # asks [price, qty]
-
-
-class _DepthPartial(msgspec.Struct):
-    lastUpdateId: int
-    bids: list[tuple[float, float]]
-    asks: list[tuple[float, float]]
+def _kinds(max_event: int) -> _Kinds:
+    k = _KINDS.get(max_event)
+    if k is None:
+        k = _KINDS[max_event] = _Kinds(max_event)
+    return k
 
 
 class MsgspecDecoder(OrjsonDecoder):
@@ -347,12 +366,13 @@ class MsgspecDecoder(OrjsonDecoder):
     def __init__(self, symbols: list[str], max_frame_bytes: int = 1 << 20,
                  raw_stream: str | None = None, time_unit: str = "MILLISECOND") -> None:
         super().__init__(symbols, max_frame_bytes, raw_stream, time_unit)
+        k = _kinds(self.max_event)
         self._env = msgspec.json.Decoder(_Envelope)
-        self._agg = msgspec.json.Decoder(_AggTrade, strict=False)
-        self._trade = msgspec.json.Decoder(_Trade, strict=False)
-        self._book = msgspec.json.Decoder(_BookTicker, strict=False)
-        self._diff = msgspec.json.Decoder(_DepthUpdate, strict=False)
-        self._partial = msgspec.json.Decoder(_DepthPartial, strict=False)
+        self._agg: Any = msgspec.json.Decoder(k.agg, strict=False)
+        self._trade: Any = msgspec.json.Decoder(k.trade, strict=False)
+        self._book: Any = msgspec.json.Decoder(k.book, strict=False)
+        self._diff: Any = msgspec.json.Decoder(k.diff, strict=False)
+        self._partial: Any = msgspec.json.Decoder(k.partial, strict=False)
 
     def decode(self, payload: bytes | bytearray | memoryview | str,
                recv_time_ns: int) -> tuple[int, Any]:
@@ -360,6 +380,8 @@ class MsgspecDecoder(OrjsonDecoder):
             return SKIP, OVERSIZED
         try:
             env = self._env.decode(payload)
+        except RecursionError:  # msgspec skips a deep `data` value recursively (100k `[`)
+            return SKIP, MALFORMED_JSON
         except msgspec.DecodeError:
             # not an object with a string `stream`: malformed, or a raw/control frame -> orjson
             return OrjsonDecoder.decode(self, payload, recv_time_ns)
@@ -390,7 +412,7 @@ class MsgspecDecoder(OrjsonDecoder):
                                0.0, 0.0, 0.0, 0.0, t.t, 0, t.E * tm, recv_time_ns)
             if tag == DEPTH_DIFF:
                 d = self._diff.decode(env.data)
-                if not (_levels_ok(d.b) and _levels_ok(d.a)):
+                if not (_levels_ok(d.b) and _levels_ok(d.a)) or d.u < d.U:
                     return SKIP, BAD_NUMBER
                 return DEPTH_DIFF, DepthDiff(sid, d.U, d.u, d.E * tm, recv_time_ns, d.b, d.a)
             s = self._partial.decode(env.data)
@@ -402,6 +424,8 @@ class MsgspecDecoder(OrjsonDecoder):
         except msgspec.DecodeError:
             if len(env.data) == 0:
                 return SKIP, MISSING_FIELD  # combined frame without `data`
+            return SKIP, MALFORMED_JSON
+        except RecursionError:
             return SKIP, MALFORMED_JSON
 
 
