@@ -2,7 +2,9 @@
 
 Settings come from ``--config`` / ``PIPELINE_*`` env (see :mod:`pipeline.config`); the flags here
 override them for one run. The loop (attach with retry, idle wait, writer restarts, SIGTERM,
-sd_notify) is :func:`pipeline.consumers.run_consumer`.
+sd_notify, heartbeat, exit 1 with the traceback logged when the consumer raises) is
+:func:`pipeline.consumers.run_consumer`. A database that is down at start is not a start
+failure: persist retries it (see :class:`pipeline.consumers.persist.Persist`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ def register(subparsers: Any) -> None:
     g.add_argument("--sqlite", default=None, help="SQLite file (default: persist.sqlite_path)")
     g.add_argument("--postgres-url", default=None, help="PostgreSQL URL (overrides SQLite)")
     g.add_argument("--batch-max", type=int, default=None, help="max rows per transaction")
-    g = p.add_argument_group("persist / risk")
+    g.add_argument(
+        "--max-pending", type=int, default=None,
+        help="rows buffered while the database fails before reading the ring pauses "
+        "(default: max(65536, 2 x batch-max))",
+    )  # fmt: skip
+    g = p.add_argument_group("persist / monitor")
     g.add_argument("--metrics-name", default=None, help="metrics block name ('' for none)")
     g = p.add_argument_group("risk")
     g.add_argument(
@@ -74,9 +81,14 @@ def main(args: argparse.Namespace) -> int:
     stop.install()
     try:
         consumer = getattr(module, factory)(args, cfg)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # configuration: say what, no traceback
         log.error(
             "cannot start consumer %s: %s", args.name, exc, extra={"event": "consumer_start_failed"}
+        )
+        return 1
+    except Exception:  # a bug: keep the traceback
+        log.exception(
+            "cannot start consumer %s", args.name, extra={"event": "consumer_start_failed"}
         )
         return 1
     opts = LoopOptions(

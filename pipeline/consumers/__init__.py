@@ -12,7 +12,15 @@ identically for every consumer:
   generation; ``resyncs`` / ``missed`` say what happened), and a ring that disappears for good
   (writer closed) is waited for again;
 * SIGTERM / SIGINT stop the loop cleanly: the consumer's ``close`` runs (final commit);
-* ``sd_notify``: READY=1 once attached, WATCHDOG=1 while the loop turns, STOPPING=1 at the end.
+* ``sd_notify``: READY=1 once attached, WATCHDOG=1 while the loop turns, STOPPING=1 at the end;
+* heartbeat: ``on_tick`` runs on every tick even when no record arrives, and a consumer's
+  optional ``heartbeat(now)`` runs on every retry while the ring is still missing, so a
+  consumer's metrics block stays fresh (``heartbeat_interval_ms``, see :mod:`pipeline.health`)
+  whenever the process is alive and not stuck;
+* back-pressure: while a consumer's optional ``paused`` attribute is true (persist: its database
+  is down and its bounded buffer is full) the ring is not read; the records wait in the ring;
+* an exception from the consumer ends the loop: its traceback is logged, ``close`` still runs,
+  and the exit code is 1 (a half-alive consumer that stopped reading would look healthy).
 """
 
 from __future__ import annotations
@@ -104,13 +112,16 @@ def attach_with_retry(
     timeout_s: float | None = None,
     idle_check_s: float = 3600.0,
     idle: str = "balanced",
+    on_wait: Callable[[float], None] | None = None,
 ) -> Any:
     """Attach as reader ``name``; while the ring is missing (writer not up yet) retry every
     ``retry_s``. Returns the reader, or None if stopped / timed out. A segment that exists but
     is not a ring (or another layout) is an error at once: retrying would not fix it.
 
     ``idle_check_s`` is long on purpose: :func:`run_consumer` looks for a restarted writer itself
-    (``check_writer`` once per tick) instead of letting ``wait`` do it mid-wait."""
+    (``check_writer`` once per tick) instead of letting ``wait`` do it mid-wait.
+
+    ``on_wait(now)`` runs before every retry sleep (the consumer's heartbeat while waiting)."""
     from pipeline.ring import RingError, RingLayoutError, RingNotFoundError, RingReader
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -136,6 +147,8 @@ def attach_with_retry(
             waited = True
         if deadline is not None and time.monotonic() >= deadline:
             return None
+        if on_wait is not None:
+            on_wait(time.monotonic())
         stop.sleep(retry_s)
     return None
 
@@ -148,8 +161,30 @@ def run_consumer(
     clock: Callable[[], float] = time.monotonic,
     watchdog: sdnotify.Watchdog | None = None,
 ) -> int:
-    """Attach and feed ``consumer`` until stopped. Returns an exit code (0 = clean stop)."""
+    """Attach and feed ``consumer`` until stopped. Returns an exit code: 0 clean stop, 1 the
+    ring never appeared or the consumer raised (traceback logged, ``close`` still run)."""
     stop = stop if stop is not None else StopFlag()
+    try:
+        return _run(consumer, opts, stop, clock, watchdog)
+    except Exception:
+        log.exception(
+            "consumer failed; stopping (exit 1)",
+            extra={"event": "consumer_failed", "ring": opts.ring, "reader": opts.reader_name},
+        )
+        return 1
+
+
+def _paused(consumer: Consumer) -> bool:
+    return bool(getattr(consumer, "paused", False))
+
+
+def _run(
+    consumer: Consumer,
+    opts: LoopOptions,
+    stop: StopFlag,
+    clock: Callable[[], float],
+    watchdog: sdnotify.Watchdog | None,
+) -> int:
     started = clock()
     end = None if opts.duration_s is None else started + opts.duration_s
     watchdog = watchdog if watchdog is not None else sdnotify.Watchdog()
@@ -157,10 +192,16 @@ def run_consumer(
     timeout = opts.attach_timeout_s
     if remaining is not None:
         timeout = remaining if timeout is None else min(timeout, remaining)
-    reader = attach_with_retry(
-        opts.ring, opts.reader_name, stop, start=opts.start, retry_s=opts.attach_retry_s,
-        timeout_s=timeout, idle=opts.idle,
-    )  # fmt: skip
+    heartbeat: Callable[[float], None] | None = getattr(consumer, "heartbeat", None)
+    try:
+        reader = attach_with_retry(
+            opts.ring, opts.reader_name, stop, start=opts.start, retry_s=opts.attach_retry_s,
+            timeout_s=timeout, idle=opts.idle,
+            on_wait=None if heartbeat is None else (lambda _now: heartbeat(clock())),
+        )  # fmt: skip
+    except BaseException:
+        consumer.close()
+        raise
     if reader is None:
         consumer.close()
         if stop or (end is not None and clock() >= end):
@@ -180,7 +221,11 @@ def run_consumer(
                 consumer.on_tick(reader, now)
                 watchdog.tick(healthy=True)
             wait_s = max(0.0, min(next_tick - now, opts.tick_interval_s))
-            if reader.wait(wait_s):
+            if _paused(consumer):
+                # Back-pressure: leave the records in the ring until the consumer can take them
+                # (its on_tick retries whatever blocks it). One sleep per tick, no polling.
+                stop.sleep(wait_s)
+            elif reader.wait(wait_s):
                 batch = reader.poll(opts.max_records)
                 if len(batch):
                     consumer.on_batch(batch, reader)
@@ -191,6 +236,8 @@ def run_consumer(
         # Drain what is already published (bounded: one capacity's worth), so a consumer
         # stopped before ingest (the shutdown order) still has every record up to this moment.
         for _ in range(max(1, reader.capacity // max(1, opts.max_records)) + 1):
+            if _paused(consumer):
+                break  # what it cannot take stays in the ring for its next start
             batch = reader.poll(opts.max_records)
             if not len(batch):
                 break

@@ -14,12 +14,18 @@ status line); ``missed`` counts records lost because the writer lapped us; ``gap
 counts GAP records ingest published (exchange ids it could not recover); ``resyncs`` counts
 writer restarts this reader followed (``gen`` is the current writer generation).
 
+Metrics block (``{shm_prefix}monitor.metrics``, ``--metrics-name``; '' for none): the same
+counters for ``pipeline health``, written on every tick (0.25 s) and while waiting for the ring,
+with ``heartbeat_interval_ms`` = 1000, so a monitor that hangs shows as stale. A second monitor
+started by hand while one runs gets no block (a warning says so) instead of failing.
+
 :class:`MonitorCore` is pure (records in, lines out, clock passed in); :class:`Monitor` prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +37,22 @@ import numpy as np
 from pipeline.consumers import symbol_names, symbol_of
 from pipeline.records import Kind
 
+log = logging.getLogger("pipeline.monitor")
+
 TRADE_KINDS = (int(Kind.AGG_TRADE), int(Kind.TRADE))
+
+METRICS_FIELDS = [
+    ("records", "<i8"),
+    ("trades", "<i8"),
+    ("gaps", "<i8"),
+    ("lag", "<i8"),
+    ("missed", "<i8"),
+    ("resyncs", "<i8"),
+    ("generation", "<i8"),
+    ("last_publish_ns", "<i8"),
+    ("ring_attached", "<i8"),
+    ("heartbeat_interval_ms", "<i8"),
+]
 
 
 def format_price(price: float) -> str:
@@ -139,18 +160,56 @@ class MonitorCore:
 
 
 class Monitor:
-    """The printing shell around :class:`MonitorCore` (one line per write, flushed)."""
+    """The printing shell around :class:`MonitorCore` (one line per write, flushed), and the
+    owner of the monitor's metrics block (optional)."""
+
+    heartbeat_interval_ms = 1000
 
     def __init__(
         self,
         core: MonitorCore,
         out: TextIO | None = None,
         wall_ns: Callable[[], int] = time.time_ns,
+        metrics_name: str | None = None,
     ) -> None:
         self.core = core
         self.out = out if out is not None else sys.stdout
         self._wall_ns = wall_ns
         self._now = time.monotonic
+        self.metrics: Any = None
+        if metrics_name:
+            from pipeline.metrics import MetricsBlock, MetricsError
+
+            try:
+                self.metrics = MetricsBlock.create(metrics_name, METRICS_FIELDS)
+            except (MetricsError, OSError) as exc:
+                log.warning(
+                    "monitor runs without a metrics block: %s", exc,
+                    extra={"event": "monitor_no_metrics", "block": metrics_name},
+                )  # fmt: skip
+            else:
+                self._publish(None)
+
+    def _publish(self, reader: Any) -> None:
+        if self.metrics is None:
+            return
+        c = self.core
+        values: dict[str, float] = {
+            "records": c.records, "trades": c.trades, "gaps": c.gaps,
+            "last_publish_ns": c.last_publish_ns, "ring_attached": int(reader is not None),
+            "heartbeat_interval_ms": self.heartbeat_interval_ms,
+        }  # fmt: skip
+        if reader is not None:
+            values.update(
+                lag=int(reader.lag), missed=int(reader.missed),
+                resyncs=int(getattr(reader, "resyncs", 0)),
+                generation=int(getattr(reader, "generation", 0)),
+            )  # fmt: skip
+        self.metrics.set(**values)
+
+    def heartbeat(self, now: float) -> None:
+        """While the ring is missing: keep the block fresh (it says ``ring_attached`` 0)."""
+        self._publish(None)
 
     def _emit(self, lines: list[str]) -> None:
         if lines:
@@ -170,12 +229,17 @@ class Monitor:
         if status:
             lines.append(status)
         self._emit(lines)
+        self._publish(reader)
 
     def close(self) -> None:
         try:
             self.out.flush()
         except (OSError, ValueError):
             pass
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
 
 
 def from_args(args: argparse.Namespace, cfg: Any) -> Monitor:
@@ -185,4 +249,7 @@ def from_args(args: argparse.Namespace, cfg: Any) -> Monitor:
         status_interval_s=args.status_interval if args.status_interval is not None
         else cfg.monitor.status_interval_s,
     )  # fmt: skip
-    return Monitor(core)
+    metrics = getattr(args, "metrics_name", None)
+    if metrics is None:
+        metrics = f"{cfg.run.shm_prefix}monitor.metrics"
+    return Monitor(core, metrics_name=metrics or None)

@@ -21,6 +21,10 @@ a simulator restarting its ids is not silently filtered forever).
 
 :class:`PersistCore` is the database-agnostic part (records -> rows, resume filter, flush
 policy; clock passed in); :class:`SqliteStore` / :class:`PostgresStore` talk to the databases.
+
+Why a database outage loses nothing: the store may be down at start, restart, fill its disk or
+be locked; :class:`Persist` retries with backoff, keeps at most ``max_pending`` rows (65 536 by
+default) and then stops reading the ring, whose records wait there (see :class:`Persist`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.backoff import Backoff, BackoffPolicy
 from pipeline.consumers import symbol_names, symbol_of
 from pipeline.records import Kind
 
@@ -66,7 +72,13 @@ METRICS_FIELDS = [
     ("missed", "<i8"),
     ("resyncs", "<i8"),
     ("lag", "<i8"),
-    ("errors", "<i8"),
+    ("sink_errors", "<i8"),  # failed database calls (connect, resume read, write), all time
+    ("sink_connected", "<i8"),
+    ("sink_reconnects", "<i8"),
+    ("sink_failures_in_row", "<i8"),
+    ("paused", "<i8"),  # 1: not reading the ring (store not reached yet, or buffer full)
+    ("heartbeat_interval_ms", "<i8"),
+    ("problem_sink_failing", "<i8"),  # health: non-zero = the store keeps failing
 ]
 
 Row = tuple[Any, ...]
@@ -74,9 +86,20 @@ Key = tuple[str, int]
 
 
 class Store(Protocol):
-    """A database the persist consumer writes to. ``write`` is one transaction."""
+    """A database the persist consumer writes to. ``write`` is one transaction.
+
+    ``setup`` connects (when not connected) and creates the tables; it is retried by
+    :class:`Persist` until it succeeds. ``reset`` runs after any failed call: it drops a broken
+    connection so the next ``setup`` reconnects."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def describe(self) -> str: ...
 
     def setup(self) -> None: ...
+
+    def reset(self) -> None: ...
 
     def max_ids(self) -> dict[Key, int]: ...
 
@@ -231,32 +254,62 @@ CREATE TABLE IF NOT EXISTS book_tops (
 
 
 class SqliteStore:
-    """SQLite in WAL mode: readers (sqlite3 CLI, dashboards) never block the writer."""
+    """SQLite in WAL mode: readers (sqlite3 CLI, dashboards) never block the writer.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Nothing is opened until :meth:`setup` (the consumer retries it: a missing directory or a
+    locked file at start is "retry later", not a crash). The busy timeout is short
+    (``busy_timeout_ms``, 50 ms by default) on purpose: a write blocked by another connection's
+    lock fails fast and is retried later with backoff, so the consumer keeps reading the ring
+    meanwhile instead of stalling 5 s per attempt.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], busy_timeout_ms: int = 50) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.busy_timeout_ms = int(busy_timeout_ms)
+        self.conn: sqlite3.Connection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    def describe(self) -> str:
+        return f"sqlite:{self.path}"
 
     def setup(self) -> None:
-        c = self.conn
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a crash loses no commit
-        c.execute("PRAGMA busy_timeout=5000")
-        c.executescript(SQLITE_DDL)
+        if self.conn is not None:
+            return
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False,
+            timeout=self.busy_timeout_ms / 1000,
+        )  # fmt: skip
+        try:
+            conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no commit lost
+            conn.executescript(SQLITE_DDL)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if self.conn is None:
+            raise sqlite3.OperationalError(f"{self.describe()} is not open")
+        return self.conn
 
     def max_ids(self) -> dict[Key, int]:
         out: dict[Key, int] = {}
         for table, col in (("market_ticks", "trade_id"), ("book_tops", "update_id")):
-            for sym, kind, top in self.conn.execute(
+            for sym, kind, top in self._conn().execute(
                 f"SELECT symbol, kind, max({col}) FROM {table} GROUP BY symbol, kind"
             ):
                 out[(sym, int(kind))] = int(top)
         return out
 
     def write(self, ticks: Sequence[Row], books: Sequence[Row]) -> tuple[int, int]:
-        c = self.conn
+        c = self._conn()
         before = c.total_changes
         c.execute("BEGIN")
         try:
@@ -273,12 +326,25 @@ class SqliteStore:
                 )
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            self.reset()
             raise
         return mid - before, c.total_changes - mid
 
+    def reset(self) -> None:
+        """After a failed write: end the transaction if SQLite did not already (a disk-full
+        COMMIT may have rolled back by itself). The connection stays open: SQLite errors
+        (busy, full) do not break it."""
+        c = self.conn
+        if c is not None and c.in_transaction:
+            try:
+                c.execute("ROLLBACK")
+            except sqlite3.Error:
+                self.close()  # a connection that cannot even roll back is reopened next time
+
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,9 +379,15 @@ POSTGRES_DDL = [
 class PostgresStore:
     """PostgreSQL via psycopg 3: COPY into a session temp table, then one
     ``INSERT .. SELECT .. ON CONFLICT DO NOTHING`` per table per transaction (COPY is several
-    times faster than multi-row INSERTs, and the conflict handling stays in the server)."""
+    times faster than multi-row INSERTs, and the conflict handling stays in the server).
 
-    def __init__(self, url: str) -> None:
+    The connection is made in :meth:`setup`, not in the constructor, and is dropped by
+    :meth:`reset` once psycopg says it is broken (server restart, network): the next
+    :meth:`setup` reconnects and recreates the session's temp tables. ``connect_timeout`` (2 s,
+    libpq's minimum) bounds how long one attempt can hold the consumer loop.
+    """
+
+    def __init__(self, url: str, connect_timeout_s: int = 2) -> None:
         try:
             import psycopg
         except ImportError as exc:
@@ -324,25 +396,54 @@ class PostgresStore:
                 "pip install 'pipeline[postgres]' (psycopg[binary])"
             ) from exc
         self._psycopg = psycopg
-        self.conn = psycopg.connect(url, autocommit=False, application_name="pipeline-persist")
+        self._url = url
+        self._connect_timeout = connect_timeout_s
+        self.conn: Any = None
+
+    @property
+    def connected(self) -> bool:
+        c = self.conn
+        return c is not None and not c.closed and not c.broken
+
+    def describe(self) -> str:
+        """Where we write, for logs: the URL without credentials."""
+        return f"postgresql:{redact_url(self._url)}"
 
     def setup(self) -> None:
-        with self.conn.transaction(), self.conn.cursor() as cur:
-            for ddl in POSTGRES_DDL:
-                cur.execute(ddl)
-        with self.conn.transaction(), self.conn.cursor() as cur:
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS stage_ticks "
-                "(LIKE market_ticks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS stage_books "
-                "(LIKE book_tops INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
+        if self.connected:
+            return
+        self.reset()
+        kwargs: dict[str, Any] = {"autocommit": False, "application_name": "pipeline-persist"}
+        if "connect_timeout" not in self._url:
+            kwargs["connect_timeout"] = self._connect_timeout
+        conn = self._psycopg.connect(self._url, **kwargs)
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                for ddl in POSTGRES_DDL:
+                    cur.execute(ddl)
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS stage_ticks "
+                    "(LIKE market_ticks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+                cur.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS stage_books "
+                    "(LIKE book_tops INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def _conn(self) -> Any:
+        if self.conn is None:
+            raise self._psycopg.OperationalError(f"{self.describe()}: not connected")
+        return self.conn
 
     def max_ids(self) -> dict[Key, int]:
         out: dict[Key, int] = {}
-        with self.conn.transaction(), self.conn.cursor() as cur:
+        conn = self._conn()
+        with conn.transaction(), conn.cursor() as cur:
             for table, col in (("market_ticks", "trade_id"), ("book_tops", "update_id")):
                 cur.execute(f"SELECT symbol, kind, max({col}) FROM {table} GROUP BY symbol, kind")
                 for sym, kind, top in cur.fetchall():
@@ -351,7 +452,8 @@ class PostgresStore:
 
     def write(self, ticks: Sequence[Row], books: Sequence[Row]) -> tuple[int, int]:
         counts = [0, 0]
-        with self.conn.transaction(), self.conn.cursor() as cur:
+        conn = self._conn()
+        with conn.transaction(), conn.cursor() as cur:
             for k, (rows, stage, table, cols) in enumerate(
                 (
                     (ticks, "stage_ticks", "market_ticks", TICK_COLUMNS),
@@ -368,22 +470,77 @@ class PostgresStore:
                 counts[k] = max(cur.rowcount, 0)  # the stage empties itself at COMMIT
         return counts[0], counts[1]
 
+    def reset(self) -> None:
+        """Drop a broken connection (the next :meth:`setup` reconnects); keep a healthy one
+        (a failed transaction was already rolled back by ``conn.transaction()``)."""
+        c = self.conn
+        if c is not None and (c.closed or c.broken):
+            self.conn = None
+            try:
+                c.close()
+            except Exception:  # closing a dead connection may fail; it is gone
+                pass
+
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.close()
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``; also hides
+    ``password=`` in key=value conninfo strings. Logs must never carry a secret."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
 
 
 def open_store(sqlite_path: str, postgres_url: str = "") -> Store:
-    store: Store = PostgresStore(postgres_url) if postgres_url else SqliteStore(sqlite_path)
-    store.setup()
-    return store
+    """The store for this configuration, not yet connected (:class:`Persist` connects and
+    retries). Raises RuntimeError only for what a retry cannot fix (psycopg missing)."""
+    return PostgresStore(postgres_url) if postgres_url else SqliteStore(sqlite_path)
+
+
+def _db_error(exc: BaseException) -> bool:
+    """An error of the database or its connection (retried quietly, one line, no traceback),
+    as opposed to a bug in this module (logged with its traceback, still retried)."""
+    if isinstance(exc, sqlite3.Error | OSError):
+        return True
+    return any(
+        c.__module__.startswith("psycopg") and c.__name__ == "Error" for c in type(exc).__mro__
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # consumer shell
 
+SINK_BACKOFF = BackoffPolicy(initial_s=0.1, max_s=5.0, factor=2.0, jitter=0.2, max_attempts=0)
+
 
 class Persist:
-    """The consumer: feeds :class:`PersistCore`, flushes to a :class:`Store`, keeps metrics."""
+    """The consumer: feeds :class:`PersistCore`, flushes to a :class:`Store`, keeps metrics.
+
+    Surviving the database (the store may be down at start, restart, fill its disk or be
+    locked by someone else):
+
+    * every database call goes through :meth:`_attempt`; a failure is counted (``sink_errors``),
+      logged in one line without a traceback (a bug in this module still gets one), the rows
+      stay buffered and the next attempt waits by :data:`SINK_BACKOFF` (0.1 s doubling to 5 s).
+      Nothing raises out of ``on_batch`` / ``on_tick``: no crash loop.
+    * the buffer is bounded: at ``max_pending`` rows (default 65 536; plus at most one ring
+      poll, 8192 records, on top) the consumer reports :attr:`paused` and
+      :func:`~pipeline.consumers.run_consumer` stops reading the ring. The records stay in the
+      ring and are read once the store is back (the reader's cursor did not move), so nothing
+      is lost while the ring holds them, and nothing is written twice (``ON CONFLICT``). An
+      outage longer than the ring's capacity shows as ``missed``.
+    * the ring is not read at all until the store answered once (``max_ids`` for the resume
+      filter), so a consumer started while its database is down just waits and says why.
+    * health: ``problem_sink_failing`` is non-zero (the run of failed attempts) once the store
+      has failed for ``fail_grace_s`` (2 s) in a row, or a buffered row has waited
+      ``stale_after_s`` (10 s) for its commit; ``last_flush_ns`` is the last successful write.
+      The block is written on every tick (0.25 s), ``heartbeat_interval_ms`` = 1000.
+    """
+
+    heartbeat_interval_ms = 1000
 
     def __init__(
         self,
@@ -393,75 +550,168 @@ class Persist:
         metrics_name: str | None = "pipeline.persist.metrics",
         clock: Callable[[], float] = time.monotonic,
         log_interval_s: float = 10.0,
+        max_pending: int = 65536,
+        fail_grace_s: float = 2.0,
+        stale_after_s: float = 10.0,
+        backoff: BackoffPolicy = SINK_BACKOFF,
     ) -> None:
         self.store = store
         self.core = core
         self.clock = clock
+        self.max_pending = max(1, int(max_pending))
+        self.fail_grace_s = fail_grace_s
+        self.stale_after_s = stale_after_s
         self.inserted = 0
         self.book_inserted = 0
         self.duplicates = 0
         self.flushes = 0
-        self.errors = 0
+        self.errors = 0  # failed database calls, all time (metrics: sink_errors)
+        self.reconnects = 0
+        self.resumed = False  # max_ids read: the ring may be read
+        self.last_flush_ns = 0
+        self._ever_connected = False
+        self._backoff = Backoff(backoff)
+        self._next_attempt = clock()
+        self._failing_since: float | None = None
         self._log_interval = log_interval_s
         self._next_log = clock() + log_interval_s
-        ids = store.max_ids()
-        core.resume.max_ids = {k: v for k, v in ids.items() if k[1] in TRADE_KINDS}
-        core.book_resume.max_ids = {k: v for k, v in ids.items() if k[1] in BOOK_KINDS}
-        if ids:
-            log.info(
-                "resuming after stored ids", extra={"event": "persist_resume", "keys": len(ids)}
-            )
         self.metrics: Any = None
         if metrics_name:
             from pipeline.metrics import MetricsBlock
 
             self.metrics = MetricsBlock.create(metrics_name, METRICS_FIELDS)
+            self.metrics.set(heartbeat_interval_ms=self.heartbeat_interval_ms)
+        self._attempt(clock())  # first contact now; a failure is retried from the loop
 
-    def on_batch(self, batch: np.ndarray, reader: Any) -> None:
-        if self.core.add(batch, symbol_names(reader), self.clock()):
-            self.flush()
+    # --- state --------------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        if not self.core.pending:
-            return
-        ticks, books = self.core.take()
-        t0 = time.perf_counter()
+    @property
+    def paused(self) -> bool:
+        """True while the ring must not be read: store never reached, or buffer full."""
+        return not self.resumed or self.core.pending >= self.max_pending
+
+    @property
+    def failures_in_row(self) -> int:
+        return self._backoff.attempts
+
+    def problem(self, now: float) -> int:
+        """``problem_sink_failing``: 0 when fine, else the run of failed attempts (>= 1)."""
+        failing = self._failing_since is not None and now - self._failing_since >= self.fail_grace_s
+        oldest = self.core.oldest
+        stale = oldest is not None and now - oldest >= self.stale_after_s
+        return max(1, self.failures_in_row) if failing or stale else 0
+
+    # --- database calls -----------------------------------------------------------------------
+
+    def _attempt(self, now: float) -> bool:
+        """Connect if needed, read the resume ids once, write what is buffered. True when all
+        of that succeeded; on failure the rows stay buffered and the next try is scheduled."""
+        ticks: list[Row] = []
+        books: list[Row] = []
         try:
+            if not self.store.connected:
+                self.store.setup()
+                if self._ever_connected:
+                    self.reconnects += 1
+                self._ever_connected = True
+            if not self.resumed:
+                self._resume(self.store.max_ids())
+            if not self.core.pending:
+                self._succeeded(now)
+                return True
+            ticks, books = self.core.take()
+            t0 = time.perf_counter()
             n_ticks, n_books = self.store.write(ticks, books)
-        except Exception:
-            self.errors += 1
-            # Put the rows back: the next flush retries them (ON CONFLICT makes that safe).
-            self.core.ticks[:0] = ticks
-            self.core.books[:0] = books
-            self.core.oldest = self.clock()
-            log.exception("persist write failed; will retry", extra={"event": "persist_error"})
-            if self.metrics is not None:
-                self.metrics.set(errors=self.errors)
-            raise
+        except Exception as exc:  # every failure is retried, counted and logged
+            if ticks or books:  # put the rows back: the retry writes them (ON CONFLICT: once)
+                self.core.ticks[:0] = ticks
+                self.core.books[:0] = books
+                self.core.oldest = now if self.core.oldest is None else self.core.oldest
+            self._failed(now, exc)
+            return False
         took_us = (time.perf_counter() - t0) * 1e6
         self.flushes += 1
         self.inserted += n_ticks
         self.book_inserted += n_books
         self.duplicates += len(ticks) - n_ticks + len(books) - n_books
+        self.last_flush_ns = time.time_ns()
+        self._succeeded(now)
         if self.metrics is not None:
-            self.metrics.set(
-                inserted=self.inserted, book_inserted=self.book_inserted,
-                duplicates=self.duplicates, flushes=self.flushes, pending=self.core.pending,
-                last_flush_ns=time.time_ns(), last_flush_us=took_us,
-                skipped_resume=self.core.resume.skipped + self.core.book_resume.skipped,
+            self.metrics.set(last_flush_us=took_us)
+        return True
+
+    def _resume(self, ids: dict[Key, int]) -> None:
+        self.core.resume.max_ids = {k: v for k, v in ids.items() if k[1] in TRADE_KINDS}
+        self.core.book_resume.max_ids = {k: v for k, v in ids.items() if k[1] in BOOK_KINDS}
+        self.resumed = True
+        if ids:
+            log.info(
+                "resuming after stored ids", extra={"event": "persist_resume", "keys": len(ids)}
+            )
+
+    def _failed(self, now: float, exc: Exception) -> None:
+        self.errors += 1
+        try:
+            self.store.reset()
+        except Exception:  # the next attempt starts from a fresh connect
+            pass
+        if self._failing_since is None:
+            self._failing_since = now
+        delay = self._backoff.next_delay() or self._backoff.policy.max_s
+        self._next_attempt = now + delay
+        what = "database not reachable" if not self.resumed else "database write failed"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning(
+            "persist: %s (%s: %s); %d rows kept, retry in %.1fs",
+            what, type(exc).__name__, reason, self.core.pending, delay,
+            exc_info=not _db_error(exc),
+            extra={
+                "event": "persist_error", "store": self.store.describe(),
+                "failures_in_row": self.failures_in_row, "pending": self.core.pending,
+            },
+        )  # fmt: skip
+
+    def _succeeded(self, now: float) -> None:
+        if self._failing_since is not None:
+            log.info(
+                "persist: database back after %d failed attempts (%.1fs)",
+                self.failures_in_row, now - self._failing_since,
+                extra={"event": "persist_recovered", "store": self.store.describe(),
+                       "reconnects": self.reconnects},
             )  # fmt: skip
+        self._failing_since = None
+        self._backoff.reset()
+        self._next_attempt = now
+
+    def _service(self, now: float, force: bool = False) -> None:
+        """Retry a failed store once its backoff ran out, flush when the batch is due."""
+        if now < self._next_attempt and not force:
+            return
+        if not self.resumed or self._failing_since is not None or self.core.due(now) or force:
+            self._attempt(now)
+
+    def flush(self) -> bool:
+        """Write what is buffered now (ignoring the backoff). True on success; never raises."""
+        now = self.clock()
+        self._service(now, force=True)
+        return self._failing_since is None and not self.core.pending
+
+    # --- consumer interface -------------------------------------------------------------------
+
+    def on_batch(self, batch: np.ndarray, reader: Any) -> None:
+        now = self.clock()
+        if self.core.add(batch, symbol_names(reader), now):
+            self._service(now)
+
+    def heartbeat(self, now: float) -> None:
+        """Called while no ring is attached (waiting for it): keep retrying the store and keep
+        the metrics block fresh."""
+        self._service(now)
+        self._publish(now)
 
     def on_tick(self, reader: Any, now: float) -> None:
-        if self.core.due(now):
-            try:
-                self.flush()
-            except Exception:
-                pass  # logged and counted in flush; rows kept for the next attempt
-        if self.metrics is not None:
-            self.metrics.set(
-                missed=int(reader.missed), resyncs=int(getattr(reader, "resyncs", 0)),
-                lag=int(reader.lag), pending=self.core.pending,
-            )  # fmt: skip
+        self._service(now)
+        self._publish(now, reader)
         if now >= self._next_log:
             self._next_log = now + self._log_interval
             log.info(
@@ -470,14 +720,49 @@ class Persist:
                     "event": "persist_status", "inserted": self.inserted,
                     "book_inserted": self.book_inserted, "duplicates": self.duplicates,
                     "missed": int(reader.missed), "lag": int(reader.lag),
+                    "pending": self.core.pending, "sink_errors": self.errors,
                 },
             )  # fmt: skip
 
+    def _publish(self, now: float, reader: Any = None) -> None:
+        if self.metrics is None:
+            return
+        extra: dict[str, float] = {}
+        if reader is not None:
+            extra = {
+                "missed": int(reader.missed), "resyncs": int(getattr(reader, "resyncs", 0)),
+                "lag": int(reader.lag),
+            }  # fmt: skip
+        self.metrics.set(
+            inserted=self.inserted, book_inserted=self.book_inserted,
+            duplicates=self.duplicates, flushes=self.flushes, pending=self.core.pending,
+            last_flush_ns=self.last_flush_ns, sink_errors=self.errors,
+            sink_connected=int(self.store.connected), sink_reconnects=self.reconnects,
+            sink_failures_in_row=self.failures_in_row, paused=int(self.paused),
+            skipped_resume=self.core.resume.skipped + self.core.book_resume.skipped,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            problem_sink_failing=self.problem(now), **extra,
+        )  # fmt: skip
+
     def close(self) -> None:
+        """Last flush (one attempt), then close. Rows the store would not take are not lost
+        while the ring still holds them: the next start reads from the oldest record and the
+        resume filter skips what was stored."""
         try:
-            self.flush()
+            if self.core.pending or not self.resumed:
+                self.flush()
+            if self.core.pending:
+                log.error(
+                    "persist: stopping with %d rows not written (database failing); the next "
+                    "start re-reads them from the ring while it still holds them",
+                    self.core.pending,
+                    extra={"event": "persist_unflushed", "pending": self.core.pending},
+                )
         finally:
-            self.store.close()
+            try:
+                self.store.close()
+            except Exception:  # a dead connection may fail to close
+                pass
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
@@ -486,7 +771,7 @@ class Persist:
                 extra={
                     "event": "persist_stopped", "inserted": self.inserted,
                     "book_inserted": self.book_inserted, "duplicates": self.duplicates,
-                    "skipped_resume": self.core.resume.skipped,
+                    "skipped_resume": self.core.resume.skipped, "sink_errors": self.errors,
                 },
             )  # fmt: skip
 
@@ -495,8 +780,9 @@ def from_args(args: argparse.Namespace, cfg: Any) -> Persist:
     pc = cfg.persist
     sqlite_path = args.sqlite or pc.sqlite_path
     postgres_url = args.postgres_url if args.postgres_url is not None else pc.postgres_url
+    batch_max = args.batch_max or pc.batch_max
     core = PersistCore(
-        batch_max=args.batch_max or pc.batch_max,
+        batch_max=batch_max,
         flush_interval_s=pc.flush_interval_s,
         book_tops=pc.book_tops,
     )
@@ -504,4 +790,5 @@ def from_args(args: argparse.Namespace, cfg: Any) -> Persist:
     metrics = args.metrics_name
     if metrics is None:
         metrics = f"{cfg.run.shm_prefix}persist.metrics"
-    return Persist(store, core, metrics_name=metrics or None)
+    max_pending = getattr(args, "max_pending", None) or max(65536, 2 * batch_max)
+    return Persist(store, core, metrics_name=metrics or None, max_pending=max_pending)

@@ -21,6 +21,11 @@ Pieces (pure first):
 * :class:`LimitsTable` - the writer of the shared table; :class:`LimitsView` - what the trading
   process attaches to (``LimitsView.attach(name).check(symbol, side, qty, price)``).
 
+Heartbeat: the table is republished at least every ``heartbeat_s`` (0.5 s;
+``heartbeat_interval_ms`` in the table) while the process runs, also while the tick ring does
+not exist yet (positions still come from the exec ring then; ``tick_ring_attached`` is 0 and no
+mark is known, so MARKET orders are refused for want of a price).
+
 Fail closed: a view whose writer (the risk process) is dead, or whose table is older than
 ``max_age_s``, rejects every order with a reason saying so. A symbol not in the table is
 rejected too (its limits are unknown).
@@ -59,6 +64,8 @@ GLOBAL_FIELDS = (
     ("exec_records", "<i8"),
     ("fills", "<i8"),
     ("ticks", "<i8"),
+    ("heartbeat_interval_ms", "<i8"),  # pipeline health: stale after 3 intervals (min 2 s)
+    ("tick_ring_attached", "<i8"),
 )
 
 
@@ -345,6 +352,7 @@ class Risk:
         self._last_publish = 0
         self._dirty = True
         self._next_attach = 0.0
+        self._tick_ring = False
 
     def _poll_exec(self, now: float) -> None:
         if self.exec_reader is None:
@@ -357,7 +365,7 @@ class Risk:
                 self.exec_reader = RingReader.attach(
                     self.exec_ring, "risk", start="oldest", check_interval_s=3600.0,
                     idle="balanced",
-                )
+                )  # fmt: skip
             except (RingError, FileNotFoundError):
                 return
             log.info(
@@ -380,17 +388,29 @@ class Risk:
     def _publish(self) -> None:
         now_ns = self._clock_ns()
         if self._dirty or now_ns - self._last_publish >= self._heartbeat_ns:
-            self.table.publish(self.book.table(self.limits, self.halt, now_ns))
+            values = self.book.table(self.limits, self.halt, now_ns)
+            values["heartbeat_interval_ms"] = self._heartbeat_ns // 1_000_000
+            values["tick_ring_attached"] = int(self._tick_ring)
+            self.table.publish(values)
             self._last_publish = now_ns
             self._dirty = False
 
+    def heartbeat(self, now: float) -> None:
+        """While the tick ring is missing (run_consumer waits for it): positions from the exec
+        ring still count, and the table stays fresh."""
+        self._tick_ring = False
+        self._poll_exec(now)
+        self._publish()
+
     def on_batch(self, batch: np.ndarray, reader: Any) -> None:
+        self._tick_ring = True
         self.book.on_ticks(batch, symbol_names(reader))
         self._dirty = True
         self._poll_exec(time.monotonic())
         self._publish()
 
     def on_tick(self, reader: Any, now: float) -> None:
+        self._tick_ring = True
         self._poll_exec(now)
         self._publish()
 
