@@ -18,6 +18,7 @@ Layout (native int64 words)::
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import shm
+
+log = logging.getLogger("pipeline.metrics")
 
 MAGIC = b"PLMETR\x00\x01"
 MAGIC_WORD = int.from_bytes(MAGIC, "little")
@@ -37,6 +40,10 @@ W_NFIELDS, W_DESC_OFF, W_DESC_LEN = 5, 6, 7
 W_SEQ, W_UPDATED_NS = 8, 9
 VALUES_OFF = 2 * CACHE_LINE
 _HEADER_WORDS = VALUES_OFF // 8
+
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+U64_MAX = (1 << 64) - 1
+_LIMITS = {"q": (I64_MIN, I64_MAX), "Q": (0, U64_MAX)}
 
 _CODES = {"i8": "q", "u8": "Q", "f8": "d", "i4": "q", "u4": "q", "i2": "q", "u2": "q", "i1": "q",
           "u1": "q", "b1": "q", "f4": "d"}  # fmt: skip
@@ -52,6 +59,11 @@ class MetricsNotFoundError(MetricsError, FileNotFoundError):
 
 class MetricsLayoutError(MetricsError):
     """The segment is not a metrics block this code understands."""
+
+
+class MetricsUntrustedError(MetricsLayoutError, shm.UntrustedSegmentError):
+    """The name exists but fails the shared-memory trust rule (symlink, FIFO, another uid's
+    file, group/other bits): refused with the path and the reason."""
 
 
 class MetricsBusyError(MetricsError):
@@ -107,6 +119,9 @@ class MetricsBlock:
             for k, (n, dt) in enumerate(fields)
         }
         self._is_int = {n: _CODES[dt.lstrip("<|")] in "qQ" for n, dt in fields}
+        self._code = {n: _CODES[dt.lstrip("<|")] for n, dt in fields}
+        self.saturated = 0  # values clamped to their field's range (see _saturate)
+        self._warned: set[str] = set()  # fields already logged as saturated (<= field count)
         self._hdr = seg.buf[:VALUES_OFF].cast("q")
         self._buf = seg.buf
         self._values_end = VALUES_OFF + 8 * len(fields)
@@ -163,6 +178,8 @@ class MetricsBlock:
                 f"metrics block {name!r} not found (/dev/shm/{name} missing): "
                 "is its process running?"
             ) from None
+        except shm.UntrustedSegmentError as exc:
+            raise MetricsUntrustedError(exc.path, exc.reason, exc.inode) from exc
         except OSError as exc:
             raise MetricsLayoutError(f"metrics block {name!r} cannot be opened: {exc}") from exc
         try:
@@ -206,7 +223,10 @@ class MetricsBlock:
         try:
             for k, v in values.items():
                 off, st = one[k]
-                st.pack_into(buf, off, int(v) if self._is_int[k] else float(v))
+                try:
+                    st.pack_into(buf, off, int(v) if self._is_int[k] else float(v))
+                except (struct.error, OverflowError, ValueError):
+                    st.pack_into(buf, off, self._saturate(k, v))
             hdr[W_UPDATED_NS] = self._clock()
         finally:
             hdr[W_SEQ] = seq + 2
@@ -221,13 +241,39 @@ class MetricsBlock:
         hdr[W_SEQ] = seq + 1
         try:
             value: float = st.unpack_from(self._buf, off)[0] + n
-            if self._is_int[name]:
-                value = int(value)
-            st.pack_into(self._buf, off, value)
+            try:
+                if self._is_int[name]:
+                    value = int(value)
+                st.pack_into(self._buf, off, value)
+            except (struct.error, OverflowError, ValueError):
+                value = self._saturate(name, value)
+                st.pack_into(self._buf, off, value)
             hdr[W_UPDATED_NS] = self._clock()
         finally:
             hdr[W_SEQ] = seq + 2
         return value
+
+    def _saturate(self, name: str, v: float) -> float:
+        """``v`` clamped to field ``name``'s range: int64 (uint64 for u8) for ints (NaN -> 0,
+        +-inf -> the bounds), +-inf for a float beyond float64.
+
+        Why: metrics carry numbers that come from outside (a venue's ``rateLimits`` count of
+        2**63, a ``retryAfter`` of 10**17); one of them must not raise out of the flush and take
+        the process's timer task with it. Counted in ``saturated``, logged once per field."""
+        self.saturated += 1
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning(
+                "metrics value out of range saturated",
+                extra={"block": self.name, "field": name, "value": repr(v)[:64]},
+            )
+        code = self._code[name]
+        if code == "d":
+            return float("inf") if v > 0 else float("-inf")
+        lo, hi = _LIMITS[code]
+        if v != v:  # NaN
+            return 0
+        return hi if v > hi else lo if v < lo else int(v)
 
     # --- readers ------------------------------------------------------------------------------
 
@@ -302,6 +348,8 @@ def _retire_stale(name: str) -> None:
         old = shm.Segment.open(name, readonly=True)
     except FileNotFoundError:
         return
+    except shm.UntrustedSegmentError as exc:
+        raise MetricsUntrustedError(exc.path, exc.reason, exc.inode) from exc
     except OSError as exc:
         raise MetricsLayoutError(
             f"shared memory {name!r} exists and cannot be opened: {exc}"

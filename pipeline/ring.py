@@ -112,6 +112,15 @@ class RingExistsError(RingError, FileExistsError):
     """A live writer already owns a ring of that name."""
 
 
+class RingUntrustedError(RingLayoutError, shm.UntrustedSegmentError):
+    """The name exists but fails the shared-memory trust rule (a symlink, a FIFO, a file of
+    another uid or with group/other bits): refused, never retried by ``attach(wait_s=...)``."""
+
+
+def _untrusted(exc: shm.UntrustedSegmentError) -> RingUntrustedError:
+    return RingUntrustedError(exc.path, exc.reason, exc.inode)
+
+
 def _align(n: int, to: int = CACHE_LINE) -> int:
     return (n + to - 1) // to * to
 
@@ -1022,6 +1031,8 @@ def _retire_stale(name: str) -> int:
         old = shm.Segment.open(name)
     except FileNotFoundError:
         return 0
+    except shm.UntrustedSegmentError as exc:
+        raise _untrusted(exc) from exc
     except OSError as exc:
         raise RingLayoutError(f"shared memory {name!r} exists and cannot be opened: {exc}") from exc
     try:
@@ -1111,6 +1122,8 @@ class RingReader(_SegmentHandle, ReaderCore):
             try:
                 seg, layout, symbols = _open_ring(ring)
                 break
+            except RingUntrustedError:
+                raise  # it will not become ours by waiting
             except (RingNotFoundError, RingLayoutError):
                 if time.monotonic() >= deadline:
                     raise
@@ -1123,6 +1136,20 @@ class RingReader(_SegmentHandle, ReaderCore):
     @property
     def registered(self) -> bool:
         return self._entry is not None
+
+    @property
+    def inode(self) -> int:
+        """Inode of the segment read now: with ``epoch_ns``, names this incarnation of the ring
+        (a writer restarted under the same name has a new one)."""
+        if self._seg is None:
+            raise RingError(f"reader {self.name!r} of ring {self.ring!r} is closed")
+        return self._seg.inode
+
+    def shrunk(self) -> bool:
+        """True if the segment file is now shorter than mapped: polling it could SIGBUS. Only
+        our own uid can shrink a trusted segment; a reader of other processes' rings (the order
+        intake) checks this on its scan."""
+        return self._seg is None or self._seg.shrunk()
 
     @property
     def writer_pid(self) -> int:
@@ -1291,6 +1318,8 @@ def _open_ring(ring: str) -> tuple[shm.Segment, RingLayout, list[str]]:
         raise RingNotFoundError(
             f"ring {ring!r} not found (/dev/shm/{ring} missing): is the writer running?"
         ) from None
+    except shm.UntrustedSegmentError as exc:
+        raise _untrusted(exc) from exc
     except OSError as exc:
         raise RingLayoutError(f"ring {ring!r} cannot be opened: {exc}") from exc
     try:

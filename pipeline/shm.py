@@ -9,6 +9,20 @@ Only the owner (writer) ever creates or unlinks a segment; segments are created 
 
 Process identity is ``(pid, start time in clock ticks)`` so a recycled pid is not mistaken for a
 live writer or reader.
+
+**The trust rule** (one place, used by every open, attach and scan): a name is mapped only if it
+opens with ``O_NOFOLLOW | O_NONBLOCK`` (a symlink is refused, a FIFO cannot block us) and
+``fstat`` then says it is a regular file owned by our effective uid with no group/other
+permission bits. Why: ``/dev/shm`` is world-writable, so any local account can create a name we
+scan (an order ring that would place orders with our keys) or a FIFO that would hang ``open``;
+only a file we created ourselves can be trusted, and only we (or root) can shrink a file we own,
+so a mapped segment cannot be truncated under us into a SIGBUS. Anything else raises
+:class:`UntrustedSegmentError` naming the path and the reason; scanners skip such a name and log
+and count it once per (path, inode) (:func:`note_refusal`), never retrying it in a loop.
+
+``PIPELINE_SHM_DIR`` (optional) moves every segment into a directory that must be ours with mode
+0700 (created so if missing; a systemd ``RuntimeDirectory=`` fits), so a neighbour cannot even
+create a name we scan. The default stays ``/dev/shm``, where ``shm_open`` looks.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import re
@@ -26,13 +41,34 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-SHM_DIR = Path("/dev/shm")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+log = logging.getLogger("pipeline.shm")
+
+DEFAULT_SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path(os.environ.get("PIPELINE_SHM_DIR") or DEFAULT_SHM_DIR)
+# \Z, and fullmatch: '$' would let a trailing newline through ("name\n" is another file).
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
+
+
+class UntrustedSegmentError(OSError):
+    """A segment name exists but fails the trust rule (see the module docstring).
+
+    An ``OSError`` so existing ``except OSError`` paths still catch it; ``path``, ``reason`` and
+    ``inode`` (None when it could not be opened at all) say what was refused and why.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, inode: int | None = None) -> None:
+        super().__init__(errno.EPERM, f"refusing {os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+        self.inode = inode
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def check_name(name: str) -> str:
     """Reject names that are not a single safe file name under /dev/shm (no '/', no '..')."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid shared-memory name {name!r}: use letters, digits, '.', '_', '-' "
             "(no '/'), starting with a letter or digit, at most 201 characters"
@@ -40,8 +76,123 @@ def check_name(name: str) -> str:
     return name
 
 
+_dirs_checked: set[str] = set()  # at most a handful: SHM_DIR values seen by this process
+
+
+def _check_dir(d: Path) -> None:
+    """A private segment directory must be ours, mode 0700-ish (no group/other bits), not a
+    symlink. Checked once per process per directory: nobody else can change that afterwards."""
+    key = os.fspath(d)
+    if key in _dirs_checked or d == DEFAULT_SHM_DIR:
+        return
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(d, 0o700)
+    try:
+        st = os.lstat(d)
+    except OSError as exc:
+        raise UntrustedSegmentError(d, f"segment directory unusable: {exc.strerror}") from None
+    reason = None
+    if not stat.S_ISDIR(st.st_mode):
+        reason = "PIPELINE_SHM_DIR is not a directory (or is a symlink)"
+    elif st.st_uid != os.geteuid():
+        reason = f"PIPELINE_SHM_DIR is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
+    elif st.st_mode & 0o077:
+        reason = f"PIPELINE_SHM_DIR has mode {stat.S_IMODE(st.st_mode):04o}: want 0700"
+    if reason is not None:
+        raise UntrustedSegmentError(d, reason, st.st_ino)
+    _dirs_checked.add(key)
+
+
 def path_of(name: str) -> Path:
-    return SHM_DIR / check_name(name)
+    d = SHM_DIR
+    _check_dir(d)
+    return d / check_name(name)
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def untrusted_reason(st: os.stat_result) -> str | None:
+    """Why a file (its ``fstat``) fails the trust rule, or None if it passes. Pure."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+        return f"not a regular file ({kind})"
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        return f"owned by uid {st.st_uid}, not by us (uid {euid})"
+    if st.st_mode & 0o077:
+        return f"mode {stat.S_IMODE(st.st_mode):04o} lets group/other in (ours are 0600)"
+    return None
+
+
+def open_trusted(path: Path, flags: int) -> tuple[int, os.stat_result]:
+    """Open ``path`` under the trust rule; returns ``(fd, fstat)``. The one gate every open of a
+    segment goes through. Raises :class:`UntrustedSegmentError`, ``FileNotFoundError``, or
+    another ``OSError``.
+
+    ``O_NONBLOCK`` is what keeps a FIFO from blocking ``open`` forever (it has no effect on a
+    regular file or on ``mmap``); ``O_NOFOLLOW`` makes a symlink fail with ELOOP."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedSegmentError(path, "a symbolic link (never followed)") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENXIO):
+            raise UntrustedSegmentError(
+                path, f"cannot be opened ({exc.strerror}): not ours"
+            ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        reason = untrusted_reason(st)
+        if reason is not None:
+            raise UntrustedSegmentError(path, reason, st.st_ino)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+class _Refusals:
+    """Refusals seen by scanners in this process: each (path, inode) is logged and counted once.
+
+    Bounded: at most :data:`MAX` remembered pairs (forgotten all at once past that, so a flood of
+    planted names costs at worst one more log line per name, never unbounded memory).
+    """
+
+    MAX = 1024
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._seen: set[tuple[str, int | None]] = set()
+
+    def note(self, exc: UntrustedSegmentError) -> bool:
+        key = (exc.path, exc.inode)
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.MAX:
+            self._seen.clear()
+        self._seen.add(key)
+        self.count += 1
+        log.warning(
+            "untrusted shared memory skipped",
+            extra={"path": exc.path, "reason": exc.reason, "inode": exc.inode},
+        )
+        return True
+
+
+refusals = _Refusals()
+
+
+def note_refusal(exc: UntrustedSegmentError) -> bool:
+    """Log and count a refusal once per (path, inode); True the first time. For scanners."""
+    return refusals.note(exc)
 
 
 class Segment:
@@ -70,7 +221,9 @@ class Segment:
         if size <= 0:
             raise ValueError(f"segment size must be positive, got {size}")
         path = path_of(name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        if mode & 0o077:
+            raise ValueError(f"segment mode {mode:04o}: group/other bits would make it untrusted")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
         try:
             os.fchmod(fd, mode)  # the umask must not widen or narrow what we asked for
             os.ftruncate(fd, size)
@@ -83,20 +236,28 @@ class Segment:
 
     @classmethod
     def open(cls, name: str, readonly: bool = False) -> Segment:
-        """Map an existing segment. Raises FileNotFoundError if it does not exist."""
+        """Map an existing segment under the trust rule (:func:`open_trusted`). Raises
+        FileNotFoundError if it does not exist, :class:`UntrustedSegmentError` if it is not ours,
+        and a plain OSError (EINVAL) while it is still empty (being created)."""
         path = path_of(name)
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        fd = os.open(path, flags)
+        fd, st = open_trusted(path, os.O_RDONLY if readonly else os.O_RDWR)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, f"{path} is not a regular file")
             if st.st_size == 0:
                 raise OSError(errno.EINVAL, f"{path} is empty (being created, or not a segment)")
             return cls(name, fd, st.st_size, readonly=readonly)
         except BaseException:
             os.close(fd)
             raise
+
+    def shrunk(self) -> bool:
+        """True if the file is now shorter than our mapping (touching the tail would SIGBUS).
+
+        Only our own uid (or root) can do that to a trusted segment; a reader of a segment it
+        does not control checks this before reading, at the cost of one ``fstat``."""
+        try:
+            return os.fstat(self.fd).st_size < self.size
+        except OSError:
+            return True
 
     @property
     def mode(self) -> int:
@@ -136,9 +297,10 @@ class Segment:
 
 
 def current_inode(name: str) -> int | None:
-    """Inode currently behind ``/dev/shm/NAME`` (None if absent): detects a restarted writer."""
+    """Inode currently behind ``/dev/shm/NAME`` (None if absent): detects a restarted writer.
+    ``lstat``: the name itself, never what a symlink points to."""
     try:
-        return os.stat(path_of(name)).st_ino
+        return os.lstat(path_of(name)).st_ino
     except FileNotFoundError:
         return None
 
@@ -152,19 +314,42 @@ def unlink(name: str) -> bool:
         return False
 
 
+def unlink_if_inode(name: str, inode: int) -> bool:
+    """Remove ``name`` only while it is still the incarnation ``inode`` (never a successor that
+    took the name meanwhile). True if removed."""
+    if current_inode(name) != inode:
+        return False
+    try:
+        os.unlink(path_of(name))
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def list_names(prefix: str = "") -> list[str]:
-    """Names of the files in /dev/shm starting with ``prefix`` (semaphores excluded), sorted."""
+    """Names in the segment directory starting with ``prefix``, sorted. Semaphores and names
+    :func:`check_name` would refuse (we never create those) are left out."""
     try:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
-    return sorted(n for n in entries if n.startswith(prefix) and not n.startswith("sem."))
+    return sorted(
+        n
+        for n in entries
+        if n.startswith(prefix) and not n.startswith("sem.") and _NAME_RE.fullmatch(n)
+    )
 
 
 def read_head(name: str, nbytes: int) -> bytes | None:
-    """The first ``nbytes`` of a segment without mapping it (None if missing or unreadable)."""
+    """The first ``nbytes`` of a segment without mapping it, under the trust rule.
+
+    None if missing, unreadable or untrusted (the latter logged and counted once per name and
+    inode by :func:`note_refusal`): scanners use this to recognise our segments by magic."""
     try:
-        fd = os.open(path_of(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd, _st = open_trusted(path_of(name), os.O_RDONLY)
+    except UntrustedSegmentError as exc:
+        note_refusal(exc)
+        return None
     except (OSError, ValueError):
         return None
     try:

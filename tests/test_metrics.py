@@ -84,6 +84,7 @@ def test_attach_missing_and_foreign(shm_name: str) -> None:
         MetricsBlock.attach(shm_name)
     path = shm.SHM_DIR / shm_name
     path.write_bytes(b"x" * 4096)
+    os.chmod(path, 0o600)  # ours and private (the trust rule passes), but not a block
     try:
         with pytest.raises(MetricsLayoutError, match=f"'{shm_name}' is not a metrics block"):
             MetricsBlock.attach(shm_name)

@@ -25,6 +25,7 @@ from pipeline.ring import (
     RingLayoutError,
     RingNotFoundError,
     RingReader,
+    RingUntrustedError,
     RingWriter,
     list_rings,
     ring_stats,
@@ -114,6 +115,9 @@ def test_foreign_segment_is_refused_and_left_alone(shm_name: str) -> None:
     junk = b"somebody else's data" * 100
     path.write_bytes(junk)
     try:
+        with pytest.raises(RingUntrustedError, match="mode 0644 lets group/other in"):
+            RingReader.attach(shm_name, wait_s=30)  # refused at once: waiting cannot help
+        os.chmod(path, 0o600)  # ours and private, but not a ring
         with pytest.raises(RingLayoutError, match=f"'{shm_name}' is not a ring"):
             RingReader.attach(shm_name)
         with pytest.raises(RingLayoutError, match=shm_name):
