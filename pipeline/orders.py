@@ -31,18 +31,23 @@ may already have sent. Client order ids are generated here, unique across restar
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-from pipeline.ring import RingReader, RingWriter
+from pipeline import shm
+from pipeline.ring import RingLayoutError, RingReader, RingUntrustedError, RingWriter
 from pipeline.session import ExecKind, ExecUpdate, OrderStatus
+
+log = logging.getLogger("pipeline.orders")
 
 ORDER_RING_PREFIX = "pipeline.orders."
 EXEC_RING = "pipeline.trading.exec"
@@ -226,19 +231,32 @@ class ReplyLostError(RuntimeError):
     """Part of a reply was overwritten before this client read it (its reader was lapped)."""
 
 
+MAX_REPLY_CHUNKS = -(-MAX_REPLY_BYTES // REPLY_CHUNK)  # 1024: chunks of the largest reply
+
+
 class ReplyAssembler:
     """Collects reply chunks for one client; :meth:`feed` returns the replies it completed.
 
     Chunks of one reply are published contiguously by one writer, so a reply is complete when
     all ``nchunks`` have arrived; a chunk of a reply we were not waiting for starts it afresh
     (a restarted request id, or chunks we missed the start of, are dropped by the length check).
+
+    Bounds: at most :attr:`MAX_PENDING` (64) partial replies are kept (a reply whose first chunks
+    were lapped never completes: the oldest partial one is dropped and counted in ``corrupt``),
+    a chunk index or count beyond :data:`MAX_REPLY_CHUNKS` (1024) is corrupt, and at most
+    :attr:`MAX_DONE` (64) finished replies wait in ``done`` for a :meth:`OrderClient.wait_reply`
+    (the oldest unclaimed one goes first, counted in ``unclaimed``).
     """
+
+    MAX_PENDING = 64
+    MAX_DONE = 64
 
     def __init__(self, client_id: int) -> None:
         self.client_id = client_id
         self._parts: dict[str, dict[int, bytes]] = {}
         self.done: dict[str, bytes] = {}
         self.corrupt = 0
+        self.unclaimed = 0
 
     def feed(self, batch: np.ndarray) -> list[str]:
         finished: list[str] = []
@@ -246,15 +264,27 @@ class ReplyAssembler:
             if int(r["client_id"]) != self.client_id:
                 continue
             rid = bytes(r["request_id"]).decode("ascii", "replace")
-            parts = self._parts.setdefault(rid, {})
-            parts[int(r["chunk"])] = bytes(r["data"])
             n = int(r["nchunks"])
+            chunk = int(r["chunk"])
+            if not (0 < n <= MAX_REPLY_CHUNKS and 0 <= chunk < n):
+                self.corrupt += 1
+                continue
+            parts = self._parts.get(rid)
+            if parts is None:
+                if len(self._parts) >= self.MAX_PENDING:
+                    del self._parts[next(iter(self._parts))]
+                    self.corrupt += 1
+                parts = self._parts[rid] = {}
+            parts[chunk] = bytes(r["data"])
             if len(parts) == n:
                 payload = b"".join(parts[k] for k in range(n) if k in parts)
                 del self._parts[rid]
                 if len(payload) != int(r["total_len"]):
                     self.corrupt += 1
                     continue
+                if rid not in self.done and len(self.done) >= self.MAX_DONE:
+                    del self.done[next(iter(self.done))]
+                    self.unclaimed += 1
                 self.done[rid] = payload
                 finished.append(rid)
         return finished
@@ -328,7 +358,15 @@ class OrderClient:
     ``attach`` creates this client's order ring and attaches to the execution ring *before*
     anything is sent, so no answer can be missed. ``place``/``cancel``/``modify``/``status``
     return at once (with the client order id); ``wait`` blocks for the answer.
+
+    Bounds (a long-running strategy must not grow without limit): the last :attr:`MAX_SEEN`
+    (10 000) execution reports are kept for :meth:`reports` / :meth:`wait` (the oldest half is
+    dropped past that), and the submission marks of the last :attr:`MAX_MARKS` (10 000) client
+    order ids; ``wait`` for an id older than that scans the reports still kept.
     """
+
+    MAX_SEEN = 10_000
+    MAX_MARKS = 10_000
 
     def __init__(
         self, name: str, writer: RingWriter, reader: RingReader, *, reply_ring: str = REPLY_RING
@@ -339,6 +377,7 @@ class OrderClient:
         self._reader = reader
         self._ids = ClientOrderIds(name)
         self._seen: list[ExecReport] = []
+        self._seen_base = 0  # reports dropped from the front of _seen (marks are absolute)
         self._mark: dict[str, int] = {}
         self.missed = 0
         self.reply_ring = reply_ring
@@ -414,7 +453,11 @@ class OrderClient:
             coid.encode(),
             orig.encode(),
         )
-        self._mark[coid] = len(self._seen)
+        marks = self._mark
+        marks.pop(coid, None)
+        if len(marks) >= self.MAX_MARKS:
+            del marks[next(iter(marks))]
+        marks[coid] = self._seen_base + len(self._seen)
         self._writer.publish(rec)
 
     def place(
@@ -544,7 +587,12 @@ class OrderClient:
         batch = self._reader.poll()
         self.missed = self._reader.missed
         out = [ExecReport.from_record(r) for r in batch if int(r["client_id"]) == self.client_id]
-        self._seen.extend(out)
+        seen = self._seen
+        seen.extend(out)
+        if len(seen) > self.MAX_SEEN:
+            drop = len(seen) - self.MAX_SEEN // 2
+            del seen[:drop]
+            self._seen_base += drop
         return out
 
     def reports(self, client_order_id: str) -> list[ExecReport]:
@@ -558,15 +606,16 @@ class OrderClient:
         ``kinds`` defaults to any record but UNKNOWN (an unknown order is being reconciled:
         keep waiting for the verdict). Raises ``TimeoutError``.
         """
-        start = self._mark.get(client_order_id, 0)
+        pos = self._mark.get(client_order_id, 0)  # absolute report number (see _seen_base)
         deadline = time.monotonic() + timeout
         while True:
-            for r in self._seen[start:]:
+            seen, base = self._seen, self._seen_base
+            for r in seen[max(0, pos - base) :]:
                 if r.client_order_id != client_order_id:
                     continue
                 if (kinds is None and r.kind != "UNKNOWN") or (kinds and r.kind in kinds):
                     return r
-            start = len(self._seen)
+            pos = base + len(seen)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no answer for {client_order_id} within {timeout} s")
@@ -622,7 +671,26 @@ class OrderIntake:
     """The trading process's side: finds order rings and yields their commands.
 
     Pure except for the ring calls; time comes in as arguments.
+
+    Trust: a name under the prefix is attached only if it passes the shared-memory trust rule
+    (:mod:`pipeline.shm`: a regular file of our uid, no group/other bits, no symlink, no FIFO);
+    anything else is refused once per (name, inode), logged, counted in ``untrusted`` and not
+    opened again until the name holds another file. Another uid therefore cannot place orders
+    through us by planting ``pipeline.orders.<x>``.
+
+    Dead clients: a ring whose writer died (or closed) is read to its end once, its records
+    executed or rejected as stale by the usual rules, then *reaped*: closed and unlinked by us
+    if the name still holds that same file (``reaped`` += 1). Every command is taken at most
+    once per ring incarnation whatever happens to the name: the next sequence to read is kept
+    per (name, inode, epoch), so a ring that is found again (an unlink that failed, a rescan)
+    resumes where it was left instead of being re-read from its oldest record. That makes every
+    action idempotent across re-reads, cancel-all, status and account included.
+
+    Bounds: at most :data:`MAX_TRACKED` (4096) ring incarnations are remembered as read-up-to
+    and as refused (oldest forgotten first).
     """
+
+    MAX_TRACKED = 4096
 
     def __init__(
         self, *, start_time_ns: int, max_order_age_s: float = 5.0, prefix: str = ORDER_RING_PREFIX
@@ -633,34 +701,91 @@ class OrderIntake:
         self.readers: dict[str, RingReader] = {}
         self.stale = 0
         self.bad = 0
+        self.untrusted = 0  # names refused by the trust rule (once per name and inode)
+        self.reaped = 0  # rings of dead clients drained and unlinked
+        self.shrunk = 0  # rings found shorter than mapped (dropped unread, never polled)
+        # (name, inode, epoch_ns) -> next sequence to read: what was taken from each incarnation
+        self._done: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        # name -> inode not to attach again (refused, reaped, foreign dtype, shrunk)
+        self._skip: OrderedDict[str, int] = OrderedDict()
+
+    @staticmethod
+    def _key(name: str, reader: RingReader) -> tuple[str, int, int]:
+        return (name, reader.inode, reader.epoch_ns)
+
+    def _remember(self, table: OrderedDict[Any, int], key: Any, value: int) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        if len(table) > self.MAX_TRACKED:
+            table.popitem(last=False)
 
     def scan(self) -> int:
-        """Attach to new order rings, drop ones whose writer is gone; returns the count."""
-        from pipeline.ring import list_rings
-
-        for name in list_rings(self.prefix):
+        """Attach to new order rings, reap drained rings of dead clients; returns the count."""
+        for name in shm.list_names(self.prefix):
             if name in self.readers:
+                continue
+            ino = shm.current_inode(name)
+            if ino is None or self._skip.get(name) == ino:
                 continue
             try:
                 reader = RingReader.attach(name, name=f"trading{os.getpid()}"[:24], start="oldest")
-            except (FileNotFoundError, ValueError, OSError):
+            except RingUntrustedError as exc:
+                self._remember(self._skip, name, ino)
+                if shm.note_refusal(exc):
+                    self.untrusted += 1
                 continue
+            except (FileNotFoundError, RingLayoutError, ValueError, OSError):
+                continue  # gone again, or still being created: look at the next scan
             if reader.layout.dtype != ORDER_DTYPE:
+                log.warning(
+                    "order ring skipped: not an order ring",
+                    extra={"ring": name, "dtype": str(reader.layout.dtype)},
+                )
+                self._remember(self._skip, name, reader.inode)
+                self.bad += 1
                 reader.close()
                 continue
+            done = self._done.get(self._key(name, reader))
+            if done is not None and done > reader.pos:
+                reader.pos = done  # already taken up to there: never again
             self.readers[name] = reader
         for name, reader in list(self.readers.items()):
-            if not reader.writer_alive() and reader.lag == 0:
+            if reader.shrunk():
+                log.warning("order ring shrank under us: dropped unread", extra={"ring": name})
+                self.shrunk += 1
+                self._remember(self._skip, name, reader.inode)
                 reader.close()
                 del self.readers[name]
+            elif not reader.writer_alive() and reader.lag <= 0:
+                self._reap(name, reader)
         return len(self.readers)
+
+    def _reap(self, name: str, reader: RingReader) -> None:
+        """A dead (or closed) client's ring, read to its end: close it and remove the name if it
+        still holds this very file; remember it so it is never read again either way."""
+        ino = reader.inode
+        self._remember(self._done, self._key(name, reader), reader.pos)
+        self._remember(self._skip, name, ino)
+        reader.close()
+        del self.readers[name]
+        removed = False
+        try:
+            removed = shm.unlink_if_inode(name, ino)
+        except OSError as exc:
+            log.warning("order ring of a dead client not removed", extra={"ring": name,
+                        "error": str(exc)})  # fmt: skip
+        if removed:
+            self.reaped += 1
+            log.info("order ring of a dead client reaped", extra={"ring": name})
 
     def poll(self, now_ns: int) -> tuple[list[OrderCommand], list[ExecUpdate]]:
         """Commands to execute, and REJECTs for stale or undecodable records."""
         cmds: list[OrderCommand] = []
         rejects: list[ExecUpdate] = []
-        for reader in self.readers.values():
+        for name, reader in self.readers.items():
             batch = reader.poll()
+            if len(batch):
+                self._remember(self._done, self._key(name, reader), reader.pos)
             for r in batch:
                 try:
                     cmd = decode_order(r)
