@@ -32,10 +32,26 @@ Decisions (documented, tested in tests/test_session.py):
 - Never a duplicated order: an order whose request was written but not answered when the
   connection died, that timed out, or that got 5xx / -1006 / -1007 is UNKNOWN. Once Ready the
   session asks ``order.status`` by ``origClientOrderId`` (a user-data ``executionReport`` for
-  it resolves it too), again every ``reconcile_interval_s`` while the answer stays unknown.
-  If the exchange answers ``-2013`` (no such order) the order is reported
+  it resolves it too). If the exchange answers ``-2013`` (no such order) the order is reported
   REJECTED with :data:`LOCAL_NOT_FOUND` and is **never resent**; should it still appear later
   on the user data stream, the late report is applied and counted (``orders_late``).
+- A reply we cannot understand (``"result": null``, an ``orderId`` of 2**64, an unknown status,
+  a field of the wrong type) is a counted, logged protocol error that settles its request with
+  :data:`LOCAL_BAD_REPLY`: an order it was about becomes UNKNOWN and is reconciled exactly like
+  a -1007. Nothing the venue sends can leave an order PENDING with no request in flight.
+- Reconciliation has a budget (issue #11: 40 UNKNOWN orders once cost 240 ``order.status`` in
+  6 s). Each order backs off exponentially (``reconcile_interval_s`` doubling up to
+  ``reconcile_max_interval_s``); all reconciliation shares one token bucket of request weight,
+  ``reconcile_weight_share`` of the per-minute weight limit the venue reports (burst
+  ``reconcile_burst_weight``), and pauses while the venue says the weight used is already above
+  ``1 - reconcile_weight_share`` of it; ``reconcile_bulk_min`` or more due orders of one symbol
+  are asked with one ``openOrders.status`` (weight 6) instead of one ``order.status`` (weight 4)
+  each; the ones it does not list are then asked one by one. Orders UNKNOWN for longer than
+  ``unknown_stale_s`` are counted in metric ``problem_unknown_orders_stale`` (``pipeline health``
+  then marks trading unhealthy); ``orders_unknown_now`` is the gauge of UNKNOWN orders.
+- Bounds: the order table holds at most ``max_orders`` (100 000) orders; final orders are
+  forgotten oldest first when it is full, and when it is full of live orders a new one is
+  rejected locally with :data:`LOCAL_TABLE_FULL` (never silently dropped).
 - 429 / 418: nothing but WebSocket ping frames is sent until ``retryAfter``; orders submitted
   meanwhile are rejected locally with :data:`LOCAL_RATE_LIMITED` (stale orders are worse than
   rejected ones). Reconnects also wait for it.
@@ -70,7 +86,9 @@ from pipeline.binance.wsapi import (
     decode_frame,
     parse_cancel_replace,
     parse_order,
+    venue_time_ms,
 )
+from pipeline.logs import RateLimitedLog
 
 log = logging.getLogger("pipeline.session")
 
@@ -88,6 +106,10 @@ LOCAL_INVALID = -9004
 LOCAL_NOT_FOUND = -9005  # UNKNOWN order, then order.status said -2013: reported rejected
 LOCAL_DISCONNECTED = -9006
 LOCAL_TIMEOUT = -9007
+# -9008..-9010 are pipeline.orders' (stale, risk, reply too large); these start at -9021.
+LOCAL_BAD_REPLY = -9021  # the answer could not be understood: the order is UNKNOWN, reconciled
+LOCAL_TABLE_FULL = -9022  # the order table is full of live orders
+LOCAL_OUTBOX_FULL = -9023  # the trading shell's outbox to the connection is full
 ERROR_TEXT: dict[int, str] = {
     LOCAL_NOT_READY: "session not ready",
     LOCAL_RATE_LIMITED: "rate limited until retryAfter",
@@ -96,7 +118,13 @@ ERROR_TEXT: dict[int, str] = {
     LOCAL_NOT_FOUND: "order unknown after reconnect and not found by order.status",
     LOCAL_DISCONNECTED: "connection lost",
     LOCAL_TIMEOUT: "request deadline passed",
+    LOCAL_BAD_REPLY: "reply not understood (protocol error)",
+    LOCAL_TABLE_FULL: "order table full of live orders",
+    LOCAL_OUTBOX_FULL: "outbox to the exchange full (connection not draining)",
 }
+# Request weights of the reconciliation requests (Binance WS API docs; the simulator agrees).
+WEIGHT_ORDER_STATUS = 4
+WEIGHT_OPEN_ORDERS_SYMBOL = 6
 
 
 class State(IntEnum):
@@ -156,6 +184,22 @@ FINAL = frozenset(
     }
 )
 _STATUS_BY_NAME = {s.name: s for s in OrderStatus}
+# What the venue may say an order's status is (PENDING and UNKNOWN are ours alone).
+_VENUE_STATUS = {
+    n: st
+    for n, st in _STATUS_BY_NAME.items()
+    if st not in (OrderStatus.PENDING, OrderStatus.UNKNOWN)
+}
+
+
+def _venue_status(name: str, *, missing: OrderStatus | None = None) -> OrderStatus:
+    """The status a reply states; an unknown one makes the reply not understood."""
+    st = _VENUE_STATUS.get(name)
+    if st is None:
+        if name == "" and missing is not None:
+            return missing
+        raise ProtocolError("order result with an unknown status")
+    return st
 
 
 class ExecKind(IntEnum):
@@ -278,7 +322,14 @@ class SessionConfig:
     default_retry_after_s: float = 10.0  # 429 without retryAfter
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     cancel_replace_mode: str = "STOP_ON_FAILURE"
-    reconcile_interval_s: float = 1.0  # re-ask order.status for orders still UNKNOWN
+    reconcile_interval_s: float = 1.0  # first re-ask of an UNKNOWN order; then doubling
+    reconcile_max_interval_s: float = 30.0  # backoff cap per order
+    reconcile_weight_share: float = 0.2  # of the per-minute weight limit, for reconciliation
+    reconcile_burst_weight: float = 40.0  # token bucket depth (10 order.status)
+    reconcile_bulk_min: int = 3  # this many due UNKNOWN orders of a symbol: openOrders.status
+    assumed_weight_limit: int = 6000  # per minute, until the venue's rateLimits say otherwise
+    unknown_stale_s: float = 30.0  # UNKNOWN longer than this: problem_unknown_orders_stale
+    max_retry_after_s: float = 4 * 86400.0  # a later retryAfter is nonsense: protocol error
     max_orders: int = 100_000  # order table size; the oldest final orders are forgotten
 
 
@@ -297,8 +348,12 @@ class _Order:
     cum_quote: float = 0.0
     submit_time_ns: int = 0
     client_id: int = 0
-    reconciling: bool = False  # an order.status for it is in flight
+    reconciling: bool = False  # an order.status (or a bulk openOrders.status) is in flight
     was_unknown: bool = False
+    unknown_since_ns: int = 0  # monotonic, when it last became UNKNOWN
+    reconcile_tries: int = 0  # inconclusive answers since then (drives the backoff)
+    next_reconcile_ns: int = 0  # monotonic, when it may be asked again
+    bulk_checked: bool = False  # openOrders.status did not list it: ask order.status
 
 
 @dataclass(slots=True)
@@ -364,6 +419,10 @@ METRIC_FIELDS: tuple[str, ...] = (
     "protocol_errors",
     "clock_offset_ms",
     "time_resyncs",
+    "orders_unknown_now",
+    "problem_unknown_orders_stale",
+    "reconcile_requests",
+    "orders_table_full",
 )
 FLOAT_METRICS = frozenset({"rtt_us", "rtt_smoothed_us", "clock_offset_ms"})
 
@@ -406,6 +465,10 @@ class Session:
         self._reply_ns = 0
         self._unknown: set[str] = set()  # client order ids that became UNKNOWN (pruned lazily)
         self._next_reconcile_ns = 0
+        self._budget = float(config.reconcile_burst_weight)  # reconciliation weight tokens
+        self._budget_ns = 0
+        self._next_prune_ns = 0
+        self._rl = RateLimitedLog(log)
         self.metrics: dict[str, float] = {k: 0 for k in METRIC_FIELDS}
         self.on_transition: Callable[[State, State, str], None] | None = None
 
@@ -803,7 +866,7 @@ class Session:
         elif bad_fields:
             code = LOCAL_INVALID
         else:
-            code = self._gate()
+            code = self._gate() or (LOCAL_TABLE_FULL if self._table_full() else 0)
         if code:
             self._local_reject(coid, code, order)
         return bool(code)
@@ -894,10 +957,10 @@ class Session:
             times.extend(p.deadline_ns for p in conn.pending.values())
             if conn.role == "draining":
                 times.append(conn.drain_deadline_ns)
+        if self._unknown:
+            times.append(self._next_reconcile_ns)
         if self.ready and self._primary is not None:
             times.append(self._next_time_sync_ns)
-            if self._unknown:
-                times.append(self._next_reconcile_ns)
             times.append(
                 self._conns[self._primary].opened_ns + int(self.config.max_connection_age_s * 1e9)
             )
@@ -954,9 +1017,6 @@ class Session:
             if now >= self._next_time_sync_ns and now >= self._rate_limited_until_ns:
                 self._next_time_sync_ns = now + int(self.config.time_sync_interval_s * 1e9)
                 self._request(primary, "time", {}, "time")
-            if self._unknown and now >= self._next_reconcile_ns:
-                self._next_reconcile_ns = now + int(self.config.reconcile_interval_s * 1e9)
-                self._reconcile_all()
             age = now - primary.opened_ns
             if age >= int(self.config.max_connection_age_s * 1e9):
                 self._rollover_wanted = True
@@ -968,6 +1028,11 @@ class Session:
             ):
                 log.info("opening a standby connection", extra={"event": "rollover_start"})
                 self._open("standby")
+        if self._unknown and now >= self._next_reconcile_ns:
+            self._next_reconcile_ns = now + int(self.config.reconcile_interval_s * 1e9)
+            self._reconcile_all()
+        elif not self._unknown and self.metrics["orders_unknown_now"]:
+            self._unknown_gauges(now)
 
     # ---- receiving -----------------------------------------------------------------------
 
@@ -979,12 +1044,18 @@ class Session:
         try:
             msg = decode_frame(text)
         except ProtocolError as exc:
-            self.metrics["protocol_errors"] += 1
-            log.warning("bad frame: %s", exc, extra={"event": "protocol_error", "remote": True})
+            self._protocol_error(f"bad frame: {exc}")
+            p = conn.pending.pop(str(exc.request_id), None) if exc.request_id is not None else None
+            if p is not None:
+                self._bad_reply(conn, p)
             return
         if isinstance(msg, StreamEvent):
             self._on_event(conn, msg)
             return
+        if msg.bad_fields:
+            self._protocol_error(
+                f"fields dropped: {'; '.join(msg.bad_fields)}", len(msg.bad_fields)
+            )
         self._track_limits(msg)
         if msg.id is None:
             if msg.status == 401 or msg.code in (-2015, -2014):
@@ -1001,8 +1072,29 @@ class Session:
         if msg.status in (418, 429) or msg.code in (-1003,):
             self._rate_limited(msg)
         handler = getattr(self, f"_on_{p.kind}")
-        handler(conn, p, msg)
+        try:
+            handler(conn, p, msg)
+        except ProtocolError as exc:  # handlers parse before they change anything
+            self._protocol_error(f"{p.method} answer not understood: {exc}")
+            self._bad_reply(conn, p)
+            return
         if conn.role == "draining" and not conn.pending and conn.id in self._conns:
+            self._drop(conn, "replaced", lost=False)
+
+    def _protocol_error(self, what: str, n: int = 1) -> None:
+        """Count and log (rate limited: a hostile venue must not flood the log) a remote fault."""
+        self.metrics["protocol_errors"] += n
+        self._rl.warning("protocol_error", f"protocol error: {what[:200]}", remote=True)
+
+    def _bad_reply(self, conn: _Conn, p: _Pending) -> None:
+        """Settle a request whose answer we could not understand, as if it had timed out: an
+        order it was about becomes UNKNOWN and is reconciled (the -1007 path)."""
+        self._request_failed(p, LOCAL_BAD_REPLY, unknown=True)
+        if conn.id not in self._conns:
+            return
+        if p.kind in ("time", "logon", "subscribe") and conn.phase != "ready":
+            self._drop(conn, f"{p.method} answer not understood", lost=True)
+        elif conn.role == "draining" and not conn.pending:
             self._drop(conn, "replaced", lost=False)
 
     def _track_limits(self, msg: Response) -> None:
@@ -1017,9 +1109,14 @@ class Session:
     def _rate_limited(self, msg: Response) -> None:
         now = self._now()
         retry_ms = msg.error.retry_after_ms if msg.error else None
+        wait_ns: int | None = None
         if retry_ms is not None:
             wait_ns = int((retry_ms - self._timestamp_ms()) * 1e6)
-        else:
+            if wait_ns > self.config.max_retry_after_s * 1e9:
+                # not a ban any exchange hands out: waiting it out would silence us for good
+                self._protocol_error(f"retryAfter {retry_ms} is beyond max_retry_after_s")
+                wait_ns = None
+        if wait_ns is None:
             wait_ns = int(self.config.default_retry_after_s * 1e9)
         until = now + max(0, wait_ns)
         self._rate_limited_until_ns = max(self._rate_limited_until_ns, until)
@@ -1036,9 +1133,10 @@ class Session:
 
     def _on_time(self, conn: _Conn, p: _Pending, msg: Response) -> None:
         if msg.ok and isinstance(msg.result, dict) and "serverTime" in msg.result:
+            server_ms = venue_time_ms(msg.result["serverTime"], "serverTime")
             recv_wall = self.clock.time_ns()
             mid_ms = (p.sent_wall_ns + recv_wall) / 2e6
-            self._offset_ms = float(msg.result["serverTime"]) - mid_ms
+            self._offset_ms = float(server_ms) - mid_ms
             self.metrics["clock_offset_ms"] = self._offset_ms
             self._rtt((recv_wall - p.sent_wall_ns) / 1000.0)
             waiters, self._resync_waiters = self._resync_waiters, []
@@ -1055,6 +1153,8 @@ class Session:
                         tag=w.tag,
                         retried=True,
                     )
+        else:  # no usable time: whatever waited for it will not be retried
+            self._fail_resync_waiters(conn.id, LOCAL_BAD_REPLY if msg.ok else (msg.code or 0))
         if conn.phase == "syncing":
             conn.phase = "logging_on"
             self._request(conn, "session.logon", {}, "logon")
@@ -1115,6 +1215,13 @@ class Session:
             return
         self._updates.append(ApiReply(p.tag, msg))
 
+    def _fail_resync_waiters(self, conn_id: int, code: int) -> None:
+        waiters = [w for w in self._resync_waiters if w.conn == conn_id]
+        if waiters:
+            self._resync_waiters = [w for w in self._resync_waiters if w.conn != conn_id]
+            for w in waiters:
+                self._request_failed(w, code or LOCAL_BAD_REPLY, unknown=True)
+
     def _resync_and_retry(self, p: _Pending) -> None:
         self.metrics["time_resyncs"] += 1
         self._resync_waiters.append(p)
@@ -1129,7 +1236,11 @@ class Session:
         outcome = classify_response(msg.status, msg.code)
         if outcome is Outcome.OK:
             info = parse_order(msg.result)
+            # an ACK-type answer has no status: accepted by the engine means NEW
+            _venue_status(info.status, missing=OrderStatus.NEW if info.order_id >= 0 else None)
             self.metrics["orders_acked"] += 1
+            if not info.status:
+                order.status = OrderStatus.NEW
             self._apply_info(order, info)
             self._emit(
                 order,
@@ -1150,8 +1261,11 @@ class Session:
         outcome = classify_response(msg.status, msg.code)
         if outcome is Outcome.OK:
             info = parse_order(msg.result)
+            _venue_status(info.status, missing=OrderStatus.CANCELED)
             if order is not None:
                 self._apply_info(order, info)
+                if not info.status:
+                    order.status = OrderStatus.CANCELED
                 self._emit(order, ExecKind.CANCELED, client_id=p.tag or order.client_id)
             else:
                 self._updates.append(
@@ -1169,7 +1283,7 @@ class Session:
             self._resync_and_retry(p)
             return
         if outcome is Outcome.UNKNOWN and order is not None:
-            self._reconcile(order)
+            self._make_unknown(order, msg.code or LOCAL_TIMEOUT)
         self._updates.append(
             ExecUpdate(
                 p.coid,
@@ -1193,9 +1307,13 @@ class Session:
             if new is not None:
                 self._make_unknown(new, msg.code or LOCAL_TIMEOUT)
             if old is not None:
-                self._reconcile(old)
+                self._make_unknown(old, msg.code or LOCAL_TIMEOUT)
             return
         res = parse_cancel_replace(msg)
+        if res.cancel is not None:
+            _venue_status(res.cancel.status, missing=OrderStatus.CANCELED)
+        if res.new_order is not None:
+            _venue_status(res.new_order.status, missing=OrderStatus.NEW)
         if old is not None and res.cancel_ok and res.cancel is not None:
             c = res.cancel
             self._apply_info(old, c)
@@ -1230,7 +1348,13 @@ class Session:
         order = self._orders.get(p.coid)
         if msg.ok:
             info = parse_order(msg.result)
-            if order is not None:
+            _venue_status(info.status)
+            if order is not None and order.status is OrderStatus.UNKNOWN:
+                self._apply_info(order, info)
+                self.metrics["orders_reconciled"] += 1
+                self._emit(order, ExecKind.RECONCILED)
+                self._emit(order, ExecKind.STATUS, client_id=p.tag or order.client_id)
+            elif order is not None:
                 self._apply_info(order, info)
                 self._emit(order, ExecKind.STATUS, client_id=p.tag or order.client_id)
             else:
@@ -1266,26 +1390,57 @@ class Session:
         order = self._orders.get(p.coid)
         if order is None:
             return
+        info = parse_order(msg.result) if msg.ok else None
+        if info is not None:
+            _venue_status(info.status)
         order.reconciling = False
         if order.status is not OrderStatus.UNKNOWN:
             return  # the user data stream resolved it first
-        if msg.ok:
-            info = parse_order(msg.result)
+        if info is not None:
             self._apply_info(order, info)
             self.metrics["orders_reconciled"] += 1
             self._emit(order, ExecKind.RECONCILED)
         elif msg.code == -2013:
             self.metrics["orders_reconciled"] += 1
             self._reject(order, LOCAL_NOT_FOUND, ERROR_TEXT[LOCAL_NOT_FOUND])
-        # anything else (timeout, -1007 again, rate limit): still unknown; asked again when
-        # the next reconcile pass runs (after reconnect or the next tick of _reconcile_all).
+        else:  # timeout, -1007 again, rate limit: still unknown; asked again after a backoff
+            self._reconcile_failed(order)
+
+    def _on_bulk(self, conn: _Conn, p: _Pending, msg: Response) -> None:
+        """openOrders.status for one symbol's UNKNOWN orders: listed = open (reconciled);
+        not listed = filled, canceled or never placed, which only order.status can tell."""
+        orders = [o for c in p.tag for o in (self._orders.get(c),) if o is not None]
+        found: dict[str, OrderInfo] = {}
+        if msg.ok:
+            if not isinstance(msg.result, list):
+                raise ProtocolError("openOrders.status result is not a list")
+            for item in msg.result:
+                info = parse_order(item)
+                _venue_status(info.status)
+                found[info.client_order_id] = info
+        for order in orders:
+            order.reconciling = False
+            if order.status is not OrderStatus.UNKNOWN:
+                continue
+            if not msg.ok:
+                self._reconcile_failed(order)
+                continue
+            info_ = found.get(order.coid)
+            if info_ is None:
+                order.bulk_checked = True
+                order.next_reconcile_ns = self._now()
+                self._next_reconcile_ns = min(self._next_reconcile_ns, order.next_reconcile_ns)
+                continue
+            self._apply_info(order, info_)
+            self.metrics["orders_reconciled"] += 1
+            self._emit(order, ExecKind.RECONCILED)
 
     # ---- orders ------------------------------------------------------------------------
 
     def _apply(
         self, order: _Order, status: str, order_id: int, cum_qty: float, cum_quote: float
     ) -> None:
-        order.status = _STATUS_BY_NAME.get(status, order.status)
+        order.status = _VENUE_STATUS.get(status, order.status)
         if order_id >= 0:
             order.order_id = order_id
         order.cum_qty = max(order.cum_qty, cum_qty)
@@ -1326,20 +1481,50 @@ class Session:
     def _make_unknown(self, order: _Order, code: int) -> None:
         if order.status in FINAL:
             return
+        now = self._now()
+        if order.status is not OrderStatus.UNKNOWN:  # newly unknown: a fresh backoff
+            order.unknown_since_ns = now
+            order.reconcile_tries = 0
+            order.next_reconcile_ns = now
+            order.bulk_checked = False
         order.status = OrderStatus.UNKNOWN
         self._unknown.add(order.coid)
         order.was_unknown = True
         self.metrics["orders_unknown"] += 1
         self._emit(order, ExecKind.UNKNOWN, error_code=code)
-        self._reconcile(order)
+        self._reconcile(order, now)
 
-    def _reconcile(self, order: _Order) -> None:
-        """Ask order.status for an UNKNOWN order now if we can, else on the next Ready."""
-        if order.reconciling or not self.ready or self._primary is None:
+    def _refill_budget(self, now: int) -> float:
+        """Reconciliation's weight tokens: ``reconcile_weight_share`` of the per-minute weight
+        limit, paused while the venue reports the weight used above ``1 - share`` of it."""
+        cfg = self.config
+        limit = self.metrics["weight_limit"] or cfg.assumed_weight_limit
+        share = cfg.reconcile_weight_share
+        if self._budget_ns and self.metrics["weight_used"] <= limit * (1.0 - share):
+            rate_per_ns = limit * share / 60e9
+            self._budget = min(
+                cfg.reconcile_burst_weight, self._budget + (now - self._budget_ns) * rate_per_ns
+            )
+        self._budget_ns = now
+        return self._budget
+
+    def _can_reconcile(self, now: int) -> bool:
+        return self.ready and self._primary is not None and now >= self._rate_limited_until_ns
+
+    def _reconcile(self, order: _Order, now: int) -> None:
+        """Ask order.status for one UNKNOWN order now if it is due and the budget allows;
+        otherwise the next pass (:meth:`_reconcile_all`) will."""
+        if order.reconciling or now < order.next_reconcile_ns or not self._can_reconcile(now):
             return
-        if self._now() < self._rate_limited_until_ns:
+        if self._refill_budget(now) < WEIGHT_ORDER_STATUS:
             return
+        self._budget -= WEIGHT_ORDER_STATUS
+        self._query_one(order)
+
+    def _query_one(self, order: _Order) -> None:
+        assert self._primary is not None
         order.reconciling = True
+        self.metrics["reconcile_requests"] += 1
         self._request(
             self._conns[self._primary],
             "order.status",
@@ -1348,22 +1533,101 @@ class Session:
             coid=order.coid,
         )
 
-    def _reconcile_all(self) -> None:
-        """Ask again for every order still UNKNOWN (after Ready, and every reconcile interval)."""
+    def _reconcile_failed(self, order: _Order) -> None:
+        """An inconclusive answer: ask again after an exponential backoff."""
+        order.reconciling = False
+        order.reconcile_tries += 1
+        cfg = self.config
+        delay = min(
+            cfg.reconcile_interval_s * 2 ** min(order.reconcile_tries - 1, 30),
+            cfg.reconcile_max_interval_s,
+        )
+        order.next_reconcile_ns = self._now() + int(delay * 1e9)
+
+    def _unknown_gauges(self, now: int) -> None:
+        """Prune :attr:`_unknown`; publish how many are UNKNOWN now and how many for too long."""
+        stale_ns = int(self.config.unknown_stale_s * 1e9)
+        n = stale = 0
         for coid in list(self._unknown):
             order = self._orders.get(coid)
             if order is None or order.status is not OrderStatus.UNKNOWN:
                 self._unknown.discard(coid)
                 continue
-            self._reconcile(order)
+            n += 1
+            if now - order.unknown_since_ns > stale_ns:
+                stale += 1
+        if stale and not self.metrics["problem_unknown_orders_stale"]:
+            self._rl.warning(
+                "unknown_orders_stale",
+                f"{stale} orders UNKNOWN for more than {self.config.unknown_stale_s:.0f} s",
+            )
+        self.metrics["orders_unknown_now"] = n
+        self.metrics["problem_unknown_orders_stale"] = stale
+
+    def _reconcile_all(self) -> None:
+        """One reconciliation pass over the due UNKNOWN orders, within the budget: a symbol
+        with ``reconcile_bulk_min`` or more due orders gets one openOrders.status, the rest one
+        order.status each (after Ready, and every ``reconcile_interval_s``)."""
+        now = self._now()
+        self._unknown_gauges(now)
+        if not self._can_reconcile(now):
+            return
+        due: dict[str, list[_Order]] = {}
+        for coid in self._unknown:
+            order = self._orders.get(coid)
+            if order is None or order.reconciling or now < order.next_reconcile_ns:
+                continue
+            due.setdefault(order.symbol, []).append(order)
+        singles: list[_Order] = []
+        for symbol, group in due.items():
+            fresh = [o for o in group if not o.bulk_checked]
+            singles.extend(o for o in group if o.bulk_checked)
+            if len(fresh) < self.config.reconcile_bulk_min or not symbol:
+                singles.extend(fresh)
+                continue
+            if self._refill_budget(now) < WEIGHT_OPEN_ORDERS_SYMBOL:
+                break
+            self._budget -= WEIGHT_OPEN_ORDERS_SYMBOL
+            for o in fresh:
+                o.reconciling = True
+            self.metrics["reconcile_requests"] += 1
+            assert self._primary is not None
+            self._request(
+                self._conns[self._primary],
+                "openOrders.status",
+                {"symbol": symbol},
+                "bulk",
+                tag=tuple(o.coid for o in fresh),
+            )
+        singles.sort(key=lambda o: o.next_reconcile_ns)  # longest waiting first
+        for order in singles:
+            if self._refill_budget(now) < WEIGHT_ORDER_STATUS:
+                break
+            self._budget -= WEIGHT_ORDER_STATUS
+            self._query_one(order)
+
+    def _table_full(self) -> bool:
+        """True if the order table has no room even after forgetting final orders (oldest
+        first, down to 90 % of ``max_orders``). A table full of live orders is re-scanned at
+        most once a second, so refusing orders stays cheap."""
+        cap = self.config.max_orders
+        if len(self._orders) < cap:
+            return False
+        now = self._now()
+        if now < self._next_prune_ns:
+            return True
+        excess = len(self._orders) - int(cap * 0.9)
+        for coid in [c for c, o in self._orders.items() if o.status in FINAL][:excess]:
+            del self._orders[coid]
+        if len(self._orders) < cap:
+            return False
+        self._next_prune_ns = now + 1_000_000_000
+        self.metrics["orders_table_full"] += 1
+        self._rl.warning("orders_table_full", f"order table full: {cap} live orders")
+        return True
 
     def _add_order(self, order: _Order) -> None:
         self._orders[order.coid] = order
-        if len(self._orders) > self.config.max_orders:
-            # forget the oldest orders that can no longer change (insertion order = age)
-            excess = len(self._orders) - int(self.config.max_orders * 0.9)
-            for coid in [c for c, o in self._orders.items() if o.status in FINAL][:excess]:
-                del self._orders[coid]
 
     def _request_failed(self, p: _Pending, code: int, *, unknown: bool) -> None:
         """A request that will never be answered (connection gone or deadline passed)."""
@@ -1386,7 +1650,14 @@ class Session:
         elif p.kind == "reconcile":
             order = self._orders.get(p.coid)
             if order is not None:
-                order.reconciling = False
+                self._reconcile_failed(order)
+        elif p.kind == "bulk":
+            for c in p.tag:
+                order = self._orders.get(c)
+                if order is not None and order.reconciling:
+                    self._reconcile_failed(order)
+        elif p.kind == "time":
+            self._fail_resync_waiters(p.conn, code)
         elif p.kind == "status":
             self._updates.append(
                 ExecUpdate(

@@ -31,9 +31,22 @@ refused order never reaches the exchange and is answered on the exec ring with a
 ``error_code`` :data:`pipeline.orders.LOCAL_RISK` and ``error_msg`` naming the limit.
 
 Exit codes: 0 after SIGTERM/SIGINT (segments unlinked), 3 when the exchange rejected the
-logon (wrong key: not retried), 4 after ``max_attempts`` failed reconnects. After a failure the
-metrics block is left in place (state FAILED, writer dead) so ``pipeline health`` reports it; a
-restarted process replaces it.
+logon (wrong key: not retried), 4 after ``max_attempts`` failed reconnects, :data:`EXIT_CRASH`
+(70) when any long-lived task (timers, order intake, a connection's reader/writer) died of an
+exception: the traceback is logged and the process ends rather than live on half dead (no
+pings, no timeouts, no reconnects while the block still says READY); the supervisor or systemd
+restarts it. After a failure or a crash the metrics block is left in place (writer dead) so
+``pipeline health`` reports it; a restarted process replaces it.
+
+Heartbeat: the timer loop wakes at least every ``heartbeat_interval_s`` (1 s) even when idle
+(one timer, no polling) and writes the metrics block each time; the block publishes
+``heartbeat_interval_ms`` so ``pipeline health`` can call a block that stopped moving stale.
+
+Bounds: each connection's outbox holds at most ``outbox_capacity`` (4096) frames. Orders,
+cancels and queries are refused locally (:data:`pipeline.session.LOCAL_OUTBOX_FULL`) once fewer
+than :data:`OUTBOX_RESERVE` (64) slots are left, which keeps room for pings and reconciliation;
+a frame that still finds it full means the connection is not draining: it is dropped (its
+unanswered orders become UNKNOWN and are reconciled) and reopened.
 """
 
 from __future__ import annotations
@@ -41,6 +54,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -73,8 +88,10 @@ from pipeline.orders import (
 )
 from pipeline.ring import RingWriter
 from pipeline.session import (
+    ERROR_TEXT,
     FLOAT_METRICS,
     LOCAL_INVALID,
+    LOCAL_OUTBOX_FULL,
     METRIC_FIELDS,
     ApiReply,
     Close,
@@ -97,6 +114,9 @@ _ws_log = logging.getLogger("pipeline.trading.websockets")
 _ws_log.setLevel(logging.INFO)
 
 METRICS_NAME = "pipeline.trading.metrics"
+EXIT_CRASH = 70  # EX_SOFTWARE: a long-lived task died of an exception (a bug, or worse)
+OUTBOX_RESERVE = 64  # outbox slots kept for pings and reconciliation when refusing orders
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 # Session metrics (see pipeline.session.METRIC_FIELDS) plus the shell's own.
 SHELL_FIELDS: tuple[str, ...] = (
     "order_rings",
@@ -106,6 +126,9 @@ SHELL_FIELDS: tuple[str, ...] = (
     "orders_risk_rejected",
     "risk_inflight",
     "replies_sent",
+    "heartbeat_interval_ms",
+    "exec_sanitized",
+    "outbox_full_rejects",
 )
 METRICS_FIELDS: list[tuple[str, str]] = [
     (name, "<f8" if name in FLOAT_METRICS else "<i8") for name in METRIC_FIELDS
@@ -134,6 +157,8 @@ class TradingConfig:
     risk_max_age_s: float = 5.0
     risk_reader: str = "risk"
     risk_observe_interval_s: float = 0.01
+    heartbeat_interval_s: float = 1.0  # metrics block written at least this often, even idle
+    outbox_capacity: int = 4096  # frames queued per connection (see the module docstring)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -309,10 +334,10 @@ class _ReplyTag:
 class _Conn:
     __slots__ = ("id", "outbox", "tasks", "ws")
 
-    def __init__(self, conn_id: int) -> None:
+    def __init__(self, conn_id: int, capacity: int) -> None:
         self.id = conn_id
         self.ws: Any = None
-        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.outbox: asyncio.Queue[str] = asyncio.Queue(capacity)
         self.tasks: list[asyncio.Task[Any]] = []
 
 
@@ -348,6 +373,9 @@ class TradingProcess:
         self._pending_ready = False
         self._pending_status: str | None = None
         self._watchdog = sdnotify.Watchdog()
+        self._exec_sanitized = 0
+        self._outbox_full_rejects = 0
+        self.crashed: BaseException | None = None
         self.session.on_transition = self._on_transition
 
     def _on_transition(self, old: State, new: State, event: str) -> None:
@@ -397,6 +425,39 @@ class TradingProcess:
     def exit_reason(self) -> str:
         return self._exit_reason
 
+    def _task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Start a long-lived task whose death by exception ends the process (see
+        :meth:`_task_done`)."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A task died of an exception: log the traceback, stop with :data:`EXIT_CRASH`.
+
+        Why not carry on: a dead timer task means no pings, no request deadlines and no
+        reconnects while everything else looks fine; a restart is the honest answer."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        log.critical(
+            "task %s died: %s: %s; exiting with %d",
+            task.get_name(),
+            type(exc).__name__,
+            exc,
+            EXIT_CRASH,
+            exc_info=exc,
+            extra={"event": "task_crashed", "task": task.get_name()},
+        )
+        if self.crashed is None:
+            self.crashed = exc
+            self._exit_code = EXIT_CRASH
+            self._exit_reason = f"task {task.get_name()} crashed: {type(exc).__name__}: {exc}"
+        self._stop.set()
+        self._wake.set()
+
     async def run(self, *, install_signals: bool = False) -> int:
         loop = asyncio.get_running_loop()
         self._metrics = MetricsBlock.create(self.config.metrics_name, METRICS_FIELDS)
@@ -422,13 +483,13 @@ class TradingProcess:
             max_order_age_s=self.config.max_order_age_s,
             prefix=self.config.order_prefix,
         )
-        self._metrics.set(pid=__import__("os").getpid())
+        self._metrics.set(pid=os.getpid())
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         tasks = [
-            asyncio.create_task(self._timer_loop(), name="trading-timers"),
-            asyncio.create_task(self._order_loop(), name="trading-orders"),
+            self._task(self._timer_loop(), "trading-timers"),
+            self._task(self._order_loop(), "trading-orders"),
         ]
         try:
             self.session.start()
@@ -454,7 +515,8 @@ class TradingProcess:
             self._reply_w.close()
             if self._risk is not None:
                 self._risk.close()
-            if self.session.state is State.FAILED and self.config.keep_metrics_on_failure:
+            failed = self.session.state is State.FAILED or self.crashed is not None
+            if failed and self.config.keep_metrics_on_failure:
                 # Leave the block behind (writer dead, state FAILED) so `pipeline health` can
                 # say why we exited; the next start replaces it.
                 self._metrics.owner = False
@@ -469,15 +531,18 @@ class TradingProcess:
             if isinstance(action, Send):
                 conn = self._conns.get(action.conn)
                 if conn is not None:
-                    conn.outbox.put_nowait(action.text)
+                    try:
+                        conn.outbox.put_nowait(action.text)
+                    except asyncio.QueueFull:
+                        self._outbox_overflow(conn)
             elif isinstance(action, Open):
-                conn = _Conn(action.conn)
+                conn = _Conn(action.conn, self.config.outbox_capacity)
                 self._conns[conn.id] = conn
-                conn.tasks.append(asyncio.create_task(self._connect(conn)))
+                conn.tasks.append(self._task(self._connect(conn), f"connect-{conn.id}"))
             elif isinstance(action, Ping):
                 conn = self._conns.get(action.conn)
                 if conn is not None and conn.ws is not None:
-                    conn.tasks.append(asyncio.create_task(self._ping(conn)))
+                    conn.tasks.append(self._task(self._ping(conn), f"ping-{conn.id}"))
             elif isinstance(action, Close):
                 conn = self._conns.pop(action.conn, None)
                 if conn is not None:
@@ -494,6 +559,60 @@ class TradingProcess:
             self._notify()
         self._wake.set()
 
+    def _outbox_overflow(self, conn: _Conn) -> None:
+        """A frame found the outbox full: the connection is not draining. Drop it (its
+        unanswered requests become UNKNOWN / failed in the session) and let it reconnect."""
+        self._rl.warning(
+            "outbox_full",
+            f"outbox of connection {conn.id} full ({self.config.outbox_capacity} frames): "
+            "dropping the connection",
+        )
+        if self._conns.pop(conn.id, None) is not None:
+            self.session.connection_lost(conn.id, "outbox full: connection not draining")
+            self._abort(conn)
+
+    def _outbox_busy(self) -> bool:
+        """True if new orders must be refused: the primary's outbox is nearly full."""
+        primary = self.session.primary_conn
+        conn = self._conns.get(primary) if primary is not None else None
+        if conn is None:
+            return False  # the session itself answers "not ready"
+        return conn.outbox.qsize() >= self.config.outbox_capacity - OUTBOX_RESERVE
+
+    def _exec_array(self, execs: list[ExecUpdate], now: int) -> np.ndarray:
+        """The exec records for ``execs``. One record that does not fit the dtype (a number
+        out of range: a bug, since the decoders validate) must not keep the others out: it is
+        published with its numbers zeroed and the error text saying so, and counted."""
+        try:
+            return np.array([exec_record(u, now) for u in execs], dtype=EXEC_DTYPE)
+        except (OverflowError, ValueError, TypeError):
+            pass
+        out = np.zeros(len(execs), dtype=EXEC_DTYPE)
+        for i, u in enumerate(execs):
+            try:
+                out[i] = exec_record(u, now)
+            except (OverflowError, ValueError, TypeError):
+                self._exec_sanitized += 1
+                self._rl.warning(
+                    "exec_sanitized",
+                    "execution record with an out-of-range number published sanitized",
+                    client_order_id=u.client_order_id[:40],
+                )
+                out[i] = exec_record(
+                    ExecUpdate(
+                        u.client_order_id,
+                        u.kind,
+                        u.status,
+                        symbol=u.symbol,
+                        side=u.side,
+                        client_id=u.client_id,
+                        error_code=LOCAL_INVALID,
+                        error_msg="record sanitized: number out of range",
+                    ),
+                    now,
+                )
+        return out
+
     def _publish(self, updates: list[ExecUpdate | ApiReply]) -> None:
         now = time.time_ns()
         execs = [u for u in updates if isinstance(u, ExecUpdate)]
@@ -505,8 +624,8 @@ class TradingProcess:
                     self._replies.append(u)
         del self._replies[:-100]
         if execs and self._exec is not None:
-            recs = [exec_record(u, now) for u in execs]
-            self._exec.publish_many(np.array(recs, dtype=EXEC_DTYPE))
+            recs = self._exec_array(execs, now)
+            self._exec.publish_many(recs)
             self._published += len(recs)
             if self._risk is not None:
                 cursor = self._exec.cursor
@@ -561,7 +680,10 @@ class TradingProcess:
         values["orders_risk_rejected"] = self._risk_rejected
         values["risk_inflight"] = len(self._risk.inflight) if self._risk is not None else 0
         values["replies_sent"] = self._replies_sent
-        m.set(**{k: (float(v) if k in FLOAT_METRICS else int(v)) for k, v in values.items()})
+        values["heartbeat_interval_ms"] = int(self.config.heartbeat_interval_s * 1000)
+        values["exec_sanitized"] = self._exec_sanitized
+        values["outbox_full_rejects"] = self._outbox_full_rejects
+        m.set(**{k: _metric(k, v) for k, v in values.items()})
 
     # ---- connections ---------------------------------------------------------------------
 
@@ -596,8 +718,8 @@ class TradingProcess:
             ws.transport.abort()
             return
         conn.ws = ws
-        conn.tasks.append(asyncio.create_task(self._reader(conn)))
-        conn.tasks.append(asyncio.create_task(self._writer(conn)))
+        conn.tasks.append(self._task(self._reader(conn), f"reader-{conn.id}"))
+        conn.tasks.append(self._task(self._writer(conn), f"writer-{conn.id}"))
         self.session.connected(conn.id)
         self._pump()
 
@@ -605,16 +727,21 @@ class TradingProcess:
         from websockets.exceptions import ConnectionClosed
 
         reason = "closed"
-        try:
-            async for msg in conn.ws:
-                self.session.frame_received(conn.id, msg)
-                self._pump()
-        except ConnectionClosed as exc:
-            reason = f"closed by peer ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:200]
+        while True:
+            # Only the socket's errors mean "connection lost". An exception from the session
+            # or the shell below is a bug: it ends this task and so the process (_task_done).
+            try:
+                msg = await conn.ws.recv()
+            except ConnectionClosed as exc:
+                reason = f"closed by peer ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:200]
+                break
+            self.session.frame_received(conn.id, msg)
+            self._pump()
         if conn.id in self._conns:
             self._conns.pop(conn.id, None)
             self.session.connection_lost(conn.id, reason)
@@ -628,7 +755,7 @@ class TradingProcess:
                 await conn.ws.send(text)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # the socket's: send failed
             if conn.id in self._conns:
                 self._conns.pop(conn.id, None)
                 self.session.connection_lost(conn.id, f"send failed: {type(exc).__name__}")
@@ -674,7 +801,7 @@ class TradingProcess:
             timeout = None
             if deadline is not None:
                 timeout = max(0.0, (deadline - s.clock.monotonic_ns()) / 1e9)
-            cap = 1.0
+            cap = self.config.heartbeat_interval_s
             if self._watchdog.enabled and self._watchdog.interval_s is not None:
                 cap = min(cap, self._watchdog.interval_s / 2)
             timeout = min(timeout if timeout is not None else cap, cap)
@@ -682,7 +809,10 @@ class TradingProcess:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             s.tick()
             self._pump()
-            self._flush_metrics(force=False)
+            # the heartbeat: written on every wake-up at least once per interval, even idle
+            self._flush_metrics(
+                force=time.monotonic() - self._last_metrics >= self.config.heartbeat_interval_s / 2
+            )
             self._feed_watchdog()
             # prune finished tasks
             for conn in self._conns.values():
@@ -759,8 +889,45 @@ class TradingProcess:
         )
         return True
 
+    def _refuse_busy(self, cmd: Any) -> None:
+        """Answer a command locally because the outbox is nearly full (never queue it)."""
+        self._outbox_full_rejects += 1
+        self._dirty = True
+        self._rl.warning("outbox_busy", "outbox nearly full: refusing orders locally")
+        text = ERROR_TEXT[LOCAL_OUTBOX_FULL]
+        if cmd.action in REQUEST_METHODS:
+            tag = _ReplyTag(cmd.client_id, cmd.client_order_id, REQUEST_METHODS[cmd.action])
+            self._send_reply(tag, Response(None, 503, None, ApiError(LOCAL_OUTBOX_FULL, text)))
+            return
+        kind = {
+            Action.CANCEL: ExecKind.CANCEL_REJECT,
+            Action.STATUS: ExecKind.STATUS,
+        }.get(cmd.action, ExecKind.REJECT)
+        order = self.session.order_status(cmd.client_order_id)
+        status = OrderStatus.REJECTED if kind is ExecKind.REJECT else (order or OrderStatus.UNKNOWN)
+        self._publish(
+            [
+                ExecUpdate(
+                    cmd.client_order_id,
+                    kind,
+                    status,
+                    symbol=cmd.symbol,
+                    side=cmd.side,
+                    price=cmd.price,
+                    qty=cmd.qty,
+                    error_code=LOCAL_OUTBOX_FULL,
+                    error_msg=text,
+                    submit_time_ns=cmd.submit_time_ns,
+                    client_id=cmd.client_id,
+                )
+            ]
+        )
+
     def _execute(self, cmd: Any) -> None:
         s = self.session
+        if self._outbox_busy():
+            self._refuse_busy(cmd)
+            return
         if cmd.action is Action.PLACE:
             if self._risk_refused(cmd, cmd.symbol, cmd.side):
                 return
@@ -813,3 +980,13 @@ class TradingProcess:
                 )
                 return
             s.request(method, params, tag=tag)
+
+
+def _metric(name: str, value: float) -> float:
+    """A metrics value fit for its field: floats as they are, integers saturated to int64 (a
+    bad number must never make the metrics write raise and kill the timer task)."""
+    if name in FLOAT_METRICS:
+        return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0 if math.isnan(value) else (_I64_MAX if value > 0 else _I64_MIN)
+    return max(_I64_MIN, min(_I64_MAX, int(value)))

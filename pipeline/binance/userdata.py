@@ -5,14 +5,23 @@ times (ms) to ns. :func:`parse_event` takes the ``event`` object of a WS API fra
 raw / combined payload) plus the local receive time, and never raises for an unknown event
 type: it returns :class:`UnknownEvent`, which the caller counts. A known type with missing or
 mistyped fields raises :class:`UserDataError` (remote fault), for the caller's counted skip.
+
+Numbers are validated here (issue #11): ids and counts must be integers in int64, times in epoch
+ms small enough that ms -> ns fits int64, decimals finite; text fields must be strings (``str()``
+of a deeply nested JSON array raises RecursionError). Anything else is a ``UserDataError``.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 _MS = 1_000_000
+_INT64_MAX = (1 << 63) - 1
+_MAX_TIME_MS = _INT64_MAX // _MS
+_INT_TEXT = re.compile(r"-?[0-9]{1,19}")
 
 
 class UserDataError(ValueError):
@@ -21,26 +30,55 @@ class UserDataError(ValueError):
     remote = True
 
 
-def _f(event: dict[str, Any], key: str) -> float:
+def _kind(event: dict[str, Any]) -> str:
+    e = event.get("e")
+    return e if isinstance(e, str) else "event"
+
+
+def _f(event: dict[str, Any], key: str, *, signed: bool = False) -> float:
+    """A finite decimal; non-negative unless ``signed`` (a balance delta may be negative)."""
     value = event.get(key)
     if value is None:
         return 0.0
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise UserDataError(f"{_kind(event)}: field {key!r} is not a number")
     try:
         # float() of the decimal text is correctly rounded: the same value float(Decimal(text))
         # gives, at a third of the cost (ten of these per executionReport)
-        return float(str(value))
-    except ValueError:
-        raise UserDataError(f"{event.get('e')}: field {key!r} is not a number") from None
+        out = float(value)
+    except (ValueError, OverflowError):
+        raise UserDataError(f"{_kind(event)}: field {key!r} is not a number") from None
+    if not math.isfinite(out) or (out < 0 and not signed):
+        raise UserDataError(f"bad_number: {_kind(event)}: field {key!r} out of range")
+    return out
 
 
-def _i(event: dict[str, Any], key: str, default: int | None = None) -> int:
+def _i(
+    event: dict[str, Any],
+    key: str,
+    default: int | None = None,
+    *,
+    lo: int = 0,
+    hi: int = _INT64_MAX,
+) -> int:
+    """An integer in ``[lo, hi]`` (JSON int, or a string of digits); floats are refused."""
     value = event.get(key, default)
     if isinstance(value, bool) or value is None:
-        raise UserDataError(f"{event.get('e')}: field {key!r} missing or not an integer")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UserDataError(f"{event.get('e')}: field {key!r} is not an integer") from None
+        raise UserDataError(f"{_kind(event)}: field {key!r} missing or not an integer")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        n = int(value)
+    else:
+        raise UserDataError(f"{_kind(event)}: field {key!r} is not an integer")
+    if not lo <= n <= hi:
+        raise UserDataError(f"bad_number: {_kind(event)}: field {key!r} out of range")
+    return n
+
+
+def _t(event: dict[str, Any], key: str, default: Any = None) -> int:
+    """An epoch-ms time as ns (checked so the product fits int64)."""
+    return _i(event, key, default, hi=_MAX_TIME_MS) * _MS
 
 
 def _s(event: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -48,8 +86,10 @@ def _s(event: dict[str, Any], key: str, default: str | None = None) -> str:
     if value is None:
         if default is not None:
             return default
-        raise UserDataError(f"{event.get('e')}: field {key!r} missing")
-    return str(value)
+        raise UserDataError(f"{_kind(event)}: field {key!r} missing")
+    if not isinstance(value, str):
+        raise UserDataError(f"{_kind(event)}: field {key!r} is not a string")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +225,10 @@ def parse_execution_report(ev: dict[str, Any], recv_time_ns: int) -> ExecutionRe
         cum_quote=_f(ev, "Z"),
         commission=_f(ev, "n"),
         commission_asset=_s(ev, "N", ""),
-        trade_id=_i(ev, "t", -1),
-        is_maker=bool(ev.get("m", False)),
-        event_time_ns=_i(ev, "E") * _MS,
-        transact_time_ns=_i(ev, "T", ev.get("E")) * _MS,
+        trade_id=_i(ev, "t", -1, lo=-1),
+        is_maker=ev.get("m") is True,
+        event_time_ns=_t(ev, "E"),
+        transact_time_ns=_t(ev, "T", ev.get("E")),
         recv_time_ns=recv_time_ns,
     )
 
@@ -207,22 +247,23 @@ def parse_event(frame: dict[str, Any], recv_time_ns: int) -> UserDataEvent:
             if not isinstance(b, dict):
                 raise UserDataError("outboundAccountPosition: balance is not an object")
             balances.append(Balance(_s(b, "a"), _f(b, "f"), _f(b, "l")))
-        return AccountPosition(
-            _i(ev, "E") * _MS, _i(ev, "u", ev.get("E")) * _MS, tuple(balances), recv_time_ns
-        )
+        return AccountPosition(_t(ev, "E"), _t(ev, "u", ev.get("E")), tuple(balances), recv_time_ns)
     if kind == "balanceUpdate":
         return BalanceUpdate(
             _s(ev, "a"),
-            _f(ev, "d"),
-            _i(ev, "E") * _MS,
-            _i(ev, "T", ev.get("E")) * _MS,
+            _f(ev, "d", signed=True),
+            _t(ev, "E"),
+            _t(ev, "T", ev.get("E")),
             recv_time_ns,
         )
     if kind == "listStatus":
         orders = []
-        for o in ev.get("O") or []:
+        raw_orders = ev.get("O") or []
+        if not isinstance(raw_orders, list):
+            raise UserDataError("listStatus: field 'O' is not a list")
+        for o in raw_orders:
             if isinstance(o, dict):
-                orders.append((_s(o, "s", ""), _i(o, "i", -1), _s(o, "c", "")))
+                orders.append((_s(o, "s", ""), _i(o, "i", -1, lo=-1), _s(o, "c", "")))
         return ListStatus(
             symbol=_s(ev, "s"),
             order_list_id=_i(ev, "g"),
@@ -232,12 +273,12 @@ def parse_event(frame: dict[str, Any], recv_time_ns: int) -> UserDataEvent:
             reject_reason=_s(ev, "r", "NONE"),
             list_client_order_id=_s(ev, "C", ""),
             orders=tuple(orders),
-            event_time_ns=_i(ev, "E") * _MS,
-            transact_time_ns=_i(ev, "T", ev.get("E")) * _MS,
+            event_time_ns=_t(ev, "E"),
+            transact_time_ns=_t(ev, "T", ev.get("E")),
             recv_time_ns=recv_time_ns,
         )
     if kind == "eventStreamTerminated":
-        return StreamTerminated(_i(ev, "E") * _MS, recv_time_ns)
+        return StreamTerminated(_t(ev, "E"), recv_time_ns)
     if kind == "serverShutdown":
-        return ServerShutdown(_i(ev, "E") * _MS, recv_time_ns)
+        return ServerShutdown(_t(ev, "E"), recv_time_ns)
     return UnknownEvent(kind if isinstance(kind, str) else "", recv_time_ns)

@@ -11,13 +11,25 @@ Calling contract:
 - :func:`parse_cancel_replace` and :func:`parse_order` read results; no exceptions escape for
   odd-but-valid payloads (string order ids, missing optional fields).
 
+Venue numbers are validated here, once, at decode time (issue #11): ids, times, counts and
+``retryAfter`` must be integers in int64 (non-negative where a negative value is nonsense; times
+small enough that ms -> ns still fits int64), decimals must be finite. A reply whose number is
+out of range is a :class:`ProtocolError` (``bad_number``), carrying the request id when the frame
+had one, so the session can settle that request (an order becomes UNKNOWN and is reconciled)
+instead of losing it. A bad ``rateLimits`` entry only drops that entry and is counted in
+:attr:`Response.bad_fields`: the answer it rides on is still good. Text fields must be strings:
+``str()`` of a 1000-deep JSON array raises RecursionError, so nothing here calls it on a value of
+unknown shape.
+
 No socket, no clock: timestamps are arguments.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +61,57 @@ SIGNED_METHODS = frozenset(
 ORDER_METHODS = frozenset({"order.place", "order.cancelReplace"})
 
 
+INT64_MAX = (1 << 63) - 1
+# The latest venue time (epoch ms) we accept: ms * 1e6 must still fit an int64 ns field.
+MAX_TIME_MS = INT64_MAX // 1_000_000
+# Error codes go to an int32 field of the exec ring; Binance's are small negatives.
+_CODE_MIN, _CODE_MAX = -(1 << 31), (1 << 31) - 1
+_INT_TEXT = re.compile(r"-?[0-9]{1,19}")
+
+
 class ProtocolError(Exception):
-    """A frame we cannot interpret. Always the remote's fault (``remote = True``)."""
+    """A frame we cannot interpret. Always the remote's fault (``remote = True``).
+
+    ``request_id`` is the frame's ``id`` when it had a usable one: the request it answers is
+    then settled as "answer not understood" rather than left waiting for its deadline.
+    """
 
     remote = True
+
+    def __init__(self, message: str, request_id: str | int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def venue_int(value: Any, what: str, *, lo: int = 0, hi: int = INT64_MAX) -> int:
+    """A venue integer (JSON int, or a string of digits as some venues send ids) in
+    ``[lo, hi]``; anything else raises :class:`ProtocolError` naming the field (``bad_number``).
+    Floats and booleans are refused: an id or a time that is not an integer is not one."""
+    if isinstance(value, bool):
+        raise ProtocolError(f"bad_number: {what} is a boolean")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        n = int(value)
+    else:
+        raise ProtocolError(f"bad_number: {what} is not an integer")
+    if not lo <= n <= hi:
+        raise ProtocolError(f"bad_number: {what} out of range")
+    return n
+
+
+def venue_time_ms(value: Any, what: str) -> int:
+    """An epoch-ms venue time that converts to int64 ns (see :data:`MAX_TIME_MS`)."""
+    return venue_int(value, what, hi=MAX_TIME_MS)
+
+
+def venue_str(value: Any, what: str, default: str = "") -> str:
+    """A text field: a string (None -> ``default``). Never ``str()`` of an unknown shape."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value
+    raise ProtocolError(f"{what} is not a string")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +131,15 @@ class ApiError:
 
     @property
     def retry_after_ms(self) -> int | None:
-        """``error.data.retryAfter`` (epoch ms), where 418 puts it and 429 probably does."""
+        """``error.data.retryAfter`` (epoch ms), where 418 puts it and 429 probably does.
+        None when absent or not a sane time (:func:`venue_time_ms`); decode counts the latter."""
         if isinstance(self.data, Mapping):
             value = self.data.get("retryAfter")
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
+            if value is not None:
+                try:
+                    return venue_time_ms(value, "retryAfter")
+                except ProtocolError:
+                    return None
         return None
 
 
@@ -87,6 +150,9 @@ class Response:
     result: Any = None
     error: ApiError | None = None
     rate_limits: tuple[RateLimit, ...] = ()
+    # venue values we dropped while decoding (a bad rateLimits entry, a bad retryAfter): the
+    # caller counts them as protocol errors; the rest of the answer is still good
+    bad_fields: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -108,51 +174,70 @@ class StreamEvent:
         return e if isinstance(e, str) else ""
 
 
-def _rate_limits(raw: Any) -> tuple[RateLimit, ...]:
+def _rate_limits(raw: Any, bad: list[str]) -> tuple[RateLimit, ...]:
+    """The ``rateLimits`` entries we can read; each one we cannot is named in ``bad`` (a limit
+    entry we cannot read is not worth failing the response it rides on)."""
+    if raw is None:
+        return ()
     if not isinstance(raw, list):
+        bad.append("rateLimits is not a list")
         return ()
     out = []
     for item in raw:
         try:
+            if not isinstance(item, Mapping):
+                raise ProtocolError("rateLimits entry is not an object")
             out.append(
                 RateLimit(
-                    str(item["rateLimitType"]),
-                    str(item["interval"]),
-                    int(item["intervalNum"]),
-                    int(item["limit"]),
-                    int(item["count"]),
+                    venue_str(item.get("rateLimitType"), "rateLimitType"),
+                    venue_str(item.get("interval"), "interval"),
+                    venue_int(item.get("intervalNum"), "intervalNum"),
+                    venue_int(item.get("limit"), "limit"),
+                    venue_int(item.get("count"), "count"),
                 )
             )
-        except (KeyError, TypeError, ValueError):
-            continue  # a limit entry we cannot read is not worth failing the response for
+        except ProtocolError as exc:
+            bad.append(str(exc))
     return tuple(out)
 
 
-def _api_error(raw: Any) -> ApiError:
-    if not isinstance(raw, Mapping) or not isinstance(raw.get("code"), int):
-        raise ProtocolError("error object without an integer code")
-    return ApiError(int(raw["code"]), str(raw.get("msg", "")), raw.get("data"))
+def _api_error(raw: Any, rid: str | int | None, bad: list[str]) -> ApiError:
+    if not isinstance(raw, Mapping) or "code" not in raw:
+        raise ProtocolError("error object without an integer code", rid)
+    try:
+        code = venue_int(raw["code"], "error.code", lo=_CODE_MIN, hi=_CODE_MAX)
+        msg = venue_str(raw.get("msg"), "error.msg")
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), rid) from None
+    err = ApiError(code, msg, raw.get("data"))
+    data = err.data
+    has_retry = isinstance(data, Mapping) and data.get("retryAfter") is not None
+    if has_retry and err.retry_after_ms is None:
+        bad.append("bad_number: retryAfter out of range")
+    return err
 
 
 def decode_frame(text: str | bytes) -> Response | StreamEvent:
     """Decode one text frame (dispatch rule of §2.14: ``id`` -> response, ``event`` -> event)."""
     try:
         msg = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise ProtocolError("frame is not JSON") from None
+    except (orjson.JSONDecodeError, RecursionError):  # orjson caps depth at 1024: not JSON to us
+        raise ProtocolError("frame is not JSON (or nested too deep)") from None
     if not isinstance(msg, dict):
         raise ProtocolError("frame is not a JSON object")
     if "id" in msg and "status" in msg:
+        rid = msg["id"]
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int)):
+            raise ProtocolError("response id is neither string, integer nor null")
         status = msg["status"]
-        if not isinstance(status, int):
-            raise ProtocolError("response status is not an integer")
-        error = _api_error(msg["error"]) if msg.get("error") is not None else None
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise ProtocolError("response status is not an HTTP status code", rid)
+        bad: list[str] = []
+        error = _api_error(msg["error"], rid, bad) if msg.get("error") is not None else None
         if error is None and status != 200:
             error = ApiError(0, f"status {status} without an error object")
-        rid = msg["id"]
-        if rid is not None and not isinstance(rid, str | int):
-            raise ProtocolError("response id is neither string, integer nor null")
-        return Response(rid, status, msg.get("result"), error, _rate_limits(msg.get("rateLimits")))
+        limits = _rate_limits(msg.get("rateLimits"), bad)
+        return Response(rid, status, msg.get("result"), error, limits, tuple(bad))
     if isinstance(msg.get("event"), dict):
         sub = msg.get("subscriptionId")
         return StreamEvent(msg["event"], sub if isinstance(sub, int) else None)
@@ -243,20 +328,19 @@ class RequestBuilder:
 # ---- result parsing ---------------------------------------------------------------------
 
 
-def _num(value: Any) -> float:
+def _num(value: Any, what: str = "number") -> float:
+    """A decimal (string or number) as a finite, non-negative float; missing -> 0.0."""
     if value is None:
         return 0.0
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ProtocolError(f"bad_number: {what} is not a number")
     try:
-        return float(str(value))  # correctly rounded, as float(Decimal(...)) is, and cheaper
-    except ValueError:
-        return 0.0
-
-
-def _int(value: Any, default: int = 0) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
+        out = float(value)  # correctly rounded, as float(Decimal(...)) is, and cheaper
+    except (ValueError, OverflowError):
+        raise ProtocolError(f"bad_number: {what} is not a number") from None
+    if not 0.0 <= out < math.inf:  # also refuses nan
+        raise ProtocolError(f"bad_number: {what} out of range")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,19 +361,25 @@ class OrderInfo:
 
 
 def parse_order(result: Mapping[str, Any]) -> OrderInfo:
+    """Read an order result; a field we cannot trust raises :class:`ProtocolError`."""
     if not isinstance(result, Mapping):
         raise ProtocolError("order result is not an object")
+    oid = result.get("orderId")
+    when = result.get("transactTime", result.get("updateTime"))
     return OrderInfo(
-        symbol=str(result.get("symbol", "")),
-        order_id=_int(result.get("orderId"), -1),
-        client_order_id=str(result.get("clientOrderId", "")),
-        orig_client_order_id=str(result.get("origClientOrderId", "") or ""),
-        status=str(result.get("status", "")),
-        price=_num(result.get("price")),
-        orig_qty=_num(result.get("origQty")),
-        executed_qty=_num(result.get("executedQty")),
-        cum_quote_qty=_num(result.get("cummulativeQuoteQty", result.get("cumulativeQuoteQty"))),
-        transact_time_ms=_int(result.get("transactTime", result.get("updateTime")), 0),
+        symbol=venue_str(result.get("symbol"), "symbol"),
+        order_id=-1 if oid is None else venue_int(oid, "orderId"),
+        client_order_id=venue_str(result.get("clientOrderId"), "clientOrderId"),
+        orig_client_order_id=venue_str(result.get("origClientOrderId"), "origClientOrderId"),
+        status=venue_str(result.get("status"), "status"),
+        price=_num(result.get("price"), "price"),
+        orig_qty=_num(result.get("origQty"), "origQty"),
+        executed_qty=_num(result.get("executedQty"), "executedQty"),
+        cum_quote_qty=_num(
+            result.get("cummulativeQuoteQty", result.get("cumulativeQuoteQty")),
+            "cummulativeQuoteQty",
+        ),
+        transact_time_ms=0 if when is None else venue_time_ms(when, "transactTime"),
         # the decoded frame is ours alone: keep it rather than copy it on every order reply
         raw=result if isinstance(result, dict) else dict(result),
     )
@@ -311,7 +401,8 @@ def _leg(result: str | None, body: Any) -> tuple[bool | None, OrderInfo | None, 
     if result == "NOT_ATTEMPTED" or (result is None and body is None):
         return None, None, None
     if isinstance(body, Mapping) and "code" in body and "orderId" not in body:
-        return False, None, ApiError(_int(body.get("code")), str(body.get("msg", "")))
+        code = venue_int(body.get("code"), "code", lo=_CODE_MIN, hi=_CODE_MAX)
+        return False, None, ApiError(code, venue_str(body.get("msg"), "msg"))
     if result == "FAILURE":
         return False, None, ApiError(0, "leg failed without an error object")
     if isinstance(body, Mapping):
