@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,6 +112,7 @@ def test_sqlite_store_is_idempotent(tmp_path: Path) -> None:
     assert store.write(ticks, books) == (100, 10)
     assert store.write(ticks[50:], books) == (0, 0)  # all conflicts: nothing twice
     assert store.max_ids() == {("BTCUSDT", 1): 100, ("ETHUSDT", 3): 10}
+    assert store.conn is not None
     mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     store.close()
@@ -207,8 +209,67 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class PgServer:
+    """A throwaway cluster on a free port (unix socket only) that a test may stop and start
+    again: the persist consumer must survive exactly that."""
+
+    def __init__(self, initdb: str, pg_ctl: str) -> None:
+        self.pg_ctl = pg_ctl
+        # Not pytest's tmp_path: that lives under a 0700 root-owned directory the server user
+        # cannot enter. A fresh directory directly in the temp dir, removed at teardown.
+        self.base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+        self.data, self.sock = self.base / "data", self.base / "sock"
+        self.sock.mkdir()
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            # postgres refuses to run as root: run the server as an unprivileged user
+            import pwd
+
+            user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
+            runuser = shutil.which("runuser")
+            if user is None or runuser is None:
+                shutil.rmtree(self.base, ignore_errors=True)
+                pytest.skip("running as root and no 'postgres'/'nobody' user + runuser to drop to")
+            pw = pwd.getpwnam(user)
+            for p in (self.base, self.sock):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.base, 0o755)
+            self.prefix = [runuser, "-u", user, "--"]
+        self.port = _free_port()
+        self.url = f"postgresql://pipeline@/postgres?host={self.sock}&port={self.port}"
+        self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "pipeline", "--no-sync",
+                  "-E", "UTF8")  # fmt: skip
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run([*self.prefix, *argv], check=True, capture_output=True, timeout=120,
+                       cwd=self.base)  # fmt: skip
+
+    def start(self) -> None:
+        self._run(
+            self.pg_ctl, "-D", str(self.data), "-w", "-t", "60", "-l",
+            str(self.base / "server.log"), "-o",
+            f"-p {self.port} -k {self.sock} -c listen_addresses='' -c fsync=off"
+            " -c dynamic_shared_memory_type=mmap",  # no /dev/shm segments left behind
+            "start",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    @property
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def destroy(self) -> None:
+        try:
+            if self.running:
+                self.stop()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
+def pg_server() -> Iterator[PgServer]:
     pytest.importorskip("psycopg", reason="psycopg not installed (optional extra 'postgres')")
     # PATH first, then where Debian's postgresql packages put the server binaries.
     debian = ":".join(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
@@ -219,48 +280,26 @@ def postgres_url() -> Iterator[str]:
             "SKIPPED LOUDLY: no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in "
             "/usr/lib/postgresql/*/bin; install Debian's 'postgresql' package to run this test"
         )
-    # Not pytest's tmp_path: that lives under a 0700 root-owned directory the server user
-    # cannot enter. A fresh directory directly in the temp dir, removed at teardown.
-    base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        # postgres refuses to run as root: run the server as an unprivileged user
-        import pwd
-
-        user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
-        runuser = shutil.which("runuser")
-        if user is None or runuser is None:
-            pytest.skip("running as root and no 'postgres'/'nobody' user + runuser to drop to")
-        pw = pwd.getpwnam(user)
-        for p in (base, sock):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-        os.chmod(base, 0o755)
-        prefix = [runuser, "-u", user, "--"]
-    port = _free_port()
-    run = lambda *a: subprocess.run(  # noqa: E731
-        [*prefix, *a], check=True, capture_output=True, timeout=120, cwd=base
-    )
     try:
-        run(initdb, "-D", str(data), "-A", "trust", "-U", "pipeline", "--no-sync", "-E", "UTF8")
-        run(
-            pg_ctl, "-D", str(data), "-w", "-t", "60", "-l", str(base / "server.log"), "-o",
-            f"-p {port} -k {sock} -c listen_addresses='' -c fsync=off"
-            " -c dynamic_shared_memory_type=mmap",  # no /dev/shm segments left behind
-            "start",
-        )  # fmt: skip
+        server = PgServer(initdb, pg_ctl)
     except subprocess.CalledProcessError as exc:
-        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(f"could not init a PostgreSQL cluster: {exc.stderr.decode()[-800:]}")
+    try:
+        server.start()
+    except subprocess.CalledProcessError as exc:
+        server.destroy()
         pytest.fail(f"could not start a PostgreSQL server: {exc.stderr.decode()[-800:]}")
     try:
-        yield f"postgresql://pipeline@/postgres?host={sock}&port={port}"
+        yield server
     finally:
-        subprocess.run(
-            [*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-            capture_output=True, timeout=60, cwd=base,
-        )  # fmt: skip
-        shutil.rmtree(base, ignore_errors=True)
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_url(pg_server: PgServer) -> str:
+    if not pg_server.running:  # a test that stopped it and failed before restarting it
+        pg_server.start()
+    return pg_server.url
 
 
 def _has_user(name: str) -> bool:
@@ -336,3 +375,307 @@ def test_persist_process_writes_to_postgres(
             "SELECT symbol, count(*), count(DISTINCT trade_id) FROM market_ticks GROUP BY symbol"
         ).fetchall()
     assert got == [("ETHUSDT", 3000, 3000)]
+
+
+# ---------------------------------------------------------------------------------------------
+# outages: the database goes away (restart, never there at start, locked, disk full) while a
+# real persist process reads a real ring. Every record must land exactly once afterwards.
+
+
+def _start_persist(
+    ring: str, log: Path, metrics: str, *db_args: str, flush_s: str = "0.05"
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PIPELINE_LOG_FORMAT": "json",
+        "PIPELINE_PERSIST_FLUSH_INTERVAL_S": flush_s,
+    }
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "consume", "persist", "--ring", ring,
+             "--metrics-name", metrics, *db_args],
+            stdout=subprocess.DEVNULL, stderr=err, env=env,
+        )  # fmt: skip
+
+
+def _metrics(name: str) -> dict[str, int | float]:
+    from pipeline.metrics import MetricsBlock, MetricsNotFoundError
+
+    try:
+        block = MetricsBlock.attach(name)
+    except MetricsNotFoundError:
+        return {}
+    try:
+        return block.snapshot()
+    finally:
+        block.close()
+
+
+def _until(
+    what: str,
+    pred: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 30,
+) -> None:
+    """Wait (no timing assertion: the deadline only turns a hang into a failure) until ``pred``;
+    the persist process must stay alive meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert proc.poll() is None, f"persist died waiting for {what}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"not reached: {what}: {log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def _pg_count(url: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=2) as c:
+            row = c.execute("SELECT count(*) FROM market_ticks").fetchone()
+            return int(row[0]) if row else 0
+    except psycopg.Error:
+        return -1
+
+
+def _pg_reset(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS market_ticks, book_tops")
+
+
+def _no_traceback(log: Path) -> None:
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_persist_survives_a_postgres_restart_and_every_record_lands_once(
+    pg_server: PgServer, postgres_url: str, shm_name: str, tmp_path: Path
+) -> None:
+    """Bug: the PostgreSQL sink never reconnected after a server restart (it exited once its
+    buffer filled; health green meanwhile)."""
+    import psycopg
+
+    _pg_reset(postgres_url)
+    log, metrics = tmp_path / "persist.log", f"{shm_name}.pm"
+    w = RingWriter.create(shm_name, TICK_DTYPE, 16384, SYMBOLS)
+    proc = _start_persist(shm_name, log, metrics, "--postgres-url", postgres_url)
+    try:
+        w.publish_many(agg_trades(0, range(1, 1001)))
+        _until("first 1000 rows", lambda: _pg_count(postgres_url) == 1000, proc, log)
+        pg_server.stop()
+        # published while the server is down: the sink fails, keeps them, says so in metrics
+        w.publish_many(agg_trades(0, range(1001, 2001)))
+        _until("sink errors", lambda: _metrics(metrics).get("sink_errors", 0) > 0, proc, log)
+        _until(
+            "problem_sink_failing", lambda: _metrics(metrics).get("problem_sink_failing", 0) > 0,
+            proc, log,
+        )  # fmt: skip
+        snap = _metrics(metrics)
+        assert snap["sink_connected"] == 0
+        assert snap["heartbeat_interval_ms"] > 0
+        assert snap["pending"] == 1000  # buffered, not dropped
+        pg_server.start()
+        w.publish_many(agg_trades(0, range(2001, 3001)))
+        w.publish_many(agg_trades(1, range(1, 501)))
+        _until("all 3500 rows", lambda: _pg_count(postgres_url) == 3500, proc, log)
+        _until(
+            "problem cleared", lambda: _metrics(metrics).get("problem_sink_failing", 1) == 0,
+            proc, log,
+        )  # fmt: skip
+        snap = _metrics(metrics)
+        assert snap["sink_reconnects"] >= 1
+        assert snap["sink_connected"] == 1
+        assert snap["last_flush_ns"] > 0
+        assert _stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        w.close()
+        if not pg_server.running:
+            pg_server.start()
+    with psycopg.connect(postgres_url, autocommit=True) as c:
+        got = c.execute(
+            "SELECT symbol, count(*), count(DISTINCT trade_id), min(trade_id), max(trade_id)"
+            " FROM market_ticks GROUP BY symbol ORDER BY symbol"
+        ).fetchall()
+    assert got == [("BTCUSDT", 3000, 3000, 1, 3000), ("ETHUSDT", 500, 500, 1, 500)]
+    text = log.read_text()
+    assert "persist_error" in text
+    assert "persist_recovered" in text
+    _no_traceback(log)
+
+
+def test_persist_started_while_postgres_is_down_waits_and_then_writes_everything(
+    pg_server: PgServer, postgres_url: str, shm_name: str, tmp_path: Path
+) -> None:
+    """Bug: a database error at start was a traceback and exit 1 (a crash loop under systemd)."""
+    _pg_reset(postgres_url)
+    log, metrics = tmp_path / "persist.log", f"{shm_name}.pm"
+    w = RingWriter.create(shm_name, TICK_DTYPE, 16384, SYMBOLS)
+    pg_server.stop()
+    proc = _start_persist(shm_name, log, metrics, "--postgres-url", postgres_url)
+    try:
+        w.publish_many(agg_trades(1, range(1, 2001)))
+        _until(
+            "failing at start", lambda: _metrics(metrics).get("problem_sink_failing", 0) > 0,
+            proc, log,
+        )  # fmt: skip
+        snap = _metrics(metrics)
+        assert snap["paused"] == 1  # not reading the ring until the store answered once
+        assert snap["pending"] == 0
+        assert "database not reachable" in log.read_text()
+        pg_server.start()
+        _until("2000 rows", lambda: _pg_count(postgres_url) == 2000, proc, log)
+        assert _stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        w.close()
+        if not pg_server.running:
+            pg_server.start()
+    _no_traceback(log)
+    assert "secret" not in log.read_text()
+
+
+def _sqlite_rows(db: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as c:
+        return c.execute(
+            "SELECT symbol, count(*), count(DISTINCT trade_id), min(trade_id), max(trade_id)"
+            " FROM market_ticks GROUP BY symbol ORDER BY symbol"
+        ).fetchall()
+
+
+def test_sqlite_lock_held_by_another_connection_neither_stalls_nor_crashes_persist(
+    shm_name: str, tmp_path: Path
+) -> None:
+    """Bug: "database is locked" crashed persist, after stalling ring reading 5 s per attempt.
+
+    Also the bounded buffer: with ``--max-pending 2000`` the consumer reads exactly 2000 rows
+    while the lock is held, then leaves the rest in the ring (lag) until the lock goes."""
+    db, log, metrics = tmp_path / "ticks.sqlite", tmp_path / "persist.log", f"{shm_name}.pm"
+    w = RingWriter.create(shm_name, TICK_DTYPE, 16384, SYMBOLS)
+    proc = _start_persist(shm_name, log, metrics, "--sqlite", str(db), "--max-pending", "2000")
+    holder: sqlite3.Connection | None = None
+    try:
+        w.publish_many(agg_trades(0, range(1, 101)))
+        _wait_count(db, 100, proc, log)
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # no other connection may write until we end it
+        w.publish_many(agg_trades(0, range(101, 1601)))
+        # the ring keeps being read while the writes fail
+        _until(
+            "1500 rows read while locked",
+            lambda: (m := _metrics(metrics)).get("pending") == 1500 and m.get("lag") == 0,
+            proc, log,
+        )  # fmt: skip
+        assert _metrics(metrics)["sink_errors"] > 0
+        w.publish_many(agg_trades(0, range(1601, 3101)))
+        _until(
+            "buffer full, rest left in the ring",
+            lambda: (m := _metrics(metrics)).get("pending") == 2000 and m.get("paused") == 1
+            and m.get("lag") == 1000,
+            proc, log,
+        )  # fmt: skip
+        _until(
+            "problem_sink_failing", lambda: _metrics(metrics).get("problem_sink_failing", 0) > 0,
+            proc, log,
+        )  # fmt: skip
+        holder.execute("ROLLBACK")
+        holder.close()
+        holder = None
+        _wait_count(db, 3100, proc, log)
+        _until(
+            "recovered", lambda: (m := _metrics(metrics)).get("problem_sink_failing") == 0
+            and m.get("paused") == 0 and m.get("missed") == 0,
+            proc, log,
+        )  # fmt: skip
+        assert _stop(proc) == 0
+    finally:
+        if holder is not None:
+            holder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        w.close()
+    assert _sqlite_rows(db) == [("BTCUSDT", 3100, 3100, 1, 3100)]
+    _no_traceback(log)
+    assert "database is locked" in log.read_text()
+
+
+@pytest.fixture
+def tiny_fs() -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that really fills up. Needs root (mount)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("SKIPPED LOUDLY: mounting a tiny tmpfs for the disk-full test needs root")
+    where = Path(tempfile.mkdtemp(prefix="pipeline-full-"))
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(where)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if r.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        where.rmdir()
+
+
+def _fill(where: Path) -> Path:
+    """Fill the filesystem to the last byte; the file is removed to free the space."""
+    filler = where / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 1):  # unbuffered: each write either lands or says ENOSPC
+            chunk = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_sqlite_disk_full_is_survived_and_nothing_is_lost(
+    tiny_fs: Path, shm_name: str, tmp_path: Path
+) -> None:
+    """Bug: SQLite "database or disk is full" crashed persist."""
+    db, log, metrics = tiny_fs / "ticks.sqlite", tmp_path / "persist.log", f"{shm_name}.pm"
+    w = RingWriter.create(shm_name, TICK_DTYPE, 16384, SYMBOLS)
+    proc = _start_persist(shm_name, log, metrics, "--sqlite", str(db))
+    try:
+        w.publish_many(agg_trades(0, range(1, 101)))
+        _wait_count(db, 100, proc, log)
+        filler = _fill(tiny_fs)
+        w.publish_many(agg_trades(0, range(101, 5101)))
+        _until("sink errors", lambda: _metrics(metrics).get("sink_errors", 0) > 0, proc, log)
+        _until(
+            "problem_sink_failing", lambda: _metrics(metrics).get("problem_sink_failing", 0) > 0,
+            proc, log,
+        )  # fmt: skip
+        filler.unlink()
+        _wait_count(db, 5100, proc, log)
+        assert _stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        w.close()
+    assert _sqlite_rows(db) == [("BTCUSDT", 5100, 5100, 1, 5100)]
+    _no_traceback(log)
+    assert "full" in log.read_text()
+
+
+def test_redact_url_hides_passwords() -> None:
+    from pipeline.consumers.persist import redact_url
+
+    assert redact_url("postgresql://u:s3cret@db:5432/x") == "postgresql://u:***@db:5432/x"
+    assert "s3cret" not in redact_url("host=db user=u password=s3cret dbname=x")
+    assert redact_url("postgresql://u@/x?host=/tmp") == "postgresql://u@/x?host=/tmp"
