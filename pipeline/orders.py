@@ -730,9 +730,9 @@ class OrderIntake:
             try:
                 reader = RingReader.attach(name, name=f"trading{os.getpid()}"[:24], start="oldest")
             except RingUntrustedError as exc:
-                self._remember(self._skip, name, ino)
-                if shm.note_refusal(exc):
-                    self.untrusted += 1
+                self._remember(self._skip, name, ino)  # never opened again while it is this file
+                self.untrusted += 1
+                shm.note_refusal(exc)  # logged once per process, whoever met it first
                 continue
             except (FileNotFoundError, RingLayoutError, ValueError, OSError):
                 continue  # gone again, or still being created: look at the next scan
