@@ -55,7 +55,7 @@
 #define RECORD_BYTES 96
 /* Bumped with every change of the Python-facing interface: pipeline/fastpath.py refuses a build
  * of another version (an editable install not rebuilt after a pull) instead of failing on it. */
-#define API_VERSION 2
+#define API_VERSION 3
 #define KIND_AGG_TRADE 1
 #define KIND_TRADE 2
 #define KIND_BOOK_TICKER 3
@@ -378,6 +378,9 @@ typedef struct {
     int have_bufs;
     int64_t mask, record_size, max_staged, intent_word;
     int64_t time_mult, max_event; /* ns per unit of E (timeUnit); E * time_mult fits in int64 */
+    /* a bookTicker `u` more than this above the last one goes to the Python handler (its
+     * far-id rule: one bogus id must not make every later update look old) */
+    int64_t max_id_jump;
     Py_ssize_t max_frame_bytes;
     int iter_open;
     long long frames;
@@ -507,14 +510,18 @@ static int64_t int_attr(PyObject *obj, const char *name, int *err) {
 
 static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"routes", "n_symbols", "writer", "fallback", "intent_word",
-                             "max_frame_bytes", "time_mult", NULL};
+                             "max_frame_bytes", "time_mult", "max_id_jump", NULL};
     PyObject *routes, *writer = Py_None, *fallback = Py_None;
     Py_ssize_t n_symbols, intent_word = 0, max_frame = PY_SSIZE_T_MAX;
-    long long time_mult = 1000000;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|OOnnL", kwlist, &PyDict_Type, &routes,
+    long long time_mult = 1000000, max_id_jump = INT64_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|OOnnLL", kwlist, &PyDict_Type, &routes,
                                      &n_symbols, &writer, &fallback, &intent_word, &max_frame,
-                                     &time_mult))
+                                     &time_mult, &max_id_jump))
         return -1;
+    if (max_id_jump < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_id_jump must be >= 1");
+        return -1;
+    }
     if (self->routes != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "TickFastPath is initialised once");
         return -1;
@@ -531,6 +538,7 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
     self->max_frame_bytes = max_frame;
     self->time_mult = time_mult;
     self->max_event = INT64_MAX / time_mult;
+    self->max_id_jump = max_id_jump;
     self->last = PyMem_Calloc((size_t)(N_KINDS * n_symbols), sizeof(int64_t));
     self->armed = PyMem_Calloc((size_t)(N_KINDS * n_symbols), 1);
     Py_ssize_t size = 8;
@@ -713,8 +721,11 @@ static PyObject *TickFastPath_on_message(TickFastPath *self, PyObject *const *ar
     if (view.obj)
         PyBuffer_Release(&view);
     Py_ssize_t slot = ok ? (g.kind - 1) * self->n_symbols + sid : 0;
+    /* both ids are in 0..INT64_MAX (json_uint, set_last): the difference cannot overflow */
     if (!ok || !self->armed[slot] ||
-        (g.kind == KIND_BOOK_TICKER ? g.id <= self->last[slot] : g.id != self->last[slot] + 1))
+        (g.kind == KIND_BOOK_TICKER ? g.id <= self->last[slot] ||
+                                          g.id - self->last[slot] > self->max_id_jump
+                                    : g.id != self->last[slot] + 1))
         return call_fallback(self, conn, payload, recv, 0);
     int64_t recv_ns = PyLong_AsLongLong(recv);
     if (recv_ns == -1 && PyErr_Occurred())
@@ -823,7 +834,8 @@ static PyObject *TickFastPath_set_last(TickFastPath *self, PyObject *const *args
     if (last == -1 && PyErr_Occurred())
         return NULL;
     self->last[slot] = last;
-    self->armed[slot] = last < INT64_MAX; /* last + 1 must not overflow */
+    /* last + 1 must not overflow; ids are never negative (a negative one stays disarmed) */
+    self->armed[slot] = last >= 0 && last < INT64_MAX;
     Py_RETURN_NONE;
 }
 
@@ -859,10 +871,11 @@ static PyMemberDef TickFastPath_members[] = {
 
 PyDoc_STRVAR(TickFastPath_doc,
 "TickFastPath(routes, n_symbols, writer=None, fallback=None, intent_word=0,\n"
-"            max_frame_bytes=sys.maxsize, time_mult=1000000)\n\n"
+"            max_frame_bytes=sys.maxsize, time_mult=1000000, max_id_jump=2**63-1)\n\n"
 "routes: {b'btcusdt@aggTrade': (symbol_id, kind), ...}; writer: the ring writer (staging\n"
 "configured with the stamp field); fallback(conn, payload, recv_time_ns, code): the Python\n"
-"handler; time_mult: ns per unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND).");
+"handler; time_mult: ns per unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND);\n"
+"max_id_jump: a bookTicker u further above the last one goes to the fallback.");
 
 static PyTypeObject TickFastPathType = {
     PyVarObject_HEAD_INIT(NULL, 0)

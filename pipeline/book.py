@@ -29,6 +29,18 @@ the first buffered event; we refetch only when ``lastUpdateId + 1 < U``. When
 ``lastUpdateId == U - 1`` the first event continues the snapshot exactly (``U <= lastUpdateId+1
 <= u``, step 4), so the doc's rule would refetch a usable snapshot (and spin on a quiet market).
 
+Hostile or corrupted update ids: an event whose ``u`` is more than ``max_jump`` away from the
+book's id (or, while buffering, from the buffered run) is held aside, not applied and not a
+sequence break: one bogus frame must neither freeze the book (every later event "older" than a
+10**18 id) nor cost a resync. Only ``resync_after`` such events that agree with each other
+(:class:`pipeline.gapfill.FarRun`) mean the stream really restarted: that is a sequence break
+(resync from a snapshot, counted in ``resets``).
+
+Memory: each side keeps at most ``max_levels`` levels (default :data:`MAX_LEVELS`, 10000 per
+side; the largest REST snapshot has 5000): levels beyond it are the furthest from the top, and
+Binance stops sending updates for them anyway, so the worst ones are dropped (``trimmed``
+counts them) instead of growing without bound on a stream that never removes far levels.
+
 Prices are float64 dictionary keys: equal decimal strings ("0.00100000", "0.001") give the same
 double and different <= 15-significant-digit decimals give different doubles, so float keys
 compare exactly as the doc's "compare as decimals" asks.
@@ -41,7 +53,11 @@ from collections import deque
 from collections.abc import Iterable
 from enum import Enum, IntEnum
 
+from pipeline.gapfill import DEFAULT_MAX_ID_JUMP, DEFAULT_RESYNC_AFTER, FarRun
+
 Level = tuple[float, float]
+#: Default bound on the levels kept per side (see the module docstring).
+MAX_LEVELS = 10_000
 
 
 class State(Enum):
@@ -77,12 +93,25 @@ class _Side:
     """One side of the book: price -> qty plus a sorted key list (bids stored negated so that
     index 0 is always the best level)."""
 
-    __slots__ = ("keys", "levels", "sign")
+    __slots__ = ("keys", "levels", "max_levels", "sign", "trimmed")
 
-    def __init__(self, is_bid: bool) -> None:
+    def __init__(self, is_bid: bool, max_levels: int = MAX_LEVELS) -> None:
         self.sign = -1.0 if is_bid else 1.0
         self.levels: dict[float, float] = {}
         self.keys: list[float] = []  # sign * price, ascending
+        self.max_levels = max_levels
+        self.trimmed = 0  # levels dropped beyond max_levels (the worst prices)
+
+    def _trim(self) -> None:
+        keys = self.keys
+        extra = len(keys) - self.max_levels
+        if extra > 0:
+            sign = self.sign
+            book = self.levels
+            for k in keys[self.max_levels:]:
+                del book[sign * k]
+            del keys[self.max_levels:]
+            self.trimmed += extra
 
     def clear(self) -> None:
         self.levels.clear()
@@ -94,6 +123,7 @@ class _Side:
             if q > 0.0:
                 self.levels[p] = q
         self.keys = sorted(self.sign * p for p in self.levels)
+        self._trim()
 
     def apply(self, levels: Iterable[Level]) -> None:
         book = self.levels
@@ -108,6 +138,8 @@ class _Side:
                 if p not in book:
                     insort(keys, sign * p)
                 book[p] = q
+        if len(keys) > self.max_levels:
+            self._trim()
 
     def top(self, n: int) -> list[Level]:
         sign = self.sign
@@ -118,13 +150,22 @@ class _Side:
 class OrderBook:
     """One symbol's local book; see the module docstring for the state table."""
 
-    def __init__(self, max_buffer: int = 10_000) -> None:
+    def __init__(self, max_buffer: int = 10_000, max_levels: int = MAX_LEVELS,
+                 max_jump: int = DEFAULT_MAX_ID_JUMP,
+                 resync_after: int = DEFAULT_RESYNC_AFTER) -> None:
         self.state = State.WAIT_EVENT
         self.update_id = 0  # book.updateId (section 1.7 step 5)
-        self.bids = _Side(True)
-        self.asks = _Side(False)
+        self.bids = _Side(True, max_levels)
+        self.asks = _Side(False, max_levels)
+        #: events kept while waiting for a snapshot: at most ``max_buffer`` (10000)
         self.buffer: deque[tuple[int, int, list[Level], list[Level]]] = deque()
         self.max_buffer = max_buffer
+        self.max_jump = max_jump
+        #: events with a far ``u`` (module docstring), held until ``resync_after`` agree
+        self.far: FarRun[tuple[int, int, list[Level], list[Level]]] = FarRun(
+            max_jump, resync_after, contiguous=False)
+        self.far_ids = 0  # events held aside for a far update id
+        self.resets = 0  # runs of far ids taken as a stream restart
         self.resynced_after_break = False
         self.breaks = 0  # sequence breaks seen (each one causes a resync)
         self.syncs = 0  # snapshots applied
@@ -147,9 +188,18 @@ class OrderBook:
         """One ``depthUpdate`` (``U`` = first_id, ``u`` = last_id)."""
         state = self.state
         if state is State.SYNCED:
-            if last_id <= self.update_id:
+            uid = self.update_id
+            if last_id - uid > self.max_jump or uid - last_id > self.max_jump:
+                if not self._far(first_id, last_id, bids, asks):
+                    return self._go("diff", State.SYNCED, Action.IGNORED)
+                self.breaks += 1
+                self._broken = True
+                self.bids.clear()
+                self.asks.clear()
+                return self._go("diff", State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)
+            if last_id <= uid:
                 return self._go("diff", State.SYNCED, Action.IGNORED)
-            if first_id > self.update_id + 1:  # step 6: gap -> restart from step 1
+            if first_id > uid + 1:  # step 6: gap -> restart from step 1
                 self.breaks += 1
                 self._broken = True
                 self.bids.clear()
@@ -160,6 +210,8 @@ class OrderBook:
             self.bids.apply(bids)
             self.asks.apply(asks)
             self.update_id = last_id
+            if self.far.held:  # the sequence went on: what was held was no restart
+                self.far.clear()
             return self._go("diff", State.SYNCED, Action.APPLIED)
         if state is State.WAIT_EVENT:
             self.buffer.clear()
@@ -169,6 +221,9 @@ class OrderBook:
         buf = self.buffer
         if buf:
             prev_last = buf[-1][1]
+            if last_id - prev_last > self.max_jump or prev_last - last_id > self.max_jump:
+                self._far(first_id, last_id, bids, asks)  # a confirmed run replaces the buffer
+                return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
             if last_id <= prev_last:  # duplicate (two connections during rotation)
                 return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
             if first_id > prev_last + 1:  # hole inside the buffer: only the newer run is usable
@@ -177,6 +232,19 @@ class OrderBook:
         if len(buf) > self.max_buffer:
             buf.popleft()
         return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
+
+    def _far(self, first_id: int, last_id: int, bids: list[Level], asks: list[Level]) -> bool:
+        """Hold an event with a far update id; True when a run of them is confirmed: the buffer
+        then holds the run's latest event (the snapshot is fetched after it) and the caller
+        treats it as a sequence break."""
+        self.far_ids += 1
+        run = self.far.offer(last_id, (first_id, last_id, bids, asks))
+        if run is None:
+            return False
+        self.resets += 1
+        self.buffer.clear()
+        self.buffer.append(run[-1][1])
+        return True
 
     def on_snapshot(self, last_update_id: int, bids: list[Level], asks: list[Level]) -> Action:
         """A REST ``/api/v3/depth`` snapshot (steps 3-6)."""

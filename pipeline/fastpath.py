@@ -26,7 +26,7 @@ from pipeline.records import TICK_DTYPE, Flags, Kind
 
 FAST_PATH_MODES: Final = ("auto", "on", "off")
 #: the interface version of pipeline/_ticks.c this module drives (its API_VERSION)
-API_VERSION: Final = 2
+API_VERSION: Final = 3
 
 
 class FastPathUnavailable(RuntimeError):
@@ -89,12 +89,15 @@ def routes(symbols: list[str]) -> dict[bytes, tuple[int, int]]:
 
 def build(mode: str, symbols: list[str], writer: Any,
           fallback: Callable[[Any, bytes, int, int], None],
-          max_frame_bytes: int, time_mult: int = 1_000_000) -> tuple[Any | None, str]:
+          max_frame_bytes: int, time_mult: int = 1_000_000,
+          max_id_jump: int = (1 << 63) - 1) -> tuple[Any | None, str]:
     """The fast path for an ingest process, or None; and a line for the log saying which.
 
     ``writer`` must have staging configured with ``publish_time_ns`` as the stamp field (the C
     path leaves it 0; the commit writes it). ``time_mult``: ns per unit of ``E`` (the
-    connections' ``timeUnit``, as in the Python decoders). Raises
+    connections' ``timeUnit``, as in the Python decoders). ``max_id_jump``: a bookTicker ``u``
+    further than this above the last one is left to the Python handler's far-id rule (aggTrade
+    and trade only ever take the next id). Raises
     :class:`FastPathUnavailable` for ``on`` without the extension, ValueError for an unknown
     mode."""
     if mode not in FAST_PATH_MODES:
@@ -112,5 +115,5 @@ def build(mode: str, symbols: list[str], writer: Any,
 
     fast = mod.TickFastPath(routes(symbols), len(symbols), writer, fallback,
                            intent_word=W_INTENT, max_frame_bytes=max_frame_bytes,
-                           time_mult=time_mult)
+                           time_mult=time_mult, max_id_jump=max_id_jump)
     return fast, "compiled (aggTrade, trade, bookTicker)"
