@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import sys
 import tomllib
 import typing
@@ -172,7 +173,12 @@ class TradingConfig:
         default="", metadata=_m("WebSocket API URL (empty: by run.mode)", url=True)
     )
     api_key: str = field(
-        default="", metadata=_m("API key (sim: generated; live/testnet: required)")
+        default="",
+        metadata=_m("API key inline (prefer api_key_file; sim: generated when both are empty)"),
+    )
+    api_key_file: str = field(
+        default="",
+        metadata=_m("file holding the API key (mode 0600 or 0640, ours or root's; never in argv)"),
     )
     private_key: str = field(
         default="", metadata=_m("Ed25519 private key PEM path (sim: generated)")
@@ -464,16 +470,25 @@ def validate(cfg: Config) -> None:
             if not cfg.endpoint(key):
                 raise ConfigError(f"ingest.{key}", f"required when run.mode = {cfg.run.mode!r}")
         if cfg.trading.enabled:
-            if not cfg.trading.api_key:
+            if not cfg.trading.api_key and not cfg.trading.api_key_file:
                 raise ConfigError(
-                    "trading.api_key",
-                    f"required when run.mode = {cfg.run.mode!r} and trading.enabled "
-                    "(or set trading.enabled = false)",
+                    "trading.api_key_file",
+                    f"required (or trading.api_key) when run.mode = {cfg.run.mode!r} and "
+                    "trading.enabled (or set trading.enabled = false)",
                 )
             if not cfg.trading.private_key:
-                raise ConfigError("trading.private_key", "required with trading.api_key")
+                raise ConfigError("trading.private_key", "required with trading.api_key_file")
             if not Path(cfg.trading.private_key).is_file():
                 raise ConfigError("trading.private_key", f"no such file: {cfg.trading.private_key}")
+    if cfg.trading.api_key and cfg.trading.api_key_file:
+        raise ConfigError("trading.api_key_file", "set either it or trading.api_key, not both")
+    if cfg.trading.api_key_file and not Path(cfg.trading.api_key_file).is_file():
+        raise ConfigError("trading.api_key_file", f"no such file: {cfg.trading.api_key_file}")
+    if cfg.trading.api_key:
+        try:
+            check_api_key(cfg.trading.api_key, "trading.api_key")
+        except SecretFileError as exc:
+            raise ConfigError("trading.api_key", str(exc)) from None
     if cfg.supervisor.backoff_max_s < cfg.supervisor.backoff_initial_s:
         raise ConfigError("supervisor.backoff_max_s", "must be >= supervisor.backoff_initial_s")
     if cfg.run.mode == "sim":
@@ -485,6 +500,97 @@ def validate(cfg: Config) -> None:
     for name in cfg.run.cpus:
         if name not in ("sim", "ingest", "trading", *CONSUMERS):
             raise ConfigError(f"run.cpus.{name}", "unknown component")
+
+
+# ------------------------------------------------------------------------------------------------
+# the API key: read from a file or an environment variable, never from argv
+
+
+class SecretFileError(ValueError):
+    """An API key source is unusable. The message names the source, never its content."""
+
+
+# Binance API keys are 64 alphanumerics; allow any printable ASCII without spaces (the simulator
+# and other venues use '-'/'_'), at most this long, so a wrong file (a PEM, a binary) is refused.
+API_KEY_MAX_LEN = 256
+_API_KEY_RE = re.compile(rf"[!-~]{{1,{API_KEY_MAX_LEN}}}")
+_SECRET_FILE_MAX_BYTES = 4096
+
+
+def check_api_key(value: str, source: str) -> str:
+    """``value`` stripped of surrounding whitespace (a trailing newline from ``echo``), or
+    :class:`SecretFileError` naming ``source`` when it cannot be an API key."""
+    key = value.strip()
+    if not key:
+        raise SecretFileError(f"{source}: the API key is empty")
+    if "BEGIN" in key and "KEY" in key:
+        raise SecretFileError(
+            f"{source}: holds a PEM key, not an API key (the API key is the string Binance "
+            "gives when the public key is registered)"
+        )
+    if not _API_KEY_RE.fullmatch(key):
+        raise SecretFileError(
+            f"{source}: not an API key (one line of at most {API_KEY_MAX_LEN} printable "
+            "characters without spaces expected)"
+        )
+    return key
+
+
+def read_api_key_file(path: str | os.PathLike[str], warn: Any = None) -> str:
+    """The API key in file ``path``, checked like a private key before it is read.
+
+    Why these rules: the key in a file only helps if other local users cannot read the file.
+    Refused (:class:`SecretFileError`): not a regular file (a FIFO must not hang us: opened
+    O_NONBLOCK, then fstat), owned by someone other than us or root, readable or writable by
+    every user, writable by the group. A group-readable file (``root:pipeline 0640``, a common
+    way to hand a root-managed secret to a service user) is accepted with a warning through
+    ``warn(text)`` (default: stderr). systemd credentials (``%d/...``) are 0400, ours.
+    """
+    where = os.fspath(path)
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise SecretFileError(f"API key file {where!r} does not exist") from None
+    except OSError as exc:
+        raise SecretFileError(f"cannot open API key file {where!r}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretFileError(f"API key file {where!r} is not a regular file")
+        euid = os.geteuid()
+        if st.st_uid not in (euid, 0):
+            raise SecretFileError(
+                f"API key file {where!r} is owned by uid {st.st_uid}, not by us (uid {euid}) "
+                "or root: anyone who owns it can swap the key"
+            )
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o027:  # other: any access; group: write
+            raise SecretFileError(
+                f"API key file {where!r} is accessible by other users (mode {mode:04o}): "
+                f"chmod 600 {where}"
+            )
+        if mode & 0o040:
+            say = warn or (lambda text: print(text, file=sys.stderr))
+            say(f"warning: API key file {where!r} is group-readable (mode {mode:04o})")
+        if st.st_size > _SECRET_FILE_MAX_BYTES:
+            raise SecretFileError(f"API key file {where!r} is too large to hold an API key")
+        data = os.read(fd, _SECRET_FILE_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise SecretFileError(f"API key file {where!r}: not ASCII text") from None
+    return check_api_key(text, f"API key file {where!r}")
+
+
+def read_api_key_env(var: str, env: Mapping[str, str] | None = None) -> str:
+    """The API key in environment variable ``var`` (readable only by our uid and root through
+    /proc, unlike argv); :class:`SecretFileError` when unset or not a key."""
+    value = (os.environ if env is None else env).get(var)
+    if value is None:
+        raise SecretFileError(f"environment variable {var} is not set")
+    return check_api_key(value, f"environment variable {var}")
 
 
 def describe() -> list[tuple[str, str, str]]:
@@ -510,9 +616,13 @@ __all__ = [
     "PersistConfig",
     "RiskConfig",
     "RunConfig",
+    "SecretFileError",
     "SupervisorConfig",
     "TradingConfig",
+    "check_api_key",
     "describe",
     "load_config",
     "load_config_for_cli",
+    "read_api_key_env",
+    "read_api_key_file",
 ]

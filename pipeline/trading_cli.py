@@ -4,7 +4,10 @@
   segments unlinked) or Failed (exit 3: logon rejected, do not restart blindly; exit 4: gave up
   reconnecting). Exit 2: bad arguments or an unusable key (the message says why).
 - ``keygen --out DIR`` writes an Ed25519 key pair (private PEM mode 0600) and prints the public
-  key's path: register that public key with Binance to get the API key for ``--api-key``.
+  key's path: register that public key with Binance to get the API key; store it in a file
+  (mode 0600) for ``--api-key-file`` or pass it in an environment variable named by
+  ``--api-key-env``. ``--api-key KEY`` still works but puts the key in argv, where every local
+  user can read it (``ps``): it warns, and is meant for interactive use only.
 - ``order place|cancel|modify|status`` talks to a running ``trade`` through
   :class:`pipeline.orders.OrderClient` and prints the answer as one JSON line;
   ``order open-orders [--symbol S]|cancel-all --symbol S|account`` print the exchange's JSON
@@ -47,7 +50,22 @@ def _register_trade(subparsers: Any) -> None:
         help="WS API URL (default: production; --testnet for the testnet)",
     )
     p.add_argument("--testnet", action="store_true", help="use the Spot testnet WS API")
-    p.add_argument("--api-key", required=True, help="the API key registered for the public key")
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="file holding the API key registered for the public key (mode 0600; under "
+        "systemd: LoadCredential= and %%d/NAME)",
+    )
+    key.add_argument(
+        "--api-key-env", metavar="VAR", help="environment variable holding the API key"
+    )
+    key.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="the API key itself, for interactive use only: it is visible to every local user "
+        "in the process list (ps); prefer --api-key-file or --api-key-env",
+    )
     p.add_argument(
         "--private-key",
         required=True,
@@ -139,6 +157,9 @@ def _trade(args: argparse.Namespace) -> int:
     from pipeline.trading import METRICS_NAME, TradingConfig, TradingProcess
 
     log = logging.getLogger("pipeline.trading")
+    api_key = api_key_from_args(args)
+    if api_key is None:
+        return 2
     passphrase = None
     if args.passphrase_env:
         passphrase = os.environ.get(args.passphrase_env)
@@ -159,7 +180,7 @@ def _trade(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     session = SessionConfig(
-        api_key=args.api_key,
+        api_key=api_key,
         ping_interval_s=args.ping_interval,
         json_ping_interval_s=args.json_ping_interval,
         pong_timeout_s=args.pong_timeout,
@@ -190,6 +211,32 @@ def _trade(args: argparse.Namespace) -> int:
     if code:
         print(f"error: trading session failed: {tp.exit_reason}", file=sys.stderr)
     return code
+
+
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """The API key from ``--api-key-file``, ``--api-key-env`` or ``--api-key``; None (after a
+    message on stderr that never contains the key) when the source is unusable.
+
+    Why not just ``--api-key``: a process's argv is world-readable (``ps``, /proc/PID/cmdline),
+    so a key there is handed to every local account. ``--api-key`` stays for typing at a
+    terminal, with a warning.
+    """
+    from pipeline.config import SecretFileError, check_api_key, read_api_key_env, read_api_key_file
+
+    try:
+        if args.api_key_file:
+            return read_api_key_file(args.api_key_file)
+        if args.api_key_env:
+            return read_api_key_env(args.api_key_env)
+        print(
+            "warning: --api-key puts the API key in this process's command line, readable by "
+            "every local user (ps); use --api-key-file PATH or --api-key-env VAR",
+            file=sys.stderr,
+        )
+        return check_api_key(args.api_key or "", "--api-key")
+    except SecretFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 # ---- keygen -------------------------------------------------------------------------------
@@ -225,8 +272,8 @@ def _keygen(args: argparse.Namespace) -> int:
         return 2
     print(f"private key: {priv} (mode 0600; keep it secret)", file=sys.stderr)
     print(
-        "register the public key with Binance, then pass the API key it gives to "
-        "`pipeline trade --api-key`",
+        "register the public key with Binance, then store the API key it gives in a file "
+        "(mode 0600) for `pipeline trade --api-key-file PATH`",
         file=sys.stderr,
     )
     print(pub)

@@ -90,7 +90,13 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ("", {"PIPELINE_PERSIST_NOPE": "1"}, "persist.nope", "unknown key"),
         ("", {"PIPELINE_RISK_MAX_POSITION": "BTCUSDT"}, "risk.max_position", "NAME=VALUE"),
         ("", {"PIPELINE_RISK_MAX_POSITION": "BTCUSDT=-1"}, "risk.max_position.BTCUSDT", ">="),
-        ("[run]\nmode = 'live'\n", {}, "trading.api_key", "required"),
+        ("[run]\nmode = 'live'\n", {}, "trading.api_key_file", "required"),
+        ("[trading]\napi_key = 'a'\napi_key_file = '/x'\n", {}, "trading.api_key_file", "not both"),
+        ("[trading]\napi_key_file = '/nonexistent/k'\n", {}, "trading.api_key_file", "no such"),
+        ("[trading]\napi_key = 'two words'\n", {}, "trading.api_key", "not an API key"),
+        # a trailing newline must not pass (a "$" anchor lets it through)
+        ('[ingest]\nsymbols = ["BTCUSDT\\n"]\n', {}, "ingest.symbols[0]", "not a symbol"),
+        ('[ring]\nname = "ticks\\n"\n', {}, "ring.name", "shared-memory name"),
         ("[ingest]\nsymbols = ['XRPUSDT']\n", {}, "ingest.symbols", "not simulated"),
         ("[run]\ncpus = { gpu = 1 }\n", {}, "run.cpus.gpu", "unknown component"),
         ("ring = 3\n", {}, "ring", "table"),
@@ -155,3 +161,69 @@ def test_example_config_loads_and_documents_every_key() -> None:
         assert f"[{section}]" in text, section
         assert key in text, dotted
         assert doc, f"{dotted} has no description"
+
+
+# ---------------------------------------------------------------------------------------------
+# API key sources: a file checked like a private key, or an environment variable
+
+
+def test_api_key_file_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from pipeline.config import SecretFileError, read_api_key_env, read_api_key_file
+
+    key = tmp_path / "api.key"
+    key.write_text("SeCrEtKeY123\n")
+    os.chmod(key, 0o600)
+    assert read_api_key_file(key) == "SeCrEtKeY123"
+    warned: list[str] = []
+    os.chmod(key, 0o640)  # root:pipeline 0640 is a common way to hand a secret to a service
+    assert read_api_key_file(key, warned.append) == "SeCrEtKeY123"
+    assert "group-readable" in warned[0]
+    for mode in (0o644, 0o604, 0o660, 0o606):
+        os.chmod(key, mode)
+        with pytest.raises(SecretFileError, match="chmod 600") as exc:
+            read_api_key_file(key)
+        assert "SeCrEtKeY" not in str(exc.value)
+    os.chmod(key, 0o600)
+    if os.geteuid() == 0:  # root can hand the file to another uid
+        os.chown(key, 65534, 65534)
+        with pytest.raises(SecretFileError, match="owned by uid 65534"):
+            read_api_key_file(key)
+        os.chown(key, 0, 0)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SecretFileError, match="not a regular file"):  # and did not hang
+        read_api_key_file(fifo)
+    with pytest.raises(SecretFileError, match="does not exist"):
+        read_api_key_file(tmp_path / "missing")
+    pem = tmp_path / "pem"
+    pem.write_text(
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n"
+    )
+    os.chmod(pem, 0o600)
+    with pytest.raises(SecretFileError, match="PEM key, not an API key"):
+        read_api_key_file(pem)
+    two = tmp_path / "two"
+    two.write_text("abc def\n")
+    os.chmod(two, 0o600)
+    with pytest.raises(SecretFileError, match="not an API key") as exc:
+        read_api_key_file(two)
+    assert "abc" not in str(exc.value)
+    assert read_api_key_env("K", {"K": " k-1_x \n"}) == "k-1_x"
+    with pytest.raises(SecretFileError, match="K is not set"):
+        read_api_key_env("K", {})
+
+
+def test_api_key_file_in_config(tmp_path: Path) -> None:
+    key = tmp_path / "api.key"
+    key.write_text("abc\n")
+    priv = tmp_path / "k.pem"
+    priv.write_text("x")
+    cfg = load_config(
+        write(tmp_path, f"[run]\nmode = 'testnet'\n[trading]\napi_key_file = '{key}'\n"
+              f"private_key = '{priv}'\n"),
+        env={},
+    )  # fmt: skip
+    assert cfg.trading.api_key_file == str(key)
+    assert cfg.trading.api_key == ""

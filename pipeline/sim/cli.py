@@ -49,7 +49,23 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="NAME=PUBLIC_KEY_PEM",
-        help="Ed25519 API key accepted by the WS API (repeatable)",
+        help="Ed25519 API key accepted by the WS API (repeatable); NAME is visible in the "
+        "process list, prefer --api-key-file / --api-key-env",
+    )
+    p.add_argument(
+        "--api-key-file",
+        action="append",
+        default=[],
+        metavar="NAME_FILE=PUBLIC_KEY_PEM",
+        help="as --api-key, the API key NAME read from NAME_FILE (mode 0600) so it is not in "
+        "argv (repeatable)",
+    )
+    p.add_argument(
+        "--api-key-env",
+        action="append",
+        default=[],
+        metavar="VAR=PUBLIC_KEY_PEM",
+        help="as --api-key, the API key NAME read from environment variable VAR (repeatable)",
     )
     p.add_argument("--ping-interval", type=float, default=20.0)
     p.add_argument("--pong-timeout", type=float, default=60.0)
@@ -104,6 +120,29 @@ def load_api_key(spec: str) -> tuple[str, bytes]:
         raise ValueError(f"{path}: {exc}") from None
 
 
+def load_api_key_from(spec: str, flag: str) -> tuple[str, bytes]:
+    """``SOURCE=PATH`` for ``--api-key-file`` (SOURCE a file) or ``--api-key-env`` (SOURCE an
+    environment variable) -> (API key name, 32 raw public-key bytes). The name is read and
+    checked by the same code as ``pipeline trade`` uses, so both sides accept the same key
+    files; errors name the source, never the key."""
+    from pipeline.config import SecretFileError, read_api_key_env, read_api_key_file
+    from pipeline.sim.wsapi import parse_public_key
+
+    source, sep, path = spec.rpartition("=")
+    if not sep or not source or not path:
+        raise ValueError(f"{flag} must be SOURCE=PUBLIC_KEY_PEM_PATH, got {spec!r}")
+    try:
+        name = read_api_key_file(source) if flag == "--api-key-file" else read_api_key_env(source)
+    except SecretFileError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return name, parse_public_key(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def build_config(args: argparse.Namespace) -> Any:
     from pipeline.sim.faults import Faults, apply_switch, parse_fault
     from pipeline.sim.server import SimConfig
@@ -130,7 +169,11 @@ def build_config(args: argparse.Namespace) -> Any:
         rate_unit=args.rate_unit,
         replay=args.replay,
         replay_speed=args.replay_speed,
-        api_keys=dict(load_api_key(s) for s in args.api_key),
+        api_keys=dict(
+            [load_api_key(s) for s in args.api_key]
+            + [load_api_key_from(s, "--api-key-file") for s in args.api_key_file]
+            + [load_api_key_from(s, "--api-key-env") for s in args.api_key_env]
+        ),
         ping_interval=args.ping_interval,
         pong_timeout=args.pong_timeout,
         max_lifetime=args.max_lifetime,
