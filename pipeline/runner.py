@@ -13,6 +13,11 @@ simulator comes back on new ports, ordered shutdown) and prints a status line ev
 from shared memory (:mod:`pipeline.health`). A component whose subcommand does not exist in this
 build is reported and skipped, so `make run` works at every stage of the project.
 
+The API key never goes into a command line (every local user can read argv through ``ps``):
+children get ``--api-key-file`` (``trading.api_key_file``, or in sim mode a 0600 file in the
+private key directory) or, for a key given inline in the config, ``--api-key-env`` with the key
+in that one child's environment (readable only by our uid and root).
+
 Shutdown (SIGINT, SIGTERM or ``--duration``): consumers, then trading, then ingest, then the
 simulator, each SIGTERM then SIGKILL after ``supervisor.stop_timeout_s``; then any ``pipeline``
 shared-memory segment whose owner process is dead is unlinked, and the key directory is removed.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -39,6 +45,8 @@ log = logging.getLogger("pipeline.run")
 
 # stop_order: lower stops first (consumers, trading, ingest, simulator)
 STOP_ORDER = {"consumer": 0, "trading": 1, "ingest": 2, "sim": 3}
+# environment variable carrying an inline (config) API key to the children that need it
+API_KEY_ENV = "PIPELINE_CHILD_API_KEY"
 # subcommand each component needs
 SUBCOMMANDS = {"sim": "sim", "ingest": "ingest", "trading": "trade", "consumer": "consume"}
 
@@ -71,7 +79,8 @@ class RunContext:
     global_args: list[str] = field(default_factory=list)  # --log-format ... before the command
     config_path: str | None = None
     key_dir: Path | None = None
-    api_key: str = ""
+    api_key: str = ""  # inline key (config): handed over by environment, never argv
+    api_key_file: str = ""  # preferred: the children read the key from this file
     private_key: str = ""
     public_key: str = ""
     sim_urls: dict[str, str] = field(default_factory=dict)  # filled from the sim's first line
@@ -96,6 +105,23 @@ class Component:
     depends_on: tuple[str, ...] = ()
     capture_first_line: bool = False
     final_codes: frozenset[int] = frozenset({2})  # exit codes a restart cannot fix
+    env: dict[str, str] | None = None  # extra environment (secrets that must not be in argv)
+
+
+def api_key_args(ctx: RunContext, flag_prefix: str = "", suffix: str = "") -> list[str]:
+    """The flag pair telling a child where the API key is: ``--api-key-file PATH`` when there
+    is a file, else ``--api-key-env VAR`` (the child's env holds it: :func:`api_key_env`).
+    ``suffix`` is appended to the value (the simulator wants ``SOURCE=PUBLIC_KEY``)."""
+    if ctx.api_key_file:
+        return [f"{flag_prefix}--api-key-file", ctx.api_key_file + suffix]
+    if ctx.api_key:
+        return [f"{flag_prefix}--api-key-env", API_KEY_ENV + suffix]
+    return []
+
+
+def api_key_env(ctx: RunContext) -> dict[str, str] | None:
+    """Environment for a child that reads the key via ``--api-key-env`` (None: not needed)."""
+    return {API_KEY_ENV: ctx.api_key} if ctx.api_key and not ctx.api_key_file else None
 
 
 def plan_components(
@@ -126,11 +152,13 @@ def plan_components(
                 argv = [*base, "sim", "--host", cfg.sim.host, "--port", "0",
                         "--symbols", ",".join(cfg.sim.symbols),
                         "--rate", f"{cfg.sim.rate:g}"]  # fmt: skip
-                if ctx.public_key and ctx.api_key:
-                    argv += ["--api-key", f"{ctx.api_key}={ctx.public_key}"]
+                if ctx.public_key:
+                    argv += api_key_args(ctx, suffix=f"={ctx.public_key}")
                 return argv + list(cfg.sim.extra_args)
 
-            comps.append(Component("sim", "sim", sim_argv, capture_first_line=True))
+            comps.append(
+                Component("sim", "sim", sim_argv, capture_first_line=True, env=api_key_env(ctx))
+            )
             upstream = ("sim",)
 
     def url(key: str, sim_key: str) -> str:
@@ -155,7 +183,7 @@ def plan_components(
 
         def trading_argv() -> list[str]:
             return [*base, "trade", "--wsapi-url", url("wsapi_url", "wsapi"),
-                    "--api-key", ctx.api_key, "--private-key", ctx.private_key,
+                    *api_key_args(ctx), "--private-key", ctx.private_key,
                     "--exec-ring", cfg.ring.exec_name,
                     "--metrics", f"{cfg.run.shm_prefix}trading.metrics",
                     # with the risk consumer running, every order passes its limits first
@@ -167,7 +195,7 @@ def plan_components(
         comps.append(
             Component(
                 "trading", "trading", trading_argv, depends_on=upstream,
-                final_codes=frozenset({2, 3}),
+                final_codes=frozenset({2, 3}), env=api_key_env(ctx),
             )
         )  # fmt: skip
     for name in cfg.run.consumers:
@@ -179,6 +207,18 @@ def plan_components(
 
         comps.append(Component(name, "consumer", consumer_argv))
     return comps, notes
+
+
+def write_api_key_file(key_dir: Path, api_key: str) -> str:
+    """Write ``api_key`` to ``key_dir/api_key`` (mode 0600, created exclusively) and return the
+    path: the sim-mode key reaches the simulator and the trader as a file, not as argv."""
+    path = key_dir / "api_key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, api_key.encode("ascii") + b"\n")
+    finally:
+        os.close(fd)
+    return str(path)
 
 
 def cleanup_segments(names: Sequence[str], prefix: str = "pipeline.") -> list[str]:
@@ -283,9 +323,15 @@ def main(args: argparse.Namespace) -> int:
             priv, pub = generate_keypair(key_dir)
             ctx.key_dir = key_dir
             ctx.private_key, ctx.public_key = str(priv), str(pub)
-            ctx.api_key = cfg.trading.api_key or f"sim-{secrets.token_hex(8)}"
+            if cfg.trading.api_key_file:
+                ctx.api_key_file = cfg.trading.api_key_file
+            else:
+                ctx.api_key_file = write_api_key_file(
+                    key_dir, cfg.trading.api_key or f"sim-{secrets.token_hex(8)}"
+                )
         else:
-            ctx.api_key, ctx.private_key = cfg.trading.api_key, cfg.trading.private_key
+            ctx.private_key = cfg.trading.private_key
+            ctx.api_key, ctx.api_key_file = cfg.trading.api_key, cfg.trading.api_key_file
 
         comps, notes = plan_components(cfg, ctx, available)
         for note in notes:
@@ -318,7 +364,7 @@ def main(args: argparse.Namespace) -> int:
             sup.add(
                 ChildSpec(
                     c.name, argv=c.argv, stop_order=STOP_ORDER[c.role], depends_on=c.depends_on,
-                    cpus=cpus.get(c.name), capture_first_line=c.capture_first_line,
+                    cpus=cpus.get(c.name), capture_first_line=c.capture_first_line, env=c.env,
                     start_timeout_s=sc.start_timeout_s, final_codes=c.final_codes,
                 )
             )  # fmt: skip
@@ -369,4 +415,14 @@ def _loop(sup: Any, cfg: Any, args: argparse.Namespace, stop: threading.Event) -
     return 0
 
 
-__all__ = ["RunContext", "cleanup_segments", "main", "plan_components", "register"]
+__all__ = [
+    "API_KEY_ENV",
+    "RunContext",
+    "api_key_args",
+    "api_key_env",
+    "cleanup_segments",
+    "main",
+    "plan_components",
+    "register",
+    "write_api_key_file",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +19,13 @@ import psutil
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runner import RunContext, available_subcommands, cleanup_segments, plan_components
+from pipeline.runner import (
+    API_KEY_ENV,
+    RunContext,
+    available_subcommands,
+    cleanup_segments,
+    plan_components,
+)
 
 PRICE_LINE = re.compile(r"^[A-Z0-9]+ \| \d+\.\d+ \| vol \d+\.\d{4}$")
 AVAILABLE = available_subcommands()
@@ -30,7 +37,7 @@ AVAILABLE = available_subcommands()
 
 def test_plan_tolerates_missing_components() -> None:
     cfg = load_config(env={})
-    ctx = RunContext(api_key="k", private_key="/k.pem", public_key="/k.pub")
+    ctx = RunContext(api_key_file="/keys/api_key", private_key="/k.pem", public_key="/k.pub")
     comps, notes = plan_components(cfg, ctx, {"consume"})
     assert [c.name for c in comps] == ["monitor"]
     assert any("simulator: not available" in n for n in notes)
@@ -46,8 +53,30 @@ def test_plan_tolerates_missing_components() -> None:
     assert by["ingest"].depends_on == ("sim",)
     trade = by["trading"].argv()
     assert trade[trade.index("--private-key") + 1] == "/k.pem"
+    assert trade[trade.index("--api-key-file") + 1] == "/keys/api_key"
     sim = by["sim"].argv()
-    assert sim[sim.index("--api-key") + 1] == "k=/k.pub"
+    assert sim[sim.index("--api-key-file") + 1] == "/keys/api_key=/k.pub"
+    for c in comps:
+        assert "--api-key" not in c.argv(), c.name
+        assert c.env is None, c.name  # the key travels as a file path
+
+
+def test_plan_inline_api_key_goes_by_environment_never_argv() -> None:
+    """An inline trading.api_key (live/testnet) reaches only the trading child, in its env."""
+    cfg = load_config(env={})
+    ctx = RunContext(api_key="SeCrEt-inline", private_key="/k.pem", public_key="/k.pub")
+    ctx.sim_urls.update(streams="ws://127.0.0.1:9", rest="http://127.0.0.1:9", wsapi="ws://x/ws")
+    comps, _ = plan_components(cfg, ctx, {"sim", "ingest", "trade", "consume"})
+    by = {c.name: c for c in comps}
+    for c in comps:
+        assert not any("SeCrEt-inline" in a for a in c.argv()), c.name
+    trade = by["trading"].argv()
+    assert trade[trade.index("--api-key-env") + 1] == API_KEY_ENV
+    assert by["trading"].env == {API_KEY_ENV: "SeCrEt-inline"}
+    sim = by["sim"].argv()
+    assert sim[sim.index("--api-key-env") + 1] == f"{API_KEY_ENV}=/k.pub"
+    assert by["ingest"].env is None
+    assert by["monitor"].env is None
 
 
 def test_plan_live_mode_uses_config_endpoints_and_no_simulator(tmp_path: Path) -> None:
@@ -63,6 +92,7 @@ def test_plan_live_mode_uses_config_endpoints_and_no_simulator(tmp_path: Path) -
     ctx = RunContext(api_key="abc", private_key=str(key))
     comps, _ = plan_components(cfg, ctx, {"sim", "ingest", "trade", "consume"})
     assert [c.name for c in comps] == ["ingest", "trading", "monitor"]
+    assert "abc" not in comps[1].argv()
     argv = comps[0].argv()
     assert argv[argv.index("--streams-url") + 1] == "wss://stream.testnet.binance.vision"
 
@@ -241,6 +271,41 @@ def test_killed_ingest_is_restarted_and_consumers_carry_on(run_env: SimpleNamesp
     assert monitors, run.text()[-2000:]
 
 
+@pytest.mark.slow
+@needs_pipeline
+@pytest.mark.skipif("trade" not in AVAILABLE, reason="no `pipeline trade` in this build")
+def test_run_puts_the_api_key_in_no_command_line(run_env: SimpleNamespace) -> None:
+    """Issue #11: the runner passed the key as `--api-key` to the simulator and the trader,
+    so every local user could read it with ps. Now no process in the tree has it in argv, and
+    trading still logs on with it (READY), so the key did travel."""
+    api_key = f"SeCrEt{secrets.token_hex(12)}"
+    run_env.env["PIPELINE_TRADING_API_KEY"] = api_key  # inline config key: the harder case
+    run_env.env["PIPELINE_RUN_CONSUMERS"] = "monitor"
+    run = Run(["--duration", "60", "--status-interval", "1"], run_env.env, run_env.stderr)
+    try:
+        run.wait_for(lambda s: bool(re.search(r"\btrading READY\b", s)), timeout=40)
+        tree = [psutil.Process(run.proc.pid), *psutil.Process(run.proc.pid).children(True)]
+        argvs = {p.pid: p.cmdline() for p in tree}
+        assert len(argvs) >= 4, argvs  # runner, sim, ingest, trading, monitor
+        leaks = {pid: a for pid, a in argvs.items() if any(api_key in x for x in a)}
+        assert leaks == {}, leaks
+        trade = next(a for a in argvs.values() if "trade" in a)
+        assert "--api-key-file" in trade
+        assert "--api-key" not in trade
+        sim = next(a for a in argvs.values() if "sim" in a)
+        assert "--api-key-file" in sim
+        key_file = Path(trade[trade.index("--api-key-file") + 1])
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.read_text().strip() == api_key
+    finally:
+        run.proc.send_signal(signal.SIGTERM)
+        rc = run.finish(timeout=60)
+    assert rc == 0
+    assert not key_file.exists()  # the key directory went with the run
+    assert api_key not in run.text()
+    assert api_key not in run_env.stderr.read_text()
+
+
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[ingest]\nsymbols = ['BTCUSDT', 'nope']\n")
@@ -253,7 +318,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_plan_gates_trading_on_risk_limits_only_when_risk_runs() -> None:
-    ctx = RunContext(api_key="k", private_key="/k.pem", public_key="/k.pub")
+    ctx = RunContext(api_key_file="/k", private_key="/k.pem", public_key="/k.pub")
     ctx.sim_urls.update(streams="ws://127.0.0.1:9", rest="http://127.0.0.1:9", wsapi="ws://x/ws")
     have = {"sim", "ingest", "trade", "consume"}
     plain = load_config(env={})
