@@ -81,12 +81,21 @@ def test_service_units_have_the_required_settings(path: Path) -> None:
             assert value != "/dev", (key, value)
 
 
-def test_trading_key_comes_from_a_credential() -> None:
+def test_trading_keys_come_from_credentials() -> None:
+    """Both the private key and the API key are systemd credentials passed as file paths:
+    nothing secret in the unit, its environment or the command line (argv is world-readable)."""
     path = UNITS / "pipeline-trading.service"
-    d = {k: v for _, k, v in directives(path)}
-    name, _, source = d["LoadCredential"].partition(":")
-    assert source.startswith("/etc/")
-    assert f"--private-key %d/{name}" in d["ExecStart"]
+    creds = dict(v.partition(":")[::2] for _, k, v in directives(path) if k == "LoadCredential")
+    assert all(src.startswith("/etc/") for src in creds.values()), creds
+    start = next(v for _, k, v in directives(path) if k == "ExecStart")
+    argv = shlex.split(start)
+    private = argv[argv.index("--private-key") + 1]
+    api = argv[argv.index("--api-key-file") + 1]
+    for value in (private, api):
+        assert value.startswith("%d/"), value
+        assert value[3:] in creds, (value, creds)
+    assert "--api-key" not in argv  # the flag that would put the key in argv
+    assert "API_KEY" not in start
     assert "BEGIN" not in path.read_text()  # no key material in the unit
 
 
@@ -98,7 +107,7 @@ def _expand(cmd: str, env: dict[str, str], instance: str) -> list[str]:
 
 @pytest.mark.parametrize("path", [p for p in unit_files() if p.suffix == ".service"], ids=str)
 def test_exec_start_parses_with_our_cli(path: Path) -> None:
-    env: dict[str, str] = {"API_KEY": "key-from-env-file"}
+    env: dict[str, str] = {}
     for _, key, value in directives(path):
         if key == "Environment":
             k, _, v = value.partition("=")
