@@ -198,3 +198,27 @@ def test_snapshots_are_consistent_while_another_process_writes(shm_name: str) ->
         child.kill()
         child.communicate(timeout=10)
         shm.unlink(shm_name)
+
+
+def test_out_of_range_values_saturate_instead_of_raising(shm_name: str) -> None:
+    """A venue number beyond int64 (``rateLimits`` count 2**63, ``retryAfter`` 10**17 ms in ns)
+    used to raise out of ``set`` and kill the caller's flush task; now it is clamped."""
+    fields = [("count", "<i8"), ("big", "<u8"), ("ratio", "<f8")]
+    with MetricsBlock.create(shm_name, fields) as m:
+        m.set(count=2**63, big=-5, ratio=10**400)
+        snap = m.snapshot()
+        assert (snap["count"], snap["big"], snap["ratio"]) == (2**63 - 1, 0, float("inf"))
+        m.set(count=-(2**70), big=2**64 + 7)
+        snap = m.snapshot()
+        assert (snap["count"], snap["big"]) == (-(2**63), 2**64 - 1)
+        m.set(count=float("inf"))
+        assert m.snapshot()["count"] == 2**63 - 1
+        m.set(count=float("nan"))
+        assert m.snapshot()["count"] == 0
+        m.set(count=2**63 - 2)
+        assert m.incr("count", 10) == 2**63 - 1  # incr saturates too
+        m.set(count=5, ratio=1.5)  # in range: stored exactly, nothing counted
+        assert (m.snapshot()["count"], m.snapshot()["ratio"]) == (5, 1.5)
+        assert m.saturated == 8
+        with pytest.raises(TypeError):
+            m.set(count="many")  # type: ignore[arg-type]  # not a number: a programming error

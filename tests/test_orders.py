@@ -435,3 +435,53 @@ def test_wait_reply_reports_a_lapped_reader_and_times_out(shm_name: str) -> None
     finally:
         replies.close()
         exec_ring.close()
+
+
+def test_reply_assembler_is_bounded() -> None:
+    from pipeline.orders import MAX_REPLY_CHUNKS, REPLY_CHUNK, ReplyAssembler, reply_records
+
+    asm = ReplyAssembler(7)
+    # replies whose first chunk was lapped never complete: at most MAX_PENDING are kept
+    for k in range(1000):
+        asm.feed(reply_records(7, f"lost-{k}", b"x" * (3 * REPLY_CHUNK))[1:])
+    assert len(asm._parts) == ReplyAssembler.MAX_PENDING
+    assert asm.corrupt == 1000 - ReplyAssembler.MAX_PENDING
+    # a chunk count or index out of range is corrupt, never a huge allocation
+    bad = reply_records(7, "bad", b"{}")
+    bad["nchunks"] = MAX_REPLY_CHUNKS + 1
+    assert asm.feed(bad) == []
+    assert asm.corrupt == 1000 - ReplyAssembler.MAX_PENDING + 1
+    # finished replies nobody waits for: the oldest go first
+    for k in range(200):
+        assert asm.feed(reply_records(7, f"done-{k}", b"{}")) == [f"done-{k}"]
+    assert len(asm.done) == ReplyAssembler.MAX_DONE
+    assert "done-199" in asm.done
+    assert "done-0" not in asm.done
+    assert asm.unclaimed == 200 - ReplyAssembler.MAX_DONE
+
+
+def test_order_client_history_is_bounded(shm_name: str) -> None:
+    exec_ring = RingWriter.create(f"{shm_name}.exec", EXEC_DTYPE, 1 << 14)
+    try:
+        with OrderClient.attach("bnd", exec_ring=f"{shm_name}.exec", prefix=f"{shm_name}.o.") as c:
+            n = OrderClient.MAX_SEEN + 500
+            batch = np.zeros(n, dtype=EXEC_DTYPE)
+            batch["client_id"] = c.client_id
+            batch["kind"] = int(ExecKind.ACK)
+            batch["status"] = int(OrderStatus.NEW)
+            batch["client_order_id"] = [f"o-{k}".encode() for k in range(n)]
+            exec_ring.publish_many(batch)
+            assert len(c.poll()) == n
+            assert len(c._seen) <= OrderClient.MAX_SEEN
+            assert c.reports("o-0") == []  # dropped with the oldest half
+            assert [r.kind for r in c.reports(f"o-{n - 1}")] == ["ACK"]
+            # a wait after the history was trimmed still finds answers published later
+            coid = c.cancel("o-5", symbol="BTCUSDT")
+            for k in range(OrderClient.MAX_MARKS + 10):
+                c.status(f"s-{k}", symbol="BTCUSDT")
+            assert len(c._mark) == OrderClient.MAX_MARKS
+            done = ExecUpdate(coid, ExecKind.CANCELED, OrderStatus.CANCELED, client_id=c.client_id)
+            exec_ring.publish(exec_record(done, 1))
+            assert c.wait(coid, timeout=10.0).kind == "CANCELED"
+    finally:
+        exec_ring.close()
