@@ -1,8 +1,21 @@
 """Fault switches of the simulator: one mutable dataclass shared by the shell and the venue.
 
 The venue (:mod:`pipeline.sim.wsapi`) READS ``wsapi_delay_ms``, ``reject_logons``,
-``order_fault`` and ``order_fault_count`` (and decrements the counts it consumes). The shell
-(:mod:`pipeline.sim.server`) owns the connection-level switches below them.
+``order_fault`` / ``order_fault_count`` and ``hostile_reply`` / ``hostile_reply_count`` (and
+decrements the counts it consumes).
+
+``hostile_reply`` plays a confused or hostile exchange (issue #11), one kind at a time, for the
+next ``count`` replies it applies to:
+
+- ``rate_limits_overflow``: any response carries a REQUEST_WEIGHT entry whose ``count`` is 2**63.
+- ``retry_after_overflow``: an order request is answered 429 -1003 with ``retryAfter`` 10**17
+  (nothing placed).
+- ``null_result``: an order.place is executed, and answered ``{"status": 200, "result": null}``.
+- ``order_id_overflow``: an order.place is executed, and its result says ``orderId`` 2**64.
+- ``deep_json``: an order.place is executed, and its result is a 100 000-deep JSON array.
+- ``status_5xx``: order.status and openOrders.status are answered 500 -1000 (nothing known).
+
+The shell (:mod:`pipeline.sim.server`) owns the connection-level switches below them.
 
 :func:`parse_fault` validates a ``POST /sim/fault/<name>`` request (or a CLI flag) into a
 :class:`FaultRequest` without touching anything, so bad input gets a clear 400 and tests can
@@ -16,6 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ORDER_FAULT_KINDS = ("429", "5xx", "-1007")
+HOSTILE_REPLY_KINDS = (
+    "rate_limits_overflow",
+    "retry_after_overflow",
+    "null_result",
+    "order_id_overflow",
+    "deep_json",
+    "status_5xx",
+)
 MALFORMED_KINDS = ("truncated", "invalid_json", "oversized", "binary", "bad_utf8", "torn")
 TARGETS = ("all", "streams", "wsapi")
 
@@ -30,6 +51,7 @@ SWITCHES = (
     "wsapi_delay",
     "reject_logons",
     "order_fault",
+    "hostile_reply",
     "clear",
 )
 ALL_FAULTS = IMMEDIATE + SWITCHES
@@ -44,6 +66,8 @@ class Faults:
     reject_logons: int = 0
     order_fault: str | None = None  # "429" | "5xx" | "-1007"
     order_fault_count: int = 0
+    hostile_reply: str | None = None  # one of HOSTILE_REPLY_KINDS
+    hostile_reply_count: int = 0
 
     # --- connection level (server) ---
     stall: bool = False
@@ -106,6 +130,8 @@ class Faults:
             "reject_logons": self.reject_logons,
             "order_fault": self.order_fault,
             "order_fault_count": self.order_fault_count,
+            "hostile_reply": self.hostile_reply,
+            "hostile_reply_count": self.hostile_reply_count,
             "stall": self.stall,
             "blackhole": self.blackhole,
             "refuse": self.refuse,
@@ -163,6 +189,7 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
         "wsapi_delay": ("ms",),
         "reject_logons": ("count",),
         "order_fault": ("kind", "count"),
+        "hostile_reply": ("kind", "count"),
         "clear": (),
     }
     if name not in allowed:
@@ -224,6 +251,12 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
                 raise FaultError(f"order_fault kind must be one of {ORDER_FAULT_KINDS}")
         out["kind"] = kind
         out["count"] = _int(p, "count", 1 if kind else 0, lo=0)
+    elif name == "hostile_reply":
+        kind = p.get("kind")
+        if kind not in HOSTILE_REPLY_KINDS:
+            raise FaultError(f"hostile_reply kind must be one of {HOSTILE_REPLY_KINDS}")
+        out["kind"] = kind
+        out["count"] = _int(p, "count", 1, lo=0)
     return FaultRequest(name, out)
 
 
@@ -253,6 +286,9 @@ def apply_switch(faults: Faults, req: FaultRequest, now: float) -> None:
     elif req.name == "order_fault":
         faults.order_fault = p["kind"] if p["count"] else None
         faults.order_fault_count = p["count"]
+    elif req.name == "hostile_reply":
+        faults.hostile_reply = p["kind"] if p["count"] else None
+        faults.hostile_reply_count = p["count"]
     elif req.name == "clear":
         faults.clear()
     else:

@@ -31,6 +31,9 @@ Choices where Binance is silent or the reference says UNCONFIRMED (README-worthy
   placed; "-1007" -> 408 -1007 "Timeout waiting for response from backend server. Send status
   unknown; execution status unknown." with the order ACTUALLY PLACED (its user-data events are
   sent), so a client must reconcile with ``order.status``.
+- Fault ``hostile_reply`` (see :mod:`pipeline.sim.faults`) sends replies a real exchange should
+  not: numbers out of int64, ``result: null`` for an executed order, 100 000-deep JSON, 5xx to
+  every status query. The orders concerned ARE executed, so a client must reconcile them.
 - ``eventStreamTerminated`` frames are sent just before the response of the request that ended
   the subscription (``userDataStream.unsubscribe``, ``session.logout``, re-logon with another key).
 - User-data events caused by a request are sent right AFTER its response. A response delayed
@@ -233,6 +236,8 @@ class _NoFaults:
     reject_logons = 0
     order_fault: str | None = None
     order_fault_count = 0
+    hostile_reply: str | None = None
+    hostile_reply_count = 0
 
 
 class WsApiService:
@@ -306,6 +311,8 @@ class WsApiService:
             "internal_errors": 0,
         }
         self.errors_by_code: dict[int, int] = {}
+        # requests per method (known methods only, else "other": bounded by WEIGHTS)
+        self.method_counts: dict[str, int] = {}
         self._bad_input = RateLimitedLog(log)
 
     # ---------------------------------------------------------------- setup
@@ -349,6 +356,7 @@ class WsApiService:
         now = self.clock_ms()
         return {
             "counters": dict(self.counters),
+            "methods": dict(self.method_counts),
             "venue": dict(self.venue.counters),
             "errors_by_code": {str(k): v for k, v in sorted(self.errors_by_code.items())},
             "sessions": [
@@ -453,6 +461,8 @@ class WsApiService:
             return self._error_reply(getattr(f, "rid", None), f.err)
         before: list[bytes] = []
         events: list[Event] = []
+        key = req.method if req.method in WEIGHTS else "other"
+        self.method_counts[key] = self.method_counts.get(key, 0) + 1
         try:
             weight = self._weight(req)
             verdict, retry = self._ip(s.ip).admit(now, weight, self.ban_ms)
@@ -471,6 +481,8 @@ class WsApiService:
                 raise _Fail(self._weight_429(s.ip, now, retry))
             status, result = self._dispatch_method(s, req, now, before, events)
             out = self._envelope(s, req, now, result=result, status=status)
+        except _HostileReply as h:
+            out = h.frame(req.id)
         except _Fail as f:
             out = self._envelope(s, req, now, error=f.err)
         except VenueError as e:
@@ -566,6 +578,9 @@ class WsApiService:
             out["status"] = status
             out["result"] = result
         limits = self._rate_limits(s, req, now, req.account)
+        if self._take_hostile(("rate_limits_overflow",)):
+            limits = [dict(e) for e in (limits or [self._ip(s.ip).weight.entry(now)])]
+            limits[-1]["count"] = 2**63  # still a u64: orjson writes it
         if limits is not None:
             out["rateLimits"] = limits
         return orjson.dumps(out)
@@ -730,6 +745,8 @@ class WsApiService:
             result, evs = v.amend_keep_priority(account, p, now)
             events.extend(evs)
             return 200, result
+        if m in ("order.status", "openOrders.status") and self._take_hostile(("status_5xx",)):
+            raise VenueError(-1000, MSG_UNKNOWN_ERR, 500)
         if m == "order.status":
             return 200, v.order_status(account, p)
         if m == "openOrders.status":
@@ -749,6 +766,17 @@ class WsApiService:
         count = getattr(self.faults, "count", None)
         if callable(count):
             count(name)
+
+    def _take_hostile(self, kinds: tuple[str, ...]) -> str | None:
+        """The pending ``hostile_reply`` kind if it is one of ``kinds`` (consumes one)."""
+        kind = getattr(self.faults, "hostile_reply", None)
+        if kind in kinds and getattr(self.faults, "hostile_reply_count", 0) > 0:
+            self.faults.hostile_reply_count -= 1
+            if self.faults.hostile_reply_count == 0:
+                self.faults.hostile_reply = None
+            self._fault_fired("hostile_reply")
+            return str(kind)
+        return None
 
     def _take_order_fault(self) -> str | None:
         kind = getattr(self.faults, "order_fault", None)
@@ -779,6 +807,13 @@ class WsApiService:
             if not (cr and p.get("orderRateLimitExceededMode") == "CANCEL_ONLY"):
                 self.counters["rate_limited"] += 1
                 raise limit_err
+        if self._take_hostile(("retry_after_overflow",)):
+            raise VenueError(
+                -1003,
+                "Too many requests.",
+                status=429,
+                data={"serverTime": now, "retryAfter": 10**17},
+            )
         fault = self._take_order_fault()
         if fault == "429":
             retry = now + self.fault_retry_after_ms
@@ -818,7 +853,30 @@ class WsApiService:
         events.extend(evs)
         if fault == "-1007":
             raise VenueError(-1007, MSG_TIMEOUT, status=408)
+        hostile = self._take_hostile(("null_result", "order_id_overflow", "deep_json"))
+        if hostile:
+            raise _HostileReply(hostile, result)
         return 200, result
+
+
+class _HostileReply(Exception):
+    """Carries a deliberately bad response frame (fault ``hostile_reply``) out of a handler."""
+
+    def __init__(self, kind: str, result: Any) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.result = result
+
+    def frame(self, rid: Any) -> bytes:
+        head = b'{"id":' + orjson.dumps(rid) + b',"status":200,"result":'
+        if self.kind == "null_result":
+            return head + b"null}"
+        if self.kind == "deep_json":
+            return head + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        # order_id_overflow: 2**64 does not fit orjson's integers; the stdlib writes any int
+        result = dict(self.result) if isinstance(self.result, dict) else {}
+        result["orderId"] = 2**64
+        return head + json.dumps(result).encode() + b"}"
 
 
 class _FailWithId(_Fail):
