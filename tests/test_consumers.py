@@ -203,7 +203,7 @@ def test_consume_monitor_process_prints_and_stops_on_sigterm(shm_name: str, tmp_
     env = {**os.environ, "PIPELINE_LOG_FORMAT": "json"}
     with (tmp_path / "stderr").open("w") as err, subprocess.Popen(
         [sys.executable, "-m", "pipeline", "consume", "monitor", "--ring", shm_name,
-         "--print-interval", "0", "--status-interval", "0.2"],
+         "--print-interval", "0", "--status-interval", "0.2", "--metrics-name", f"{shm_name}.mm"],
         stdout=subprocess.PIPE, stderr=err, env=env, text=True,
     ) as proc:  # fmt: skip
         _drive_monitor(proc, w)
@@ -345,3 +345,156 @@ def test_risk_consumer_reads_exec_ring_and_publishes(shm_name: str) -> None:
         exec_w.close()
         ticks_w.close()
     assert not t.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------
+# heartbeat and crashes (issue 11): a consumer is either visibly alive or visibly gone
+
+
+def _block(name: str) -> dict[str, int | float]:
+    from pipeline.metrics import MetricsBlock, MetricsNotFoundError
+
+    try:
+        block = MetricsBlock.attach(name)
+    except MetricsNotFoundError:
+        return {}
+    try:
+        return block.snapshot()
+    finally:
+        block.close()
+
+
+def _advances(name: str, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
+    """The block exists, publishes heartbeat_interval_ms, and its update time moves on by
+    itself (nothing is published to the ring)."""
+
+    def alive() -> bool:
+        for p in procs:
+            assert p.poll() is None, log.read_text()[-3000:]
+        return True
+
+    wait_for(lambda: alive() and bool(_block(name)), timeout=30)
+    first = _block(name)
+    assert first["heartbeat_interval_ms"] > 0, first
+    wait_for(lambda: alive() and _block(name)["_updated_at_ns"] > first["_updated_at_ns"], 30)
+
+
+def test_builtin_consumers_heartbeat_while_idle_with_and_without_their_ring(
+    shm_name: str, tmp_path: Path
+) -> None:
+    """Each built-in consumer (persist, risk, monitor) keeps its metrics block fresh and says
+    how often (``heartbeat_interval_ms``), first while its ring does not exist yet, then
+    attached to an idle ring; SIGTERM still ends each cleanly and removes its block."""
+    ring = f"{shm_name}.t"
+    blocks = {"persist": f"{shm_name}.pm", "risk": f"{shm_name}.rl", "monitor": f"{shm_name}.mm"}
+    extra = {
+        "persist": ["--sqlite", str(tmp_path / "t.sqlite"), "--metrics-name", blocks["persist"]],
+        "risk": ["--limits-name", blocks["risk"], "--exec-ring", f"{shm_name}.x"],
+        "monitor": ["--metrics-name", blocks["monitor"]],
+    }
+    log = tmp_path / "consumers.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    w: RingWriter | None = None
+    try:
+        env = {**os.environ, "PIPELINE_LOG_FORMAT": "json"}
+        with log.open("ab") as err:
+            for name in blocks:
+                argv = [sys.executable, "-m", "pipeline", "consume", name, "--ring", ring]
+                p = subprocess.Popen(
+                    [*argv, *extra[name]], stdout=subprocess.DEVNULL, stderr=err, env=env
+                )
+                procs.append(p)
+        for name in blocks.values():  # no ring yet
+            _advances(name, procs, log)
+        assert _block(blocks["monitor"])["ring_attached"] == 0
+        w = RingWriter.create(ring, TICK_DTYPE, 1024, SYMBOLS)
+        wait_for(lambda: _block(blocks["monitor"]).get("ring_attached") == 1, timeout=30)
+        for name in blocks.values():  # attached, idle ring
+            _advances(name, procs, log)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        assert [p.wait(15) for p in procs] == [0, 0, 0], log.read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if w is not None:
+            w.close()
+    assert all(_block(name) == {} for name in blocks.values())
+    assert "Traceback" not in log.read_text()
+
+
+BOOM_CONSUMER = """
+import logging, sys
+from pipeline.consumers import LoopOptions, run_consumer
+
+logging.basicConfig(level=logging.INFO)
+
+class Boom:
+    closed = False
+    def on_batch(self, batch, reader):
+        raise ZeroDivisionError("boom in on_batch")
+    def on_tick(self, reader, now):
+        pass
+    def close(self):
+        print("closed", flush=True)
+
+sys.exit(run_consumer(Boom(), LoopOptions(ring=sys.argv[1], reader_name="boom", start="oldest")))
+"""
+
+
+def test_an_exception_in_a_consumer_ends_the_process_non_zero_with_its_traceback(
+    shm_name: str,
+) -> None:
+    """Half alive is worse than dead: a consumer whose on_batch raises must not leave a process
+    that looks alive (heartbeat, READY) but reads nothing."""
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1024, SYMBOLS)
+    try:
+        w.publish_many(ticks(Kind.AGG_TRADE, [(0, 1.0, 1.0, 1)]))
+        r = subprocess.run(
+            [sys.executable, "-c", BOOM_CONSUMER, shm_name],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        w.close()
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" in r.stderr
+    assert "ZeroDivisionError: boom in on_batch" in r.stderr
+    assert "consumer failed" in r.stderr
+    assert r.stdout.strip() == "closed"  # close() still ran
+
+
+def test_run_consumer_stops_reading_while_the_consumer_is_paused(shm_name: str) -> None:
+    """Back-pressure: a paused consumer gets no batch; the records wait in the ring (lag), and
+    ``room`` caps each poll so a bounded buffer is never overrun."""
+    got: list[int] = []
+
+    class Bounded:
+        paused = True
+        room = 3
+
+        def on_batch(self, batch: np.ndarray, reader: object) -> None:
+            got.append(len(batch))
+
+        def on_tick(self, reader: object, now: float) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1024, SYMBOLS)
+    try:
+        w.publish_many(ticks(Kind.AGG_TRADE, [(0, 1.0, 1.0, i) for i in range(10)]))
+        consumer = Bounded()
+        opts = LoopOptions(ring=shm_name, reader_name="b", start="oldest", duration_s=0.3,
+                           tick_interval_s=0.02)  # fmt: skip
+        assert run_consumer(consumer, opts, StopFlag()) == 0
+        assert got == []  # paused through the run and the final drain
+        consumer.paused = False
+        assert run_consumer(consumer, opts, StopFlag()) == 0
+    finally:
+        w.close()
+    assert got
+    assert max(got) <= 3
+    assert sum(got) == 10
