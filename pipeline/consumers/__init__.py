@@ -18,7 +18,8 @@ identically for every consumer:
   consumer's metrics block stays fresh (``heartbeat_interval_ms``, see :mod:`pipeline.health`)
   whenever the process is alive and not stuck;
 * back-pressure: while a consumer's optional ``paused`` attribute is true (persist: its database
-  is down and its bounded buffer is full) the ring is not read; the records wait in the ring;
+  is down and its bounded buffer is full) the ring is not read; the records wait in the ring.
+  An optional ``room`` attribute caps one poll, so a bounded consumer's buffer stays exact;
 * an exception from the consumer ends the loop: its traceback is logged, ``close`` still runs,
   and the exit code is 1 (a half-alive consumer that stopped reading would look healthy).
 """
@@ -178,6 +179,11 @@ def _paused(consumer: Consumer) -> bool:
     return bool(getattr(consumer, "paused", False))
 
 
+def _batch_size(consumer: Consumer, max_records: int) -> int:
+    room = getattr(consumer, "room", None)
+    return max_records if room is None else max(1, min(max_records, int(room)))
+
+
 def _run(
     consumer: Consumer,
     opts: LoopOptions,
@@ -226,7 +232,7 @@ def _run(
                 # (its on_tick retries whatever blocks it). One sleep per tick, no polling.
                 stop.sleep(wait_s)
             elif reader.wait(wait_s):
-                batch = reader.poll(opts.max_records)
+                batch = reader.poll(_batch_size(consumer, opts.max_records))
                 if len(batch):
                     consumer.on_batch(batch, reader)
             elif reader.writer_closed:
@@ -238,7 +244,7 @@ def _run(
         for _ in range(max(1, reader.capacity // max(1, opts.max_records)) + 1):
             if _paused(consumer):
                 break  # what it cannot take stays in the ring for its next start
-            batch = reader.poll(opts.max_records)
+            batch = reader.poll(_batch_size(consumer, opts.max_records))
             if not len(batch):
                 break
             consumer.on_batch(batch, reader)

@@ -526,8 +526,8 @@ class Persist:
       logged in one line without a traceback (a bug in this module still gets one), the rows
       stay buffered and the next attempt waits by :data:`SINK_BACKOFF` (0.1 s doubling to 5 s).
       Nothing raises out of ``on_batch`` / ``on_tick``: no crash loop.
-    * the buffer is bounded: at ``max_pending`` rows (default 65 536; plus at most one ring
-      poll, 8192 records, on top) the consumer reports :attr:`paused` and
+    * the buffer is bounded: at most ``max_pending`` rows (default 65 536; :attr:`room` caps
+      each ring poll); when full the consumer reports :attr:`paused` and
       :func:`~pipeline.consumers.run_consumer` stops reading the ring. The records stay in the
       ring and are read once the store is back (the reader's cursor did not move), so nothing
       is lost while the ring holds them, and nothing is written twice (``ON CONFLICT``). An
@@ -589,6 +589,11 @@ class Persist:
     def paused(self) -> bool:
         """True while the ring must not be read: store never reached, or buffer full."""
         return not self.resumed or self.core.pending >= self.max_pending
+
+    @property
+    def room(self) -> int:
+        """Records the next ring poll may return (one record makes at most one row)."""
+        return max(0, self.max_pending - self.core.pending)
 
     @property
     def failures_in_row(self) -> int:
