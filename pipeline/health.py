@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -224,6 +225,29 @@ def collect(
     )  # fmt: skip
 
 
+def untrusted_segments(prefix: str = BLOCK_PREFIX) -> dict[str, str]:
+    """Names under ``prefix`` that the shared-memory trust rule refuses, with the reason.
+
+    Why health looks: a scanner skips such a name silently (logged once in *its* log), so a
+    file planted by another uid, or - the common operator mistake - ``pipeline health`` run as
+    a different user than the services (every segment then belongs to someone else), would
+    otherwise show as components "not running" with no hint why. One open per name, no retry.
+    """
+    from pipeline import shm
+
+    out: dict[str, str] = {}
+    for name in shm.list_names(prefix):
+        try:
+            fd, _st = shm.open_trusted(shm.path_of(name), os.O_RDONLY)
+        except shm.UntrustedSegmentError as exc:
+            out[name] = exc.reason
+        except (OSError, ValueError):
+            continue  # vanished or unreadable for an ordinary reason: not a trust question
+        else:
+            os.close(fd)
+    return out
+
+
 def snapshot_blocks(prefix: str = BLOCK_PREFIX) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """(snapshots, refused) of every metrics block under ``prefix``.
 
@@ -242,7 +266,7 @@ def snapshot_blocks(prefix: str = BLOCK_PREFIX) -> tuple[dict[str, dict[str, Any
     )
 
     blocks: dict[str, dict[str, Any]] = {}
-    refused: dict[str, str] = {}
+    refused = untrusted_segments(prefix)
     for name in list_blocks(prefix):
         try:
             block = MetricsBlock.attach(name)

@@ -391,3 +391,36 @@ def test_refused_segment_is_reported_not_dropped(shm_name: str) -> None:
         assert not overall(rep)
     finally:
         os.unlink(path)
+
+
+def test_foreign_segment_under_the_prefix_is_named(shm_name: str) -> None:
+    """A neighbour (uid 65534, a real process) plants a file with our metrics magic under our
+    prefix. The trust rule refuses to map it; health names it instead of staying silent."""
+    import shutil
+
+    from pipeline.metrics import MAGIC
+
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs setpriv and root to act as uid 65534: foreign segment NOT verified")
+    if not os.access("/usr/bin/python3", os.X_OK):  # ours lives under /root: 65534 cannot run it
+        pytest.skip("no system python3 for the uid-65534 planter: foreign segment NOT verified")
+    path = f"/dev/shm/{shm_name}.planted.metrics"
+    planter = (
+        "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_EXCL, 0o666); "
+        "os.fchmod(fd, 0o666); os.write(fd, bytes.fromhex(sys.argv[2]) + bytes(248))"
+    )
+    res = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "/usr/bin/python3", "-c", planter, path, MAGIC.hex()],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    try:
+        assert os.stat(path).st_uid == 65534
+        rep = collect([], prefix=f"{shm_name}.")
+        entry = rep[f"segment:{shm_name}.planted.metrics"]
+        assert not entry["healthy"]
+        assert "owned by uid 65534" in entry["problems"][0], entry
+        assert "planted" not in rep  # never read as a component
+    finally:
+        os.unlink(path)
