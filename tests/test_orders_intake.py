@@ -69,9 +69,11 @@ def rings(shm_name: str) -> Iterator[tuple[str, str]]:
         exec_ring.close()
 
 
-def start_client(exec_ring: str, prefix: str, name: str, mode: str) -> subprocess.Popen[str]:
+def start_client(
+    exec_ring: str, prefix: str, *args: str, script: str = CLIENT
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", CLIENT, exec_ring, prefix, name, mode],
+        [sys.executable, "-c", script, exec_ring, prefix, *args],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -238,3 +240,98 @@ def test_a_live_client_is_never_reaped(rings: tuple[str, str], shm_name: str) ->
         intake.close()
         shm.unlink(f"{prefix}alive")
     assert os.path.exists(shm.SHM_DIR / f"{shm_name}.exec")
+
+
+# ---- the whole trading process ----------------------------------------------------------------
+
+FULL_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    from pipeline.orders import OrderClient
+    exec_ring, prefix, price = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    c = OrderClient.attach("crash", exec_ring=exec_ring, prefix=prefix)
+    coid = c.place(symbol="BTCUSDT", side="BUY", qty=0.01, price=price)
+    assert c.wait(coid, 20.0).status == "NEW"
+    reply = c.cancel_all("BTCUSDT", timeout=20.0)
+    assert reply["ok"] is True, reply
+    print(reply["request_id"], flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_trading_process_sends_a_dead_clients_cancel_all_once(
+    shm_name: str, tmp_path: Path
+) -> None:
+    """The issue's scenario end to end: ``pipeline trade``'s process (in this process, against
+    the simulator) serves a client that cancels all and is SIGKILLed. Its cancel-all reaches
+    the exchange once (one reply on the reply ring), and its ring is reaped, not re-read."""
+    import asyncio
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from simhelpers import async_test, until
+
+    from pipeline.backoff import BackoffPolicy
+    from pipeline.binance.keys import load_private_key
+    from pipeline.ring import RingReader
+    from pipeline.session import SessionConfig, State
+    from pipeline.sim.testing import SimServer
+    from pipeline.trading import TradingConfig, TradingProcess
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    key_path = tmp_path / "k.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(key_path, 0o600)
+    prefix = f"{shm_name}.o."
+
+    @async_test
+    async def body() -> None:
+        async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
+            cfg = TradingConfig(
+                url=sim.wsapi_url,
+                session=SessionConfig(
+                    api_key="k", backoff=BackoffPolicy(initial_s=0.01, max_s=0.05)
+                ),
+                exec_ring=f"{shm_name}.exec",
+                metrics_name=f"{shm_name}.metrics",
+                scan_interval_s=0.05,
+                order_prefix=prefix,
+                max_order_age_s=600,
+            )
+            tp = TradingProcess(cfg, load_private_key(key_path))
+            task = asyncio.create_task(tp.run())
+            p = None
+            try:
+                await until(lambda: tp.session.state is State.READY)
+                replies = RingReader.attach(reply_ring_for(cfg.exec_ring), start="oldest")
+                price = round(float(sim.market.best("BTCUSDT")[0]) * 0.9, 2)
+                p = start_client(cfg.exec_ring, prefix, str(price), script=FULL_CLIENT)
+                assert p.stdout is not None
+                rid = await asyncio.to_thread(p.stdout.readline)
+                assert rid.strip(), f"client failed (exit {p.poll()})"
+                kill(p)
+                ring = shm.SHM_DIR / f"{prefix}crash"
+                await until(lambda: not ring.exists())  # drained, then reaped
+                for _ in range(5):  # scans after the reap find nothing to re-read
+                    await asyncio.sleep(cfg.scan_interval_s)
+                assert tp._intake is not None
+                assert tp._intake.reaped == 1
+                got = replies.poll()
+                firsts = got[(got["chunk"] == 0) & (got["request_id"] == rid.strip().encode())]
+                assert len(firsts) == 1, "the cancel-all was executed more than once"
+                replies.close()
+            finally:
+                if p is not None and p.poll() is None:
+                    kill(p)
+                tp.request_stop()
+                assert await task == 0
+
+    body()
