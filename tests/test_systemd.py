@@ -227,3 +227,18 @@ def test_watchdog_disabled_without_env_or_for_another_pid() -> None:
     assert not sdnotify.Watchdog(env={}).enabled
     assert not sdnotify.Watchdog(env={"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).enabled
     assert not sdnotify.Watchdog(env={}).tick()
+
+
+def test_segments_live_in_a_private_runtime_directory() -> None:
+    """Issue #11: every unit keeps its segments in the same 0700 directory only user pipeline
+    can enter (a neighbour cannot create a name there), kept while any unit still uses it."""
+    dirs = set()
+    for path in (p for p in unit_files() if p.suffix == ".service"):
+        d = {k: v for _, k, v in directives(path)}
+        env = dict(v.partition("=")[::2] for _, k, v in directives(path) if k == "Environment")
+        assert d["RuntimeDirectory"] == "pipeline", path.name
+        assert d["RuntimeDirectoryMode"] == "0700", path.name
+        assert d["RuntimeDirectoryPreserve"] == "yes", path.name
+        assert env["PIPELINE_SHM_DIR"] == "/run/" + d["RuntimeDirectory"], path.name
+        dirs.add(env["PIPELINE_SHM_DIR"])
+    assert len(dirs) == 1, dirs
