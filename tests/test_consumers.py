@@ -498,3 +498,56 @@ def test_run_consumer_stops_reading_while_the_consumer_is_paused(shm_name: str) 
     assert got
     assert max(got) <= 3
     assert sum(got) == 10
+
+
+def test_consumer_waits_out_a_ring_planted_by_another_uid(shm_name: str, tmp_path: Path) -> None:
+    """A neighbour's file under the ring's name is refused (logged once), never mapped, and
+    neither crashes the consumer nor stops its heartbeat; the real ring is read once it
+    replaces the planted one."""
+    import shutil
+
+    from pipeline import shm
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("SKIPPED LOUDLY: the foreign-uid attacker needs root and setpriv")
+    planted = shm.SHM_DIR / shm_name
+    attacker = (
+        "import os, sys; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666);"
+        "os.fchmod(fd, 0o666); os.write(fd, bytes(65536)); os.close(fd)"
+    )
+    subprocess.run(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         attacker, str(planted)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    log, block = tmp_path / "persist.log", f"{shm_name}.pm"
+    w: RingWriter | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        assert planted.stat().st_uid == 65534
+        with log.open("ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "consume", "persist", "--ring", shm_name,
+                 "--sqlite", str(tmp_path / "t.sqlite"), "--metrics-name", block],
+                stdout=subprocess.DEVNULL, stderr=err,
+                env={**os.environ, "PIPELINE_LOG_FORMAT": "json"},
+            )  # fmt: skip
+        wait_for(lambda: "ring_untrusted" in log.read_text(), timeout=30)
+        _advances(block, [proc], log)  # alive and heartbeating while it waits
+        assert log.read_text().count("ring_untrusted") == 1  # once, not per retry
+        planted.unlink()
+        w = RingWriter.create(shm_name, TICK_DTYPE, 1024, SYMBOLS)
+        w.publish_many(ticks(Kind.AGG_TRADE, [(0, 1.0, 1.0, i) for i in range(1, 11)]))
+        wait_for(lambda: _block(block).get("inserted") == 10, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if w is not None:
+            w.close()
+        if planted.exists() and planted.stat().st_uid == 65534:
+            planted.unlink()
+    assert "Traceback" not in log.read_text()

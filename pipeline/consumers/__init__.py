@@ -117,16 +117,20 @@ def attach_with_retry(
 ) -> Any:
     """Attach as reader ``name``; while the ring is missing (writer not up yet) retry every
     ``retry_s``. Returns the reader, or None if stopped / timed out. A segment that exists but
-    is not a ring (or another layout) is an error at once: retrying would not fix it.
+    is not a ring (or another layout) is an error at once: retrying would not fix it. One that
+    fails the shared-memory trust rule (another uid's file, a FIFO, a symlink) is logged once
+    and waited out like a missing ring.
 
     ``idle_check_s`` is long on purpose: :func:`run_consumer` looks for a restarted writer itself
     (``check_writer`` once per tick) instead of letting ``wait`` do it mid-wait.
 
     ``on_wait(now)`` runs before every retry sleep (the consumer's heartbeat while waiting)."""
     from pipeline.ring import RingError, RingLayoutError, RingNotFoundError, RingReader
+    from pipeline.shm import UntrustedSegmentError
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     waited = False
+    refused: str | None = None
     while not stop:
         try:
             reader = RingReader.attach(
@@ -134,6 +138,16 @@ def attach_with_retry(
             )
         except RingNotFoundError:
             pass
+        except UntrustedSegmentError as exc:
+            # Someone else's file under our ring's name: never map it. Say so once per reason
+            # and keep waiting at the normal pace (the operator removes it, or it goes away):
+            # exiting would only turn it into a restart loop.
+            if str(exc) != refused:
+                refused = str(exc)
+                log.error(
+                    "ring %s refused: %s; waiting for a trusted one", ring, exc,
+                    extra={"event": "ring_untrusted", "ring": ring},
+                )  # fmt: skip
         except RingLayoutError as exc:
             if "still being created" not in str(exc) and "is empty" not in str(exc):
                 raise

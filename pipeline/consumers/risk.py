@@ -353,6 +353,7 @@ class Risk:
         self._dirty = True
         self._next_attach = 0.0
         self._tick_ring = False
+        self._refused = ""
 
     def _poll_exec(self, now: float) -> None:
         if self.exec_reader is None:
@@ -366,7 +367,15 @@ class Risk:
                     self.exec_ring, "risk", start="oldest", check_interval_s=3600.0,
                     idle="balanced",
                 )  # fmt: skip
-            except (RingError, FileNotFoundError):
+            except (RingError, FileNotFoundError) as exc:
+                from pipeline.shm import UntrustedSegmentError
+
+                if isinstance(exc, UntrustedSegmentError) and str(exc) != self._refused:
+                    self._refused = str(exc)  # once per reason; retried every 0.5 s
+                    log.error(
+                        "exec ring %s refused: %s", self.exec_ring, exc,
+                        extra={"event": "ring_untrusted", "ring": self.exec_ring},
+                    )  # fmt: skip
                 return
             log.info(
                 "exec ring attached", extra={"event": "risk_exec_attached", "ring": self.exec_ring}
