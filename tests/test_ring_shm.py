@@ -339,6 +339,19 @@ def test_cli_stats_json_and_text(
     assert "not found" in capsys.readouterr().err
 
 
+def test_cli_on_a_fifo_says_why_instead_of_hanging(
+    shm_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    os.mkfifo(shm.SHM_DIR / shm_name, 0o600)
+    try:
+        assert main(["ring", "stats", shm_name]) == 1
+        assert "not a regular file (a FIFO)" in capsys.readouterr().err
+        assert main(["ring", "list", "--prefix", shm_name]) == 0
+        assert capsys.readouterr().out == ""
+    finally:
+        (shm.SHM_DIR / shm_name).unlink()
+
+
 class FakeTime:
     """perf_counter + sleep for RingReader.wait: sleeping advances the clock by the nap."""
 
