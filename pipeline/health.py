@@ -1,7 +1,8 @@
 """`pipeline health [--json] [--serve-prometheus PORT]`: every component's state from shared memory.
 
-Sources (no IPC with the processes, nothing they have to answer): the metrics blocks under
-``/dev/shm/pipeline.*`` (:func:`pipeline.metrics.snapshot_all`) and the tick ring's header and
+Sources (no IPC with the processes, nothing they have to answer): the metrics blocks named
+``pipeline.*`` in the segment directory (``/dev/shm``, or ``PIPELINE_SHM_DIR`` as the systemd
+units set it: run health as the services' user with the same value) and the tick ring's header and
 readers table (:func:`pipeline.ring.ring_stats`). :func:`evaluate` is pure: snapshots plus "now"
 in, a per-component verdict out, so every rule below is a unit test:
 
