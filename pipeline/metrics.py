@@ -175,7 +175,7 @@ class MetricsBlock:
             seg = shm.Segment.open(name, readonly=True)
         except FileNotFoundError:
             raise MetricsNotFoundError(
-                f"metrics block {name!r} not found (/dev/shm/{name} missing): "
+                f"metrics block {name!r} not found ({shm.SHM_DIR}/{name} missing): "
                 "is its process running?"
             ) from None
         except shm.UntrustedSegmentError as exc:

@@ -702,12 +702,14 @@ class OrderIntake:
         self.stale = 0
         self.bad = 0
         self.untrusted = 0  # names refused by the trust rule (once per name and inode)
+        self.untrusted_present = 0  # of those, how many were still there at the last scan
         self.reaped = 0  # rings of dead clients drained and unlinked
         self.shrunk = 0  # rings found shorter than mapped (dropped unread, never polled)
         # (name, inode, epoch_ns) -> next sequence to read: what was taken from each incarnation
         self._done: OrderedDict[tuple[str, int, int], int] = OrderedDict()
         # name -> inode not to attach again (refused, reaped, foreign dtype, shrunk)
         self._skip: OrderedDict[str, int] = OrderedDict()
+        self._refused: OrderedDict[str, int] = OrderedDict()  # name -> inode, the untrusted
 
     @staticmethod
     def _key(name: str, reader: RingReader) -> tuple[str, int, int]:
@@ -721,17 +723,22 @@ class OrderIntake:
 
     def scan(self) -> int:
         """Attach to new order rings, reap drained rings of dead clients; returns the count."""
+        present = 0
         for name in shm.list_names(self.prefix):
             if name in self.readers:
                 continue
             ino = shm.current_inode(name)
+            if ino is not None and self._refused.get(name) == ino:
+                present += 1
             if ino is None or self._skip.get(name) == ino:
                 continue
             try:
                 reader = RingReader.attach(name, name=f"trading{os.getpid()}"[:24], start="oldest")
             except RingUntrustedError as exc:
                 self._remember(self._skip, name, ino)  # never opened again while it is this file
+                self._remember(self._refused, name, ino)
                 self.untrusted += 1
+                present += 1
                 shm.note_refusal(exc)  # logged once per process, whoever met it first
                 continue
             except (FileNotFoundError, RingLayoutError, ValueError, OSError):
@@ -758,7 +765,25 @@ class OrderIntake:
                 del self.readers[name]
             elif not reader.writer_alive() and reader.lag <= 0:
                 self._reap(name, reader)
+        self.untrusted_present = present
         return len(self.readers)
+
+    def metrics(self) -> dict[str, int]:
+        """Counters for the trading process's metrics block.
+
+        ``problem_untrusted_order_rings`` counts refused names *still present* (someone planted
+        a file under the order prefix: find its owner, remove it), so health clears once it is
+        gone; ``problem_order_rings_shrunk`` is cumulative (only our own uid can shrink a ring:
+        something is badly wrong)."""
+        return {
+            "order_rings": len(self.readers),
+            "orders_stale": self.stale,
+            "orders_bad": self.bad,
+            "order_rings_reaped": self.reaped,
+            "order_rings_refused": self.untrusted,
+            "problem_untrusted_order_rings": self.untrusted_present,
+            "problem_order_rings_shrunk": self.shrunk,
+        }
 
     def _reap(self, name: str, reader: RingReader) -> None:
         """A dead (or closed) client's ring, read to its end: close it and remove the name if it

@@ -1015,7 +1015,7 @@ def _prefault(seg: shm.Segment, name: str, start: int) -> None:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             raise RingError(
-                f"cannot allocate {seg.size} bytes for ring {name!r} in /dev/shm: {exc}"
+                f"cannot allocate {seg.size} bytes for ring {name!r} in {shm.SHM_DIR}: {exc}"
             ) from exc
         # EOPNOTSUPP and the like: the filesystem cannot preallocate; touching still maps
     first = _align(start, mmap.PAGESIZE)
@@ -1200,6 +1200,9 @@ class RingReader(_SegmentHandle, ReaderCore):
             return False
         try:
             seg, layout, symbols = _open_ring(self.ring)
+        except RingUntrustedError as exc:
+            shm.note_refusal(exc)  # planted under our writer's name: logged once per inode
+            return False
         except RingError:
             return False  # being created right now, or gone again: look next time
         if layout.dtype != self.dtype:
@@ -1316,7 +1319,7 @@ def _open_ring(ring: str) -> tuple[shm.Segment, RingLayout, list[str]]:
         seg = shm.Segment.open(ring)
     except FileNotFoundError:
         raise RingNotFoundError(
-            f"ring {ring!r} not found (/dev/shm/{ring} missing): is the writer running?"
+            f"ring {ring!r} not found ({shm.SHM_DIR}/{ring} missing): is the writer running?"
         ) from None
     except shm.UntrustedSegmentError as exc:
         raise _untrusted(exc) from exc

@@ -119,6 +119,7 @@ def test_a_foreign_order_ring_places_no_order(shm_name: str, cleanup: list[str])
             assert intake.scan() == 0
             assert intake.poll(time.time_ns()) == ([], [])
         assert intake.untrusted == 1  # once per name and inode, not once per scan
+        assert intake.metrics()["problem_untrusted_order_rings"] == 1
         assert shm.read_head(evil, 8) is None
         assert list_rings(prefix) == []
         with pytest.raises(RingUntrustedError, match=f"{evil}: owned by uid {NOBODY}"):
@@ -128,6 +129,10 @@ def test_a_foreign_order_ring_places_no_order(shm_name: str, cleanup: list[str])
         assert intake.scan() == 1
         cmds, _ = intake.poll(time.time_ns())
         assert [c.client_order_id for c in cmds] == ["ours-1"]
+        (shm.SHM_DIR / evil).unlink()  # the operator removed the planted file: health clears
+        intake.scan()
+        assert intake.metrics()["problem_untrusted_order_rings"] == 0
+        assert intake.metrics()["order_rings_refused"] == 1
     finally:
         intake.close()
 
