@@ -519,6 +519,12 @@ class Session:
     def primary_conn(self) -> int | None:
         return self._primary
 
+    @property
+    def queued_actions(self) -> int:
+        """Actions not yet drained by :meth:`actions` (the shell's outbox check counts them:
+        a batch of orders is pumped at once)."""
+        return len(self._actions)
+
     def order_status(self, coid: str) -> OrderStatus | None:
         order = self._orders.get(coid)
         return order.status if order else None

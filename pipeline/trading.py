@@ -577,7 +577,8 @@ class TradingProcess:
         conn = self._conns.get(primary) if primary is not None else None
         if conn is None:
             return False  # the session itself answers "not ready"
-        return conn.outbox.qsize() >= self.config.outbox_capacity - OUTBOX_RESERVE
+        queued = conn.outbox.qsize() + self.session.queued_actions
+        return queued >= self.config.outbox_capacity - OUTBOX_RESERVE
 
     def _exec_array(self, execs: list[ExecUpdate], now: int) -> np.ndarray:
         """The exec records for ``execs``. One record that does not fit the dtype (a number

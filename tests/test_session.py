@@ -14,11 +14,13 @@ from pipeline.binance.signing import ws_payload
 from pipeline.session import (
     EXIT_AUTH,
     EXIT_GAVE_UP,
+    LOCAL_BAD_REPLY,
     LOCAL_DUPLICATE_ID,
     LOCAL_INVALID,
     LOCAL_NOT_FOUND,
     LOCAL_NOT_READY,
     LOCAL_RATE_LIMITED,
+    LOCAL_TABLE_FULL,
     TRANSITIONS,
     ApiReply,
     Close,
@@ -764,3 +766,142 @@ def test_order_table_is_bounded_and_keeps_live_orders() -> None:
     assert len(table) <= 10
     assert table["live"] is OrderStatus.NEW
     assert "f29" in table
+
+
+# ---- issue #11: hostile replies, reconciliation budget, bounds ---------------------------------
+
+
+def test_order_table_full_of_live_orders_rejects_new_ones() -> None:
+    d = Driver(max_orders=10)
+    d.start_ready()
+    for i in range(10):
+        d.session.place(f"l{i}", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+        d.reply(1, d.take("order.place"), result=order_result(f"l{i}"))
+    assert not d.session.place("over", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    d.pump()
+    assert (d.last("over").kind, d.last("over").error_code) == (ExecKind.REJECT, LOCAL_TABLE_FULL)
+    assert "order.place" not in d.methods()
+    assert len(d.session.orders()) == 10
+    # one finishes: room again (the final one is forgotten)
+    d.event(1, order_report("l0", "FILLED", "TRADE", z="1", last="1"))
+    d.clock.advance(1.1)
+    assert d.session.place("next", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    assert "l0" not in d.session.orders()
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {},
+        [],
+        {**order_result("x"), "orderId": 2**64},
+        {**order_result("x"), "orderId": -5},
+        {**order_result("x"), "status": "BOGUS"},
+        {**order_result("x"), "status": "UNKNOWN"},
+        {**order_result("x"), "symbol": ["nested"]},
+        {**order_result("x"), "price": "nan"},
+        {**order_result("x"), "transactTime": 10**17},
+    ],
+)
+def test_unreadable_place_reply_makes_the_order_unknown_and_reconciled(result: Any) -> None:
+    d = Driver()
+    d.start_ready()
+    d.session.place("x", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    d.reply(1, d.take("order.place"), result=result)
+    assert d.session.order_status("x") is OrderStatus.UNKNOWN
+    assert (d.last("x").kind, d.last("x").error_code) == (ExecKind.UNKNOWN, LOCAL_BAD_REPLY)
+    assert d.session.metrics["protocol_errors"] == 1
+    status = d.take("order.status")
+    d.reply(1, status, result=order_result("x"))
+    assert (d.last("x").kind, d.last("x").status) == (ExecKind.RECONCILED, OrderStatus.NEW)
+    assert d.session.state is State.READY
+
+
+def test_null_result_and_deep_json_resolve_the_request_at_once() -> None:
+    d = Driver()
+    d.start_ready()
+    d.session.place("n1", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    rid = d.take("order.place")["id"]
+    d.session.frame_received(1, json.dumps({"id": rid, "status": 200, "result": None}))
+    d.pump()
+    assert d.session.order_status("n1") is OrderStatus.UNKNOWN
+    d.session.place("n2", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    rid = d.take("order.place")["id"]
+    deep = f'{{"id":"{rid}","status":200,"result":{"[" * 100_000}{"]" * 100_000}}}'
+    d.session.frame_received(1, deep)  # no RecursionError: a counted protocol error
+    d.pump()
+    assert d.session.order_status("n2") is OrderStatus.UNKNOWN
+    assert d.session.metrics["protocol_errors"] == 2
+    # an error whose msg is 1000-deep (str() of it would recurse) is a protocol error too
+    d.session.place("n3", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    rid = d.take("order.place")["id"]
+    msg = "[" * 1000 + "]" * 1000
+    d.session.frame_received(
+        1, f'{{"id":"{rid}","status":400,"error":{{"code":-1013,"msg":{msg}}}}}'
+    )
+    d.pump()
+    assert d.session.order_status("n3") is OrderStatus.UNKNOWN
+    assert d.session.metrics["protocol_errors"] == 3
+
+
+def test_out_of_range_rate_limits_and_retry_after_are_counted_not_fatal() -> None:
+    d = Driver(default_retry_after_s=5.0)
+    d.start_ready()
+    assert d.session.request("account.status", tag="a")
+    limit = {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1}
+    d.reply(1, d.take("account.status"), rateLimits=[{**limit, "limit": 6000, "count": 2**63}])
+    assert d.session.metrics["protocol_errors"] == 1
+    assert d.session.metrics["weight_used"] == 0  # the bad entry was dropped
+    d.session.place("r", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    err = {"code": -1003, "msg": "Too many", "data": {"retryAfter": 10**17}}
+    d.reply(1, d.take("order.place"), status=429, error=err)
+    assert d.session.metrics["protocol_errors"] >= 2
+    assert d.session.order_status("r") is OrderStatus.REJECTED
+    d.tick_to(5.1)  # the default wait, not 10**17 ms
+    assert d.session.place("r2", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+
+
+def test_reconciliation_backs_off_and_goes_bulk() -> None:
+    d = Driver(reconcile_interval_s=1.0, ping_interval_s=1000, json_ping_interval_s=1000)
+    d.start_ready()
+    for i in range(5):
+        d.session.place(f"u{i}", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    for _ in range(5):
+        d.reply(1, d.take("order.place"), status=500, error={"code": -1000, "msg": "x"})
+    # the first ones are asked at once, one by one, within the burst budget
+    firsts = [d.take("order.status") for _ in range(5)]
+    for m in firsts:
+        d.reply(1, m, status=500, error={"code": -1000, "msg": "x"})
+    assert "order.status" not in d.methods()
+    d.tick_to(1.1)  # all five due again: one openOrders.status for the symbol instead
+    bulk = d.take("openOrders.status")
+    assert bulk["params"]["symbol"] == "BTCUSDT"
+    assert "order.status" not in d.methods()
+    d.reply(1, bulk, status=500, error={"code": -1000, "msg": "x"})
+    d.tick_to(1.1)
+    assert "openOrders.status" not in d.methods()  # backoff doubled: 2 s now
+    d.tick_to(1.1)
+    bulk = d.take("openOrders.status")
+    listed = {**order_result("u0"), "clientOrderId": "u0"}
+    d.reply(1, bulk, result=[listed])
+    assert d.session.order_status("u0") is OrderStatus.NEW
+    d.tick_to(1.1)  # not listed: only order.status can tell filled from never placed
+    asked = {d.take("order.status")["params"]["origClientOrderId"] for _ in range(4)}
+    assert asked == {"u1", "u2", "u3", "u4"}
+
+
+def test_stale_unknown_orders_raise_the_problem_metric() -> None:
+    d = Driver(unknown_stale_s=3.0, ping_interval_s=1000, json_ping_interval_s=1000)
+    d.start_ready()
+    d.session.place("s1", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    d.reply(1, d.take("order.place"), status=500, error={"code": -1000, "msg": "x"})
+    d.tick_to(1.0)
+    assert d.session.metrics["orders_unknown_now"] == 1
+    assert d.session.metrics["problem_unknown_orders_stale"] == 0
+    for _ in range(3):
+        d.tick_to(1.1)
+    assert d.session.metrics["problem_unknown_orders_stale"] == 1
+    d.event(1, order_report("s1", "NEW", "NEW"))
+    d.tick_to(1.1)
+    assert d.session.metrics["problem_unknown_orders_stale"] == 0
+    assert d.session.metrics["orders_unknown_now"] == 0

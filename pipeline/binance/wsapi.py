@@ -217,12 +217,25 @@ def _api_error(raw: Any, rid: str | int | None, bad: list[str]) -> ApiError:
     return err
 
 
+_ID_PREFIX = re.compile(rb'\A\s*\{\s*"id"\s*:\s*(?:"([A-Za-z0-9_.:-]{1,64})"|([0-9]{1,18}))\s*,')
+
+
+def _sniff_id(text: str | bytes) -> str | int | None:
+    """The ``id`` a frame we cannot parse starts with, if it plainly does (``{"id":...,``): the
+    request it answers can then be settled at once instead of at its deadline."""
+    head = text[:128]
+    m = _ID_PREFIX.match(head.encode() if isinstance(head, str) else bytes(head))
+    if m is None:
+        return None
+    return m.group(1).decode() if m.group(1) is not None else int(m.group(2))
+
+
 def decode_frame(text: str | bytes) -> Response | StreamEvent:
     """Decode one text frame (dispatch rule of §2.14: ``id`` -> response, ``event`` -> event)."""
     try:
         msg = orjson.loads(text)
     except (orjson.JSONDecodeError, RecursionError):  # orjson caps depth at 1024: not JSON to us
-        raise ProtocolError("frame is not JSON (or nested too deep)") from None
+        raise ProtocolError("frame is not JSON (or nested too deep)", _sniff_id(text)) from None
     if not isinstance(msg, dict):
         raise ProtocolError("frame is not a JSON object")
     if "id" in msg and "status" in msg:
