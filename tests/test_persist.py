@@ -156,8 +156,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
         return proc.wait(15)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _stop(proc)  # SIGTERM first: its metrics block is removed on a clean stop
 
 
 def test_table_holds_exactly_the_published_trades_across_a_restart(
@@ -399,11 +398,11 @@ def _start_persist(
 
 
 def _metrics(name: str) -> dict[str, int | float]:
-    from pipeline.metrics import MetricsBlock, MetricsNotFoundError
+    from pipeline.metrics import MetricsBlock, MetricsError
 
     try:
         block = MetricsBlock.attach(name)
-    except MetricsNotFoundError:
+    except MetricsError:  # not there yet, or still being created
         return {}
     try:
         return block.snapshot()
@@ -491,8 +490,7 @@ def test_persist_survives_a_postgres_restart_and_every_record_lands_once(
         assert _stop(proc) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _stop(proc)  # SIGTERM first: its metrics block is removed on a clean stop
         w.close()
         if not pg_server.running:
             pg_server.start()
@@ -532,8 +530,7 @@ def test_persist_started_while_postgres_is_down_waits_and_then_writes_everything
         assert _stop(proc) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _stop(proc)  # SIGTERM first: its metrics block is removed on a clean stop
         w.close()
         if not pg_server.running:
             pg_server.start()
@@ -598,8 +595,7 @@ def test_sqlite_lock_held_by_another_connection_neither_stalls_nor_crashes_persi
         if holder is not None:
             holder.close()
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _stop(proc)  # SIGTERM first: its metrics block is removed on a clean stop
         w.close()
     assert _sqlite_rows(db) == [("BTCUSDT", 3100, 3100, 1, 3100)]
     _no_traceback(log)
@@ -665,8 +661,7 @@ def test_sqlite_disk_full_is_survived_and_nothing_is_lost(
         assert _stop(proc) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _stop(proc)  # SIGTERM first: its metrics block is removed on a clean stop
         w.close()
     assert _sqlite_rows(db) == [("BTCUSDT", 5100, 5100, 1, 5100)]
     _no_traceback(log)
@@ -679,3 +674,44 @@ def test_redact_url_hides_passwords() -> None:
     assert redact_url("postgresql://u:s3cret@db:5432/x") == "postgresql://u:***@db:5432/x"
     assert "s3cret" not in redact_url("host=db user=u password=s3cret dbname=x")
     assert redact_url("postgresql://u@/x?host=/tmp") == "postgresql://u@/x?host=/tmp"
+
+
+def test_persist_shell_retries_a_store_that_cannot_open_with_backoff_and_flags_it(
+    tmp_path: Path,
+) -> None:
+    """The shell alone, with a fake clock: a database that cannot be opened at start is no
+    exception, pauses ring reading, turns into problem_sink_failing after the grace period, is
+    retried only when its backoff is due, and clears once the store opens."""
+    from pipeline.consumers.persist import Persist
+
+    blocker = tmp_path / "var"
+    blocker.write_text("a file where the database directory should be")
+    now = [100.0]
+    p = Persist(
+        SqliteStore(blocker / "ticks.sqlite"), PersistCore(), metrics_name=None,
+        clock=lambda: now[0], fail_grace_s=2.0,
+    )  # fmt: skip
+    assert p.paused
+    assert p.errors == 1
+    assert p.problem(now[0]) == 0  # within the grace period
+    p.heartbeat(now[0])  # backoff not due: no second attempt
+    assert p.errors == 1
+    now[0] += 3.0
+    p.heartbeat(now[0])
+    assert p.errors == 2
+    assert p.problem(now[0]) == 2
+    blocker.unlink()
+    now[0] += 10.0
+    p.heartbeat(now[0])
+    assert not p.paused
+    assert p.problem(now[0]) == 0
+    p.on_batch(agg_trades(0, range(1, 11)), _Reader())
+    assert p.flush()
+    assert p.inserted == 10
+    p.close()
+    assert _count(blocker / "ticks.sqlite") == 10
+
+
+class _Reader:
+    symbols = SYMBOLS
+    missed = lag = 0

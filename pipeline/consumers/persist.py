@@ -613,6 +613,7 @@ class Persist:
         of that succeeded; on failure the rows stay buffered and the next try is scheduled."""
         ticks: list[Row] = []
         books: list[Row] = []
+        oldest: float | None = None
         try:
             if not self.store.connected:
                 self.store.setup()
@@ -624,6 +625,7 @@ class Persist:
             if not self.core.pending:
                 self._succeeded(now)
                 return True
+            oldest = self.core.oldest
             ticks, books = self.core.take()
             t0 = time.perf_counter()
             n_ticks, n_books = self.store.write(ticks, books)
@@ -631,7 +633,7 @@ class Persist:
             if ticks or books:  # put the rows back: the retry writes them (ON CONFLICT: once)
                 self.core.ticks[:0] = ticks
                 self.core.books[:0] = books
-                self.core.oldest = now if self.core.oldest is None else self.core.oldest
+                self.core.oldest = oldest if oldest is not None else now
             self._failed(now, exc)
             return False
         took_us = (time.perf_counter() - t0) * 1e6
