@@ -27,6 +27,16 @@ Liveness and gap-freedom:
 - diff-depth books resync from a REST snapshot in a separate task on a sequence break and say so
   (Kind.BOOK_RESYNC + Flags.RESYNCED).
 
+Hostile numbers (issue 11): ids and times outside int64 are skipped as ``bad_number`` by the
+decoders; an id further than ``--max-id-jump`` from its stream's last one (aggTrade, trade,
+bookTicker ``u``, depth ``u``) is held aside and counted (``ids_far``), never a gap to backfill
+and never a new "last" that makes every real frame a duplicate; ``--id-resync-after`` of them
+that agree are a stream restart (``id_resets``; for trades a GAP record flagged RESYNCED:
+``trade_id`` the last id before, ``aux_id`` the first after). A tracker advances only once its
+record is in the ring. A long-lived task that dies stops the process (exit 1, traceback
+logged): half alive is worse than a supervisor restart. The metrics block is rewritten every
+``--metrics-interval`` (``heartbeat_interval_ms``) even when no frame arrives.
+
 Counters live in Python ints on the hot path and are copied into the MetricsBlock every
 ``--metrics-interval`` s (a seqlock write per frame would cost more than the frame).
 
@@ -58,11 +68,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from struct import error as struct_error
 from typing import Any
 
 from pipeline.logs import RateLimitedLog
 
 log = logging.getLogger("pipeline.ingest")
+_I64_MAX = (1 << 63) - 1
+_TRACKED_KINDS = (1, 2)  # Kind.AGG_TRADE, Kind.TRADE: records an id tracker accounts for
 
 DEFAULT_STREAMS_URL = "wss://stream.binance.com:9443"
 DEFAULT_REST_URL = "https://api.binance.com"
@@ -114,6 +127,8 @@ class IngestConfig:
     publish_batch: int = 64
     fast_path: str = "auto"
     time_unit: str = "MILLISECOND"
+    max_id_jump: int = 5_000_000  # pipeline.gapfill.DEFAULT_MAX_ID_JUMP
+    id_resync_after: int = 16  # pipeline.gapfill.DEFAULT_RESYNC_AFTER
 
     def stream_names(self) -> list[str]:
         from pipeline.binance.streams import stream_name
@@ -199,6 +214,11 @@ def validate(cfg: IngestConfig) -> IngestConfig:
         raise ConfigError("--time-unit", f"must be one of {', '.join(TIME_UNITS)}")
     if len(cfg.symbols) > 65535:
         raise ConfigError("--symbols", "too many symbols for the ring's u2 symbol id")
+    if not 1 <= cfg.max_id_jump <= 1 << 62:
+        raise ConfigError("--max-id-jump", f"must be in 1..2**62, got {cfg.max_id_jump}")
+    if not 1 <= cfg.id_resync_after <= 10_000:
+        raise ConfigError("--id-resync-after",
+                          f"must be in 1..10000, got {cfg.id_resync_after}")
     return cfg
 
 
@@ -210,6 +230,12 @@ COUNTERS = (
     "gaps_detected", "gaps_backfilled", "ids_backfilled", "gaps_unrecoverable", "ids_lost",
     "trade_gaps", "trade_ids_lost",
     "book_resyncs", "book_breaks", "rest_requests", "rest_errors", "callback_errors",
+    # ids more than --max-id-jump from their stream's last id (held aside, not published), and
+    # runs of them taken as a stream restart (re-based; a GAP record flagged RESYNCED for trades)
+    "ids_far", "id_resets",
+    # records the ring refused to pack (the tracker re-opened a hole for them), book levels
+    # dropped beyond the per-side bound (pipeline/book.py MAX_LEVELS)
+    "publish_errors", "book_levels_trimmed",
 )
 
 
@@ -223,6 +249,12 @@ def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
     # fast_path: 1 while the compiled path is in use (an operator sees a fallback to pure
     # Python in `pipeline health`); frames_fast: frames it handled without Python
     fields += [("fast_path", "<i8"), ("frames_fast", "<i8")]
+    # written every --metrics-interval even when no frame arrives: `pipeline health` calls the
+    # process stuck when the block is older than a few of these
+    fields += [("heartbeat_interval_ms", "<i8")]
+    # shards without a delivering connection for longer than a reconnect cycle takes
+    # (Ingest.down_grace_s): non-zero makes `pipeline health` call ingest unhealthy
+    fields += [("problem_shards_down", "<i8")]
     fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
     fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
     return fields
@@ -264,6 +296,9 @@ class Shard:
         self.index = index
         self.streams = streams
         self.state = DOWN
+        #: monotonic time the shard last stopped delivering (not UP / ROTATING), None while it
+        #: delivers: `problem_shards_down` names shards down for longer than a reconnect takes
+        self.down_since: float | None = time.monotonic()
         self.conn: Conn | None = None
         self.wake = asyncio.Event()
         self._serial = 0
@@ -311,6 +346,10 @@ class Shard:
 
     def _set_state(self, state: int) -> None:
         self.state = state
+        if state in (UP, ROTATING):
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = time.monotonic()
 
     async def run(self) -> None:
         from pipeline.backoff import Backoff, BackoffPolicy
@@ -440,13 +479,28 @@ class Ingest:
                                        cfg.time_unit)
         self._decode = self.decoder.decode
         assert st.AGG == 1, "handle() compares the decode tag with the literal 1"
+        from pipeline.gapfill import FarRun
+        from pipeline.records import Flags
+
         n = len(cfg.symbols)
-        self.trackers: list[AggTracker[tuple[Any, ...]]] = [AggTracker() for _ in range(n)]
-        self.books = [OrderBook() for _ in range(n)]
+        jump, again = cfg.max_id_jump, cfg.id_resync_after
+        self._max_jump = jump
+        self.trackers: list[AggTracker[tuple[Any, ...]]] = [
+            AggTracker(max_jump=jump, resync_after=again, make_reset=self._reset_record(sid),
+                       make_gap=self._gap_record(sid)) for sid in range(n)]
+        self.books = [OrderBook(max_jump=jump, resync_after=again) for _ in range(n)]
         self.last_book_u = [-1] * n  # bookTicker dedupe
+        #: bookTicker updates whose `u` is far from last_book_u (held, at most id_resync_after)
+        self.book_far: list[FarRun[tuple[Any, ...]]] = [
+            FarRun(jump, again, contiguous=False) for _ in range(n)]
+        self._book_far_seen = 0
+        self._book_resets = 0
         # @trade ids are contiguous per symbol too: same exactly-once tracking, but a hole the
         # live stream does not fill is reported, not fetched (see _trade_gap)
-        self.trade_trackers: list[AggTracker[tuple[Any, ...]]] = [AggTracker() for _ in range(n)]
+        tf = int(Flags.TRADE_IDS)
+        self.trade_trackers: list[AggTracker[tuple[Any, ...]]] = [
+            AggTracker(max_jump=jump, resync_after=again, make_reset=self._reset_record(sid, tf),
+                       make_gap=self._gap_record(sid, tf)) for sid in range(n)]
         self.last_partial = [-1] * n  # partial depth dedupe
         self.c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.skipped: dict[str, int] = dict.fromkeys(st.SKIP_REASONS, 0)
@@ -460,6 +514,11 @@ class Ingest:
         self.shards = [Shard(self, i, names[k:k + per]) for i, k in
                        enumerate(range(0, len(names), per))]
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: a long-lived task died of an exception: the process stops and exits non-zero
+        self.failed: BaseException | None = None
+        #: a shard may be without a delivering connection this long (stall detection, a full
+        #: backoff, a handshake) before metrics report it as a problem
+        self.down_grace_s = 2 * cfg.stall_timeout + cfg.backoff_max
         self._backfilling: set[int] = set()
         self._trade_waiting: set[int] = set()
         self._resyncing: set[int] = set()
@@ -507,7 +566,7 @@ class Ingest:
             self._loop = loop
         self.fast, how = fastpath.build(self.cfg.fast_path, self.cfg.symbols, self.ring,
                                         self._fast_fallback, self.cfg.max_frame_bytes,
-                                        self.decoder.time_mult)
+                                        self.decoder.time_mult, self.cfg.max_id_jump)
         self.on_frame = self.fast.on_message if self.fast is not None else self.handle
         log.info("fast path: " + how)
 
@@ -594,11 +653,13 @@ class Ingest:
             last = fast.last_id(sid, kind)
             if last is not None:
                 tr.last = last
-        dups = tr.stats.duplicates
+        dups, resets = tr.stats.duplicates, tr.stats.resets
         out = tr.on_live(val[11], val)
         self.c["duplicates"] += tr.stats.duplicates - dups
+        if tr.stats.resets != resets:
+            self._log_reset(kind, sid, out)
         if out:
-            self.publish_many(out)
+            self._publish_tracked(tr, out)
         if fast is not None:
             fast.set_last(sid, None if tr.pending else tr.last, kind)
         if tr.pending:
@@ -606,6 +667,51 @@ class Ingest:
                 self._spawn(self._backfill(sid), self._backfilling, sid)
             elif kind == 2 and sid not in self._trade_waiting:
                 self._spawn(self._trade_gap(sid), self._trade_waiting, sid)
+
+    def _publish_tracked(self, tr: Any, out: list[tuple[Any, ...]]) -> None:
+        """Publish what a tracker released, in order. A record the ring refuses (it cannot be
+        packed) is counted and logged, and the tracker is rewound to just before it: its id and
+        the ones after it become a hole again (backfilled, or reported by a GAP record), never
+        silently taken as published."""
+        for i, rec in enumerate(out):
+            try:
+                self.publish(rec)
+            except (OverflowError, TypeError, ValueError, struct_error) as exc:
+                self.c["publish_errors"] += 1
+                self.rlog.warning("publish_error", "record could not be published; its id is "
+                                  "a hole again", kind=rec[0], id=rec[11], error=repr(exc))
+                tracked = [(r[11], r) for r in out[i:] if r[0] in _TRACKED_KINDS]
+                if tracked:
+                    tr.rewind(tracked[0][0] - 1, tracked[1:])
+                return
+
+    def _log_reset(self, kind: int, sid: int, out: list[tuple[Any, ...]]) -> None:
+        self.rlog.warning("id_reset", "id sequence restarted (a run of ids far from the last "
+                          "one): re-based, nothing fetched across the jump",
+                          symbol=self.cfg.symbols[sid], stream="aggTrade" if kind == 1
+                          else "trade", new_first=next((r[11] for r in out if r[0] == kind),
+                                                       None))
+
+    def _book_far(self, sid: int, val: tuple[Any, ...]) -> None:
+        """A bookTicker whose `u` is far from the last one: held aside (one bogus id must not
+        make every later update look old); a run of them re-bases the dedupe."""
+        self._book_far_seen += 1
+        far = self.book_far[sid]
+        if len(far.held) == 0:
+            self.rlog.warning("id_far", "update id far from the last one: held aside",
+                              symbol=self.cfg.symbols[sid], stream="bookTicker", u=val[11],
+                              last=self.last_book_u[sid])
+        run = far.offer(val[11], val)
+        if run is None:
+            return
+        self._book_resets += 1
+        self.rlog.warning("id_reset", "update id sequence restarted: re-based",
+                          symbol=self.cfg.symbols[sid], stream="bookTicker", new_first=run[0][0])
+        for u, rec in run:
+            self.publish(rec)
+            self.last_book_u[sid] = u
+        if self.fast is not None:
+            self.fast.set_last(sid, self.last_book_u[sid], 3)
 
     def _tracker_changed(self, sid: int, kind: int = 1) -> None:
         """A gap was filled or given up outside the frame handler: the compiled path may
@@ -639,12 +745,14 @@ class Ingest:
                 a = val[11]
                 last = tr.last
                 if last is not None and a == last + 1 and not tr.pending:  # the common case
-                    tr.last = a
+                    # into the ring first, then advance: a record that fails to pack leaves
+                    # its id missing (a hole to backfill), never marked as published
                     if self._iter_open:  # `published` is derived from the ring cursor
                         if self._stage(val):
                             self._commit()
                     else:
                         self.publish(val)
+                    tr.last = a
                     return
                 self._track(1, sid, val)
                 return
@@ -656,13 +764,18 @@ class Ingest:
                     last = fast.last_id(sid, 3)
                     if last is not None:
                         self.last_book_u[sid] = last
-                if val[11] <= self.last_book_u[sid]:
-                    c["duplicates"] += 1
+                u = val[11]
+                last = self.last_book_u[sid]
+                if u <= last or (u - last > self._max_jump and last >= 0):
+                    if u - last > self._max_jump or last - u > self._max_jump:
+                        self._book_far(sid, val)
+                    else:
+                        c["duplicates"] += 1
                     return
-                self.last_book_u[sid] = val[11]
-                if fast is not None:
-                    fast.set_last(sid, val[11], 3)
                 self.publish(val)
+                self.last_book_u[sid] = u
+                if fast is not None:
+                    fast.set_last(sid, u, 3)
             elif tag == st.DEPTH_DIFF:
                 self._on_diff(val)
             elif tag == st.SKIP:
@@ -756,8 +869,8 @@ class Ingest:
                 lid = body["lastUpdateId"]
                 bids = [(float(p), float(q)) for p, q in body["bids"]]
                 asks = [(float(p), float(q)) for p, q in body["asks"]]
-                if type(lid) is not int:
-                    raise ValueError("lastUpdateId is not an integer")
+                if type(lid) is not int or not 0 <= lid <= _I64_MAX:
+                    raise ValueError("lastUpdateId is not an integer in 0..2**63-1")
             except (HttpError, KeyError, TypeError, ValueError) as exc:
                 self.c["rest_errors"] += 1
                 self.rlog.warning("snapshot_failed", "depth snapshot failed", symbol=sym,
@@ -791,11 +904,27 @@ class Ingest:
         except (KeyError, TypeError, ValueError):
             return None
         if type(a) is not int or type(last) is not int or type(t) is not int \
-                or not (0.0 <= p < float("inf") and 0.0 <= q < float("inf")):
+                or not (0.0 <= p < float("inf") and 0.0 <= q < float("inf")) \
+                or not (0 <= a <= _I64_MAX and 0 <= last <= _I64_MAX
+                        and 0 <= t <= _I64_MAX // 1_000_000):
             return None
         flags = int(Flags.BACKFILLED) | (int(Flags.BUYER_IS_MAKER) if m is True else 0)
         return a, (int(Kind.AGG_TRADE), flags, sid, 0, 0, p, q, 0.0, 0.0, 0.0, 0.0, a, last,
                    t * 1_000_000, recv_ns)
+
+    def _reset_record(self, sid: int, flags: int = 0) -> Callable[[int, int], tuple[Any, ...]]:
+        """The marker of a restarted id sequence: Kind.GAP flagged RESYNCED, ``trade_id`` = the
+        last id before the restart, ``aux_id`` = the first id after it. Nothing between them is
+        fetched (they are not a range of missing trades)."""
+        from pipeline.records import Flags, Kind
+
+        f = flags | int(Flags.RESYNCED)
+
+        def make(old_last: int, new_first: int) -> tuple[Any, ...]:
+            return (int(Kind.GAP), f, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, old_last,
+                    new_first, 0, time.time_ns())
+
+        return make
 
     def _gap_record(self, sid: int, flags: int = 0) -> Callable[[Any], tuple[Any, ...]]:
         from pipeline.records import Kind
@@ -824,7 +953,7 @@ class Ingest:
         self.c["trade_ids_lost"] += gap[1] - gap[0] + 1
         self.rlog.warning("trade_gap", "trades lost (no REST source for trade ids)",
                           symbol=self.cfg.symbols[sid], first=gap[0], last=gap[1])
-        self.publish_many(out)
+        self._publish_tracked(tr, out)
         self._tracker_changed(sid, 2)
 
     async def _backfill(self, sid: int) -> None:
@@ -862,7 +991,7 @@ class Ingest:
                     out = tr.on_backfill(parsed)
                     got = tr.stats.published_backfill - before
                     self.c["ids_backfilled"] += got
-                    self.publish_many(out)
+                    self._publish_tracked(tr, out)
                     self._tracker_changed(sid)
                     if tr.missing() is None:
                         self.c["gaps_backfilled"] += 1
@@ -878,7 +1007,7 @@ class Ingest:
                     self.c["ids_lost"] += gap[1] - gap[0] + 1
                 self.rlog.warning("gap", "aggregate trades lost", symbol=sym,
                                   first=gap[0] if gap else None, last=gap[1] if gap else None)
-                self.publish_many(out)
+                self._publish_tracked(tr, out)
                 self._tracker_changed(sid)
                 failures = 0
                 continue
@@ -895,7 +1024,7 @@ class Ingest:
             self._tasks.discard(t)
             running.discard(key)
             if not t.cancelled() and t.exception() is not None:
-                log.error("task failed", exc_info=t.exception())
+                self._task_failed(t)
             elif not self.stopping and running is self._backfilling \
                     and self.trackers[key].pending:
                 self._spawn(self._backfill(key), running, key)  # more arrived meanwhile
@@ -904,6 +1033,22 @@ class Ingest:
                 self._spawn(self._trade_gap(key), running, key)  # the next hole
 
         task.add_done_callback(done)
+
+    def _task_failed(self, t: asyncio.Task[Any]) -> None:
+        """A long-lived task died of an exception: log its traceback and stop the whole process
+        (it exits non-zero). Half alive (no reconnects, no backfill, metrics saying all is
+        well) is worse than a restart by the supervisor."""
+        exc = t.exception()
+        if exc is None:
+            return
+        log.error("task %s failed; stopping", t.get_name(), exc_info=exc)
+        if self.failed is None:
+            self.failed = exc
+        self.stop()
+
+    def _watch(self, t: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        t.add_done_callback(lambda t: None if t.cancelled() else self._task_failed(t))
+        return t
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once on shutdown."""
@@ -949,6 +1094,17 @@ class Ingest:
             sh.conn.ws.callback_errors for sh in self.shards if sh.conn and sh.conn.ws)
         vals["shards"] = len(self.shards)
         vals["symbols"] = len(self.cfg.symbols)
+        vals["heartbeat_interval_ms"] = max(1, round(self.cfg.metrics_interval * 1000))
+        now = time.monotonic()
+        vals["problem_shards_down"] = sum(
+            1 for sh in self.shards
+            if sh.down_since is not None and now - sh.down_since > self.down_grace_s)
+        trackers = (*self.trackers, *self.trade_trackers)
+        vals["ids_far"] = (sum(t.stats.far_ids for t in trackers) + self._book_far_seen
+                           + sum(b.far_ids for b in self.books))
+        vals["id_resets"] = (sum(t.stats.resets for t in trackers) + self._book_resets
+                             + sum(b.resets for b in self.books))
+        vals["book_levels_trimmed"] = sum(b.bids.trimmed + b.asks.trimmed for b in self.books)
         for i, sh in enumerate(self.shards[:MAX_SHARDS_IN_METRICS]):
             vals[f"conn_state_{i}"] = sh.state
         for i in range(min(len(self.trackers), MAX_SYMBOLS_IN_METRICS)):
@@ -980,16 +1136,24 @@ class Ingest:
             "shards": len(self.shards), "transport": self.cfg.transport,
             "decoder": self.cfg.decoder, "ring": self.cfg.ring})
         self.setup_publishing(loop)
-        metrics_task = loop.create_task(self._metrics_loop())
+        metrics_task = self._watch(loop.create_task(self._metrics_loop(), name="metrics"))
+        shard_tasks = [self._watch(loop.create_task(sh.run(), name=f"shard-{sh.index}"))
+                       for sh in self.shards]
         try:
-            await asyncio.gather(*(sh.run() for sh in self.shards))
+            # a shard ends only when stopping (or when it failed: _task_failed stopped the rest)
+            await asyncio.gather(*shard_tasks, return_exceptions=True)
         finally:
             self.stop()
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await asyncio.gather(metrics_task, return_exceptions=True)
-            self.flush_metrics()
+            try:
+                self.flush_metrics()
+            except Exception as exc:  # the cleanup below must still run
+                log.error("final metrics flush failed", exc_info=exc)
+                if self.failed is None:
+                    self.failed = exc
             self.release()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -1025,15 +1189,22 @@ def run(cfg: IngestConfig) -> int:
             print(f"pipeline ingest: error: --metrics: cannot create {cfg.metrics!r}: {exc}",
                   file=sys.stderr)
             return 2
+        failed: list[BaseException] = []
         try:
             async def main() -> None:
-                await Ingest(cfg, ring, metrics).run()
+                ing = Ingest(cfg, ring, metrics)
+                await ing.run()
+                if ing.failed is not None:
+                    failed.append(ing.failed)
 
             aio.run(main())
         finally:
             metrics.close()
     finally:
         ring.close()
+    if failed:
+        log.error("ingest stopped after a task failed: %r", failed[0])
+        return 1
     log.info("ingest stopped")
     return 0
 
@@ -1080,6 +1251,10 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
                        "(refuse to start without it) | off (pure Python)"),
     ("time_unit", str, "exchange timestamps in MILLISECOND (Binance's default) or MICROSECOND "
                        "(timeUnit on the stream URL; records carry ns either way)"),
+    ("max_id_jump", int, "an id further than this from its stream's last id is held aside, not "
+                         "a gap to backfill (a stream restart once --id-resync-after agree)"),
+    ("id_resync_after", int, "far ids that must form a run of their own before the stream is "
+                             "re-based on them"),
 )
 _CSV_FIELDS = frozenset({"symbols", "streams"})  # comma-separated on the command line
 

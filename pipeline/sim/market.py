@@ -1020,6 +1020,10 @@ class Market:
         is how many aggTrade messages it printed (how ``--rate-unit msgs`` keeps its count)."""
         return self._sym(symbol).agg_id
 
+    def next_trade_id(self, symbol: str) -> int:
+        """The id the next trade (``@trade`` stream ``t``) of ``symbol`` will get."""
+        return self._sym(symbol).trade_id
+
     def top(self, symbol: str, n: int) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
         """(lastUpdateId, n best bids, n best asks) in units, best first."""
         st = self._sym(symbol)

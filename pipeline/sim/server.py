@@ -26,7 +26,8 @@ Paths (binance-protocol.md section 1.2):
   and ``T`` fields in microseconds (the simulator's clock has millisecond steps: ms * 1000);
 - ``/ws-api/v3`` -> :func:`pipeline.sim.wsapi.serve_connection` (SIM-VENUE's module);
 - ``GET /api/v3/{ping,time,exchangeInfo,depth,aggTrades,ticker/bookTicker}``;
-- ``GET /sim/state``, ``POST /sim/fault/<name>`` (JSON body or query parameters).
+- ``GET /sim/state``, ``POST /sim/fault/<name>`` (JSON body or query parameters);
+- ``POST /sim/inject``: hostile or hand-made frames into live streams (:meth:`Simulator.inject`).
 
 Rules with tunable timings (section 1.3): server pings every ``ping_interval`` and drops a
 connection without pong after ``pong_timeout``; ``serverShutdown`` ``shutdown_notice`` before
@@ -989,6 +990,18 @@ class Simulator:
     def _admin(self, method: str, path: str, q: dict[str, list[str]], body: bytes) -> Response:
         if path == "/sim/state" and method == "GET":
             return _json_response(200, self.state())
+        if path == "/sim/inject":
+            if method != "POST":
+                return _json_response(405, {"error": "use POST"})
+            try:
+                spec = orjson.loads(body or b"null")
+                if not isinstance(spec, dict):
+                    raise FaultError("body must be a JSON object")
+                return _json_response(200, self.inject(spec))
+            except orjson.JSONDecodeError as exc:
+                return _json_response(400, {"error": f"body is not JSON: {exc}"})
+            except FaultError as exc:
+                return _json_response(400, {"error": str(exc)})
         if path.startswith("/sim/fault/"):
             if method != "POST":
                 return _json_response(405, {"error": "use POST"})
@@ -1097,6 +1110,65 @@ class Simulator:
             if dur is not None:
                 self.faults.blackhole_until = loop.time() + dur
                 self._blackhole_timer = loop.call_later(dur, self._end_blackhole)
+
+    #: most frames one inject request may send (each goes to every subscriber at once)
+    MAX_INJECT = 10_000
+
+    def inject(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Send hand-made frames now, ahead of the market's next event (``POST /sim/inject``).
+
+        Why: the venue a client must survive sends more than well-formed market data (a 19-digit
+        id, an out-of-range time, 100k-deep JSON); tests inject exactly that into a live stream
+        and watch the client carry on with the real frames that follow.
+
+        ``{"stream": "btcusdt@aggTrade", "payload": "<the data object as JSON text>",
+        "count": 1, "seq_from": 0}`` goes to every subscriber of the stream, wrapped like the
+        stream's own frames (combined envelope, raw, timeUnit). Tokens in ``payload``:
+        ``$NEXT_AGG_ID`` / ``$NEXT_TRADE_ID`` (the id the market's next aggregate trade / trade
+        of the stream's symbol will get: a race-free "same id as the real next frame"),
+        ``$LAST_UPDATE_ID`` (the book's current update id), ``$SEQ`` (``seq_from`` + the frame's
+        index, for runs). ``{"frame": "<text>", "count": n}`` instead writes that text frame
+        as-is to every market-stream connection. Returns how many clients got each frame.
+        """
+        count = spec.get("count", 1)
+        if type(count) is not int or not 1 <= count <= self.MAX_INJECT:
+            raise FaultError(f"count must be an integer in 1..{self.MAX_INJECT}")
+        frame = spec.get("frame")
+        if frame is not None:
+            if not isinstance(frame, str):
+                raise FaultError("frame must be a string")
+            conns = [c for c in self._conns if c.sim_kind == "streams"]
+            data = ws_frame(frame.encode())
+            for c in conns:
+                for _ in range(count):
+                    c.sim_write(data)
+            self.faults.count("inject", count)
+            return {"ok": True, "clients": len(conns), "frames": count}
+        stream, payload = spec.get("stream"), spec.get("payload")
+        if not isinstance(stream, str) or not isinstance(payload, str):
+            raise FaultError("give `stream` and `payload` (strings), or `frame`")
+        canon = self._valid_stream(stream)
+        if canon is None or "@" not in canon:
+            raise FaultError(f"unknown stream {stream!r}")
+        seq_from = spec.get("seq_from", 0)
+        if type(seq_from) is not int:
+            raise FaultError("seq_from must be an integer")
+        sym = canon.split("@", 1)[0].upper()
+        known = sym in self.market.symbols
+        tokens = {
+            "$NEXT_AGG_ID": str(self.market.next_agg_id(sym)) if known else "0",
+            "$NEXT_TRADE_ID": str(self.market.next_trade_id(sym)) if known else "0",
+            "$LAST_UPDATE_ID": str(self.market.last_update_id(sym)) if known else "0",
+        }
+        for k, v in tokens.items():
+            payload = payload.replace(k, v)
+        self._stream_b.setdefault(canon, canon.encode())
+        for i in range(count):
+            self._publish(canon, payload.replace("$SEQ", str(seq_from + i)).encode())
+        self._flush()
+        self.faults.count("inject", count)
+        return {"ok": True, "clients": len(self._subs.get(canon) or ()), "frames": count,
+                **{k.lstrip("$").lower(): v for k, v in tokens.items()}}
 
     def _end_blackhole(self) -> None:
         self.faults.blackhole = False
