@@ -172,3 +172,45 @@ def test_top_n(n: int) -> None:
     b, a = book.top(n)
     assert b == [(2.0, 1.0), (1.0, 1.0)][:n]
     assert a == [(3.0, 1.0)][:n]
+
+
+def test_levels_are_bounded_per_side_keeping_the_best() -> None:
+    """Issue 11: levels far from the top were never removed, so the map grew without bound."""
+    b = OrderBook(max_levels=50)
+    b.on_diff(1, 1, [], [])
+    b.on_snapshot(1, [(float(100 - i), 1.0) for i in range(40)], [(200.0, 1.0)])
+    b.on_diff(2, 2, [(float(50 - i), 1.0) for i in range(30)], [])  # 30 worse bids
+    assert len(b.bids.levels) == 50 == len(b.bids.keys)
+    assert b.bids.trimmed == 20
+    bids, _ = b.top(50)
+    assert bids[0] == (100.0, 1.0)
+    assert bids[-1][0] == 41.0  # the 20 worst ones (40..21) went
+    b.on_diff(3, 3, [(101.0, 2.0)], [])  # a better level still gets in
+    assert b.top(1)[0] == [(101.0, 2.0)]
+    assert len(b.bids.levels) == 50
+
+
+def test_a_far_update_id_is_held_and_does_not_freeze_the_book() -> None:
+    """Issue 11: one diff with u=10**17 made every later diff "older" than the book (IGNORED
+    forever) or, while buffering, kept the snapshot refetching forever."""
+    b = OrderBook(max_jump=1000, resync_after=3)
+    b.on_diff(10, 11, [], [])
+    assert b.on_snapshot(11, [(1.0, 1.0)], [(2.0, 1.0)]) == Action.SYNCED
+    assert b.on_diff(10**17, 10**17, [(1.5, 1.0)], []) == Action.IGNORED
+    assert b.on_diff(12, 12, [(1.2, 1.0)], []) == Action.APPLIED
+    assert b.top(1)[0] == [(1.2, 1.0)]  # the bogus level was never applied
+    assert (b.far_ids, b.resets, b.breaks) == (1, 0, 0)
+    # a run of far ids that agree: the stream restarted -> resync from a snapshot after it
+    assert b.on_diff(50_000, 50_000, [], []) == Action.IGNORED
+    assert b.on_diff(50_001, 50_002, [], []) == Action.IGNORED
+    assert b.on_diff(50_003, 50_003, [], []) == Action.NEED_SNAPSHOT
+    assert b.resets == 1
+    assert b.on_snapshot(50_003, [(3.0, 1.0)], [(4.0, 1.0)]) == Action.SYNCED
+    assert b.resynced_after_break
+    # while buffering, a far diff does not replace the run the snapshot must continue
+    b2 = OrderBook(max_jump=1000, resync_after=3)
+    b2.on_diff(10, 11, [], [])
+    assert b2.on_diff(10**17, 10**17, [], []) == Action.BUFFERED
+    b2.on_diff(12, 12, [], [])
+    assert b2.on_snapshot(11, [(1.0, 1.0)], [(2.0, 1.0)]) == Action.SYNCED
+    assert b2.update_id == 12

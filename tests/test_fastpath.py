@@ -477,3 +477,28 @@ def test_microsecond_event_times_match_the_python_decoders(ticks: Any) -> None:
     assert parser(ticks, SYMBOLS).parse(f, 7) is None
     with pytest.raises(ValueError, match="time_mult"):
         ticks.TickFastPath(fastpath.routes(SYMBOLS), 2, time_mult=0)
+
+
+def test_a_far_book_ticker_id_goes_to_python(ticks: Any, shm_name: str) -> None:
+    """A bookTicker `u` more than max_id_jump above the last one is not taken (the shell's
+    far-id rule decides): taking u=10**17 would make every real update after it a duplicate."""
+    w = make_writer(shm_name, 16, 8)
+    shell = Shell()
+    fast, _ = fastpath.build("on", SYMBOLS, w, shell, 1 << 20, max_id_jump=1000)
+    try:
+        conn = Conn()
+        fast.iter_open = 1
+        fast.set_last(1, 8, int(Kind.BOOK_TICKER))
+        fast.on_message(conn, book_frame(u=10**17), 1)  # 18 digits: parsed, but far
+        fast.on_message(conn, book_frame(u=1008), 2)  # exactly max_id_jump newer: taken
+        fast.on_message(conn, book_frame(u=2009), 3)  # one more than that: declined
+        assert [c for c, _ in shell.calls] == [0, 0]
+        assert w.staged == 1
+        assert fast.last_id(1, int(Kind.BOOK_TICKER)) == 1008
+        fast.set_last(1, -3, int(Kind.BOOK_TICKER))  # never armed on a negative id
+        assert fast.last_id(1, int(Kind.BOOK_TICKER)) is None
+        with pytest.raises(ValueError, match="max_id_jump"):
+            ticks.TickFastPath(fastpath.routes(SYMBOLS), 2, max_id_jump=0)
+    finally:
+        fast.close()
+        w.close()

@@ -147,3 +147,55 @@ def test_any_arrival_order_publishes_each_id_once_in_order(data: hs.DataObject) 
             assert isinstance(r, int)
             covered.append(r)
     assert covered == list(range(ids[0], max(live) + 1))
+
+
+def test_one_far_id_is_held_not_a_gap_and_the_stream_goes_on() -> None:
+    """Issue 11: a=10**18 used to open a 10**18-id gap; then every real id was a duplicate."""
+    t: AggTracker[str] = AggTracker(last=100, max_jump=1000, resync_after=3)
+    assert t.on_live(10**18, "bogus") == []
+    assert t.missing() is None  # nothing to backfill
+    assert t.on_live(101, "r101") == ["r101"]
+    assert t.on_live(10**18 + 1, "bogus2") == []  # still no run: the real stream went on
+    assert t.on_live(102, "r102") == ["r102"]
+    assert (t.stats.far_ids, t.stats.resets, t.last) == (2, 0, 102)
+    assert t.on_live(1101, "x") == []  # within max_jump: a plain hole, not far
+    assert t.missing() == (103, 1100)
+
+
+def test_a_run_of_far_ids_restarts_the_sequence_with_a_marker() -> None:
+    resets: list[tuple[int, int]] = []
+    gaps: list[Gap] = []
+
+    def reset(old: int, new: int) -> str:
+        resets.append((old, new))
+        return f"reset {old}->{new}"
+
+    def gap(g: Gap) -> str:
+        gaps.append(g)
+        return f"gap {g.first}-{g.last}"
+
+    t: AggTracker[str] = AggTracker(last=100, max_jump=1000, resync_after=3, make_reset=reset,
+                                    make_gap=gap)
+    assert t.on_live(105, "r105") == []  # an open hole behind the restart: closed by a GAP
+    assert t.on_live(5000, "a") == []
+    assert t.on_live(5001, "b") == []
+    assert t.on_live(5001, "b") == []  # a repeat inside the run: ignored
+    assert t.on_live(5002, "c") == ["gap 101-104", "r105", "reset 105->5000", "a", "b", "c"]
+    assert t.last == 5002
+    assert t.pending == {}
+    # real ids far below a bogus last come back the same way: a run of resync_after of them
+    t.on_live(5003, "d")
+    assert [t.on_live(i, f"r{i}") for i in (7, 8)] == [[], []]
+    assert t.on_live(9, "r9") == ["reset 5003->7", "r7", "r8", "r9"]
+    assert (t.stats.resets, t.stats.duplicates) == (2, 0)
+
+
+def test_rewind_reopens_the_ids_that_did_not_reach_the_ring() -> None:
+    t: AggTracker[str] = AggTracker(last=10)
+    t.on_live(13, "r13")
+    t.on_live(12, "r12")
+    out = t.on_live(11, "r11")
+    assert out == ["r11", "r12", "r13"]
+    t.rewind(10, [(12, "r12"), (13, "r13")])  # r11 failed to pack: 11 is a hole again
+    assert t.missing() == (11, 11)
+    assert t.on_backfill([(11, "b11")]) == ["b11", "r12", "r13"]

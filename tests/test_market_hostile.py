@@ -189,3 +189,30 @@ def test_a_failing_long_lived_task_ends_ingest_non_zero(shm_name: str,
     assert failed[0].exc_info[0] is KeyError
     assert not os.path.exists(f"/dev/shm/{shm_name}_r")
     assert not os.path.exists(f"/dev/shm/{shm_name}_m")
+
+
+def test_rest_answer_with_an_endless_header_is_an_http_error() -> None:
+    """A REST server (the venue) sending a header line longer than the stream limit raised
+    LimitOverrunError out of get_json, which now ends ingest's long-lived task: it must be an
+    HttpError the caller retries."""
+    import asyncio
+
+    from pipeline.net.http import HttpError, get_json
+
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * (2 << 20))
+            await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(HttpError):
+                await get_json(f"http://127.0.0.1:{port}", "/api/v3/depth", timeout_s=10)
+        finally:
+            srv.close()
+            await srv.wait_closed()
+
+    asyncio.run(main())

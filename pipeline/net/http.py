@@ -51,7 +51,10 @@ async def get_json(base_url: str, path: str, params: dict[str, Any] | None = Non
         status, body = await asyncio.wait_for(_get(url, ssl_context, headers or {}), timeout_s)
     except TimeoutError:
         raise HttpError(f"GET {url}: timed out after {timeout_s} s") from None
-    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        # LimitOverrunError: a header line longer than the 1 MiB stream limit. Whatever bytes
+        # the server sends, the caller sees an HttpError it retries, never an exception that
+        # would end its (long-lived) task
         raise HttpError(f"GET {url}: {exc!r}") from exc
     if not 200 <= status < 300:
         raise HttpError(f"GET {url}: HTTP {status} {body[:200]!r}", status, body[:1000])
