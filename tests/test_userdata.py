@@ -136,3 +136,35 @@ def test_broken_known_events_raise_remote_error(event: dict) -> None:
     with pytest.raises(UserDataError) as exc:
         parse_event({"subscriptionId": 0, "event": event}, 0)
     assert exc.value.remote
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("i", 2**64),  # orderId beyond int64
+        ("i", -3),
+        ("i", 1.5),
+        ("E", 10**17),  # ms whose ns would not fit int64
+        ("T", "12x"),
+        ("z", "nan"),
+        ("q", "1e400"),
+        ("l", "-1"),
+        ("s", [[["deep"]]]),  # text fields must be strings (str() of deep JSON recurses)
+        ("X", {"a": 1}),
+    ],
+)
+def test_out_of_range_or_mistyped_fields_are_user_data_errors(field: str, value: object) -> None:
+    """Venue numbers are validated at decode time (issue #11): a counted skip, never a bad
+    record in the exec ring or an OverflowError later."""
+    ev = load("ud_executionReport_NEW.json")[0]
+    ev = dict(ev.get("event", ev))
+    ev[field] = value
+    with pytest.raises(UserDataError):
+        parse_event(ev, 1)
+
+
+def test_balance_delta_may_be_negative_but_finite() -> None:
+    ev = {"e": "balanceUpdate", "E": 1, "a": "BTC", "d": "-0.5", "T": 1}
+    assert isinstance(parse_event(ev, 1), BalanceUpdate)
+    with pytest.raises(UserDataError):
+        parse_event({**ev, "d": "-inf"}, 1)

@@ -269,3 +269,53 @@ def test_status_without_error_object_is_an_error() -> None:
 
 def test_string_order_id_is_normalised() -> None:
     assert parse_order({"orderId": "55329759393", "clientOrderId": "x"}).order_id == 55329759393
+
+
+@pytest.mark.parametrize(
+    ("frame", "request_id"),
+    [
+        ({"id": "r1", "status": 200, "result": {}, "rateLimits": "x"}, None),
+        ({"id": "r1", "status": 99, "result": {}}, "r1"),
+        ({"id": "r1", "status": True, "result": {}}, "r1"),
+        ({"id": "r1", "status": 400, "error": {"code": 2**40, "msg": "x"}}, "r1"),
+        ({"id": "r1", "status": 400, "error": {"code": -1, "msg": [[1]]}}, "r1"),
+    ],
+)
+def test_bad_numbers_and_shapes_in_responses(frame: dict, request_id: str | None) -> None:
+    """Out-of-range or mistyped venue values: a ProtocolError naming the request it answers
+    (so the session can settle it), or, for rateLimits, a dropped-and-counted field."""
+    from pipeline.binance.wsapi import ProtocolError
+
+    text = json.dumps(frame)
+    if request_id is None:
+        resp = decode_frame(text)
+        assert isinstance(resp, Response)
+        assert resp.bad_fields
+        return
+    with pytest.raises(ProtocolError) as exc:
+        decode_frame(text)
+    assert exc.value.request_id == request_id
+
+
+def test_rate_limit_count_beyond_int64_is_dropped_and_counted() -> None:
+    limit = {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1}
+    frame = {
+        "id": "r",
+        "status": 429,
+        "error": {"code": -1003, "msg": "x", "data": {"retryAfter": 10**17}},
+        "rateLimits": [{**limit, "limit": 6000, "count": 2**63}, {**limit, "limit": 1, "count": 1}],
+    }
+    resp = decode_frame(json.dumps(frame))
+    assert isinstance(resp, Response)
+    assert [r.count for r in resp.rate_limits] == [1]
+    assert resp.error is not None
+    assert resp.error.retry_after_ms is None  # 10**17 ms: ns would overflow int64
+    assert len(resp.bad_fields) == 2
+
+
+def test_order_id_beyond_int64_is_a_protocol_error() -> None:
+    from pipeline.binance.wsapi import ProtocolError
+
+    with pytest.raises(ProtocolError, match="orderId"):
+        parse_order({"symbol": "BTCUSDT", "orderId": 2**64, "status": "NEW"})
+    assert parse_order({"symbol": "BTCUSDT", "orderId": "12", "status": "NEW"}).order_id == 12
