@@ -129,6 +129,12 @@ SHELL_FIELDS: tuple[str, ...] = (
     "heartbeat_interval_ms",
     "exec_sanitized",
     "outbox_full_rejects",
+    # pipeline.orders.OrderIntake.metrics(): what the shm intake refused, reaped or dropped
+    "orders_bad",
+    "order_rings_reaped",
+    "order_rings_refused",
+    "problem_untrusted_order_rings",
+    "problem_order_rings_shrunk",
 )
 METRICS_FIELDS: list[tuple[str, str]] = [
     (name, "<f8" if name in FLOAT_METRICS else "<i8") for name in METRIC_FIELDS
@@ -216,6 +222,9 @@ class RiskGate:
         self._mono = monotonic
         self._view: Any = None
         self._next_attach = 0.0
+        # Why the last attach failed ("not found", or the trust rule's refusal: a FIFO, another
+        # uid's file), so a refused order names the real cause instead of "not found".
+        self._unavailable = "not found"
         self.inflight: dict[str, _InFlight] = {}
 
     def _get_view(self) -> Any:
@@ -228,7 +237,12 @@ class RiskGate:
         self._next_attach = now + self.retry_s
         try:
             new = self._attach(self.name, self.max_age_s)
-        except (MetricsError, OSError, ValueError):
+        except (MetricsError, OSError, ValueError) as exc:
+            reason = "not found" if isinstance(exc, FileNotFoundError) else str(exc)
+            if reason != self._unavailable:
+                log.warning("risk limits table unavailable: %s", reason,
+                            extra={"event": "risk_unavailable", "table": self.name})  # fmt: skip
+            self._unavailable = reason
             return view
         if view is not None:
             view.close()
@@ -240,7 +254,9 @@ class RiskGate:
         field_name = self._field_name
         view = self._get_view()
         if view is None:
-            return f"risk_unavailable: limits table {self.name} not found"
+            if self._unavailable == "not found":
+                return f"risk_unavailable: limits table {self.name} not found"
+            return f"risk_unavailable: {self._unavailable}"
         if not view.block.writer_alive():
             return "risk_unavailable: the risk process is not running"
         snap = dict(view.block.snapshot())
@@ -676,8 +692,7 @@ class TradingProcess:
         values: dict[str, float] = dict(self.session.metrics)
         values["exec_published"] = self._published
         if self._intake is not None:
-            values["order_rings"] = len(self._intake.readers)
-            values["orders_stale"] = self._intake.stale
+            values.update(self._intake.metrics())
         values["orders_risk_rejected"] = self._risk_rejected
         values["risk_inflight"] = len(self._risk.inflight) if self._risk is not None else 0
         values["replies_sent"] = self._replies_sent

@@ -292,7 +292,7 @@ class RequestBuilder:
         self._seq = itertools.count(1)
 
     def __repr__(self) -> str:
-        return f"<RequestBuilder api_key={self.api_key[:6]}… signer={self._signer!r}>"
+        return f"<RequestBuilder signer={self._signer!r}>"  # never any part of the key
 
     def next_id(self) -> str:
         return f"{self._prefix}{next(self._seq)}"
