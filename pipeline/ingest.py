@@ -653,9 +653,14 @@ class Ingest:
             last = fast.last_id(sid, kind)
             if last is not None:
                 tr.last = last
-        dups, resets = tr.stats.duplicates, tr.stats.resets
+        dups, resets, far = tr.stats.duplicates, tr.stats.resets, tr.stats.far_ids
         out = tr.on_live(val[11], val)
         self.c["duplicates"] += tr.stats.duplicates - dups
+        if tr.stats.far_ids != far:
+            self.rlog.warning(f"id_far_{kind}", "id far from the last one: held aside",
+                              symbol=self.cfg.symbols[sid],
+                              stream="aggTrade" if kind == 1 else "trade", id=val[11],
+                              last=tr.last)
         if tr.stats.resets != resets:
             self._log_reset(kind, sid, out)
         if out:
@@ -698,7 +703,7 @@ class Ingest:
         self._book_far_seen += 1
         far = self.book_far[sid]
         if len(far.held) == 0:
-            self.rlog.warning("id_far", "update id far from the last one: held aside",
+            self.rlog.warning("id_far_3", "update id far from the last one: held aside",
                               symbol=self.cfg.symbols[sid], stream="bookTicker", u=val[11],
                               last=self.last_book_u[sid])
         run = far.offer(val[11], val)

@@ -94,7 +94,8 @@ def test_far_and_out_of_range_ids_never_silence_a_symbol(shm_name: str, fast_pat
         assert m["ids_lost"] == 0
         assert m["callback_errors"] == 0, m
         assert m["heartbeat_interval_ms"] == 50
-        assert "update id far from the last one" in ing.log_text()
+        assert "update id far from the last one" in ing.log_text()  # bookTicker
+        assert "id far from the last one: held aside" in ing.log_text()
 
 
 def test_a_run_of_far_ids_is_a_restart_and_real_ids_come_back(shm_name: str) -> None:
@@ -216,3 +217,18 @@ def test_rest_answer_with_an_endless_header_is_an_http_error() -> None:
             await srv.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_shard_without_a_connection_is_a_named_problem(shm_name: str) -> None:
+    """Half dead: the process runs, but a shard has had no delivering connection for longer
+    than a reconnect cycle. `problem_shards_down` says so (health marks ingest unhealthy on a
+    non-zero problem_* field) and clears once the connection is back."""
+    with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "20") as sim, \
+            run_ingest(sim, shm_name, "--streams", "aggTrade") as ing:
+        ing.wait_for(lambda: len(agg_of(ing.records(), 0)) > 3, 20, "first trades")
+        assert ing.metrics()["problem_shards_down"] == 0
+        sim.fault("refuse", duration=6)
+        sim.fault("drop")
+        ing.wait_for(lambda: ing.metrics()["problem_shards_down"] == 1, 20, "problem raised")
+        ing.wait_for(lambda: ing.metrics()["problem_shards_down"] == 0, 30, "problem cleared")
+        more_trades(ing, 0, 3, "trades after the outage")
