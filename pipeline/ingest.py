@@ -502,6 +502,11 @@ class Ingest:
             AggTracker(max_jump=jump, resync_after=again, make_reset=self._reset_record(sid, tf),
                        make_gap=self._gap_record(sid, tf)) for sid in range(n)]
         self.last_partial = [-1] * n  # partial depth dedupe
+        #: partial-depth frames whose lastUpdateId is far from last_partial (held, bounded)
+        self.partial_far: list[FarRun[Any]] = [
+            FarRun(jump, again, contiguous=False) for _ in range(n)]
+        self._partial_far_seen = 0
+        self._partial_resets = 0
         self.c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.skipped: dict[str, int] = dict.fromkeys(st.SKIP_REASONS, 0)
         self.last_frame_ns = 0
@@ -844,14 +849,35 @@ class Ingest:
             self._spawn(self._resync(d.symbol), self._resyncing, d.symbol)
 
     def _on_partial(self, p: Any) -> None:
+        """A partial-book frame: dedupe by ``lastUpdateId``, with the far-id rule of bookTicker
+        (one bogus 10**17 must not make every later snapshot look old)."""
+        lid, last, mj = p.last_update_id, self.last_partial[p.symbol], self._max_jump
+        if lid <= last or (lid - last > mj and last >= 0):
+            if lid - last > mj or last - lid > mj:
+                self._partial_far_seen += 1
+                far = self.partial_far[p.symbol]
+                if len(far.held) == 0:
+                    self.rlog.warning("id_far_partial", "update id far from the last one: "
+                                      "held aside", symbol=self.cfg.symbols[p.symbol],
+                                      stream="depth<N>", u=lid, last=last)
+                run = far.offer(lid, p)
+                if run is not None:  # the stream restarted: go on from its latest snapshot
+                    self._partial_resets += 1
+                    self.rlog.warning("id_reset_partial", "update id sequence restarted: "
+                                      "re-based", symbol=self.cfg.symbols[p.symbol],
+                                      stream="depth<N>", new_first=run[0][0])
+                    self._publish_partial(run[-1][1])
+            else:
+                self.c["duplicates"] += 1
+            return
+        self._publish_partial(p)
+
+    def _publish_partial(self, p: Any) -> None:
         from pipeline.records import Flags
 
-        if p.last_update_id <= self.last_partial[p.symbol]:
-            self.c["duplicates"] += 1
-            return
-        self.last_partial[p.symbol] = p.last_update_id
         self.publish_many(self._top_records(p.symbol, int(Flags.SNAPSHOT), p.last_update_id, 0,
                                             0, p.recv_time_ns, p.bids, p.asks))
+        self.last_partial[p.symbol] = p.last_update_id
 
     async def _resync(self, sid: int) -> None:
         """Fetch snapshots until the book is synced (section 1.7 steps 2-6)."""
@@ -1106,9 +1132,9 @@ class Ingest:
             if sh.down_since is not None and now - sh.down_since > self.down_grace_s)
         trackers = (*self.trackers, *self.trade_trackers)
         vals["ids_far"] = (sum(t.stats.far_ids for t in trackers) + self._book_far_seen
-                           + sum(b.far_ids for b in self.books))
+                           + self._partial_far_seen + sum(b.far_ids for b in self.books))
         vals["id_resets"] = (sum(t.stats.resets for t in trackers) + self._book_resets
-                             + sum(b.resets for b in self.books))
+                             + self._partial_resets + sum(b.resets for b in self.books))
         vals["book_levels_trimmed"] = sum(b.bids.trimmed + b.asks.trimmed for b in self.books)
         for i, sh in enumerate(self.shards[:MAX_SHARDS_IN_METRICS]):
             vals[f"conn_state_{i}"] = sh.state
