@@ -128,6 +128,7 @@ class IngestConfig:
     fast_path: str = "auto"
     time_unit: str = "MILLISECOND"
     max_id_jump: int = 5_000_000  # pipeline.gapfill.DEFAULT_MAX_ID_JUMP
+    max_backfill_ids: int = 200_000  # 200 REST pages: a hole larger than this is a GAP at once
     id_resync_after: int = 16  # pipeline.gapfill.DEFAULT_RESYNC_AFTER
 
     def stream_names(self) -> list[str]:
@@ -216,6 +217,8 @@ def validate(cfg: IngestConfig) -> IngestConfig:
         raise ConfigError("--symbols", "too many symbols for the ring's u2 symbol id")
     if not 1 <= cfg.max_id_jump <= 1 << 62:
         raise ConfigError("--max-id-jump", f"must be in 1..2**62, got {cfg.max_id_jump}")
+    if not 1 <= cfg.max_backfill_ids <= 1 << 62:
+        raise ConfigError("--max-backfill-ids", f"must be >= 1, got {cfg.max_backfill_ids}")
     if not 1 <= cfg.id_resync_after <= 10_000:
         raise ConfigError("--id-resync-after",
                           f"must be in 1..10000, got {cfg.id_resync_after}")
@@ -1000,7 +1003,11 @@ class Ingest:
             req = tr.next_request()
             if req is None:
                 return
-            if tr.overflowing:
+            gap = tr.missing()
+            if tr.overflowing or (gap is not None and gap[1] - gap[0] + 1 > cfg.max_backfill_ids):
+                # too much to fetch: ~2 request weight per 1000 ids, and a hole of millions
+                # (a hostile id just inside --max-id-jump) would spend minutes of the IP's
+                # request budget, a path to a 418 ban; report it instead
                 failures = cfg.rest_retries + 1
             else:
                 self.c["rest_requests"] += 1
@@ -1286,6 +1293,8 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
                          "a gap to backfill (a stream restart once --id-resync-after agree)"),
     ("id_resync_after", int, "far ids that must form a run of their own before the stream is "
                              "re-based on them"),
+    ("max_backfill_ids", int, "an aggTrade hole larger than this is reported (GAP) without "
+                              "fetching it over REST (request weight)"),
 )
 _CSV_FIELDS = frozenset({"symbols", "streams"})  # comma-separated on the command line
 

@@ -232,3 +232,17 @@ def test_a_shard_without_a_connection_is_a_named_problem(shm_name: str) -> None:
         ing.wait_for(lambda: ing.metrics()["problem_shards_down"] == 1, 20, "problem raised")
         ing.wait_for(lambda: ing.metrics()["problem_shards_down"] == 0, 30, "problem cleared")
         more_trades(ing, 0, 3, "trades after the outage")
+
+
+def test_a_hole_beyond_max_backfill_ids_is_reported_not_fetched(shm_name: str) -> None:
+    """A hole just inside --max-id-jump (millions of ids) must not turn into thousands of REST
+    pages (request weight, a 418 ban): beyond --max-backfill-ids it is a GAP at once."""
+    with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "40") as sim, \
+            run_ingest(sim, shm_name, "--streams", "aggTrade", "--max-backfill-ids", "3") as ing:
+        ing.wait_for(lambda: len(agg_of(ing.records(), 0)) > 3, 20, "first trades")
+        sim.fault("skip_agg_ids", count=5, symbol="BTCUSDT")
+        ing.wait_for(lambda: np.any(ing.records()["kind"] == Kind.GAP), 20, "a GAP record")
+        more_trades(ing, 0, 3, "trades after the hole")
+        gap = ing.records()[ing.records()["kind"] == Kind.GAP][0]
+        assert gap["aux_id"] - gap["trade_id"] + 1 == 5
+        assert ing.metrics()["rest_requests"] == 0
