@@ -886,23 +886,8 @@ class TradingProcess:
             client_order_id=cmd.client_order_id,
             symbol=symbol,
         )
-        self._publish(
-            [
-                ExecUpdate(
-                    cmd.client_order_id,
-                    ExecKind.REJECT,
-                    OrderStatus.REJECTED,
-                    symbol=symbol,
-                    side=side,
-                    price=cmd.price,
-                    qty=cmd.qty,
-                    error_code=LOCAL_RISK,
-                    error_msg=reason,
-                    submit_time_ns=cmd.submit_time_ns,
-                    client_id=cmd.client_id,
-                )
-            ]
-        )
+        self._answer_locally(cmd, ExecKind.REJECT, OrderStatus.REJECTED, LOCAL_RISK, reason,
+                             symbol=symbol, side=side)  # fmt: skip
         return True
 
     def _refuse_busy(self, cmd: Any) -> None:
@@ -921,17 +906,25 @@ class TradingProcess:
         }.get(cmd.action, ExecKind.REJECT)
         order = self.session.order_status(cmd.client_order_id)
         status = OrderStatus.REJECTED if kind is ExecKind.REJECT else (order or OrderStatus.UNKNOWN)
+        self._answer_locally(cmd, kind, status, LOCAL_OUTBOX_FULL, text,
+                             symbol=cmd.symbol, side=cmd.side)  # fmt: skip
+
+    def _answer_locally(
+        self, cmd: Any, kind: ExecKind, status: OrderStatus, code: int, text: str, *,
+        symbol: str, side: str,
+    ) -> None:  # fmt: skip
+        """Publish the answer to a command that never left the host (refused here)."""
         self._publish(
             [
                 ExecUpdate(
                     cmd.client_order_id,
                     kind,
                     status,
-                    symbol=cmd.symbol,
-                    side=cmd.side,
+                    symbol=symbol,
+                    side=side,
                     price=cmd.price,
                     qty=cmd.qty,
-                    error_code=LOCAL_OUTBOX_FULL,
+                    error_code=code,
                     error_msg=text,
                     submit_time_ns=cmd.submit_time_ns,
                     client_id=cmd.client_id,

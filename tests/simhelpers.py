@@ -63,3 +63,18 @@ async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+def block_snapshot(name: str) -> dict[str, int | float]:
+    """A metrics block's fields ({} while it does not exist or is still being created): for
+    tests that wait on a real process's block."""
+    from pipeline.metrics import MetricsBlock, MetricsError
+
+    try:
+        block = MetricsBlock.attach(name)
+    except (FileNotFoundError, MetricsError):
+        return {}
+    try:
+        return block.snapshot()
+    finally:
+        block.close()

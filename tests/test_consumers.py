@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from simhelpers import block_snapshot as _block
 
 from pipeline.consumers import LoopOptions, StopFlag, attach_with_retry, run_consumer
 from pipeline.consumers.monitor import Monitor, MonitorCore, format_price
@@ -349,19 +350,6 @@ def test_risk_consumer_reads_exec_ring_and_publishes(shm_name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # heartbeat and crashes (issue 11): a consumer is either visibly alive or visibly gone
-
-
-def _block(name: str) -> dict[str, int | float]:
-    from pipeline.metrics import MetricsBlock, MetricsError
-
-    try:
-        block = MetricsBlock.attach(name)
-    except MetricsError:  # not there yet, or still being created
-        return {}
-    try:
-        return block.snapshot()
-    finally:
-        block.close()
 
 
 def _advances(name: str, procs: list[subprocess.Popen[bytes]], log: Path) -> None:

@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from simhelpers import block_snapshot
 from test_shm_trust import NOBODY, as_nobody, order_ring_bytes
 
 from pipeline import shm
 from pipeline.cli import main
-from pipeline.metrics import MetricsBlock, MetricsError
 from pipeline.orders import OrderClient
 
 testing = pytest.importorskip("pipeline.sim.testing")
@@ -64,15 +64,6 @@ def planted(shm_name: str) -> Iterator[list[Path]]:
             p.unlink(missing_ok=True)
 
 
-def metrics_of(shm_name: str) -> dict[str, float]:
-    """The trader's metrics block ({} until it exists)."""
-    try:
-        with MetricsBlock.attach(f"{shm_name}.trading.metrics") as m:
-            return dict(m.snapshot())
-    except (FileNotFoundError, MetricsError):
-        return {}
-
-
 def wait_for(what: str, cond: object, proc: subprocess.Popen[str], limit_s: float = 30.0) -> None:
     deadline = time.monotonic() + limit_s
     while not cond():  # type: ignore[operator]
@@ -81,6 +72,10 @@ def wait_for(what: str, cond: object, proc: subprocess.Popen[str], limit_s: floa
             raise AssertionError(f"trade exited {proc.returncode} before {what}: {err[-3000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def trader(shm_name: str) -> dict[str, int | float]:
+    return block_snapshot(f"{shm_name}.trading.metrics")
 
 
 def start_trade(
@@ -122,7 +117,7 @@ def test_a_foreign_order_ring_places_nothing_and_health_names_it(
                                  f"{key_file}={public}") as sim:  # fmt: skip
         proc = start_trade(sim, keys, shm_name)
         try:
-            wait_for("READY", lambda: metrics_of(shm_name).get("state") == 3, proc)
+            wait_for("READY", lambda: trader(shm_name).get("state") == 3, proc)
             evil = shm.SHM_DIR / f"{shm_name}.o.evil"
             r = as_nobody('umask 0; cat > "$1" && chmod 0666 "$1"', str(evil),
                           data=order_ring_bytes(b"evil-1"))  # fmt: skip
@@ -131,9 +126,9 @@ def test_a_foreign_order_ring_places_nothing_and_health_names_it(
             assert os.lstat(evil).st_uid == NOBODY
             assert stat.S_IMODE(os.lstat(evil).st_mode) == 0o666
             wait_for("the refusal to be counted",
-                     lambda: metrics_of(shm_name).get("order_rings_refused", 0) >= 1,
+                     lambda: trader(shm_name).get("order_rings_refused", 0) >= 1,
                      proc)  # fmt: skip
-            snap = metrics_of(shm_name)
+            snap = trader(shm_name)
             assert snap["problem_untrusted_order_rings"] == 1
             assert venue_orders(sim) == 0  # the planted PLACE never reached the exchange
             res = health(shm_name)
@@ -152,7 +147,7 @@ def test_a_foreign_order_ring_places_nothing_and_health_names_it(
 
             evil.unlink()  # the operator removes the planted file: health clears
             wait_for("the problem to clear",
-                     lambda: metrics_of(shm_name).get("problem_untrusted_order_rings") == 0,
+                     lambda: trader(shm_name).get("problem_untrusted_order_rings") == 0,
                      proc)  # fmt: skip
             assert proc.poll() is None
         finally:
@@ -173,7 +168,7 @@ def test_a_fifo_under_the_risk_limits_name_neither_hangs_start_nor_orders(
                                  f"{key_file}={public}") as sim:  # fmt: skip
         proc = start_trade(sim, keys, shm_name, "--risk-limits", fifo.name)
         try:
-            wait_for("READY", lambda: metrics_of(shm_name).get("state") == 3, proc)
+            wait_for("READY", lambda: trader(shm_name).get("state") == 3, proc)
             with OrderClient.attach("mine", exec_ring=f"{shm_name}.exec",
                                     prefix=f"{shm_name}.o.") as oc:  # fmt: skip
                 coid = oc.place(symbol="BTCUSDT", side="BUY", type="LIMIT", price=1000.0,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from simhelpers import block_snapshot as _metrics
 
 from pipeline.consumers.persist import (
     PersistCore,
@@ -395,19 +396,6 @@ def _start_persist(
              "--metrics-name", metrics, *db_args],
             stdout=subprocess.DEVNULL, stderr=err, env=env,
         )  # fmt: skip
-
-
-def _metrics(name: str) -> dict[str, int | float]:
-    from pipeline.metrics import MetricsBlock, MetricsError
-
-    try:
-        block = MetricsBlock.attach(name)
-    except MetricsError:  # not there yet, or still being created
-        return {}
-    try:
-        return block.snapshot()
-    finally:
-        block.close()
 
 
 def _until(

@@ -14,14 +14,12 @@ of a deeply nested JSON array raises RecursionError). Anything else is a ``UserD
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.binance.wsapi import INT64_MAX, MAX_TIME_MS, ProtocolError, venue_int
+
 _MS = 1_000_000
-_INT64_MAX = (1 << 63) - 1
-_MAX_TIME_MS = _INT64_MAX // _MS
-_INT_TEXT = re.compile(r"-?[0-9]{1,19}")
 
 
 class UserDataError(ValueError):
@@ -59,26 +57,23 @@ def _i(
     default: int | None = None,
     *,
     lo: int = 0,
-    hi: int = _INT64_MAX,
+    hi: int = INT64_MAX,
 ) -> int:
-    """An integer in ``[lo, hi]`` (JSON int, or a string of digits); floats are refused."""
+    """An integer in ``[lo, hi]`` (JSON int, or a string of digits); floats are refused. The
+    rule is the WS API decoder's (:func:`pipeline.binance.wsapi.venue_int`), one for every
+    venue number; only the error type is this module's."""
     value = event.get(key, default)
-    if isinstance(value, bool) or value is None:
+    if value is None:
         raise UserDataError(f"{_kind(event)}: field {key!r} missing or not an integer")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str) and _INT_TEXT.fullmatch(value):
-        n = int(value)
-    else:
-        raise UserDataError(f"{_kind(event)}: field {key!r} is not an integer")
-    if not lo <= n <= hi:
-        raise UserDataError(f"bad_number: {_kind(event)}: field {key!r} out of range")
-    return n
+    try:
+        return venue_int(value, f"{_kind(event)}: field {key!r}", lo=lo, hi=hi)
+    except ProtocolError as exc:
+        raise UserDataError(str(exc)) from None
 
 
 def _t(event: dict[str, Any], key: str, default: Any = None) -> int:
     """An epoch-ms time as ns (checked so the product fits int64)."""
-    return _i(event, key, default, hi=_MAX_TIME_MS) * _MS
+    return _i(event, key, default, hi=MAX_TIME_MS) * _MS
 
 
 def _s(event: dict[str, Any], key: str, default: str | None = None) -> str:

@@ -107,15 +107,20 @@ def load_api_key(spec: str) -> tuple[str, bytes]:
     command line and the service accept the same key formats (PEM as Binance's generator
     writes it, its base64 body, or hex).
     """
-    from pipeline.sim.wsapi import parse_public_key
-
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--api-key must be NAME=PUBLIC_KEY_PEM_PATH, got {spec!r}")
+    return name, _public_key(path)
+
+
+def _public_key(path: str) -> bytes:
+    """The 32 raw bytes of the Ed25519 public key in the PEM file ``path`` (errors name it)."""
+    from pipeline.sim.wsapi import parse_public_key
+
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return name, parse_public_key(data)
+        return parse_public_key(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
@@ -126,7 +131,6 @@ def load_api_key_from(spec: str, flag: str) -> tuple[str, bytes]:
     checked by the same code as ``pipeline trade`` uses, so both sides accept the same key
     files; errors name the source, never the key."""
     from pipeline.config import SecretFileError, read_api_key_env, read_api_key_file
-    from pipeline.sim.wsapi import parse_public_key
 
     source, sep, path = spec.rpartition("=")
     if not sep or not source or not path:
@@ -135,12 +139,7 @@ def load_api_key_from(spec: str, flag: str) -> tuple[str, bytes]:
         name = read_api_key_file(source) if flag == "--api-key-file" else read_api_key_env(source)
     except SecretFileError as exc:
         raise ValueError(f"{flag}: {exc}") from None
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return name, parse_public_key(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    return name, _public_key(path)
 
 
 def build_config(args: argparse.Namespace) -> Any:
