@@ -1,4 +1,5 @@
-"""Issue #11 end to end: a hostile local account against a real `pipeline trade` process.
+"""Issue #11 end to end: a hostile local account, and a hostile exchange, against a real
+`pipeline trade` process.
 
 The simulator and the trader run as subprocesses (the trader with its API key from a file), the
 attacker is a shell run as uid 65534 through ``setpriv``. What must hold:
@@ -7,7 +8,9 @@ attacker is a shell run as uid 65534 through ``setpriv``. What must hold:
   venue; the trader keeps running, counts the refusal and ``pipeline health`` goes red naming it
   until the file is gone, while an order ring of our own still trades;
 - a FIFO planted under the risk-limits name neither hangs the trader's start nor its first order
-  (the order is refused by the risk gate, the process still stops on SIGTERM).
+  (the order is refused by the risk gate, the process still stops on SIGTERM);
+- out-of-int64 numbers and unreadable order replies from the exchange neither kill the trader's
+  timers nor lose an order (UNKNOWN, then reconciled, placed once).
 """
 
 from __future__ import annotations
@@ -183,3 +186,53 @@ def test_a_fifo_under_the_risk_limits_name_neither_hangs_start_nor_orders(
         assert proc.returncode == 0, err[-3000:]
         assert time.monotonic() - t0 < 30
         assert "FIFO" in err or "not a regular file" in err, err[-3000:]
+
+
+# ---- a hostile exchange, against the same real processes ------------------------------------
+
+
+def place(oc: OrderClient, price: float = 1000.0) -> str:
+    return oc.place(symbol="BTCUSDT", side="BUY", type="LIMIT", price=price, qty=0.01, tif="GTC")
+
+
+def test_hostile_venue_numbers_and_replies_neither_kill_nor_silence_a_real_trader(
+    keys: tuple[Path, Path, Path], shm_name: str
+) -> None:
+    """rateLimits count 2**63 and retryAfter 10**17 used to kill the timer task (no pings, no
+    reconnects, health green); `result: null` and orderId 2**64 lost the order. Against a real
+    `pipeline trade` process: each is a counted protocol error, the process and its heartbeat
+    live on, health stays green, and an order whose reply was unreadable is UNKNOWN, then
+    reconciled, and placed exactly once."""
+    _private, public, key_file = keys
+    with testing.run_sim_process("--symbols", "BTCUSDT", "--api-key-file",
+                                 f"{key_file}={public}") as sim:  # fmt: skip
+        proc = start_trade(sim, keys, shm_name, "--ping-interval", "0.5",
+                           "--json-ping-interval", "0.5")  # fmt: skip
+        try:
+            wait_for("READY", lambda: trader(shm_name).get("state") == 3, proc)
+            sim.fault("hostile_reply", kind="rate_limits_overflow", count=3)
+            wait_for("3 protocol errors counted",
+                     lambda: trader(shm_name).get("protocol_errors", 0) >= 3, proc)  # fmt: skip
+            pong = trader(shm_name)["last_pong_ns"]
+            # the timer task lives: pings still go out and their pongs are seen
+            wait_for("a later pong", lambda: trader(shm_name)["last_pong_ns"] > pong, proc)
+            assert health(shm_name).returncode == 0
+            with OrderClient.attach("mine", exec_ring=f"{shm_name}.exec",
+                                    prefix=f"{shm_name}.o.") as oc:  # fmt: skip
+                for kind in ("null_result", "order_id_overflow"):
+                    sim.fault("hostile_reply", kind=kind, count=1)
+                    coid = place(oc)
+                    first = oc.wait(coid, timeout=30, kinds=frozenset({"UNKNOWN", "ACK"}))
+                    final = oc.wait(coid, timeout=60, kinds=frozenset({"RECONCILED"}))
+                    assert (first.kind, final.kind) == ("UNKNOWN", "RECONCILED"), kind
+                    open_ids = str(sim.state()["venue"]["open_orders"])
+                    assert open_ids.count(coid) == 1, (coid, open_ids)  # placed exactly once
+                sim.fault("hostile_reply", kind="retry_after_overflow", count=1)
+                assert oc.wait(place(oc), timeout=30).kind == "REJECT"
+                until_ns = trader(shm_name)["rate_limited_until_ns"]
+                assert until_ns < time.time_ns() + 600 * 10**9  # not 3 million years
+            assert proc.poll() is None
+            assert trader(shm_name)["state"] == 3
+        finally:
+            err = stop(proc)
+        assert proc.returncode == 0, err[-3000:]
