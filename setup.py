@@ -1,6 +1,6 @@
 """Only the compiled extension lives here; everything else is in pyproject.toml.
 
-``pipeline._ticks`` (the frame -> ring slot fast path of the ingest process) is
+``pipeline.marketdata._ticks`` (the frame -> ring slot fast path of the ingest process) is
 optional: without a C compiler the install still succeeds and ingest runs the pure-Python path
 (``pipeline ingest --fast-path auto`` says which one it uses; ``on`` refuses to start without it).
 """
@@ -10,8 +10,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "pipeline._ticks",
-            ["pipeline/_ticks.c"],
+            "pipeline.marketdata._ticks",
+            ["pipeline/marketdata/_ticks.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
             optional=True,

@@ -120,8 +120,8 @@ def _add_local(samples: lp.StageSamples, recv: np.ndarray, seen_ns: int) -> None
 
 def _ring_consumer(ring: str, idx: int, phase: Any, ready: Any, out: Connection) -> None:
     """Attach from the oldest record, read until STOP, send counts, id check and samples."""
-    from pipeline.records import Kind
-    from pipeline.ring import RingReader
+    from pipeline.ipc.records import Kind
+    from pipeline.ipc.ring import RingReader
 
     # BENCH_E2E_IDLE: the consumers' idle policy (pipeline.ring.IdlePolicy); the built-in
     # consumers use "balanced", a latency-critical strategy "low-latency".
@@ -279,8 +279,8 @@ def _join(procs: list[Any]) -> None:
 @contextlib.contextmanager
 def ring_path(sim: Any, k: int, tag: str) -> Iterator[dict[str, Any]]:
     """ingest subprocess + K ring consumers; yields handles for the measurement."""
-    from pipeline.metrics import MetricsBlock
-    from pipeline.ring import ring_stats
+    from pipeline.ipc.metrics import MetricsBlock
+    from pipeline.ipc.ring import ring_stats
 
     ring, met = f"bench_{os.getpid()}_{tag}_r", f"bench_{os.getpid()}_{tag}_m"
     cmd = [sys.executable, "-m", "pipeline", "--log-format", "text", "--log-level", "WARNING",

@@ -38,9 +38,9 @@ import pytest
 from summary import emit
 
 from pipeline.binance import streams as st
-from pipeline.metrics import MetricsBlock
-from pipeline.records import TICK_DTYPE, Kind
-from pipeline.ring import RingReader, RingWriter
+from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc.records import TICK_DTYPE, Kind
+from pipeline.ipc.ring import RingReader, RingWriter
 from pipeline.sim.testing import stop_process
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
@@ -100,7 +100,7 @@ def _handler_to_ring(benchmark: Any, tag: str, cfg: Any,
     last id fed; checks every frame was published once."""
     import uvloop
 
-    from pipeline.ingest import Ingest
+    from pipeline.marketdata.ingest import Ingest
 
     n = 1000
     w = RingWriter.create(f"bench_{tag}_{os.getpid()}", TICK_DTYPE, 1 << 16, symbols=SYMBOLS)
@@ -153,7 +153,7 @@ def test_frame_handler_to_ring(benchmark: Any, decoder: str, fast: str, batch: i
     ``batch`` 1: each record published at once. ``fast`` on: the compiled path takes the
     frames (the transport calls it directly).
     """
-    from pipeline.ingest import IngestConfig
+    from pipeline.marketdata.ingest import IngestConfig
 
     cfg = IngestConfig(decoder=decoder, symbols=SYMBOLS, streams=["aggTrade"],
                        publish_batch=batch, fast_path=fast)
@@ -176,7 +176,7 @@ def book_frames(n: int, first_u: int) -> list[bytes]:
 def test_book_ticker_handler_to_ring(benchmark: Any, fast: str) -> None:
     """bookTicker frames through the live handler into the ring (batch 64): msgspec + Python
     dedupe vs the compiled path."""
-    from pipeline.ingest import IngestConfig
+    from pipeline.marketdata.ingest import IngestConfig
 
     cfg = IngestConfig(symbols=SYMBOLS, streams=["bookTicker"], fast_path=fast)
     us, _ = _handler_to_ring(benchmark, f"book_{fast}", cfg, book_frames)

@@ -146,7 +146,7 @@ def unavailable(peer: str) -> str | None:
 def run_peer(peer: str, sim: Any) -> Iterator[tuple[int, Any]]:
     """Start a client; yield (pid, counter function)."""
     if peer == "pipeline":
-        from pipeline.ring import ring_stats
+        from pipeline.ipc.ring import ring_stats
         from pipeline.sim.testing import stop_process
 
         ring, met = f"bench_{os.getpid()}_peer_r", f"bench_{os.getpid()}_peer_m"

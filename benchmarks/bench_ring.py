@@ -33,8 +33,8 @@ from ipc_baselines import (
     unavailable_reason,
 )
 
-from pipeline.records import TICK_DTYPE
-from pipeline.ring import RingReader, RingWriter
+from pipeline.ipc.records import TICK_DTYPE
+from pipeline.ipc.ring import RingReader, RingWriter
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
 

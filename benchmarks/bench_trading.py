@@ -2,8 +2,8 @@
 
 Three processes, as in production: the simulator (a spawned child with unlimited order/weight
 limits so the benchmark measures latency, not rate limiting), ``pipeline trade`` (a subprocess)
-and the strategy (this process, an :class:`pipeline.orders.OrderClient`). Each round places a
-resting LIMIT order far from the market, waits for its ACK on the execution ring, and cancels
+and the strategy (this process, an :class:`pipeline.trading.orders.OrderClient`). Each round places
+a resting LIMIT order far from the market, waits for its ACK on the execution ring, and cancels
 it (so the book stays small). The ACK record carries four wall-clock stamps::
 
     submit (client) -> sent (trading hands the request to websockets)
@@ -60,7 +60,7 @@ def _sim_main(conn: Any, public_key: bytes) -> None:
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     from pipeline.binance.keys import generate_keypair, load_public_key
-    from pipeline.metrics import MetricsBlock
+    from pipeline.ipc.metrics import MetricsBlock
 
     priv, pub = generate_keypair(tmp_path / "keys")
     ctx = mp.get_context("spawn")
@@ -101,7 +101,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 def test_order_round_trip(stack: dict[str, Any], benchmark: Any) -> None:
-    from pipeline.orders import CANCEL_ANSWERS, OrderClient
+    from pipeline.trading.orders import CANCEL_ANSWERS, OrderClient
 
     price = round(stack["bid"] * 0.5, 2)
     client = OrderClient.attach(f"{stack['tag']}c", exec_ring=stack["exec_ring"])

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.records import TICK_DTYPE
+from pipeline.ipc.records import TICK_DTYPE
 
 MSG = struct.Struct("<56xq16xq8x")  # trade_id @56, recv_time_ns @80, 96 bytes = TICK_DTYPE
 assert MSG.size == TICK_DTYPE.itemsize == 96
@@ -104,7 +104,7 @@ class Sender:
 
 class RingSender(Sender):
     def __init__(self, name: str, capacity: int = 1 << 20) -> None:
-        from pipeline.ring import RingWriter
+        from pipeline.ipc.ring import RingWriter
 
         self.name = name
         self.w = RingWriter.create(name, TICK_DTYPE, capacity)
@@ -276,7 +276,7 @@ def _receiver(kind: str, args: dict[str, Any]) -> tuple[Callable[[], Any], Calla
     most ~50 ms for blocking transports."""
     empty = (np.empty(0, np.int64), np.empty(0, np.int64))
     if kind in ("ring", "ring_sleep"):
-        from pipeline.ring import RingReader
+        from pipeline.ipc.ring import RingReader
 
         r = RingReader.attach(args["ring"], name=kind)
         if kind == "ring":
@@ -350,7 +350,7 @@ def child_main(kind: str, args: dict[str, Any], ctrl: Connection, cpus: set[int]
     """Receiver process: obeys commands on ``ctrl`` (see the module docstring)."""
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
-    from pipeline import shm
+    from pipeline.ipc import shm
 
     shm.set_timer_slack_ns(1)
     recv, close = _receiver(kind, args)
@@ -435,7 +435,7 @@ class Harness:
 
     def latency_round(self, n: int, gap_ns: int = 50_000) -> tuple[np.ndarray, bool, str]:
         """Send n messages spaced by ``gap_ns`` (so each travels alone); one-way latencies."""
-        from pipeline import shm
+        from pipeline.ipc import shm
 
         shm.set_timer_slack_ns(1)
         self.ctrl.send(("latency", n))

@@ -3,7 +3,7 @@
 import sys
 import time
 
-from pipeline.ring import RingReader
+from pipeline import RingReader
 
 ring = RingReader.attach(sys.argv[1] if len(sys.argv) > 1 else "pipeline.ticks", "print_ticks")
 end = time.monotonic() + (float(sys.argv[2]) if len(sys.argv) > 2 else float("inf"))

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 
 # Modules that contribute subcommands, in the order `pipeline --help` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "pipeline.runner",
+    "pipeline.ops.runner",
     "pipeline.sim.cli",
-    "pipeline.ingest",
-    "pipeline.trading_cli",
-    "pipeline.consumer",
-    "pipeline.ring_cli",
-    "pipeline.health",
+    "pipeline.marketdata.ingest",
+    "pipeline.trading.cli",
+    "pipeline.consumers.cli",
+    "pipeline.ipc.cli",
+    "pipeline.ops.health",
 )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import TICK_RING
+from pipeline.ipc.records import TICK_RING
 
 ENV_PREFIX = "PIPELINE_"
 

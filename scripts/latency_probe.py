@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.records import TICK_RING
+from pipeline.ipc.records import TICK_RING
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 PCT_KEYS = ("p50", "p90", "p99", "p99.9", "max")
@@ -190,7 +190,7 @@ def split_batch(
 
 
 def kind_names() -> dict[int, str]:
-    from pipeline.records import Kind
+    from pipeline.ipc.records import Kind
 
     return {int(k): k.name.lower() for k in Kind}
 
@@ -382,8 +382,8 @@ def wait_trading_ready(
 ) -> tuple[int, dict[str, int | float]]:
     """Wait for the trading process: its execution ring (whose writer pid is the process to
     check) and, when its metrics block exists, session state READY. Returns (pid, metrics)."""
-    from pipeline.metrics import MetricsBlock, MetricsError
-    from pipeline.ring import RingError, ring_stats
+    from pipeline.ipc.metrics import MetricsBlock, MetricsError
+    from pipeline.ipc.ring import RingError, ring_stats
 
     deadline = time.monotonic() + timeout_s
     why = ""
@@ -466,7 +466,7 @@ def run_orders(
     args: argparse.Namespace, ref_price: float, samples: StageSamples, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Submit ``args.orders`` resting orders one at a time, cancel each, time every answer."""
-    from pipeline.orders import CANCEL_ANSWERS, OrderClient
+    from pipeline.trading.orders import CANCEL_ANSWERS, OrderClient
 
     pid, snap = wait_trading_ready(args.exec_ring, args.trading_metrics,
                                    max(args.attach_wait, args.order_timeout))
@@ -569,7 +569,7 @@ def run_orders(
 
 
 def probe(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.ring import RingReader
+    from pipeline.ipc.ring import RingReader
 
     names = kind_names()
     reader = RingReader.attach(args.ring, name="latency-probe", wait_s=args.attach_wait)

@@ -68,7 +68,7 @@ async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
 def block_snapshot(name: str) -> dict[str, int | float]:
     """A metrics block's fields ({} while it does not exist or is still being created): for
     tests that wait on a real process's block."""
-    from pipeline.metrics import MetricsBlock, MetricsError
+    from pipeline.ipc.metrics import MetricsBlock, MetricsError
 
     try:
         block = MetricsBlock.attach(name)

@@ -59,7 +59,7 @@ def keys(tmp_path: Path) -> tuple[Path, Path, Path, str]:
 
 
 def wait_ready(proc: subprocess.Popen[str], metrics: str, limit_s: float = 30.0) -> None:
-    from pipeline.metrics import MetricsBlock, MetricsError
+    from pipeline.ipc.metrics import MetricsBlock, MetricsError
 
     deadline = time.monotonic() + limit_s
     while True:

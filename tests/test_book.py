@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from pipeline.binance import streams as st
-from pipeline.book import TRANSITIONS, Action, OrderBook, State
+from pipeline.marketdata.book import TRANSITIONS, Action, OrderBook, State
 
 FIX = Path(__file__).parent / "fixtures" / "streams_ingest"
 

@@ -28,8 +28,8 @@ from pipeline.consumers.risk import (
     check_order,
     field_name,
 )
-from pipeline.records import TICK_DTYPE, Kind
-from pipeline.ring import RingWriter
+from pipeline.ipc.records import TICK_DTYPE, Kind
+from pipeline.ipc.ring import RingWriter
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 
@@ -312,8 +312,8 @@ def test_limits_table_is_shared_and_fails_closed(shm_name: str) -> None:
 
 
 def test_risk_consumer_reads_exec_ring_and_publishes(shm_name: str) -> None:
-    from pipeline.metrics import MetricsBlock
-    from pipeline.orders import EXEC_DTYPE
+    from pipeline.ipc.metrics import MetricsBlock
+    from pipeline.trading.orders import EXEC_DTYPE
 
     ticks_w = RingWriter.create(f"{shm_name}.t", TICK_DTYPE, 1024, SYMBOLS)
     exec_w = RingWriter.create(f"{shm_name}.x", EXEC_DTYPE, 1024)
@@ -494,7 +494,7 @@ def test_consumer_waits_out_a_ring_planted_by_another_uid(shm_name: str, tmp_pat
     replaces the planted one."""
     import shutil
 
-    from pipeline import shm
+    from pipeline.ipc import shm
 
     setpriv = shutil.which("setpriv")
     if setpriv is None or os.geteuid() != 0:

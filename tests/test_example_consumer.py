@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.records import TICK_DTYPE, Kind
-from pipeline.ring import RingWriter, ring_stats
+from pipeline.ipc.records import TICK_DTYPE, Kind
+from pipeline.ipc.ring import RingWriter, ring_stats
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "print_ticks.py"
 

@@ -1,4 +1,4 @@
-"""The compiled aggTrade fast path (pipeline/_ticks.c, pipeline/fastpath.py).
+"""The compiled aggTrade fast path (pipeline/marketdata/_ticks.c, pipeline/marketdata/fastpath.py).
 
 Its one safety property: whatever frame it takes, it writes exactly the bytes the Python
 decoders (orjson baseline and msgspec) would have published for it; anything else it declines
@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
-from pipeline import fastpath
 from pipeline.binance import streams as st
-from pipeline.records import TICK_DTYPE, Flags, Kind
-from pipeline.ring import RingReader, RingWriter
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.ring import RingReader, RingWriter
+from pipeline.marketdata import fastpath
 
 FIX = Path(__file__).parent / "fixtures"
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]

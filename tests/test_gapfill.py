@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from pipeline.gapfill import REST_PAGE_LIMIT, AggTracker, Gap
+from pipeline.marketdata.gapfill import REST_PAGE_LIMIT, AggTracker, Gap
 
 FIX = Path(__file__).parent / "fixtures" / "streams_ingest"
 

@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.health import (
+from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc.records import TICK_DTYPE
+from pipeline.ipc.ring import RingReader, RingWriter
+from pipeline.ops.health import (
     collect,
     evaluate,
     overall,
@@ -20,9 +23,6 @@ from pipeline.health import (
     render_text,
     serve_prometheus,
 )
-from pipeline.metrics import MetricsBlock
-from pipeline.records import TICK_DTYPE
-from pipeline.ring import RingReader, RingWriter
 
 NOW = 1_800_000_000_000_000_000
 TRADING_FIELDS = [("state", "<i8"), ("rtt_us", "<f8"), ("reconnects_total", "<i8"),
@@ -301,9 +301,9 @@ def test_prometheus_endpoint_with_hostile_reader_name(shm_name: str) -> None:
 
 HEARTBEAT_CHILD = r"""
 import signal, sys, threading
-from pipeline.metrics import MetricsBlock
-from pipeline.records import TICK_DTYPE
-from pipeline.ring import RingWriter
+from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc.records import TICK_DTYPE
+from pipeline.ipc.ring import RingWriter
 
 ring, block = sys.argv[1], sys.argv[2]
 w = RingWriter.create(ring, TICK_DTYPE, 1024, ["BTCUSDT"])
@@ -377,7 +377,7 @@ def test_stopped_process_turns_health_red_and_back(shm_name: str) -> None:
 def test_refused_segment_is_reported_not_dropped(shm_name: str) -> None:
     """A segment with our metrics magic that cannot be read as a block (here a corrupt
     description; in the field a neighbour's file the trust rule refuses) shows as unhealthy."""
-    from pipeline.metrics import MAGIC
+    from pipeline.ipc.metrics import MAGIC
 
     path = f"/dev/shm/{shm_name}.bogus.metrics"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -398,7 +398,7 @@ def test_foreign_segment_under_the_prefix_is_named(shm_name: str) -> None:
     prefix. The trust rule refuses to map it; health names it instead of staying silent."""
     import shutil
 
-    from pipeline.metrics import MAGIC
+    from pipeline.ipc.metrics import MAGIC
 
     if shutil.which("setpriv") is None or os.geteuid() != 0:
         pytest.skip("needs setpriv and root to act as uid 65534: foreign segment NOT verified")

@@ -29,9 +29,9 @@ import pytest
 from simhelpers import block_snapshot
 from test_shm_trust import NOBODY, as_nobody, order_ring_bytes
 
-from pipeline import shm
 from pipeline.cli import main
-from pipeline.orders import OrderClient
+from pipeline.ipc import shm
+from pipeline.trading.orders import OrderClient
 
 testing = pytest.importorskip("pipeline.sim.testing")
 

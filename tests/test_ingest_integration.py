@@ -21,9 +21,9 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.metrics import MetricsBlock
-from pipeline.records import TICK_DTYPE, Flags, Kind
-from pipeline.ring import RingReader
+from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.ring import RingReader
 from pipeline.sim.testing import SimProcess, run_sim_process
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -116,7 +116,7 @@ def run_ingest(sim: SimProcess, name: str, *extra: str,
 
 
 def fastpath_built() -> bool:
-    from pipeline.fastpath import load
+    from pipeline.marketdata.fastpath import load
 
     return load()[0] is not None
 
@@ -375,8 +375,8 @@ def test_frame_handler_paths_in_process(shm_name: str) -> None:
     import asyncio
     from pathlib import Path
 
-    from pipeline.ingest import Ingest, IngestConfig
-    from pipeline.ring import RingWriter
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
 
     fix = Path(__file__).parent / "fixtures" / "streams_ingest"
     syms = ["BTCUSDT", "ETHUSDT", "NKNUSDT", "FLMUSDT"]
@@ -460,8 +460,8 @@ def test_long_stream_lists_go_out_as_paced_subscribe_batches(shm_name: str,
     under the 5 messages/s limit (the simulator enforces it and would drop the connection)."""
     import asyncio
 
-    from pipeline import ingest as ingmod
-    from pipeline.ring import RingWriter
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata import ingest as ingmod
     from pipeline.sim.server import SimConfig
     from pipeline.sim.testing import SimServer
 
@@ -524,8 +524,8 @@ def test_publish_batching_within_a_loop_iteration(shm_name: str, batch: int,
 
     import uvloop
 
-    from pipeline.ingest import Ingest, IngestConfig
-    from pipeline.ring import RingWriter
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
 
     w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=SYMBOLS)
     loop = uvloop.new_event_loop()
@@ -593,8 +593,8 @@ def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: 
     published count and last aggregate id it reports are visible to readers."""
     import uvloop
 
-    from pipeline.ingest import Ingest, IngestConfig
-    from pipeline.ring import RingWriter
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
 
     class FakeMetrics:
         def __init__(self) -> None:
@@ -652,8 +652,8 @@ def test_trade_id_holes_are_waited_for_then_reported(shm_name: str) -> None:
 
     import uvloop
 
-    from pipeline.ingest import Ingest, IngestConfig
-    from pipeline.ring import RingWriter
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
 
     w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=SYMBOLS)
     loop = uvloop.new_event_loop()

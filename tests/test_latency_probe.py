@@ -15,8 +15,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from pipeline.records import TICK_DTYPE, Flags, Kind
-from pipeline.ring import RingWriter, ring_stats
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.ring import RingWriter, ring_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "latency_probe.py"
@@ -279,7 +279,7 @@ def test_probe_missing_ring_is_a_clear_error(shm_name: str) -> None:
 def test_orders_refused_when_trading_is_not_on_loopback(shm_name: str) -> None:
     """The execution ring's writer is this pytest process, whose command line names no loopback
     WS API URL: the probe must refuse before creating an order ring or sending anything."""
-    from pipeline.orders import EXEC_DTYPE
+    from pipeline.trading.orders import EXEC_DTYPE
 
     with RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=["BTCUSDT"]), \
             RingWriter.create(shm_name + ".exec", EXEC_DTYPE, 1 << 10):

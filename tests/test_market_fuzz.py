@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.binance import streams as S
-from pipeline.records import TICK_DTYPE
+from pipeline.ipc.records import TICK_DTYPE
 
 SYMS = ["BTCUSDT", "ETHUSDT"]
 I64 = (1 << 63) - 1
@@ -108,8 +108,8 @@ def handler(request: pytest.FixtureRequest, shm_name: str) -> Iterator[Any]:
     """An ingest frame handler on a real ring (the compiled path too when built)."""
     import asyncio
 
-    from pipeline.ingest import Ingest, IngestConfig
-    from pipeline.ring import RingWriter
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
 
     w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 14, symbols=SYMS)
     loop = asyncio.new_event_loop()
@@ -192,8 +192,8 @@ def test_partial_depth_far_id_is_held_and_the_stream_goes_on(handler: Any) -> No
         ing.on_frame(conn, frame("depth5", dict(KINDS["depth5"][1], lastUpdateId=lid)), 1)
     assert ing.last_partial[0] == 12
     assert ing._partial_far_seen == 1
-    from pipeline.records import Kind
-    from pipeline.ring import RingReader
+    from pipeline.ipc.records import Kind
+    from pipeline.ipc.ring import RingReader
 
     with RingReader.attach(ing.ring.name, start="oldest") as rd:
         r = rd.poll()

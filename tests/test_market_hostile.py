@@ -21,7 +21,7 @@ from test_ingest_integration import (
     run_ingest,
 )
 
-from pipeline.records import Flags, Kind
+from pipeline.ipc.records import Flags, Kind
 from pipeline.sim.testing import SimProcess, run_sim_process
 
 BIG = 10**18  # 19 digits: in int64, but no real id sequence gets there from 50000
@@ -173,7 +173,7 @@ def test_a_failing_long_lived_task_ends_ingest_non_zero(shm_name: str,
     import logging
     import os
 
-    from pipeline import ingest
+    from pipeline.marketdata import ingest
 
     full = ingest.metrics_fields
     monkeypatch.setattr(ingest, "metrics_fields",

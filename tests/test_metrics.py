@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shm
-from pipeline.metrics import (
+from pipeline.ipc import shm
+from pipeline.ipc.metrics import (
     W_SEQ,
     MetricsBlock,
     MetricsBusyError,
@@ -106,7 +106,7 @@ def test_live_owner_is_not_replaced_but_a_dead_ones_block_is(shm_name: str) -> N
         [
             sys.executable,
             "-c",
-            "import sys; from pipeline.metrics import MetricsBlock; "
+            "import sys; from pipeline.ipc.metrics import MetricsBlock; "
             "MetricsBlock.create(sys.argv[1], [('x', '<i8')]).set(x=5)",
             shm_name,
         ],
@@ -156,7 +156,7 @@ def test_snapshots_are_consistent_while_another_process_writes(shm_name: str) ->
     code = textwrap.dedent(
         """
         import sys
-        from pipeline.metrics import MetricsBlock
+        from pipeline.ipc.metrics import MetricsBlock
         m = MetricsBlock.create(sys.argv[1], [("a", "<i8"), ("b", "<f8"), ("c", "<i8")])
         print("ready", flush=True)
         sys.stdin.readline()

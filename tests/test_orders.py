@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.orders import (
+from pipeline.ipc.ring import RingWriter
+from pipeline.trading.orders import (
     EXEC_DTYPE,
     LOCAL_STALE,
     ORDER_DTYPE,
@@ -27,8 +28,7 @@ from pipeline.orders import (
     client_id_of,
     exec_record,
 )
-from pipeline.ring import RingWriter
-from pipeline.session import CLIENT_ORDER_ID_RE, ExecKind, ExecUpdate, OrderStatus
+from pipeline.trading.session import CLIENT_ORDER_ID_RE, ExecKind, ExecUpdate, OrderStatus
 
 
 def test_dtypes_are_aligned_and_fixed() -> None:
@@ -88,7 +88,7 @@ def test_client_to_intake_and_back(shm_name: str) -> None:
     intake = OrderIntake(start_time_ns=time.time_ns() - 1, prefix=f"{shm_name}.o.")
     client = None
     try:
-        import pipeline.orders as orders
+        import pipeline.trading.orders as orders
 
         client_name = "c1"
         orig_prefix = orders.ORDER_RING_PREFIX
@@ -294,7 +294,7 @@ def test_trade_process_end_to_end(tmp_path: Path, shm_name: str) -> None:
             text=True,
         )
         try:
-            from pipeline.metrics import MetricsBlock
+            from pipeline.ipc.metrics import MetricsBlock
 
             deadline = time.monotonic() + 20
             while True:
@@ -342,7 +342,7 @@ def test_trade_process_end_to_end(tmp_path: Path, shm_name: str) -> None:
 def test_trade_cli_refuses_a_second_instance(
     tmp_path: Path, shm_name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline.metrics import MetricsBlock
+    from pipeline.ipc.metrics import MetricsBlock
 
     assert main(["keygen", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
@@ -360,7 +360,7 @@ def test_trade_cli_refuses_a_second_instance(
 
 
 def test_reply_chunks_reassemble_and_interleave() -> None:
-    from pipeline.orders import REPLY_CHUNK, REPLY_DTYPE, ReplyAssembler, reply_records
+    from pipeline.trading.orders import REPLY_CHUNK, REPLY_DTYPE, ReplyAssembler, reply_records
 
     big = json.dumps({"balances": [{"asset": f"A{i}", "free": "1.5"} for i in range(400)]})
     payload = big.encode()
@@ -382,7 +382,7 @@ def test_reply_chunks_reassemble_and_interleave() -> None:
 
 
 def test_reply_ring_name_follows_the_exec_ring() -> None:
-    from pipeline.orders import REPLY_RING, reply_ring_for
+    from pipeline.trading.orders import REPLY_RING, reply_ring_for
 
     assert reply_ring_for("pipeline.trading.exec") == REPLY_RING
     assert reply_ring_for("pt_1_x.exec") == "pt_1_x.replies"
@@ -390,7 +390,7 @@ def test_reply_ring_name_follows_the_exec_ring() -> None:
 
 
 def test_request_needs_a_running_trading_process(shm_name: str) -> None:
-    from pipeline.orders import Action
+    from pipeline.trading.orders import Action
 
     exec_ring = RingWriter.create(f"{shm_name}.exec", EXEC_DTYPE, 64)
     try:
@@ -406,7 +406,7 @@ def test_request_needs_a_running_trading_process(shm_name: str) -> None:
 
 
 def test_wait_reply_reports_a_lapped_reader_and_times_out(shm_name: str) -> None:
-    from pipeline.orders import (
+    from pipeline.trading.orders import (
         REPLY_DTYPE,
         Action,
         ReplyLostError,
@@ -438,7 +438,7 @@ def test_wait_reply_reports_a_lapped_reader_and_times_out(shm_name: str) -> None
 
 
 def test_reply_assembler_is_bounded() -> None:
-    from pipeline.orders import MAX_REPLY_CHUNKS, REPLY_CHUNK, ReplyAssembler, reply_records
+    from pipeline.trading.orders import MAX_REPLY_CHUNKS, REPLY_CHUNK, ReplyAssembler, reply_records
 
     asm = ReplyAssembler(7)
     # replies whose first chunk was lapped never complete: at most MAX_PENDING are kept

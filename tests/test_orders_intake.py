@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shm
-from pipeline.orders import (
+from pipeline.ipc import shm
+from pipeline.ipc.ring import RingWriter
+from pipeline.trading.orders import (
     EXEC_DTYPE,
     LOCAL_STALE,
     REPLY_DTYPE,
@@ -30,8 +31,7 @@ from pipeline.orders import (
     OrderIntake,
     reply_ring_for,
 )
-from pipeline.ring import RingWriter
-from pipeline.session import ExecUpdate
+from pipeline.trading.session import ExecUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIENT = textwrap.dedent(
     """
     import sys, time
-    from pipeline.orders import Action, OrderClient
+    from pipeline.trading.orders import Action, OrderClient
     exec_ring, prefix, name, mode = sys.argv[1:5]
     c = OrderClient.attach(name, exec_ring=exec_ring, prefix=prefix)
     c.place(symbol="BTCUSDT", side="BUY", qty=1.0, price=10.0, client_order_id="p-1")
@@ -247,7 +247,7 @@ def test_a_live_client_is_never_reaped(rings: tuple[str, str], shm_name: str) ->
 FULL_CLIENT = textwrap.dedent(
     """
     import sys, time
-    from pipeline.orders import OrderClient
+    from pipeline.trading.orders import OrderClient
     exec_ring, prefix, price = sys.argv[1], sys.argv[2], float(sys.argv[3])
     c = OrderClient.attach("crash", exec_ring=exec_ring, prefix=prefix)
     coid = c.place(symbol="BTCUSDT", side="BUY", qty=0.01, price=price)
@@ -274,10 +274,10 @@ def test_trading_process_sends_a_dead_clients_cancel_all_once(
 
     from pipeline.backoff import BackoffPolicy
     from pipeline.binance.keys import load_private_key
-    from pipeline.ring import RingReader
-    from pipeline.session import SessionConfig, State
+    from pipeline.ipc.ring import RingReader
     from pipeline.sim.testing import SimServer
-    from pipeline.trading import TradingConfig, TradingProcess
+    from pipeline.trading.process import TradingConfig, TradingProcess
+    from pipeline.trading.session import SessionConfig, State
 
     key = ed25519.Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

@@ -27,8 +27,8 @@ from pipeline.consumers.persist import (
     SqliteStore,
     rows_from_batch,
 )
-from pipeline.records import TICK_DTYPE, Flags, Kind
-from pipeline.ring import RingWriter
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.ring import RingWriter
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 

@@ -1,4 +1,4 @@
-from pipeline.records import TICK_DTYPE, Kind, empty_ticks
+from pipeline.ipc.records import TICK_DTYPE, Kind, empty_ticks
 
 
 def test_tick_record_is_fixed_size_and_aligned() -> None:

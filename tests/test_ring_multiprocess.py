@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.records import TICK_DTYPE
-from pipeline.ring import RingReader, RingWriter, ring_stats
+from pipeline.ipc.records import TICK_DTYPE
+from pipeline.ipc.ring import RingReader, RingWriter, ring_stats
 
 pytestmark = pytest.mark.slow
 

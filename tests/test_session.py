@@ -11,7 +11,7 @@ import pytest
 from pipeline.backoff import Backoff, BackoffPolicy
 from pipeline.binance.keys import parse_private_key
 from pipeline.binance.signing import ws_payload
-from pipeline.session import (
+from pipeline.trading.session import (
     EXIT_AUTH,
     EXIT_GAVE_UP,
     LOCAL_BAD_REPLY,

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_session import Driver, order_report, order_result
 
-from pipeline.session import Exit, Open, OrderStatus, State
+from pipeline.trading.session import Exit, Open, OrderStatus, State
 
 JSON = st.recursive(
     st.none()

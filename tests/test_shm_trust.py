@@ -21,16 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shm
-from pipeline.metrics import (
+from pipeline.ipc import shm
+from pipeline.ipc.metrics import (
     MetricsBlock,
     MetricsLayoutError,
     MetricsUntrustedError,
     list_blocks,
 )
-from pipeline.orders import ORDER_DTYPE, Action, OrderIntake
-from pipeline.records import TICK_DTYPE
-from pipeline.ring import (
+from pipeline.ipc.records import TICK_DTYPE
+from pipeline.ipc.ring import (
     RingLayout,
     RingLayoutError,
     RingReader,
@@ -40,6 +39,7 @@ from pipeline.ring import (
     format_header,
     list_rings,
 )
+from pipeline.trading.orders import ORDER_DTYPE, Action, OrderIntake
 
 ROOT = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -183,10 +183,10 @@ def test_a_neighbour_cannot_shrink_our_ring(shm_name: str) -> None:
 VICTIM = textwrap.dedent(
     """
     import json, sys, time
-    from pipeline import shm
-    from pipeline.metrics import MetricsBlock
-    from pipeline.orders import OrderIntake
-    from pipeline.ring import RingReader
+    from pipeline.ipc import shm
+    from pipeline.ipc.metrics import MetricsBlock
+    from pipeline.trading.orders import OrderIntake
+    from pipeline.ipc.ring import RingReader
     out = {}
     for name in sys.argv[2:]:
         for what, call in (
@@ -290,9 +290,9 @@ def test_names_with_a_trailing_newline_are_not_ours(shm_name: str, cleanup: list
 PRIVATE_DIR = textwrap.dedent(
     """
     import os, sys
-    from pipeline import shm
-    from pipeline.ring import RingReader, RingWriter
-    from pipeline.records import TICK_DTYPE
+    from pipeline.ipc import shm
+    from pipeline.ipc.ring import RingReader, RingWriter
+    from pipeline.ipc.records import TICK_DTYPE
     try:
         with RingWriter.create("r", TICK_DTYPE, 64):
             RingReader.attach("r").close()

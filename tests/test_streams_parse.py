@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from pipeline.binance import streams as st
-from pipeline.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
 
 FIX = Path(__file__).parent / "fixtures" / "streams_ingest"
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "NKNUSDT", "LRCBTC", "BLZETH", "RUNEEUR", "FLMUSDT", "BNBBTC",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.affinity import apply, available_cpus, plan_cpus
-from pipeline.supervisor import (
+from pipeline.ops.affinity import apply, available_cpus, plan_cpus
+from pipeline.ops.supervisor import (
     Action,
     ChildSpec,
     RestartPolicy,
@@ -296,7 +296,7 @@ def test_children_die_with_a_killed_supervisor() -> None:
     import psutil
 
     code = (
-        "import sys,time; from pipeline.supervisor import Supervisor, ChildSpec;"
+        "import sys,time; from pipeline.ops.supervisor import Supervisor, ChildSpec;"
         "s=Supervisor(); sleeper=[sys.executable, '-c', 'import time; time.sleep(60)'];"
         "s.add(ChildSpec('c', argv=lambda: sleeper));"
         "s.start_all(); print(s.children['c'].pid, flush=True); time.sleep(60)"

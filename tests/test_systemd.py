@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sdnotify
 from pipeline.cli import build_parser
+from pipeline.ops import sdnotify
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 BINARY = "/opt/pipeline/.venv/bin/pipeline"

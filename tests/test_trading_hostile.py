@@ -27,20 +27,20 @@ pytest.importorskip("pipeline.sim.testing")
 from simhelpers import async_test, until
 from test_trading_integration import new_key, running, trading
 
-from pipeline import shm
 from pipeline.binance.keys import load_private_key
-from pipeline.metrics import MetricsBlock
-from pipeline.orders import Action
-from pipeline.ring import RingReader
-from pipeline.session import (
+from pipeline.ipc import shm
+from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc.ring import RingReader
+from pipeline.sim.testing import SimServer
+from pipeline.trading.orders import Action
+from pipeline.trading.process import EXIT_CRASH
+from pipeline.trading.session import (
     LOCAL_NOT_FOUND,
     LOCAL_OUTBOX_FULL,
     ExecKind,
     OrderStatus,
     State,
 )
-from pipeline.sim.testing import SimServer
-from pipeline.trading import EXIT_CRASH
 
 pytestmark = pytest.mark.slow
 

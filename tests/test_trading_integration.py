@@ -27,14 +27,14 @@ pytest.importorskip("pipeline.sim.wsapi")
 
 from simhelpers import async_test, until
 
-from pipeline import shm
 from pipeline.backoff import BackoffPolicy
 from pipeline.binance.keys import load_private_key
-from pipeline.metrics import MetricsBlock
-from pipeline.orders import OrderClient
-from pipeline.session import EXIT_AUTH, EXIT_GAVE_UP, OrderStatus, SessionConfig, State
+from pipeline.ipc import shm
+from pipeline.ipc.metrics import MetricsBlock
 from pipeline.sim.testing import SimServer
-from pipeline.trading import TradingConfig, TradingProcess
+from pipeline.trading.orders import OrderClient
+from pipeline.trading.process import TradingConfig, TradingProcess
+from pipeline.trading.session import EXIT_AUTH, EXIT_GAVE_UP, OrderStatus, SessionConfig, State
 
 pytestmark = pytest.mark.slow
 
@@ -370,7 +370,7 @@ async def test_429_is_honoured(tmp_path: Path, shm_name: str) -> None:
 def test_watchdog_fed_only_while_healthy() -> None:
     """Ready, or reconnecting within the attempt budget, feeds the watchdog; Failed or an
     exhausted budget starves it (systemd then restarts the process)."""
-    from pipeline import sdnotify
+    from pipeline.ops import sdnotify
 
     sent: list[tuple[str, ...]] = []
     now = [0.0]
@@ -620,9 +620,9 @@ def test_oversized_reply_becomes_an_error_reply(shm_name: str) -> None:
     import numpy as np
 
     from pipeline.binance.wsapi import Response
-    from pipeline.orders import LOCAL_REPLY_TOO_LARGE, REPLY_DTYPE, ReplyAssembler
-    from pipeline.ring import RingReader, RingWriter
-    from pipeline.trading import _ReplyTag
+    from pipeline.ipc.ring import RingReader, RingWriter
+    from pipeline.trading.orders import LOCAL_REPLY_TOO_LARGE, REPLY_DTYPE, ReplyAssembler
+    from pipeline.trading.process import _ReplyTag
 
     cfg = TradingConfig(url="ws://127.0.0.1:9/", session=fast_config("k"), reply_capacity=8)
     tp = TradingProcess(cfg, None)

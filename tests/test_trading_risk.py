@@ -1,6 +1,7 @@
 """Pre-trade risk in the trading process (`pipeline trade --risk-limits`).
 
-Unit tests drive :class:`pipeline.trading.RiskGate` with a fake limits view and injected clocks;
+Unit tests drive :class:`pipeline.trading.process.RiskGate` with a fake limits view and injected
+clocks;
 the integration test runs the real risk consumer core (:class:`pipeline.consumers.risk.Risk`,
 reading the exec ring as reader "risk") next to a trading process against the simulator.
 """
@@ -20,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from simhelpers import async_test, until
 
 from pipeline.consumers.risk import LimitsTable, Risk, RiskBook, RiskLimits, field_name
-from pipeline.metrics import MetricsNotFoundError
-from pipeline.orders import LOCAL_RISK, OrderClient
-from pipeline.session import ExecKind, OrderStatus, SessionConfig, State
-from pipeline.trading import RiskGate, TradingConfig, TradingProcess
+from pipeline.ipc.metrics import MetricsNotFoundError
+from pipeline.trading.orders import LOCAL_RISK, OrderClient
+from pipeline.trading.process import RiskGate, TradingConfig, TradingProcess
+from pipeline.trading.session import ExecKind, OrderStatus, SessionConfig, State
 
 # ---- RiskGate (pure, fake view) ---------------------------------------------------------------
 

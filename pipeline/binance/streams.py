@@ -22,7 +22,7 @@ SHUTDOWN      event time in ns of a ``serverShutdown`` (section 1.4): rotate the
 SKIP          a reason string (one of :data:`SKIP_REASONS`): count it and rate-limit-log it
 ============  ==============================================================================
 
-A record tuple has the fields of :data:`pipeline.records.TICK_DTYPE` in order, all but the last:
+A record tuple has the fields of :data:`pipeline.ipc.records.TICK_DTYPE` in order, all but the last:
 the shell appends ``publish_time_ns`` when the record enters the ring (``(*rec, time_ns())``,
 one allocation, cheaper than rebuilding a 16-tuple).
 
@@ -40,7 +40,8 @@ Ids and times: every id (``a``, ``l``, ``t``, ``u``, ``U``, ``lastUpdateId``) mu
 integer in 0..2**63-1 and ``E`` small enough that ``E`` in ns fits an int64; anything else is
 BAD_NUMBER (counted and skipped by the shell), so a record built here always packs into the
 ring. An id that is in range but absurd (10**18 after 4 million) is not judged here: the id
-trackers treat a jump beyond ``--max-id-jump`` as a suspected stream reset (pipeline/gapfill.py).
+trackers treat a jump beyond ``--max-id-jump`` as a suspected stream reset
+(pipeline/marketdata/gapfill.py).
 A frame nested deeper than the parsers' limit is MALFORMED_JSON, never a RecursionError.
 
 Two decoders with one behaviour: :class:`MsgspecDecoder` (typed ``msgspec.json.Decoder`` per
@@ -57,7 +58,7 @@ from typing import Annotated, Any, Final
 import msgspec
 import orjson
 
-from pipeline.records import Flags, Kind
+from pipeline.ipc.records import Flags, Kind
 
 # ---- decode result tags ----------------------------------------------------------------------
 AGG: Final = 1

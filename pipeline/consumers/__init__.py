@@ -15,7 +15,7 @@ identically for every consumer:
 * ``sd_notify``: READY=1 once attached, WATCHDOG=1 while the loop turns, STOPPING=1 at the end;
 * heartbeat: ``on_tick`` runs on every tick even when no record arrives, and a consumer's
   optional ``heartbeat(now)`` runs on every retry while the ring is still missing, so a
-  consumer's metrics block stays fresh (``heartbeat_interval_ms``, see :mod:`pipeline.health`)
+  consumer's metrics block stays fresh (``heartbeat_interval_ms``, see :mod:`pipeline.ops.health`)
   whenever the process is alive and not stuck;
 * back-pressure: while a consumer's optional ``paused`` attribute is true (persist: its database
   is down and its bounded buffer is full) the ring is not read; the records wait in the ring.
@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from pipeline import sdnotify
+from pipeline.ops import sdnotify
 
 log = logging.getLogger("pipeline.consumer")
 
@@ -125,8 +125,8 @@ def attach_with_retry(
     (``check_writer`` once per tick) instead of letting ``wait`` do it mid-wait.
 
     ``on_wait(now)`` runs before every retry sleep (the consumer's heartbeat while waiting)."""
-    from pipeline.ring import RingError, RingLayoutError, RingNotFoundError, RingReader
-    from pipeline.shm import UntrustedSegmentError
+    from pipeline.ipc.ring import RingError, RingLayoutError, RingNotFoundError, RingReader
+    from pipeline.ipc.shm import UntrustedSegmentError
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     waited = False

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from pipeline.consumers import symbol_names, symbol_of
-from pipeline.records import Kind
+from pipeline.ipc.records import Kind
 
 log = logging.getLogger("pipeline.monitor")
 
@@ -178,7 +178,7 @@ class Monitor:
         self._now = time.monotonic
         self.metrics: Any = None
         if metrics_name:
-            from pipeline.metrics import MetricsBlock, MetricsError
+            from pipeline.ipc.metrics import MetricsBlock, MetricsError
 
             try:
                 self.metrics = MetricsBlock.create(metrics_name, METRICS_FIELDS)

@@ -44,7 +44,7 @@ import numpy as np
 
 from pipeline.backoff import Backoff, BackoffPolicy
 from pipeline.consumers import symbol_names, symbol_of
-from pipeline.records import Kind
+from pipeline.ipc.records import Kind
 
 log = logging.getLogger("pipeline.persist")
 
@@ -577,7 +577,7 @@ class Persist:
         self._next_log = clock() + log_interval_s
         self.metrics: Any = None
         if metrics_name:
-            from pipeline.metrics import MetricsBlock
+            from pipeline.ipc.metrics import MetricsBlock
 
             self.metrics = MetricsBlock.create(metrics_name, METRICS_FIELDS)
             self.metrics.set(heartbeat_interval_ms=self.heartbeat_interval_ms)

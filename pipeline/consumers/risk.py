@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.consumers import symbol_names, symbol_of
-from pipeline.records import Kind
+from pipeline.ipc.records import Kind
 
 log = logging.getLogger("pipeline.risk")
 
@@ -276,7 +276,7 @@ class LimitsTable:
     """Owner of the limits table (the risk process). Symbols are fixed at creation."""
 
     def __init__(self, name: str, symbols: Iterable[str]) -> None:
-        from pipeline.metrics import MetricsBlock
+        from pipeline.ipc.metrics import MetricsBlock
 
         self.symbols = list(dict.fromkeys(symbols))
         self.block = MetricsBlock.create(name, table_fields(self.symbols))
@@ -306,8 +306,8 @@ class LimitsView:
 
     @classmethod
     def attach(cls, name: str = "pipeline.risk.limits", max_age_s: float = 5.0) -> LimitsView:
-        """Raises ``pipeline.metrics.MetricsNotFoundError`` when the risk process never ran."""
-        from pipeline.metrics import MetricsBlock
+        """Raises ``pipeline.ipc.metrics.MetricsNotFoundError`` when the risk process never ran."""
+        from pipeline.ipc.metrics import MetricsBlock
 
         return cls(MetricsBlock.attach(name), max_age_s)
 
@@ -360,7 +360,7 @@ class Risk:
             if now < self._next_attach:
                 return
             self._next_attach = now + 0.5
-            from pipeline.ring import RingError, RingReader
+            from pipeline.ipc.ring import RingError, RingReader
 
             try:
                 self.exec_reader = RingReader.attach(
@@ -368,7 +368,7 @@ class Risk:
                     idle="balanced",
                 )  # fmt: skip
             except (RingError, FileNotFoundError) as exc:
-                from pipeline.shm import UntrustedSegmentError
+                from pipeline.ipc.shm import UntrustedSegmentError
 
                 if isinstance(exc, UntrustedSegmentError) and str(exc) != self._refused:
                     self._refused = str(exc)  # once per reason; retried every 0.5 s

@@ -1,8 +1,8 @@
 """Lock-free single-producer / multi-consumer record ring in shared memory.
 
 One writer (ingest) publishes fixed-size records (a numpy structured dtype, normally
-:data:`pipeline.records.TICK_DTYPE`); any number of readers in any processes attach by name at any
-time and each reads every record from where it attached, at its own pace. The writer never waits
+:data:`pipeline.ipc.records.TICK_DTYPE`); any number of readers in any processes attach by name at
+any time and each reads every record from where it attached, at its own pace. The writer never waits
 for, locks against or even knows about readers: a reader more than ``capacity`` records behind is
 jumped forward and told exactly how many records it lost (``missed``), like an Aeron broadcast
 receiver counting laps. Nothing is lost silently and nothing is delivered twice.
@@ -69,7 +69,7 @@ from typing import Any, Literal, Self
 
 import numpy as np
 
-from pipeline import shm
+from pipeline.ipc import shm
 
 log = logging.getLogger("pipeline.ring")
 

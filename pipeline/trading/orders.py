@@ -1,6 +1,6 @@
 """Order entry over shared memory: strategy processes -> trading process -> back.
 
-Two kinds of ring, both the ordinary :mod:`pipeline.ring` machinery:
+Two kinds of ring, both the ordinary :mod:`pipeline.ipc.ring` machinery:
 
 - **Order rings** ``pipeline.orders.<client>`` (:data:`ORDER_DTYPE`), one per client process,
   written by :class:`OrderClient`, read by the trading process, which discovers them by
@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shm
-from pipeline.ring import RingLayoutError, RingReader, RingUntrustedError, RingWriter
-from pipeline.session import ExecKind, ExecUpdate, OrderStatus
+from pipeline.ipc import shm
+from pipeline.ipc.ring import RingLayoutError, RingReader, RingUntrustedError, RingWriter
+from pipeline.trading.session import ExecKind, ExecUpdate, OrderStatus
 
 log = logging.getLogger("pipeline.orders")
 
@@ -673,7 +673,7 @@ class OrderIntake:
     Pure except for the ring calls; time comes in as arguments.
 
     Trust: a name under the prefix is attached only if it passes the shared-memory trust rule
-    (:mod:`pipeline.shm`: a regular file of our uid, no group/other bits, no symlink, no FIFO);
+    (:mod:`pipeline.ipc.shm`: a regular file of our uid, no group/other bits, no symlink, no FIFO);
     anything else is refused once per (name, inode), logged, counted in ``untrusted`` and not
     opened again until the name holds another file. Another uid therefore cannot place orders
     through us by planting ``pipeline.orders.<x>``.

@@ -33,8 +33,8 @@ Hostile or corrupted update ids: an event whose ``u`` is more than ``max_jump`` 
 book's id (or, while buffering, from the buffered run) is held aside, not applied and not a
 sequence break: one bogus frame must neither freeze the book (every later event "older" than a
 10**18 id) nor cost a resync. Only ``resync_after`` such events that agree with each other
-(:class:`pipeline.gapfill.FarRun`) mean the stream really restarted: that is a sequence break
-(resync from a snapshot, counted in ``resets``).
+(:class:`pipeline.marketdata.gapfill.FarRun`) mean the stream really restarted: that is a sequence
+break (resync from a snapshot, counted in ``resets``).
 
 Memory: each side keeps at most ``max_levels`` levels (default :data:`MAX_LEVELS`, 10000 per
 side; the largest REST snapshot has 5000): levels beyond it are the furthest from the top, and
@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import Iterable
 from enum import Enum, IntEnum
 
-from pipeline.gapfill import DEFAULT_MAX_ID_JUMP, DEFAULT_RESYNC_AFTER, FarRun
+from pipeline.marketdata.gapfill import DEFAULT_MAX_ID_JUMP, DEFAULT_RESYNC_AFTER, FarRun
 
 Level = tuple[float, float]
 #: Default bound on the levels kept per side (see the module docstring).

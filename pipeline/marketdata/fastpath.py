@@ -1,4 +1,4 @@
-"""The compiled fast path (``pipeline/_ticks.c``): loading it, checking it, building it.
+"""The compiled fast path (``pipeline/marketdata/_ticks.c``): loading it, checking it, building it.
 
 Why a compiled path: pure Python spends ~3.6 us of CPU per aggTrade frame from socket to ring
 (benchmarks/bench_ingest.py), most of it in decoding and packing the record; the C path parses
@@ -6,7 +6,7 @@ the frame bytes and writes the record straight into its ring slot in one call. I
 common case of the three high-rate streams (aggTrade and trade: the next id of the symbol;
 bookTicker: a newer update id; strictly canonical JSON) and hands everything else, untouched, to
 the Python handler, so every rule about duplicates, gaps, backfill and bad input stays in one
-place (pipeline/ingest.py, pipeline/gapfill.py).
+place (pipeline/marketdata/ingest.py, pipeline/marketdata/gapfill.py).
 
 The extension is optional: ``FAST_PATH_MODES`` says what ``--fast-path`` may be. ``auto`` uses
 it when it was built (the default install builds it; a machine without a C compiler gets the
@@ -22,10 +22,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from pipeline.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
 
 FAST_PATH_MODES: Final = ("auto", "on", "off")
-#: the interface version of pipeline/_ticks.c this module drives (its API_VERSION)
+#: the interface version of pipeline/marketdata/_ticks.c this module drives (its API_VERSION)
 API_VERSION: Final = 3
 
 
@@ -36,13 +36,14 @@ class FastPathUnavailable(RuntimeError):
 def load() -> tuple[ModuleType | None, str]:
     """The extension module if it is built and matches :data:`TICK_DTYPE`, else None; and why."""
     try:
-        from pipeline import _ticks  # type: ignore[attr-defined]
+        from pipeline.marketdata import _ticks  # type: ignore[attr-defined]
     except ImportError as exc:
-        return None, f"pipeline._ticks is not built ({exc}); reinstall with a C compiler"
+        return None, f"pipeline.marketdata._ticks is not built ({exc}); reinstall with a C compiler"
     built = getattr(_ticks, "API_VERSION", None)
     if built != API_VERSION:
-        return None, (f"pipeline._ticks was built from other sources (interface {built}, this "
-                      f"code needs {API_VERSION}): rebuild it (`make`, or pip install -e .)")
+        return None, (f"pipeline.marketdata._ticks was built from other sources (interface "
+                      f"{built}, this code needs {API_VERSION}): rebuild it (`make`, or pip "
+                      "install -e .)")  # fmt: skip
     problem = layout_mismatch(_ticks, TICK_DTYPE)
     if problem:
         return None, problem
@@ -111,7 +112,7 @@ def build(mode: str, symbols: list[str], writer: Any,
         return None, f"off: {why}"
     if getattr(writer, "_stamp_off", -1) != TICK_DTYPE.fields["publish_time_ns"][1]:  # type: ignore[index]
         raise ValueError("the ring writer must stage with publish_time_ns as the stamp field")
-    from pipeline.ring import W_INTENT
+    from pipeline.ipc.ring import W_INTENT
 
     fast = mod.TickFastPath(routes(symbols), len(symbols), writer, fallback,
                            intent_word=W_INTENT, max_frame_bytes=max_frame_bytes,

@@ -1,6 +1,6 @@
 """``pipeline trade``, ``pipeline keygen`` and ``pipeline order``: the trading command line.
 
-- ``trade`` runs the trading process (:mod:`pipeline.trading`) until SIGTERM/SIGINT (exit 0,
+- ``trade`` runs the trading process (:mod:`pipeline.trading.process`) until SIGTERM/SIGINT (exit 0,
   segments unlinked) or Failed (exit 3: logon rejected, do not restart blindly; exit 4: gave up
   reconnecting). Exit 2: bad arguments or an unusable key (the message says why).
 - ``keygen --out DIR`` writes an Ed25519 key pair (private PEM mode 0600) and prints the public
@@ -9,7 +9,7 @@
   ``--api-key-env``. ``--api-key KEY`` still works but puts the key in argv, where every local
   user can read it (``ps``): it warns, and is meant for interactive use only.
 - ``order place|cancel|modify|status`` talks to a running ``trade`` through
-  :class:`pipeline.orders.OrderClient` and prints the answer as one JSON line;
+  :class:`pipeline.trading.orders.OrderClient` and prints the answer as one JSON line;
   ``order open-orders [--symbol S]|cancel-all --symbol S|account`` print the exchange's JSON
   answer (``{"ok", "status", "result", "error", ...}``, carried on the reply ring).
   Exit 0 when the exchange accepted, 1 when it (or the risk check) refused or no answer came.
@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 
 def _register_trade(subparsers: Any) -> None:
-    from pipeline.orders import EXEC_RING, ORDER_RING_PREFIX
+    from pipeline.trading.orders import EXEC_RING, ORDER_RING_PREFIX
 
     p = subparsers.add_parser(
         "trade",
@@ -153,8 +153,8 @@ def _trade(args: argparse.Namespace) -> int:
     from pipeline.backoff import BackoffPolicy
     from pipeline.binance.keys import KeyLoadError, load_private_key
     from pipeline.binance.wsapi import PROD_URL, TESTNET_URL
-    from pipeline.session import SessionConfig
-    from pipeline.trading import METRICS_NAME, TradingConfig, TradingProcess
+    from pipeline.trading.process import METRICS_NAME, TradingConfig, TradingProcess
+    from pipeline.trading.session import SessionConfig
 
     log = logging.getLogger("pipeline.trading")
     api_key = api_key_from_args(args)
@@ -200,8 +200,8 @@ def _trade(args: argparse.Namespace) -> int:
     )
     tp = TradingProcess(cfg, signer)
     log.info("trading starting", extra={"event": "trading_start", "url": url})
-    from pipeline.metrics import MetricsError
-    from pipeline.ring import RingError
+    from pipeline.ipc.metrics import MetricsError
+    from pipeline.ipc.ring import RingError
 
     try:
         code = aio.run(tp.run(install_signals=True))
@@ -284,7 +284,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _register_order(subparsers: Any) -> None:
-    from pipeline.orders import EXEC_RING, ORDER_RING_PREFIX
+    from pipeline.trading.orders import EXEC_RING, ORDER_RING_PREFIX
 
     p = subparsers.add_parser("order", help="send an order to the running trading process")
     sub = p.add_subparsers(dest="order_command", metavar="ACTION")
@@ -346,7 +346,7 @@ def _register_order(subparsers: Any) -> None:
 def _order(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.orders import (
+    from pipeline.trading.orders import (
         CANCEL_ANSWERS,
         LOCAL_RISK,
         STATUS_ANSWERS,

@@ -12,7 +12,7 @@ variable is unset and every call is a cheap no-op returning False.
 
 API (what ingest/trading call)::
 
-    from pipeline import sdnotify
+    from pipeline.ops import sdnotify
     sdnotify.notify("READY=1", "STATUS=streaming 3 symbols")   # -> True if sent
     sdnotify.ready("logged on")        # READY=1 + STATUS
     sdnotify.status("reconnecting (3)")

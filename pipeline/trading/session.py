@@ -7,7 +7,7 @@ States (one table, :data:`TRANSITIONS`, h11 style)::
     Reconnecting --retry--> Connecting               Reconnecting --give_up--> Failed
     Authenticating/Ready --auth_rejected--> Failed   any --stop--> Disconnected
 
-Calling contract (the asyncio shell in ``pipeline.trading`` does exactly this):
+Calling contract (the asyncio shell in ``pipeline.trading.process`` does exactly this):
 
 1. ``start()``; then repeatedly drain :meth:`Session.actions` and :meth:`Session.updates`.
 2. For ``Open(conn)``: open a WebSocket, then call ``connected(conn)`` or
@@ -276,7 +276,7 @@ Action = Open | Send | Ping | Close | Exit
 
 @dataclass(slots=True)
 class ExecUpdate:
-    """One line of the execution ring (see ``pipeline.orders.EXEC_DTYPE``)."""
+    """One line of the execution ring (see ``pipeline.trading.orders.EXEC_DTYPE``)."""
 
     client_order_id: str
     kind: ExecKind

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shm
+from pipeline.ipc import shm
 
 log = logging.getLogger("pipeline.metrics")
 

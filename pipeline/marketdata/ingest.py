@@ -3,8 +3,9 @@
 The process is a thin asyncio shell (uvloop) around pure cores:
 
 - :mod:`pipeline.binance.streams` decodes each frame once into a record tuple or an event;
-- :mod:`pipeline.gapfill` makes aggregate trades exactly-once and in order per symbol;
-- :mod:`pipeline.book` keeps each local order book in sync (snapshot + diffs, section 1.7);
+- :mod:`pipeline.marketdata.gapfill` makes aggregate trades exactly-once and in order per symbol;
+- :mod:`pipeline.marketdata.book` keeps each local order book in sync (snapshot + diffs, section
+  1.7);
 - :mod:`pipeline.net.ws` / :mod:`pipeline.net.http` are the sockets.
 
 Connections: the subscribed streams are split into shards of at most 1024 streams (one
@@ -47,8 +48,8 @@ together at the end of the iteration (one cursor store, one clock read for ``pub
 which takes ~0.35 us off each frame under load without delaying an isolated frame.
 
 The common aggTrade, trade and bookTicker frame (the id its stream expects next, canonical
-JSON) does not reach Python at all: the compiled path (pipeline/fastpath.py, ``--fast-path``)
-parses it and stages its record from the transport's callback, and calls back into
+JSON) does not reach Python at all: the compiled path (pipeline/marketdata/fastpath.py,
+``--fast-path``) parses it and stages its record from the transport's callback, and calls back into
 :meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's staging counters
 and the last ids of the trackers and of the bookTicker dedupe (:meth:`Ingest._track` and the
 BOOK_TICKER branch of :meth:`Ingest.handle`): whichever path sees a frame starts from what the
@@ -205,7 +206,7 @@ def validate(cfg: IngestConfig) -> IngestConfig:
         raise ConfigError("--depth-levels", "must be <= 1000")
     if not 1 <= cfg.publish_batch <= min(4096, cfg.ring_capacity):
         raise ConfigError("--publish-batch", "must be in 1..min(4096, --ring-capacity)")
-    from pipeline.fastpath import FAST_PATH_MODES
+    from pipeline.marketdata.fastpath import FAST_PATH_MODES
 
     if cfg.fast_path not in FAST_PATH_MODES:
         raise ConfigError("--fast-path", f"must be one of {', '.join(FAST_PATH_MODES)}")
@@ -237,7 +238,7 @@ COUNTERS = (
     # runs of them taken as a stream restart (re-based; a GAP record flagged RESYNCED for trades)
     "ids_far", "id_resets",
     # records the ring refused to pack (the tracker re-opened a hole for them), book levels
-    # dropped beyond the per-side bound (pipeline/book.py MAX_LEVELS)
+    # dropped beyond the per-side bound (pipeline/marketdata/book.py MAX_LEVELS)
     "publish_errors", "book_levels_trimmed",
 )
 
@@ -471,8 +472,8 @@ class Ingest:
 
     def __init__(self, cfg: IngestConfig, ring: Any, metrics: Any) -> None:
         from pipeline.binance import streams as st
-        from pipeline.book import OrderBook
-        from pipeline.gapfill import AggTracker
+        from pipeline.marketdata.book import OrderBook
+        from pipeline.marketdata.gapfill import AggTracker
 
         self.cfg = cfg
         self.ring = ring
@@ -482,8 +483,8 @@ class Ingest:
                                        cfg.time_unit)
         self._decode = self.decoder.decode
         assert st.AGG == 1, "handle() compares the decode tag with the literal 1"
-        from pipeline.gapfill import FarRun
-        from pipeline.records import Flags
+        from pipeline.ipc.records import Flags
+        from pipeline.marketdata.gapfill import FarRun
 
         n = len(cfg.symbols)
         jump, again = cfg.max_id_jump, cfg.id_resync_after
@@ -537,7 +538,7 @@ class Ingest:
         self._loop: asyncio.AbstractEventLoop | None = None  # set: batch within loop iterations
         self._iter_open = False  # a record was published in this loop iteration: stage the rest
         self._stage: Callable[[tuple[Any, ...]], bool] = self._stage_unbatched
-        #: the compiled path (pipeline/fastpath.py), once setup_publishing() built it
+        #: the compiled path (pipeline/marketdata/fastpath.py), once setup_publishing() built it
         self.fast: Any = None
         self._frames_fast = 0  # the compiled path's count, kept once it is released
         #: what the transport calls per frame: fast.on_message, or handle
@@ -561,7 +562,7 @@ class Ingest:
         The compiled path stages its records the same way (it needs staging configured even
         with ``--publish-batch 1``: then every record it stages is committed at once).
         """
-        from pipeline import fastpath
+        from pipeline.marketdata import fastpath
 
         batch = self.cfg.publish_batch
         if not hasattr(self.ring, "configure_staging"):
@@ -818,7 +819,7 @@ class Ingest:
     def _top_records(self, sid: int, flags: int, u: int, first: int, ev_ns: int,
                      recv_ns: int, bids: list[tuple[float, float]],
                      asks: list[tuple[float, float]]) -> list[tuple[Any, ...]]:
-        from pipeline.records import Kind
+        from pipeline.ipc.records import Kind
 
         bp, bq = bids[0] if bids else (0.0, 0.0)
         ap, aq = asks[0] if asks else (0.0, 0.0)
@@ -840,7 +841,7 @@ class Ingest:
                                             bids, asks))
 
     def _on_diff(self, d: Any) -> None:
-        from pipeline.book import Action
+        from pipeline.marketdata.book import Action
 
         book = self.books[d.symbol]
         act = book.on_diff(d.first_id, d.last_id, d.bids, d.asks)
@@ -876,7 +877,7 @@ class Ingest:
         self._publish_partial(p)
 
     def _publish_partial(self, p: Any) -> None:
-        from pipeline.records import Flags
+        from pipeline.ipc.records import Flags
 
         self.publish_many(self._top_records(p.symbol, int(Flags.SNAPSHOT), p.last_update_id, 0,
                                             0, p.recv_time_ns, p.bids, p.asks))
@@ -885,9 +886,9 @@ class Ingest:
     async def _resync(self, sid: int) -> None:
         """Fetch snapshots until the book is synced (section 1.7 steps 2-6)."""
         from pipeline.backoff import Backoff, BackoffPolicy
-        from pipeline.book import Action, State
+        from pipeline.ipc.records import Flags, Kind
+        from pipeline.marketdata.book import Action, State
         from pipeline.net.http import HttpError, get_json
-        from pipeline.records import Flags, Kind
 
         cfg = self.cfg
         book = self.books[sid]
@@ -930,7 +931,7 @@ class Ingest:
 
     # -- aggTrade backfill --
     def _rest_row(self, sid: int, row: Any, recv_ns: int) -> tuple[int, tuple[Any, ...]] | None:
-        from pipeline.records import Flags, Kind
+        from pipeline.ipc.records import Flags, Kind
 
         try:
             a, p, q, last, t, m = row["a"], float(row["p"]), float(row["q"]), row["l"], \
@@ -950,7 +951,7 @@ class Ingest:
         """The marker of a restarted id sequence: Kind.GAP flagged RESYNCED, ``trade_id`` = the
         last id before the restart, ``aux_id`` = the first id after it. Nothing between them is
         fetched (they are not a range of missing trades)."""
-        from pipeline.records import Flags, Kind
+        from pipeline.ipc.records import Flags, Kind
 
         f = flags | int(Flags.RESYNCED)
 
@@ -961,7 +962,7 @@ class Ingest:
         return make
 
     def _gap_record(self, sid: int, flags: int = 0) -> Callable[[Any], tuple[Any, ...]]:
-        from pipeline.records import Kind
+        from pipeline.ipc.records import Kind
 
         def make(g: Any) -> tuple[Any, ...]:
             return (int(Kind.GAP), flags, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, g.first,
@@ -975,7 +976,7 @@ class Ingest:
         flagged TRADE_IDS and go on. Why not fetch them: the reference documents no REST call
         that returns individual trades by id (``/api/v3/aggTrades`` rows merge trades), so a
         consumer that needs them is told exactly which ids it will not get."""
-        from pipeline.records import Flags
+        from pipeline.ipc.records import Flags
 
         await self.sleep(self.cfg.backfill_grace)
         tr = self.trade_trackers[sid]
@@ -1153,7 +1154,7 @@ class Ingest:
         m.set(**vals)
 
     async def _metrics_loop(self) -> None:
-        from pipeline import sdnotify
+        from pipeline.ops import sdnotify
 
         wd = sdnotify.Watchdog()
         while not self.stopping:
@@ -1200,12 +1201,12 @@ class Ingest:
 def run(cfg: IngestConfig) -> int:
     """Create the ring + metrics, run until SIGTERM/SIGINT, clean up. Returns the exit code."""
     from pipeline import aio
-    from pipeline.metrics import MetricsBlock
-    from pipeline.records import TICK_DTYPE
-    from pipeline.ring import RingError, RingWriter
+    from pipeline.ipc.metrics import MetricsBlock
+    from pipeline.ipc.records import TICK_DTYPE
+    from pipeline.ipc.ring import RingError, RingWriter
 
     if cfg.fast_path == "on":
-        from pipeline.fastpath import load
+        from pipeline.marketdata.fastpath import load
 
         if load()[0] is None:
             print(f"pipeline ingest: error: --fast-path on: {load()[1]}", file=sys.stderr)

@@ -8,7 +8,7 @@
  * stream's state (aggTrade / trade: the next id of its symbol; bookTicker: a newer update id),
  * and write the record straight into its ring slot (staged, exactly as WriterCore.stage does:
  * intent word, record, sequence stamp). The writer's cursor/commit logic stays in Python
- * (pipeline/ring.py); this only stages.
+ * (pipeline/ipc/ring.py); this only stages.
  *
  * Conservative by construction: it accepts only a strict subset of JSON (ASCII only, no string
  * escapes, `stream` before `data`, no nested values inside `data`, each required field exactly
@@ -34,8 +34,8 @@
 #error "the tick record layout is little-endian; this fast path writes native integers"
 #endif
 
-/* ---- the record layout it writes (pipeline/records.py TICK_DTYPE; checked at import time by
- * pipeline/fastpath.py against the dtype, so a layout change cannot silently corrupt rings) -- */
+/* ---- the record layout it writes (pipeline/ipc/records.py TICK_DTYPE; checked at import time by
+ * pipeline/marketdata/fastpath.py against the dtype, so a layout change cannot silently corrupt rings) -- */
 #define OFF_KIND 0
 #define OFF_FLAGS 1
 #define OFF_SYMBOL 2
@@ -53,7 +53,7 @@
 #define OFF_RECV_TIME 80
 #define OFF_PUBLISH_TIME 88
 #define RECORD_BYTES 96
-/* Bumped with every change of the Python-facing interface: pipeline/fastpath.py refuses a build
+/* Bumped with every change of the Python-facing interface: pipeline/marketdata/fastpath.py refuses a build
  * of another version (an editable install not rebuilt after a pull) instead of failing on it. */
 #define API_VERSION 3
 #define KIND_AGG_TRADE 1
@@ -879,7 +879,7 @@ PyDoc_STRVAR(TickFastPath_doc,
 
 static PyTypeObject TickFastPathType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "pipeline._ticks.TickFastPath",
+    .tp_name = "pipeline.marketdata._ticks.TickFastPath",
     .tp_basicsize = sizeof(TickFastPath),
     .tp_dealloc = (destructor)TickFastPath_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
@@ -893,9 +893,9 @@ static PyTypeObject TickFastPathType = {
 };
 
 static struct PyModuleDef ticks_module = {
-    PyModuleDef_HEAD_INIT, "pipeline._ticks",
+    PyModuleDef_HEAD_INIT, "pipeline.marketdata._ticks",
     "Compiled frame -> ring slot fast path for aggTrade, trade and bookTicker "
-    "(see pipeline/fastpath.py).", -1, NULL,
+    "(see pipeline/marketdata/fastpath.py).", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__ticks(void) {

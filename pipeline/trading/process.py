@@ -1,4 +1,4 @@
-"""The trading process: a thin asyncio shell around :class:`pipeline.session.Session`.
+"""The trading process: a thin asyncio shell around :class:`pipeline.trading.session.Session`.
 
 It owns what the session must not: WebSocket connections (the ``websockets`` client, ping
 frames via ``ws.ping()``), timers, signals, the shared-memory order/exec rings and the metrics
@@ -7,18 +7,19 @@ state table, retry policy and the no-duplicate-order rules).
 
 Shared memory it owns (names are constants so other processes can find them):
 
-- :data:`METRICS_NAME` ``pipeline.trading.metrics`` - a :class:`pipeline.metrics.MetricsBlock`
+- :data:`METRICS_NAME` ``pipeline.trading.metrics`` - a :class:`pipeline.ipc.metrics.MetricsBlock`
   with :data:`METRICS_FIELDS` (``pipeline health`` reads it). ``state`` is
-  :class:`pipeline.session.State` (0 Disconnected, 1 Connecting, 2 Authenticating, 3 Ready,
+  :class:`pipeline.trading.session.State` (0 Disconnected, 1 Connecting, 2 Authenticating, 3 Ready,
   4 Reconnecting, 5 Failed); ``*_ns`` fields are wall-clock ns; ``last_error_code`` is a
-  Binance code (< 0) or a ``LOCAL_*`` code of :mod:`pipeline.session` (-9xxx).
-- :data:`pipeline.orders.EXEC_RING` ``pipeline.trading.exec`` - the execution ring.
-- :data:`pipeline.orders.REPLY_RING` ``pipeline.trading.replies`` (the exec ring's name with
-  ``.exec`` replaced by ``.replies``) - JSON answers to the
-  account-level requests (open orders, cancel-all, account), chunked (see :mod:`pipeline.orders`).
-- It reads every ``pipeline.orders.<client>`` order ring (:class:`pipeline.orders.OrderIntake`).
+  Binance code (< 0) or a ``LOCAL_*`` code of :mod:`pipeline.trading.session` (-9xxx).
+- :data:`pipeline.trading.orders.EXEC_RING` ``pipeline.trading.exec`` - the execution ring.
+- :data:`pipeline.trading.orders.REPLY_RING` ``pipeline.trading.replies`` (the exec ring's name
+  with ``.exec`` replaced by ``.replies``) - JSON answers to the account-level requests (open
+  orders, cancel-all, account), chunked (see :mod:`pipeline.trading.orders`).
+- It reads every ``pipeline.orders.<client>`` order ring
+  (:class:`pipeline.trading.orders.OrderIntake`).
 
-systemd (``Type=notify``, ``WatchdogSec=``; :mod:`pipeline.sdnotify`, no-ops outside systemd):
+systemd (``Type=notify``, ``WatchdogSec=``; :mod:`pipeline.ops.sdnotify`, no-ops outside systemd):
 READY=1 when the session first reaches Ready (logged on; sent once the metrics block shows it),
 STATUS= on every state change, WATCHDOG=1 from the timer loop only while healthy - Ready, or
 reconnecting within the attempt budget - so a wedged event loop or a session that cannot get
@@ -28,7 +29,7 @@ Pre-trade risk (``TradingConfig.risk_limits`` / ``pipeline trade --risk-limits N
 place and modify is checked by :class:`RiskGate` against the risk consumer's limits table
 (:class:`pipeline.consumers.risk.LimitsView`) plus this process's own in-flight orders; a
 refused order never reaches the exchange and is answered on the exec ring with a REJECT,
-``error_code`` :data:`pipeline.orders.LOCAL_RISK` and ``error_msg`` naming the limit.
+``error_code`` :data:`pipeline.trading.orders.LOCAL_RISK` and ``error_msg`` naming the limit.
 
 Exit codes: 0 after SIGTERM/SIGINT (segments unlinked), 3 when the exchange rejected the
 logon (wrong key: not retried), 4 after ``max_attempts`` failed reconnects, :data:`EXIT_CRASH`
@@ -42,11 +43,11 @@ Heartbeat: the timer loop wakes at least every ``heartbeat_interval_s`` (1 s) ev
 (one timer, no polling) and writes the metrics block each time; the block publishes
 ``heartbeat_interval_ms`` so ``pipeline health`` can call a block that stopped moving stale.
 
-Bounds: each connection's outbox holds at most ``outbox_capacity`` (4096) frames. Orders,
-cancels and queries are refused locally (:data:`pipeline.session.LOCAL_OUTBOX_FULL`) once fewer
-than :data:`OUTBOX_RESERVE` (64) slots are left, which keeps room for pings and reconciliation;
-a frame that still finds it full means the connection is not draining: it is dropped (its
-unanswered orders become UNKNOWN and are reconciled) and reopened.
+ Bounds: each connection's outbox holds at most ``outbox_capacity`` (4096) frames. Orders,
+cancels and queries are refused locally (:data:`pipeline.trading.session.LOCAL_OUTBOX_FULL`)
+once fewer than :data:`OUTBOX_RESERVE` (64) slots are left, which keeps room for pings and
+reconciliation; a frame that still finds it full means the connection is not draining: it is
+dropped (its unanswered orders become UNKNOWN and are reconciled) and reopened.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-from pipeline import sdnotify
 from pipeline.binance.wsapi import ApiError, Response
+from pipeline.ipc.metrics import MetricsBlock, MetricsError
+from pipeline.ipc.ring import RingWriter
 from pipeline.logs import RateLimitedLog
-from pipeline.metrics import MetricsBlock, MetricsError
-from pipeline.orders import (
+from pipeline.ops import sdnotify
+from pipeline.trading.orders import (
     EXEC_DTYPE,
     EXEC_RING,
     LOCAL_REPLY_TOO_LARGE,
@@ -86,8 +88,7 @@ from pipeline.orders import (
     reply_records,
     reply_ring_for,
 )
-from pipeline.ring import RingWriter
-from pipeline.session import (
+from pipeline.trading.session import (
     ERROR_TEXT,
     FLOAT_METRICS,
     LOCAL_INVALID,
@@ -861,7 +862,7 @@ class TradingProcess:
 
     def _observe_risk(self) -> None:
         """Where the risk consumer's exec-ring reader is (see :class:`RiskGate`)."""
-        from pipeline.ring import RingError, ring_stats
+        from pipeline.ipc.ring import RingError, ring_stats
 
         assert self._risk is not None
         try:

@@ -6,11 +6,11 @@ generated Ed25519 key (private temp dir, 0600, registered with the simulator), a
 monitor. ``--config FILE`` (see ``examples/pipeline.toml``) switches to the testnet or live
 endpoints, picks consumers, CPUs, restart policy.
 
-What the runner does, and why it is small: it builds one :class:`~pipeline.supervisor.ChildSpec`
+What the runner does, and why it is small: it builds one :class:`~pipeline.ops.supervisor.ChildSpec`
 per component (``python -m pipeline <subcommand> ...``), hands them to the
-:class:`~pipeline.supervisor.Supervisor` (restart with backoff, dependents bounced when the
+:class:`~pipeline.ops.supervisor.Supervisor` (restart with backoff, dependents bounced when the
 simulator comes back on new ports, ordered shutdown) and prints a status line every few seconds
-from shared memory (:mod:`pipeline.health`). A component whose subcommand does not exist in this
+from shared memory (:mod:`pipeline.ops.health`). A component whose subcommand does not exist in this
 build is reported and skipped, so `make run` works at every stage of the project.
 
 The API key never goes into a command line (every local user can read argv through ``ps``):
@@ -225,13 +225,13 @@ def cleanup_segments(names: Sequence[str], prefix: str = "pipeline.") -> list[st
     """Unlink rings/metrics blocks named in ``names`` or starting with ``prefix`` whose owner
     process is dead (never one with a live owner: another pipeline may be running). Returns
     what was removed."""
-    from pipeline import shm
-    from pipeline.metrics import MAGIC as METRICS_MAGIC
-    from pipeline.metrics import W_WRITER_PID as M_PID
-    from pipeline.metrics import W_WRITER_START as M_START
-    from pipeline.ring import MAGIC as RING_MAGIC
-    from pipeline.ring import W_WRITER_PID as R_PID
-    from pipeline.ring import W_WRITER_START as R_START
+    from pipeline.ipc import shm
+    from pipeline.ipc.metrics import MAGIC as METRICS_MAGIC
+    from pipeline.ipc.metrics import W_WRITER_PID as M_PID
+    from pipeline.ipc.metrics import W_WRITER_START as M_START
+    from pipeline.ipc.ring import MAGIC as RING_MAGIC
+    from pipeline.ipc.ring import W_WRITER_PID as R_PID
+    from pipeline.ipc.ring import W_WRITER_START as R_START
 
     removed = []
     candidates = set(shm.list_names(prefix)) | {n for n in names if (shm.SHM_DIR / n).exists()}
@@ -265,7 +265,7 @@ def _say(text: str) -> None:
 
 
 def _status_line(sup: Any, cfg: Any, expect_trading: bool) -> str:
-    from pipeline.health import collect
+    from pipeline.ops.health import collect
 
     try:
         rep = collect([cfg.ring.name], prefix=cfg.run.shm_prefix)
@@ -291,9 +291,9 @@ def _status_line(sup: Any, cfg: Any, expect_trading: bool) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.affinity import available_cpus, plan_cpus
     from pipeline.config import ConfigError, load_config
-    from pipeline.supervisor import ChildSpec, RestartPolicy, StartError, Supervisor
+    from pipeline.ops.affinity import available_cpus, plan_cpus
+    from pipeline.ops.supervisor import ChildSpec, RestartPolicy, StartError, Supervisor
 
     try:
         cfg = load_config(args.config)

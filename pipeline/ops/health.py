@@ -3,7 +3,7 @@
 Sources (no IPC with the processes, nothing they have to answer): the metrics blocks named
 ``pipeline.*`` in the segment directory (``/dev/shm``, or ``PIPELINE_SHM_DIR`` as the systemd
 units set it: run health as the services' user with the same value) and the tick ring's header and
-readers table (:func:`pipeline.ring.ring_stats`). :func:`evaluate` is pure: snapshots plus "now"
+readers table (:func:`pipeline.ipc.ring.ring_stats`). :func:`evaluate` is pure: snapshots plus "now"
 in, a per-component verdict out, so every rule below is a unit test:
 
 * **trading** (``pipeline.trading.metrics``): unhealthy unless ``state`` is READY and its writer
@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from pipeline.records import TICK_RING
+from pipeline.ipc.records import TICK_RING
 
 log = logging.getLogger("pipeline.health")
 
@@ -211,7 +211,7 @@ def collect(
     now_ns: Callable[[], int] = time.time_ns,
 ) -> dict[str, Any]:
     """Read shared memory and :func:`evaluate` it."""
-    from pipeline.ring import RingError, ring_stats
+    from pipeline.ipc.ring import RingError, ring_stats
 
     blocks, refused = snapshot_blocks(prefix)
     ring_info: dict[str, Mapping[str, Any] | None] = {}
@@ -234,7 +234,7 @@ def untrusted_segments(prefix: str = BLOCK_PREFIX) -> dict[str, str]:
     a different user than the services (every segment then belongs to someone else), would
     otherwise show as components "not running" with no hint why. One open per name, no retry.
     """
-    from pipeline import shm
+    from pipeline.ipc import shm
 
     out: dict[str, str] = {}
     for name in shm.list_names(prefix):
@@ -252,13 +252,13 @@ def untrusted_segments(prefix: str = BLOCK_PREFIX) -> dict[str, str]:
 def snapshot_blocks(prefix: str = BLOCK_PREFIX) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """(snapshots, refused) of every metrics block under ``prefix``.
 
-    Unlike :func:`pipeline.metrics.snapshot_all`, a block that cannot be opened or read is not
+    Unlike :func:`pipeline.ipc.metrics.snapshot_all`, a block that cannot be opened or read is not
     silently dropped: the shared-memory trust rule refusing it (foreign owner, wrong mode, not
     a regular file) or a writer that died mid-update comes back in ``refused`` with the reason,
     so health reports it once per run instead of showing a component as merely absent. A block
     that vanished between listing and attaching is skipped (its process just exited).
     """
-    from pipeline.metrics import (
+    from pipeline.ipc.metrics import (
         MetricsBlock,
         MetricsBusyError,
         MetricsError,

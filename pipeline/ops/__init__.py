@@ -1,0 +1,1 @@
+"""Running it: the `pipeline run` supervisor, health, systemd notification, CPU pinning."""
