@@ -45,7 +45,7 @@ import numpy as np
 
 from pipeline.ipc import shm
 from pipeline.ipc.ring import RingLayoutError, RingReader, RingUntrustedError, RingWriter
-from pipeline.trading.session import ExecKind, ExecUpdate, OrderStatus
+from pipeline.trading.wire import ExecKind, ExecUpdate, OrderStatus
 
 log = logging.getLogger("pipeline.orders")
 

@@ -66,7 +66,6 @@ Decisions (documented, tested in tests/test_session.py):
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,10 +88,16 @@ from pipeline.binance.wsapi import (
     venue_time_ms,
 )
 from pipeline.logs import RateLimitedLog
+from pipeline.trading.wire import (  # re-exported: callers of the session name them from here
+    CLIENT_ORDER_ID_RE as CLIENT_ORDER_ID_RE,
+)
+from pipeline.trading.wire import FINAL as FINAL
+from pipeline.trading.wire import ExecKind as ExecKind
+from pipeline.trading.wire import ExecUpdate as ExecUpdate
+from pipeline.trading.wire import OrderStatus as OrderStatus
 
 log = logging.getLogger("pipeline.session")
 
-CLIENT_ORDER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
 
 EXIT_OK = 0
 EXIT_AUTH = 3
@@ -161,28 +166,6 @@ class LocalProtocolError(RuntimeError):
     remote = False
 
 
-class OrderStatus(IntEnum):
-    PENDING = 0  # sent, not yet answered
-    NEW = 1
-    PARTIALLY_FILLED = 2
-    FILLED = 3
-    CANCELED = 4
-    REJECTED = 5
-    EXPIRED = 6
-    UNKNOWN = 7  # may or may not exist at the exchange; being reconciled
-    EXPIRED_IN_MATCH = 8
-    PENDING_CANCEL = 9
-
-
-FINAL = frozenset(
-    {
-        OrderStatus.FILLED,
-        OrderStatus.CANCELED,
-        OrderStatus.REJECTED,
-        OrderStatus.EXPIRED,
-        OrderStatus.EXPIRED_IN_MATCH,
-    }
-)
 _STATUS_BY_NAME = {s.name: s for s in OrderStatus}
 # What the venue may say an order's status is (PENDING and UNKNOWN are ours alone).
 _VENUE_STATUS = {
@@ -200,20 +183,6 @@ def _venue_status(name: str, *, missing: OrderStatus | None = None) -> OrderStat
             return missing
         raise ProtocolError("order result with an unknown status")
     return st
-
-
-class ExecKind(IntEnum):
-    ACK = 1  # order.place answered OK
-    REJECT = 2  # order.place (or the new leg of a modify) rejected
-    TRADE = 3  # executionReport x=TRADE
-    CANCELED = 4  # order canceled (cancel answer or executionReport)
-    EXPIRED = 5
-    UNKNOWN = 6  # outcome unknown; reconciliation started
-    RECONCILED = 7  # an UNKNOWN order's state is known again
-    REPLACED = 8  # executionReport x=REPLACED (amend)
-    NEW = 9  # executionReport x=NEW
-    STATUS = 10  # answer to a status query
-    CANCEL_REJECT = 11  # a cancel (or the cancel leg of a modify) failed
 
 
 class Clock(Protocol):
@@ -272,32 +241,6 @@ class Exit:
 
 
 Action = Open | Send | Ping | Close | Exit
-
-
-@dataclass(slots=True)
-class ExecUpdate:
-    """One line of the execution ring (see ``pipeline.trading.orders.EXEC_DTYPE``)."""
-
-    client_order_id: str
-    kind: ExecKind
-    status: OrderStatus
-    symbol: str = ""
-    side: str = ""
-    order_id: int = -1
-    price: float = 0.0
-    qty: float = 0.0
-    last_qty: float = 0.0
-    last_price: float = 0.0
-    cum_qty: float = 0.0
-    cum_quote: float = 0.0
-    error_code: int = 0
-    error_msg: str = ""
-    event_time_ns: int = 0
-    submit_time_ns: int = 0
-    client_id: int = 0
-    orig_client_order_id: str = ""
-    sent_time_ns: int = 0  # wall clock when the request was handed to the socket layer
-    reply_time_ns: int = 0  # wall clock when its response frame arrived
 
 
 @dataclass(slots=True)
