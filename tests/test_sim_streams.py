@@ -21,10 +21,12 @@ from simhelpers import FIX, drain, fixture, run, shape
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
+from pipeline.sim import framing, pacing
 from pipeline.sim import market as mk
 from pipeline.sim import server as srv
+from pipeline.sim.control import handle_control, parse_stream
 from pipeline.sim.market import Market
-from pipeline.sim.server import SimConfig, handle_control, parse_stream
+from pipeline.sim.server import SimConfig
 from pipeline.sim.testing import RawWs, SimServer, http_json
 
 
@@ -268,12 +270,12 @@ def test_time_unit_microsecond_at_rate_max_batches() -> None:
     head, tail = b'{"stream":"x","data":', b"}"
     for kind in ("trade", "aggTrade", "bookTicker"):
         for h, t in ((b"", b""), (head, tail)):
-            ms, n_ms = srv.batch_frames(batch, kind, h, t)
-            us, n_us = srv.batch_frames(batch, kind, h, t, micros=True)
+            ms, n_ms = framing.batch_frames(batch, kind, h, t)
+            us, n_us = framing.batch_frames(batch, kind, h, t, micros=True)
             assert n_ms == n_us > 0
             ms_payloads = [p for _, p in split_frames(ms)]
             us_payloads = [p for _, p in split_frames(us)]
-            assert us_payloads == [srv.micros_payload(p) for p in ms_payloads]
+            assert us_payloads == [framing.micros_payload(p) for p in ms_payloads]
             if kind != "bookTicker":
                 assert b'"E":1700000000123000,' in us_payloads[0]
 
@@ -486,7 +488,7 @@ def test_replay_recorded_speed_with_time_prefixes(tmp_path: Path) -> None:
 
 
 def test_bad_capture_file_is_a_clear_error(tmp_path: Path) -> None:
-    from pipeline.sim.server import load_capture
+    from pipeline.sim.replay import load_capture
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"stream":"x","data":{}}\nnot json\n')
@@ -531,17 +533,17 @@ def test_frames_encoder_matches_ws_frame_at_every_header_size() -> None:
         strs = [b"0.10000000", b"60000.01000000", b"1.00000000", b"", b"9", b"0.00000001"]
         flags = [True, False, True, True, False, False]
         cols = [
-            srv._ints(np.array(vals, np.int64)),
+            framing._ints(np.array(vals, np.int64)),
             (strs, np.array([len(s) for s in strs], np.int64)),
-            srv._bools(np.array(flags)),
+            framing._bools(np.array(flags)),
         ]
         want = b"".join(
-            srv.ws_frame(tpl % (v, s, b"true" if f else b"false"))
+            framing.ws_frame(tpl % (v, s, b"true" if f else b"false"))
             for v, s, f in zip(vals, strs, flags, strict=True)
         )
-        assert srv._frames(tpl, cols) == want, pad
+        assert framing._frames(tpl, cols) == want, pad
         one = [(c[0][:1], c[1][:1]) for c in cols]
-        assert srv._frames(tpl, one) == srv.ws_frame(tpl % (1, strs[0], b"true"))
+        assert framing._frames(tpl, one) == framing.ws_frame(tpl % (1, strs[0], b"true"))
 
 
 def test_batch_frames_equal_the_per_event_encoders() -> None:
@@ -556,9 +558,11 @@ def test_batch_frames_equal_the_per_event_encoders() -> None:
         for kind in ("aggTrade", "trade", "bookTicker"):
             envelope = b'{"stream":"ethusdt@' + kind.encode() + b'","data":'
             for head, tail in ((b"", b""), (envelope, b"}")):
-                data, n = srv.batch_frames(b, kind, head, tail)
+                data, n = framing.batch_frames(b, kind, head, tail)
                 want = [
-                    srv.ws_frame(head + mk.encode_event(e) + tail) for e in events if e.kind == kind
+                    framing.ws_frame(head + mk.encode_event(e) + tail)
+                    for e in events
+                    if e.kind == kind
                 ]
                 assert n == len(want) > 0
                 assert data == b"".join(want)
@@ -650,9 +654,9 @@ def test_walk_finite_switches_to_batches_above_the_threshold(unit: str) -> None:
     in ``msgs`` unit the aggTrades printed cover what was due and the units used say so."""
     sim = srv.Simulator(cfg(symbols=["BTCUSDT"], rate_unit=unit))
     m = sim.market
-    small = (srv.BATCH_MIN_MSGS if unit == "msgs" else srv.BATCH_MIN_ACTIONS) - 1
+    small = (pacing.BATCH_MIN_MSGS if unit == "msgs" else pacing.BATCH_MIN_ACTIONS) - 1
     a0 = m.next_agg_id("BTCUSDT")
-    used = sim._walk_finite("BTCUSDT", small, 1000)
+    used = sim.pacer.walk_finite("BTCUSDT", small, 1000)
     assert sim.stats["walk_batches"] == 0
     if unit == "msgs":
         assert used == m.next_agg_id("BTCUSDT") - a0 >= small
@@ -660,7 +664,7 @@ def test_walk_finite_switches_to_batches_above_the_threshold(unit: str) -> None:
         assert used == small == sim.stats["walk_actions"]
     a1 = m.next_agg_id("BTCUSDT")
     big = 5000 if unit == "msgs" else 20_000  # > MAX_BATCH takers: several chunks
-    used = sim._walk_finite("BTCUSDT", big, 1001)
+    used = sim.pacer.walk_finite("BTCUSDT", big, 1001)
     assert sim.stats["walk_batches"] >= 3
     printed = m.next_agg_id("BTCUSDT") - a1
     if unit == "msgs":
@@ -668,7 +672,7 @@ def test_walk_finite_switches_to_batches_above_the_threshold(unit: str) -> None:
     else:
         assert used == big
         # the batched walk prints about what the per-action walk would (no rate jump)
-        expect = big * srv.WALK_AGGS_PER_ACTION
+        expect = big * pacing.WALK_AGGS_PER_ACTION
         assert 0.8 * expect < printed < 1.3 * expect
     m.check_invariants("BTCUSDT")
     assert [a.a for a in m.agg_trades("BTCUSDT", from_id=a0, limit=100_000)] == list(

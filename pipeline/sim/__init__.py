@@ -1,13 +1,18 @@
 """Local Binance Spot simulator: a real server on loopback that speaks Binance's wire formats.
 
-Layout (pure cores, thin shell):
+Layout (pure cores, thin shell; one idea per module):
 
 - :mod:`pipeline.sim.market` -- seeded random-walk order books, trade/depth/bookTicker events and
   their wire encodings. Pure: no sockets, no clock (callers pass ``now_ms``).
 - :mod:`pipeline.sim.faults` -- the fault switches shared by the shell and the venue.
 - :mod:`pipeline.sim.venue` / :mod:`pipeline.sim.wsapi` -- the trading side (WS API).
-- :mod:`pipeline.sim.server` -- the asyncio shell: one port for market streams, REST, WS API and
-  the ``/sim`` admin endpoints.
+- :mod:`pipeline.sim.server` -- the asyncio shell and router: one port for market streams, REST,
+  WS API and the ``/sim`` admin endpoints; :mod:`pipeline.sim.connection` is its connection.
+- :mod:`pipeline.sim.streams` -- market-stream subscriptions and fan-out;
+  :mod:`pipeline.sim.pacing` runs the walk at a rate, :mod:`pipeline.sim.replay` replays a
+  capture; :mod:`pipeline.sim.framing` and :mod:`pipeline.sim.control` are their pure wire rules.
+- :mod:`pipeline.sim.rest` -- ``/api/v3`` REST and exchangeInfo; :mod:`pipeline.sim.admin` --
+  ``/sim/state``, ``/sim/fault``, ``/sim/inject``.
 - :mod:`pipeline.sim.testing` -- run a simulator in-process or as a subprocess from tests.
 
 Nothing is imported here so that ``import pipeline.sim.market`` stays cheap.
