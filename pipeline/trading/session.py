@@ -69,7 +69,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any, Protocol
 
 from pipeline.backoff import Backoff, BackoffPolicy, Outcome, classify_response
@@ -158,6 +158,40 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 for _s in State:
     if _s is not State.FAILED:
         TRANSITIONS[(_s, "stop")] = State.DISCONNECTED
+
+
+class ConnPhase(Enum):
+    """Where one connection is on its way to carrying orders; a standby goes the same way."""
+
+    CONNECTING = "connecting"  # Open sent, the shell has not called connected() yet
+    SYNCING = "syncing"  # a ``time`` request fixes the clock offset before signing anything
+    LOGGING_ON = "logging_on"
+    SUBSCRIBING = "subscribing"  # userDataStream.subscribe
+    READY = "ready"
+
+
+class ConnRole(Enum):
+    """What a connection is for (make-before-break rollover keeps up to three at once)."""
+
+    PRIMARY = "primary"  # carries orders; the only one whose user data is accepted
+    STANDBY = "standby"  # being readied to replace the primary
+    DRAINING = "draining"  # replaced: closed once its in-flight requests are answered
+
+
+# Every change of a connection's phase or role, and the event that makes it (the session's
+# own state is in TRANSITIONS). A change not listed is our bug: LocalProtocolError.
+PHASE_TRANSITIONS: dict[tuple[ConnPhase, str], ConnPhase] = {
+    (ConnPhase.CONNECTING, "connected"): ConnPhase.SYNCING,
+    (ConnPhase.SYNCING, "time_synced"): ConnPhase.LOGGING_ON,
+    (ConnPhase.LOGGING_ON, "logon_ok"): ConnPhase.SUBSCRIBING,
+    (ConnPhase.LOGGING_ON, "resync"): ConnPhase.SYNCING,  # logon said -1021: clock first
+    (ConnPhase.SUBSCRIBING, "subscribed"): ConnPhase.READY,
+    (ConnPhase.READY, "subscribed"): ConnPhase.READY,  # resubscribed after streamTerminated
+}
+ROLE_TRANSITIONS: dict[tuple[ConnRole, str], ConnRole] = {
+    (ConnRole.STANDBY, "promoted"): ConnRole.PRIMARY,
+    (ConnRole.PRIMARY, "replaced"): ConnRole.DRAINING,
+}
 
 
 class LocalProtocolError(RuntimeError):
@@ -317,8 +351,8 @@ class _Pending:
 @dataclass(slots=True)
 class _Conn:
     id: int
-    role: str  # "primary" | "standby" | "draining"
-    phase: str = "connecting"  # connecting, syncing, logging_on, subscribing, ready
+    role: ConnRole
+    phase: ConnPhase = ConnPhase.CONNECTING
     opened_ns: int = 0
     pending: dict[str, _Pending] = field(default_factory=dict)
     ping_sent_ns: int | None = None  # outstanding WebSocket ping
@@ -328,6 +362,18 @@ class _Conn:
     next_json_ping_ns: int = 0
     drain_deadline_ns: int = 0
     subscribed: bool = False
+
+    def to_phase(self, event: str) -> None:
+        new = PHASE_TRANSITIONS.get((self.phase, event))
+        if new is None:
+            raise LocalProtocolError(f"no phase change from {self.phase.name} on {event!r}")
+        self.phase = new
+
+    def to_role(self, event: str) -> None:
+        new = ROLE_TRANSITIONS.get((self.role, event))
+        if new is None:
+            raise LocalProtocolError(f"no role change from {self.role.name} on {event!r}")
+        self.role = new
 
 
 METRIC_FIELDS: tuple[str, ...] = (
@@ -414,6 +460,21 @@ class Session:
         self._rl = RateLimitedLog(log)
         self.metrics: dict[str, float] = {k: 0 for k in METRIC_FIELDS}
         self.on_transition: Callable[[State, State, str], None] | None = None
+        # The answer to a request goes to the handler of its kind (built once: looked up for
+        # every reply).
+        self._reply_handlers: dict[str, Callable[[_Conn, _Pending, Response], None]] = {
+            "time": self._on_time,
+            "logon": self._on_logon,
+            "subscribe": self._on_subscribe,
+            "ping": self._on_ping,
+            "generic": self._on_generic,
+            "place": self._on_place,
+            "cancel": self._on_cancel,
+            "modify": self._on_modify,
+            "status": self._on_status,
+            "reconcile": self._on_reconcile,
+            "bulk": self._on_bulk,
+        }
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -485,7 +546,7 @@ class Session:
 
     def start(self) -> None:
         self._transition("start")
-        self._open("primary")
+        self._open(ConnRole.PRIMARY)
 
     def stop(self) -> None:
         """Close everything (SIGTERM). Unanswered orders stay UNKNOWN in the final report."""
@@ -497,11 +558,11 @@ class Session:
             self._drop(conn, "stop", lost=False)
         self._primary = self._standby = None
 
-    def _open(self, role: str) -> _Conn:
+    def _open(self, role: ConnRole) -> _Conn:
         conn = _Conn(id=self._next_conn, role=role, opened_ns=self._now())
         self._next_conn += 1
         self._conns[conn.id] = conn
-        if role == "primary":
+        if role is ConnRole.PRIMARY:
             self._primary = conn.id
         else:
             self._standby = conn.id
@@ -515,10 +576,10 @@ class Session:
             return
         now = self._now()
         conn.opened_ns = now
-        conn.phase = "syncing"
+        conn.to_phase("connected")
         conn.next_ping_ns = now + int(self.config.ping_interval_s * 1e9)
         conn.next_json_ping_ns = now + int(self.config.json_ping_interval_s * 1e9)
-        if conn.role == "primary":
+        if conn.role is ConnRole.PRIMARY:
             self._transition("connected")
             self.metrics["connected_since_ns"] = self.clock.time_ns()
         self._request(conn, "time", {}, "time")
@@ -530,7 +591,7 @@ class Session:
         log.warning(
             "connect failed: %s", reason, extra={"event": "connect_failed", "conn": conn_id}
         )
-        if conn.role == "standby":
+        if conn.role is ConnRole.STANDBY:
             self._standby_failed()
             return
         self._primary = None
@@ -554,9 +615,9 @@ class Session:
             log.warning(
                 "connection %d (%s) lost: %s",
                 conn.id,
-                conn.role,
+                conn.role.value,
                 reason,
-                extra={"event": "connection_lost", "conn": conn.id, "role": conn.role},
+                extra={"event": "connection_lost", "conn": conn.id, "role": conn.role.value},
             )
         self._actions.append(Close(conn.id, reason))
         was_primary = conn.id == self._primary
@@ -578,7 +639,7 @@ class Session:
     def _schedule_reconnect(self, event: str, reason: str) -> None:
         # A ready standby can take over at once (it is already logged on and subscribed).
         sb = self._conns.get(self._standby) if self._standby is not None else None
-        if sb is not None and sb.phase == "ready" and self.state is State.READY:
+        if sb is not None and sb.phase is ConnPhase.READY and self.state is State.READY:
             self._promote(sb)
             return
         if sb is not None:
@@ -619,7 +680,7 @@ class Session:
 
     def _promote(self, conn: _Conn) -> None:
         old = self._conns.get(self._primary) if self._primary is not None else None
-        conn.role = "primary"
+        conn.to_role("promoted")
         self._primary, self._standby = conn.id, None
         self._rollover_wanted = False
         self.metrics["rollovers_total"] += 1
@@ -628,7 +689,7 @@ class Session:
         self.metrics["user_data_subscribed"] = 1
         log.info("connection %d promoted to primary", conn.id, extra={"event": "rollover"})
         if old is not None:
-            old.role = "draining"
+            old.to_role("replaced")
             old.drain_deadline_ns = self._now() + int(self.config.drain_timeout_s * 1e9)
             if not old.pending:
                 self._drop(old, "replaced", lost=False)
@@ -893,18 +954,18 @@ class Session:
         if self._reconnect_at is not None:
             times.append(self._reconnect_at)
         for conn in self._conns.values():
-            if conn.phase == "connecting":
+            if conn.phase is ConnPhase.CONNECTING:
                 continue
             times.append(conn.next_ping_ns)
             if conn.ping_sent_ns is not None:
                 times.append(conn.ping_sent_ns + int(self.config.pong_timeout_s * 1e9))
-            if conn.phase == "ready":
+            if conn.phase is ConnPhase.READY:
                 if conn.json_ping_rid is None:
                     times.append(conn.next_json_ping_ns)
                 else:
                     times.append(conn.json_ping_sent_ns + int(self.config.pong_timeout_s * 1e9))
             times.extend(p.deadline_ns for p in conn.pending.values())
-            if conn.role == "draining":
+            if conn.role is ConnRole.DRAINING:
                 times.append(conn.drain_deadline_ns)
         if self._unknown:
             times.append(self._next_reconcile_ns)
@@ -922,10 +983,10 @@ class Session:
             if self.state is State.RECONNECTING:
                 self._transition("retry")
                 self.metrics["reconnects_total"] += 1
-                self._open("primary")
+                self._open(ConnRole.PRIMARY)
         pong_to = int(self.config.pong_timeout_s * 1e9)
         for conn in list(self._conns.values()):
-            if conn.id not in self._conns or conn.phase == "connecting":
+            if conn.id not in self._conns or conn.phase is ConnPhase.CONNECTING:
                 continue
             if conn.ping_sent_ns is not None and now - conn.ping_sent_ns > pong_to:
                 self._drop(conn, "no pong within pong timeout", lost=True)
@@ -939,7 +1000,7 @@ class Session:
                 self.metrics["last_ping_sent_ns"] = self.clock.time_ns()
                 self._actions.append(Ping(conn.id))
             if (
-                conn.phase == "ready"
+                conn.phase is ConnPhase.READY
                 and conn.json_ping_rid is None
                 and now >= conn.next_json_ping_ns
                 and now >= self._rate_limited_until_ns
@@ -957,7 +1018,7 @@ class Session:
                     break
             if (
                 conn.id in self._conns
-                and conn.role == "draining"
+                and conn.role is ConnRole.DRAINING
                 and (not conn.pending or now >= conn.drain_deadline_ns)
             ):
                 self._drop(conn, "replaced", lost=False)
@@ -976,7 +1037,7 @@ class Session:
                 and now >= self._rate_limited_until_ns
             ):
                 log.info("opening a standby connection", extra={"event": "rollover_start"})
-                self._open("standby")
+                self._open(ConnRole.STANDBY)
         if self._unknown and now >= self._next_reconcile_ns:
             self._next_reconcile_ns = now + int(self.config.reconcile_interval_s * 1e9)
             self._reconcile_all()
@@ -1020,14 +1081,14 @@ class Session:
             self._error(msg.error.code)
         if msg.status in (418, 429) or msg.code in (-1003,):
             self._rate_limited(msg)
-        handler = getattr(self, f"_on_{p.kind}")
+        handler = self._reply_handlers[p.kind]
         try:
             handler(conn, p, msg)
         except ProtocolError as exc:  # handlers parse before they change anything
             self._protocol_error(f"{p.method} answer not understood: {exc}")
             self._bad_reply(conn, p)
             return
-        if conn.role == "draining" and not conn.pending and conn.id in self._conns:
+        if conn.role is ConnRole.DRAINING and not conn.pending and conn.id in self._conns:
             self._drop(conn, "replaced", lost=False)
 
     def _protocol_error(self, what: str, n: int = 1) -> None:
@@ -1041,9 +1102,9 @@ class Session:
         self._request_failed(p, LOCAL_BAD_REPLY, unknown=True)
         if conn.id not in self._conns:
             return
-        if p.kind in ("time", "logon", "subscribe") and conn.phase != "ready":
+        if p.kind in ("time", "logon", "subscribe") and conn.phase is not ConnPhase.READY:
             self._drop(conn, f"{p.method} answer not understood", lost=True)
-        elif conn.role == "draining" and not conn.pending:
+        elif conn.role is ConnRole.DRAINING and not conn.pending:
             self._drop(conn, "replaced", lost=False)
 
     def _track_limits(self, msg: Response) -> None:
@@ -1104,22 +1165,22 @@ class Session:
                     )
         else:  # no usable time: whatever waited for it will not be retried
             self._fail_resync_waiters(conn.id, LOCAL_BAD_REPLY if msg.ok else (msg.code or 0))
-        if conn.phase == "syncing":
-            conn.phase = "logging_on"
+        if conn.phase is ConnPhase.SYNCING:
+            conn.to_phase("time_synced")
             self._request(conn, "session.logon", {}, "logon")
 
     def _on_logon(self, conn: _Conn, p: _Pending, msg: Response) -> None:
         outcome = classify_response(msg.status, msg.code)
         if outcome is Outcome.OK:
-            conn.phase = "subscribing"
-            if conn.role == "primary":
+            conn.to_phase("logon_ok")
+            if conn.role is ConnRole.PRIMARY:
                 self._transition("logon_ok")
                 self.metrics["authenticated_since_ns"] = self.clock.time_ns()
                 self._backoff.reset()
                 self.metrics["reconnect_attempts"] = 0
                 self._next_time_sync_ns = self._now() + int(self.config.time_sync_interval_s * 1e9)
             self._request(conn, "userDataStream.subscribe", {}, "subscribe")
-            if conn.role == "primary":
+            if conn.role is ConnRole.PRIMARY:
                 self._reconcile_all()
             return
         if outcome is Outcome.AUTH_FATAL:
@@ -1132,7 +1193,7 @@ class Session:
             return
         if outcome is Outcome.RESYNC_RETRY and not p.retried:
             self.metrics["time_resyncs"] += 1
-            conn.phase = "syncing"
+            conn.to_phase("resync")
             self._request(conn, "time", {}, "time")
             return
         self._drop(conn, f"session.logon failed (code {msg.code})", lost=True)
@@ -1140,10 +1201,10 @@ class Session:
     def _on_subscribe(self, conn: _Conn, p: _Pending, msg: Response) -> None:
         if msg.ok or msg.code == -2035:  # -2035: already subscribed, which is what we want
             conn.subscribed = True
-            conn.phase = "ready"
-            if conn.role == "primary":
+            conn.to_phase("subscribed")
+            if conn.role is ConnRole.PRIMARY:
                 self.metrics["user_data_subscribed"] = 1
-            elif conn.role == "standby":
+            elif conn.role is ConnRole.STANDBY:
                 self._promote(conn)
             return
         log.warning(
