@@ -66,7 +66,7 @@ def test_trade_and_agg_ids_are_contiguous_and_agg_covers_its_trades() -> None:
     assert multi > 0, "some taker should have hit several maker orders at one price"
 
 
-def _apply(book: dict[str, dict[int, int]], diff: mk.DepthDiff) -> None:
+def _apply(book: dict[str, dict[int, int]], diff: mk.DepthUpdate) -> None:
     for side, levels in (("b", diff.bids), ("a", diff.asks)):
         for p, q in levels:
             if q == 0:

@@ -16,7 +16,7 @@ Calling contract
    the same but keeps each batch as one :class:`TakerBatch` of numpy columns (the shell encodes
    those directly).
 4. Diff depth is time-batched: every 100 ms / 1000 ms call ``m.flush_depth(symbol, speed, now_ms)``
-   which returns one :class:`DepthDiff` (or ``None`` when nothing changed). Partial depth is read
+   which returns one :class:`DepthUpdate` (or ``None`` when nothing changed). Partial depth is read
    with ``m.top(symbol, levels)``; REST snapshots with :meth:`Market.depth_snapshot`.
 5. Encode with the ``encode_*`` functions (bytes of the bare payload, Binance field names).
 
@@ -224,7 +224,7 @@ class BookTicker:
         self.ask_qty = ask_qty
 
 
-class DepthDiff:
+class DepthUpdate:
     """Levels changed by updates ``U..u`` with their new absolute qty (0 = removed)."""
 
     __slots__ = ("E", "U", "asks", "bids", "speed", "symbol", "u")
@@ -407,7 +407,7 @@ def _levels(levels: list[tuple[int, int]]) -> str:
     return ",".join(f'["{fmt_units(p)}","{fmt_units(q)}"]' for p, q in levels)
 
 
-def encode_depth_diff(ev: DepthDiff) -> bytes:
+def encode_depth_diff(ev: DepthUpdate) -> bytes:
     return (
         f'{{"e":"depthUpdate","E":{ev.E},"s":"{ev.symbol}","U":{ev.U},"u":{ev.u},'
         f'"b":[{_levels(ev.bids)}],"a":[{_levels(ev.asks)}]}}'
@@ -994,13 +994,13 @@ class Market:
         self._events = []
         return out
 
-    def flush_depth(self, symbol: str, speed_ms: int, now_ms: int) -> DepthDiff | None:
+    def flush_depth(self, symbol: str, speed_ms: int, now_ms: int) -> DepthUpdate | None:
         """The diff-depth event for one speed covering all updates since its last flush."""
         st = self._sym(symbol)
         acc = st.accs[speed_ms]
         if acc.first == 0:
             return None
-        ev = DepthDiff(
+        ev = DepthUpdate(
             st.symbol,
             speed_ms,
             now_ms,

@@ -299,7 +299,7 @@ def parse_client_id(params: Mapping[str, str], name: str) -> str | None:
 
 
 @dataclass
-class Balance:
+class AssetBalance:
     free: Decimal = ZERO
     locked: Decimal = ZERO
 
@@ -309,13 +309,13 @@ class Account:
     """One trading account; the simulator maps each API key to its own account."""
 
     name: str
-    balances: dict[str, Balance] = field(default_factory=dict)
+    balances: dict[str, AssetBalance] = field(default_factory=dict)
     update_time: int = 0
 
-    def bal(self, asset: str) -> Balance:
+    def bal(self, asset: str) -> AssetBalance:
         b = self.balances.get(asset)
         if b is None:
-            b = self.balances[asset] = Balance()
+            b = self.balances[asset] = AssetBalance()
         return b
 
 
@@ -531,7 +531,7 @@ class Venue:
         if balances:
             start.update({k: Decimal(v) for k, v in balances.items()})
         for asset, amount in start.items():
-            acct.balances[asset] = Balance(free=amount)
+            acct.balances[asset] = AssetBalance(free=amount)
         self.accounts[name] = acct
         return acct
 

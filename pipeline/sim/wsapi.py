@@ -13,7 +13,7 @@ Layers
   ``close_session``. ``handle`` returns a :class:`Reply` (the response frame, the session-local
   frames to send before it, the user-data events it caused, whether to disconnect, how long to
   delay it). :meth:`WsApiService.dispatch` pushes user-data events to every subscribed session
-  through ``Session.push`` (also called by the venue for fills caused by the market walk).
+  through ``ApiSession.push`` (also called by the venue for fills caused by the market walk).
 - :func:`serve_connection` is the thin asyncio shell the server calls per connection.
 
 Choices where Binance is silent or the reference says UNCONFIRMED (README-worthy):
@@ -184,7 +184,7 @@ def parse_public_key(data: bytes | str) -> bytes:
 
 
 @dataclass
-class Session:
+class ApiSession:
     """Per-connection state; it dies with the connection (accounts/orders live in the venue)."""
 
     conn_id: int
@@ -295,8 +295,8 @@ class WsApiService:
         self.venue.first_fill_sink = self._first_fill
         self._ips: dict[str, IpLimits] = {}
         self._orders: dict[str, OrderLimits] = {}
-        self.sessions: dict[int, Session] = {}
-        self._subs: dict[str, dict[tuple[int, int], Session]] = {}  # acct -> (conn, sub) -> sess
+        self.sessions: dict[int, ApiSession] = {}
+        self._subs: dict[str, dict[tuple[int, int], ApiSession]] = {}  # acct -> (conn, sub) -> sess
         self._next_conn = 1
         self.counters: dict[str, int] = {
             "connections": 0,
@@ -373,10 +373,10 @@ class WsApiService:
 
     # ---------------------------------------------------------------- sessions
 
-    def open_session(self, ip: str, path: str = "/ws-api/v3") -> Session:
+    def open_session(self, ip: str, path: str = "/ws-api/v3") -> ApiSession:
         """A new connection: counts CONNECT_WEIGHT against the IP (section 4)."""
         now = self.clock_ms()
-        s = Session(conn_id=self._next_conn, ip=ip, connected_since=now)
+        s = ApiSession(conn_id=self._next_conn, ip=ip, connected_since=now)
         self._next_conn += 1
         if "returnRateLimits=false" in path:
             s.return_rate_limits = False
@@ -385,7 +385,7 @@ class WsApiService:
         self.counters["connections"] += 1
         return s
 
-    def close_session(self, s: Session) -> None:
+    def close_session(self, s: ApiSession) -> None:
         """Connection gone: its logon and subscriptions vanish with it."""
         s.closed = True
         for sub_id in list(s.subscriptions):
@@ -421,7 +421,7 @@ class WsApiService:
                 sess.push(b'{"subscriptionId":%d,"event":%s}' % (sub_id, body))
                 self.counters["events_sent"] += 1
 
-    def _add_sub(self, s: Session, account: str, via_logon: bool) -> int:
+    def _add_sub(self, s: ApiSession, account: str, via_logon: bool) -> int:
         if any(acct == account for acct, _ in s.subscriptions.values()):
             raise VenueError(-2035, "User Data Stream subscription already active.")
         if len(s.subscriptions) >= _MAX_CONCURRENT_SUBS or s.subs_total >= _MAX_TOTAL_SUBS:
@@ -432,7 +432,7 @@ class WsApiService:
         self._subs.setdefault(account, {})[(s.conn_id, sub_id)] = s
         return sub_id
 
-    def _drop_sub(self, s: Session, sub_id: int) -> bytes:
+    def _drop_sub(self, s: ApiSession, sub_id: int) -> bytes:
         account, _ = s.subscriptions.pop(sub_id)
         targets = self._subs.get(account)
         if targets is not None:
@@ -444,7 +444,7 @@ class WsApiService:
 
     # ---------------------------------------------------------------- requests
 
-    def handle(self, s: Session, frame: str | bytes) -> Reply:
+    def handle(self, s: ApiSession, frame: str | bytes) -> Reply:
         """One request frame -> its :class:`Reply`. Never raises for bad input."""
         now = self.clock_ms()
         self.counters["requests"] += 1
@@ -548,7 +548,7 @@ class WsApiService:
     # ---------------------------------------------------------------- envelope
 
     def _rate_limits(
-        self, s: Session, req: _Req | None, now: int, account: str | None
+        self, s: ApiSession, req: _Req | None, now: int, account: str | None
     ) -> list[dict[str, Any]] | None:
         flag = req.params.get("returnRateLimits") if req is not None else None
         if flag == "false" or (flag is None and not s.return_rate_limits):
@@ -561,7 +561,7 @@ class WsApiService:
 
     def _envelope(
         self,
-        s: Session,
+        s: ApiSession,
         req: _Req,
         now: int,
         *,
@@ -639,7 +639,7 @@ class WsApiService:
             raise VenueError(-1022, MSG_BAD_SIG) from None
         return key
 
-    def _authenticate(self, s: Session, req: _Req, now: int) -> str:
+    def _authenticate(self, s: ApiSession, req: _Req, now: int) -> str:
         p = req.params
         if "apiKey" in p or "signature" in p:
             account = self._verify(p, now)
@@ -653,7 +653,7 @@ class WsApiService:
 
     # ---------------------------------------------------------------- methods
 
-    def _session_info(self, s: Session, now: int) -> dict[str, Any]:
+    def _session_info(self, s: ApiSession, now: int) -> dict[str, Any]:
         # null = no user data stream available (not logged on), else whether one is active
         uds = bool(s.subscriptions) if s.api_key is not None or s.subscriptions else None
         return {
@@ -665,13 +665,13 @@ class WsApiService:
             "userDataStream": uds,
         }
 
-    def _end_logon_subs(self, s: Session) -> list[bytes]:
+    def _end_logon_subs(self, s: ApiSession) -> list[bytes]:
         return [
             self._drop_sub(s, sid) for sid, (_, logon) in list(s.subscriptions.items()) if logon
         ]
 
     def _dispatch_method(
-        self, s: Session, req: _Req, now: int, before: list[bytes], events: list[Event]
+        self, s: ApiSession, req: _Req, now: int, before: list[bytes], events: list[Event]
     ) -> tuple[int, Any]:
         """Run one method; fills ``before`` (session frames) and ``events`` (user data)."""
         m, p = req.method, req.params
@@ -787,7 +787,7 @@ class WsApiService:
         return None
 
     def _order_method(
-        self, s: Session, req: _Req, account: str, now: int, events: list[Event]
+        self, s: ApiSession, req: _Req, account: str, now: int, events: list[Event]
     ) -> tuple[int, Any]:
         """order.place / order.cancelReplace: unfilled-order limits, faults, then the venue."""
         p = req.params
@@ -953,7 +953,7 @@ def _discard(frame: bytes) -> None:
     """Frames for a closed session (e.g. a delayed response) go nowhere."""
 
 
-def _push_if_open(session: Session, frame: bytes) -> None:
+def _push_if_open(session: ApiSession, frame: bytes) -> None:
     if not session.closed:
         session.push(frame)
 
