@@ -34,7 +34,7 @@ from ipc_baselines import (
 )
 
 from pipeline.ipc.records import TICK_DTYPE
-from pipeline.ipc.ring import RingReader, RingWriter
+from pipeline.ipc.segments import RingReader, RingWriter
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
 

@@ -104,7 +104,7 @@ class Sender:
 
 class RingSender(Sender):
     def __init__(self, name: str, capacity: int = 1 << 20) -> None:
-        from pipeline.ipc.ring import RingWriter
+        from pipeline.ipc.segments import RingWriter
 
         self.name = name
         self.w = RingWriter.create(name, TICK_DTYPE, capacity)
@@ -276,7 +276,7 @@ def _receiver(kind: str, args: dict[str, Any]) -> tuple[Callable[[], Any], Calla
     most ~50 ms for blocking transports."""
     empty = (np.empty(0, np.int64), np.empty(0, np.int64))
     if kind in ("ring", "ring_sleep"):
-        from pipeline.ipc.ring import RingReader
+        from pipeline.ipc.segments import RingReader
 
         r = RingReader.attach(args["ring"], name=kind)
         if kind == "ring":

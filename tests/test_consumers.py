@@ -29,7 +29,7 @@ from pipeline.consumers.risk import (
     field_name,
 )
 from pipeline.ipc.records import TICK_DTYPE, Kind
-from pipeline.ipc.ring import RingWriter
+from pipeline.ipc.segments import RingWriter
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.ipc.metrics import MetricsBlock
 from pipeline.ipc.records import TICK_DTYPE
-from pipeline.ipc.ring import RingReader, RingWriter
+from pipeline.ipc.segments import RingReader, RingWriter
 from pipeline.ops.health import (
     collect,
     evaluate,
@@ -303,7 +303,7 @@ HEARTBEAT_CHILD = r"""
 import signal, sys, threading
 from pipeline.ipc.metrics import MetricsBlock
 from pipeline.ipc.records import TICK_DTYPE
-from pipeline.ipc.ring import RingWriter
+from pipeline.ipc.segments import RingWriter
 
 ring, block = sys.argv[1], sys.argv[2]
 w = RingWriter.create(ring, TICK_DTYPE, 1024, ["BTCUSDT"])

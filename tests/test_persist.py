@@ -28,7 +28,7 @@ from pipeline.consumers.persist import (
     rows_from_batch,
 )
 from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
-from pipeline.ipc.ring import RingWriter
+from pipeline.ipc.segments import RingWriter
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 

@@ -419,7 +419,7 @@ def test_a_lapped_reader_never_takes_a_staged_slot_for_a_good_one() -> None:
 
 
 def test_nap_schedule_spins_then_doubles_then_relaxes() -> None:
-    from pipeline.ipc.ring import IdlePolicy, nap_schedule, next_nap
+    from pipeline.ipc.idle import IdlePolicy, nap_schedule, next_nap
 
     p = IdlePolicy(spin_s=50e-6, first_nap_s=10e-6, max_sleep_s=200e-6, relax_after_s=0.01,
                    relaxed_max_sleep_s=1e-3)
@@ -437,7 +437,7 @@ def test_nap_schedule_spins_then_doubles_then_relaxes() -> None:
 
 
 def test_idle_profiles_trade_latency_for_cpu() -> None:
-    from pipeline.ipc.ring import IDLE_PROFILES, nap_schedule
+    from pipeline.ipc.idle import IDLE_PROFILES, nap_schedule
 
     wakeups = {name: len(nap_schedule(p, 1.0)) for name, p in IDLE_PROFILES.items()}
     worst = {name: max(n for _, n in nap_schedule(p, 1.0)) for name, p in IDLE_PROFILES.items()}
@@ -453,7 +453,7 @@ def test_idle_profiles_trade_latency_for_cpu() -> None:
 
 
 def test_idle_policy_validation() -> None:
-    from pipeline.ipc.ring import IdlePolicy, idle_policy
+    from pipeline.ipc.idle import IdlePolicy, idle_policy
 
     with pytest.raises(ValueError, match="first_nap_s"):
         IdlePolicy(first_nap_s=0.0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.ipc.records import TICK_DTYPE
-from pipeline.ipc.ring import RingReader, RingWriter, ring_stats
+from pipeline.ipc.segments import RingReader, RingWriter, ring_stats
 
 pytestmark = pytest.mark.slow
 

@@ -86,7 +86,7 @@ def test_attach_can_wait_for_a_writer_that_starts_later(shm_name: str) -> None:
     child = run_child(
         """
         import sys, time
-        from pipeline.ipc.ring import RingWriter
+        from pipeline.ipc.segments import RingWriter
         time.sleep(0.2)
         w = RingWriter.create(sys.argv[1], "<i8", 8)
         w.publish((7).to_bytes(8, "little"))
@@ -163,7 +163,7 @@ def test_writer_restart_after_crash_bumps_generation_and_reader_resyncs(shm_name
     child = run_child(
         """
         import sys, numpy as np
-        from pipeline.ipc.ring import RingWriter
+        from pipeline.ipc.segments import RingWriter
         from pipeline.ipc.records import TICK_DTYPE
         w = RingWriter.create(sys.argv[1], TICK_DTYPE, 64)
         batch = np.zeros(5, TICK_DTYPE); batch["trade_id"] = np.arange(5)
@@ -238,7 +238,7 @@ def test_attached_reader_process_exit_does_not_unlink(writer: RingWriter, shm_na
     child = run_child(
         """
         import sys
-        from pipeline.ipc.ring import RingReader
+        from pipeline.ipc.segments import RingReader
         r = RingReader.attach(sys.argv[1], name="visitor", start="oldest")
         print(len(r.poll()), flush=True)
         # exit without close(): a resource_tracker, had it been involved, would unlink now
@@ -261,7 +261,7 @@ def test_stats_show_reader_lag_and_reap_dead_readers(writer: RingWriter, shm_nam
     child = run_child(
         """
         import sys
-        from pipeline.ipc.ring import RingReader
+        from pipeline.ipc.segments import RingReader
         r = RingReader.attach(sys.argv[1], name="doomed")
         print("ready", flush=True)
         sys.stdin.readline()
@@ -373,18 +373,18 @@ class FakeTime:
 
 @pytest.fixture
 def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
-    import pipeline.ipc.ring as ring_mod
+    import pipeline.ipc.segments as segments_mod
 
     ft = FakeTime()
-    monkeypatch.setattr(ring_mod.time, "perf_counter", ft.perf_counter)
-    monkeypatch.setattr(ring_mod.time, "sleep", ft.sleep)
+    monkeypatch.setattr(segments_mod.time, "perf_counter", ft.perf_counter)
+    monkeypatch.setattr(segments_mod.time, "sleep", ft.sleep)
     return ft
 
 
 def test_wait_naps_by_the_readers_idle_policy(
     writer: RingWriter, shm_name: str, fake_time: FakeTime
 ) -> None:
-    from pipeline.ipc.ring import IDLE_PROFILES, nap_schedule
+    from pipeline.ipc.idle import IDLE_PROFILES, nap_schedule
 
     with RingReader.attach(shm_name, idle="balanced", check_interval_s=1e9) as r:
         assert r.idle == IDLE_PROFILES["balanced"]
@@ -461,12 +461,12 @@ def test_a_full_dev_shm_is_a_clear_error_not_a_sigbus_later(
 ) -> None:
     import errno
 
-    import pipeline.ipc.ring as ring_mod
+    import pipeline.ipc.segments as segments_mod
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ring_mod.os, "posix_fallocate", no_space)
+    monkeypatch.setattr(segments_mod.os, "posix_fallocate", no_space)
     with pytest.raises(RingError, match=r"cannot allocate .* in /dev/shm"):
         RingWriter.create(shm_name, TICK_DTYPE, 1 << 12)
     assert not os.path.exists(f"/dev/shm/{shm_name}")  # nothing left behind
@@ -474,7 +474,7 @@ def test_a_full_dev_shm_is_a_clear_error_not_a_sigbus_later(
 
 def test_default_idle_profile_keeps_the_short_naps(writer: RingWriter, shm_name: str) -> None:
     """Readers that do not choose (order-reply waits) keep the 200 us cap however long idle."""
-    from pipeline.ipc.ring import IDLE_PROFILES, IdlePolicy
+    from pipeline.ipc.idle import IDLE_PROFILES, IdlePolicy
 
     with RingReader.attach(shm_name) as r:
         assert r.idle == IDLE_PROFILES["low-latency"]

@@ -99,7 +99,7 @@ def test_plan_live_mode_uses_config_endpoints_and_no_simulator(tmp_path: Path) -
 
 def test_cleanup_removes_only_segments_of_dead_owners(shm_name: str) -> None:
     code = (
-        "import sys,os,signal; from pipeline.ipc.ring import RingWriter;"
+        "import sys,os,signal; from pipeline.ipc.segments import RingWriter;"
         " from pipeline.ipc.records import TICK_DTYPE;"
         " w=RingWriter.create(sys.argv[1], TICK_DTYPE, 1024, ['A']);"
         " os.kill(os.getpid(), signal.SIGKILL)"
@@ -108,7 +108,7 @@ def test_cleanup_removes_only_segments_of_dead_owners(shm_name: str) -> None:
     subprocess.run([sys.executable, "-c", code, dead], check=False, timeout=60)
     assert Path(f"/dev/shm/{dead}").exists()
     from pipeline.ipc.records import TICK_DTYPE
-    from pipeline.ipc.ring import RingWriter
+    from pipeline.ipc.segments import RingWriter
 
     live = RingWriter.create(f"{shm_name}_live", TICK_DTYPE, 1024, ["A"])
     try:

@@ -186,7 +186,7 @@ VICTIM = textwrap.dedent(
     from pipeline.ipc import shm
     from pipeline.ipc.metrics import MetricsBlock
     from pipeline.trading.orders import OrderIntake
-    from pipeline.ipc.ring import RingReader
+    from pipeline.ipc.segments import RingReader
     out = {}
     for name in sys.argv[2:]:
         for what, call in (
@@ -291,7 +291,7 @@ PRIVATE_DIR = textwrap.dedent(
     """
     import os, sys
     from pipeline.ipc import shm
-    from pipeline.ipc.ring import RingReader, RingWriter
+    from pipeline.ipc.segments import RingReader, RingWriter
     from pipeline.ipc.records import TICK_DTYPE
     try:
         with RingWriter.create("r", TICK_DTYPE, 64):

@@ -125,7 +125,12 @@ def attach_with_retry(
     (``check_writer`` once per tick) instead of letting ``wait`` do it mid-wait.
 
     ``on_wait(now)`` runs before every retry sleep (the consumer's heartbeat while waiting)."""
-    from pipeline.ipc.ring import RingError, RingLayoutError, RingNotFoundError, RingReader
+    from pipeline.ipc.segments import (
+        RingError,
+        RingLayoutError,
+        RingNotFoundError,
+        RingReader,
+    )
     from pipeline.ipc.shm import UntrustedSegmentError
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

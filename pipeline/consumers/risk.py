@@ -360,7 +360,7 @@ class Risk:
             if now < self._next_attach:
                 return
             self._next_attach = now + 0.5
-            from pipeline.ipc.ring import RingError, RingReader
+            from pipeline.ipc.segments import RingError, RingReader
 
             try:
                 self.exec_reader = RingReader.attach(

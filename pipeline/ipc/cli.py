@@ -55,7 +55,7 @@ def format_stats(stats: dict[str, Any], now_ns: int | None = None) -> str:
 def _stats(args: argparse.Namespace) -> int:
     import orjson
 
-    from pipeline.ipc.ring import RingError, ring_stats
+    from pipeline.ipc.segments import RingError, ring_stats
 
     try:
         stats = ring_stats(args.name)
@@ -70,7 +70,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pipeline.ipc.ring import list_rings
+    from pipeline.ipc.segments import list_rings
 
     for name in list_rings(args.prefix):
         print(name)

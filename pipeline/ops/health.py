@@ -3,8 +3,8 @@
 Sources (no IPC with the processes, nothing they have to answer): the metrics blocks named
 ``pipeline.*`` in the segment directory (``/dev/shm``, or ``PIPELINE_SHM_DIR`` as the systemd
 units set it: run health as the services' user with the same value) and the tick ring's header and
-readers table (:func:`pipeline.ipc.ring.ring_stats`). :func:`evaluate` is pure: snapshots plus "now"
-in, a per-component verdict out, so every rule below is a unit test:
+readers table (:func:`pipeline.ipc.segments.ring_stats`). :func:`evaluate` is pure: snapshots plus
+"now" in, a per-component verdict out, so every rule below is a unit test:
 
 * **trading** (``pipeline.trading.metrics``): unhealthy unless ``state`` is READY and its writer
   is alive. Reported: state (name), reconnects, last_rtt_us, orders_unknown, and the rest.
@@ -211,7 +211,7 @@ def collect(
     now_ns: Callable[[], int] = time.time_ns,
 ) -> dict[str, Any]:
     """Read shared memory and :func:`evaluate` it."""
-    from pipeline.ipc.ring import RingError, ring_stats
+    from pipeline.ipc.segments import RingError, ring_stats
 
     blocks, refused = snapshot_blocks(prefix)
     ring_info: dict[str, Mapping[str, Any] | None] = {}

@@ -226,12 +226,12 @@ def cleanup_segments(names: Sequence[str], prefix: str = "pipeline.") -> list[st
     process is dead (never one with a live owner: another pipeline may be running). Returns
     what was removed."""
     from pipeline.ipc import shm
+    from pipeline.ipc.layout import MAGIC as RING_MAGIC
+    from pipeline.ipc.layout import W_WRITER_PID as R_PID
+    from pipeline.ipc.layout import W_WRITER_START as R_START
     from pipeline.ipc.metrics import MAGIC as METRICS_MAGIC
     from pipeline.ipc.metrics import W_WRITER_PID as M_PID
     from pipeline.ipc.metrics import W_WRITER_START as M_START
-    from pipeline.ipc.ring import MAGIC as RING_MAGIC
-    from pipeline.ipc.ring import W_WRITER_PID as R_PID
-    from pipeline.ipc.ring import W_WRITER_START as R_START
 
     removed = []
     candidates = set(shm.list_names(prefix)) | {n for n in names if (shm.SHM_DIR / n).exists()}
