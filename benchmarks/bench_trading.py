@@ -2,7 +2,7 @@
 
 Three processes, as in production: the simulator (a spawned child with unlimited order/weight
 limits so the benchmark measures latency, not rate limiting), ``pipeline trade`` (a subprocess)
-and the strategy (this process, an :class:`pipeline.trading.orders.OrderClient`). Each round places
+and the strategy (this process, an :class:`pipeline.trading.client.OrderClient`). Each round places
 a resting LIMIT order far from the market, waits for its ACK on the execution ring, and cancels
 it (so the book stays small). The ACK record carries four wall-clock stamps::
 
@@ -101,7 +101,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 def test_order_round_trip(stack: dict[str, Any], benchmark: Any) -> None:
-    from pipeline.trading.orders import CANCEL_ANSWERS, OrderClient
+    from pipeline.trading.client import CANCEL_ANSWERS, OrderClient
 
     price = round(stack["bid"] * 0.5, 2)
     client = OrderClient.attach(f"{stack['tag']}c", exec_ring=stack["exec_ring"])

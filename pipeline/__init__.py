@@ -26,9 +26,9 @@ _EXPORTS: dict[str, str] = {
     "Kind": "pipeline.ipc.records",
     "Flags": "pipeline.ipc.records",
     "MetricsBlock": "pipeline.ipc.metrics",
-    "OrderClient": "pipeline.trading.orders",
-    "ExecReport": "pipeline.trading.orders",
-    "TradingNotRunningError": "pipeline.trading.orders",
+    "OrderClient": "pipeline.trading.client",
+    "ExecReport": "pipeline.trading.client",
+    "TradingNotRunningError": "pipeline.trading.client",
 }
 
 __all__ = [
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads l
     from pipeline.ipc.metrics import MetricsBlock
     from pipeline.ipc.records import TICK_DTYPE, TICK_RING, Flags, Kind
     from pipeline.ipc.ring import RingError, RingReader, RingWriter
-    from pipeline.trading.orders import ExecReport, OrderClient, TradingNotRunningError
+    from pipeline.trading.client import ExecReport, OrderClient, TradingNotRunningError
 
 
 def __getattr__(name: str) -> Any:

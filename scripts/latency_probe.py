@@ -466,7 +466,7 @@ def run_orders(
     args: argparse.Namespace, ref_price: float, samples: StageSamples, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Submit ``args.orders`` resting orders one at a time, cancel each, time every answer."""
-    from pipeline.trading.orders import CANCEL_ANSWERS, OrderClient
+    from pipeline.trading.client import CANCEL_ANSWERS, OrderClient
 
     pid, snap = wait_trading_ready(args.exec_ring, args.trading_metrics,
                                    max(args.attach_wait, args.order_timeout))

@@ -313,7 +313,7 @@ def test_limits_table_is_shared_and_fails_closed(shm_name: str) -> None:
 
 def test_risk_consumer_reads_exec_ring_and_publishes(shm_name: str) -> None:
     from pipeline.ipc.metrics import MetricsBlock
-    from pipeline.trading.orders import EXEC_DTYPE
+    from pipeline.trading.wire import EXEC_DTYPE
 
     ticks_w = RingWriter.create(f"{shm_name}.t", TICK_DTYPE, 1024, SYMBOLS)
     exec_w = RingWriter.create(f"{shm_name}.x", EXEC_DTYPE, 1024)

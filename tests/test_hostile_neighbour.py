@@ -31,7 +31,7 @@ from test_shm_trust import NOBODY, as_nobody, order_ring_bytes
 
 from pipeline.cli import main
 from pipeline.ipc import shm
-from pipeline.trading.orders import OrderClient
+from pipeline.trading.client import OrderClient
 
 testing = pytest.importorskip("pipeline.sim.testing")
 

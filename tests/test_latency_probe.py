@@ -279,7 +279,7 @@ def test_probe_missing_ring_is_a_clear_error(shm_name: str) -> None:
 def test_orders_refused_when_trading_is_not_on_loopback(shm_name: str) -> None:
     """The execution ring's writer is this pytest process, whose command line names no loopback
     WS API URL: the probe must refuse before creating an order ring or sending anything."""
-    from pipeline.trading.orders import EXEC_DTYPE
+    from pipeline.trading.wire import EXEC_DTYPE
 
     with RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=["BTCUSDT"]), \
             RingWriter.create(shm_name + ".exec", EXEC_DTYPE, 1 << 10):

@@ -15,20 +15,17 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.ipc.ring import RingWriter
-from pipeline.trading.orders import (
+from pipeline.trading.client import ClientOrderIds, ExecReport, OrderClient, TradingNotRunningError
+from pipeline.trading.intake import OrderIntake
+from pipeline.trading.session import CLIENT_ORDER_ID_RE, ExecKind, ExecUpdate, OrderStatus
+from pipeline.trading.wire import (
     EXEC_DTYPE,
     LOCAL_STALE,
     ORDER_DTYPE,
-    Action,
-    ClientOrderIds,
-    ExecReport,
-    OrderClient,
-    OrderIntake,
-    TradingNotRunningError,
+    OrderAction,
     client_id_of,
     exec_record,
 )
-from pipeline.trading.session import CLIENT_ORDER_ID_RE, ExecKind, ExecUpdate, OrderStatus
 
 
 def test_dtypes_are_aligned_and_fixed() -> None:
@@ -88,7 +85,7 @@ def test_client_to_intake_and_back(shm_name: str) -> None:
     intake = OrderIntake(start_time_ns=time.time_ns() - 1, prefix=f"{shm_name}.o.")
     client = None
     try:
-        import pipeline.trading.orders as orders
+        import pipeline.trading.client as orders
 
         client_name = "c1"
         orig_prefix = orders.ORDER_RING_PREFIX
@@ -103,7 +100,11 @@ def test_client_to_intake_and_back(shm_name: str) -> None:
         assert intake.scan() == 1
         cmds, rejects = intake.poll(time.time_ns())
         assert not rejects
-        assert [c.action for c in cmds] == [Action.PLACE, Action.CANCEL, Action.MODIFY]
+        assert [c.action for c in cmds] == [
+            OrderAction.PLACE,
+            OrderAction.CANCEL,
+            OrderAction.MODIFY,
+        ]
         place = cmds[0]
         assert (place.client_order_id, place.symbol, place.side, place.type, place.tif) == (
             coid,
@@ -360,7 +361,8 @@ def test_trade_cli_refuses_a_second_instance(
 
 
 def test_reply_chunks_reassemble_and_interleave() -> None:
-    from pipeline.trading.orders import REPLY_CHUNK, REPLY_DTYPE, ReplyAssembler, reply_records
+    from pipeline.trading.client import ReplyAssembler
+    from pipeline.trading.wire import REPLY_CHUNK, REPLY_DTYPE, reply_records
 
     big = json.dumps({"balances": [{"asset": f"A{i}", "free": "1.5"} for i in range(400)]})
     payload = big.encode()
@@ -382,7 +384,7 @@ def test_reply_chunks_reassemble_and_interleave() -> None:
 
 
 def test_reply_ring_name_follows_the_exec_ring() -> None:
-    from pipeline.trading.orders import REPLY_RING, reply_ring_for
+    from pipeline.trading.wire import REPLY_RING, reply_ring_for
 
     assert reply_ring_for("pipeline.trading.exec") == REPLY_RING
     assert reply_ring_for("pt_1_x.exec") == "pt_1_x.replies"
@@ -390,35 +392,30 @@ def test_reply_ring_name_follows_the_exec_ring() -> None:
 
 
 def test_request_needs_a_running_trading_process(shm_name: str) -> None:
-    from pipeline.trading.orders import Action
+    from pipeline.trading.wire import OrderAction
 
     exec_ring = RingWriter.create(f"{shm_name}.exec", EXEC_DTYPE, 64)
     try:
         with OrderClient.attach("rq", exec_ring=f"{shm_name}.exec", prefix=f"{shm_name}.o.") as c:
             with pytest.raises(ValueError, match="symbol"):
-                c.request(Action.CANCEL_ALL)
+                c.request(OrderAction.CANCEL_ALL)
             with pytest.raises(ValueError):
-                c.request(Action.PLACE)
+                c.request(OrderAction.PLACE)
             with pytest.raises(TradingNotRunningError, match="replies"):
-                c.request(Action.ACCOUNT)  # the exec ring exists, the reply ring does not
+                c.request(OrderAction.ACCOUNT)  # the exec ring exists, the reply ring does not
     finally:
         exec_ring.close()
 
 
 def test_wait_reply_reports_a_lapped_reader_and_times_out(shm_name: str) -> None:
-    from pipeline.trading.orders import (
-        REPLY_DTYPE,
-        Action,
-        ReplyLostError,
-        client_id_of,
-        reply_records,
-    )
+    from pipeline.trading.client import ReplyLostError
+    from pipeline.trading.wire import REPLY_DTYPE, OrderAction, client_id_of, reply_records
 
     exec_ring = RingWriter.create(f"{shm_name}.exec", EXEC_DTYPE, 64)
     replies = RingWriter.create(f"{shm_name}.replies", REPLY_DTYPE, 8)
     try:
         with OrderClient.attach("lap", exec_ring=f"{shm_name}.exec", prefix=f"{shm_name}.o.") as c:
-            rid = c.request(Action.ACCOUNT)
+            rid = c.request(OrderAction.ACCOUNT)
             with pytest.raises(TimeoutError):
                 c.wait_reply(rid, timeout=0.05)
             # our answer, then 20 records for another client: this reader (capacity 8) is
@@ -429,7 +426,7 @@ def test_wait_reply_reports_a_lapped_reader_and_times_out(shm_name: str) -> None
             with pytest.raises(ReplyLostError, match="lapped"):
                 c.wait_reply(rid, timeout=2.0)
             # the next answer arrives whole
-            rid2 = c.request(Action.OPEN_ORDERS, "BTCUSDT")
+            rid2 = c.request(OrderAction.OPEN_ORDERS, "BTCUSDT")
             replies.publish_many(reply_records(c.client_id, rid2, b'{"ok": true, "result": []}'))
             assert c.wait_reply(rid2, timeout=2.0) == {"ok": True, "result": []}
     finally:
@@ -438,7 +435,8 @@ def test_wait_reply_reports_a_lapped_reader_and_times_out(shm_name: str) -> None
 
 
 def test_reply_assembler_is_bounded() -> None:
-    from pipeline.trading.orders import MAX_REPLY_CHUNKS, REPLY_CHUNK, ReplyAssembler, reply_records
+    from pipeline.trading.client import ReplyAssembler
+    from pipeline.trading.wire import MAX_REPLY_CHUNKS, REPLY_CHUNK, reply_records
 
     asm = ReplyAssembler(7)
     # replies whose first chunk was lapped never complete: at most MAX_PENDING are kept

@@ -22,16 +22,9 @@ import pytest
 
 from pipeline.ipc import shm
 from pipeline.ipc.ring import RingWriter
-from pipeline.trading.orders import (
-    EXEC_DTYPE,
-    LOCAL_STALE,
-    REPLY_DTYPE,
-    Action,
-    OrderCommand,
-    OrderIntake,
-    reply_ring_for,
-)
+from pipeline.trading.intake import OrderCommand, OrderIntake
 from pipeline.trading.session import ExecUpdate
+from pipeline.trading.wire import EXEC_DTYPE, LOCAL_STALE, REPLY_DTYPE, OrderAction, reply_ring_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,17 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIENT = textwrap.dedent(
     """
     import sys, time
-    from pipeline.trading.orders import Action, OrderClient
+    from pipeline.trading.client import OrderClient
+    from pipeline.trading.wire import OrderAction
     exec_ring, prefix, name, mode = sys.argv[1:5]
     c = OrderClient.attach(name, exec_ring=exec_ring, prefix=prefix)
     c.place(symbol="BTCUSDT", side="BUY", qty=1.0, price=10.0, client_order_id="p-1")
     if mode == "stepwise":
         print("first", flush=True)
         sys.stdin.readline()
-    c.request(Action.CANCEL_ALL, "BTCUSDT")
+    c.request(OrderAction.CANCEL_ALL, "BTCUSDT")
     c.status("p-1", symbol="BTCUSDT")
-    c.request(Action.ACCOUNT)
-    c.request(Action.OPEN_ORDERS)
+    c.request(OrderAction.ACCOUNT)
+    c.request(OrderAction.OPEN_ORDERS)
     print("ready", flush=True)
     time.sleep(600)
     """
@@ -125,11 +119,11 @@ def test_dead_clients_cancel_all_is_issued_once_and_its_ring_reaped(
     try:
         cmds, rejects = cycles(intake, 6)
         assert [c.action for c in cmds] == [
-            Action.PLACE,
-            Action.CANCEL_ALL,
-            Action.STATUS,
-            Action.ACCOUNT,
-            Action.OPEN_ORDERS,
+            OrderAction.PLACE,
+            OrderAction.CANCEL_ALL,
+            OrderAction.STATUS,
+            OrderAction.ACCOUNT,
+            OrderAction.OPEN_ORDERS,
         ]
         assert rejects == []
         assert not ring_path.exists(), "the dead client's ring was not reaped"
@@ -158,10 +152,10 @@ def test_records_a_dead_client_left_unread_are_drained_once(rings: tuple[str, st
     try:
         cmds, rejects = cycles(intake, 6)
         assert [c.action for c in cmds] == [
-            Action.CANCEL_ALL,
-            Action.STATUS,
-            Action.ACCOUNT,
-            Action.OPEN_ORDERS,
+            OrderAction.CANCEL_ALL,
+            OrderAction.STATUS,
+            OrderAction.ACCOUNT,
+            OrderAction.OPEN_ORDERS,
         ]
         assert rejects == []
         assert not (shm.SHM_DIR / f"{prefix}dead2").exists()
@@ -247,7 +241,7 @@ def test_a_live_client_is_never_reaped(rings: tuple[str, str], shm_name: str) ->
 FULL_CLIENT = textwrap.dedent(
     """
     import sys, time
-    from pipeline.trading.orders import OrderClient
+    from pipeline.trading.client import OrderClient
     exec_ring, prefix, price = sys.argv[1], sys.argv[2], float(sys.argv[3])
     c = OrderClient.attach("crash", exec_ring=exec_ring, prefix=prefix)
     coid = c.place(symbol="BTCUSDT", side="BUY", qty=0.01, price=price)

@@ -39,7 +39,8 @@ from pipeline.ipc.ring import (
     format_header,
     list_rings,
 )
-from pipeline.trading.orders import ORDER_DTYPE, Action, OrderIntake
+from pipeline.trading.intake import OrderIntake
+from pipeline.trading.wire import ORDER_DTYPE, OrderAction
 
 ROOT = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -75,8 +76,8 @@ def order_ring_bytes(client_order_id: bytes) -> bytes:
     layout = RingLayout.compute(ORDER_DTYPE, 64)
     buf = bytearray(layout.total_size)
     format_header(buf, layout, writer_pid=os.getpid(), epoch_ns=time.time_ns())
-    rec = (int(Action.PLACE), 1, 1, 1, 7, 1.0, 1.0, time.time_ns(), b"BTCUSDT", client_order_id,
-           b"")  # fmt: skip
+    rec = (int(OrderAction.PLACE), 1, 1, 1, 7, 1.0, 1.0, time.time_ns(), b"BTCUSDT",
+           client_order_id, b"")  # fmt: skip
     WriterCore(buf, layout).publish(rec)
     return bytes(buf)
 
@@ -185,7 +186,7 @@ VICTIM = textwrap.dedent(
     import json, sys, time
     from pipeline.ipc import shm
     from pipeline.ipc.metrics import MetricsBlock
-    from pipeline.trading.orders import OrderIntake
+    from pipeline.trading.intake import OrderIntake
     from pipeline.ipc.segments import RingReader
     out = {}
     for name in sys.argv[2:]:

@@ -32,7 +32,6 @@ from pipeline.ipc import shm
 from pipeline.ipc.metrics import MetricsBlock
 from pipeline.ipc.ring import RingReader
 from pipeline.sim.testing import SimServer
-from pipeline.trading.orders import Action
 from pipeline.trading.process import EXIT_CRASH
 from pipeline.trading.session import (
     LOCAL_NOT_FOUND,
@@ -41,6 +40,7 @@ from pipeline.trading.session import (
     OrderStatus,
     State,
 )
+from pipeline.trading.wire import OrderAction
 
 pytestmark = pytest.mark.slow
 
@@ -271,7 +271,7 @@ async def test_reconciliation_of_40_unknown_orders_stays_within_budget(
 # ---- bullet 4: the outbox is bounded, with a clear reject ------------------------------------
 
 
-def _cmd(action: Action, coid: str, price: float) -> Any:
+def _cmd(action: OrderAction, coid: str, price: float) -> Any:
     return types.SimpleNamespace(
         action=action,
         client_order_id=coid,
@@ -309,7 +309,7 @@ async def test_outbox_is_bounded_orders_refused_then_connection_recycled(
             with RingReader.attach(f"{shm_name}.exec", "t") as reader:
                 price = _price(sim)
                 for i in range(20):
-                    tp._execute(_cmd(Action.PLACE, f"q{i}", price))
+                    tp._execute(_cmd(OrderAction.PLACE, f"q{i}", price))
                 tp._pump()
                 recs = _records(reader, seen)
                 refused = {

@@ -32,7 +32,7 @@ from pipeline.binance.keys import load_private_key
 from pipeline.ipc import shm
 from pipeline.ipc.metrics import MetricsBlock
 from pipeline.sim.testing import SimServer
-from pipeline.trading.orders import OrderClient
+from pipeline.trading.client import OrderClient
 from pipeline.trading.process import TradingConfig, TradingProcess
 from pipeline.trading.session import EXIT_AUTH, EXIT_GAVE_UP, OrderStatus, SessionConfig, State
 
@@ -621,8 +621,9 @@ def test_oversized_reply_becomes_an_error_reply(shm_name: str) -> None:
 
     from pipeline.binance.wsapi import Response
     from pipeline.ipc.ring import RingReader, RingWriter
-    from pipeline.trading.orders import LOCAL_REPLY_TOO_LARGE, REPLY_DTYPE, ReplyAssembler
+    from pipeline.trading.client import ReplyAssembler
     from pipeline.trading.process import _ReplyTag
+    from pipeline.trading.wire import LOCAL_REPLY_TOO_LARGE, REPLY_DTYPE
 
     cfg = TradingConfig(url="ws://127.0.0.1:9/", session=fast_config("k"), reply_capacity=8)
     tp = TradingProcess(cfg, None)

@@ -22,9 +22,10 @@ from simhelpers import async_test, until
 
 from pipeline.consumers.risk import LimitsTable, Risk, RiskBook, RiskLimits, field_name
 from pipeline.ipc.metrics import MetricsNotFoundError
-from pipeline.trading.orders import LOCAL_RISK, OrderClient
+from pipeline.trading.client import OrderClient
 from pipeline.trading.process import RiskGate, TradingConfig, TradingProcess
 from pipeline.trading.session import ExecKind, OrderStatus, SessionConfig, State
+from pipeline.trading.wire import LOCAL_RISK
 
 # ---- RiskGate (pure, fake view) ---------------------------------------------------------------
 

@@ -9,7 +9,7 @@
   ``--api-key-env``. ``--api-key KEY`` still works but puts the key in argv, where every local
   user can read it (``ps``): it warns, and is meant for interactive use only.
 - ``order place|cancel|modify|status`` talks to a running ``trade`` through
-  :class:`pipeline.trading.orders.OrderClient` and prints the answer as one JSON line;
+  :class:`pipeline.trading.client.OrderClient` and prints the answer as one JSON line;
   ``order open-orders [--symbol S]|cancel-all --symbol S|account`` print the exchange's JSON
   answer (``{"ok", "status", "result", "error", ...}``, carried on the reply ring).
   Exit 0 when the exchange accepted, 1 when it (or the risk check) refused or no answer came.
@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 
 def _register_trade(subparsers: Any) -> None:
-    from pipeline.trading.orders import EXEC_RING, ORDER_RING_PREFIX
+    from pipeline.trading.wire import EXEC_RING, ORDER_RING_PREFIX
 
     p = subparsers.add_parser(
         "trade",
@@ -284,7 +284,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _register_order(subparsers: Any) -> None:
-    from pipeline.trading.orders import EXEC_RING, ORDER_RING_PREFIX
+    from pipeline.trading.wire import EXEC_RING, ORDER_RING_PREFIX
 
     p = subparsers.add_parser("order", help="send an order to the running trading process")
     sub = p.add_subparsers(dest="order_command", metavar="ACTION")
@@ -346,15 +346,14 @@ def _register_order(subparsers: Any) -> None:
 def _order(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.trading.orders import (
+    from pipeline.trading.client import (
         CANCEL_ANSWERS,
-        LOCAL_RISK,
         STATUS_ANSWERS,
-        Action,
         OrderClient,
         ReplyLostError,
         TradingNotRunningError,
     )
+    from pipeline.trading.wire import LOCAL_RISK, OrderAction
 
     def out(obj: dict[str, Any]) -> None:
         print(json.dumps(obj, sort_keys=True))
@@ -372,9 +371,9 @@ def _order(args: argparse.Namespace) -> int:
         return 1
     kinds = None
     requests = {
-        "open-orders": Action.OPEN_ORDERS,
-        "cancel-all": Action.CANCEL_ALL,
-        "account": Action.ACCOUNT,
+        "open-orders": OrderAction.OPEN_ORDERS,
+        "cancel-all": OrderAction.CANCEL_ALL,
+        "account": OrderAction.ACCOUNT,
     }
     try:
         if args.order_command in requests:

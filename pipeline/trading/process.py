@@ -12,12 +12,12 @@ Shared memory it owns (names are constants so other processes can find them):
   :class:`pipeline.trading.session.State` (0 Disconnected, 1 Connecting, 2 Authenticating, 3 Ready,
   4 Reconnecting, 5 Failed); ``*_ns`` fields are wall-clock ns; ``last_error_code`` is a
   Binance code (< 0) or a ``LOCAL_*`` code of :mod:`pipeline.trading.session` (-9xxx).
-- :data:`pipeline.trading.orders.EXEC_RING` ``pipeline.trading.exec`` - the execution ring.
-- :data:`pipeline.trading.orders.REPLY_RING` ``pipeline.trading.replies`` (the exec ring's name
+- :data:`pipeline.trading.wire.EXEC_RING` ``pipeline.trading.exec`` - the execution ring.
+- :data:`pipeline.trading.wire.REPLY_RING` ``pipeline.trading.replies`` (the exec ring's name
   with ``.exec`` replaced by ``.replies``) - JSON answers to the account-level requests (open
-  orders, cancel-all, account), chunked (see :mod:`pipeline.trading.orders`).
+  orders, cancel-all, account), chunked (see :mod:`pipeline.trading.wire`).
 - It reads every ``pipeline.orders.<client>`` order ring
-  (:class:`pipeline.trading.orders.OrderIntake`).
+  (:class:`pipeline.trading.intake.OrderIntake`).
 
 systemd (``Type=notify``, ``WatchdogSec=``; :mod:`pipeline.ops.sdnotify`, no-ops outside systemd):
 READY=1 when the session first reaches Ready (logged on; sent once the metrics block shows it),
@@ -29,7 +29,7 @@ Pre-trade risk (``TradingConfig.risk_limits`` / ``pipeline trade --risk-limits N
 place and modify is checked by :class:`RiskGate` against the risk consumer's limits table
 (:class:`pipeline.consumers.risk.LimitsView`) plus this process's own in-flight orders; a
 refused order never reaches the exchange and is answered on the exec ring with a REJECT,
-``error_code`` :data:`pipeline.trading.orders.LOCAL_RISK` and ``error_msg`` naming the limit.
+``error_code`` :data:`pipeline.trading.wire.LOCAL_RISK` and ``error_msg`` naming the limit.
 
 Exit codes: 0 after SIGTERM/SIGINT (segments unlinked), 3 when the exchange rejected the
 logon (wrong key: not retried), 4 after ``max_attempts`` failed reconnects, :data:`EXIT_CRASH`
@@ -71,23 +71,7 @@ from pipeline.ipc.metrics import MetricsBlock, MetricsError
 from pipeline.ipc.ring import RingWriter
 from pipeline.logs import RateLimitedLog
 from pipeline.ops import sdnotify
-from pipeline.trading.orders import (
-    EXEC_DTYPE,
-    EXEC_RING,
-    LOCAL_REPLY_TOO_LARGE,
-    LOCAL_RISK,
-    MAX_REPLY_BYTES,
-    ORDER_RING_PREFIX,
-    REPLY_CAPACITY,
-    REPLY_CHUNK,
-    REPLY_DTYPE,
-    REQUEST_METHODS,
-    Action,
-    OrderIntake,
-    exec_record,
-    reply_records,
-    reply_ring_for,
-)
+from pipeline.trading.intake import OrderIntake
 from pipeline.trading.session import (
     ERROR_TEXT,
     FLOAT_METRICS,
@@ -106,6 +90,22 @@ from pipeline.trading.session import (
     Session,
     SessionConfig,
     State,
+)
+from pipeline.trading.wire import (
+    EXEC_DTYPE,
+    EXEC_RING,
+    LOCAL_REPLY_TOO_LARGE,
+    LOCAL_RISK,
+    MAX_REPLY_BYTES,
+    ORDER_RING_PREFIX,
+    REPLY_CAPACITY,
+    REPLY_CHUNK,
+    REPLY_DTYPE,
+    REQUEST_METHODS,
+    OrderAction,
+    exec_record,
+    reply_records,
+    reply_ring_for,
 )
 
 log = logging.getLogger("pipeline.trading")
@@ -130,7 +130,7 @@ SHELL_FIELDS: tuple[str, ...] = (
     "heartbeat_interval_ms",
     "exec_sanitized",
     "outbox_full_rejects",
-    # pipeline.orders.OrderIntake.metrics(): what the shm intake refused, reaped or dropped
+    # pipeline.trading.intake.OrderIntake.metrics(): what the shm intake refused, reaped or dropped
     "orders_bad",
     "order_rings_reaped",
     "order_rings_refused",
@@ -651,7 +651,7 @@ class TradingProcess:
                     self._risk.published(u.client_order_id, u.kind, u.status, cursor)
 
     def _send_reply(self, tag: _ReplyTag, resp: Response) -> None:
-        """An account-level answer, as chunked JSON on the reply ring (see pipeline.orders)."""
+        """An account-level answer, as chunked JSON on the reply ring (see trading.wire)."""
         if self._reply_w is None:
             return
         err = resp.error
@@ -902,8 +902,8 @@ class TradingProcess:
             self._send_reply(tag, Response(None, 503, None, ApiError(LOCAL_OUTBOX_FULL, text)))
             return
         kind = {
-            Action.CANCEL: ExecKind.CANCEL_REJECT,
-            Action.STATUS: ExecKind.STATUS,
+            OrderAction.CANCEL: ExecKind.CANCEL_REJECT,
+            OrderAction.STATUS: ExecKind.STATUS,
         }.get(cmd.action, ExecKind.REJECT)
         order = self.session.order_status(cmd.client_order_id)
         status = OrderStatus.REJECTED if kind is ExecKind.REJECT else (order or OrderStatus.UNKNOWN)
@@ -938,7 +938,7 @@ class TradingProcess:
         if self._outbox_busy():
             self._refuse_busy(cmd)
             return
-        if cmd.action is Action.PLACE:
+        if cmd.action is OrderAction.PLACE:
             if self._risk_refused(cmd, cmd.symbol, cmd.side):
                 return
             sent = s.place(
@@ -954,9 +954,9 @@ class TradingProcess:
             )
             if sent and self._risk is not None:
                 self._risk.sent(cmd.client_order_id, cmd.symbol, cmd.side, cmd.qty)
-        elif cmd.action is Action.CANCEL:
+        elif cmd.action is OrderAction.CANCEL:
             s.cancel(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)
-        elif cmd.action is Action.MODIFY:
+        elif cmd.action is OrderAction.MODIFY:
             info = s.order_info(cmd.orig_client_order_id)
             symbol = cmd.symbol or (info[0] if info else "")
             side = cmd.side or (info[1] if info else "")
@@ -976,15 +976,15 @@ class TradingProcess:
             )
             if sent and self._risk is not None:
                 self._risk.sent(cmd.client_order_id, symbol, side, cmd.qty)
-        elif cmd.action is Action.STATUS:
+        elif cmd.action is OrderAction.STATUS:
             s.query(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)
         elif cmd.action in REQUEST_METHODS:
             method = REQUEST_METHODS[cmd.action]
             tag = _ReplyTag(cmd.client_id, cmd.client_order_id, method)
             params: dict[str, Any] = {"symbol": cmd.symbol} if cmd.symbol else {}
-            if cmd.action is Action.ACCOUNT:
+            if cmd.action is OrderAction.ACCOUNT:
                 params = {"omitZeroBalances": True}
-            if cmd.action is Action.CANCEL_ALL and not cmd.symbol:
+            if cmd.action is OrderAction.CANCEL_ALL and not cmd.symbol:
                 self._send_reply(
                     tag, Response(None, 400, None, ApiError(LOCAL_INVALID, "symbol required"))
                 )

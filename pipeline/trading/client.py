@@ -1,0 +1,470 @@
+"""What a strategy imports to trade: :class:`OrderClient` and the answers it reads back.
+
+Why a module of its own: a strategy process should load the ring client and the record layouts
+(:mod:`pipeline.trading.wire`), never the WS API session core, the signing library or the
+WebSocket client that the trading process needs (``tests/test_trading_client_imports.py`` holds
+this).
+
+Client order ids are generated here, unique across restarts (``<client tag>`` + start time in
+base 36 + sequence), and match ``[A-Za-z0-9_-]{1,36}``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.ipc.ring import RingReader, RingWriter
+from pipeline.trading.wire import (
+    EXEC_RING,
+    MAX_REPLY_CHUNKS,
+    ORDER_DTYPE,
+    ORDER_RING_PREFIX,
+    REPLY_RING,
+    REQUEST_METHODS,
+    SIDES,
+    TIFS,
+    TYPES,
+    ExecKind,
+    OrderAction,
+    OrderStatus,
+    client_id_of,
+    reply_ring_for,
+)
+
+
+def _b36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+_TAG_RE = re.compile(r"[^A-Za-z0-9]")
+
+
+class ClientOrderIds:
+    """``<tag><start µs, base 36>-<seq, base 36>``: unique per client start, <= 36 chars."""
+
+    def __init__(self, tag: str, start_ns: int | None = None) -> None:
+        self._prefix = _TAG_RE.sub("", tag)[:10] + _b36((start_ns or time.time_ns()) // 1000)
+        self._seq = 0
+
+    def next(self) -> str:
+        self._seq += 1
+        return f"{self._prefix}-{_b36(self._seq)}"
+
+
+class ReplyLostError(RuntimeError):
+    """Part of a reply was overwritten before this client read it (its reader was lapped)."""
+
+
+class ReplyAssembler:
+    """Collects reply chunks for one client; :meth:`feed` returns the replies it completed.
+
+    Chunks of one reply are published contiguously by one writer, so a reply is complete when
+    all ``nchunks`` have arrived; a chunk of a reply we were not waiting for starts it afresh
+    (a restarted request id, or chunks we missed the start of, are dropped by the length check).
+
+    Bounds: at most :attr:`MAX_PENDING` (64) partial replies are kept (a reply whose first chunks
+    were lapped never completes: the oldest partial one is dropped and counted in ``corrupt``),
+    a chunk index or count beyond :data:`MAX_REPLY_CHUNKS` (1024) is corrupt, and at most
+    :attr:`MAX_DONE` (64) finished replies wait in ``done`` for a :meth:`OrderClient.wait_reply`
+    (the oldest unclaimed one goes first, counted in ``unclaimed``).
+    """
+
+    MAX_PENDING = 64
+    MAX_DONE = 64
+
+    def __init__(self, client_id: int) -> None:
+        self.client_id = client_id
+        self._parts: dict[str, dict[int, bytes]] = {}
+        self.done: dict[str, bytes] = {}
+        self.corrupt = 0
+        self.unclaimed = 0
+
+    def feed(self, batch: np.ndarray) -> list[str]:
+        finished: list[str] = []
+        for r in batch:
+            if int(r["client_id"]) != self.client_id:
+                continue
+            rid = bytes(r["request_id"]).decode("ascii", "replace")
+            n = int(r["nchunks"])
+            chunk = int(r["chunk"])
+            if not (0 < n <= MAX_REPLY_CHUNKS and 0 <= chunk < n):
+                self.corrupt += 1
+                continue
+            parts = self._parts.get(rid)
+            if parts is None:
+                if len(self._parts) >= self.MAX_PENDING:
+                    del self._parts[next(iter(self._parts))]
+                    self.corrupt += 1
+                parts = self._parts[rid] = {}
+            parts[chunk] = bytes(r["data"])
+            if len(parts) == n:
+                payload = b"".join(parts[k] for k in range(n) if k in parts)
+                del self._parts[rid]
+                if len(payload) != int(r["total_len"]):
+                    self.corrupt += 1
+                    continue
+                if rid not in self.done and len(self.done) >= self.MAX_DONE:
+                    del self.done[next(iter(self.done))]
+                    self.unclaimed += 1
+                self.done[rid] = payload
+                finished.append(rid)
+        return finished
+
+
+@dataclass(frozen=True, slots=True)
+class ExecReport:
+    """One execution record, decoded for people and JSON."""
+
+    client_order_id: str
+    kind: str
+    status: str
+    symbol: str
+    side: str
+    order_id: int
+    price: float
+    qty: float
+    last_qty: float
+    last_price: float
+    cum_qty: float
+    cum_quote: float
+    error_code: int
+    error_msg: str
+    submit_time_ns: int
+    event_time_ns: int
+    publish_time_ns: int
+    sent_time_ns: int
+    reply_time_ns: int
+
+    @classmethod
+    def from_record(cls, r: Any) -> ExecReport:
+        return cls(
+            client_order_id=bytes(r["client_order_id"]).decode("ascii", "replace"),
+            kind=ExecKind(int(r["kind"])).name,
+            status=OrderStatus(int(r["status"])).name,
+            symbol=bytes(r["symbol"]).decode("utf-8", "replace"),
+            side=SIDES[int(r["side"])] if int(r["side"]) < len(SIDES) else "",
+            order_id=int(r["order_id"]),
+            price=float(r["price"]),
+            qty=float(r["qty"]),
+            last_qty=float(r["last_qty"]),
+            last_price=float(r["last_price"]),
+            cum_qty=float(r["cum_qty"]),
+            cum_quote=float(r["cum_quote"]),
+            error_code=int(r["error_code"]),
+            error_msg=bytes(r["error_msg"]).decode("utf-8", "replace"),
+            submit_time_ns=int(r["submit_time_ns"]),
+            event_time_ns=int(r["event_time_ns"]),
+            publish_time_ns=int(r["publish_time_ns"]),
+            sent_time_ns=int(r["sent_time_ns"]),
+            reply_time_ns=int(r["reply_time_ns"]),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class TradingNotRunningError(RuntimeError):
+    """The trading process's rings are not there: a strategy gets this at once instead of
+    sending orders nobody reads."""
+
+
+# What ends a wait for each kind of request (UNKNOWN never does: it is resolved later).
+PLACE_ANSWERS = frozenset({"ACK", "REJECT", "NEW", "TRADE", "RECONCILED", "CANCELED", "EXPIRED"})
+CANCEL_ANSWERS = frozenset({"CANCELED", "CANCEL_REJECT", "RECONCILED", "EXPIRED"})
+STATUS_ANSWERS = frozenset({"STATUS"})
+
+
+class OrderClient:
+    """A strategy's handle on the trading process.
+
+    ``attach`` creates this client's order ring and attaches to the execution ring *before*
+    anything is sent, so no answer can be missed. ``place``/``cancel``/``modify``/``status``
+    return at once (with the client order id); ``wait`` blocks for the answer.
+
+    Bounds (a long-running strategy must not grow without limit): the last :attr:`MAX_SEEN`
+    (10 000) execution reports are kept for :meth:`reports` / :meth:`wait` (the oldest half is
+    dropped past that), and the submission marks of the last :attr:`MAX_MARKS` (10 000) client
+    order ids; ``wait`` for an id older than that scans the reports still kept.
+    """
+
+    MAX_SEEN = 10_000
+    MAX_MARKS = 10_000
+
+    def __init__(
+        self, name: str, writer: RingWriter, reader: RingReader, *, reply_ring: str = REPLY_RING
+    ) -> None:
+        self.name = name
+        self.client_id = client_id_of(name)
+        self._writer = writer
+        self._reader = reader
+        self._ids = ClientOrderIds(name)
+        self._seen: list[ExecReport] = []
+        self._seen_base = 0  # reports dropped from the front of _seen (marks are absolute)
+        self._mark: dict[str, int] = {}
+        self.missed = 0
+        self.reply_ring = reply_ring
+        self._replies: RingReader | None = None
+        self._assembler = ReplyAssembler(self.client_id)
+        self._reply_missed = 0
+
+    @classmethod
+    def attach(
+        cls,
+        name: str,
+        *,
+        exec_ring: str = EXEC_RING,
+        capacity: int = 1024,
+        prefix: str | None = None,
+        reply_ring: str | None = None,
+    ) -> OrderClient:
+        """``prefix`` (default :data:`ORDER_RING_PREFIX`) must match the trading process's
+        ``TradingConfig.order_prefix``; ``reply_ring`` (default :func:`reply_ring_for` the exec
+        ring) its reply ring."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+            raise ValueError("client name: 1-40 letters, digits, '_' or '-'")
+        try:
+            reader = RingReader.attach(exec_ring, name=f"oc.{name}"[:24])
+        except FileNotFoundError:
+            raise TradingNotRunningError(
+                f"execution ring {exec_ring!r} not found: is `pipeline trade` running?"
+            ) from None
+        try:
+            writer = RingWriter.create(
+                (ORDER_RING_PREFIX if prefix is None else prefix) + name, ORDER_DTYPE, capacity
+            )
+        except BaseException:
+            reader.close()
+            raise
+        return cls(name, writer, reader, reply_ring=reply_ring or reply_ring_for(exec_ring))
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+        if self._replies is not None:
+            self._replies.close()
+
+    def __enter__(self) -> OrderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _publish(
+        self,
+        action: OrderAction,
+        coid: str,
+        symbol: str,
+        *,
+        side: str = "",
+        type: str = "",
+        tif: str = "",
+        price: float | None = None,
+        qty: float = 0.0,
+        orig: str = "",
+    ) -> None:
+        rec = (
+            int(action),
+            SIDES.index(side),
+            TYPES.index(type),
+            TIFS.index(tif),
+            self.client_id,
+            float(price or 0.0),
+            float(qty),
+            time.time_ns(),
+            symbol.encode(),
+            coid.encode(),
+            orig.encode(),
+        )
+        marks = self._mark
+        marks.pop(coid, None)
+        if len(marks) >= self.MAX_MARKS:
+            del marks[next(iter(marks))]
+        marks[coid] = self._seen_base + len(self._seen)
+        self._writer.publish(rec)
+
+    def place(
+        self,
+        *,
+        symbol: str,
+        side: str,
+        type: str = "LIMIT",
+        qty: float,
+        price: float | None = None,
+        tif: str | None = None,
+        client_order_id: str | None = None,
+    ) -> str:
+        """Submit a new order; returns its client order id."""
+        coid = client_order_id or self._ids.next()
+        _check(side, type, tif or "", symbol)
+        if type == "LIMIT" and tif is None:
+            tif = "GTC"
+        self._publish(
+            OrderAction.PLACE,
+            coid,
+            symbol,
+            side=side,
+            type=type,
+            tif=tif or "",
+            price=price,
+            qty=qty,
+        )
+        return coid
+
+    def cancel(self, client_order_id: str, *, symbol: str = "") -> str:
+        self._publish(OrderAction.CANCEL, client_order_id, symbol)
+        return client_order_id
+
+    def modify(
+        self,
+        client_order_id: str,
+        *,
+        qty: float,
+        price: float | None = None,
+        symbol: str = "",
+        side: str = "",
+        type: str = "",
+        tif: str | None = None,
+    ) -> str:
+        """Cancel-replace ``client_order_id``; returns the replacement's client order id."""
+        _check(side, type, tif or "", symbol or "X")
+        new = self._ids.next()
+        self._publish(
+            OrderAction.MODIFY,
+            new,
+            symbol,
+            side=side,
+            type=type,
+            tif=tif or "",
+            price=price,
+            qty=qty,
+            orig=client_order_id,
+        )
+        return new
+
+    def status(self, client_order_id: str, *, symbol: str = "") -> str:
+        self._publish(OrderAction.STATUS, client_order_id, symbol)
+        return client_order_id
+
+    # ---- account-level requests (answers on the reply ring) -----------------------------
+
+    def request(self, action: OrderAction, symbol: str = "") -> str:
+        """Send an account-level request (:data:`REQUEST_METHODS`); returns its request id.
+
+        The reply ring is attached *before* the request goes out, so the answer cannot be
+        missed. Raises :class:`TradingNotRunningError` if the trading process has no reply ring.
+        """
+        if action not in REQUEST_METHODS:
+            raise ValueError(f"{action!r} is not an account-level request")
+        if action is OrderAction.CANCEL_ALL and not symbol:
+            raise ValueError("cancel-all needs a symbol")
+        if symbol and len(symbol.encode()) > 24:
+            raise ValueError("symbol: 1-24 bytes")
+        if self._replies is None:
+            try:
+                self._replies = RingReader.attach(self.reply_ring, name=f"or.{self.name}"[:24])
+            except FileNotFoundError:
+                raise TradingNotRunningError(
+                    f"reply ring {self.reply_ring!r} not found: is `pipeline trade` running?"
+                ) from None
+        rid = "r" + self._ids.next()
+        self._publish(action, rid[:36], symbol)
+        return rid[:36]
+
+    def open_orders(self, symbol: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        """``openOrders.status`` (all symbols when ``symbol`` is empty)."""
+        return self.wait_reply(self.request(OrderAction.OPEN_ORDERS, symbol), timeout)
+
+    def cancel_all(self, symbol: str, timeout: float = 10.0) -> dict[str, Any]:
+        """``openOrders.cancelAll`` for ``symbol``."""
+        return self.wait_reply(self.request(OrderAction.CANCEL_ALL, symbol), timeout)
+
+    def account(self, timeout: float = 10.0) -> dict[str, Any]:
+        """``account.status`` (zero balances omitted)."""
+        return self.wait_reply(self.request(OrderAction.ACCOUNT), timeout)
+
+    def wait_reply(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The decoded reply: ``{"request_id", "method", "ok", "status", "result", "error"}``.
+
+        Raises ``TimeoutError``, or :class:`ReplyLostError` when this client's reply reader
+        was lapped while the reply was in the ring.
+        """
+        import json
+
+        if self._replies is None:
+            raise ValueError("no request sent yet")
+        reader = self._replies
+        deadline = time.monotonic() + timeout
+        while True:
+            payload = self._assembler.done.pop(request_id, None)
+            if payload is not None:
+                out: dict[str, Any] = json.loads(payload)
+                return out
+            if reader.missed > self._reply_missed:
+                self._reply_missed = reader.missed
+                raise ReplyLostError(
+                    f"reply ring {self.reply_ring!r} lapped this reader: answer to "
+                    f"{request_id} lost, ask again"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply for {request_id} within {timeout} s")
+            reader.wait(min(left, 0.05))
+            self._assembler.feed(reader.poll())
+
+    def poll(self) -> list[ExecReport]:
+        """New execution records for this client."""
+        batch = self._reader.poll()
+        self.missed = self._reader.missed
+        out = [ExecReport.from_record(r) for r in batch if int(r["client_id"]) == self.client_id]
+        seen = self._seen
+        seen.extend(out)
+        if len(seen) > self.MAX_SEEN:
+            drop = len(seen) - self.MAX_SEEN // 2
+            del seen[:drop]
+            self._seen_base += drop
+        return out
+
+    def reports(self, client_order_id: str) -> list[ExecReport]:
+        return [r for r in self._seen if r.client_order_id == client_order_id]
+
+    def wait(
+        self, client_order_id: str, timeout: float = 10.0, kinds: frozenset[str] | None = None
+    ) -> ExecReport:
+        """The first answer for ``client_order_id`` since it was submitted.
+
+        ``kinds`` defaults to any record but UNKNOWN (an unknown order is being reconciled:
+        keep waiting for the verdict). Raises ``TimeoutError``.
+        """
+        pos = self._mark.get(client_order_id, 0)  # absolute report number (see _seen_base)
+        deadline = time.monotonic() + timeout
+        while True:
+            seen, base = self._seen, self._seen_base
+            for r in seen[max(0, pos - base) :]:
+                if r.client_order_id != client_order_id:
+                    continue
+                if (kinds is None and r.kind != "UNKNOWN") or (kinds and r.kind in kinds):
+                    return r
+            pos = base + len(seen)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer for {client_order_id} within {timeout} s")
+            self._reader.wait(min(left, 0.05))
+            self.poll()
+
+
+def _check(side: str, type: str, tif: str, symbol: str) -> None:
+    if side not in SIDES or type not in TYPES or tif not in TIFS:
+        raise ValueError("side must be BUY|SELL, type LIMIT|MARKET|LIMIT_MAKER, tif GTC|IOC|FOK")
+    if not symbol or len(symbol.encode()) > 24:
+        raise ValueError("symbol: 1-24 bytes")

@@ -1,0 +1,52 @@
+"""A strategy imports the order client without the trading process behind it.
+
+Why it matters: a strategy process should pay for the ring client and the record layouts only,
+not for the WS API session core, the signing libraries or a WebSocket client; and a module that
+is never imported cannot break or slow down a strategy's start. Checked in a fresh interpreter,
+since this test process has long since imported everything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# What the trading process needs and a strategy must not load.
+FORBIDDEN = (
+    "pipeline.trading.session",
+    "pipeline.trading.process",
+    "pipeline.binance",
+    "nacl",
+    "cryptography",
+    "websockets",
+    "picows",
+)
+
+
+def _loaded_after(statement: str) -> list[str]:
+    code = (
+        "import json, sys\n"
+        f"{statement}\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        f"{sorted({f.split('.')[0] for f in FORBIDDEN})!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded: list[str] = json.loads(out.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import pipeline.trading.client",
+        "from pipeline import OrderClient, ExecReport, TradingNotRunningError",
+    ],
+)
+def test_the_strategy_client_loads_no_session_and_no_crypto(statement: str) -> None:
+    loaded = _loaded_after(statement)
+    bad = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
+    assert bad == [], f"{statement!r} pulled in {bad}"
+    assert "pipeline.trading.client" in loaded
