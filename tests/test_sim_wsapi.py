@@ -31,12 +31,8 @@ from websockets.exceptions import ConnectionClosed
 
 from pipeline.sim.faults import Faults
 from pipeline.sim.market import Market
-from pipeline.sim.wsapi import (
-    WsApiService,
-    parse_public_key,
-    serve_connection,
-    signature_payload,
-)
+from pipeline.sim.signatures import parse_public_key, signature_payload
+from pipeline.sim.wsapi import WsApiService, serve_connection
 
 T0 = 1_700_000_000_000
 FIXTURES = Path(__file__).parent / "fixtures"

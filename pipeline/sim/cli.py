@@ -103,7 +103,7 @@ def parse_rate(text: str) -> float:
 def load_api_key(spec: str) -> tuple[str, bytes]:
     """NAME=PATH -> (NAME, 32 raw Ed25519 public-key bytes).
 
-    The file is read by the WS API's own :func:`~pipeline.sim.wsapi.parse_public_key`, so the
+    The file is read by the WS API's own :func:`~pipeline.sim.signatures.parse_public_key`, so the
     command line and the service accept the same key formats (PEM as Binance's generator
     writes it, its base64 body, or hex).
     """
@@ -115,7 +115,7 @@ def load_api_key(spec: str) -> tuple[str, bytes]:
 
 def _public_key(path: str) -> bytes:
     """The 32 raw bytes of the Ed25519 public key in the PEM file ``path`` (errors name it)."""
-    from pipeline.sim.wsapi import parse_public_key
+    from pipeline.sim.signatures import parse_public_key
 
     with open(path, "rb") as f:
         data = f.read()

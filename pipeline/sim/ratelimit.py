@@ -7,10 +7,12 @@ the minute resets at :00, the 10-second window at :00/:10/..., the day at 00:00 
   429 -> 418 escalation: after a 429 with ``retryAfter`` R, a client that keeps sending before R
   gets ``grace`` more 429s and is then banned (418) until ``now + ban_ms``.
 - :class:`OrderLimits` -- the ORDERS (unfilled order count) windows per account, 10 s and 1 day.
+- :class:`ApiLimits` -- both, for every IP and account of one WS API; :func:`request_weight`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,3 +143,98 @@ class OrderLimits:
 
     def entries(self, now_ms: int) -> list[dict[str, Any]]:
         return [w.entry(now_ms) for w in self.windows]
+
+
+# Method -> weight (section 2.6); callables for params-dependent weights.
+WEIGHTS: dict[str, int] = {
+    "ping": 1,
+    "time": 1,
+    "session.logon": 2,
+    "session.status": 2,
+    "session.logout": 2,
+    "session.subscriptions": 2,
+    "order.place": 1,
+    "order.test": 1,
+    "order.cancel": 1,
+    "order.cancelReplace": 1,
+    "order.amend.keepPriority": 4,
+    "order.status": 4,
+    "openOrders.status": 6,
+    "openOrders.cancelAll": 1,
+    "account.status": 20,
+    "account.rateLimits.orders": 40,
+    "userDataStream.subscribe": 2,
+    "userDataStream.subscribe.signature": 2,
+    "userDataStream.unsubscribe": 2,
+}
+
+
+def request_weight(method: str, params: Mapping[str, str]) -> int:
+    """The REQUEST_WEIGHT one request costs (section 2.6; unknown methods cost 1)."""
+    if method == "openOrders.status" and not params.get("symbol"):
+        return 80
+    if method == "order.test" and params.get("computeCommissionRates") == "true":
+        return 20
+    return WEIGHTS.get(method, 1)
+
+
+class ApiLimits:
+    """All counters of one WS API: REQUEST_WEIGHT per IP, unfilled ORDERS per account.
+
+    Why one owner: the limits a service enforces, the 429 it answers and the ``rateLimits``
+    it advertises must be the same numbers."""
+
+    def __init__(
+        self,
+        weight_per_minute: int,
+        orders_per_10s: int,
+        orders_per_day: int,
+        ban_ms: int,
+        ban_grace: int,
+    ) -> None:
+        self.weight_per_minute = weight_per_minute
+        self.orders_per_10s = orders_per_10s
+        self.orders_per_day = orders_per_day
+        self.ban_ms = ban_ms
+        self.ban_grace = ban_grace
+        self._ips: dict[str, IpLimits] = {}
+        self._orders: dict[str, OrderLimits] = {}
+
+    def ip(self, ip: str) -> IpLimits:
+        lim = self._ips.get(ip)
+        if lim is None:
+            lim = self._ips[ip] = IpLimits.make(self.weight_per_minute, self.ban_grace)
+        return lim
+
+    def orders(self, account: str) -> OrderLimits:
+        lim = self._orders.get(account)
+        if lim is None:
+            lim = self._orders[account] = OrderLimits.make(self.orders_per_10s, self.orders_per_day)
+        return lim
+
+    def banned_ips(self, now_ms: int) -> list[str]:
+        return [ip for ip, lim in self._ips.items() if lim.banned_until > now_ms]
+
+    def info(self) -> list[dict[str, Any]]:
+        """The limits enforced, in exchangeInfo's ``rateLimits`` shape, so that the server's
+        exchangeInfo advertises exactly what is enforced."""
+        return [
+            {
+                "rateLimitType": "REQUEST_WEIGHT",
+                "interval": "MINUTE",
+                "intervalNum": 1,
+                "limit": self.weight_per_minute,
+            },
+            {
+                "rateLimitType": "ORDERS",
+                "interval": "SECOND",
+                "intervalNum": 10,
+                "limit": self.orders_per_10s,
+            },
+            {
+                "rateLimitType": "ORDERS",
+                "interval": "DAY",
+                "intervalNum": 1,
+                "limit": self.orders_per_day,
+            },
+        ]

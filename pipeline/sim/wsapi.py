@@ -44,50 +44,27 @@ Choices where Binance is silent or the reference says UNCONFIRMED (README-worthy
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 
-from pipeline.binance.signing import ws_payload
 from pipeline.logs import RateLimitedLog
-from pipeline.sim.ratelimit import IpLimits, OrderLimits
+from pipeline.sim.ratelimit import WEIGHTS, ApiLimits, request_weight
+from pipeline.sim.signatures import (
+    MSG_BAD_SIG,
+    ApiKeyring,
+    NumberText,
+    param_text,
+)
 from pipeline.sim.venue import Event, Venue, VenueError, missing
 
 log = logging.getLogger("pipeline.sim.wsapi")
 _slow_log = RateLimitedLog(log)
 
-# Method -> weight (section 2.6); callables for params-dependent weights.
-WEIGHTS: dict[str, int] = {
-    "ping": 1,
-    "time": 1,
-    "session.logon": 2,
-    "session.status": 2,
-    "session.logout": 2,
-    "session.subscriptions": 2,
-    "order.place": 1,
-    "order.test": 1,
-    "order.cancel": 1,
-    "order.cancelReplace": 1,
-    "order.amend.keepPriority": 4,
-    "order.status": 4,
-    "openOrders.status": 6,
-    "openOrders.cancelAll": 1,
-    "account.status": 20,
-    "account.rateLimits.orders": 40,
-    "userDataStream.subscribe": 2,
-    "userDataStream.subscribe.signature": 2,
-    "userDataStream.unsubscribe": 2,
-}
 SIGNED = frozenset(
     {
         "order.place",
@@ -106,81 +83,13 @@ ORDER_METHODS = frozenset({"order.place", "order.cancelReplace"})
 CONNECT_WEIGHT = 2
 MAX_PENDING_FRAMES = 50_000  # unsent frames per connection before it is dropped as too slow
 
-MSG_BAD_KEY = "Invalid API-key, IP, or permissions for action."
-MSG_BAD_KEY_FMT = "API-key format invalid."
-MSG_BAD_SIG = "Signature for this request is not valid."
-MSG_TS_AHEAD = "Timestamp for this request was 1000ms ahead of the server's time."
-MSG_TS_OUTSIDE = "Timestamp for this request is outside of the recvWindow."
 MSG_TIMEOUT = (
     "Timeout waiting for response from backend server. Send status unknown; "
     "execution status unknown."
 )
 MSG_UNKNOWN_ERR = "An unknown error occured while processing the request."
-_API_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
-_MIN_TIMESTAMP = 1483228800000  # 2017-01-01 (section 4, timestamp sanity)
 _MAX_CONCURRENT_SUBS = 1000
 _MAX_TOTAL_SUBS = 65535
-
-
-class _NumText(str):
-    """Text of a JSON number, kept verbatim so it can be signed as sent (section 2.2)."""
-
-
-def param_text(value: Any) -> str:
-    """A param value as the text that is signed and validated (section 3.2)."""
-    if isinstance(value, str):
-        return value
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if value is None:
-        return ""
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # only reached if the raw text was not recovered
-    raise TypeError(type(value).__name__)
-
-
-# The payload rule of section 3.2 (every param but ``signature``, sorted by name, ``k=v`` joined by
-# ``&``, no encoding) is the client's own :func:`~pipeline.binance.signing.ws_payload`: one
-# implementation, pinned to the reference's vectors by tests/test_signing.py. Over the verbatim
-# texts kept here (all ``str``) it renders each value as is. What the simulator checks on its own
-# is everything else: the key, the Ed25519 signature against the registered public key, the
-# timestamp and recvWindow (:meth:`WsApiService._verify`).
-signature_payload = ws_payload
-
-
-_SPKI_ED25519_PREFIX = bytes.fromhex("302a300506032b6570032100")
-
-
-def parse_public_key(data: bytes | str) -> bytes:
-    """An Ed25519 public key as registered with Binance -> the raw 32 bytes ``api_keys`` wants.
-
-    Accepts a PEM ``-----BEGIN PUBLIC KEY-----`` (SubjectPublicKeyInfo, what Binance's key
-    generator writes), its base64 body, 64 hex characters, or the raw 32 bytes. Raises
-    ValueError with the reason otherwise (for CLI/config errors).
-    """
-    if isinstance(data, bytes) and len(data) == 32:
-        return data
-    text = data.decode("ascii", "replace") if isinstance(data, bytes) else data
-    text = text.strip()
-    if "PRIVATE KEY" in text:
-        raise ValueError("this is a private key; register the PUBLIC key")
-    if text.startswith("-----BEGIN"):
-        text = "".join(line for line in text.splitlines() if not line.startswith("-----"))
-    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
-        return bytes.fromhex(text)
-    try:
-        der = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raise ValueError("not PEM, base64 or hex") from None
-    if len(der) == 32:
-        return der
-    if len(der) == 44 and der.startswith(_SPKI_ED25519_PREFIX):
-        return der[12:]
-    raise ValueError("not an Ed25519 public key (expected 32 raw bytes or SubjectPublicKeyInfo)")
 
 
 @dataclass
@@ -276,25 +185,25 @@ class WsApiService:
     ) -> None:
         venue_kw = {k: v for k, v in limits.items() if k in self._VENUE_KW}
         own = {k: v for k, v in limits.items() if k not in self._VENUE_KW}
-        self.weight_per_minute = int(own.pop("weight_per_minute", 6000))
-        self.orders_per_10s = int(own.pop("orders_per_10s", 50))
-        self.orders_per_day = int(own.pop("orders_per_day", 160_000))
-        self.ban_ms = int(own.pop("ban_ms", 120_000))
-        self.ban_grace = int(own.pop("ban_grace", 1))
+        self.limits = ApiLimits(
+            weight_per_minute=int(own.pop("weight_per_minute", 6000)),
+            orders_per_10s=int(own.pop("orders_per_10s", 50)),
+            orders_per_day=int(own.pop("orders_per_day", 160_000)),
+            ban_ms=int(own.pop("ban_ms", 120_000)),
+            ban_grace=int(own.pop("ban_grace", 1)),
+        )
         self.fault_retry_after_ms = int(own.pop("fault_retry_after_ms", 1000))
         if own:
             raise TypeError(f"unknown WsApiService limits: {sorted(own)}")
         self.market = market
         self.faults = faults if faults is not None else _NoFaults()
         self.clock_ms = clock_ms
-        self._keys: dict[str, VerifyKey] = {}
+        self.keys = ApiKeyring()
         self.venue = Venue(market, **venue_kw)
         for name, pub in api_keys.items():
             self.add_api_key(name, pub)
         self.venue.event_sink = self.dispatch
         self.venue.first_fill_sink = self._first_fill
-        self._ips: dict[str, IpLimits] = {}
-        self._orders: dict[str, OrderLimits] = {}
         self.sessions: dict[int, ApiSession] = {}
         self._subs: dict[str, dict[tuple[int, int], ApiSession]] = {}  # acct -> (conn, sub) -> sess
         self._next_conn = 1
@@ -319,34 +228,12 @@ class WsApiService:
 
     def add_api_key(self, name: str, public_key: bytes) -> None:
         """Register an API key (raw 32-byte Ed25519 public key) and fund its account."""
-        if len(public_key) != 32:
-            raise ValueError(f"Ed25519 public key for {name[:8]}... must be 32 bytes")
-        self._keys[name] = VerifyKey(bytes(public_key))
+        self.keys.add(name, public_key)
         self.venue.add_account(name)
 
     def rate_limits_info(self) -> list[dict[str, Any]]:
-        """The limits this service enforces, in exchangeInfo's ``rateLimits`` shape, so that the
-        server's exchangeInfo advertises exactly what is enforced."""
-        return [
-            {
-                "rateLimitType": "REQUEST_WEIGHT",
-                "interval": "MINUTE",
-                "intervalNum": 1,
-                "limit": self.weight_per_minute,
-            },
-            {
-                "rateLimitType": "ORDERS",
-                "interval": "SECOND",
-                "intervalNum": 10,
-                "limit": self.orders_per_10s,
-            },
-            {
-                "rateLimitType": "ORDERS",
-                "interval": "DAY",
-                "intervalNum": 1,
-                "limit": self.orders_per_day,
-            },
-        ]
+        """The limits this service enforces, in exchangeInfo's ``rateLimits`` shape."""
+        return self.limits.info()
 
     def on_tick(self, now_ms: int) -> None:
         """Periodic hook of the server; nothing time-driven is pending in this venue."""
@@ -368,7 +255,7 @@ class WsApiService:
                 for s in self.sessions.values()
             ],
             "open_orders": self.venue.open_orders_by_client_id(),
-            "banned_ips": [ip for ip, lim in self._ips.items() if lim.banned_until > now],
+            "banned_ips": self.limits.banned_ips(now),
         }
 
     # ---------------------------------------------------------------- sessions
@@ -380,7 +267,7 @@ class WsApiService:
         self._next_conn += 1
         if "returnRateLimits=false" in path:
             s.return_rate_limits = False
-        self._ip(ip).weight.add(now, CONNECT_WEIGHT)
+        self.limits.ip(ip).weight.add(now, CONNECT_WEIGHT)
         self.sessions[s.conn_id] = s
         self.counters["connections"] += 1
         return s
@@ -392,21 +279,9 @@ class WsApiService:
             self._drop_sub(s, sub_id)
         self.sessions.pop(s.conn_id, None)
 
-    def _ip(self, ip: str) -> IpLimits:
-        lim = self._ips.get(ip)
-        if lim is None:
-            lim = self._ips[ip] = IpLimits.make(self.weight_per_minute, self.ban_grace)
-        return lim
-
     def _first_fill(self, account: str) -> None:
         """An order traded for the first time: it no longer counts as unfilled."""
-        self._order_limits(account).remove(self.clock_ms())
-
-    def _order_limits(self, account: str) -> OrderLimits:
-        lim = self._orders.get(account)
-        if lim is None:
-            lim = self._orders[account] = OrderLimits.make(self.orders_per_10s, self.orders_per_day)
-        return lim
+        self.limits.orders(account).remove(self.clock_ms())
 
     # ---------------------------------------------------------------- events
 
@@ -464,8 +339,8 @@ class WsApiService:
         key = req.method if req.method in WEIGHTS else "other"
         self.method_counts[key] = self.method_counts.get(key, 0) + 1
         try:
-            weight = self._weight(req)
-            verdict, retry = self._ip(s.ip).admit(now, weight, self.ban_ms)
+            weight = request_weight(req.method, req.params)
+            verdict, retry = self.limits.ip(s.ip).admit(now, weight, self.limits.ban_ms)
             if verdict == "418":
                 self.counters["bans"] += 1
                 err = VenueError(
@@ -497,8 +372,8 @@ class WsApiService:
         return VenueError(
             -1003,
             f"Too many requests; current limit of IP({ip}) request weight per 1 MINUTE is "
-            f"{self.weight_per_minute}. Please use WebSocket Streams for live updates to avoid "
-            "polling the API.",
+            f"{self.limits.weight_per_minute}. Please use WebSocket Streams for live updates to "
+            "avoid polling the API.",
             status=429,
             data={"serverTime": now, "retryAfter": retry},
         )
@@ -527,7 +402,7 @@ class WsApiService:
             raise _FailWithId(rid, VenueError(-1100, "Illegal characters found in 'params'."))
         if any(isinstance(v, float) for v in raw.values()):
             # recover the exact text of JSON numbers: that text is what the client signed
-            raw = json.loads(frame, parse_float=_NumText).get("params", {})
+            raw = json.loads(frame, parse_float=NumberText).get("params", {})
         params: dict[str, str] = {}
         for k, v in raw.items():
             try:
@@ -537,13 +412,6 @@ class WsApiService:
                     rid, VenueError(-1100, f"Illegal characters found in parameter '{k}'.")
                 ) from None
         return _Req(rid, method, params)
-
-    def _weight(self, req: _Req) -> int:
-        if req.method == "openOrders.status" and not req.params.get("symbol"):
-            return 80
-        if req.method == "order.test" and req.params.get("computeCommissionRates") == "true":
-            return 20
-        return WEIGHTS.get(req.method, 1)
 
     # ---------------------------------------------------------------- envelope
 
@@ -555,8 +423,8 @@ class WsApiService:
             return None
         entries: list[dict[str, Any]] = []
         if req is not None and req.method in ORDER_METHODS and account is not None:
-            entries.extend(self._order_limits(account).entries(now))
-        entries.append(self._ip(s.ip).weight.entry(now))
+            entries.extend(self.limits.orders(account).entries(now))
+        entries.append(self.limits.ip(s.ip).weight.entry(now))
         return entries
 
     def _envelope(
@@ -579,7 +447,7 @@ class WsApiService:
             out["result"] = result
         limits = self._rate_limits(s, req, now, req.account)
         if self._take_hostile(("rate_limits_overflow",)):
-            limits = [dict(e) for e in (limits or [self._ip(s.ip).weight.entry(now)])]
+            limits = [dict(e) for e in (limits or [self.limits.ip(s.ip).weight.entry(now)])]
             limits[-1]["count"] = 2**63  # still a u64: orjson writes it
         if limits is not None:
             out["rateLimits"] = limits
@@ -589,62 +457,12 @@ class WsApiService:
         self.errors_by_code[err.code] = self.errors_by_code.get(err.code, 0) + 1
         return Reply(orjson.dumps({"id": rid, "status": err.status, "error": err.error_obj()}))
 
-    # ---------------------------------------------------------------- auth (section 3)
-
-    def _check_timestamp(self, params: Mapping[str, str], now: int) -> None:
-        text = params.get("timestamp")
-        if not text:
-            raise missing("timestamp")
-        if not text.isdigit():
-            raise VenueError(-1100, "Illegal characters found in parameter 'timestamp'.")
-        ts = int(text)
-        if ts >= 10**14:  # microseconds (section 4)
-            ts //= 1000
-        rw_text = params.get("recvWindow")
-        recv_window = Decimal(5000)
-        if rw_text:
-            try:
-                recv_window = Decimal(rw_text)
-            except InvalidOperation:
-                raise VenueError(
-                    -1100, "Illegal characters found in parameter 'recvWindow'."
-                ) from None
-            if recv_window > 60000 or recv_window < 0:
-                raise VenueError(-1131, "recvWindow must be less than 60000")
-        if ts >= now + 1000:
-            raise VenueError(-1021, MSG_TS_AHEAD)
-        if now - ts > recv_window or ts < _MIN_TIMESTAMP:
-            raise VenueError(-1021, MSG_TS_OUTSIDE)
-
-    def _verify(self, params: Mapping[str, str], now: int) -> str:
-        """Explicit ``apiKey`` + ``signature`` on the request: returns the account (API key)."""
-        key = params.get("apiKey")
-        if not key:
-            raise missing("apiKey")
-        if not _API_KEY_RE.match(key):
-            raise VenueError(-2014, MSG_BAD_KEY_FMT)
-        verify_key = self._keys.get(key)
-        if verify_key is None:
-            raise VenueError(-2015, MSG_BAD_KEY)
-        sig_text = params.get("signature")
-        if not sig_text:
-            raise missing("signature")
-        self._check_timestamp(params, now)
-        try:
-            sig = base64.b64decode(sig_text, validate=True)
-            if len(sig) != 64:
-                raise ValueError("length")
-            verify_key.verify(signature_payload(params).encode(), sig)
-        except (binascii.Error, ValueError, BadSignatureError):
-            raise VenueError(-1022, MSG_BAD_SIG) from None
-        return key
-
     def _authenticate(self, s: ApiSession, req: _Req, now: int) -> str:
         p = req.params
         if "apiKey" in p or "signature" in p:
-            account = self._verify(p, now)
+            account = self.keys.verify(p, now)
         elif s.api_key is not None:
-            self._check_timestamp(p, now)
+            self.keys.check_timestamp(p, now)
             account = s.api_key
         else:
             raise missing("apiKey")
@@ -691,7 +509,7 @@ class WsApiService:
                 self.counters["logon_failures"] += 1
                 raise VenueError(-1022, MSG_BAD_SIG)
             try:
-                key = self._verify(p, now)
+                key = self.keys.verify(p, now)
             except VenueError:
                 self.counters["logon_failures"] += 1
                 raise
@@ -717,7 +535,7 @@ class WsApiService:
                 raise VenueError(-1002, "You are not authorized to execute this request.")
             return 200, {"subscriptionId": self._add_sub(s, s.api_key, True)}
         if m == "userDataStream.subscribe.signature":
-            account = self._verify(p, now)
+            account = self.keys.verify(p, now)
             return 200, {"subscriptionId": self._add_sub(s, account, False)}
         if m == "userDataStream.unsubscribe":
             text = p.get("subscriptionId")
@@ -758,7 +576,7 @@ class WsApiService:
         if m == "account.status":
             return 200, v.account_status(account, p, now)
         if m == "account.rateLimits.orders":
-            return 200, self._order_limits(account).entries(now)
+            return 200, self.limits.orders(account).entries(now)
         raise VenueError(-1100, f"Unknown method: {m}")  # pragma: no cover - SIGNED is closed
 
     def _fault_fired(self, name: str) -> None:
@@ -791,7 +609,7 @@ class WsApiService:
     ) -> tuple[int, Any]:
         """order.place / order.cancelReplace: unfilled-order limits, faults, then the venue."""
         p = req.params
-        limits = self._order_limits(account)
+        limits = self.limits.orders(account)
         full = limits.exceeded(now)
         cr = req.method == "order.cancelReplace"
         limit_err: VenueError | None = None
@@ -817,7 +635,7 @@ class WsApiService:
         fault = self._take_order_fault()
         if fault == "429":
             retry = now + self.fault_retry_after_ms
-            self._ip(s.ip).penalize(retry)
+            self.limits.ip(s.ip).penalize(retry)
             raise self._weight_429(s.ip, now, retry)
         if fault == "5xx":
             raise VenueError(-1000, MSG_UNKNOWN_ERR, status=500)
