@@ -24,7 +24,9 @@ SKIP          a reason string (one of :data:`SKIP_REASONS`): count it and rate-l
 
 A record tuple has the fields of :data:`pipeline.ipc.records.TICK_DTYPE` in order, all but the last:
 the shell appends ``publish_time_ns`` when the record enters the ring (``(*rec, time_ns())``,
-one allocation, cheaper than rebuilding a 16-tuple).
+one allocation, cheaper than rebuilding a 16-tuple). Both decoders and the REST backfill
+(:func:`agg_trade_from_rest`) build it with the one builder per kind in pipeline/ipc/records.py,
+one call per frame; readers name its fields with ``records.AT_*``.
 
 Numbers: Binance sends prices and quantities as decimal strings with 8 decimals. They become
 float64 here. Any decimal with <= 15 significant digits survives that exactly: ``float(s)`` is
@@ -52,13 +54,20 @@ every fixture through both and require identical output.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 import msgspec
 import orjson
 
-from pipeline.ipc.records import Flags, Kind
+from pipeline.ipc.records import (
+    Flags,
+    TickTuple,
+    agg_trade_record,
+    book_ticker_record,
+    trade_record,
+)
 
 # ---- decode result tags ----------------------------------------------------------------------
 AGG: Final = 1
@@ -89,9 +98,6 @@ I64_MAX: Final = (1 << 63) - 1
 TIME_UNITS: Final[dict[str, int]] = {"MILLISECOND": 1_000_000, "MICROSECOND": 1_000}
 _F_NONE: Final = int(Flags.NONE)
 _F_MAKER: Final = int(Flags.BUYER_IS_MAKER)
-_K_AGG: Final = int(Kind.AGG_TRADE)
-_K_TRADE: Final = int(Kind.TRADE)
-_K_BOOK: Final = int(Kind.BOOK_TICKER)
 
 # Stream kinds a subscription can name (section 1.6); value = decode tag.
 STREAM_SUFFIXES: Final[dict[str, int]] = {
@@ -251,8 +257,9 @@ class OrjsonDecoder(_Routing):
                         or type(m) is not bool or not (0 <= a <= I64_MAX and 0 <= last <= I64_MAX
                                                        and 0 <= ev <= self.max_event):
                     return SKIP, BAD_NUMBER
-                return AGG, (_K_AGG, _F_MAKER if m else _F_NONE, sid, 0, 0, p, q,
-                             0.0, 0.0, 0.0, 0.0, a, last, ev * tm, recv_ns)
+                return AGG, agg_trade_record(
+                    symbol=sid, flags=_F_MAKER if m else _F_NONE, price=p, qty=q, agg_id=a,
+                    last_trade_id=last, event_time_ns=ev * tm, recv_time_ns=recv_ns)
             if tag == BOOK_TICKER:
                 b, bq = float(d["b"]), float(d["B"])  # best bid price / qty
                 a_, aq = float(d["a"]), float(d["A"])  # best ask price / qty
@@ -260,8 +267,9 @@ class OrjsonDecoder(_Routing):
                 if not (_finite(b) and _finite(bq) and _finite(a_) and _finite(aq)) \
                         or type(u) is not int or not 0 <= u <= I64_MAX:
                     return SKIP, BAD_NUMBER
-                return BOOK_TICKER, (_K_BOOK, _F_NONE, sid, 0, 0, 0.0, 0.0, b, bq, a_, aq,
-                                     u, 0, 0, recv_ns)
+                return BOOK_TICKER, book_ticker_record(
+                    symbol=sid, bid_price=b, bid_qty=bq, ask_price=a_, ask_qty=aq, update_id=u,
+                    recv_time_ns=recv_ns)
             if tag == TRADE:
                 p, q = float(d["p"]), float(d["q"])
                 t = d["t"]  # trade id
@@ -271,8 +279,9 @@ class OrjsonDecoder(_Routing):
                         or type(ev) is not int or type(m) is not bool \
                         or not (0 <= t <= I64_MAX and 0 <= ev <= self.max_event):
                     return SKIP, BAD_NUMBER
-                return TRADE, (_K_TRADE, _F_MAKER if m else _F_NONE, sid, 0, 0, p, q,
-                               0.0, 0.0, 0.0, 0.0, t, 0, ev * tm, recv_ns)
+                return TRADE, trade_record(
+                    symbol=sid, flags=_F_MAKER if m else _F_NONE, price=p, qty=q, trade_id=t,
+                    event_time_ns=ev * tm, recv_time_ns=recv_ns)
             if tag == DEPTH_DIFF:
                 first, last_, ev = d["U"], d["u"], d["E"]
                 if type(first) is not int or type(last_) is not int or type(ev) is not int \
@@ -309,7 +318,7 @@ def _shutdown(data: dict[str, Any], time_mult: int) -> tuple[int, Any]:
 # ---- msgspec typed decoding ------------------------------------------------------------------
 
 
-class _Envelope(msgspec.Struct):
+class _Envelope(msgspec.Struct, gc=False):  # no cycles: untracked, cheaper
     stream: str = ""  # combined-stream name
     data: msgspec.Raw = msgspec.Raw(b"")  # payload, decoded by the typed decoder of its kind
 
@@ -329,15 +338,18 @@ class _Kinds:
         ev = Annotated[int, msgspec.Meta(ge=0, le=max_event)]
         lv = list[tuple[float, float]]  # [price, qty] levels
         d = msgspec.defstruct
+        # flat structs of numbers hold no references, so they can never be in a cycle: gc=False
+        # keeps them out of the collector (cheaper to create and free, once per frame)
+        flat = functools.partial(d, gc=False)
         #: fields as on the wire: E event time, a aggregate id, p price, q qty, l last trade id,
         #: m buyer is maker
-        self.agg = d("_AggTrade", [("E", ev), ("a", _Id), ("p", float), ("q", float),
+        self.agg = flat("_AggTrade", [("E", ev), ("a", _Id), ("p", float), ("q", float),
                                    ("l", _Id), ("m", bool)])
         #: t trade id
-        self.trade = d("_Trade", [("E", ev), ("t", _Id), ("p", float), ("q", float),
+        self.trade = flat("_Trade", [("E", ev), ("t", _Id), ("p", float), ("q", float),
                                   ("m", bool)])
         #: u update id, b/B best bid price/qty, a/A best ask price/qty
-        self.book = d("_BookTicker", [("u", _Id), ("b", float), ("B", float), ("a", float),
+        self.book = flat("_BookTicker", [("u", _Id), ("b", float), ("B", float), ("a", float),
                                       ("A", float)])
         #: U first / u final update id of the event, b bids, a asks
         self.diff = d("_DepthUpdate", [("E", ev), ("U", _Id), ("u", _Id), ("b", lv),
@@ -386,10 +398,10 @@ class MsgspecDecoder(OrjsonDecoder):
         except msgspec.DecodeError:
             # not an object with a string `stream`: malformed, or a raw/control frame -> orjson
             return OrjsonDecoder.decode(self, payload, recv_time_ns)
-        route = self.routes.get(env.stream)
-        if route is None:
+        try:  # a subscript, not .get(): no method call for the common routed frame
+            tag, sid = self.routes[env.stream]
+        except KeyError:  # raw / control frame, or a stream we did not subscribe
             return OrjsonDecoder.decode(self, payload, recv_time_ns)
-        tag, sid = route
         tm = self.time_mult
         try:
             if tag == AGG:
@@ -397,20 +409,25 @@ class MsgspecDecoder(OrjsonDecoder):
                 p, q = x.p, x.q
                 if not (0.0 <= p < _INF and 0.0 <= q < _INF):
                     return SKIP, BAD_NUMBER
-                return AGG, (_K_AGG, _F_MAKER if x.m else _F_NONE, sid, 0, 0, p, q,
-                             0.0, 0.0, 0.0, 0.0, x.a, x.l, x.E * tm, recv_time_ns)
+                return AGG, agg_trade_record(
+                    symbol=sid, flags=_F_MAKER if x.m else _F_NONE, price=p, qty=q, agg_id=x.a,
+                    last_trade_id=x.l, event_time_ns=x.E * tm, recv_time_ns=recv_time_ns)
             if tag == BOOK_TICKER:
                 k = self._book.decode(env.data)
-                if not (_finite(k.b) and _finite(k.B) and _finite(k.a) and _finite(k.A)):
+                # comparisons inline, not _finite(): four calls would cost more than the build
+                if not (0.0 <= k.b < _INF and 0.0 <= k.B < _INF and 0.0 <= k.a < _INF
+                        and 0.0 <= k.A < _INF):
                     return SKIP, BAD_NUMBER
-                return BOOK_TICKER, (_K_BOOK, _F_NONE, sid, 0, 0, 0.0, 0.0, k.b, k.B, k.a, k.A,
-                                     k.u, 0, 0, recv_time_ns)
+                return BOOK_TICKER, book_ticker_record(
+                    symbol=sid, bid_price=k.b, bid_qty=k.B, ask_price=k.a, ask_qty=k.A,
+                    update_id=k.u, recv_time_ns=recv_time_ns)
             if tag == TRADE:
                 t = self._trade.decode(env.data)
-                if not (_finite(t.p) and _finite(t.q)):
+                if not (0.0 <= t.p < _INF and 0.0 <= t.q < _INF):
                     return SKIP, BAD_NUMBER
-                return TRADE, (_K_TRADE, _F_MAKER if t.m else _F_NONE, sid, 0, 0, t.p, t.q,
-                               0.0, 0.0, 0.0, 0.0, t.t, 0, t.E * tm, recv_time_ns)
+                return TRADE, trade_record(
+                    symbol=sid, flags=_F_MAKER if t.m else _F_NONE, price=t.p, qty=t.q,
+                    trade_id=t.t, event_time_ns=t.E * tm, recv_time_ns=recv_time_ns)
             if tag == DEPTH_DIFF:
                 d = self._diff.decode(env.data)
                 if not (_levels_ok(d.b) and _levels_ok(d.a)) or d.u < d.U:
@@ -437,6 +454,42 @@ def _classify(error: str) -> str:
     if error.startswith("Expected `object`"):  # `data` is not an object
         return MALFORMED_JSON
     return BAD_NUMBER
+
+
+# ---- REST answers that become records (the backfill and the book's snapshot) -----------------
+
+_F_BACKFILLED: Final = int(Flags.BACKFILLED)
+_MS: Final = 1_000_000  # REST times are milliseconds: the URL's timeUnit applies to streams only
+
+
+def agg_trade_from_rest(row: Any, symbol: int, recv_time_ns: int) -> TickTuple | None:
+    """One row of ``/api/v3/aggTrades`` -> an AGG_TRADE record flagged BACKFILLED, or None when
+    the row breaks the rules a live aggTrade is held to (missing field, price/qty not finite
+    >= 0, id or time outside int64). The row has no event time, so ``T`` (trade time) stands in.
+    """
+    try:
+        a, p, q, last, t, m = row["a"], float(row["p"]), float(row["q"]), row["l"], \
+            row["T"], row["m"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if type(a) is not int or type(last) is not int or type(t) is not int \
+            or not (0.0 <= p < _INF and 0.0 <= q < _INF) \
+            or not (0 <= a <= I64_MAX and 0 <= last <= I64_MAX and 0 <= t <= I64_MAX // _MS):
+        return None
+    return agg_trade_record(symbol=symbol, flags=_F_BACKFILLED | (_F_MAKER if m is True else 0),
+                            price=p, qty=q, agg_id=a, last_trade_id=last, event_time_ns=t * _MS,
+                            recv_time_ns=recv_time_ns)
+
+
+def depth_snapshot(body: Any) -> tuple[int, list[Level], list[Level]]:
+    """A ``/api/v3/depth`` answer -> (lastUpdateId, bids, asks). Raises KeyError, TypeError or
+    ValueError for an answer that is not one (the caller counts it and fetches again)."""
+    lid = body["lastUpdateId"]
+    bids = [(float(p), float(q)) for p, q in body["bids"]]
+    asks = [(float(p), float(q)) for p, q in body["asks"]]
+    if type(lid) is not int or not 0 <= lid <= I64_MAX:
+        raise ValueError("lastUpdateId is not an integer in 0..2**63-1")
+    return lid, bids, asks
 
 
 StreamDecoder = OrjsonDecoder  # the common interface; MsgspecDecoder is a drop-in subclass

@@ -69,3 +69,104 @@ def empty_ticks(n: int) -> np.ndarray:
 # The tick ring's name when nobody says otherwise: ingest, `pipeline run`, the consumers, the
 # latency probe and `pipeline health` must agree on it, or a newcomer's probe finds nothing.
 TICK_RING = "pipeline.ticks"
+
+
+# ---- record tuples -----------------------------------------------------------------------------
+# Python code carries a tick record as a plain tuple of TICK_DTYPE's fields in order, all but the
+# last: ``publish_time_ns`` is appended when the record enters the ring (``(*rec, time_ns())``).
+# Why a tuple and not a class: the ring packs it with one struct call, and a frame handler that
+# costs ~1-2 us cannot afford an object per record. The builders below are the one place that
+# spells a record out; everything else names its fields through the positions that follow.
+
+#: A record tuple: TICK_DTYPE's fields in order, without ``publish_time_ns``.
+TickTuple = tuple[int, int, int, int, int, float, float, float, float, float, float, int, int, int,
+                  int]
+
+#: Position of each field in a record tuple (TICK_DTYPE order): ``rec[AT_TRADE_ID]``, never
+#: ``rec[11]``. Module constants rather than an enum: a frame handler reads them on every frame.
+(AT_KIND, AT_FLAGS, AT_SYMBOL, AT_LEVEL, AT_PAD, AT_PRICE, AT_QTY, AT_BID_PRICE, AT_BID_QTY,
+ AT_ASK_PRICE, AT_ASK_QTY, AT_TRADE_ID, AT_AUX_ID, AT_EVENT_TIME_NS, AT_RECV_TIME_NS,
+ AT_PUBLISH_TIME_NS) = range(16)
+assert [n.strip("_") for n in TICK_DTYPE.names or ()] == [
+    "kind", "flags", "symbol", "level", "pad", "price", "qty", "bid_price", "bid_qty", "ask_price",
+    "ask_qty", "trade_id", "aux_id", "event_time_ns", "recv_time_ns", "publish_time_ns"
+], "TICK_DTYPE changed: update the AT_* positions and the builders below"
+
+# plain ints: the builders run once per frame and an IntEnum member costs a lookup each time
+_AGG_TRADE = int(Kind.AGG_TRADE)
+_TRADE = int(Kind.TRADE)
+_BOOK_TICKER = int(Kind.BOOK_TICKER)
+_DEPTH_TOP = int(Kind.DEPTH_TOP)
+_DEPTH_LEVEL = int(Kind.DEPTH_LEVEL)
+_GAP = int(Kind.GAP)
+_BOOK_RESYNC = int(Kind.BOOK_RESYNC)
+_RESYNCED = int(Flags.RESYNCED)
+
+#: The record kinds whose ``trade_id`` an id tracker accounts for (gap-free, exactly once).
+TRACKED_KINDS = (_AGG_TRADE, _TRADE)
+
+
+def agg_trade_record(*, symbol: int, flags: int, price: float, qty: float, agg_id: int,
+                     last_trade_id: int, event_time_ns: int, recv_time_ns: int) -> TickTuple:
+    """An aggregate trade (live ``aggTrade`` or a REST ``/api/v3/aggTrades`` row):
+    ``trade_id`` = aggregate id ``a``, ``aux_id`` = last underlying trade id ``l``."""
+    return (_AGG_TRADE, flags, symbol, 0, 0, price, qty, 0.0, 0.0, 0.0, 0.0, agg_id,
+            last_trade_id, event_time_ns, recv_time_ns)
+
+
+def trade_record(*, symbol: int, flags: int, price: float, qty: float, trade_id: int,
+                 event_time_ns: int, recv_time_ns: int) -> TickTuple:
+    """One ``@trade`` trade: ``trade_id`` = trade id ``t``."""
+    return (_TRADE, flags, symbol, 0, 0, price, qty, 0.0, 0.0, 0.0, 0.0, trade_id, 0,
+            event_time_ns, recv_time_ns)
+
+
+def book_ticker_record(*, symbol: int, bid_price: float, bid_qty: float, ask_price: float,
+                       ask_qty: float, update_id: int, recv_time_ns: int) -> TickTuple:
+    """Best bid/ask from ``bookTicker``: ``trade_id`` = book update id ``u``. It carries no
+    event time (the stream has none), so ``event_time_ns`` is 0."""
+    return (_BOOK_TICKER, 0, symbol, 0, 0, 0.0, 0.0, bid_price, bid_qty, ask_price, ask_qty,
+            update_id, 0, 0, recv_time_ns)
+
+
+def depth_top_record(*, symbol: int, flags: int, bid_price: float, bid_qty: float,
+                     ask_price: float, ask_qty: float, update_id: int, first_update_id: int,
+                     event_time_ns: int, recv_time_ns: int) -> TickTuple:
+    """Top of a local book after a change: ``trade_id`` = the book's update id, ``aux_id`` = the
+    first update id of the diff (0 for a snapshot / partial depth)."""
+    return (_DEPTH_TOP, flags, symbol, 0, 0, 0.0, 0.0, bid_price, bid_qty, ask_price, ask_qty,
+            update_id, first_update_id, event_time_ns, recv_time_ns)
+
+
+def depth_level_record(*, symbol: int, flags: int, level: int, bid_price: float, bid_qty: float,
+                       ask_price: float, ask_qty: float, update_id: int, first_update_id: int,
+                       event_time_ns: int, recv_time_ns: int) -> TickTuple:
+    """Level ``level`` (0 = best) of a local book, ids as in :func:`depth_top_record`; a side
+    with fewer levels has price and quantity 0 there."""
+    return (_DEPTH_LEVEL, flags, symbol, level, 0, 0.0, 0.0, bid_price, bid_qty, ask_price,
+            ask_qty, update_id, first_update_id, event_time_ns, recv_time_ns)
+
+
+def gap_record(*, symbol: int, flags: int, first_missing: int, last_missing: int,
+               recv_time_ns: int) -> TickTuple:
+    """Ids ``first_missing..last_missing`` of ``symbol`` are lost for good (Flags.TRADE_IDS in
+    ``flags``: @trade ids, else aggregate trade ids)."""
+    return (_GAP, flags, symbol, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, first_missing, last_missing,
+            0, recv_time_ns)
+
+
+def id_reset_record(*, symbol: int, flags: int, last_before: int, first_after: int,
+                    recv_time_ns: int) -> TickTuple:
+    """An id sequence restarted: a GAP flagged RESYNCED (added here) whose ``trade_id`` is the
+    last id before the restart and ``aux_id`` the first after it. The ids between are not a
+    range of missing trades, so nothing is fetched for them."""
+    return (_GAP, flags | _RESYNCED, symbol, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, last_before,
+            first_after, 0, recv_time_ns)
+
+
+def book_resync_record(*, symbol: int, flags: int, snapshot_update_id: int, book_update_id: int,
+                       recv_time_ns: int) -> TickTuple:
+    """The local book was rebuilt from a REST snapshot: ``trade_id`` = the snapshot's
+    ``lastUpdateId``, ``aux_id`` = the book's update id once the buffered diffs are applied."""
+    return (_BOOK_RESYNC, flags, symbol, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, snapshot_update_id,
+            book_update_id, 0, recv_time_ns)
