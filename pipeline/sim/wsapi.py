@@ -15,6 +15,8 @@ Layers
   delay it). :meth:`WsApiService.dispatch` pushes user-data events to every subscribed session
   through ``ApiSession.push`` (also called by the venue for fills caused by the market walk).
 - :func:`serve_connection` is the thin asyncio shell the server calls per connection.
+- What each method does is :mod:`pipeline.sim.wsapi_methods`; who sent a request is
+  :mod:`pipeline.sim.signatures`; the weights and counters are :mod:`pipeline.sim.ratelimit`.
 
 Choices where Binance is silent or the reference says UNCONFIRMED (README-worthy):
 - Unknown method -> 400 ``-1100`` "Unknown method: X". Invalid JSON / non-object -> 400
@@ -55,39 +57,20 @@ import orjson
 from pipeline.logs import RateLimitedLog
 from pipeline.sim.ratelimit import WEIGHTS, ApiLimits, request_weight
 from pipeline.sim.signatures import (
-    MSG_BAD_SIG,
     ApiKeyring,
     NumberText,
     param_text,
 )
 from pipeline.sim.venue import Event, Venue, VenueError, missing
+from pipeline.sim.wsapi_methods import MSG_UNKNOWN_ERR, HostileReply, MethodHandlers
 
 log = logging.getLogger("pipeline.sim.wsapi")
 _slow_log = RateLimitedLog(log)
 
-SIGNED = frozenset(
-    {
-        "order.place",
-        "order.test",
-        "order.cancel",
-        "order.cancelReplace",
-        "order.amend.keepPriority",
-        "order.status",
-        "openOrders.status",
-        "openOrders.cancelAll",
-        "account.status",
-        "account.rateLimits.orders",
-    }
-)
 ORDER_METHODS = frozenset({"order.place", "order.cancelReplace"})
 CONNECT_WEIGHT = 2
 MAX_PENDING_FRAMES = 50_000  # unsent frames per connection before it is dropped as too slow
 
-MSG_TIMEOUT = (
-    "Timeout waiting for response from backend server. Send status unknown; "
-    "execution status unknown."
-)
-MSG_UNKNOWN_ERR = "An unknown error occured while processing the request."
 _MAX_CONCURRENT_SUBS = 1000
 _MAX_TOTAL_SUBS = 65535
 
@@ -122,7 +105,7 @@ class Reply:
     delay_ms: int = 0
 
 
-class _Req:
+class ApiRequest:
     __slots__ = ("account", "id", "method", "params")
 
     def __init__(self, rid: Any, method: str, params: dict[str, str]) -> None:
@@ -223,6 +206,7 @@ class WsApiService:
         # requests per method (known methods only, else "other": bounded by WEIGHTS)
         self.method_counts: dict[str, int] = {}
         self._bad_input = RateLimitedLog(log)
+        self.methods = MethodHandlers(self)
 
     # ---------------------------------------------------------------- setup
 
@@ -276,7 +260,7 @@ class WsApiService:
         """Connection gone: its logon and subscriptions vanish with it."""
         s.closed = True
         for sub_id in list(s.subscriptions):
-            self._drop_sub(s, sub_id)
+            self.drop_subscription(s, sub_id)
         self.sessions.pop(s.conn_id, None)
 
     def _first_fill(self, account: str) -> None:
@@ -296,7 +280,7 @@ class WsApiService:
                 sess.push(b'{"subscriptionId":%d,"event":%s}' % (sub_id, body))
                 self.counters["events_sent"] += 1
 
-    def _add_sub(self, s: ApiSession, account: str, via_logon: bool) -> int:
+    def add_subscription(self, s: ApiSession, account: str, via_logon: bool) -> int:
         if any(acct == account for acct, _ in s.subscriptions.values()):
             raise VenueError(-2035, "User Data Stream subscription already active.")
         if len(s.subscriptions) >= _MAX_CONCURRENT_SUBS or s.subs_total >= _MAX_TOTAL_SUBS:
@@ -307,7 +291,7 @@ class WsApiService:
         self._subs.setdefault(account, {})[(s.conn_id, sub_id)] = s
         return sub_id
 
-    def _drop_sub(self, s: ApiSession, sub_id: int) -> bytes:
+    def drop_subscription(self, s: ApiSession, sub_id: int) -> bytes:
         account, _ = s.subscriptions.pop(sub_id)
         targets = self._subs.get(account)
         if targets is not None:
@@ -353,10 +337,10 @@ class WsApiService:
                 return Reply(self._envelope(s, req, now, error=err), close=True)
             if verdict == "429":
                 self.counters["rate_limited"] += 1
-                raise _Fail(self._weight_429(s.ip, now, retry))
-            status, result = self._dispatch_method(s, req, now, before, events)
+                raise _Fail(self.weight_429(s.ip, now, retry))
+            status, result = self.methods.run(s, req, now, before, events)
             out = self._envelope(s, req, now, result=result, status=status)
-        except _HostileReply as h:
+        except HostileReply as h:
             out = h.frame(req.id)
         except _Fail as f:
             out = self._envelope(s, req, now, error=f.err)
@@ -368,7 +352,7 @@ class WsApiService:
             out = self._envelope(s, req, now, error=VenueError(-1000, MSG_UNKNOWN_ERR, 500))
         return Reply(out, before=before, events=events, delay_ms=delay)
 
-    def _weight_429(self, ip: str, now: int, retry: int) -> VenueError:
+    def weight_429(self, ip: str, now: int, retry: int) -> VenueError:
         return VenueError(
             -1003,
             f"Too many requests; current limit of IP({ip}) request weight per 1 MINUTE is "
@@ -378,7 +362,7 @@ class WsApiService:
             data={"serverTime": now, "retryAfter": retry},
         )
 
-    def _parse(self, frame: str) -> _Req:
+    def _parse(self, frame: str) -> ApiRequest:
         try:
             obj = orjson.loads(frame)
         except orjson.JSONDecodeError as exc:
@@ -411,12 +395,12 @@ class WsApiService:
                 raise _FailWithId(
                     rid, VenueError(-1100, f"Illegal characters found in parameter '{k}'.")
                 ) from None
-        return _Req(rid, method, params)
+        return ApiRequest(rid, method, params)
 
     # ---------------------------------------------------------------- envelope
 
     def _rate_limits(
-        self, s: ApiSession, req: _Req | None, now: int, account: str | None
+        self, s: ApiSession, req: ApiRequest | None, now: int, account: str | None
     ) -> list[dict[str, Any]] | None:
         flag = req.params.get("returnRateLimits") if req is not None else None
         if flag == "false" or (flag is None and not s.return_rate_limits):
@@ -430,7 +414,7 @@ class WsApiService:
     def _envelope(
         self,
         s: ApiSession,
-        req: _Req,
+        req: ApiRequest,
         now: int,
         *,
         result: Any = None,
@@ -446,7 +430,7 @@ class WsApiService:
             out["status"] = status
             out["result"] = result
         limits = self._rate_limits(s, req, now, req.account)
-        if self._take_hostile(("rate_limits_overflow",)):
+        if self.take_hostile(("rate_limits_overflow",)):
             limits = [dict(e) for e in (limits or [self.limits.ip(s.ip).weight.entry(now)])]
             limits[-1]["count"] = 2**63  # still a u64: orjson writes it
         if limits is not None:
@@ -457,245 +441,30 @@ class WsApiService:
         self.errors_by_code[err.code] = self.errors_by_code.get(err.code, 0) + 1
         return Reply(orjson.dumps({"id": rid, "status": err.status, "error": err.error_obj()}))
 
-    def _authenticate(self, s: ApiSession, req: _Req, now: int) -> str:
-        p = req.params
-        if "apiKey" in p or "signature" in p:
-            account = self.keys.verify(p, now)
-        elif s.api_key is not None:
-            self.keys.check_timestamp(p, now)
-            account = s.api_key
-        else:
-            raise missing("apiKey")
-        req.account = account
-        return account
-
-    # ---------------------------------------------------------------- methods
-
-    def _session_info(self, s: ApiSession, now: int) -> dict[str, Any]:
-        # null = no user data stream available (not logged on), else whether one is active
-        uds = bool(s.subscriptions) if s.api_key is not None or s.subscriptions else None
-        return {
-            "apiKey": s.api_key,
-            "authorizedSince": s.authorized_since,
-            "connectedSince": s.connected_since,
-            "returnRateLimits": s.return_rate_limits,
-            "serverTime": now,
-            "userDataStream": uds,
-        }
-
-    def _end_logon_subs(self, s: ApiSession) -> list[bytes]:
-        return [
-            self._drop_sub(s, sid) for sid, (_, logon) in list(s.subscriptions.items()) if logon
-        ]
-
-    def _dispatch_method(
-        self, s: ApiSession, req: _Req, now: int, before: list[bytes], events: list[Event]
-    ) -> tuple[int, Any]:
-        """Run one method; fills ``before`` (session frames) and ``events`` (user data)."""
-        m, p = req.method, req.params
-        v = self.venue
-        if m == "ping":
-            return 200, {}
-        if m == "time":
-            return 200, {"serverTime": now}
-        if m == "session.logon":
-            if not p.get("apiKey"):
-                raise missing("apiKey")
-            if not p.get("signature"):
-                raise missing("signature")
-            if getattr(self.faults, "reject_logons", 0) > 0:
-                self.faults.reject_logons -= 1
-                self._fault_fired("reject_logons")
-                self.counters["logon_failures"] += 1
-                raise VenueError(-1022, MSG_BAD_SIG)
-            try:
-                key = self.keys.verify(p, now)
-            except VenueError:
-                self.counters["logon_failures"] += 1
-                raise
-            if s.api_key is not None and s.api_key != key:
-                before.extend(self._end_logon_subs(s))
-            if s.api_key != key:
-                s.authorized_since = now
-            s.api_key = key
-            self.counters["logons"] += 1
-            log.info("wsapi: session logon", extra={"conn": s.conn_id, "key": key[:8]})
-            return 200, self._session_info(s, now)
-        if m == "session.status":
-            return 200, self._session_info(s, now)
-        if m == "session.logout":
-            before.extend(self._end_logon_subs(s))
-            s.api_key = None
-            s.authorized_since = None
-            return 200, self._session_info(s, now)
-        if m == "session.subscriptions":
-            return 200, [{"subscriptionId": i} for i in sorted(s.subscriptions)]
-        if m == "userDataStream.subscribe":
-            if s.api_key is None:
-                raise VenueError(-1002, "You are not authorized to execute this request.")
-            return 200, {"subscriptionId": self._add_sub(s, s.api_key, True)}
-        if m == "userDataStream.subscribe.signature":
-            account = self.keys.verify(p, now)
-            return 200, {"subscriptionId": self._add_sub(s, account, False)}
-        if m == "userDataStream.unsubscribe":
-            text = p.get("subscriptionId")
-            if text:
-                if not text.isdigit() or int(text) not in s.subscriptions:
-                    raise VenueError(-2036, "User Data Stream subscription not active.")
-                before.append(self._drop_sub(s, int(text)))
-            else:
-                if not s.subscriptions:
-                    raise VenueError(-2036, "User Data Stream subscription not active.")
-                before.extend(self._drop_sub(s, sid) for sid in list(s.subscriptions))
-            return 200, {}
-        if m not in SIGNED:
-            raise VenueError(-1100, f"Unknown method: {m}")
-        account = self._authenticate(s, req, now)
-        if m == "order.place" or m == "order.cancelReplace":
-            return self._order_method(s, req, account, now, events)
-        if m == "order.test":
-            return 200, v.test_order(account, p, now)
-        if m == "order.cancel":
-            result, evs = v.cancel(account, p, now)
-            events.extend(evs)
-            return 200, result
-        if m == "order.amend.keepPriority":
-            result, evs = v.amend_keep_priority(account, p, now)
-            events.extend(evs)
-            return 200, result
-        if m in ("order.status", "openOrders.status") and self._take_hostile(("status_5xx",)):
-            raise VenueError(-1000, MSG_UNKNOWN_ERR, 500)
-        if m == "order.status":
-            return 200, v.order_status(account, p)
-        if m == "openOrders.status":
-            return 200, v.open_orders(account, p)
-        if m == "openOrders.cancelAll":
-            results, evs = v.cancel_all(account, p, now)
-            events.extend(evs)
-            return 200, results
-        if m == "account.status":
-            return 200, v.account_status(account, p, now)
-        if m == "account.rateLimits.orders":
-            return 200, self.limits.orders(account).entries(now)
-        raise VenueError(-1100, f"Unknown method: {m}")  # pragma: no cover - SIGNED is closed
-
-    def _fault_fired(self, name: str) -> None:
+    def fault_fired(self, name: str) -> None:
         self.counters["faults_fired"] += 1
         count = getattr(self.faults, "count", None)
         if callable(count):
             count(name)
 
-    def _take_hostile(self, kinds: tuple[str, ...]) -> str | None:
+    def take_hostile(self, kinds: tuple[str, ...]) -> str | None:
         """The pending ``hostile_reply`` kind if it is one of ``kinds`` (consumes one)."""
         kind = getattr(self.faults, "hostile_reply", None)
         if kind in kinds and getattr(self.faults, "hostile_reply_count", 0) > 0:
             self.faults.hostile_reply_count -= 1
             if self.faults.hostile_reply_count == 0:
                 self.faults.hostile_reply = None
-            self._fault_fired("hostile_reply")
+            self.fault_fired("hostile_reply")
             return str(kind)
         return None
 
-    def _take_order_fault(self) -> str | None:
+    def take_order_fault(self) -> str | None:
         kind = getattr(self.faults, "order_fault", None)
         if kind and getattr(self.faults, "order_fault_count", 0) > 0:
             self.faults.order_fault_count -= 1
-            self._fault_fired("order_fault")
+            self.fault_fired("order_fault")
             return str(kind)
         return None
-
-    def _order_method(
-        self, s: ApiSession, req: _Req, account: str, now: int, events: list[Event]
-    ) -> tuple[int, Any]:
-        """order.place / order.cancelReplace: unfilled-order limits, faults, then the venue."""
-        p = req.params
-        limits = self.limits.orders(account)
-        full = limits.exceeded(now)
-        cr = req.method == "order.cancelReplace"
-        limit_err: VenueError | None = None
-        if full is not None:
-            unit = {"SECOND": "SECOND", "DAY": "DAY"}.get(full.interval, full.interval)
-            limit_err = VenueError(
-                -1015,
-                f"Too many new orders; current limit is {full.limit} orders per "
-                f"{full.interval_num} {unit}.",
-                status=429,
-                data={"serverTime": now, "retryAfter": full.resets_at(now)},
-            )
-            if not (cr and p.get("orderRateLimitExceededMode") == "CANCEL_ONLY"):
-                self.counters["rate_limited"] += 1
-                raise limit_err
-        if self._take_hostile(("retry_after_overflow",)):
-            raise VenueError(
-                -1003,
-                "Too many requests.",
-                status=429,
-                data={"serverTime": now, "retryAfter": 10**17},
-            )
-        fault = self._take_order_fault()
-        if fault == "429":
-            retry = now + self.fault_retry_after_ms
-            self.limits.ip(s.ip).penalize(retry)
-            raise self._weight_429(s.ip, now, retry)
-        if fault == "5xx":
-            raise VenueError(-1000, MSG_UNKNOWN_ERR, status=500)
-        # Count first, undo if the request is refused before the matching engine: a fill inside
-        # the call then decrements a count that already includes this order (FAQ: unfilled
-        # order count, "when an order is first filled ... decreases by one").
-        counted = limit_err is None
-        if counted:
-            limits.add(now)
-        if cr:
-            new_err = None
-            if limit_err is not None:
-                new_err = VenueError(limit_err.code, limit_err.msg)
-            try:
-                status, body, evs = self.venue.cancel_replace(
-                    account, p, now, new_order_error=new_err
-                )
-            except VenueError:
-                if counted:
-                    limits.remove(now)
-                raise
-            events.extend(evs)
-            if fault == "-1007":
-                raise VenueError(-1007, MSG_TIMEOUT, status=408)
-            if status != 200:
-                raise VenueError(body["code"], body["msg"], status=status, data=body.get("data"))
-            return 200, body
-        try:
-            result, evs = self.venue.place(account, p, now)
-        except VenueError:
-            limits.remove(now)  # only successful placements count
-            raise
-        events.extend(evs)
-        if fault == "-1007":
-            raise VenueError(-1007, MSG_TIMEOUT, status=408)
-        hostile = self._take_hostile(("null_result", "order_id_overflow", "deep_json"))
-        if hostile:
-            raise _HostileReply(hostile, result)
-        return 200, result
-
-
-class _HostileReply(Exception):
-    """Carries a deliberately bad response frame (fault ``hostile_reply``) out of a handler."""
-
-    def __init__(self, kind: str, result: Any) -> None:
-        super().__init__(kind)
-        self.kind = kind
-        self.result = result
-
-    def frame(self, rid: Any) -> bytes:
-        head = b'{"id":' + orjson.dumps(rid) + b',"status":200,"result":'
-        if self.kind == "null_result":
-            return head + b"null}"
-        if self.kind == "deep_json":
-            return head + b"[" * 100_000 + b"]" * 100_000 + b"}"
-        # order_id_overflow: 2**64 does not fit orjson's integers; the stdlib writes any int
-        result = dict(self.result) if isinstance(self.result, dict) else {}
-        result["orderId"] = 2**64
-        return head + json.dumps(result).encode() + b"}"
-
 
 class _FailWithId(_Fail):
     def __init__(self, rid: Any, err: VenueError) -> None:
