@@ -621,18 +621,22 @@ def test_oversized_reply_becomes_an_error_reply(shm_name: str) -> None:
 
     from pipeline.binance.wsapi import Response
     from pipeline.ipc.ring import RingReader, RingWriter
+    from pipeline.trading.answers import ReplyTag
     from pipeline.trading.client import ReplyAssembler
-    from pipeline.trading.process import _ReplyTag
     from pipeline.trading.wire import LOCAL_REPLY_TOO_LARGE, REPLY_DTYPE
 
     cfg = TradingConfig(url="ws://127.0.0.1:9/", session=fast_config("k"), reply_capacity=8)
     tp = TradingProcess(cfg, None)
-    tp._reply_w = RingWriter.create(f"{shm_name}.replies", REPLY_DTYPE, 8)
+    tp._answers.reply_writer = RingWriter.create(f"{shm_name}.replies", REPLY_DTYPE, 8)
     try:
         with RingReader.attach(f"{shm_name}.replies", "t") as reader:
             orders = [{"symbol": "BTCUSDT", "clientOrderId": f"c{i}"} for i in range(100)]
-            tp._send_reply(_ReplyTag(5, "big", "openOrders.status"), Response("1", 200, orders))
-            tp._send_reply(_ReplyTag(5, "small", "openOrders.status"), Response("2", 200, []))
+            tp._answers.send_reply(
+                ReplyTag(5, "big", "openOrders.status"), Response("1", 200, orders)
+            )
+            tp._answers.send_reply(
+                ReplyTag(5, "small", "openOrders.status"), Response("2", 200, [])
+            )
             asm = ReplyAssembler(5)
             assert asm.feed(reader.poll()) == ["big", "small"]
             big = json.loads(asm.done["big"])
@@ -651,4 +655,4 @@ def test_oversized_reply_becomes_an_error_reply(shm_name: str) -> None:
             assert reader.missed == 0
             assert isinstance(reader.poll(), np.ndarray)
     finally:
-        tp._reply_w.close()
+        tp._answers.reply_writer.close()

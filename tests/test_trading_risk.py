@@ -1,6 +1,6 @@
 """Pre-trade risk in the trading process (`pipeline trade --risk-limits`).
 
-Unit tests drive :class:`pipeline.trading.process.RiskGate` with a fake limits view and injected
+Unit tests drive :class:`pipeline.trading.riskgate.RiskGate` with a fake limits view and injected
 clocks;
 the integration test runs the real risk consumer core (:class:`pipeline.consumers.risk.Risk`,
 reading the exec ring as reader "risk") next to a trading process against the simulator.
@@ -23,7 +23,8 @@ from simhelpers import async_test, until
 from pipeline.consumers.risk import LimitsTable, Risk, RiskBook, RiskLimits, field_name
 from pipeline.ipc.metrics import MetricsNotFoundError
 from pipeline.trading.client import OrderClient
-from pipeline.trading.process import RiskGate, TradingConfig, TradingProcess
+from pipeline.trading.process import TradingConfig, TradingProcess
+from pipeline.trading.riskgate import RiskGate
 from pipeline.trading.session import ExecKind, OrderStatus, SessionConfig, State
 from pipeline.trading.wire import LOCAL_RISK
 

@@ -1,0 +1,227 @@
+"""The order path of the trading process: order rings -> pre-trade checks -> session.
+
+Why apart from the process: what happens to one order command (refused because the outbox is
+nearly full, refused by the risk gate, or handed to the session as a place, cancel, modify,
+status or account-level request) is a rule of its own, and the loop that polls the order rings
+is the only place that feeds it.
+
+Every command that never leaves the host is still answered: a REJECT (or CANCEL_REJECT /
+STATUS) on the exec ring, or an error reply on the reply ring for account-level requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pipeline.binance.wsapi import ApiError, Response
+from pipeline.logs import RateLimitedLog
+from pipeline.trading.answers import AnswerPublisher, ReplyTag
+from pipeline.trading.intake import OrderIntake
+from pipeline.trading.riskgate import RiskGate
+from pipeline.trading.session import ERROR_TEXT, LOCAL_INVALID, LOCAL_OUTBOX_FULL, Session
+from pipeline.trading.sockets import WsConnections
+from pipeline.trading.wire import (
+    LOCAL_RISK,
+    REQUEST_METHODS,
+    ExecKind,
+    ExecUpdate,
+    OrderAction,
+    OrderStatus,
+)
+
+if TYPE_CHECKING:
+    from pipeline.trading.process import TradingConfig
+
+
+class OrderDispatcher:
+    """Polls the order rings (:meth:`run`) and carries out each command (:meth:`execute`).
+
+    ``intake`` is set by the process once its rings exist; ``pump`` is the process's pump,
+    called after each batch so the session's frames go out at once; ``mark_dirty`` asks for the
+    metrics block to be written promptly (a local refusal changes a counter health reads).
+    """
+
+    def __init__(
+        self,
+        config: TradingConfig,
+        session: Session,
+        *,
+        answers: AnswerPublisher,
+        sockets: WsConnections,
+        risk: RiskGate | None,
+        pump: Callable[[], None],
+        mark_dirty: Callable[[], None],
+        rate_limited_log: RateLimitedLog,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.intake: OrderIntake | None = None
+        self._publish = answers.publish
+        self._send_reply = answers.send_reply
+        self._outbox_busy = sockets.busy
+        self._risk = risk
+        self._pump = pump
+        self._mark_dirty = mark_dirty
+        self._rl = rate_limited_log
+        self._next_observe = 0.0
+        self.risk_rejected = 0
+        self.outbox_full_rejects = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        intake = self.intake
+        assert intake is not None
+        next_scan = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_scan:
+                intake.scan()
+                next_scan = now + self.config.scan_interval_s
+            if self._risk is not None and self._risk.inflight and now >= self._next_observe:
+                self._next_observe = now + self.config.risk_observe_interval_s
+                if self._risk.needs_observation:
+                    self._observe_risk()
+                self._risk.retire()
+            cmds, rejects = intake.poll(time.time_ns())
+            if rejects:
+                self._publish(list(rejects))
+            for cmd in cmds:
+                self.execute(cmd)
+            if cmds or rejects:
+                self._pump()
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(self.config.poll_interval_s)
+
+    def _observe_risk(self) -> None:
+        """Where the risk consumer's exec-ring reader is (see :class:`RiskGate`)."""
+        from pipeline.ipc.ring import RingError, ring_stats
+
+        assert self._risk is not None
+        try:
+            stats = ring_stats(self.config.exec_ring)
+        except (RingError, OSError):
+            return
+        cursors = [r["cursor"] for r in stats["readers"] if r["name"] == self.config.risk_reader]
+        self._risk.observe(min(cursors) if cursors else None, time.time_ns())
+
+    def _risk_refused(self, cmd: Any, symbol: str, side: str) -> bool:
+        """Run the pre-trade check; on a refusal publish the REJECT and return True."""
+        if self._risk is None:
+            return False
+        reason = self._risk.check(symbol, side, cmd.qty, cmd.price)
+        if reason is None:
+            return False
+        self.risk_rejected += 1
+        self._mark_dirty()
+        self._rl.warning(
+            "risk_reject",
+            f"order refused by risk: {reason}",
+            client_order_id=cmd.client_order_id,
+            symbol=symbol,
+        )
+        self._answer_locally(cmd, ExecKind.REJECT, OrderStatus.REJECTED, LOCAL_RISK, reason,
+                             symbol=symbol, side=side)  # fmt: skip
+        return True
+
+    def _refuse_busy(self, cmd: Any) -> None:
+        """Answer a command locally because the outbox is nearly full (never queue it)."""
+        self.outbox_full_rejects += 1
+        self._mark_dirty()
+        self._rl.warning("outbox_busy", "outbox nearly full: refusing orders locally")
+        text = ERROR_TEXT[LOCAL_OUTBOX_FULL]
+        if cmd.action in REQUEST_METHODS:
+            tag = ReplyTag(cmd.client_id, cmd.client_order_id, REQUEST_METHODS[cmd.action])
+            self._send_reply(tag, Response(None, 503, None, ApiError(LOCAL_OUTBOX_FULL, text)))
+            return
+        kind = {
+            OrderAction.CANCEL: ExecKind.CANCEL_REJECT,
+            OrderAction.STATUS: ExecKind.STATUS,
+        }.get(cmd.action, ExecKind.REJECT)
+        order = self.session.order_status(cmd.client_order_id)
+        status = OrderStatus.REJECTED if kind is ExecKind.REJECT else (order or OrderStatus.UNKNOWN)
+        self._answer_locally(cmd, kind, status, LOCAL_OUTBOX_FULL, text,
+                             symbol=cmd.symbol, side=cmd.side)  # fmt: skip
+
+    def _answer_locally(
+        self, cmd: Any, kind: ExecKind, status: OrderStatus, code: int, text: str, *,
+        symbol: str, side: str,
+    ) -> None:  # fmt: skip
+        """Publish the answer to a command that never left the host (refused here)."""
+        self._publish(
+            [
+                ExecUpdate(
+                    cmd.client_order_id,
+                    kind,
+                    status,
+                    symbol=symbol,
+                    side=side,
+                    price=cmd.price,
+                    qty=cmd.qty,
+                    error_code=code,
+                    error_msg=text,
+                    submit_time_ns=cmd.submit_time_ns,
+                    client_id=cmd.client_id,
+                )
+            ]
+        )
+
+    def execute(self, cmd: Any) -> None:
+        s = self.session
+        if self._outbox_busy():
+            self._refuse_busy(cmd)
+            return
+        if cmd.action is OrderAction.PLACE:
+            if self._risk_refused(cmd, cmd.symbol, cmd.side):
+                return
+            sent = s.place(
+                cmd.client_order_id,
+                cmd.symbol,
+                cmd.side,
+                cmd.type,
+                cmd.qty,
+                cmd.price or None,
+                cmd.tif or None,
+                submit_time_ns=cmd.submit_time_ns,
+                client_id=cmd.client_id,
+            )
+            if sent and self._risk is not None:
+                self._risk.sent(cmd.client_order_id, cmd.symbol, cmd.side, cmd.qty)
+        elif cmd.action is OrderAction.CANCEL:
+            s.cancel(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)
+        elif cmd.action is OrderAction.MODIFY:
+            info = s.order_info(cmd.orig_client_order_id)
+            symbol = cmd.symbol or (info[0] if info else "")
+            side = cmd.side or (info[1] if info else "")
+            if self._risk_refused(cmd, symbol, side):
+                return
+            sent = s.modify(
+                cmd.orig_client_order_id,
+                cmd.client_order_id,
+                qty=cmd.qty,
+                price=cmd.price or None,
+                symbol=cmd.symbol or None,
+                side=cmd.side or None,
+                type=cmd.type or None,
+                tif=cmd.tif or None,
+                submit_time_ns=cmd.submit_time_ns,
+                client_id=cmd.client_id,
+            )
+            if sent and self._risk is not None:
+                self._risk.sent(cmd.client_order_id, symbol, side, cmd.qty)
+        elif cmd.action is OrderAction.STATUS:
+            s.query(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)
+        elif cmd.action in REQUEST_METHODS:
+            method = REQUEST_METHODS[cmd.action]
+            tag = ReplyTag(cmd.client_id, cmd.client_order_id, method)
+            params: dict[str, Any] = {"symbol": cmd.symbol} if cmd.symbol else {}
+            if cmd.action is OrderAction.ACCOUNT:
+                params = {"omitZeroBalances": True}
+            if cmd.action is OrderAction.CANCEL_ALL and not cmd.symbol:
+                self._send_reply(
+                    tag, Response(None, 400, None, ApiError(LOCAL_INVALID, "symbol required"))
+                )
+                return
+            s.request(method, params, tag=tag)
