@@ -24,9 +24,9 @@ from simhelpers import block_snapshot as _metrics
 from pipeline.consumers.persist import (
     PersistCore,
     ResumeFilter,
-    SqliteStore,
     rows_from_batch,
 )
+from pipeline.consumers.stores import SqliteStore
 from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
 from pipeline.ipc.segments import RingWriter
 
@@ -313,7 +313,7 @@ def _has_user(name: str) -> bool:
 
 
 def test_postgres_store_is_idempotent_and_resumes(postgres_url: str) -> None:
-    from pipeline.consumers.persist import PostgresStore
+    from pipeline.consumers.stores import PostgresStore
 
     store = PostgresStore(postgres_url)
     store.setup()
@@ -657,7 +657,7 @@ def test_sqlite_disk_full_is_survived_and_nothing_is_lost(
 
 
 def test_redact_url_hides_passwords() -> None:
-    from pipeline.consumers.persist import redact_url
+    from pipeline.consumers.stores import redact_url
 
     assert redact_url("postgresql://u:s3cret@db:5432/x") == "postgresql://u:***@db:5432/x"
     assert "s3cret" not in redact_url("host=db user=u password=s3cret dbname=x")
