@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.ipc.header import HeaderFormat
+
 MAGIC = b"PLRING\x00\x01"
 MAGIC_WORD = int.from_bytes(MAGIC, "little")
 LAYOUT_VERSION = 1
@@ -50,6 +52,13 @@ READERS_OFF = FIXED_HEADER_BYTES
 E_PID, E_START, E_CURSOR, E_MISSED, E_ATTACH_NS = 0, 1, 2, 3, 4
 E_NAME_OFF = 40
 ENTRY_BYTES = CACHE_LINE
+
+#: magic, version and writer words as every reader of a ring segment checks them
+RING_HEADER = HeaderFormat(
+    "ring", MAGIC, LAYOUT_VERSION, W_WRITER_PID, W_WRITER_START, version_name="layout version",
+    magic_hint="; still being created, or something else uses that name",
+    version_hint=": restart the writer or upgrade the reader",
+)  # fmt: skip
 
 
 class RingError(Exception):
@@ -240,16 +249,9 @@ def parse_header(
         raise RingLayoutError(f"shared memory {name!r} is too small ({len(mv)} bytes) to be a ring")
     hdr = mv[:FIXED_HEADER_BYTES].cast("q")
     try:
-        if hdr[W_MAGIC] != MAGIC_WORD:
-            raise RingLayoutError(
-                f"shared memory {name!r} is not a ring (bad magic "
-                f"{bytes(mv[:8])!r}; still being created, or something else uses that name)"
-            )
-        if hdr[W_VERSION] != LAYOUT_VERSION:
-            raise RingLayoutError(
-                f"ring {name!r} has layout version {hdr[W_VERSION]}, this code reads "
-                f"{LAYOUT_VERSION}: restart the writer or upgrade the reader"
-            )
+        problem = RING_HEADER.problem(hdr, name)
+        if problem is not None:
+            raise RingLayoutError(problem)
         try:
             dtype_off, dtype_len = hdr[W_DTYPE_OFF], hdr[W_DTYPE_LEN]
             sym_off, sym_len = hdr[W_SYMBOLS_OFF], hdr[W_SYMBOLS_LEN]

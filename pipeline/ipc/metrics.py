@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.ipc import shm
+from pipeline.ipc.header import HeaderFormat
 
 log = logging.getLogger("pipeline.metrics")
 
@@ -39,6 +40,8 @@ W_MAGIC, W_VERSION, W_HEADER_BYTES, W_WRITER_PID, W_WRITER_START = 0, 1, 2, 3, 4
 W_NFIELDS, W_DESC_OFF, W_DESC_LEN = 5, 6, 7
 W_SEQ, W_UPDATED_NS = 8, 9
 VALUES_OFF = 2 * CACHE_LINE
+#: magic, version and writer words as every reader of a metrics block checks them
+METRICS_HEADER = HeaderFormat("metrics block", MAGIC, VERSION, W_WRITER_PID, W_WRITER_START)
 _HEADER_WORDS = VALUES_OFF // 8
 
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
@@ -320,14 +323,9 @@ def _parse(buf: memoryview, name: str) -> list[tuple[str, str]]:
         raise MetricsLayoutError(f"shared memory {name!r} is too small to be a metrics block")
     hdr = buf[:VALUES_OFF].cast("q")
     try:
-        if hdr[W_MAGIC] != MAGIC_WORD:
-            raise MetricsLayoutError(
-                f"shared memory {name!r} is not a metrics block (bad magic {bytes(buf[:8])!r})"
-            )
-        if hdr[W_VERSION] != VERSION:
-            raise MetricsLayoutError(
-                f"metrics block {name!r} has version {hdr[W_VERSION]}, this code reads {VERSION}"
-            )
+        problem = METRICS_HEADER.problem(hdr, name)
+        if problem is not None:
+            raise MetricsLayoutError(problem)
         off, length, n = hdr[W_DESC_OFF], hdr[W_DESC_LEN], hdr[W_NFIELDS]
         try:
             raw = json.loads(bytes(buf[off : off + length]))
@@ -357,7 +355,7 @@ def _retire_stale(name: str) -> None:
     try:
         _parse(old.buf, name)
         hdr = old.buf[:VALUES_OFF].cast("q")
-        pid, start = hdr[W_WRITER_PID], hdr[W_WRITER_START]
+        pid, start = METRICS_HEADER.owner(hdr)
         hdr.release()
         if shm.pid_alive(pid, start):
             raise MetricsError(f"metrics block {name!r} is owned by a live process (pid {pid})")

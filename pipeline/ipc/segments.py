@@ -29,6 +29,7 @@ from pipeline.ipc.layout import (
     FIXED_HEADER_BYTES,
     MAGIC,
     MAX_READERS,
+    RING_HEADER,
     W_CLOSED,
     W_CURSOR,
     W_EPOCH_NS,
@@ -199,8 +200,8 @@ def _retire_stale(name: str) -> int:
     try:
         parse_header(old.buf, name)
         hdr = old.buf[:FIXED_HEADER_BYTES].cast("q")
-        pid, start, gen, closed = (hdr[W_WRITER_PID], hdr[W_WRITER_START], hdr[W_GENERATION],
-                                   hdr[W_CLOSED])  # fmt: skip
+        pid, start = RING_HEADER.owner(hdr)
+        gen, closed = hdr[W_GENERATION], hdr[W_CLOSED]
         hdr.release()
         if not closed and shm.pid_alive(pid, start):
             raise RingExistsError(f"ring {name!r} is owned by a live writer (pid {pid})")

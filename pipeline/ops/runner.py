@@ -226,26 +226,20 @@ def cleanup_segments(names: Sequence[str], prefix: str = "pipeline.") -> list[st
     process is dead (never one with a live owner: another pipeline may be running). Returns
     what was removed."""
     from pipeline.ipc import shm
-    from pipeline.ipc.layout import MAGIC as RING_MAGIC
-    from pipeline.ipc.layout import W_WRITER_PID as R_PID
-    from pipeline.ipc.layout import W_WRITER_START as R_START
-    from pipeline.ipc.metrics import MAGIC as METRICS_MAGIC
-    from pipeline.ipc.metrics import W_WRITER_PID as M_PID
-    from pipeline.ipc.metrics import W_WRITER_START as M_START
+    from pipeline.ipc.header import HEAD_BYTES
+    from pipeline.ipc.layout import RING_HEADER
+    from pipeline.ipc.metrics import METRICS_HEADER
 
     removed = []
     candidates = set(shm.list_names(prefix)) | {n for n in names if (shm.SHM_DIR / n).exists()}
     for name in sorted(candidates):
-        head = shm.read_head(name, 64)
-        if head is None or len(head) < 64:
+        head = shm.read_head(name, HEAD_BYTES)
+        if head is None:
             continue
-        words = [int.from_bytes(head[i : i + 8], "little", signed=True) for i in range(0, 64, 8)]
-        if head[:8] == RING_MAGIC:
-            pid, start = words[R_PID], words[R_START]
-        elif head[:8] == METRICS_MAGIC:
-            pid, start = words[M_PID], words[M_START]
-        else:
+        owner = RING_HEADER.owner_of_head(head) or METRICS_HEADER.owner_of_head(head)
+        if owner is None:
             continue  # not ours to judge
+        pid, start = owner
         if not shm.pid_alive(pid, start) and shm.unlink(name):
             removed.append(name)
     return removed
