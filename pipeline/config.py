@@ -31,21 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.binance.streams import STREAM_SUFFIXES
 from pipeline.ipc.records import TICK_RING
 
 ENV_PREFIX = "PIPELINE_"
 
 MODES = ("sim", "testnet", "live")
-# Every stream suffix ingest can parse (binance-protocol.md §1.6).
-STREAM_KINDS = (
-    "aggTrade",
-    "trade",
-    "bookTicker",
-    "depth",
-    "depth@100ms",
-    "depth@1000ms",
-    *(f"depth{n}{speed}" for n in (5, 10, 20) for speed in ("", "@100ms", "@1000ms")),
-)
+# Every stream suffix ingest can parse (binance-protocol.md §1.6): the decoder's own table, so
+# the config cannot accept a kind ingest does not decode, or refuse one it does.
+STREAM_KINDS = tuple(STREAM_SUFFIXES)
 CONSUMERS = ("monitor", "persist", "risk")
 
 # Public endpoints per mode (binance-protocol.md §1.1, §2.1). "sim" endpoints come from the
