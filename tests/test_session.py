@@ -656,7 +656,7 @@ def test_garbage_frames_are_counted_not_fatal() -> None:
 def test_bad_transition_is_a_local_error() -> None:
     d = Driver()
     with pytest.raises(LocalProtocolError) as exc:
-        d.session._transition("logon_ok")
+        d.session.connections.transition("logon_ok")
     assert not exc.value.remote
 
 

@@ -1,0 +1,197 @@
+"""Order entry: what a strategy asks of the session (place, cancel, modify, query).
+
+Every check that can refuse an order runs here, before anything is sent, and a refusal is a
+REJECT / CANCEL_REJECT with a local code, never a silent drop: an invalid or duplicate client
+order id, a malformed order, a session that is not Ready (orders are never queued: a stale
+order is worse than a rejected one), a venue rate limit in force, a full order table. The
+order is entered in the :class:`pipeline.trading.ordertable.OrderTable` before its request
+goes out on the primary connection. This is the order-submit hot path: no call here that the
+one-class session did not make.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.trading.connections import ConnectionMachine
+from pipeline.trading.ordertable import OrderTable, TrackedOrder
+from pipeline.trading.session_types import (
+    ERROR_TEXT,
+    LOCAL_DUPLICATE_ID,
+    LOCAL_INVALID,
+    LOCAL_TABLE_FULL,
+    SessionConfig,
+)
+from pipeline.trading.wire import CLIENT_ORDER_ID_RE, ExecKind, ExecUpdate, OrderStatus
+
+
+class OrderEntry:
+    def __init__(self, config: SessionConfig, table: OrderTable, link: ConnectionMachine) -> None:
+        self.config = config
+        self._table = table
+        self._orders = table.orders
+        self._metrics = table.metrics
+        self._link = link
+
+    def place(
+        self,
+        client_order_id: str,
+        symbol: str,
+        side: str,
+        type: str,
+        qty: float,
+        price: float | None = None,
+        tif: str | None = None,
+        *,
+        submit_time_ns: int = 0,
+        client_id: int = 0,
+    ) -> bool:
+        """Send ``order.place``; False (and a REJECT update) if refused locally."""
+        order = TrackedOrder(
+            client_order_id,
+            symbol,
+            side,
+            type,
+            price or 0.0,
+            qty,
+            tif or "",
+            submit_time_ns=submit_time_ns,
+            client_id=client_id,
+        )
+        bad_fields = side not in ("BUY", "SELL") or qty <= 0 or (type == "LIMIT" and not price)
+        if self._refused(order, bad_fields=bad_fields):
+            return False
+        self._send_new(order, "order.place", {"symbol": symbol}, "place", coid=client_order_id)
+        return True
+
+    def cancel(
+        self, client_order_id: str, symbol: str | None = None, *, client_id: int = 0
+    ) -> bool:
+        order = self._orders.get(client_order_id)
+        sym = symbol or (order.symbol if order else "")
+        code = self._link.send_gate() or (LOCAL_INVALID if not sym else 0)
+        if code:
+            self._table.updates.append(
+                ExecUpdate(
+                    client_order_id,
+                    ExecKind.CANCEL_REJECT,
+                    order.status if order else OrderStatus.UNKNOWN,
+                    symbol=sym,
+                    error_code=code,
+                    error_msg=ERROR_TEXT.get(code, ""),
+                    client_id=client_id,
+                )
+            )
+            return False
+        params = {"symbol": sym, "origClientOrderId": client_order_id}
+        return self._link.send_on_primary(
+            "order.cancel", params, "cancel", coid=client_order_id, tag=client_id
+        )
+
+    def modify(
+        self,
+        client_order_id: str,
+        new_client_order_id: str,
+        *,
+        qty: float,
+        price: float | None = None,
+        symbol: str | None = None,
+        side: str | None = None,
+        type: str | None = None,
+        tif: str | None = None,
+        submit_time_ns: int = 0,
+        client_id: int = 0,
+    ) -> bool:
+        """``order.cancelReplace``: cancel ``client_order_id``, place ``new_client_order_id``."""
+        old = self._orders.get(client_order_id)
+        sym = symbol or (old.symbol if old else "")
+        sd = side or (old.side if old else "")
+        tp = type or (old.type if old else "LIMIT")
+        new = TrackedOrder(
+            new_client_order_id,
+            sym,
+            sd,
+            tp,
+            price or 0.0,
+            qty,
+            tif or (old.tif if old else "GTC"),
+            submit_time_ns=submit_time_ns,
+            client_id=client_id,
+        )
+        if self._refused(new, malformed=not sym or not sd):
+            return False
+        params: dict[str, Any] = {
+            "symbol": sym,
+            "cancelReplaceMode": self.config.cancel_replace_mode,
+            "cancelOrigClientOrderId": client_order_id,
+        }
+        return self._send_new(
+            new,
+            "order.cancelReplace",
+            params,
+            "modify",
+            coid=client_order_id,
+            new_coid=new_client_order_id,
+        )
+
+    def query(self, client_order_id: str, symbol: str | None = None, *, client_id: int = 0) -> bool:
+        order = self._orders.get(client_order_id)
+        sym = symbol or (order.symbol if order else "")
+        code = self._link.send_gate() or (LOCAL_INVALID if not sym else 0)
+        if code:
+            self._table.updates.append(
+                ExecUpdate(
+                    client_order_id,
+                    ExecKind.STATUS,
+                    order.status if order else OrderStatus.UNKNOWN,
+                    symbol=sym,
+                    error_code=code,
+                    client_id=client_id,
+                )
+            )
+            return False
+        return self._link.send_on_primary(
+            "order.status",
+            {"symbol": sym, "origClientOrderId": client_order_id},
+            "status",
+            coid=client_order_id,
+            tag=client_id,
+        )
+
+    def _refused(
+        self, order: TrackedOrder, *, malformed: bool = False, bad_fields: bool = False
+    ) -> bool:
+        """Reject a new order locally if it cannot go out; True if it was.
+
+        One order of checks for place and modify, so both report the same code for the same
+        fault: an invalid id (or ``malformed``), a duplicate id, ``bad_fields``, then what
+        :meth:`ConnectionMachine.send_gate` says, then a full table.
+        """
+        coid = order.coid
+        if malformed or not CLIENT_ORDER_ID_RE.match(coid):
+            code = LOCAL_INVALID
+        elif coid in self._orders:
+            code = LOCAL_DUPLICATE_ID
+        elif bad_fields:
+            code = LOCAL_INVALID
+        else:
+            code = self._link.send_gate() or (LOCAL_TABLE_FULL if self._table.full() else 0)
+        if code:
+            self._table.local_reject(coid, code, order)
+        return bool(code)
+
+    def _send_new(
+        self, order: TrackedOrder, method: str, params: dict[str, Any], kind: str, **kw: Any
+    ) -> bool:
+        """Send a request creating ``order``: its fields follow the method's own ``params``."""
+        params["side"] = order.side
+        params["type"] = order.type
+        params["quantity"] = order.qty
+        params["newClientOrderId"] = order.coid
+        if order.price:
+            params["price"] = order.price
+        if order.type != "MARKET":
+            params["timeInForce"] = order.tif or "GTC"
+        self._orders[order.coid] = order
+        self._metrics["orders_sent"] += 1
+        return self._link.send_on_primary(method, params, kind, **kw)
