@@ -445,7 +445,7 @@ def test_frame_handler_paths_in_process(shm_name: str) -> None:
         assert not np.any((r["kind"] == Kind.DEPTH_TOP) & (r["symbol"] == 2))
         # the recorded snapshot syncs the book; then the next diffs publish tops
         body = json.loads((fix / "depth_snapshot.json").read_text())
-        book = ing.books[2]
+        book = ing.depth.books[2]
         book.on_snapshot(body["lastUpdateId"], [(float(p), float(q)) for p, q in body["bids"]],
                          [(float(p), float(q)) for p, q in body["asks"]])
         assert book.synced
@@ -461,13 +461,14 @@ def test_long_stream_lists_go_out_as_paced_subscribe_batches(shm_name: str,
     import asyncio
 
     from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata import connections
     from pipeline.marketdata import ingest as ingmod
     from pipeline.sim.server import SimConfig
     from pipeline.sim.testing import SimServer
 
     syms = ["BTCUSDT", "ETHUSDT", "BNBUSDT"]
-    monkeypatch.setattr(ingmod, "MAX_URL_CHARS", 60)  # one stream in the URL
-    monkeypatch.setattr(ingmod, "SUBSCRIBE_BATCH", 1)  # 8 SUBSCRIBE messages: > 5/s unpaced
+    monkeypatch.setattr(connections, "MAX_URL_CHARS", 60)  # one stream in the URL
+    monkeypatch.setattr(connections, "SUBSCRIBE_BATCH", 1)  # 8 SUBSCRIBE messages: > 5/s unpaced
     w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 14, symbols=syms)
 
     async def main() -> tuple[dict[str, int], set[int], int]:

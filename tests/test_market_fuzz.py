@@ -150,8 +150,8 @@ def accounted(ing: Any) -> int:
     ing.flush_metrics()
     trackers = (*ing.trackers, *ing.trade_trackers)
     return (ing.ring.cursor + ing.ring.staged + sum(ing.skipped.values()) + ing.c["duplicates"]
-            + sum(t.stats.far_ids + len(t.pending) for t in trackers) + ing._book_far_seen
-            + ing._partial_far_seen)
+            + sum(t.stats.far_ids + len(t.pending) for t in trackers) + ing.book_far_seen
+            + ing.depth.partial_far_seen)
 
 
 @settings(max_examples=300, deadline=None,
@@ -190,8 +190,8 @@ def test_partial_depth_far_id_is_held_and_the_stream_goes_on(handler: Any) -> No
     conn = _Conn()
     for lid in (10, 10**17, 11, 12):
         ing.on_frame(conn, frame("depth5", dict(KINDS["depth5"][1], lastUpdateId=lid)), 1)
-    assert ing.last_partial[0] == 12
-    assert ing._partial_far_seen == 1
+    assert ing.depth.last_partial[0] == 12
+    assert ing.depth.partial_far_seen == 1
     from pipeline.ipc.records import Kind
     from pipeline.ipc.ring import RingReader
 

@@ -9,6 +9,7 @@ practice, which float64 round-trips exactly when formatted back with ``repr`` / 
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
+from typing import Final
 
 import numpy as np
 
@@ -83,10 +84,24 @@ TickTuple = tuple[int, int, int, int, int, float, float, float, float, float, fl
                   int]
 
 #: Position of each field in a record tuple (TICK_DTYPE order): ``rec[AT_TRADE_ID]``, never
-#: ``rec[11]``. Module constants rather than an enum: a frame handler reads them on every frame.
-(AT_KIND, AT_FLAGS, AT_SYMBOL, AT_LEVEL, AT_PAD, AT_PRICE, AT_QTY, AT_BID_PRICE, AT_BID_QTY,
- AT_ASK_PRICE, AT_ASK_QTY, AT_TRADE_ID, AT_AUX_ID, AT_EVENT_TIME_NS, AT_RECV_TIME_NS,
- AT_PUBLISH_TIME_NS) = range(16)
+#: ``rec[11]``. Module constants rather than an enum: a frame handler reads them on every frame
+#: (and Final literals let the type checker know which field of the tuple it gets).
+AT_KIND: Final = 0
+AT_FLAGS: Final = 1
+AT_SYMBOL: Final = 2
+AT_LEVEL: Final = 3
+AT_PAD: Final = 4
+AT_PRICE: Final = 5
+AT_QTY: Final = 6
+AT_BID_PRICE: Final = 7
+AT_BID_QTY: Final = 8
+AT_ASK_PRICE: Final = 9
+AT_ASK_QTY: Final = 10
+AT_TRADE_ID: Final = 11
+AT_AUX_ID: Final = 12
+AT_EVENT_TIME_NS: Final = 13
+AT_RECV_TIME_NS: Final = 14
+AT_PUBLISH_TIME_NS: Final = 15
 assert [n.strip("_") for n in TICK_DTYPE.names or ()] == [
     "kind", "flags", "symbol", "level", "pad", "price", "qty", "bid_price", "bid_qty", "ask_price",
     "ask_qty", "trade_id", "aux_id", "event_time_ns", "recv_time_ns", "publish_time_ns"

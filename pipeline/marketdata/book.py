@@ -53,6 +53,7 @@ from collections import deque
 from collections.abc import Iterable
 from enum import Enum, IntEnum
 
+from pipeline.ipc.records import TickTuple, depth_level_record, depth_top_record
 from pipeline.marketdata.gapfill import DEFAULT_MAX_ID_JUMP, DEFAULT_RESYNC_AFTER, FarRun
 
 Level = tuple[float, float]
@@ -275,3 +276,27 @@ class OrderBook:
     @property
     def synced(self) -> bool:
         return self.state is State.SYNCED
+
+
+def book_records(*, symbol: int, flags: int, update_id: int, first_update_id: int,
+                 event_time_ns: int, recv_time_ns: int, bids: list[Level], asks: list[Level],
+                 levels: int) -> list[TickTuple]:
+    """What publishes a book's top (``bids`` / ``asks`` best first, as :meth:`OrderBook.top`
+    returns them, or a partial-depth frame's): one DEPTH_TOP, then DEPTH_LEVEL records for the
+    first ``levels`` levels, as far as either side has one (the shorter side reads 0, 0).
+    Pure, so a diff, a snapshot and a partial-depth frame publish their books the same way."""
+    bp, bq = bids[0] if bids else (0.0, 0.0)
+    ap, aq = asks[0] if asks else (0.0, 0.0)
+    out = [depth_top_record(symbol=symbol, flags=flags, bid_price=bp, bid_qty=bq, ask_price=ap,
+                            ask_qty=aq, update_id=update_id, first_update_id=first_update_id,
+                            event_time_ns=event_time_ns, recv_time_ns=recv_time_ns)]
+    for lvl in range(levels):
+        if lvl >= len(bids) and lvl >= len(asks):
+            break
+        bp, bq = bids[lvl] if lvl < len(bids) else (0.0, 0.0)
+        ap, aq = asks[lvl] if lvl < len(asks) else (0.0, 0.0)
+        out.append(depth_level_record(symbol=symbol, flags=flags, level=lvl, bid_price=bp,
+                                      bid_qty=bq, ask_price=ap, ask_qty=aq, update_id=update_id,
+                                      first_update_id=first_update_id,
+                                      event_time_ns=event_time_ns, recv_time_ns=recv_time_ns))
+    return out

@@ -58,410 +58,52 @@ other published, so both publish one sequence, in order, exactly once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from struct import error as struct_error
 from typing import Any
 
+from pipeline.ipc.records import AT_KIND, AT_SYMBOL, AT_TRADE_ID, TRACKED_KINDS, Flags, TickTuple
 from pipeline.logs import RateLimitedLog
+from pipeline.marketdata.cli import config_from_args, register
+from pipeline.marketdata.config import (
+    DEFAULT_REST_URL,
+    DEFAULT_STREAMS_URL,
+    MAX_STREAMS_PER_CONNECTION,
+    ConfigError,
+    IngestConfig,
+    validate,
+)
+from pipeline.marketdata.connections import (
+    BACKOFF,
+    CONNECTING,
+    DOWN,
+    ROTATING,
+    UP,
+    Conn,
+    Shard,
+)
+from pipeline.marketdata.depth import DepthFeed
+from pipeline.marketdata.ingest_metrics import (
+    COUNTERS,
+    metric_values,
+    metrics_fields,
+)
+from pipeline.marketdata.recovery import RestRecovery, gap_maker, reset_maker
 
 log = logging.getLogger("pipeline.ingest")
-_I64_MAX = (1 << 63) - 1
-_TRACKED_KINDS = (1, 2)  # Kind.AGG_TRADE, Kind.TRADE: records an id tracker accounts for
 
-DEFAULT_STREAMS_URL = "wss://stream.binance.com:9443"
-DEFAULT_REST_URL = "https://api.binance.com"
-MAX_STREAMS_PER_CONNECTION = 1024  # section 1.3
-MAX_URL_CHARS = 4000  # longer stream lists go out as SUBSCRIBE messages
-SUBSCRIBE_BATCH = 100  # streams per SUBSCRIBE message
-SUBSCRIBE_INTERVAL_S = 0.25  # <= 4 control messages/s (limit: 5 incoming messages/s, 1.3)
-MAX_SHARDS_IN_METRICS = 8
-MAX_SYMBOLS_IN_METRICS = 16
-
-# connection states (metrics conn_state_<i>)
-DOWN, CONNECTING, UP, ROTATING, BACKOFF = 0, 1, 2, 3, 4
-
-
-class ConfigError(ValueError):
-    """Bad configuration; ``field`` names the flag."""
-
-    def __init__(self, field_name: str, problem: str) -> None:
-        super().__init__(f"{field_name}: {problem}")
-        self.field = field_name
-
-
-@dataclass
-class IngestConfig:
-    streams_url: str = DEFAULT_STREAMS_URL
-    rest_url: str = DEFAULT_REST_URL
-    symbols: list[str] = field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
-    streams: list[str] = field(default_factory=lambda: ["aggTrade", "bookTicker", "depth"])
-    ring: str = "ticks"
-    ring_capacity: int = 1 << 20
-    cpu: int | None = None
-    stall_timeout: float = 30.0
-    transport: str = "picows"
-    decoder: str = "msgspec"
-    max_lifetime: float = 23.5 * 3600  # rotate before the 24 h server limit
-    metrics: str = "pipeline.ingest.metrics"
-    metrics_interval: float = 0.1
-    depth_levels: int = 0
-    depth_snapshot_limit: int = 1000
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    healthy_after: float = 30.0
-    ping_interval: float = 20.0
-    backfill_grace: float = 0.2
-    rest_retries: int = 5
-    rest_timeout: float = 5.0
-    streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
-    max_frame_bytes: int = 4 << 20
-    publish_batch: int = 64
-    fast_path: str = "auto"
-    time_unit: str = "MILLISECOND"
-    max_id_jump: int = 5_000_000  # pipeline.gapfill.DEFAULT_MAX_ID_JUMP
-    max_backfill_ids: int = 200_000  # 200 REST pages: a hole larger than this is a GAP at once
-    id_resync_after: int = 16  # pipeline.gapfill.DEFAULT_RESYNC_AFTER
-
-    def stream_names(self) -> list[str]:
-        from pipeline.binance.streams import stream_name
-
-        return [stream_name(sym, kind) for sym in self.symbols for kind in self.streams]
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if not (value >= 0 if allow_zero else value > 0) or value != value:
-        raise ConfigError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def validate(cfg: IngestConfig) -> IngestConfig:
-    """Check everything before any socket or segment exists; errors name the flag."""
-    import re
-
-    from pipeline.binance.streams import DEPTH_DIFF, STREAM_SUFFIXES
-    from pipeline.net.ws import TRANSPORTS
-
-    for name, url, schemes in (("--streams-url", cfg.streams_url, ("ws://", "wss://")),
-                               ("--rest-url", cfg.rest_url, ("http://", "https://"))):
-        if not url.startswith(schemes) or len(url) <= len(schemes[0]) + 1:
-            raise ConfigError(name, f"must start with {' or '.join(schemes)}, got {url!r}")
-    if not cfg.symbols:
-        raise ConfigError("--symbols", "at least one symbol is required")
-    for s in cfg.symbols:
-        if not re.fullmatch(r"[A-Z0-9]{2,20}", s):
-            raise ConfigError("--symbols", f"{s!r} is not an upper-case Binance symbol")
-    if len(set(cfg.symbols)) != len(cfg.symbols):
-        raise ConfigError("--symbols", "duplicate symbol")
-    if not cfg.streams:
-        raise ConfigError("--streams", "at least one stream kind is required")
-    if len(set(cfg.streams)) != len(cfg.streams):
-        raise ConfigError("--streams", "duplicate stream kind")
-    for k in cfg.streams:
-        if k not in STREAM_SUFFIXES:
-            raise ConfigError("--streams", f"unknown stream kind {k!r}; known: "
-                              f"{', '.join(STREAM_SUFFIXES)}")
-    diff = [k for k in cfg.streams if STREAM_SUFFIXES[k] == DEPTH_DIFF]
-    if len(diff) > 1:  # one local book per symbol
-        raise ConfigError("--streams", f"subscribe one diff-depth stream per symbol, got {diff}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", cfg.ring):
-        raise ConfigError("--ring", f"not a valid shared-memory name: {cfg.ring!r}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", cfg.metrics):
-        raise ConfigError("--metrics", f"not a valid shared-memory name: {cfg.metrics!r}")
-    cap = cfg.ring_capacity
-    if cap < 2 or cap & (cap - 1):
-        raise ConfigError("--ring-capacity", f"must be a power of two >= 2, got {cap}")
-    if cfg.cpu is not None:
-        allowed = sorted(os.sched_getaffinity(0))
-        if cfg.cpu not in allowed:
-            raise ConfigError("--cpu", f"CPU {cfg.cpu} is not available (allowed: {allowed})")
-    if cfg.transport not in TRANSPORTS:
-        raise ConfigError("--transport", f"must be one of {', '.join(TRANSPORTS)}")
-    if cfg.decoder not in ("msgspec", "orjson"):
-        raise ConfigError("--decoder", "must be msgspec or orjson")
-    for name, v in (("--stall-timeout", cfg.stall_timeout), ("--max-lifetime", cfg.max_lifetime),
-                    ("--metrics-interval", cfg.metrics_interval),
-                    ("--backoff-base", cfg.backoff_base), ("--backoff-max", cfg.backoff_max),
-                    ("--rest-timeout", cfg.rest_timeout)):
-        _positive(name, v)
-    for name, v in (("--healthy-after", cfg.healthy_after), ("--ping-interval", cfg.ping_interval),
-                    ("--backfill-grace", cfg.backfill_grace),
-                    ("--rest-retries", cfg.rest_retries), ("--depth-levels", cfg.depth_levels)):
-        _positive(name, v, allow_zero=True)
-    if cfg.backoff_max < cfg.backoff_base:
-        raise ConfigError("--backoff-max", "must be >= --backoff-base")
-    if not 1 <= cfg.streams_per_connection <= MAX_STREAMS_PER_CONNECTION:
-        raise ConfigError("--streams-per-connection", f"must be in 1..{MAX_STREAMS_PER_CONNECTION}")
-    if not 1 <= cfg.depth_snapshot_limit <= 5000:
-        raise ConfigError("--depth-snapshot-limit", "must be in 1..5000")
-    if cfg.depth_levels > 1000:
-        raise ConfigError("--depth-levels", "must be <= 1000")
-    if not 1 <= cfg.publish_batch <= min(4096, cfg.ring_capacity):
-        raise ConfigError("--publish-batch", "must be in 1..min(4096, --ring-capacity)")
-    from pipeline.marketdata.fastpath import FAST_PATH_MODES
-
-    if cfg.fast_path not in FAST_PATH_MODES:
-        raise ConfigError("--fast-path", f"must be one of {', '.join(FAST_PATH_MODES)}")
-    from pipeline.binance.streams import TIME_UNITS
-
-    if cfg.time_unit not in TIME_UNITS:
-        raise ConfigError("--time-unit", f"must be one of {', '.join(TIME_UNITS)}")
-    if len(cfg.symbols) > 65535:
-        raise ConfigError("--symbols", "too many symbols for the ring's u2 symbol id")
-    if not 1 <= cfg.max_id_jump <= 1 << 62:
-        raise ConfigError("--max-id-jump", f"must be in 1..2**62, got {cfg.max_id_jump}")
-    if not 1 <= cfg.max_backfill_ids <= 1 << 62:
-        raise ConfigError("--max-backfill-ids", f"must be >= 1, got {cfg.max_backfill_ids}")
-    if not 1 <= cfg.id_resync_after <= 10_000:
-        raise ConfigError("--id-resync-after",
-                          f"must be in 1..10000, got {cfg.id_resync_after}")
-    return cfg
-
-
-# --- metrics ----------------------------------------------------------------------------------
-
-COUNTERS = (
-    "frames_received", "frames_decoded", "published", "control_replies", "control_errors",
-    "duplicates", "reconnects", "rotations", "stalls", "server_shutdowns", "connect_failures",
-    "gaps_detected", "gaps_backfilled", "ids_backfilled", "gaps_unrecoverable", "ids_lost",
-    "trade_gaps", "trade_ids_lost",
-    "book_resyncs", "book_breaks", "rest_requests", "rest_errors", "callback_errors",
-    # ids more than --max-id-jump from their stream's last id (held aside, not published), and
-    # runs of them taken as a stream restart (re-based; a GAP record flagged RESYNCED for trades)
-    "ids_far", "id_resets",
-    # records the ring refused to pack (the tracker re-opened a hole for them), book levels
-    # dropped beyond the per-side bound (pipeline/marketdata/book.py MAX_LEVELS)
-    "publish_errors", "book_levels_trimmed",
-)
-
-
-def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
-    from pipeline.binance.streams import SKIP_REASONS
-
-    fields = [(c, "<i8") for c in COUNTERS]
-    fields += [(f"skipped_{r}", "<i8") for r in SKIP_REASONS]
-    fields += [("skipped_total", "<i8"), ("last_frame_ns", "<i8"), ("shards", "<i8"),
-               ("symbols", "<i8")]
-    # fast_path: 1 while the compiled path is in use (an operator sees a fallback to pure
-    # Python in `pipeline health`); frames_fast: frames it handled without Python
-    fields += [("fast_path", "<i8"), ("frames_fast", "<i8")]
-    # written every --metrics-interval even when no frame arrives: `pipeline health` calls the
-    # process stuck when the block is older than a few of these
-    fields += [("heartbeat_interval_ms", "<i8")]
-    # shards without a delivering connection for longer than a reconnect cycle takes
-    # (Ingest.down_grace_s): non-zero makes `pipeline health` call ingest unhealthy
-    fields += [("problem_shards_down", "<i8")]
-    fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
-    fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
-    return fields
-
-
-# --- connections ------------------------------------------------------------------------------
-
-
-class Conn:
-    """One websocket connection of a shard, with its own liveness bookkeeping."""
-
-    def __init__(self, shard: Shard, serial: int) -> None:
-        self.shard = shard
-        self.serial = serial
-        self.ws: Any = None
-        self.opened_at = time.monotonic()
-        self.last_ns = time.time_ns()  # wall clock of the last message (the transport's stamp)
-        self.first_msg = asyncio.get_running_loop().create_future()
-        self.first_pending = True
-        self.shutdown_requested = False
-        # the transport calls the frame handler directly (no per-frame wrapper): the compiled
-        # fast path's on_message(conn, ...) or Ingest.handle(conn, ...)
-        self.on_message = functools.partial(shard.ingest.on_frame, self)
-
-    def got_first(self) -> None:
-        self.first_pending = False
-        if not self.first_msg.done():
-            self.first_msg.set_result(None)
-
-    def silent_s(self) -> float:
-        return (time.time_ns() - self.last_ns) / 1e9
-
-
-class Shard:
-    """Streams carried by one connection at a time (two during a rotation)."""
-
-    def __init__(self, ingest: Ingest, index: int, streams: list[str]) -> None:
-        self.ingest = ingest
-        self.index = index
-        self.streams = streams
-        self.state = DOWN
-        #: monotonic time the shard last stopped delivering (not UP / ROTATING), None while it
-        #: delivers: `problem_shards_down` names shards down for longer than a reconnect takes
-        self.down_since: float | None = time.monotonic()
-        self.conn: Conn | None = None
-        self.wake = asyncio.Event()
-        self._serial = 0
-        cfg = ingest.cfg
-        base = cfg.streams_url.rstrip("/") + "/stream?streams="
-        # Binance's default unit stays implicit: the URL is the one users know
-        suffix = "" if cfg.time_unit == "MILLISECOND" else f"&timeUnit={cfg.time_unit}"
-        self.url_streams: list[str] = []
-        for s in streams:
-            if len(base) + len(suffix) + sum(len(x) + 1 for x in self.url_streams) + len(s) \
-                    > MAX_URL_CHARS:
-                break
-            self.url_streams.append(s)
-        self.sub_streams = streams[len(self.url_streams):]
-        self.url = base + "/".join(self.url_streams) + suffix
-
-    async def open(self) -> Conn:
-        """Connect and subscribe everything; raises WsConnectError."""
-        from pipeline.net import ws as wsmod
-
-        cfg = self.ingest.cfg
-        self._serial += 1
-        conn = Conn(self, self._serial)
-        conn.ws = await wsmod.connect(
-            self.url, conn.on_message, transport=cfg.transport,
-            ping_interval=cfg.ping_interval, ping_timeout=max(cfg.ping_interval, 1.0),
-            # the transport limit is looser than the decoder's, so an oversized frame is a
-            # counted skip rather than a dropped connection
-            max_frame_size=max(16 << 20, 4 * cfg.max_frame_bytes),
-            handshake_timeout=max(cfg.stall_timeout, 1.0),
-        )
-        conn.opened_at = time.monotonic()
-        conn.last_ns = time.time_ns()
-        for i in range(0, len(self.sub_streams), SUBSCRIBE_BATCH):
-            if i:
-                await asyncio.sleep(SUBSCRIBE_INTERVAL_S)
-            batch = self.sub_streams[i:i + SUBSCRIBE_BATCH]
-            self.ingest.next_req_id += 1
-            params = ",".join(f'"{s}"' for s in batch)
-            conn.ws.send_text(
-                f'{{"method":"SUBSCRIBE","params":[{params}],"id":{self.ingest.next_req_id}}}')
-        log.info("connected", extra={"shard": self.index, "conn": conn.serial,
-                                     "streams": len(self.streams)})
-        return conn
-
-    def _set_state(self, state: int) -> None:
-        self.state = state
-        if state in (UP, ROTATING):
-            self.down_since = None
-        elif self.down_since is None:
-            self.down_since = time.monotonic()
-
-    async def run(self) -> None:
-        from pipeline.backoff import Backoff, BackoffPolicy
-        from pipeline.net.ws import WsConnectError
-
-        ing = self.ingest
-        cfg = ing.cfg
-        backoff = Backoff(BackoffPolicy(initial_s=cfg.backoff_base, max_s=cfg.backoff_max,
-                                        max_attempts=0))
-        while not ing.stopping:
-            self._set_state(CONNECTING)
-            try:
-                conn = await self.open()
-            except WsConnectError as exc:
-                ing.c["connect_failures"] += 1
-                delay = backoff.next_delay() or cfg.backoff_max
-                ing.rlog.warning("connect_failed", "connect failed", shard=self.index,
-                                 error=str(exc), retry_in_s=round(delay, 3))
-                self._set_state(BACKOFF)
-                await ing.sleep(delay)
-                continue
-            self.conn = conn
-            self._set_state(UP)
-            while True:
-                reason = await self.supervise(conn)
-                if reason == "rotate" and not ing.stopping:
-                    new = await self.rotate(conn)
-                    if new is not None:
-                        conn = new
-                        continue
-                    reason = "dead" if conn.ws.closed else reason
-                    if reason == "rotate":
-                        continue
-                break
-            self.conn = None
-            if ing.stopping:
-                await conn.ws.close(1000, "shutdown")
-                break
-            # the connection died (closed by the peer, stalled, or failed to rotate)
-            healthy = time.monotonic() - conn.opened_at >= cfg.healthy_after
-            if healthy:
-                backoff.reset()
-            ing.c["reconnects"] += 1
-            delay = backoff.next_delay() or cfg.backoff_max
-            info = conn.ws.close_info
-            ing.rlog.warning("reconnect", "connection lost; reconnecting", shard=self.index,
-                             reason=reason, close=str(info), retry_in_s=round(delay, 3))
-            self._set_state(BACKOFF)
-            await ing.sleep(delay)
-        self._set_state(DOWN)
-
-    async def supervise(self, conn: Conn) -> str:
-        """Wait until this connection must be replaced: 'dead', 'rotate' or 'stop'."""
-        ing = self.ingest
-        cfg = ing.cfg
-        tick = min(cfg.stall_timeout / 4, 0.5)
-        closed = asyncio.ensure_future(conn.ws.wait_closed())
-        try:
-            while True:
-                if ing.stopping:
-                    return "stop"
-                if conn.ws.closed:
-                    return "dead"
-                now = time.monotonic()
-                silent = conn.silent_s()
-                if silent > cfg.stall_timeout:
-                    ing.c["stalls"] += 1
-                    ing.rlog.warning("stall", "no data; closing connection", shard=self.index,
-                                     silent_s=round(silent, 3))
-                    await conn.ws.close(1000, "stalled", grace_s=0.2)
-                    return "dead"
-                if conn.shutdown_requested or now - conn.opened_at >= cfg.max_lifetime:
-                    return "rotate"
-                self.wake.clear()
-                wake = asyncio.ensure_future(self.wake.wait())
-                await asyncio.wait({closed, wake}, timeout=tick,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
-        finally:
-            closed.cancel()
-
-    async def rotate(self, old: Conn) -> Conn | None:
-        """Make-before-break: the new connection is delivering before the old one closes.
-        Returns the new connection, or None if it could not be opened (old one kept)."""
-        from pipeline.net.ws import WsConnectError
-
-        ing = self.ingest
-        cfg = ing.cfg
-        self._set_state(ROTATING)
-        why = "server_shutdown" if old.shutdown_requested else "lifetime"
-        try:
-            new = await self.open()
-        except WsConnectError as exc:
-            ing.rlog.warning("rotate_failed", "rotation connect failed", shard=self.index,
-                             error=str(exc))
-            self._set_state(UP)
-            old.opened_at = time.monotonic() - cfg.max_lifetime + min(cfg.backoff_base * 4, 30)
-            await ing.sleep(cfg.backoff_base)
-            return None
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(new.first_msg), cfg.stall_timeout)
-        self.conn = new
-        ing.c["rotations"] += 1
-        log.info("rotated", extra={"shard": self.index, "why": why, "old": old.serial,
-                                   "new": new.serial})
-        await old.ws.close(1000, "rotated")
-        self._set_state(UP)
-        return new
+__all__ = [  # what this module has always offered, wherever it now lives
+    "BACKOFF", "CONNECTING", "COUNTERS", "DEFAULT_REST_URL", "DEFAULT_STREAMS_URL", "DOWN",
+    "MAX_STREAMS_PER_CONNECTION", "ROTATING", "UP", "ConfigError", "Conn", "Ingest",
+    "IngestConfig", "Shard", "config_from_args", "metrics_fields", "register", "run", "validate",
+]
 
 
 # --- the process ------------------------------------------------------------------------------
@@ -472,7 +114,6 @@ class Ingest:
 
     def __init__(self, cfg: IngestConfig, ring: Any, metrics: Any) -> None:
         from pipeline.binance import streams as st
-        from pipeline.marketdata.book import OrderBook
         from pipeline.marketdata.gapfill import AggTracker
 
         self.cfg = cfg
@@ -483,34 +124,31 @@ class Ingest:
                                        cfg.time_unit)
         self._decode = self.decoder.decode
         assert st.AGG == 1, "handle() compares the decode tag with the literal 1"
-        from pipeline.ipc.records import Flags
         from pipeline.marketdata.gapfill import FarRun
 
         n = len(cfg.symbols)
         jump, again = cfg.max_id_jump, cfg.id_resync_after
         self._max_jump = jump
-        self.trackers: list[AggTracker[tuple[Any, ...]]] = [
-            AggTracker(max_jump=jump, resync_after=again, make_reset=self._reset_record(sid),
-                       make_gap=self._gap_record(sid)) for sid in range(n)]
-        self.books = [OrderBook(max_jump=jump, resync_after=again) for _ in range(n)]
+        self.trackers: list[AggTracker[TickTuple]] = [
+            AggTracker(max_jump=jump, resync_after=again, make_reset=reset_maker(sid),
+                       make_gap=gap_maker(sid)) for sid in range(n)]
         self.last_book_u = [-1] * n  # bookTicker dedupe
         #: bookTicker updates whose `u` is far from last_book_u (held, at most id_resync_after)
         self.book_far: list[FarRun[tuple[Any, ...]]] = [
             FarRun(jump, again, contiguous=False) for _ in range(n)]
-        self._book_far_seen = 0
-        self._book_resets = 0
+        self.book_far_seen = 0
+        self.book_resets = 0
         # @trade ids are contiguous per symbol too: same exactly-once tracking, but a hole the
-        # live stream does not fill is reported, not fetched (see _trade_gap)
+        # live stream does not fill is reported, not fetched (see RestRecovery.trade_gap)
         tf = int(Flags.TRADE_IDS)
-        self.trade_trackers: list[AggTracker[tuple[Any, ...]]] = [
-            AggTracker(max_jump=jump, resync_after=again, make_reset=self._reset_record(sid, tf),
-                       make_gap=self._gap_record(sid, tf)) for sid in range(n)]
-        self.last_partial = [-1] * n  # partial depth dedupe
-        #: partial-depth frames whose lastUpdateId is far from last_partial (held, bounded)
-        self.partial_far: list[FarRun[Any]] = [
-            FarRun(jump, again, contiguous=False) for _ in range(n)]
-        self._partial_far_seen = 0
-        self._partial_resets = 0
+        self.trade_trackers: list[AggTracker[TickTuple]] = [
+            AggTracker(max_jump=jump, resync_after=again, make_reset=reset_maker(sid, tf),
+                       make_gap=gap_maker(sid, tf)) for sid in range(n)]
+        #: the local books and partial-depth dedupe (pipeline/marketdata/depth.py); its two
+        #: handlers are bound here so a depth frame costs no extra lookup
+        self.depth = DepthFeed(self)
+        self._on_diff = self.depth.on_diff
+        self._on_partial = self.depth.on_partial
         self.c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.skipped: dict[str, int] = dict.fromkeys(st.SKIP_REASONS, 0)
         self.last_frame_ns = 0
@@ -528,11 +166,13 @@ class Ingest:
         #: a shard may be without a delivering connection this long (stall detection, a full
         #: backoff, a handshake) before metrics report it as a problem
         self.down_grace_s = 2 * cfg.stall_timeout + cfg.backoff_max
+        #: the REST tasks (backfill, trade gap reports, book resyncs), started by _spawn
+        self.recovery = RestRecovery(self)
         self._backfilling: set[int] = set()
         self._trade_waiting: set[int] = set()
         self._resyncing: set[int] = set()
         self._publish_raw: Callable[[Any], int] = ring.publish
-        self._cursor0 = ring.cursor
+        self.cursor0 = ring.cursor
         self._time_ns = time.time_ns
         self._ready = False
         self._loop: asyncio.AbstractEventLoop | None = None  # set: batch within loop iterations
@@ -540,7 +180,7 @@ class Ingest:
         self._stage: Callable[[tuple[Any, ...]], bool] = self._stage_unbatched
         #: the compiled path (pipeline/marketdata/fastpath.py), once setup_publishing() built it
         self.fast: Any = None
-        self._frames_fast = 0  # the compiled path's count, kept once it is released
+        self.frames_fast = 0  # the compiled path's count, kept once it is released
         #: what the transport calls per frame: fast.on_message, or handle
         self.on_frame: Callable[[Conn, bytes, int], None] = self.handle
 
@@ -585,7 +225,7 @@ class Ingest:
         fast, self.fast = self.fast, None
         self.on_frame = self.handle
         if fast is not None:
-            self._frames_fast = fast.frames
+            self.frames_fast = fast.frames
             for sid in range(len(self.trackers)):  # the ids it published are Python's again
                 for kind, tracker in ((1, self.trackers[sid]), (2, self.trade_trackers[sid])):
                     last = fast.last_id(sid, kind)
@@ -663,26 +303,26 @@ class Ingest:
             if last is not None:
                 tr.last = last
         dups, resets, far = tr.stats.duplicates, tr.stats.resets, tr.stats.far_ids
-        out = tr.on_live(val[11], val)
+        out = tr.on_live(val[AT_TRADE_ID], val)
         self.c["duplicates"] += tr.stats.duplicates - dups
         if tr.stats.far_ids != far:
             self.rlog.warning(f"id_far_{kind}", "id far from the last one: held aside",
                               symbol=self.cfg.symbols[sid],
-                              stream="aggTrade" if kind == 1 else "trade", id=val[11],
+                              stream="aggTrade" if kind == 1 else "trade", id=val[AT_TRADE_ID],
                               last=tr.last)
         if tr.stats.resets != resets:
             self._log_reset(kind, sid, out)
         if out:
-            self._publish_tracked(tr, out)
+            self.publish_tracked(tr, out)
         if fast is not None:
             fast.set_last(sid, None if tr.pending else tr.last, kind)
         if tr.pending:
             if kind == 1 and sid not in self._backfilling:
-                self._spawn(self._backfill(sid), self._backfilling, sid)
+                self._spawn(self.recovery.backfill(sid), self._backfilling, sid)
             elif kind == 2 and sid not in self._trade_waiting:
-                self._spawn(self._trade_gap(sid), self._trade_waiting, sid)
+                self._spawn(self.recovery.trade_gap(sid), self._trade_waiting, sid)
 
-    def _publish_tracked(self, tr: Any, out: list[tuple[Any, ...]]) -> None:
+    def publish_tracked(self, tr: Any, out: list[TickTuple]) -> None:
         """Publish what a tracker released, in order. A record the ring refuses (it cannot be
         packed) is counted and logged, and the tracker is rewound to just before it: its id and
         the ones after it become a hole again (backfilled, or reported by a GAP record), never
@@ -693,8 +333,9 @@ class Ingest:
             except (OverflowError, TypeError, ValueError, struct_error) as exc:
                 self.c["publish_errors"] += 1
                 self.rlog.warning("publish_error", "record could not be published; its id is "
-                                  "a hole again", kind=rec[0], id=rec[11], error=repr(exc))
-                tracked = [(r[11], r) for r in out[i:] if r[0] in _TRACKED_KINDS]
+                                  "a hole again", kind=rec[AT_KIND], id=rec[AT_TRADE_ID],
+                                  error=repr(exc))
+                tracked = [(r[AT_TRADE_ID], r) for r in out[i:] if r[AT_KIND] in TRACKED_KINDS]
                 if tracked:
                     tr.rewind(tracked[0][0] - 1, tracked[1:])
                 return
@@ -702,23 +343,24 @@ class Ingest:
     def _log_reset(self, kind: int, sid: int, out: list[tuple[Any, ...]]) -> None:
         self.rlog.warning("id_reset", "id sequence restarted (a run of ids far from the last "
                           "one): re-based, nothing fetched across the jump",
-                          symbol=self.cfg.symbols[sid], stream="aggTrade" if kind == 1
-                          else "trade", new_first=next((r[11] for r in out if r[0] == kind),
-                                                       None))
+                          symbol=self.cfg.symbols[sid],
+                          stream="aggTrade" if kind == 1 else "trade",
+                          new_first=next((r[AT_TRADE_ID] for r in out if r[AT_KIND] == kind),
+                                         None))
 
     def _book_far(self, sid: int, val: tuple[Any, ...]) -> None:
         """A bookTicker whose `u` is far from the last one: held aside (one bogus id must not
         make every later update look old); a run of them re-bases the dedupe."""
-        self._book_far_seen += 1
+        self.book_far_seen += 1
         far = self.book_far[sid]
         if len(far.held) == 0:
             self.rlog.warning("id_far_3", "update id far from the last one: held aside",
-                              symbol=self.cfg.symbols[sid], stream="bookTicker", u=val[11],
+                              symbol=self.cfg.symbols[sid], stream="bookTicker", u=val[AT_TRADE_ID],
                               last=self.last_book_u[sid])
-        run = far.offer(val[11], val)
+        run = far.offer(val[AT_TRADE_ID], val)
         if run is None:
             return
-        self._book_resets += 1
+        self.book_resets += 1
         self.rlog.warning("id_reset", "update id sequence restarted: re-based",
                           symbol=self.cfg.symbols[sid], stream="bookTicker", new_first=run[0][0])
         for u, rec in run:
@@ -727,7 +369,7 @@ class Ingest:
         if self.fast is not None:
             self.fast.set_last(sid, self.last_book_u[sid], 3)
 
-    def _tracker_changed(self, sid: int, kind: int = 1) -> None:
+    def tracker_changed(self, sid: int, kind: int = 1) -> None:
         """A gap was filled or given up outside the frame handler: the compiled path may
         continue after it (``kind`` 1: aggregate ids, 2: trade ids)."""
         tr = (self.trackers if kind == 1 else self.trade_trackers)[sid]
@@ -751,12 +393,12 @@ class Ingest:
         try:
             tag, val = self._decode(payload, recv_ns)
             if tag == 1:  # st.AGG (a literal: no module attribute lookup on the hot path)
-                sid = val[2]
+                sid = val[AT_SYMBOL]
                 if self.fast is not None:
                     self._track(1, sid, val)
                     return
                 tr = self.trackers[sid]
-                a = val[11]
+                a = val[AT_TRADE_ID]
                 last = tr.last
                 if last is not None and a == last + 1 and not tr.pending:  # the common case
                     # into the ring first, then advance: a record that fails to pack leaves
@@ -772,13 +414,13 @@ class Ingest:
                 return
             st = self.st
             if tag == st.BOOK_TICKER:
-                sid = val[2]
+                sid = val[AT_SYMBOL]
                 fast = self.fast
                 if fast is not None:  # start from what the compiled path published
                     last = fast.last_id(sid, 3)
                     if last is not None:
                         self.last_book_u[sid] = last
-                u = val[11]
+                u = val[AT_TRADE_ID]
                 last = self.last_book_u[sid]
                 if u <= last or (u - last > self._max_jump and last >= 0):
                     if u - last > self._max_jump or last - u > self._max_jump:
@@ -797,7 +439,7 @@ class Ingest:
                 self.rlog.warning(f"skip_{val}", "frame skipped", reason=val,
                                   head=bytes(payload[:80]).decode("utf-8", "replace"))
             elif tag == st.TRADE:
-                self._track(2, val[2], val)
+                self._track(2, val[AT_SYMBOL], val)
             elif tag == st.DEPTH_PARTIAL:
                 self._on_partial(val)
             elif tag == st.CONTROL:
@@ -815,245 +457,12 @@ class Ingest:
             c["callback_errors"] += 1
             self.rlog.warning("handler_error", "frame handler failed", error=repr(exc))
 
-    # -- depth --
-    def _top_records(self, sid: int, flags: int, u: int, first: int, ev_ns: int,
-                     recv_ns: int, bids: list[tuple[float, float]],
-                     asks: list[tuple[float, float]]) -> list[tuple[Any, ...]]:
-        from pipeline.ipc.records import Kind
-
-        bp, bq = bids[0] if bids else (0.0, 0.0)
-        ap, aq = asks[0] if asks else (0.0, 0.0)
-        out = [(int(Kind.DEPTH_TOP), flags, sid, 0, 0, 0.0, 0.0, bp, bq, ap, aq, u, first,
-                ev_ns, recv_ns)]
-        for lvl in range(self.cfg.depth_levels):
-            if lvl >= len(bids) and lvl >= len(asks):
-                break
-            bp, bq = bids[lvl] if lvl < len(bids) else (0.0, 0.0)
-            ap, aq = asks[lvl] if lvl < len(asks) else (0.0, 0.0)
-            out.append((int(Kind.DEPTH_LEVEL), flags, sid, lvl, 0, 0.0, 0.0, bp, bq, ap, aq, u,
-                        first, ev_ns, recv_ns))
-        return out
-
-    def _publish_book(self, sid: int, flags: int, first: int, ev_ns: int, recv_ns: int) -> None:
-        book = self.books[sid]
-        bids, asks = book.top(max(1, self.cfg.depth_levels))
-        self.publish_many(self._top_records(sid, flags, book.update_id, first, ev_ns, recv_ns,
-                                            bids, asks))
-
-    def _on_diff(self, d: Any) -> None:
-        from pipeline.marketdata.book import Action
-
-        book = self.books[d.symbol]
-        act = book.on_diff(d.first_id, d.last_id, d.bids, d.asks)
-        if act == Action.APPLIED:
-            self._publish_book(d.symbol, 0, d.first_id, d.event_time_ns, d.recv_time_ns)
-        elif act == Action.IGNORED:
-            self.c["duplicates"] += 1
-        elif act == Action.NEED_SNAPSHOT and d.symbol not in self._resyncing:
-            self._spawn(self._resync(d.symbol), self._resyncing, d.symbol)
-
-    def _on_partial(self, p: Any) -> None:
-        """A partial-book frame: dedupe by ``lastUpdateId``, with the far-id rule of bookTicker
-        (one bogus 10**17 must not make every later snapshot look old)."""
-        lid, last, mj = p.last_update_id, self.last_partial[p.symbol], self._max_jump
-        if lid <= last or (lid - last > mj and last >= 0):
-            if lid - last > mj or last - lid > mj:
-                self._partial_far_seen += 1
-                far = self.partial_far[p.symbol]
-                if len(far.held) == 0:
-                    self.rlog.warning("id_far_partial", "update id far from the last one: "
-                                      "held aside", symbol=self.cfg.symbols[p.symbol],
-                                      stream="depth<N>", u=lid, last=last)
-                run = far.offer(lid, p)
-                if run is not None:  # the stream restarted: go on from its latest snapshot
-                    self._partial_resets += 1
-                    self.rlog.warning("id_reset_partial", "update id sequence restarted: "
-                                      "re-based", symbol=self.cfg.symbols[p.symbol],
-                                      stream="depth<N>", new_first=run[0][0])
-                    self._publish_partial(run[-1][1])
-            else:
-                self.c["duplicates"] += 1
-            return
-        self._publish_partial(p)
-
-    def _publish_partial(self, p: Any) -> None:
-        from pipeline.ipc.records import Flags
-
-        self.publish_many(self._top_records(p.symbol, int(Flags.SNAPSHOT), p.last_update_id, 0,
-                                            0, p.recv_time_ns, p.bids, p.asks))
-        self.last_partial[p.symbol] = p.last_update_id
-
-    async def _resync(self, sid: int) -> None:
-        """Fetch snapshots until the book is synced (section 1.7 steps 2-6)."""
-        from pipeline.backoff import Backoff, BackoffPolicy
-        from pipeline.ipc.records import Flags, Kind
-        from pipeline.marketdata.book import Action, State
-        from pipeline.net.http import HttpError, get_json
-
-        cfg = self.cfg
-        book = self.books[sid]
-        sym = cfg.symbols[sid]
-        backoff = Backoff(BackoffPolicy(initial_s=0.1, max_s=max(cfg.backoff_max, 0.1),
-                                        max_attempts=0))
-        while not self.stopping and book.state is State.WAIT_SNAPSHOT:
-            self.c["rest_requests"] += 1
-            try:
-                _, body = await get_json(cfg.rest_url, "/api/v3/depth",
-                                         {"symbol": sym, "limit": cfg.depth_snapshot_limit},
-                                         timeout_s=cfg.rest_timeout)
-                lid = body["lastUpdateId"]
-                bids = [(float(p), float(q)) for p, q in body["bids"]]
-                asks = [(float(p), float(q)) for p, q in body["asks"]]
-                if type(lid) is not int or not 0 <= lid <= _I64_MAX:
-                    raise ValueError("lastUpdateId is not an integer in 0..2**63-1")
-            except (HttpError, KeyError, TypeError, ValueError) as exc:
-                self.c["rest_errors"] += 1
-                self.rlog.warning("snapshot_failed", "depth snapshot failed", symbol=sym,
-                                  error=str(exc)[:200])
-                await self.sleep(backoff.next_delay() or 1.0)
-                continue
-            recv_ns = time.time_ns()
-            act = book.on_snapshot(lid, bids, asks)
-            if act == Action.SYNCED:
-                self.c["book_resyncs"] += 1
-                flags = int(Flags.SNAPSHOT)
-                if book.resynced_after_break:
-                    flags |= int(Flags.RESYNCED)
-                self.publish((int(Kind.BOOK_RESYNC), flags, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                              0.0, lid, book.update_id, 0, recv_ns))
-                self._publish_book(sid, flags, lid, 0, recv_ns)
-                log.info("book synced", extra={"symbol": sym, "last_update_id": lid,
-                                               "after_break": book.resynced_after_break})
-                return
-            if act == Action.REFETCH:
-                await self.sleep(min(0.05 * (1 + backoff.attempts), 1.0))
-                backoff.attempts += 1
-
-    # -- aggTrade backfill --
-    def _rest_row(self, sid: int, row: Any, recv_ns: int) -> tuple[int, tuple[Any, ...]] | None:
-        from pipeline.ipc.records import Flags, Kind
-
-        try:
-            a, p, q, last, t, m = row["a"], float(row["p"]), float(row["q"]), row["l"], \
-                row["T"], row["m"]
-        except (KeyError, TypeError, ValueError):
-            return None
-        if type(a) is not int or type(last) is not int or type(t) is not int \
-                or not (0.0 <= p < float("inf") and 0.0 <= q < float("inf")) \
-                or not (0 <= a <= _I64_MAX and 0 <= last <= _I64_MAX
-                        and 0 <= t <= _I64_MAX // 1_000_000):
-            return None
-        flags = int(Flags.BACKFILLED) | (int(Flags.BUYER_IS_MAKER) if m is True else 0)
-        return a, (int(Kind.AGG_TRADE), flags, sid, 0, 0, p, q, 0.0, 0.0, 0.0, 0.0, a, last,
-                   t * 1_000_000, recv_ns)
-
-    def _reset_record(self, sid: int, flags: int = 0) -> Callable[[int, int], tuple[Any, ...]]:
-        """The marker of a restarted id sequence: Kind.GAP flagged RESYNCED, ``trade_id`` = the
-        last id before the restart, ``aux_id`` = the first id after it. Nothing between them is
-        fetched (they are not a range of missing trades)."""
-        from pipeline.ipc.records import Flags, Kind
-
-        f = flags | int(Flags.RESYNCED)
-
-        def make(old_last: int, new_first: int) -> tuple[Any, ...]:
-            return (int(Kind.GAP), f, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, old_last,
-                    new_first, 0, time.time_ns())
-
-        return make
-
-    def _gap_record(self, sid: int, flags: int = 0) -> Callable[[Any], tuple[Any, ...]]:
-        from pipeline.ipc.records import Kind
-
-        def make(g: Any) -> tuple[Any, ...]:
-            return (int(Kind.GAP), flags, sid, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, g.first,
-                    g.last, 0, time.time_ns())
-
-        return make
-
-    async def _trade_gap(self, sid: int) -> None:
-        """A hole in a symbol's @trade ids: wait ``--backfill-grace`` for the live stream to fill
-        it (a rotation's two connections can deliver out of order), then publish a GAP record
-        flagged TRADE_IDS and go on. Why not fetch them: the reference documents no REST call
-        that returns individual trades by id (``/api/v3/aggTrades`` rows merge trades), so a
-        consumer that needs them is told exactly which ids it will not get."""
-        from pipeline.ipc.records import Flags
-
-        await self.sleep(self.cfg.backfill_grace)
-        tr = self.trade_trackers[sid]
-        gap = tr.missing()
-        if gap is None or self.stopping:
-            return
-        out = tr.give_up(self._gap_record(sid, int(Flags.TRADE_IDS)))
-        self.c["trade_gaps"] += 1
-        self.c["trade_ids_lost"] += gap[1] - gap[0] + 1
-        self.rlog.warning("trade_gap", "trades lost (no REST source for trade ids)",
-                          symbol=self.cfg.symbols[sid], first=gap[0], last=gap[1])
-        self._publish_tracked(tr, out)
-        self._tracker_changed(sid, 2)
-
-    async def _backfill(self, sid: int) -> None:
-        """Fill the symbol's missing aggregate trade ids from REST, in order; GAP on failure."""
-        from pipeline.net.http import HttpError, get_json
-
-        cfg = self.cfg
-        tr = self.trackers[sid]
-        sym = cfg.symbols[sid]
-        await self.sleep(cfg.backfill_grace)  # the live stream may still fill a small hole
-        failures = 0
-        while not self.stopping:
-            req = tr.next_request()
-            if req is None:
-                return
-            gap = tr.missing()
-            if tr.overflowing or (gap is not None and gap[1] - gap[0] + 1 > cfg.max_backfill_ids):
-                # too much to fetch: ~2 request weight per 1000 ids, and a hole of millions
-                # (a hostile id just inside --max-id-jump) would spend minutes of the IP's
-                # request budget, a path to a 418 ban; report it instead
-                failures = cfg.rest_retries + 1
-            else:
-                self.c["rest_requests"] += 1
-                try:
-                    _, rows = await get_json(cfg.rest_url, "/api/v3/aggTrades",
-                                             {"symbol": sym, "fromId": req[0], "limit": req[1]},
-                                             timeout_s=cfg.rest_timeout)
-                    if not isinstance(rows, list):
-                        raise TypeError("aggTrades answer is not a list")
-                except (HttpError, TypeError) as exc:
-                    self.c["rest_errors"] += 1
-                    failures += 1
-                    self.rlog.warning("backfill_failed", "aggTrades backfill failed",
-                                      symbol=sym, from_id=req[0], error=str(exc)[:200])
-                else:
-                    recv_ns = time.time_ns()
-                    parsed = [r for r in (self._rest_row(sid, x, recv_ns) for x in rows) if r]
-                    before = tr.stats.published_backfill
-                    out = tr.on_backfill(parsed)
-                    got = tr.stats.published_backfill - before
-                    self.c["ids_backfilled"] += got
-                    self._publish_tracked(tr, out)
-                    self._tracker_changed(sid)
-                    if tr.missing() is None:
-                        self.c["gaps_backfilled"] += 1
-                        log.info("backfilled", extra={"symbol": sym, "ids": got})
-                        failures = 0
-                        continue
-                    failures = 0 if got else failures + 1  # no progress: REST not there yet
-            if failures > cfg.rest_retries:
-                gap = tr.missing()
-                out = tr.give_up(self._gap_record(sid))
-                self.c["gaps_unrecoverable"] += 1
-                if gap is not None:
-                    self.c["ids_lost"] += gap[1] - gap[0] + 1
-                self.rlog.warning("gap", "aggregate trades lost", symbol=sym,
-                                  first=gap[0] if gap else None, last=gap[1] if gap else None)
-                self._publish_tracked(tr, out)
-                self._tracker_changed(sid)
-                failures = 0
-                continue
-            if failures:
-                await self.sleep(min(cfg.backoff_base * 2 ** (failures - 1), cfg.backoff_max))
-
     # -- plumbing --
+    def start_resync(self, sid: int) -> None:
+        """The symbol's book lost its sequence: fetch a snapshot in a task (one at a time)."""
+        if sid not in self._resyncing:
+            self._spawn(self.recovery.resync(sid), self._resyncing, sid)
+
     def _spawn(self, coro: Any, running: set[int], key: int) -> None:
         running.add(key)
         task = asyncio.get_running_loop().create_task(coro)
@@ -1066,10 +475,10 @@ class Ingest:
                 self._task_failed(t)
             elif not self.stopping and running is self._backfilling \
                     and self.trackers[key].pending:
-                self._spawn(self._backfill(key), running, key)  # more arrived meanwhile
+                self._spawn(self.recovery.backfill(key), running, key)  # more arrived meanwhile
             elif not self.stopping and running is self._trade_waiting \
                     and self.trade_trackers[key].pending:
-                self._spawn(self._trade_gap(key), running, key)  # the next hole
+                self._spawn(self.recovery.trade_gap(key), running, key)  # the next hole
 
         task.add_done_callback(done)
 
@@ -1103,6 +512,7 @@ class Ingest:
             sh.wake.set()
 
     def flush_metrics(self) -> None:
+        """Copy the counters into the metrics block (every ``--metrics-interval``, and at exit)."""
         m = self.metrics
         if m is None:
             return
@@ -1111,47 +521,12 @@ class Ingest:
             # runs) are committed first, so `published` and `last_agg_id_*` never run ahead of
             # what readers can see
             self._commit()
-        c = self.c
-        vals: dict[str, float] = dict(c)
-        vals["fast_path"] = int(self.fast is not None)
-        vals["frames_fast"] = self._frames_fast
         if self.fast is not None:  # frames the compiled path handled without Python
-            vals["frames_fast"] = self._frames_fast = self.fast.frames
-        vals["frames_received"] = c["frames_received"] + vals["frames_fast"]
-        for r, n in self.skipped.items():
-            vals[f"skipped_{r}"] = n
-        skipped = vals["skipped_total"] = sum(self.skipped.values())
-        # derived here rather than counted per frame on the hot path
-        vals["published"] = self.ring.cursor - self._cursor0
-        vals["frames_decoded"] = (vals["frames_received"] - skipped - c["control_replies"]
-                                  - c["server_shutdowns"] - c["callback_errors"])
+            self.frames_fast = self.fast.frames
         for sh in self.shards:
             if sh.conn is not None:
                 self.last_frame_ns = max(self.last_frame_ns, sh.conn.last_ns)
-        vals["last_frame_ns"] = self.last_frame_ns
-        vals["callback_errors"] = self.c["callback_errors"] + sum(
-            sh.conn.ws.callback_errors for sh in self.shards if sh.conn and sh.conn.ws)
-        vals["shards"] = len(self.shards)
-        vals["symbols"] = len(self.cfg.symbols)
-        vals["heartbeat_interval_ms"] = max(1, round(self.cfg.metrics_interval * 1000))
-        now = time.monotonic()
-        vals["problem_shards_down"] = sum(
-            1 for sh in self.shards
-            if sh.down_since is not None and now - sh.down_since > self.down_grace_s)
-        trackers = (*self.trackers, *self.trade_trackers)
-        vals["ids_far"] = (sum(t.stats.far_ids for t in trackers) + self._book_far_seen
-                           + self._partial_far_seen + sum(b.far_ids for b in self.books))
-        vals["id_resets"] = (sum(t.stats.resets for t in trackers) + self._book_resets
-                             + self._partial_resets + sum(b.resets for b in self.books))
-        vals["book_levels_trimmed"] = sum(b.bids.trimmed + b.asks.trimmed for b in self.books)
-        for i, sh in enumerate(self.shards[:MAX_SHARDS_IN_METRICS]):
-            vals[f"conn_state_{i}"] = sh.state
-        for i in range(min(len(self.trackers), MAX_SYMBOLS_IN_METRICS)):
-            last = self.last_agg_id(i)
-            vals[f"last_agg_id_{i}"] = last if last is not None else -1
-        vals["gaps_detected"] = sum(t.stats.gaps_detected for t in self.trackers)
-        vals["book_breaks"] = sum(b.breaks for b in self.books)
-        m.set(**vals)
+        m.set(**metric_values(self))
 
     async def _metrics_loop(self) -> None:
         from pipeline.ops import sdnotify
@@ -1159,7 +534,7 @@ class Ingest:
         wd = sdnotify.Watchdog()
         while not self.stopping:
             self.flush_metrics()
-            if not self._ready and self.ring.cursor > self._cursor0:
+            if not self._ready and self.ring.cursor > self.cursor0:
                 self._ready = True
                 sdnotify.ready(f"streaming {len(self.cfg.symbols)} symbols")
             age_s = (time.time_ns() - self.last_frame_ns) / 1e9 if self.last_frame_ns else 0.0
@@ -1248,84 +623,3 @@ def run(cfg: IngestConfig) -> int:
     return 0
 
 
-# --- CLI --------------------------------------------------------------------------------------
-
-
-def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-# (IngestConfig field, argparse type, help), in --help order. The flag is the field with dashes
-# and its default the field's default; ``config_from_args`` reads the same table back, so a flag
-# cannot be added on one side and forgotten on the other.
-_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("streams_url", str, "market streams base URL"),
-    ("rest_url", str, "REST base URL (snapshots, backfill)"),
-    ("symbols", str, "comma-separated symbols"),
-    ("streams", str, "stream kinds per symbol: aggTrade, trade, bookTicker, depth, "
-                     "depth@100ms, depth5/10/20[@100ms]"),
-    ("ring", str, "ring (shared-memory) name"),
-    ("ring_capacity", int, "ring slots (power of two)"),
-    ("cpu", int, "pin the process to this CPU"),
-    ("stall_timeout", float, "seconds without any message before a connection counts as dead"),
-    ("transport", str, "picows | websockets"),
-    ("decoder", str, "msgspec | orjson"),
-    ("max_lifetime", float, "rotate connections after this many seconds (server limit: 24 h)"),
-    ("metrics", str, "metrics block name"),
-    ("metrics_interval", float, "seconds between metrics updates"),
-    ("depth_levels", int, "also publish this many book levels as DEPTH_LEVEL records"),
-    ("depth_snapshot_limit", int, "levels per REST depth snapshot"),
-    ("backoff_base", float, "first reconnect delay (s), doubling"),
-    ("backoff_max", float, "reconnect delay cap (s)"),
-    ("healthy_after", float, "a connection up this long resets the backoff"),
-    ("ping_interval", float, "own keep-alive ping after this many idle seconds (0 = off)"),
-    ("backfill_grace", float, "wait this long for the live stream to fill a hole before REST"),
-    ("rest_retries", int, "failed/unproductive REST attempts before a GAP record"),
-    ("rest_timeout", float, "REST timeout (s)"),
-    ("streams_per_connection", int, "streams per connection (max 1024)"),
-    ("max_frame_bytes", int, "larger frames are skipped (counted as oversized)"),
-    ("publish_batch", int, "at most this many records per ring commit within one event-loop "
-                           "iteration (1 = publish each record at once)"),
-    ("fast_path", str, "compiled aggTrade frame -> ring path: auto (use it if built) | on "
-                       "(refuse to start without it) | off (pure Python)"),
-    ("time_unit", str, "exchange timestamps in MILLISECOND (Binance's default) or MICROSECOND "
-                       "(timeUnit on the stream URL; records carry ns either way)"),
-    ("max_id_jump", int, "an id further than this from its stream's last id is held aside, not "
-                         "a gap to backfill (a stream restart once --id-resync-after agree)"),
-    ("id_resync_after", int, "far ids that must form a run of their own before the stream is "
-                             "re-based on them"),
-    ("max_backfill_ids", int, "an aggTrade hole larger than this is reported (GAP) without "
-                              "fetching it over REST (request weight)"),
-)
-_CSV_FIELDS = frozenset({"symbols", "streams"})  # comma-separated on the command line
-
-
-def config_from_args(args: argparse.Namespace) -> IngestConfig:
-    values = {name: getattr(args, name) for name, _, _ in _FLAGS}
-    for name in _CSV_FIELDS:
-        values[name] = _csv(values[name])
-    return validate(IngestConfig(**values))
-
-
-def _main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"pipeline ingest: error: {exc}", file=sys.stderr)
-        return 2
-    return run(cfg)
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``ingest`` subcommand."""
-    d = IngestConfig()
-    p = subparsers.add_parser(
-        "ingest", help="market-data streams -> shared-memory tick ring (gap-free)",
-        description="Subscribe Binance market-data streams and publish ticks into a ring.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, kind, help_ in _FLAGS:
-        default = getattr(d, name)
-        if name in _CSV_FIELDS:
-            default = ",".join(default)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help_)
-    p.set_defaults(func=_main)

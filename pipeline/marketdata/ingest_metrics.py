@@ -1,0 +1,98 @@
+"""`pipeline ingest` metrics: the block's fields, and their values from a running process.
+
+The frame handler counts in plain Python ints (a seqlock write per frame would cost more than the
+frame); every ``--metrics-interval`` the process copies them, with the values derived here, into
+its MetricsBlock (pipeline/ipc/metrics.py), which ``pipeline health`` and the monitor read.
+
+Why apart from the process (ingest.py): what an operator sees is one list kept in one place, and
+deriving it (sums over trackers, books, shards) is no business of the frame handler.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.marketdata.ingest import Ingest
+
+MAX_SHARDS_IN_METRICS = 8
+MAX_SYMBOLS_IN_METRICS = 16
+
+COUNTERS = (
+    "frames_received", "frames_decoded", "published", "control_replies", "control_errors",
+    "duplicates", "reconnects", "rotations", "stalls", "server_shutdowns", "connect_failures",
+    "gaps_detected", "gaps_backfilled", "ids_backfilled", "gaps_unrecoverable", "ids_lost",
+    "trade_gaps", "trade_ids_lost",
+    "book_resyncs", "book_breaks", "rest_requests", "rest_errors", "callback_errors",
+    # ids more than --max-id-jump from their stream's last id (held aside, not published), and
+    # runs of them taken as a stream restart (re-based; a GAP record flagged RESYNCED for trades)
+    "ids_far", "id_resets",
+    # records the ring refused to pack (the tracker re-opened a hole for them), book levels
+    # dropped beyond the per-side bound (pipeline/marketdata/book.py MAX_LEVELS)
+    "publish_errors", "book_levels_trimmed",
+)
+
+
+def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
+    """The block's (name, dtype) fields for ``n_symbols`` symbols (last ids of the first 16)."""
+    from pipeline.binance.streams import SKIP_REASONS
+
+    fields = [(c, "<i8") for c in COUNTERS]
+    fields += [(f"skipped_{r}", "<i8") for r in SKIP_REASONS]
+    fields += [("skipped_total", "<i8"), ("last_frame_ns", "<i8"), ("shards", "<i8"),
+               ("symbols", "<i8")]
+    # fast_path: 1 while the compiled path is in use (an operator sees a fallback to pure
+    # Python in `pipeline health`); frames_fast: frames it handled without Python
+    fields += [("fast_path", "<i8"), ("frames_fast", "<i8")]
+    # written every --metrics-interval even when no frame arrives: `pipeline health` calls the
+    # process stuck when the block is older than a few of these
+    fields += [("heartbeat_interval_ms", "<i8")]
+    # shards without a delivering connection for longer than a reconnect cycle takes
+    # (Ingest.down_grace_s): non-zero makes `pipeline health` call ingest unhealthy
+    fields += [("problem_shards_down", "<i8")]
+    fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
+    fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
+    return fields
+
+
+def metric_values(ing: Ingest) -> dict[str, float]:
+    """Every field of the process's metrics block, from its counters and cores."""
+    c = ing.c
+    vals: dict[str, float] = dict(c)
+    vals["fast_path"] = int(ing.fast is not None)
+    vals["frames_fast"] = ing.frames_fast
+    vals["frames_received"] = c["frames_received"] + vals["frames_fast"]
+    for r, n in ing.skipped.items():
+        vals[f"skipped_{r}"] = n
+    skipped = vals["skipped_total"] = sum(ing.skipped.values())
+    # derived here rather than counted per frame on the hot path
+    vals["published"] = ing.ring.cursor - ing.cursor0
+    vals["frames_decoded"] = (vals["frames_received"] - skipped - c["control_replies"]
+                              - c["server_shutdowns"] - c["callback_errors"])
+    vals["last_frame_ns"] = ing.last_frame_ns
+    vals["callback_errors"] = ing.c["callback_errors"] + sum(
+        sh.conn.ws.callback_errors for sh in ing.shards if sh.conn and sh.conn.ws)
+    vals["shards"] = len(ing.shards)
+    vals["symbols"] = len(ing.cfg.symbols)
+    vals["heartbeat_interval_ms"] = max(1, round(ing.cfg.metrics_interval * 1000))
+    now = time.monotonic()
+    vals["problem_shards_down"] = sum(
+        1 for sh in ing.shards
+        if sh.down_since is not None and now - sh.down_since > ing.down_grace_s)
+    trackers = (*ing.trackers, *ing.trade_trackers)
+    books = ing.depth.books
+    vals["ids_far"] = (sum(t.stats.far_ids for t in trackers) + ing.book_far_seen
+                       + ing.depth.partial_far_seen + sum(b.far_ids for b in books))
+    vals["id_resets"] = (sum(t.stats.resets for t in trackers) + ing.book_resets
+                         + ing.depth.partial_resets + sum(b.resets for b in books))
+    vals["book_levels_trimmed"] = sum(b.bids.trimmed + b.asks.trimmed for b in books)
+    for i, sh in enumerate(ing.shards[:MAX_SHARDS_IN_METRICS]):
+        vals[f"conn_state_{i}"] = sh.state
+    for i in range(min(len(ing.trackers), MAX_SYMBOLS_IN_METRICS)):
+        last = ing.last_agg_id(i)
+        vals[f"last_agg_id_{i}"] = last if last is not None else -1
+    vals["gaps_detected"] = sum(t.stats.gaps_detected for t in ing.trackers)
+    vals["book_breaks"] = sum(b.breaks for b in books)
+    return vals
+
