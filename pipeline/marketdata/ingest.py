@@ -8,9 +8,13 @@ The process is a thin asyncio shell (uvloop) around pure cores:
   1.7);
 - :mod:`pipeline.net.ws` / :mod:`pipeline.net.http` are the sockets.
 
-Connections: the subscribed streams are split into shards of at most 1024 streams (one
-connection each), opened as ``/stream?streams=a/b/...`` (the remainder, if the URL would be too
-long, goes out as SUBSCRIBE batches at <= 4 messages/s, under the 5/s limit of section 1.3).
+This module is the process: the frame handler, ring publishing, task plumbing and ``run``. The
+rest of the wing, one idea per module beside it: ``config`` (IngestConfig, validate), ``cli``
+(the flags), ``connections`` (shards of at most 1024 streams, one websocket each, reconnects and
+rotation), ``trade_ids`` (aggTrade / @trade ids exactly once, with the compiled path),
+``depth`` (local books, partial depth), ``recovery`` (REST backfill, trade gaps, snapshots),
+``ingest_metrics`` (what the metrics block shows). The names this module always offered are
+still importable from it.
 
 Liveness and gap-freedom:
 
@@ -51,7 +55,7 @@ The common aggTrade, trade and bookTicker frame (the id its stream expects next,
 JSON) does not reach Python at all: the compiled path (pipeline/marketdata/fastpath.py,
 ``--fast-path``) parses it and stages its record from the transport's callback, and calls back into
 :meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's staging counters
-and the last ids of the trackers and of the bookTicker dedupe (:meth:`Ingest._track` and the
+and the last ids of the trackers and of the bookTicker dedupe (:meth:`TradeIds.track` and the
 BOOK_TICKER branch of :meth:`Ingest.handle`): whichever path sees a frame starts from what the
 other published, so both publish one sequence, in order, exactly once.
 """
@@ -66,10 +70,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from struct import error as struct_error
 from typing import Any
 
-from pipeline.ipc.records import AT_KIND, AT_SYMBOL, AT_TRADE_ID, TRACKED_KINDS, Flags, TickTuple
+from pipeline.ipc.records import AT_SYMBOL, AT_TRADE_ID
 from pipeline.logs import RateLimitedLog
 from pipeline.marketdata.cli import config_from_args, register
 from pipeline.marketdata.config import (
@@ -95,7 +98,8 @@ from pipeline.marketdata.ingest_metrics import (
     metric_values,
     metrics_fields,
 )
-from pipeline.marketdata.recovery import RestRecovery, gap_maker, reset_maker
+from pipeline.marketdata.recovery import RestRecovery
+from pipeline.marketdata.trade_ids import TradeIds
 
 log = logging.getLogger("pipeline.ingest")
 
@@ -114,7 +118,6 @@ class Ingest:
 
     def __init__(self, cfg: IngestConfig, ring: Any, metrics: Any) -> None:
         from pipeline.binance import streams as st
-        from pipeline.marketdata.gapfill import AggTracker
 
         self.cfg = cfg
         self.ring = ring
@@ -129,21 +132,12 @@ class Ingest:
         n = len(cfg.symbols)
         jump, again = cfg.max_id_jump, cfg.id_resync_after
         self._max_jump = jump
-        self.trackers: list[AggTracker[TickTuple]] = [
-            AggTracker(max_jump=jump, resync_after=again, make_reset=reset_maker(sid),
-                       make_gap=gap_maker(sid)) for sid in range(n)]
         self.last_book_u = [-1] * n  # bookTicker dedupe
         #: bookTicker updates whose `u` is far from last_book_u (held, at most id_resync_after)
         self.book_far: list[FarRun[tuple[Any, ...]]] = [
             FarRun(jump, again, contiguous=False) for _ in range(n)]
         self.book_far_seen = 0
         self.book_resets = 0
-        # @trade ids are contiguous per symbol too: same exactly-once tracking, but a hole the
-        # live stream does not fill is reported, not fetched (see RestRecovery.trade_gap)
-        tf = int(Flags.TRADE_IDS)
-        self.trade_trackers: list[AggTracker[TickTuple]] = [
-            AggTracker(max_jump=jump, resync_after=again, make_reset=reset_maker(sid, tf),
-                       make_gap=gap_maker(sid, tf)) for sid in range(n)]
         #: the local books and partial-depth dedupe (pipeline/marketdata/depth.py); its two
         #: handlers are bound here so a depth frame costs no extra lookup
         self.depth = DepthFeed(self)
@@ -156,6 +150,13 @@ class Ingest:
         self.stopping = False
         self._stop = asyncio.Event()
         self.rlog = RateLimitedLog(log)
+        #: aggTrade and @trade ids exactly once (pipeline/marketdata/trade_ids.py); its trackers
+        #: and track() are bound here for the frame handler, which reads them on every trade
+        self.ids = TradeIds(self)
+        self.trackers = self.ids.agg
+        self.trade_trackers = self.ids.trade
+        self._track = self.ids.track
+        self.last_agg_id = self.ids.last_agg_id
         names = cfg.stream_names()
         per = cfg.streams_per_connection
         self.shards = [Shard(self, i, names[k:k + per]) for i, k in
@@ -168,8 +169,6 @@ class Ingest:
         self.down_grace_s = 2 * cfg.stall_timeout + cfg.backoff_max
         #: the REST tasks (backfill, trade gap reports, book resyncs), started by _spawn
         self.recovery = RestRecovery(self)
-        self._backfilling: set[int] = set()
-        self._trade_waiting: set[int] = set()
         self._resyncing: set[int] = set()
         self._publish_raw: Callable[[Any], int] = ring.publish
         self.cursor0 = ring.cursor
@@ -226,11 +225,8 @@ class Ingest:
         self.on_frame = self.handle
         if fast is not None:
             self.frames_fast = fast.frames
-            for sid in range(len(self.trackers)):  # the ids it published are Python's again
-                for kind, tracker in ((1, self.trackers[sid]), (2, self.trade_trackers[sid])):
-                    last = fast.last_id(sid, kind)
-                    if last is not None:
-                        tracker.last = last
+            self.ids.take_back(fast)  # the ids it published are Python's again
+            for sid in range(len(self.last_book_u)):
                 last = fast.last_id(sid, 3)
                 if last is not None:
                     self.last_book_u[sid] = last
@@ -290,64 +286,6 @@ class Ingest:
         elif self.ring.staged >= self.ring.max_staged:
             self._commit()
 
-    def _track(self, kind: int, sid: int, val: tuple[Any, ...]) -> None:
-        """An aggTrade (``kind`` 1) or trade (2) the fast lane did not take: the symbol's
-        exactly-once tracker decides (duplicate, gap, first trade, held behind a gap), starting
-        from the last id the compiled path published; the compiled path is re-armed only while
-        no hole is open, and a hole starts its filler (REST backfill, or the trade GAP timer).
-        """
-        tr = (self.trackers if kind == 1 else self.trade_trackers)[sid]
-        fast = self.fast
-        if fast is not None:
-            last = fast.last_id(sid, kind)
-            if last is not None:
-                tr.last = last
-        dups, resets, far = tr.stats.duplicates, tr.stats.resets, tr.stats.far_ids
-        out = tr.on_live(val[AT_TRADE_ID], val)
-        self.c["duplicates"] += tr.stats.duplicates - dups
-        if tr.stats.far_ids != far:
-            self.rlog.warning(f"id_far_{kind}", "id far from the last one: held aside",
-                              symbol=self.cfg.symbols[sid],
-                              stream="aggTrade" if kind == 1 else "trade", id=val[AT_TRADE_ID],
-                              last=tr.last)
-        if tr.stats.resets != resets:
-            self._log_reset(kind, sid, out)
-        if out:
-            self.publish_tracked(tr, out)
-        if fast is not None:
-            fast.set_last(sid, None if tr.pending else tr.last, kind)
-        if tr.pending:
-            if kind == 1 and sid not in self._backfilling:
-                self._spawn(self.recovery.backfill(sid), self._backfilling, sid)
-            elif kind == 2 and sid not in self._trade_waiting:
-                self._spawn(self.recovery.trade_gap(sid), self._trade_waiting, sid)
-
-    def publish_tracked(self, tr: Any, out: list[TickTuple]) -> None:
-        """Publish what a tracker released, in order. A record the ring refuses (it cannot be
-        packed) is counted and logged, and the tracker is rewound to just before it: its id and
-        the ones after it become a hole again (backfilled, or reported by a GAP record), never
-        silently taken as published."""
-        for i, rec in enumerate(out):
-            try:
-                self.publish(rec)
-            except (OverflowError, TypeError, ValueError, struct_error) as exc:
-                self.c["publish_errors"] += 1
-                self.rlog.warning("publish_error", "record could not be published; its id is "
-                                  "a hole again", kind=rec[AT_KIND], id=rec[AT_TRADE_ID],
-                                  error=repr(exc))
-                tracked = [(r[AT_TRADE_ID], r) for r in out[i:] if r[AT_KIND] in TRACKED_KINDS]
-                if tracked:
-                    tr.rewind(tracked[0][0] - 1, tracked[1:])
-                return
-
-    def _log_reset(self, kind: int, sid: int, out: list[tuple[Any, ...]]) -> None:
-        self.rlog.warning("id_reset", "id sequence restarted (a run of ids far from the last "
-                          "one): re-based, nothing fetched across the jump",
-                          symbol=self.cfg.symbols[sid],
-                          stream="aggTrade" if kind == 1 else "trade",
-                          new_first=next((r[AT_TRADE_ID] for r in out if r[AT_KIND] == kind),
-                                         None))
-
     def _book_far(self, sid: int, val: tuple[Any, ...]) -> None:
         """A bookTicker whose `u` is far from the last one: held aside (one bogus id must not
         make every later update look old); a run of them re-bases the dedupe."""
@@ -368,21 +306,6 @@ class Ingest:
             self.last_book_u[sid] = u
         if self.fast is not None:
             self.fast.set_last(sid, self.last_book_u[sid], 3)
-
-    def tracker_changed(self, sid: int, kind: int = 1) -> None:
-        """A gap was filled or given up outside the frame handler: the compiled path may
-        continue after it (``kind`` 1: aggregate ids, 2: trade ids)."""
-        tr = (self.trackers if kind == 1 else self.trade_trackers)[sid]
-        if self.fast is not None:
-            self.fast.set_last(sid, None if tr.pending else tr.last, kind)
-
-    def last_agg_id(self, sid: int) -> int | None:
-        """The last aggregate id published for the symbol (whichever path published it)."""
-        if self.fast is not None:
-            last = self.fast.last_id(sid)
-            if last is not None:
-                return int(last)
-        return self.trackers[sid].last
 
     def handle(self, conn: Conn, payload: bytes, recv_ns: int) -> None:
         conn.last_ns = recv_ns
@@ -473,10 +396,10 @@ class Ingest:
             running.discard(key)
             if not t.cancelled() and t.exception() is not None:
                 self._task_failed(t)
-            elif not self.stopping and running is self._backfilling \
+            elif not self.stopping and running is self.ids.backfilling \
                     and self.trackers[key].pending:
                 self._spawn(self.recovery.backfill(key), running, key)  # more arrived meanwhile
-            elif not self.stopping and running is self._trade_waiting \
+            elif not self.stopping and running is self.ids.trade_waiting \
                     and self.trade_trackers[key].pending:
                 self._spawn(self.recovery.trade_gap(key), running, key)  # the next hole
 

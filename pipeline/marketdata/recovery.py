@@ -112,7 +112,7 @@ class RestRecovery:
         consumer that needs them is told exactly which ids it will not get."""
         ing = self.ing
         await ing.sleep(ing.cfg.backfill_grace)
-        tr = ing.trade_trackers[sid]
+        tr = ing.ids.trade[sid]
         gap = tr.missing()
         if gap is None or ing.stopping:
             return
@@ -121,8 +121,8 @@ class RestRecovery:
         ing.c["trade_ids_lost"] += gap[1] - gap[0] + 1
         ing.rlog.warning("trade_gap", "trades lost (no REST source for trade ids)",
                          symbol=ing.cfg.symbols[sid], first=gap[0], last=gap[1])
-        ing.publish_tracked(tr, out)
-        ing.tracker_changed(sid, 2)
+        ing.ids.publish_tracked(tr, out)
+        ing.ids.changed(sid, 2)
 
     async def backfill(self, sid: int) -> None:
         """Fill the symbol's missing aggregate trade ids from REST, in order; GAP on failure."""
@@ -131,7 +131,7 @@ class RestRecovery:
 
         ing = self.ing
         cfg = ing.cfg
-        tr = ing.trackers[sid]
+        tr = ing.ids.agg[sid]
         sym = cfg.symbols[sid]
         await ing.sleep(cfg.backfill_grace)  # the live stream may still fill a small hole
         failures = 0
@@ -166,8 +166,8 @@ class RestRecovery:
                     out = tr.on_backfill(parsed)
                     got = tr.stats.published_backfill - before
                     ing.c["ids_backfilled"] += got
-                    ing.publish_tracked(tr, out)
-                    ing.tracker_changed(sid)
+                    ing.ids.publish_tracked(tr, out)
+                    ing.ids.changed(sid)
                     if tr.missing() is None:
                         ing.c["gaps_backfilled"] += 1
                         log.info("backfilled", extra={"symbol": sym, "ids": got})
@@ -182,8 +182,8 @@ class RestRecovery:
                     ing.c["ids_lost"] += gap[1] - gap[0] + 1
                 ing.rlog.warning("gap", "aggregate trades lost", symbol=sym,
                                  first=gap[0] if gap else None, last=gap[1] if gap else None)
-                ing.publish_tracked(tr, out)
-                ing.tracker_changed(sid)
+                ing.ids.publish_tracked(tr, out)
+                ing.ids.changed(sid)
                 failures = 0
                 continue
             if failures:
