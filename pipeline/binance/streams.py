@@ -63,6 +63,7 @@ import orjson
 
 from pipeline.ipc.records import (
     Flags,
+    Kind,
     TickTuple,
     agg_trade_record,
     book_ticker_record,
@@ -111,6 +112,14 @@ STREAM_SUFFIXES: Final[dict[str, int]] = {
     **{f"depth{n}@100ms": DEPTH_PARTIAL for n in (5, 10, 20)},
     **{f"depth{n}@1000ms": DEPTH_PARTIAL for n in (5, 10, 20)},
 }
+
+#: Stream kinds whose every frame is exactly one record, and that record's kind (derived from
+#: the list above, not a second list): the streams the compiled path takes without Python
+#: (pipeline/marketdata/fastpath.py).
+ONE_RECORD_STREAMS: Final[dict[str, int]] = {
+    suffix: {AGG: int(Kind.AGG_TRADE), TRADE: int(Kind.TRADE),
+             BOOK_TICKER: int(Kind.BOOK_TICKER)}[tag]
+    for suffix, tag in STREAM_SUFFIXES.items() if tag in (AGG, TRADE, BOOK_TICKER)}
 
 Level = tuple[float, float]  # (price, qty); qty 0 = remove the level (diff depth)
 

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from pipeline.binance.streams import ONE_RECORD_STREAMS
 from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
 
 FAST_PATH_MODES: Final = ("auto", "on", "off")
@@ -77,9 +78,9 @@ def layout_mismatch(mod: Any, dtype: np.dtype) -> str | None:
     return None
 
 
-#: stream suffix -> record kind, for the streams the compiled path takes
-FAST_STREAMS: Final = {"aggTrade": int(Kind.AGG_TRADE), "trade": int(Kind.TRADE),
-                       "bookTicker": int(Kind.BOOK_TICKER)}
+#: stream suffix -> record kind, for the streams the compiled path takes: every stream whose
+#: frame is one record (the one list of stream kinds is in pipeline/binance/streams.py)
+FAST_STREAMS: Final = ONE_RECORD_STREAMS
 
 
 def routes(symbols: list[str]) -> dict[bytes, tuple[int, int]]:
