@@ -19,6 +19,9 @@ def test_each_builder_puts_every_named_argument_in_the_field_of_that_name() -> N
     """The builders are the one place a record tuple is spelled out (the decoders, the REST
     backfill and the C path's checks all go through them): a keyword lands in its dtype field,
     and AT_* name the same positions as TICK_DTYPE."""
+    from collections.abc import Callable
+    from typing import Any
+
     import numpy as np
 
     from pipeline.ipc import records as r
@@ -29,7 +32,8 @@ def test_each_builder_puts_every_named_argument_in_the_field_of_that_name() -> N
     common = {"symbol": 3, "recv_time_ns": 99}
     depth = {"flags": 4, "bid_price": 1.5, "bid_qty": 2.5, "ask_price": 3.5, "ask_qty": 4.5,
              "update_id": 11, "first_update_id": 7, "event_time_ns": 55}
-    cases = [  # builder, its arguments, the fields they must land in (beyond kind)
+    cases: list[tuple[Callable[..., r.TickTuple], dict[str, Any], dict[str, Any], Kind]] = [
+        # builder, its arguments, the fields they must land in (beyond kind)
         (r.agg_trade_record, {"flags": 1, "price": 1.25, "qty": 2.5, "agg_id": 10,
                               "last_trade_id": 12, "event_time_ns": 55},
          {"flags": 1, "price": 1.25, "qty": 2.5, "trade_id": 10, "aux_id": 12,
@@ -56,7 +60,7 @@ def test_each_builder_puts_every_named_argument_in_the_field_of_that_name() -> N
          {"flags": 12, "trade_id": 5, "aux_id": 9}, Kind.BOOK_RESYNC),
     ]
     for build, kwargs, fields, kind in cases:
-        rec = build(**common, **kwargs)  # type: ignore[operator]
+        rec = build(**common, **kwargs)
         assert len(rec) == len(names) - 1  # publish_time_ns is stamped by the ring
         row = np.array([(*rec, 0)], dtype=TICK_DTYPE)[0]
         want = {n: 0 for n in names} | {"kind": int(kind), "symbol": 3, "recv_time_ns": 99}
