@@ -430,6 +430,12 @@ class Risk:
 
 
 def from_args(args: argparse.Namespace, cfg: Any) -> Risk:
+    # Load the ring shells before the table exists, as the process did when ring.py held them
+    # (imported early by the CLI): the table is visible from its creation but first published at
+    # the first heartbeat, and an import in between (~10 ms) would show readers (pipeline health)
+    # a table whose heartbeat_interval_ms is still 0 for that long.
+    import pipeline.ipc.segments  # noqa: F401
+
     limits = RiskLimits.from_config(cfg.risk)
     symbols = list(dict.fromkeys([*cfg.ingest.symbols, *limits.max_position, *limits.max_notional]))
     name = args.limits_name or cfg.risk.limits_name
