@@ -26,7 +26,8 @@ A record tuple has the fields of :data:`pipeline.ipc.records.TICK_DTYPE` in orde
 the shell appends ``publish_time_ns`` when the record enters the ring (``(*rec, time_ns())``,
 one allocation, cheaper than rebuilding a 16-tuple). Both decoders and the REST backfill
 (:func:`agg_trade_from_rest`) build it with the one builder per kind in pipeline/ipc/records.py,
-one call per frame; readers name its fields with ``records.AT_*``.
+one call per frame (positional there: see the note in records.py); readers name its fields
+with ``records.AT_*``.
 
 Numbers: Binance sends prices and quantities as decimal strings with 8 decimals. They become
 float64 here. Any decimal with <= 15 significant digits survives that exactly: ``float(s)`` is
@@ -164,10 +165,6 @@ def stream_name(symbol: str, suffix: str) -> str:
     return f"{symbol.lower()}@{suffix}"
 
 
-def _finite(x: float) -> bool:
-    return 0.0 <= x < _INF  # False for NaN, inf, negatives
-
-
 def _levels_ok(levels: list[Level]) -> bool:
     return all(0.0 <= p < _INF and 0.0 <= q < _INF for p, q in levels)
 
@@ -266,31 +263,31 @@ class OrjsonDecoder(_Routing):
                         or type(m) is not bool or not (0 <= a <= I64_MAX and 0 <= last <= I64_MAX
                                                        and 0 <= ev <= self.max_event):
                     return SKIP, BAD_NUMBER
-                return AGG, agg_trade_record(
-                    symbol=sid, flags=_F_MAKER if m else _F_NONE, price=p, qty=q, agg_id=a,
-                    last_trade_id=last, event_time_ns=ev * tm, recv_time_ns=recv_ns)
+                # symbol, flags, price, qty, agg_id, last_trade_id, event_time_ns, recv_time_ns
+                return AGG, agg_trade_record(sid, _F_MAKER if m else _F_NONE, p, q, a, last,
+                                             ev * tm, recv_ns)
             if tag == BOOK_TICKER:
                 b, bq = float(d["b"]), float(d["B"])  # best bid price / qty
                 a_, aq = float(d["a"]), float(d["A"])  # best ask price / qty
                 u = d["u"]  # order book update id
-                if not (_finite(b) and _finite(bq) and _finite(a_) and _finite(aq)) \
+                if not (0.0 <= b < _INF and 0.0 <= bq < _INF and 0.0 <= a_ < _INF
+                        and 0.0 <= aq < _INF) \
                         or type(u) is not int or not 0 <= u <= I64_MAX:
                     return SKIP, BAD_NUMBER
-                return BOOK_TICKER, book_ticker_record(
-                    symbol=sid, bid_price=b, bid_qty=bq, ask_price=a_, ask_qty=aq, update_id=u,
-                    recv_time_ns=recv_ns)
+                # symbol, bid_price, bid_qty, ask_price, ask_qty, update_id, recv_time_ns
+                return BOOK_TICKER, book_ticker_record(sid, b, bq, a_, aq, u, recv_ns)
             if tag == TRADE:
                 p, q = float(d["p"]), float(d["q"])
                 t = d["t"]  # trade id
                 ev = d["E"]
                 m = d["m"]
-                if not (_finite(p) and _finite(q)) or type(t) is not int \
+                if not (0.0 <= p < _INF and 0.0 <= q < _INF) or type(t) is not int \
                         or type(ev) is not int or type(m) is not bool \
                         or not (0 <= t <= I64_MAX and 0 <= ev <= self.max_event):
                     return SKIP, BAD_NUMBER
-                return TRADE, trade_record(
-                    symbol=sid, flags=_F_MAKER if m else _F_NONE, price=p, qty=q, trade_id=t,
-                    event_time_ns=ev * tm, recv_time_ns=recv_ns)
+                # symbol, flags, price, qty, trade_id, event_time_ns, recv_time_ns
+                return TRADE, trade_record(sid, _F_MAKER if m else _F_NONE, p, q, t, ev * tm,
+                                           recv_ns)
             if tag == DEPTH_DIFF:
                 first, last_, ev = d["U"], d["u"], d["E"]
                 if type(first) is not int or type(last_) is not int or type(ev) is not int \
@@ -389,19 +386,20 @@ class MsgspecDecoder(OrjsonDecoder):
                  raw_stream: str | None = None, time_unit: str = "MILLISECOND") -> None:
         super().__init__(symbols, max_frame_bytes, raw_stream, time_unit)
         k = _kinds(self.max_event)
-        self._env = msgspec.json.Decoder(_Envelope)
-        self._agg: Any = msgspec.json.Decoder(k.agg, strict=False)
-        self._trade: Any = msgspec.json.Decoder(k.trade, strict=False)
-        self._book: Any = msgspec.json.Decoder(k.book, strict=False)
-        self._diff: Any = msgspec.json.Decoder(k.diff, strict=False)
-        self._partial: Any = msgspec.json.Decoder(k.partial, strict=False)
+        # bound ``decode`` methods, looked up once here rather than twice per frame
+        self._env: Any = msgspec.json.Decoder(_Envelope).decode
+        self._agg: Any = msgspec.json.Decoder(k.agg, strict=False).decode
+        self._trade: Any = msgspec.json.Decoder(k.trade, strict=False).decode
+        self._book: Any = msgspec.json.Decoder(k.book, strict=False).decode
+        self._diff: Any = msgspec.json.Decoder(k.diff, strict=False).decode
+        self._partial: Any = msgspec.json.Decoder(k.partial, strict=False).decode
 
     def decode(self, payload: bytes | bytearray | memoryview | str,
                recv_time_ns: int) -> tuple[int, Any]:
         if len(payload) > self.max_frame_bytes:
             return SKIP, OVERSIZED
         try:
-            env = self._env.decode(payload)
+            env = self._env(payload)
         except RecursionError:  # msgspec skips a deep `data` value recursively (100k `[`)
             return SKIP, MALFORMED_JSON
         except msgspec.DecodeError:
@@ -414,35 +412,36 @@ class MsgspecDecoder(OrjsonDecoder):
         tm = self.time_mult
         try:
             if tag == AGG:
-                x = self._agg.decode(env.data)
+                x = self._agg(env.data)
                 p, q = x.p, x.q
                 if not (0.0 <= p < _INF and 0.0 <= q < _INF):
                     return SKIP, BAD_NUMBER
-                return AGG, agg_trade_record(
-                    symbol=sid, flags=_F_MAKER if x.m else _F_NONE, price=p, qty=q, agg_id=x.a,
-                    last_trade_id=x.l, event_time_ns=x.E * tm, recv_time_ns=recv_time_ns)
+                # symbol, flags, price, qty, agg_id, last_trade_id, event_time_ns, recv_time_ns
+                return AGG, agg_trade_record(sid, _F_MAKER if x.m else _F_NONE, p, q, x.a, x.l,
+                                             x.E * tm, recv_time_ns)
             if tag == BOOK_TICKER:
-                k = self._book.decode(env.data)
-                # comparisons inline, not _finite(): four calls would cost more than the build
+                k = self._book(env.data)
+                # finite and >= 0 (NaN fails every comparison), inline: a call each would cost
+                # more than building the record
                 if not (0.0 <= k.b < _INF and 0.0 <= k.B < _INF and 0.0 <= k.a < _INF
                         and 0.0 <= k.A < _INF):
                     return SKIP, BAD_NUMBER
-                return BOOK_TICKER, book_ticker_record(
-                    symbol=sid, bid_price=k.b, bid_qty=k.B, ask_price=k.a, ask_qty=k.A,
-                    update_id=k.u, recv_time_ns=recv_time_ns)
+                # symbol, bid_price, bid_qty, ask_price, ask_qty, update_id, recv_time_ns
+                return BOOK_TICKER, book_ticker_record(sid, k.b, k.B, k.a, k.A, k.u,
+                                                       recv_time_ns)
             if tag == TRADE:
-                t = self._trade.decode(env.data)
+                t = self._trade(env.data)
                 if not (0.0 <= t.p < _INF and 0.0 <= t.q < _INF):
                     return SKIP, BAD_NUMBER
-                return TRADE, trade_record(
-                    symbol=sid, flags=_F_MAKER if t.m else _F_NONE, price=t.p, qty=t.q,
-                    trade_id=t.t, event_time_ns=t.E * tm, recv_time_ns=recv_time_ns)
+                # symbol, flags, price, qty, trade_id, event_time_ns, recv_time_ns
+                return TRADE, trade_record(sid, _F_MAKER if t.m else _F_NONE, t.p, t.q, t.t,
+                                           t.E * tm, recv_time_ns)
             if tag == DEPTH_DIFF:
-                d = self._diff.decode(env.data)
+                d = self._diff(env.data)
                 if not (_levels_ok(d.b) and _levels_ok(d.a)) or d.u < d.U:
                     return SKIP, BAD_NUMBER
                 return DEPTH_DIFF, DepthDiff(sid, d.U, d.u, d.E * tm, recv_time_ns, d.b, d.a)
-            s = self._partial.decode(env.data)
+            s = self._partial(env.data)
             if not (_levels_ok(s.bids) and _levels_ok(s.asks)):
                 return SKIP, BAD_NUMBER
             return DEPTH_PARTIAL, DepthPartial(sid, s.lastUpdateId, recv_time_ns, s.bids, s.asks)

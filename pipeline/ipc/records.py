@@ -120,8 +120,14 @@ _RESYNCED = int(Flags.RESYNCED)
 #: The record kinds whose ``trade_id`` an id tracker accounts for (gap-free, exactly once).
 TRACKED_KINDS = (_AGG_TRADE, _TRADE)
 
+# Calling them: with keywords (the builders below that are keyword-only insist). The three that
+# the stream decoders call on every frame also take their arguments by position, in the order
+# of their parameters: on CPython 3.11 a call with 7-8 keywords costs ~110 ns in the decoder
+# against ~45 ns positional, on a ~1 us decode (measured in-process, interleaved A/B); the
+# decoders pass them positionally with the parameter names beside, everyone else by name.
 
-def agg_trade_record(*, symbol: int, flags: int, price: float, qty: float, agg_id: int,
+
+def agg_trade_record(symbol: int, flags: int, price: float, qty: float, agg_id: int,
                      last_trade_id: int, event_time_ns: int, recv_time_ns: int) -> TickTuple:
     """An aggregate trade (live ``aggTrade`` or a REST ``/api/v3/aggTrades`` row):
     ``trade_id`` = aggregate id ``a``, ``aux_id`` = last underlying trade id ``l``."""
@@ -129,14 +135,14 @@ def agg_trade_record(*, symbol: int, flags: int, price: float, qty: float, agg_i
             last_trade_id, event_time_ns, recv_time_ns)
 
 
-def trade_record(*, symbol: int, flags: int, price: float, qty: float, trade_id: int,
+def trade_record(symbol: int, flags: int, price: float, qty: float, trade_id: int,
                  event_time_ns: int, recv_time_ns: int) -> TickTuple:
     """One ``@trade`` trade: ``trade_id`` = trade id ``t``."""
     return (_TRADE, flags, symbol, 0, 0, price, qty, 0.0, 0.0, 0.0, 0.0, trade_id, 0,
             event_time_ns, recv_time_ns)
 
 
-def book_ticker_record(*, symbol: int, bid_price: float, bid_qty: float, ask_price: float,
+def book_ticker_record(symbol: int, bid_price: float, bid_qty: float, ask_price: float,
                        ask_qty: float, update_id: int, recv_time_ns: int) -> TickTuple:
     """Best bid/ask from ``bookTicker``: ``trade_id`` = book update id ``u``. It carries no
     event time (the stream has none), so ``event_time_ns`` is 0."""
