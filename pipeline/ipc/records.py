@@ -1,4 +1,6 @@
-"""Fixed-size record layouts shared by every process (one place, numpy structured dtypes).
+"""Fixed-size record layouts shared by every process (one place, numpy structured dtypes), and
+the one builder per tick record kind that every Python producer uses (decoders, REST backfill,
+books, gap reports), with ``AT_*`` naming a record tuple's fields for its readers.
 
 A tick record is 96 bytes, little-endian, 8-byte aligned fields, so a ring slot (8-byte sequence
 word + record) is 104 bytes and a batch of records is one contiguous memcpy. Prices and quantities
