@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
-    "RingReader": "pipeline.ipc.ring",
-    "RingWriter": "pipeline.ipc.ring",
-    "RingError": "pipeline.ipc.ring",
+    "RingReader": "pipeline.ipc.segments",
+    "RingWriter": "pipeline.ipc.segments",
+    "RingError": "pipeline.ipc.layout",
     "TICK_DTYPE": "pipeline.ipc.records",
     "TICK_RING": "pipeline.ipc.records",
     "Kind": "pipeline.ipc.records",
@@ -46,9 +46,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads lazily
+    from pipeline.ipc.layout import RingError
     from pipeline.ipc.metrics import MetricsBlock
     from pipeline.ipc.records import TICK_DTYPE, TICK_RING, Flags, Kind
-    from pipeline.ipc.ring import RingError, RingReader, RingWriter
+    from pipeline.ipc.segments import RingReader, RingWriter
     from pipeline.trading.client import ExecReport, OrderClient, TradingNotRunningError
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pipeline.ops.runner",
     "pipeline.sim.cli",
-    "pipeline.marketdata.ingest",
+    "pipeline.marketdata.cli",
     "pipeline.trading.cli",
     "pipeline.consumers.cli",
     "pipeline.ipc.cli",

@@ -461,14 +461,14 @@ def test_long_stream_lists_go_out_as_paced_subscribe_batches(shm_name: str,
     import asyncio
 
     from pipeline.ipc.ring import RingWriter
-    from pipeline.marketdata import connections
     from pipeline.marketdata import ingest as ingmod
+    from pipeline.marketdata import shards
     from pipeline.sim.server import SimConfig
     from pipeline.sim.testing import SimServer
 
     syms = ["BTCUSDT", "ETHUSDT", "BNBUSDT"]
-    monkeypatch.setattr(connections, "MAX_URL_CHARS", 60)  # one stream in the URL
-    monkeypatch.setattr(connections, "SUBSCRIBE_BATCH", 1)  # 8 SUBSCRIBE messages: > 5/s unpaced
+    monkeypatch.setattr(shards, "MAX_URL_CHARS", 60)  # one stream in the URL
+    monkeypatch.setattr(shards, "SUBSCRIBE_BATCH", 1)  # 8 SUBSCRIBE messages: > 5/s unpaced
     w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 14, symbols=syms)
 
     async def main() -> tuple[dict[str, int], set[int], int]:

@@ -30,7 +30,7 @@ def test_the_public_names_are_pinned_and_resolve() -> None:
     assert set(pipeline._EXPORTS) == PUBLIC  # every exported name has a home, and only those
     for name in PUBLIC:
         assert getattr(pipeline, name) is not None, name
-    from pipeline.ipc.ring import RingReader
+    from pipeline.ipc.segments import RingReader
 
     assert pipeline.RingReader is RingReader
 

@@ -83,7 +83,14 @@ from pipeline.marketdata.config import (
     IngestConfig,
     validate,
 )
-from pipeline.marketdata.connections import (
+from pipeline.marketdata.depth import DepthFeed
+from pipeline.marketdata.ingest_metrics import (
+    COUNTERS,
+    metric_values,
+    metrics_fields,
+)
+from pipeline.marketdata.recovery import RestRecovery
+from pipeline.marketdata.shards import (
     BACKOFF,
     CONNECTING,
     DOWN,
@@ -92,13 +99,6 @@ from pipeline.marketdata.connections import (
     Conn,
     Shard,
 )
-from pipeline.marketdata.depth import DepthFeed
-from pipeline.marketdata.ingest_metrics import (
-    COUNTERS,
-    metric_values,
-    metrics_fields,
-)
-from pipeline.marketdata.recovery import RestRecovery
 from pipeline.marketdata.trade_ids import TradeIds
 
 log = logging.getLogger("pipeline.ingest")

@@ -1,4 +1,4 @@
-"""`pipeline ingest` connections: shards of streams, each on one websocket at a time.
+"""`pipeline ingest` shards: groups of streams, each on one websocket connection at a time.
 
 The subscribed streams are split into shards of at most 1024 streams (one connection each),
 opened as ``/stream?streams=a/b/...`` (the remainder, if the URL would be too long, goes out as
