@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from pipeline.binance.wsapi import SIGNED_METHODS
 from pipeline.sim.signatures import MSG_BAD_SIG
 from pipeline.sim.venue import Event, VenueError, missing
 
@@ -23,20 +24,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.sim.wsapi")
 
-SIGNED = frozenset(
-    {
-        "order.place",
-        "order.test",
-        "order.cancel",
-        "order.cancelReplace",
-        "order.amend.keepPriority",
-        "order.status",
-        "openOrders.status",
-        "openOrders.cancelAll",
-        "account.status",
-        "account.rateLimits.orders",
-    }
-)
+# The signed methods this simulator executes through the venue: Binance's documented list (one
+# list, pipeline.binance.wsapi.SIGNED_METHODS, section 2.6 of our protocol notes) less the two
+# that are session plumbing here (logon and the signed user-data subscription, handled before
+# this table is consulted).
+SIGNED = SIGNED_METHODS - {"session.logon", "userDataStream.subscribe.signature"}
 MSG_TIMEOUT = (
     "Timeout waiting for response from backend server. Send status unknown; "
     "execution status unknown."
