@@ -14,15 +14,22 @@ from typing import Any
 
 import orjson
 
-from pipeline.sim import market as mk
+from pipeline.sim.market_events import PARTIAL_LEVELS
 
-STREAM_KINDS = (
+#: The stream kinds the simulator serves, each under the one spelling the stream fan-out
+#: (:meth:`pipeline.sim.streams.StreamHub.depth_tick`) publishes it as. Deliberately not
+#: :data:`pipeline.binance.streams.STREAM_SUFFIXES`: that is what the client can *parse*, and it
+#: also takes the undocumented ``@1000ms`` spellings (``depth@1000ms``, ``depth5@1000ms``, ...).
+#: The simulator keeps to the documented names (the 1000 ms speed has no suffix) and its fan-out
+#: publishes only those, so it refuses the aliases: accepting them would ack a subscription that
+#: never gets a frame. Built from :data:`PARTIAL_LEVELS`, what the fan-out publishes.
+SERVED_STREAM_KINDS = (
     "aggTrade",
     "trade",
     "bookTicker",
     "depth",
     "depth@100ms",
-    *(f"depth{n}{sfx}" for n in mk.PARTIAL_LEVELS for sfx in ("", "@100ms")),
+    *(f"depth{n}{sfx}" for n in PARTIAL_LEVELS for sfx in ("", "@100ms")),
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{1,36}$")
 _CONTROL_METHODS = (
@@ -41,7 +48,7 @@ def parse_stream(name: str, symbols: set[str]) -> str | None:
     Conservative: the symbol must be lowercase and configured, the suffix spelled as documented.
     """
     sym, sep, kind = name.partition("@")
-    if not sep or sym not in symbols or kind not in STREAM_KINDS:
+    if not sep or sym not in symbols or kind not in SERVED_STREAM_KINDS:
         return None
     return name
 
