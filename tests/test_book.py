@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from pipeline.binance import streams as st
-from pipeline.marketdata.book import TRANSITIONS, Action, OrderBook, State
+from pipeline.marketdata.book import TRANSITIONS, BookAction, BookState, OrderBook
 
 FIX = Path(__file__).parent / "fixtures" / "streams_ingest"
 
@@ -53,14 +53,14 @@ def test_recorded_session_syncs_and_matches_reference() -> None:
     book = OrderBook()
     # the snapshot was fetched after the first diff arrived (timeline): buffer a few first
     assert book.on_diff(diffs[0].first_id, diffs[0].last_id, diffs[0].bids, diffs[0].asks) \
-        == Action.NEED_SNAPSHOT
+        == BookAction.NEED_SNAPSHOT
     for d in diffs[1:5]:
-        assert book.on_diff(d.first_id, d.last_id, d.bids, d.asks) == Action.BUFFERED
-    assert book.on_snapshot(lid, bids, asks) == Action.SYNCED
+        assert book.on_diff(d.first_id, d.last_id, d.bids, d.asks) == BookAction.BUFFERED
+    assert book.on_snapshot(lid, bids, asks) == BookAction.SYNCED
     assert book.update_id == diffs[4].last_id
     assert not book.resynced_after_break
     for d in diffs[5:]:
-        assert book.on_diff(d.first_id, d.last_id, d.bids, d.asks) == Action.APPLIED
+        assert book.on_diff(d.first_id, d.last_id, d.bids, d.asks) == BookAction.APPLIED
     ref_b, ref_a = reference_book(lid, bids, asks, diffs)
     top_b, top_a = book.top(len(ref_b) + len(ref_a))
     assert top_b == ref_b
@@ -75,7 +75,7 @@ def test_first_diff_ending_at_snapshot_is_dropped() -> None:
     assert diffs[0].last_id == lid  # fixture property (SOURCES.md)
     book = OrderBook()
     book.on_diff(diffs[0].first_id, diffs[0].last_id, diffs[0].bids, diffs[0].asks)
-    assert book.on_snapshot(lid, bids, asks) == Action.SYNCED
+    assert book.on_snapshot(lid, bids, asks) == BookAction.SYNCED
     assert book.update_id == lid
     assert book.top(1) == ([bids[0]], [asks[0]])
 
@@ -83,10 +83,10 @@ def test_first_diff_ending_at_snapshot_is_dropped() -> None:
 def test_old_snapshot_is_refetched() -> None:
     book = OrderBook()
     book.on_diff(100, 105, [(1.0, 1.0)], [])
-    assert book.on_snapshot(90, [(1.0, 2.0)], [(2.0, 1.0)]) == Action.REFETCH
-    assert book.state is State.WAIT_SNAPSHOT
+    assert book.on_snapshot(90, [(1.0, 2.0)], [(2.0, 1.0)]) == BookAction.REFETCH
+    assert book.state is BookState.WAIT_SNAPSHOT
     # lastUpdateId == U - 1: the first event continues it exactly -> usable
-    assert book.on_snapshot(99, [(1.0, 2.0)], [(2.0, 1.0)]) == Action.SYNCED
+    assert book.on_snapshot(99, [(1.0, 2.0)], [(2.0, 1.0)]) == BookAction.SYNCED
     assert book.top(1) == ([(1.0, 1.0)], [(2.0, 1.0)])
 
 
@@ -94,17 +94,17 @@ def test_sequence_break_resyncs_and_is_marked() -> None:
     book = OrderBook()
     book.on_diff(10, 11, [], [])
     book.on_snapshot(11, [(5.0, 1.0)], [(6.0, 1.0)])
-    assert book.on_diff(12, 13, [(5.5, 2.0)], []) == Action.APPLIED
-    assert book.on_diff(12, 13, [(5.5, 9.0)], []) == Action.IGNORED  # duplicate
+    assert book.on_diff(12, 13, [(5.5, 2.0)], []) == BookAction.APPLIED
+    assert book.on_diff(12, 13, [(5.5, 9.0)], []) == BookAction.IGNORED  # duplicate
     assert book.top(1)[0] == [(5.5, 2.0)]
-    assert book.on_diff(20, 21, [], []) == Action.NEED_SNAPSHOT  # 14..19 missing
+    assert book.on_diff(20, 21, [], []) == BookAction.NEED_SNAPSHOT  # 14..19 missing
     assert book.breaks == 1
     assert book.top(1) == ([], [])  # discarded, not served stale
-    assert book.on_diff(22, 22, [(5.1, 1.0)], []) == Action.BUFFERED
-    assert book.on_snapshot(21, [(5.0, 3.0)], [(6.0, 3.0)]) == Action.SYNCED
+    assert book.on_diff(22, 22, [(5.1, 1.0)], []) == BookAction.BUFFERED
+    assert book.on_snapshot(21, [(5.0, 3.0)], [(6.0, 3.0)]) == BookAction.SYNCED
     assert book.resynced_after_break
     assert book.top(2)[0] == [(5.1, 1.0), (5.0, 3.0)]
-    assert book.on_snapshot(30, [], []) == Action.IGNORED  # stale fetch after sync
+    assert book.on_snapshot(30, [], []) == BookAction.IGNORED  # stale fetch after sync
 
 
 def test_deletions_and_unknown_deletions() -> None:
@@ -124,14 +124,14 @@ def test_buffer_keeps_latest_contiguous_run_and_is_bounded() -> None:
     for i in range(6, 10):
         book.on_diff(i, i, [], [])
     assert [e[0] for e in book.buffer] == [7, 8, 9]
-    assert book.on_snapshot(5, [], []) == Action.REFETCH  # 6 was dropped by the bound
-    assert book.on_snapshot(6, [], []) == Action.SYNCED
+    assert book.on_snapshot(5, [], []) == BookAction.REFETCH  # 6 was dropped by the bound
+    assert book.on_snapshot(6, [], []) == BookAction.SYNCED
     assert book.update_id == 9
 
 
 def test_every_transition_is_in_the_table() -> None:
     for (state, _event), outs in TRANSITIONS.items():
-        assert all(isinstance(s, State) and isinstance(a, Action) for s, a in outs), state
+        assert all(isinstance(s, BookState) and isinstance(a, BookAction) for s, a in outs), state
 
 
 @settings(max_examples=60, deadline=None)
@@ -155,12 +155,12 @@ def test_random_diffs_match_reference(steps: list[tuple[int, int]], snap_at: int
     for ev in events[:k + 1]:
         for p, q in ev[2]:
             model.pop(p, None) if q == 0 else model.__setitem__(p, q)
-    assert book.on_snapshot(events[k][1], sorted(model.items()), []) == Action.SYNCED
+    assert book.on_snapshot(events[k][1], sorted(model.items()), []) == BookAction.SYNCED
     for ev in events[k + 1:]:
         for p, q in ev[2]:
             model.pop(p, None) if q == 0 else model.__setitem__(p, q)
     for ev in events[snap_at + 1:]:
-        assert book.on_diff(*ev) == Action.APPLIED
+        assert book.on_diff(*ev) == BookAction.APPLIED
     assert book.top(100)[0] == sorted(model.items(), reverse=True)
 
 
@@ -195,22 +195,22 @@ def test_a_far_update_id_is_held_and_does_not_freeze_the_book() -> None:
     forever) or, while buffering, kept the snapshot refetching forever."""
     b = OrderBook(max_jump=1000, resync_after=3)
     b.on_diff(10, 11, [], [])
-    assert b.on_snapshot(11, [(1.0, 1.0)], [(2.0, 1.0)]) == Action.SYNCED
-    assert b.on_diff(10**17, 10**17, [(1.5, 1.0)], []) == Action.IGNORED
-    assert b.on_diff(12, 12, [(1.2, 1.0)], []) == Action.APPLIED
+    assert b.on_snapshot(11, [(1.0, 1.0)], [(2.0, 1.0)]) == BookAction.SYNCED
+    assert b.on_diff(10**17, 10**17, [(1.5, 1.0)], []) == BookAction.IGNORED
+    assert b.on_diff(12, 12, [(1.2, 1.0)], []) == BookAction.APPLIED
     assert b.top(1)[0] == [(1.2, 1.0)]  # the bogus level was never applied
     assert (b.far_ids, b.resets, b.breaks) == (1, 0, 0)
     # a run of far ids that agree: the stream restarted -> resync from a snapshot after it
-    assert b.on_diff(50_000, 50_000, [], []) == Action.IGNORED
-    assert b.on_diff(50_001, 50_002, [], []) == Action.IGNORED
-    assert b.on_diff(50_003, 50_003, [], []) == Action.NEED_SNAPSHOT
+    assert b.on_diff(50_000, 50_000, [], []) == BookAction.IGNORED
+    assert b.on_diff(50_001, 50_002, [], []) == BookAction.IGNORED
+    assert b.on_diff(50_003, 50_003, [], []) == BookAction.NEED_SNAPSHOT
     assert b.resets == 1
-    assert b.on_snapshot(50_003, [(3.0, 1.0)], [(4.0, 1.0)]) == Action.SYNCED
+    assert b.on_snapshot(50_003, [(3.0, 1.0)], [(4.0, 1.0)]) == BookAction.SYNCED
     assert b.resynced_after_break
     # while buffering, a far diff does not replace the run the snapshot must continue
     b2 = OrderBook(max_jump=1000, resync_after=3)
     b2.on_diff(10, 11, [], [])
-    assert b2.on_diff(10**17, 10**17, [], []) == Action.BUFFERED
+    assert b2.on_diff(10**17, 10**17, [], []) == BookAction.BUFFERED
     b2.on_diff(12, 12, [], [])
-    assert b2.on_snapshot(11, [(1.0, 1.0)], [(2.0, 1.0)]) == Action.SYNCED
+    assert b2.on_snapshot(11, [(1.0, 1.0)], [(2.0, 1.0)]) == BookAction.SYNCED
     assert b2.update_id == 12

@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.ops.affinity import apply, available_cpus, plan_cpus
 from pipeline.ops.supervisor import (
-    Action,
     ChildSpec,
+    RestartAction,
     RestartPolicy,
     RestartTracker,
     StartError,
@@ -41,7 +41,7 @@ def test_tracker_restarts_with_growing_delay_and_resets_after_stable_run() -> No
     d1 = t.on_exit(now=100.0, uptime=1.0, returncode=1)
     d2 = t.on_exit(now=102.0, uptime=1.0, returncode=-9)
     d3 = t.on_exit(now=105.0, uptime=1.0, returncode=1)
-    assert [d.action for d in (d1, d2, d3)] == [Action.RESTART] * 3
+    assert [d.action for d in (d1, d2, d3)] == [RestartAction.RESTART] * 3
     assert [d.delay for d in (d1, d2, d3)] == [1, 2, 4]
     assert d2.at == 104.0
     assert d2.reason == "killed by SIGKILL"
@@ -50,28 +50,28 @@ def test_tracker_restarts_with_growing_delay_and_resets_after_stable_run() -> No
 
 
 def test_clean_exit_is_done_unless_configured() -> None:
-    assert RestartTracker(RestartPolicy()).on_exit(0, 1, 0).action is Action.DONE
+    assert RestartTracker(RestartPolicy()).on_exit(0, 1, 0).action is RestartAction.DONE
     always = RestartTracker(RestartPolicy(restart_on_success=True))
-    assert always.on_exit(0, 1, 0).action is Action.RESTART
+    assert always.on_exit(0, 1, 0).action is RestartAction.RESTART
 
 
 def test_final_exit_codes_are_not_restarted() -> None:
     t = RestartTracker(RestartPolicy(), final_codes=frozenset({2, 3}))
     d = t.on_exit(0.0, 100.0, 3)
-    assert d.action is Action.GIVE_UP
+    assert d.action is RestartAction.GIVE_UP
     assert "exited 3: final" in d.reason
-    assert t.on_exit(0.0, 100.0, 4).action is Action.RESTART
+    assert t.on_exit(0.0, 100.0, 4).action is RestartAction.RESTART
 
 
 def test_start_limit_gives_up_within_window_only() -> None:
     t = RestartTracker(RestartPolicy(max_restarts=3, window_s=10, initial_s=0))
     for now in (0.0, 1.0, 2.0):
-        assert t.on_exit(now, 0.5, 1).action is Action.RESTART
-    assert t.on_exit(3.0, 0.5, 1).action is Action.GIVE_UP
+        assert t.on_exit(now, 0.5, 1).action is RestartAction.RESTART
+    assert t.on_exit(3.0, 0.5, 1).action is RestartAction.GIVE_UP
     # crashes spread wider than the window never hit the limit
     slow = RestartTracker(RestartPolicy(max_restarts=3, window_s=10, initial_s=0))
     for i in range(20):
-        assert slow.on_exit(i * 6.0, 0.5, 1).action is Action.RESTART
+        assert slow.on_exit(i * 6.0, 0.5, 1).action is RestartAction.RESTART
 
 
 def test_stop_groups_order_and_exit_descriptions() -> None:

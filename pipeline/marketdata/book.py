@@ -2,7 +2,7 @@
 
 Implements shared/binance-protocol.md section 1.7 (the algorithm as corrected 2025-11-12), one
 :class:`OrderBook` per symbol. No I/O, no clock, no asyncio: the ingest shell feeds it events and
-snapshots and acts on the returned :class:`Action`.
+snapshots and acts on the returned :class:`BookAction`.
 
 States and transitions (every transition the code makes is in :data:`TRANSITIONS`)::
 
@@ -61,13 +61,13 @@ Level = tuple[float, float]
 MAX_LEVELS = 10_000
 
 
-class State(Enum):
+class BookState(Enum):
     WAIT_EVENT = "wait_event"  # no event seen yet: nothing to anchor a snapshot to
     WAIT_SNAPSHOT = "wait_snapshot"  # buffering diffs until a usable snapshot arrives
     SYNCED = "synced"  # book valid; diffs applied as they come
 
 
-class Action(IntEnum):
+class BookAction(IntEnum):
     NONE = 0
     BUFFERED = 1  # diff kept for after the snapshot
     NEED_SNAPSHOT = 2  # start a snapshot fetch (first sync or a sequence break)
@@ -77,16 +77,16 @@ class Action(IntEnum):
     IGNORED = 6  # diff older than the book (duplicate / overlap) or a stale snapshot
 
 
-TRANSITIONS: dict[tuple[State, str], set[tuple[State, Action]]] = {
-    (State.WAIT_EVENT, "diff"): {(State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)},
-    (State.WAIT_SNAPSHOT, "diff"): {(State.WAIT_SNAPSHOT, Action.BUFFERED)},
-    (State.WAIT_SNAPSHOT, "snapshot"): {(State.WAIT_SNAPSHOT, Action.REFETCH),
-                                        (State.SYNCED, Action.SYNCED)},
-    (State.SYNCED, "diff"): {(State.SYNCED, Action.IGNORED),
-                             (State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT),
-                             (State.SYNCED, Action.APPLIED)},
-    (State.SYNCED, "snapshot"): {(State.SYNCED, Action.IGNORED)},
-    (State.WAIT_EVENT, "snapshot"): {(State.WAIT_EVENT, Action.IGNORED)},
+TRANSITIONS: dict[tuple[BookState, str], set[tuple[BookState, BookAction]]] = {
+    (BookState.WAIT_EVENT, "diff"): {(BookState.WAIT_SNAPSHOT, BookAction.NEED_SNAPSHOT)},
+    (BookState.WAIT_SNAPSHOT, "diff"): {(BookState.WAIT_SNAPSHOT, BookAction.BUFFERED)},
+    (BookState.WAIT_SNAPSHOT, "snapshot"): {(BookState.WAIT_SNAPSHOT, BookAction.REFETCH),
+                                        (BookState.SYNCED, BookAction.SYNCED)},
+    (BookState.SYNCED, "diff"): {(BookState.SYNCED, BookAction.IGNORED),
+                             (BookState.WAIT_SNAPSHOT, BookAction.NEED_SNAPSHOT),
+                             (BookState.SYNCED, BookAction.APPLIED)},
+    (BookState.SYNCED, "snapshot"): {(BookState.SYNCED, BookAction.IGNORED)},
+    (BookState.WAIT_EVENT, "snapshot"): {(BookState.WAIT_EVENT, BookAction.IGNORED)},
 }
 
 
@@ -154,7 +154,7 @@ class OrderBook:
     def __init__(self, max_buffer: int = 10_000, max_levels: int = MAX_LEVELS,
                  max_jump: int = DEFAULT_MAX_ID_JUMP,
                  resync_after: int = DEFAULT_RESYNC_AFTER) -> None:
-        self.state = State.WAIT_EVENT
+        self.state = BookState.WAIT_EVENT
         self.update_id = 0  # book.updateId (section 1.7 step 5)
         self.bids = _Side(True, max_levels)
         self.asks = _Side(False, max_levels)
@@ -172,34 +172,34 @@ class OrderBook:
         self.syncs = 0  # snapshots applied
         self._broken = False
 
-    def _go(self, event: str, new: State, action: Action) -> Action:
+    def _go(self, event: str, new: BookState, action: BookAction) -> BookAction:
         assert (new, action) in TRANSITIONS[(self.state, event)], (self.state, event, new, action)
         self.state = new
         return action
 
     def reset(self) -> None:
         """Forget everything (e.g. the symbol's stream was unsubscribed)."""
-        self.state = State.WAIT_EVENT
+        self.state = BookState.WAIT_EVENT
         self.bids.clear()
         self.asks.clear()
         self.buffer.clear()
 
     def on_diff(self, first_id: int, last_id: int, bids: list[Level],
-                asks: list[Level]) -> Action:
+                asks: list[Level]) -> BookAction:
         """One ``depthUpdate`` (``U`` = first_id, ``u`` = last_id)."""
         state = self.state
-        if state is State.SYNCED:
+        if state is BookState.SYNCED:
             uid = self.update_id
             if last_id - uid > self.max_jump or uid - last_id > self.max_jump:
                 if not self._far(first_id, last_id, bids, asks):
-                    return self._go("diff", State.SYNCED, Action.IGNORED)
+                    return self._go("diff", BookState.SYNCED, BookAction.IGNORED)
                 self.breaks += 1
                 self._broken = True
                 self.bids.clear()
                 self.asks.clear()
-                return self._go("diff", State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)
+                return self._go("diff", BookState.WAIT_SNAPSHOT, BookAction.NEED_SNAPSHOT)
             if last_id <= uid:
-                return self._go("diff", State.SYNCED, Action.IGNORED)
+                return self._go("diff", BookState.SYNCED, BookAction.IGNORED)
             if first_id > uid + 1:  # step 6: gap -> restart from step 1
                 self.breaks += 1
                 self._broken = True
@@ -207,32 +207,32 @@ class OrderBook:
                 self.asks.clear()
                 self.buffer.clear()
                 self.buffer.append((first_id, last_id, bids, asks))
-                return self._go("diff", State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)
+                return self._go("diff", BookState.WAIT_SNAPSHOT, BookAction.NEED_SNAPSHOT)
             self.bids.apply(bids)
             self.asks.apply(asks)
             self.update_id = last_id
             if self.far.held:  # the sequence went on: what was held was no restart
                 self.far.clear()
-            return self._go("diff", State.SYNCED, Action.APPLIED)
-        if state is State.WAIT_EVENT:
+            return self._go("diff", BookState.SYNCED, BookAction.APPLIED)
+        if state is BookState.WAIT_EVENT:
             self.buffer.clear()
             self.buffer.append((first_id, last_id, bids, asks))
-            return self._go("diff", State.WAIT_SNAPSHOT, Action.NEED_SNAPSHOT)
+            return self._go("diff", BookState.WAIT_SNAPSHOT, BookAction.NEED_SNAPSHOT)
         # WAIT_SNAPSHOT: keep one contiguous run of events (the latest), bounded
         buf = self.buffer
         if buf:
             prev_last = buf[-1][1]
             if last_id - prev_last > self.max_jump or prev_last - last_id > self.max_jump:
                 self._far(first_id, last_id, bids, asks)  # a confirmed run replaces the buffer
-                return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
+                return self._go("diff", BookState.WAIT_SNAPSHOT, BookAction.BUFFERED)
             if last_id <= prev_last:  # duplicate (two connections during rotation)
-                return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
+                return self._go("diff", BookState.WAIT_SNAPSHOT, BookAction.BUFFERED)
             if first_id > prev_last + 1:  # hole inside the buffer: only the newer run is usable
                 buf.clear()
         buf.append((first_id, last_id, bids, asks))
         if len(buf) > self.max_buffer:
             buf.popleft()
-        return self._go("diff", State.WAIT_SNAPSHOT, Action.BUFFERED)
+        return self._go("diff", BookState.WAIT_SNAPSHOT, BookAction.BUFFERED)
 
     def _far(self, first_id: int, last_id: int, bids: list[Level], asks: list[Level]) -> bool:
         """Hold an event with a far update id; True when a run of them is confirmed: the buffer
@@ -247,13 +247,13 @@ class OrderBook:
         self.buffer.append(run[-1][1])
         return True
 
-    def on_snapshot(self, last_update_id: int, bids: list[Level], asks: list[Level]) -> Action:
+    def on_snapshot(self, last_update_id: int, bids: list[Level], asks: list[Level]) -> BookAction:
         """A REST ``/api/v3/depth`` snapshot (steps 3-6)."""
-        if self.state is not State.WAIT_SNAPSHOT:
-            return self._go("snapshot", self.state, Action.IGNORED)
+        if self.state is not BookState.WAIT_SNAPSHOT:
+            return self._go("snapshot", self.state, BookAction.IGNORED)
         buf = self.buffer
         if buf and last_update_id + 1 < buf[0][0]:  # step 3: snapshot older than our buffer
-            return self._go("snapshot", State.WAIT_SNAPSHOT, Action.REFETCH)
+            return self._go("snapshot", BookState.WAIT_SNAPSHOT, BookAction.REFETCH)
         while buf and buf[0][1] <= last_update_id:  # step 4: drop what the snapshot contains
             buf.popleft()
         self.bids.load(bids)  # step 5
@@ -267,7 +267,7 @@ class OrderBook:
         self.syncs += 1
         self.resynced_after_break = self._broken
         self._broken = False
-        return self._go("snapshot", State.SYNCED, Action.SYNCED)
+        return self._go("snapshot", BookState.SYNCED, BookAction.SYNCED)
 
     def top(self, n: int = 1) -> tuple[list[Level], list[Level]]:
         """Best ``n`` levels per side, best first: (bids, asks)."""
@@ -275,7 +275,7 @@ class OrderBook:
 
     @property
     def synced(self) -> bool:
-        return self.state is State.SYNCED
+        return self.state is BookState.SYNCED
 
 
 def book_records(*, symbol: int, flags: int, update_id: int, first_update_id: int,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipeline.ipc.records import Flags
-from pipeline.marketdata.book import Action, OrderBook, book_records
+from pipeline.marketdata.book import BookAction, OrderBook, book_records
 from pipeline.marketdata.gapfill import FarRun
 
 if TYPE_CHECKING:
@@ -56,11 +56,11 @@ class DepthFeed:
     def on_diff(self, d: DepthDiff) -> None:
         """A diff-depth event: apply it, or count a duplicate, or ask for a resync."""
         act = self.books[d.symbol].on_diff(d.first_id, d.last_id, d.bids, d.asks)
-        if act == Action.APPLIED:
+        if act == BookAction.APPLIED:
             self.publish_book(d.symbol, 0, d.first_id, d.event_time_ns, d.recv_time_ns)
-        elif act == Action.IGNORED:
+        elif act == BookAction.IGNORED:
             self.ing.c["duplicates"] += 1
-        elif act == Action.NEED_SNAPSHOT:
+        elif act == BookAction.NEED_SNAPSHOT:
             self.ing.start_resync(d.symbol)
 
     def on_partial(self, p: DepthPartial) -> None:

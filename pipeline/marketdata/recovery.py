@@ -64,7 +64,7 @@ class RestRecovery:
         """Fetch snapshots until the book is synced (section 1.7 steps 2-6)."""
         from pipeline.backoff import Backoff, BackoffPolicy
         from pipeline.binance.streams import depth_snapshot
-        from pipeline.marketdata.book import Action, State
+        from pipeline.marketdata.book import BookAction, BookState
         from pipeline.net.http import HttpError, get_json
 
         ing = self.ing
@@ -73,7 +73,7 @@ class RestRecovery:
         sym = cfg.symbols[sid]
         backoff = Backoff(BackoffPolicy(initial_s=0.1, max_s=max(cfg.backoff_max, 0.1),
                                         max_attempts=0))
-        while not ing.stopping and book.state is State.WAIT_SNAPSHOT:
+        while not ing.stopping and book.state is BookState.WAIT_SNAPSHOT:
             ing.c["rest_requests"] += 1
             try:
                 _, body = await get_json(cfg.rest_url, "/api/v3/depth",
@@ -88,7 +88,7 @@ class RestRecovery:
                 continue
             recv_ns = time.time_ns()
             act = book.on_snapshot(lid, bids, asks)
-            if act == Action.SYNCED:
+            if act == BookAction.SYNCED:
                 ing.c["book_resyncs"] += 1
                 flags = int(Flags.SNAPSHOT)
                 if book.resynced_after_break:
@@ -100,7 +100,7 @@ class RestRecovery:
                 log.info("book synced", extra={"symbol": sym, "last_update_id": lid,
                                                "after_break": book.resynced_after_break})
                 return
-            if act == Action.REFETCH:
+            if act == BookAction.REFETCH:
                 await ing.sleep(min(0.05 * (1 + backoff.attempts), 1.0))
                 backoff.attempts += 1
 

@@ -72,7 +72,7 @@ class RestartPolicy:
         return [self.delay(i) for i in range(n)]
 
 
-class Action(enum.Enum):
+class RestartAction(enum.Enum):
     RESTART = "restart"
     DONE = "done"  # exited cleanly; stays stopped
     GIVE_UP = "give_up"  # start limit hit
@@ -80,7 +80,7 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class Decision:
-    action: Action
+    action: RestartAction
     at: float = 0.0  # clock time at which to restart (RESTART only)
     delay: float = 0.0
     reason: str = ""
@@ -101,10 +101,10 @@ class RestartTracker:
     def on_exit(self, now: float, uptime: float, returncode: int) -> Decision:
         """A child exited on its own (not stopped by us). Returns what to do next."""
         if returncode == 0 and not self.policy.restart_on_success:
-            return Decision(Action.DONE, reason="exited 0")
+            return Decision(RestartAction.DONE, reason="exited 0")
         if returncode in self.final_codes:
             return Decision(
-                Action.GIVE_UP, reason=f"{describe_exit(returncode)}: final, not restarted"
+                RestartAction.GIVE_UP, reason=f"{describe_exit(returncode)}: final, not restarted"
             )
         if uptime >= self.policy.stable_after_s:
             self.consecutive = 0
@@ -112,13 +112,13 @@ class RestartTracker:
         self.crash_times.append(now)
         if len(self.crash_times) > self.policy.max_restarts:
             return Decision(
-                Action.GIVE_UP,
+                RestartAction.GIVE_UP,
                 reason=f"{len(self.crash_times)} crashes within {self.policy.window_s:g}s",
             )
         delay = self.policy.delay(self.consecutive)
         self.consecutive += 1
         return Decision(
-            Action.RESTART, at=now + delay, delay=delay, reason=describe_exit(returncode)
+            RestartAction.RESTART, at=now + delay, delay=delay, reason=describe_exit(returncode)
         )
 
     def on_restarted(self) -> None:
@@ -379,14 +379,14 @@ class Supervisor:
                     events.append((name, "exited_for_restart"))
                     continue
                 decision = child.tracker.on_exit(now, now - child.started_at, rc)
-                if decision.action is Action.RESTART:
+                if decision.action is RestartAction.RESTART:
                     child.state = "waiting"
                     child.restart_at = decision.at
                     self._event(
                         "crashed", child, f"{decision.reason}; restart in {decision.delay:g}s"
                     )
                     events.append((name, "crashed"))
-                elif decision.action is Action.DONE:
+                elif decision.action is RestartAction.DONE:
                     child.state = "done"
                     self._event("done", child, decision.reason)
                     events.append((name, "done"))
@@ -404,7 +404,7 @@ class Supervisor:
                 except StartError as exc:
                     # counts as another crash: same backoff/start-limit rules
                     decision = child.tracker.on_exit(now, 0.0, 1)
-                    if decision.action is Action.RESTART:
+                    if decision.action is RestartAction.RESTART:
                         child.state = "waiting"
                         child.restart_at = decision.at
                         self._event("start_failed", child, f"{exc}; retry in {decision.delay:g}s")

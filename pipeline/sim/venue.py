@@ -54,15 +54,15 @@ from pipeline.sim.venue_accounts import Account, AssetBalance, Ledger
 from pipeline.sim.venue_filters import OrderValidator, SymbolRules, parse_order_ref
 from pipeline.sim.venue_market_view import MarketLike, MarketView
 from pipeline.sim.venue_matching import MatchingEngine
-from pipeline.sim.venue_orders import NewOrder, Order, OrderTable
+from pipeline.sim.venue_orders import NewOrder, Order, VenueOrderTable
 from pipeline.sim.venue_params import (
     CANCEL_REPLACE_MODES,
     MSG_DUPLICATE,
     MSG_NO_SUCH_ORDER,
     MSG_UNKNOWN_ORDER,
     ZERO,
-    Event,
     VenueError,
+    VenueEvent,
     fmt,
     illegal,
     missing,
@@ -78,13 +78,13 @@ from pipeline.sim.venue_reports import ExecutionReports
 __all__ = [
     "Account",
     "AssetBalance",
-    "Event",
     "MarketLike",
     "NewOrder",
     "Order",
     "SymbolRules",
     "Venue",
     "VenueError",
+    "VenueEvent",
     "fmt",
     "illegal",
     "missing",
@@ -130,7 +130,7 @@ class Venue:
             taker_commission=taker_commission,
         )
         self.validator = OrderValidator(self.rules, view)
-        self.table = OrderTable(self.rules, max_closed_orders)
+        self.table = VenueOrderTable(self.rules, max_closed_orders)
         self.counters: dict[str, int] = {
             "orders_placed": 0,
             "orders_rejected": 0,
@@ -149,7 +149,7 @@ class Venue:
             max_num_orders=max_num_orders,
             fill_on_touch=fill_on_touch,
         )
-        self.event_sink: Callable[[list[Event]], None] | None = None
+        self.event_sink: Callable[[list[VenueEvent]], None] | None = None
         for name in accounts:
             self.add_account(name)
         add_listener = getattr(market, "add_trade_listener", None)
@@ -188,7 +188,7 @@ class Venue:
 
     def submit(
         self, account: str, spec: NewOrder, now_ms: int
-    ) -> tuple[Order, list[dict[str, Any]], list[Event]]:
+    ) -> tuple[Order, list[dict[str, Any]], list[VenueEvent]]:
         """Run a validated order through the (simulated) matching engine."""
         return self.engine.submit(account, spec, now_ms)
 
@@ -216,7 +216,7 @@ class Venue:
 
     def place(
         self, account: str, params: Mapping[str, str], now_ms: int
-    ) -> tuple[dict[str, Any], list[Event]]:
+    ) -> tuple[dict[str, Any], list[VenueEvent]]:
         """order.place: validate, then submit to the matching engine. Raises VenueError."""
         spec = self.validator.new_order(params)
         try:
@@ -237,7 +237,7 @@ class Venue:
         if events and self.event_sink is not None:
             self.event_sink(events)
 
-    def on_public_trade(self, symbol: str, price: Any, qty: Any, now_ms: int) -> list[Event]:
+    def on_public_trade(self, symbol: str, price: Any, qty: Any, now_ms: int) -> list[VenueEvent]:
         """A public trade printed: fill resting user orders it reached (price, time priority)."""
         return self.engine.on_public_trade(symbol, price, qty, now_ms)
 
@@ -263,7 +263,7 @@ class Venue:
 
     def cancel(
         self, account: str, params: Mapping[str, str], now_ms: int
-    ) -> tuple[dict[str, Any], list[Event]]:
+    ) -> tuple[dict[str, Any], list[VenueEvent]]:
         """order.cancel (section 2.9): -2011 "Unknown order sent." for unknown/closed orders."""
         rules = self.validator.symbol(params)
         oid, cid = parse_order_ref(params, "orderId", "origClientOrderId")
@@ -291,14 +291,14 @@ class Venue:
 
     def cancel_all(
         self, account: str, params: Mapping[str, str], now_ms: int
-    ) -> tuple[list[dict[str, Any]], list[Event]]:
+    ) -> tuple[list[dict[str, Any]], list[VenueEvent]]:
         """openOrders.cancelAll: every open order of the account on ``symbol``; -2011 if none."""
         rules = self.validator.symbol(params)
         mine = self.table.open_of(account, rules.symbol)
         if not mine:
             raise VenueError(-2011, MSG_UNKNOWN_ORDER)
         results: list[dict[str, Any]] = []
-        events: list[Event] = []
+        events: list[VenueEvent] = []
         for o in mine:
             res, ev = self.engine.cancel(o, None, now_ms)
             results.append(res)
@@ -309,7 +309,7 @@ class Venue:
 
     def amend_keep_priority(
         self, account: str, params: Mapping[str, str], now_ms: int
-    ) -> tuple[dict[str, Any], list[Event]]:
+    ) -> tuple[dict[str, Any], list[VenueEvent]]:
         """order.amend.keepPriority: reduce an open order's quantity, keeping its place.
 
         -1013 LOT_SIZE for a bad ``newQty``, -2013 unknown/closed order, -2038 when ``newQty``
@@ -356,7 +356,7 @@ class Venue:
         now_ms: int,
         *,
         new_order_error: VenueError | None = None,
-    ) -> tuple[int, dict[str, Any], list[Event]]:
+    ) -> tuple[int, dict[str, Any], list[VenueEvent]]:
         """order.cancelReplace (section 2.10). Returns ``(status, body, events)``.
 
         ``body`` is the ``result`` object when status is 200, else the ``error`` object
@@ -378,7 +378,7 @@ class Venue:
         )
         spec = self.validator.new_order(params)
         assert spec.symbol == rules.symbol
-        events: list[Event] = []
+        events: list[VenueEvent] = []
         cancel_resp: dict[str, Any]
         cancel_ok = False
         try:

@@ -17,14 +17,14 @@ from typing import Any
 from pipeline.sim.venue_accounts import Ledger
 from pipeline.sim.venue_filters import SymbolRules
 from pipeline.sim.venue_market_view import MarketView
-from pipeline.sim.venue_orders import NewOrder, Order, OrderTable
+from pipeline.sim.venue_orders import NewOrder, Order, VenueOrderTable
 from pipeline.sim.venue_params import (
     MSG_DUPLICATE,
     MSG_INSUFFICIENT,
     MSG_WOULD_TAKE,
     ZERO,
-    Event,
     VenueError,
+    VenueEvent,
     fmt,
 )
 from pipeline.sim.venue_reports import ExecutionReports
@@ -38,7 +38,7 @@ class MatchingEngine:
         view: MarketView,
         rules: Mapping[str, SymbolRules],
         ledger: Ledger,
-        table: OrderTable,
+        table: VenueOrderTable,
         reports: ExecutionReports,
         counters: dict[str, int],
         *,
@@ -63,7 +63,7 @@ class MatchingEngine:
 
     def submit(
         self, account: str, spec: NewOrder, now_ms: int
-    ) -> tuple[Order, list[dict[str, Any]], list[Event]]:
+    ) -> tuple[Order, list[dict[str, Any]], list[VenueEvent]]:
         """Run a validated order through the (simulated) matching engine.
 
         Every rejection (-2010) is decided before anything changes. Returns the order, the FULL
@@ -133,7 +133,7 @@ class MatchingEngine:
         is_market_buy = buy and spec.type == "MARKET"
         if not is_market_buy:  # MARKET BUY spends from free per fill, bounded by limit price
             self.ledger.reserve(order, bal, need)
-        events: list[Event] = [(account, self.reports.report(order, "NEW", now_ms))]
+        events: list[VenueEvent] = [(account, self.reports.report(order, "NEW", now_ms))]
 
         marketable = spec.type == "MARKET" or (
             (buy and ask is not None and spec.price >= ask)
@@ -191,7 +191,7 @@ class MatchingEngine:
         *,
         maker: bool,
         now_ms: int,
-        events: list[Event],
+        events: list[VenueEvent],
     ) -> dict[str, Any]:
         """Apply one fill to the order and the balances; append its TRADE report."""
         commission, commission_asset = self.ledger.settle_fill(order, px, q, maker=maker)
@@ -231,7 +231,7 @@ class MatchingEngine:
 
     # ---------------------------------------------------------------- resting fills
 
-    def on_public_trade(self, symbol: str, price: Any, qty: Any, now_ms: int) -> list[Event]:
+    def on_public_trade(self, symbol: str, price: Any, qty: Any, now_ms: int) -> list[VenueEvent]:
         """A public trade printed: fill resting user orders it reached (price, time priority)."""
         book = self.table.resting.get(symbol)
         if not book:
@@ -248,7 +248,7 @@ class MatchingEngine:
         if not hits:
             return []
         hits.sort(key=lambda o: (-o.price if o.side == "BUY" else o.price, o.time, o.order_id))
-        events: list[Event] = []
+        events: list[VenueEvent] = []
         touched: dict[str, set[str]] = {}
         for o in hits:
             if left <= 0:
@@ -279,7 +279,7 @@ class MatchingEngine:
 
     def cancel(
         self, order: Order, new_cid: str | None, now_ms: int
-    ) -> tuple[dict[str, Any], list[Event]]:
+    ) -> tuple[dict[str, Any], list[VenueEvent]]:
         """Cancel an open order (already found and checked); returns ``(result, events)``."""
         order.cancel_client_id = new_cid or self.table.gen_client_id()
         order.status = "CANCELED"
@@ -289,7 +289,7 @@ class MatchingEngine:
         acct = self.ledger.get(order.account)
         acct.update_time = now_ms
         rules = self.rules[order.symbol]
-        events: list[Event] = [
+        events: list[VenueEvent] = [
             (order.account, self.reports.report(order, "CANCELED", now_ms, cancel=True)),
             (
                 order.account,
@@ -300,7 +300,7 @@ class MatchingEngine:
 
     def amend(
         self, order: Order, new_qty: Decimal, new_cid: str | None, now_ms: int
-    ) -> tuple[dict[str, Any], list[Event]]:
+    ) -> tuple[dict[str, Any], list[VenueEvent]]:
         """Reduce an open order's quantity in place (checks already passed); returns the REPLACED
         report and the events. A new client id, if any, replaces the old one."""
         account = order.account
@@ -318,7 +318,7 @@ class MatchingEngine:
         report = self.reports.report(
             order, "REPLACED", now_ms, prev_client_id=prev if order.client_order_id != prev else ""
         )
-        events: list[Event] = [
+        events: list[VenueEvent] = [
             (account, report),
             (account, self.ledger.position(acct, {rules.base_asset, rules.quote_asset}, now_ms)),
         ]

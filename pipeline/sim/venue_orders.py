@@ -170,7 +170,7 @@ class Order:
         }
 
 
-class OrderTable:
+class VenueOrderTable:
     """Every order the venue knows, and the indexes that find one again.
 
     Holds open orders plus a bounded tail of closed ones (``max_closed_orders``), so that

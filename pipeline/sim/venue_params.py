@@ -16,7 +16,7 @@ from typing import Any
 ZERO = Decimal(0)
 Q8 = Decimal("0.00000001")  # Binance's 8 decimals: rendering and commission rounding
 
-Event = tuple[str, dict[str, Any]]
+VenueEvent = tuple[str, dict[str, Any]]
 """(account, user-data payload); the shell wraps it in ``{"subscriptionId":N,"event":...}``."""
 
 _DECIMAL_RE = re.compile(r"^([0-9]{1,20})(\.[0-9]{1,20})?$")

@@ -61,7 +61,7 @@ from pipeline.sim.signatures import (
     NumberText,
     param_text,
 )
-from pipeline.sim.venue import Event, Venue, VenueError, missing
+from pipeline.sim.venue import Venue, VenueError, VenueEvent, missing
 from pipeline.sim.wsapi_methods import MSG_UNKNOWN_ERR, HostileReply, MethodHandlers
 
 log = logging.getLogger("pipeline.sim.wsapi")
@@ -100,7 +100,7 @@ class Reply:
 
     frame: bytes
     before: list[bytes] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    events: list[VenueEvent] = field(default_factory=list)
     close: bool = False
     delay_ms: int = 0
 
@@ -269,7 +269,7 @@ class WsApiService:
 
     # ---------------------------------------------------------------- events
 
-    def dispatch(self, events: list[Event]) -> None:
+    def dispatch(self, events: list[VenueEvent]) -> None:
         """Push user-data events to every session subscribed to the event's account."""
         for account, payload in events:
             targets = self._subs.get(account)
@@ -319,7 +319,7 @@ class WsApiService:
             self._bad_input.warning("bad_request", "wsapi: malformed request frame")
             return self._error_reply(getattr(f, "rid", None), f.err)
         before: list[bytes] = []
-        events: list[Event] = []
+        events: list[VenueEvent] = []
         key = req.method if req.method in WEIGHTS else "other"
         self.method_counts[key] = self.method_counts.get(key, 0) + 1
         try:

@@ -17,7 +17,7 @@ import orjson
 
 from pipeline.binance.wsapi import SIGNED_METHODS
 from pipeline.sim.signatures import MSG_BAD_SIG
-from pipeline.sim.venue import Event, VenueError, missing
+from pipeline.sim.venue import VenueError, VenueEvent, missing
 
 if TYPE_CHECKING:
     from pipeline.sim.wsapi import ApiRequest, ApiSession, WsApiService
@@ -92,7 +92,12 @@ class MethodHandlers:
         return [drop(s, sid) for sid, (_, logon) in list(s.subscriptions.items()) if logon]
 
     def run(
-        self, s: ApiSession, req: ApiRequest, now: int, before: list[bytes], events: list[Event]
+        self,
+        s: ApiSession,
+        req: ApiRequest,
+        now: int,
+        before: list[bytes],
+        events: list[VenueEvent],
     ) -> tuple[int, Any]:
         """Run one method; fills ``before`` (session frames) and ``events`` (user data)."""
         svc = self.service
@@ -185,7 +190,7 @@ class MethodHandlers:
 
 
     def _order_method(
-        self, s: ApiSession, req: ApiRequest, account: str, now: int, events: list[Event]
+        self, s: ApiSession, req: ApiRequest, account: str, now: int, events: list[VenueEvent]
     ) -> tuple[int, Any]:
         """order.place / order.cancelReplace: unfilled-order limits, faults, then the venue."""
         svc = self.service

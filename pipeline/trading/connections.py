@@ -27,7 +27,6 @@ from pipeline.trading.session_types import (
     LOCAL_TIMEOUT,
     SETUP_KINDS,
     TRANSITIONS,
-    Action,
     Clock,
     Close,
     Connection,
@@ -39,6 +38,7 @@ from pipeline.trading.session_types import (
     PendingRequest,
     Ping,
     Send,
+    SessionAction,
     SessionConfig,
     State,
 )
@@ -68,7 +68,7 @@ class ConnectionMachine:
         self.failure: str = ""
         self.exit_code: int | None = None
         self.on_transition: Callable[[State, State, str], None] | None = None
-        self.actions: list[Action] = []  # the shell drains them (Session.actions swaps it)
+        self.actions: list[SessionAction] = []  # the shell drains them (Session.actions swaps it)
         self.conns: dict[int, Connection] = {}
         self.primary: int | None = None
         self.standby: int | None = None

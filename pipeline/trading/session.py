@@ -108,7 +108,6 @@ from pipeline.trading.session_types import PHASE_TRANSITIONS as PHASE_TRANSITION
 from pipeline.trading.session_types import ROLE_TRANSITIONS as ROLE_TRANSITIONS
 from pipeline.trading.session_types import SETUP_KINDS, local_error
 from pipeline.trading.session_types import TRANSITIONS as TRANSITIONS
-from pipeline.trading.session_types import Action as Action
 from pipeline.trading.session_types import ApiReply as ApiReply
 from pipeline.trading.session_types import Clock as Clock
 from pipeline.trading.session_types import Close as Close
@@ -121,6 +120,7 @@ from pipeline.trading.session_types import Open as Open
 from pipeline.trading.session_types import PendingRequest as PendingRequest
 from pipeline.trading.session_types import Ping as Ping
 from pipeline.trading.session_types import Send as Send
+from pipeline.trading.session_types import SessionAction as SessionAction
 from pipeline.trading.session_types import SessionConfig as SessionConfig
 from pipeline.trading.session_types import State as State
 from pipeline.trading.session_types import SystemClock as SystemClock
@@ -254,7 +254,7 @@ class Session:
 
     # ---- plumbing --------------------------------------------------------------------
 
-    def actions(self) -> list[Action]:
+    def actions(self) -> list[SessionAction]:
         link = self.connections
         out, link.actions = link.actions, []
         return out

@@ -101,7 +101,7 @@ class Exit:
     reason: str
 
 
-Action = Open | Send | Ping | Close | Exit
+SessionAction = Open | Send | Ping | Close | Exit
 
 
 @dataclass(slots=True)
