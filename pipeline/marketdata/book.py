@@ -53,10 +53,10 @@ from collections import deque
 from collections.abc import Iterable
 from enum import Enum, IntEnum
 
+from pipeline.binance.streams import Level  # (price, qty) as the depth decoders give it
 from pipeline.ipc.records import TickTuple, depth_level_record, depth_top_record
 from pipeline.marketdata.gapfill import DEFAULT_MAX_ID_JUMP, DEFAULT_RESYNC_AFTER, FarRun
 
-Level = tuple[float, float]
 #: Default bound on the levels kept per side (see the module docstring).
 MAX_LEVELS = 10_000
 
