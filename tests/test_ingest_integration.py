@@ -21,9 +21,10 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc import shm
+from pipeline.ipc.metrics import MetricsBlock, MetricsError
 from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
-from pipeline.ipc.ring import RingReader
+from pipeline.ipc.ring import RingError, RingReader
 from pipeline.sim.testing import SimProcess, run_sim_process
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -86,7 +87,8 @@ def run_ingest(sim: SimProcess, name: str, *extra: str,
             try:
                 reader = reader or RingReader.attach(ring, name="itest", start="oldest")
                 block = block or MetricsBlock.attach(metrics)
-            except FileNotFoundError:
+            except (FileNotFoundError, MetricsError, RingError):
+                # not there yet, or created but not yet sized/initialised by ingest
                 if proc.poll() is not None or time.monotonic() > deadline:
                     with open(log_path) as f:
                         raise RuntimeError(f"ingest did not start:\n{f.read()[-3000:]}") from None
@@ -108,6 +110,8 @@ def run_ingest(sim: SimProcess, name: str, *extra: str,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            for seg in (ring, metrics):  # a killed ingest could not unlink its segments
+                shm.unlink(seg)
         if reader is not None:
             reader.close()
         if block is not None:

@@ -295,7 +295,7 @@ def test_trade_process_end_to_end(tmp_path: Path, shm_name: str) -> None:
             text=True,
         )
         try:
-            from pipeline.ipc.metrics import MetricsBlock
+            from pipeline.ipc.metrics import MetricsBlock, MetricsError
 
             deadline = time.monotonic() + 20
             while True:
@@ -303,7 +303,7 @@ def test_trade_process_end_to_end(tmp_path: Path, shm_name: str) -> None:
                     with MetricsBlock.attach(f"{shm_name}.m") as m:
                         if m.snapshot()["state"] == 3:
                             break
-                except FileNotFoundError:
+                except (FileNotFoundError, MetricsError):  # not there, or still being created
                     pass
                 assert time.monotonic() < deadline, "trading never became READY"
                 time.sleep(0.05)

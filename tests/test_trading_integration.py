@@ -30,7 +30,7 @@ from simhelpers import async_test, until
 from pipeline.backoff import BackoffPolicy
 from pipeline.binance.keys import load_private_key
 from pipeline.ipc import shm
-from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc.metrics import MetricsBlock, MetricsError
 from pipeline.sim.testing import SimServer
 from pipeline.trading.client import OrderClient
 from pipeline.trading.process import TradingConfig, TradingProcess
@@ -428,7 +428,7 @@ def test_sd_notify_ready_after_logon_watchdog_and_stopping(tmp_path: Path, shm_n
         try:
             with MetricsBlock.attach(metrics) as m:
                 return m.snapshot()[name]
-        except FileNotFoundError:
+        except (FileNotFoundError, MetricsError):  # not there, or still being created
             return -1
 
     def block_state() -> int:
