@@ -67,21 +67,8 @@ class OrderEntry:
     def cancel(
         self, client_order_id: str, symbol: str | None = None, *, client_id: int = 0
     ) -> bool:
-        order = self._orders.get(client_order_id)
-        sym = symbol or (order.symbol if order else "")
-        code = self._link.send_gate() or (LOCAL_INVALID if not sym else 0)
-        if code:
-            self._table.updates.append(
-                ExecUpdate(
-                    client_order_id,
-                    ExecKind.CANCEL_REJECT,
-                    order.status if order else OrderStatus.UNKNOWN,
-                    symbol=sym,
-                    error_code=code,
-                    error_msg=ERROR_TEXT.get(code, ""),
-                    client_id=client_id,
-                )
-            )
+        sym = self._gate_existing(client_order_id, symbol, ExecKind.CANCEL_REJECT, client_id)
+        if sym is None:
             return False
         params = {"symbol": sym, "origClientOrderId": client_order_id}
         return self._link.send_on_primary(
@@ -135,20 +122,10 @@ class OrderEntry:
         )
 
     def query(self, client_order_id: str, symbol: str | None = None, *, client_id: int = 0) -> bool:
-        order = self._orders.get(client_order_id)
-        sym = symbol or (order.symbol if order else "")
-        code = self._link.send_gate() or (LOCAL_INVALID if not sym else 0)
-        if code:
-            self._table.updates.append(
-                ExecUpdate(
-                    client_order_id,
-                    ExecKind.STATUS,
-                    order.status if order else OrderStatus.UNKNOWN,
-                    symbol=sym,
-                    error_code=code,
-                    client_id=client_id,
-                )
-            )
+        sym = self._gate_existing(
+            client_order_id, symbol, ExecKind.STATUS, client_id, explain=False
+        )
+        if sym is None:
             return False
         return self._link.send_on_primary(
             "order.status",
@@ -195,3 +172,33 @@ class OrderEntry:
         self._orders[order.coid] = order
         self._metrics["orders_sent"] += 1
         return self._link.send_on_primary(method, params, kind, **kw)
+
+    def _gate_existing(
+        self,
+        client_order_id: str,
+        symbol: str | None,
+        kind: ExecKind,
+        client_id: int,
+        *,
+        explain: bool = True,
+    ) -> str | None:
+        """The symbol a request about an existing order goes out with, or None after answering
+        it locally (not ready, rate limited, or no symbol known): cancel and status share this
+        gate, each with its own answer kind."""
+        order = self._orders.get(client_order_id)
+        sym = symbol or (order.symbol if order else "")
+        code = self._link.send_gate() or (LOCAL_INVALID if not sym else 0)
+        if not code:
+            return sym
+        self._table.updates.append(
+            ExecUpdate(
+                client_order_id,
+                kind,
+                order.status if order else OrderStatus.UNKNOWN,
+                symbol=sym,
+                error_code=code,
+                error_msg=ERROR_TEXT.get(code, "") if explain else "",
+                client_id=client_id,
+            )
+        )
+        return None
