@@ -48,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 
+from pipeline.binance.filters import SymbolRules
 from pipeline.sim.market_batch import make_and_cancel, take_batch
 from pipeline.sim.market_book import (
     MAX_LEVELS,
@@ -144,21 +145,35 @@ class Market:
     # ---- venue-facing API --------------------------------------------------------------
 
     def symbol_info(self, symbol: str) -> dict[str, object]:
-        """Trading rules as Decimals (the exchangeInfo filters)."""
-        spec = self._sym(symbol).spec
+        """Trading rules as Decimals (the exchangeInfo filters), for a quick look by name."""
+        r = self._sym(symbol).spec.rules
         return {
-            "symbol": spec.symbol,
-            "base_asset": spec.base_asset,
-            "quote_asset": spec.quote_asset,
-            "tick_size": spec.tick_size,
-            "step_size": spec.step_size,
-            "min_qty": spec.min_qty,
-            "max_qty": spec.max_qty,
-            "min_notional": spec.min_notional,
-            "max_notional": spec.max_notional,
-            "min_price": spec.tick_size,
-            "max_price": Decimal("1000000"),
+            "symbol": r.symbol,
+            "status": r.status,
+            "base_asset": r.base_asset,
+            "quote_asset": r.quote_asset,
+            "tick_size": r.tick_size,
+            "step_size": r.step_size,
+            "min_qty": r.min_qty,
+            "max_qty": r.max_qty,
+            "min_notional": r.min_notional,
+            "max_notional": r.max_notional,
+            "min_price": r.min_price,
+            "max_price": r.max_price,
         }
+
+    def rules(self, symbol: str) -> SymbolRules:
+        """The symbol's rules: what exchangeInfo advertises and the venue enforces."""
+        return self._sym(symbol).spec.rules
+
+    def set_status(self, symbol: str, status: str) -> SymbolRules:
+        """Change a symbol's status (TRADING, CANCEL_ONLY, ...); returns the new rules.
+
+        Raises :class:`~pipeline.binance.filters.RulesError` for a status Binance does not
+        document. The book keeps walking: a status is a rule for orders, not for the market."""
+        book = self._sym(symbol)
+        book.spec = book.spec.with_status(status)
+        return book.spec.rules
 
     def spec(self, symbol: str) -> SymbolSpec:
         return self._sym(symbol).spec

@@ -18,6 +18,7 @@ import orjson
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
+from pipeline.binance.filters import SymbolRules
 from pipeline.sim import market as mk
 
 if TYPE_CHECKING:
@@ -51,23 +52,20 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
     return Response(status, reason, h, data)
 
 
-def _symbol_entry(spec: mk.SymbolSpec) -> dict[str, Any]:
-    """One exchangeInfo symbol, current schema (rest/docs/exchangeInfo.json + filters.json)."""
-
-    def d(x: Any) -> str:
-        return mk.fmt_units(mk.to_units(x))
-
+def _symbol_entry(rules: SymbolRules) -> dict[str, Any]:
+    """One exchangeInfo symbol, current schema (rest/docs/exchangeInfo.json + filters.json);
+    the filters and status come from the same rules the venue enforces."""
     return {
-        "symbol": spec.symbol,
-        "status": "TRADING",
-        "baseAsset": spec.base_asset,
-        "baseAssetPrecision": 8,
-        "quoteAsset": spec.quote_asset,
-        "quotePrecision": 8,
-        "quoteAssetPrecision": 8,
+        "symbol": rules.symbol,
+        "status": rules.status,
+        "baseAsset": rules.base_asset,
+        "baseAssetPrecision": rules.base_precision,
+        "quoteAsset": rules.quote_asset,
+        "quotePrecision": rules.quote_precision,
+        "quoteAssetPrecision": rules.quote_precision,
         "baseCommissionPrecision": 8,
         "quoteCommissionPrecision": 8,
-        "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET"],
+        "orderTypes": list(rules.order_types),
         "icebergAllowed": False,
         "ocoAllowed": False,
         "otoAllowed": False,
@@ -79,35 +77,7 @@ def _symbol_entry(spec: mk.SymbolSpec) -> dict[str, Any]:
         "pegInstructionsAllowed": False,
         "isSpotTradingAllowed": True,
         "isMarginTradingAllowed": False,
-        "filters": [
-            {
-                "filterType": "PRICE_FILTER",
-                "minPrice": d(spec.tick_size),
-                "maxPrice": d("1000000"),
-                "tickSize": d(spec.tick_size),
-            },
-            {
-                "filterType": "LOT_SIZE",
-                "minQty": d(spec.min_qty),
-                "maxQty": d(spec.max_qty),
-                "stepSize": d(spec.step_size),
-            },
-            {
-                "filterType": "MARKET_LOT_SIZE",
-                "minQty": d(spec.min_qty),
-                "maxQty": d(spec.max_qty),
-                "stepSize": d(spec.step_size),
-            },
-            {
-                "filterType": "NOTIONAL",
-                "minNotional": d(spec.min_notional),
-                "applyMinToMarket": True,
-                "maxNotional": d(spec.max_notional),
-                "applyMaxToMarket": False,
-                "avgPriceMins": 5,
-            },
-            {"filterType": "MAX_NUM_ORDERS", "maxNumOrders": 200},
-        ],
+        "filters": rules.exchange_info_filters(),
         "permissions": [],
         "permissionSets": [["SPOT"]],
         "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
@@ -258,5 +228,5 @@ class RestApi:
                 },
             ],
             "exchangeFilters": [],
-            "symbols": [_symbol_entry(self.market.spec(s)) for s in wanted],
+            "symbols": [_symbol_entry(self.market.rules(s)) for s in wanted],
         }

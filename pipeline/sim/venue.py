@@ -50,8 +50,9 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
+from pipeline.binance.filters import SymbolRules
 from pipeline.sim.venue_accounts import Account, AssetBalance, Ledger
-from pipeline.sim.venue_filters import OrderValidator, SymbolRules, parse_order_ref
+from pipeline.sim.venue_filters import OrderValidator, check_qty, check_status, parse_order_ref
 from pipeline.sim.venue_market_view import MarketLike, MarketView
 from pipeline.sim.venue_matching import MatchingEngine
 from pipeline.sim.venue_orders import NewOrder, Order, VenueOrderTable
@@ -117,9 +118,7 @@ class Venue:
     ) -> None:
         self.market = market
         syms = list(symbols) if symbols is not None else list(getattr(market, "symbols", []))
-        self.rules: dict[str, SymbolRules] = {
-            s: SymbolRules.from_info(s, market.symbol_info(s)) for s in syms
-        }
+        self.rules: dict[str, SymbolRules] = {s: market.rules(s) for s in syms}
         view = MarketView(market)
         self.ledger = Ledger(
             self.rules,
@@ -321,7 +320,8 @@ class Venue:
         new_cid = parse_client_id(params, "newClientOrderId")
         new_qty = parse_decimal(params, "newQty", required=True, precision=rules.base_precision)
         assert new_qty is not None
-        rules.check_qty(new_qty)
+        check_status(rules)  # CANCEL_ONLY: an amend is not a cancel (UNCONFIRMED: refuse)
+        check_qty(rules, new_qty)
         order = self.table.find(account, rules.symbol, oid, cid, open_only=True)
         if order is None:
             raise VenueError(-2013, MSG_NO_SUCH_ORDER)
@@ -453,6 +453,12 @@ class Venue:
     ) -> dict[str, Any]:
         """account.status (section 2.12); ``omitZeroBalances=true`` drops empty assets."""
         return self.ledger.status(account, params)
+
+    def set_symbol_status(self, symbol: str, status: str) -> None:
+        """The symbol's status changed (``POST /sim/symbol_status``): new orders are refused
+        unless TRADING, cancels are always accepted. Replaced in the one rules table every
+        collaborator shares, so nothing holds the old status."""
+        self.rules[symbol] = self.rules[symbol].with_status(status)
 
     def open_order_count(self) -> int:
         return self.table.open_count()

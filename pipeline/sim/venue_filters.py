@@ -1,24 +1,24 @@
-"""The simulated venue's filters: per-symbol rules and the validation of order requests.
+"""The simulated venue's filters: the validation of order requests against the symbol rules.
 
 Why a module of its own: deciding whether a request is well formed and passes the symbol's filters
 (binance-protocol.md section 5 pitfall 3) reads no account or order state, so it is checked here,
 in full, before the matching engine sees anything. The order of checks is the exchange's:
 mandatory/format (-1102/-1100/-1115..-1117/-1106), symbol (-1121), precision (-1111),
-filters (-1013).
+symbol status (-2010), filters (-1013). The rules themselves are the project's one
+:class:`pipeline.binance.filters.SymbolRules`; this module only turns a violation into the
+venue's error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal
-from typing import Any
+from decimal import Decimal
 
+from pipeline.binance.filters import MSG_MARKET_CLOSED, SymbolRules, Violation
 from pipeline.sim.venue_market_view import MarketView
 from pipeline.sim.venue_orders import NewOrder
 from pipeline.sim.venue_params import (
     MSG_BAD_SYMBOL,
-    Q8,
     RESP_TYPES,
     SIDES,
     SIMULATED_TYPES,
@@ -37,85 +37,27 @@ from pipeline.sim.venue_params import (
 )
 
 
-@dataclass(frozen=True)
-class SymbolRules:
-    """The filters the simulator enforces for one symbol; a zero value disables that rule."""
+def _refuse(v: Violation | None) -> None:
+    """A violation of the shared rules as the venue answers it: -1013 "Filter failure: X"
+    (-2010 "Market is closed." for a symbol that is not TRADING)."""
+    if v is not None:
+        raise VenueError(-2010 if v.filter == "SYMBOL_STATUS" else -1013, v.msg)
 
-    symbol: str
-    base_asset: str
-    quote_asset: str
-    tick_size: Decimal
-    step_size: Decimal
-    min_qty: Decimal
-    max_qty: Decimal
-    min_price: Decimal = ZERO
-    max_price: Decimal = ZERO
-    min_notional: Decimal = ZERO
-    max_notional: Decimal = ZERO
-    base_precision: int = 8
-    quote_precision: int = 8
 
-    @classmethod
-    def from_info(cls, symbol: str, info: Mapping[str, Any]) -> SymbolRules:
-        def dec(name: str, default: str = "0") -> Decimal:
-            value = info.get(name, default)
-            return value if isinstance(value, Decimal) else Decimal(str(value))
+def check_status(rules: SymbolRules) -> None:
+    """New orders (and amends) only on a TRADING symbol; cancels are not checked here.
 
-        base = info.get("base_asset") or info.get("baseAsset")
-        quote = info.get("quote_asset") or info.get("quoteAsset")
-        if not base or not quote:
-            raise ValueError(f"symbol_info({symbol!r}) lacks base_asset/quote_asset")
-        return cls(
-            symbol=symbol,
-            base_asset=str(base),
-            quote_asset=str(quote),
-            tick_size=dec("tick_size"),
-            step_size=dec("step_size"),
-            min_qty=dec("min_qty"),
-            max_qty=dec("max_qty"),
-            min_price=dec("min_price"),
-            max_price=dec("max_price"),
-            min_notional=dec("min_notional"),
-            max_notional=dec("max_notional"),
-            base_precision=int(info.get("base_precision", 8)),
-            quote_precision=int(info.get("quote_precision", 8)),
-        )
+    Binance: CANCEL_ONLY (since 2026-07-07) rejects new orders and accepts cancels
+    (binance-protocol.md section 7.2). The code for the refusal is UNCONFIRMED: -2010
+    "Market is closed." is the errors.md message for a symbol that does not trade.
+    """
+    if rules.status != "TRADING":
+        raise VenueError(-2010, MSG_MARKET_CLOSED)
 
-    def check_price(self, price: Decimal) -> None:
-        if self.min_price and price < self.min_price:
-            raise VenueError(-1013, "Filter failure: PRICE_FILTER")
-        if self.max_price and price > self.max_price:
-            raise VenueError(-1013, "Filter failure: PRICE_FILTER")
-        if self.tick_size and price % self.tick_size != 0:
-            raise VenueError(-1013, "Filter failure: PRICE_FILTER")
-        if price <= 0:
-            raise VenueError(-1013, "Filter failure: PRICE_FILTER")
 
-    def check_qty(self, qty: Decimal) -> None:
-        if qty <= 0:
-            raise VenueError(-1013, "Filter failure: LOT_SIZE")
-        if self.min_qty and qty < self.min_qty:
-            raise VenueError(-1013, "Filter failure: LOT_SIZE")
-        if self.max_qty and qty > self.max_qty:
-            raise VenueError(-1013, "Filter failure: LOT_SIZE")
-        if self.step_size and qty % self.step_size != 0:
-            raise VenueError(-1013, "Filter failure: LOT_SIZE")
-
-    def check_notional(self, notional: Decimal, *, apply_max: bool = True) -> None:
-        if self.min_notional and notional < self.min_notional:
-            raise VenueError(-1013, "Filter failure: NOTIONAL")
-        if apply_max and self.max_notional and notional > self.max_notional:
-            raise VenueError(-1013, "Filter failure: NOTIONAL")
-
-    def floor_qty(self, qty: Decimal) -> Decimal:
-        if not self.step_size:
-            return qty.quantize(Q8, rounding=ROUND_DOWN)
-        return (qty // self.step_size) * self.step_size
-
-    def floor_price(self, price: Decimal) -> Decimal:
-        if not self.tick_size:
-            return price.quantize(Q8, rounding=ROUND_DOWN)
-        return (price // self.tick_size) * self.tick_size
+def check_qty(rules: SymbolRules, qty: Decimal, *, market: bool = False) -> None:
+    """LOT_SIZE (and MARKET_LOT_SIZE) alone: an amend's ``newQty`` has no price to check."""
+    _refuse(rules.qty_violation(qty, market=market))
 
 
 class OrderValidator:
@@ -197,23 +139,13 @@ class OrderValidator:
             if qty is not None and quote_qty is not None:
                 raise VenueError(-1106, "Parameter 'quoteOrderQty' sent when not required.")
             tif = "GTC"
-        if price is not None:
-            rules.check_price(price)
-        if qty is not None:
-            rules.check_qty(qty)
-        if otype != "MARKET":
-            assert price is not None
-            assert qty is not None
-            rules.check_notional(price * qty)
-        elif quote_qty is not None:
-            if quote_qty <= 0:
-                raise VenueError(-1013, "Filter failure: NOTIONAL")
-            rules.check_notional(quote_qty, apply_max=False)
-        else:
-            assert qty is not None
+        check_status(rules)
+        if quote_qty is not None and quote_qty <= 0:  # MARKET only (checked above)
+            raise VenueError(-1013, f"Filter failure: {rules.notional_filter}")
+        ref = None
+        if otype == "MARKET" and quote_qty is None:
             ref = self.view.reference_price(rules.symbol, side)
-            if ref is not None:
-                rules.check_notional(ref * qty, apply_max=False)
+        _refuse(rules.check(otype, price, qty, quote_qty=quote_qty, reference_price=ref))
         if resp is None:
             resp = "FULL" if otype in ("LIMIT", "MARKET") else "ACK"
         return NewOrder(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
+from pipeline.binance.filters import SymbolRules
 from pipeline.sim.venue_params import ZERO
 
 _UNITS = Decimal(100_000_000)  # pipeline.sim.market integer units per 1
@@ -20,7 +21,7 @@ _UNITS = Decimal(100_000_000)  # pipeline.sim.market integer units per 1
 class MarketLike(Protocol):
     """What the venue needs from :class:`pipeline.sim.market.Market`."""
 
-    def symbol_info(self, symbol: str) -> Mapping[str, Any]: ...
+    def rules(self, symbol: str) -> SymbolRules: ...
 
     def best(self, symbol: str) -> tuple[Any, Any, Any, Any]: ...
 
