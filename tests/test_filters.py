@@ -52,7 +52,8 @@ def test_parses_the_live_2021_payload(live: dict[str, SymbolRules]) -> None:
     assert (btc.base_asset, btc.quote_asset, btc.status) == ("BTC", "USDT", "TRADING")
     assert (btc.tick_size, btc.min_price, btc.max_price) == (D("0.01"), D("0.01"), D("1000000"))
     assert (btc.step_size, btc.min_qty, btc.max_qty) == (D("0.00001"), D("0.00001"), D("9000"))
-    assert btc.market_max_qty == D("100.05381873") and btc.market_step_size == 0
+    assert btc.market_max_qty == D("100.05381873")
+    assert btc.market_step_size == 0
     assert (btc.notional_filter, btc.min_notional, btc.max_notional) == ("MIN_NOTIONAL", 10, 0)
     assert btc.max_num_orders == 200
     # kept by name, not checked: the venue is the authority on these
@@ -66,7 +67,8 @@ def test_docs_example_of_every_filter() -> None:
     # NOTIONAL follows MIN_NOTIONAL in the docs list: the later one wins, as it names the filter
     assert (r.notional_filter, r.min_notional, r.max_notional) == ("NOTIONAL", 10, 10000)
     assert (r.apply_min_to_market, r.apply_max_to_market) == (False, False)
-    assert r.max_num_order_amends == 10 and r.max_num_orders == 25
+    assert r.max_num_order_amends == 10
+    assert r.max_num_orders == 25
     assert "TRAILING_DELTA" in r.unchecked_filters
     assert "PERCENT_PRICE_BY_SIDE" in r.unchecked_filters
     assert "EXCHANGE_MAX_NUM_ORDERS" in r.unchecked_filters  # an exchange filter, misplaced
@@ -99,11 +101,12 @@ def test_limit_checks_name_the_filter(
 
 def test_market_orders(live: dict[str, SymbolRules]) -> None:
     btc = live["BTCUSDT"]
-    assert btc.check("MARKET", None, D("100.06")) == ("MARKET_LOT_SIZE",
-                                                       "Filter failure: MARKET_LOT_SIZE")  # fmt: skip
+    over = btc.check("MARKET", None, D("100.06"))
+    assert over == ("MARKET_LOT_SIZE", "Filter failure: MARKET_LOT_SIZE")
     assert btc.check("MARKET", None, D("1")) is None  # no reference price: the venue decides
     low = btc.check("MARKET", None, D("0.0001"), reference_price=D("60000"))
-    assert low is not None and low.filter == "MIN_NOTIONAL"  # applyToMarket: true
+    assert low is not None
+    assert low.filter == "MIN_NOTIONAL"
     assert btc.check("MARKET", None, None, quote_qty=D("9.99")) is not None
     docs = SymbolRules.from_exchange_info(docs_entry())
     # applyMinToMarket false: a MARKET order below minNotional passes, a LIMIT one does not
@@ -116,7 +119,8 @@ def test_status_other_than_trading_refuses_new_orders(live: dict[str, SymbolRule
                                                                   MSG_MARKET_CLOSED)  # fmt: skip
     halted = live["BTCUSDT"].with_status("CANCEL_ONLY")
     v = halted.check("LIMIT", D("60000"), D("0.001"))
-    assert v is not None and v.filter == "SYMBOL_STATUS"
+    assert v is not None
+    assert v.filter == "SYMBOL_STATUS"
     with pytest.raises(RulesError, match="unknown symbol status"):
         halted.with_status("PAUSED")
 
@@ -126,7 +130,8 @@ def test_decimal_grid_is_exact() -> None:
     r = SymbolRules("XUSDT", "X", "USDT", tick_size=D("0.1"), step_size=D("0.1"))
     assert 0.3 % 0.1 != 0  # the float trap this module must not fall into
     assert r.check("LIMIT", D("0.3"), D("0.3")) is None
-    assert r.floor_price(D("0.39")) == D("0.3") and r.floor_qty(D("0.39")) == D("0.3")
+    assert r.floor_price(D("0.39")) == D("0.3")
+    assert r.floor_qty(D("0.39")) == D("0.3")
 
 
 @given(
@@ -176,6 +181,11 @@ def test_simulator_advertises_what_it_enforces() -> None:
     m = Market(["BTCUSDT", "SOLUSDT"], seed=0)
     for sym in m.symbols:
         rules = m.rules(sym)
-        entry = {"symbol": sym, "status": rules.status, "baseAsset": rules.base_asset,
-                 "quoteAsset": rules.quote_asset, "filters": rules.exchange_info_filters()}  # fmt: skip
+        entry = {
+            "symbol": sym,
+            "status": rules.status,
+            "baseAsset": rules.base_asset,
+            "quoteAsset": rules.quote_asset,
+            "filters": rules.exchange_info_filters(),
+        }
         assert SymbolRules.from_exchange_info(entry) == rules

@@ -170,3 +170,29 @@ def test_rest_rejects_other_methods(method: str) -> None:
             assert status == 405
 
     run(go)
+
+
+def test_symbol_status_admin_and_exchange_info() -> None:
+    """``POST /sim/symbol_status``: exchangeInfo reports the status; bad requests say why."""
+
+    async def go() -> None:
+        async with SimServer(cfg()) as sim:
+            url = f"{sim.admin_url}/symbol_status"
+            ok = await http_json(url, "POST", {"symbol": "BTCUSDT", "status": "CANCEL_ONLY"})
+            assert ok == (200, {"ok": True, "symbol": "BTCUSDT", "status": "CANCEL_ONLY"})
+            _, info = await http_json(sim.rest_url + "/api/v3/exchangeInfo")
+            assert {s["symbol"]: s["status"] for s in info["symbols"]} == {
+                "BTCUSDT": "CANCEL_ONLY", "ETHUSDT": "TRADING"}  # fmt: skip
+            for body, why in [
+                ({"symbol": "BTCUSDT", "status": "PAUSED"}, "status must be one of"),
+                ({"symbol": "XRPUSDT", "status": "TRADING"}, "unknown symbol"),
+                ({"symbol": "BTCUSDT"}, "give `symbol` and `status`"),
+                ([1], "JSON object"),
+            ]:
+                status, err = await http_json(url, "POST", body)
+                assert status == 400, body
+                assert why in err["error"], (body, err)
+            assert (await http_json(url))[0] == 405
+            assert sim.state()["faults"]["fired"]["symbol_status"] == 1
+
+    run(go)

@@ -791,3 +791,37 @@ def test_max_num_orders_and_stp_modes(market: Market) -> None:
     with pytest.raises(VenueError) as exc:
         v.place(ACC, limit("BUY", str(bid - 12), "0.01", selfTradePreventionMode="WHATEVER"), NOW)
     assert exc.value.code == -1100
+
+
+# ---------------------------------------------------------------------------- symbol status
+
+
+def test_cancel_only_refuses_new_orders_and_accepts_cancels(venue: Venue, market: Market) -> None:
+    """CANCEL_ONLY (binance-protocol.md 7.2): new orders rejected, cancels accepted. An amend
+    and a cancelReplace (whose new leg is a new order) are refused whole: nothing changes."""
+    price = str(market.best("BTCUSDT")[0] - D(10))
+    res, _ = venue.place(ACC, limit("BUY", price, "0.5", newClientOrderId="co1"), NOW)
+    venue.set_symbol_status("BTCUSDT", "CANCEL_ONLY")
+    with pytest.raises(VenueError) as exc:
+        venue.place(ACC, limit("BUY", price, "0.5"), NOW)
+    assert errcode(exc) == (-2010, "Market is closed.")
+    with pytest.raises(VenueError) as exc:
+        venue.test_order(ACC, limit("BUY", price, "0.5"), NOW)
+    assert errcode(exc) == (-2010, "Market is closed.")
+    amend = {"symbol": "BTCUSDT", "orderId": str(res["orderId"]), "newQty": "0.2"}
+    with pytest.raises(VenueError) as exc:
+        venue.amend_keep_priority(ACC, amend, NOW)
+    assert errcode(exc) == (-2010, "Market is closed.")
+    replace = limit("BUY", price, "0.4") | {
+        "cancelReplaceMode": "STOP_ON_FAILURE", "cancelOrigClientOrderId": "co1"}  # fmt: skip
+    with pytest.raises(VenueError):
+        venue.cancel_replace(ACC, replace, NOW)
+    assert venue.orders[res["orderId"]].status == "NEW"  # untouched by the refusals
+    # another symbol trades on
+    eth = str(market.best("ETHUSDT")[0] - D(10))
+    venue.place(ACC, limit("BUY", eth, "0.5") | {"symbol": "ETHUSDT"}, NOW)
+    out, events = venue.cancel(ACC, {"symbol": "BTCUSDT", "origClientOrderId": "co1"}, NOW)
+    assert out["status"] == "CANCELED"
+    assert kinds(events)[0] == "CANCELED"
+    venue.set_symbol_status("BTCUSDT", "TRADING")
+    venue.place(ACC, limit("BUY", price, "0.5"), NOW)

@@ -1,4 +1,5 @@
-"""The ``/sim`` admin API: ``GET /sim/state``, ``POST /sim/fault/<name>``, ``POST /sim/inject``.
+"""The ``/sim`` admin API: ``GET /sim/state``, ``POST /sim/fault/<name>``, ``POST /sim/inject``,
+``POST /sim/symbol_status``.
 
 Why apart from the router: this is the test harness's hand on the simulator, not Binance's
 protocol. Faults that are switches live in :mod:`pipeline.sim.faults`; the ones that act on live
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from websockets.http11 import Response
 
+from pipeline.binance.filters import SYMBOL_STATUSES
 from pipeline.sim import market as mk
 from pipeline.sim.faults import IMMEDIATE, FaultError, FaultRequest, apply_switch, parse_fault
 from pipeline.sim.framing import ws_frame
@@ -49,6 +51,18 @@ class Admin:
                 if not isinstance(spec, dict):
                     raise FaultError("body must be a JSON object")
                 return json_response(200, self.inject(spec))
+            except orjson.JSONDecodeError as exc:
+                return json_response(400, {"error": f"body is not JSON: {exc}"})
+            except FaultError as exc:
+                return json_response(400, {"error": str(exc)})
+        if path == "/sim/symbol_status":
+            if method != "POST":
+                return json_response(405, {"error": "use POST"})
+            try:
+                spec = orjson.loads(body or b"null")
+                if not isinstance(spec, dict):
+                    raise FaultError("body must be a JSON object")
+                return json_response(200, self.symbol_status(spec))
             except orjson.JSONDecodeError as exc:
                 return json_response(400, {"error": f"body is not JSON: {exc}"})
             except FaultError as exc:
@@ -216,6 +230,28 @@ class Admin:
         self.faults.count("inject", count)
         return {"ok": True, "clients": len(hub.subs.get(canon) or ()), "frames": count,
                 **{k.lstrip("$").lower(): v for k, v in tokens.items()}}
+
+    def symbol_status(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Set a symbol's status (``POST /sim/symbol_status {"symbol", "status"}``).
+
+        Why: Binance moves symbols to CANCEL_ONLY, BREAK or HALT without notice; a client must
+        see it in exchangeInfo and survive the refusals. exchangeInfo reports the new status at
+        once; the venue refuses new orders and amends unless TRADING and accepts cancels.
+        """
+        symbol, status = spec.get("symbol"), spec.get("status")
+        if not isinstance(symbol, str) or not isinstance(status, str):
+            raise FaultError("give `symbol` and `status` (strings)")
+        if symbol not in self.sim.market.symbols:
+            raise FaultError(f"unknown symbol {symbol!r}")
+        if status not in SYMBOL_STATUSES:
+            raise FaultError(f"status must be one of {', '.join(sorted(SYMBOL_STATUSES))}")
+        self.sim.market.set_status(symbol, status)
+        venue = getattr(self.sim.service, "venue", None)
+        if venue is not None:
+            venue.set_symbol_status(symbol, status)
+        log.info("sim symbol status", extra={"symbol": symbol, "status": status})
+        self.faults.count("symbol_status")
+        return {"ok": True, "symbol": symbol, "status": status}
 
     def end_blackhole(self) -> None:
         sim = self.sim
