@@ -9,17 +9,27 @@ mistyped fields raises :class:`UserDataError` (remote fault), for the caller's c
 Numbers are validated here (issue #11): ids and counts must be integers in int64, times in epoch
 ms small enough that ms -> ns fits int64, decimals finite; text fields must be strings (``str()``
 of a deeply nested JSON array raises RecursionError). Anything else is a ``UserDataError``.
+
+The 2026 execution-report fields (section 7.2: ``I`` execution id, ``eR`` expiry reason, ``V`` STP
+mode, ``w`` working, ``Y`` last quote qty, ``Q`` quote order qty, and the STP set ``v``/``A``/``B``
+/``U``) are read too. ``I`` is what de-duplicates a report seen on two connections, so a bad one
+refuses the report like any other id. The others only describe the order: a bad one must not cost
+us a fill, so that field alone is dropped (its default kept), named in
+:attr:`ExecutionReport.skipped_fields` for the caller to count, and logged (rate-limited).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.binance.wsapi import INT64_MAX, MAX_TIME_MS, ProtocolError, venue_int
+from pipeline.logs import RateLimitedLog
 
 _MS = 1_000_000
+_skip_log = RateLimitedLog(logging.getLogger("pipeline.userdata"))
 
 
 class UserDataError(ValueError):
@@ -36,6 +46,14 @@ def _kind(event: dict[str, Any]) -> str:
 def _f(event: dict[str, Any], key: str, *, signed: bool = False) -> float:
     """A finite decimal; non-negative unless ``signed`` (a balance delta may be negative)."""
     value = event.get(key)
+    if type(value) is str and not signed:  # the usual case, checked first: ~10 per report
+        try:
+            out = float(value)
+        except ValueError:
+            raise UserDataError(f"{_kind(event)}: field {key!r} is not a number") from None
+        if 0.0 <= out < math.inf:  # False for nan
+            return out
+        raise UserDataError(f"bad_number: {_kind(event)}: field {key!r} out of range")
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -78,6 +96,8 @@ def _t(event: dict[str, Any], key: str, default: Any = None) -> int:
 
 def _s(event: dict[str, Any], key: str, default: str | None = None) -> str:
     value = event.get(key, default)
+    if type(value) is str:
+        return value
     if value is None:
         if default is not None:
             return default
@@ -112,6 +132,17 @@ class ExecutionReport:
     event_time_ns: int  # E
     transact_time_ns: int  # T
     recv_time_ns: int
+    expiry_reason: str = ""  # eR: NONE UNFILLED_IOC_QUANTITY_EXPIRED ... ("" if absent)
+    stp_mode: str = ""  # V: self-trade prevention mode ("" if absent)
+    working: bool = False  # w: the order is on the book
+    last_quote: float = 0.0  # Y: l * L of this report
+    quote_order_qty: float = 0.0  # Q
+    prevented_match_id: int = -1  # v (STP only)
+    prevented_qty: float = 0.0  # A: cumulative quantity expired by STP
+    last_prevented_qty: float = 0.0  # B: quantity expired by this STP event
+    counter_order_id: int = -1  # U: the other order of the prevented match
+    skipped_fields: tuple[str, ...] = ()  # optional fields dropped as malformed (count them)
+    exec_id: int = -1  # I: unique per report (-1 if absent); de-duplicates a rollover's overlap
 
     @property
     def order_key(self) -> str:
@@ -200,31 +231,126 @@ def unwrap(frame: dict[str, Any]) -> dict[str, Any]:
     return frame
 
 
+def _optional_fields(ev: dict[str, Any]) -> tuple[Any, ...]:
+    """The descriptive 2026 fields of a report; a malformed one is dropped, not the report.
+
+    The usual report (strings where strings belong, no STP set) takes the first branch: a few
+    type checks and two float() calls, so the reply -> exec record path stays lean."""
+    get = ev.get
+    expiry, stp, working, y, q = get("eR", ""), get("V", ""), get("w", False), get("Y"), get("Q")
+    if (
+        "v" not in ev
+        and type(expiry) is str
+        and type(stp) is str
+        and type(working) is bool
+        and type(y) is str
+        and type(q) is str
+        and len(expiry) <= 64
+        and len(stp) <= 64
+    ):
+        try:
+            last_quote, quote_qty = float(y), float(q)
+        except ValueError:
+            pass
+        else:
+            if 0.0 <= last_quote < math.inf and 0.0 <= quote_qty < math.inf:
+                return (expiry, stp, working, last_quote, quote_qty, -1, 0.0, 0.0, -1, ())
+    out: dict[str, Any] = dict(_OPTIONAL_DEFAULTS)
+    skipped: list[str] = []
+    for key, name, read in _OPTIONAL:
+        if key in ev:
+            try:
+                out[name] = read(ev, key)
+            except UserDataError as exc:
+                skipped.append(key)
+                _skip_log.warning(
+                    "user_data_field_skipped",
+                    "execution report field dropped",
+                    field=key,
+                    reason=str(exc)[:80],
+                )
+    return (*out.values(), tuple(skipped))
+
+
+def _text(ev: dict[str, Any], key: str) -> str:
+    value = ev[key]
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 64:
+        raise UserDataError(f"{_kind(ev)}: field {key!r} is not a short string")
+    return value
+
+
+def _flag(ev: dict[str, Any], key: str) -> bool:
+    value = ev[key]
+    if not isinstance(value, bool):
+        raise UserDataError(f"{_kind(ev)}: field {key!r} is not a boolean")
+    return value
+
+
+def _id(ev: dict[str, Any], key: str) -> int:
+    return _i(ev, key, lo=-1)
+
+
+_OPTIONAL: tuple[tuple[str, str, Any], ...] = (
+    ("eR", "expiry_reason", _text),
+    ("V", "stp_mode", _text),
+    ("w", "working", _flag),
+    ("Y", "last_quote", _f),
+    ("Q", "quote_order_qty", _f),
+    ("v", "prevented_match_id", _id),
+    ("A", "prevented_qty", _f),
+    ("B", "last_prevented_qty", _f),
+    ("U", "counter_order_id", _id),
+)
+# in ExecutionReport field order (the positional tail after recv_time_ns, up to skipped_fields)
+_OPTIONAL_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("expiry_reason", ""),
+    ("stp_mode", ""),
+    ("working", False),
+    ("last_quote", 0.0),
+    ("quote_order_qty", 0.0),
+    ("prevented_match_id", -1),
+    ("prevented_qty", 0.0),
+    ("last_prevented_qty", 0.0),
+    ("counter_order_id", -1),
+)
+
+
 def parse_execution_report(ev: dict[str, Any], recv_time_ns: int) -> ExecutionReport:
-    return ExecutionReport(
-        symbol=_s(ev, "s"),
-        client_order_id=_s(ev, "c"),
-        orig_client_order_id=_s(ev, "C", ""),
-        side=_s(ev, "S"),
-        order_type=_s(ev, "o"),
-        time_in_force=_s(ev, "f", ""),
-        qty=_f(ev, "q"),
-        price=_f(ev, "p"),
-        exec_type=_s(ev, "x"),
-        status=_s(ev, "X"),
-        reject_reason=_s(ev, "r", "NONE"),
-        order_id=_i(ev, "i"),
-        last_qty=_f(ev, "l"),
-        cum_qty=_f(ev, "z"),
-        last_price=_f(ev, "L"),
-        cum_quote=_f(ev, "Z"),
-        commission=_f(ev, "n"),
-        commission_asset=_s(ev, "N", ""),
-        trade_id=_i(ev, "t", -1, lo=-1),
-        is_maker=ev.get("m") is True,
-        event_time_ns=_t(ev, "E"),
-        transact_time_ns=_t(ev, "T", ev.get("E")),
-        recv_time_ns=recv_time_ns,
+    """An ``executionReport`` (section 2.15). Required fields and ``I`` raise
+    :class:`UserDataError`; the descriptive optional ones are dropped alone when malformed."""
+    exec_id = ev.get("I", -1)
+    if type(exec_id) is not int or not -1 <= exec_id <= INT64_MAX:
+        exec_id = _i(ev, "I", -1, lo=-1)
+    # positional, in field order: keywords cost ~1 us per report on this path. mypy cannot
+    # count a starred tuple: _optional_fields returns exactly the 10 fields after recv_time_ns.
+    return ExecutionReport(  # type: ignore[call-arg]
+        _s(ev, "s"),
+        _s(ev, "c"),
+        _s(ev, "C", ""),
+        _s(ev, "S"),
+        _s(ev, "o"),
+        _s(ev, "f", ""),
+        _f(ev, "q"),
+        _f(ev, "p"),
+        _s(ev, "x"),
+        _s(ev, "X"),
+        _s(ev, "r", "NONE"),
+        _i(ev, "i"),
+        _f(ev, "l"),
+        _f(ev, "z"),
+        _f(ev, "L"),
+        _f(ev, "Z"),
+        _f(ev, "n"),
+        _s(ev, "N", ""),
+        _i(ev, "t", -1, lo=-1),
+        ev.get("m") is True,
+        _t(ev, "E"),
+        _t(ev, "T", ev.get("E")),
+        recv_time_ns,
+        *_optional_fields(ev),
+        exec_id,
     )
 
 
