@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.ipc.ring import RingReader, RingWriter
+from pipeline.trading.wake import WAKE_SCAN, WakeSender, wake_name_for
 from pipeline.trading.wire import (
     EXEC_RING,
     MAX_REPLY_CHUNKS,
@@ -202,9 +203,16 @@ class OrderClient:
     MAX_MARKS = 10_000
 
     def __init__(
-        self, name: str, writer: RingWriter, reader: RingReader, *, reply_ring: str = REPLY_RING
+        self,
+        name: str,
+        writer: RingWriter,
+        reader: RingReader,
+        *,
+        reply_ring: str = REPLY_RING,
+        wake: WakeSender | None = None,
     ) -> None:
         self.name = name
+        self._wake = wake  # rings the trading process after each record (see trading/wake.py)
         self.client_id = client_id_of(name)
         self._writer = writer
         self._reader = reader
@@ -246,9 +254,15 @@ class OrderClient:
         except BaseException:
             reader.close()
             raise
-        return cls(name, writer, reader, reply_ring=reply_ring or reply_ring_for(exec_ring))
+        wake = WakeSender(wake_name_for(exec_ring))
+        wake.notify(WAKE_SCAN)  # a new ring: the trading process attaches now, not at its next scan
+        return cls(
+            name, writer, reader, reply_ring=reply_ring or reply_ring_for(exec_ring), wake=wake
+        )
 
     def close(self) -> None:
+        if self._wake is not None:
+            self._wake.close()
         self._writer.close()
         self._reader.close()
         if self._replies is not None:
@@ -292,6 +306,8 @@ class OrderClient:
             del marks[next(iter(marks))]
         marks[coid] = self._seen_base + len(self._seen)
         self._writer.publish(rec)
+        if self._wake is not None:
+            self._wake.notify()
 
     def place(
         self,

@@ -3,7 +3,9 @@
 Why apart from the process: what happens to one order command (refused because the outbox is
 nearly full, refused by the risk gate, or handed to the session as a place, cancel, modify,
 status or account-level request) is a rule of its own, and the loop that polls the order rings
-is the only place that feeds it.
+is the only place that feeds it. The rings are drained when a client rings the doorbell
+(:mod:`pipeline.trading.wake`), with a slow safety poll behind it; without a doorbell they are
+polled (the fallback, flagged in health).
 
 Every command that never leaves the host is still answered: a REJECT (or CANCEL_REJECT /
 STATUS) on the exec ring, or an error reply on the reply ring for account-level requests.
@@ -23,6 +25,7 @@ from pipeline.trading.intake import OrderIntake
 from pipeline.trading.riskgate import RiskGate
 from pipeline.trading.session import ERROR_TEXT, LOCAL_INVALID, LOCAL_OUTBOX_FULL, Session
 from pipeline.trading.sockets import WsConnections
+from pipeline.trading.wake import WakeChannel
 from pipeline.trading.wire import (
     LOCAL_RISK,
     REQUEST_METHODS,
@@ -35,9 +38,12 @@ from pipeline.trading.wire import (
 if TYPE_CHECKING:
     from pipeline.trading.process import TradingConfig
 
+DRAIN_BATCHES = 8  # ring polls per drain before yielding to the event loop
+
 
 class OrderDispatcher:
-    """Polls the order rings (:meth:`run`) and carries out each command (:meth:`execute`).
+    """Drains the order rings (:meth:`drain`, woken by :meth:`_on_wake` or the safety poll in
+    :meth:`run`) and carries out each command (:meth:`execute`).
 
     ``intake`` is set by the process once its rings exist; ``pump`` is the process's pump,
     called after each batch so the session's frames go out at once; ``mark_dirty`` asks for the
@@ -67,33 +73,109 @@ class OrderDispatcher:
         self._mark_dirty = mark_dirty
         self._rl = rate_limited_log
         self._next_observe = 0.0
+        self.wake: WakeChannel | None = None  # set by the process; None: poll (the fallback)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._more_scheduled = False
+        self._scan_allowed_at = 0.0
         self.risk_rejected = 0
         self.outbox_full_rejects = 0
 
     async def run(self, stop: asyncio.Event) -> None:
+        """The periodic jobs (ring scan, risk observation) and the safety poll.
+
+        With a wake channel the rings are drained from its readiness callback
+        (:meth:`_on_wake`), so this loop sleeps ``wake_poll_interval_s`` (a lost wake-up costs
+        at most that, never an order); without one it polls every ``poll_interval_s`` as the
+        fallback. ``stop`` ends it (the process also cancels it at shutdown)."""
         intake = self.intake
         assert intake is not None
-        next_scan = 0.0
-        while not stop.is_set():
+        loop = asyncio.get_running_loop()
+        wake = self.wake
+        self._loop = loop
+        if wake is not None:
+            loop.add_reader(wake.fileno(), self._on_wake)
+        try:
+            next_scan = 0.0
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_scan:
+                    intake.scan()
+                    next_scan = now + self.config.scan_interval_s
+                risk_due = self._risk is not None and bool(self._risk.inflight)
+                if risk_due and now >= self._next_observe:
+                    assert self._risk is not None
+                    self._next_observe = now + self.config.risk_observe_interval_s
+                    if self._risk.needs_observation:
+                        self._observe_risk()
+                    self._risk.retire()
+                busy = self.drain()
+                if wake is None:
+                    await asyncio.sleep(0 if busy else self.config.poll_interval_s)
+                    continue
+                nap = min(self.config.wake_poll_interval_s, max(0.0, next_scan - now))
+                if risk_due:
+                    nap = min(nap, self.config.risk_observe_interval_s)
+                await asyncio.sleep(nap)
+        finally:
+            if wake is not None:
+                loop.remove_reader(wake.fileno())
+
+    def _on_wake(self) -> None:
+        """A client rang: read the doorbell, scan if a new ring was announced, drain."""
+        assert self.wake is not None
+        assert self.intake is not None
+        own, scan = self.wake.take()
+        if scan:
             now = time.monotonic()
-            if now >= next_scan:
-                intake.scan()
-                next_scan = now + self.config.scan_interval_s
-            if self._risk is not None and self._risk.inflight and now >= self._next_observe:
-                self._next_observe = now + self.config.risk_observe_interval_s
-                if self._risk.needs_observation:
-                    self._observe_risk()
-                self._risk.retire()
+            if now >= self._scan_allowed_at:  # announced rings: at most one scan per ms
+                self._scan_allowed_at = now + 0.001
+                self.intake.scan()
+        if own:
+            self.drain()
+
+    def drain(self) -> bool:
+        """Execute everything the rings hold, then go back to sleep without losing a wake-up:
+        set ``sleeping``, look once more, and only then return (see :mod:`.wake`).
+
+        At most :data:`DRAIN_BATCHES` batches per call so a client that never stops publishing
+        cannot starve the sockets: the rest is taken on the next loop turn (returns True)."""
+        intake = self.intake
+        assert intake is not None
+        wake = self.wake
+        if wake is not None:
+            wake.set_sleeping(False)
+        for _ in range(DRAIN_BATCHES):
             cmds, rejects = intake.poll(time.time_ns())
+            if not cmds and not rejects:
+                if wake is None:
+                    return False
+                wake.set_sleeping(True)
+                cmds, rejects = intake.poll(time.time_ns())
+                if not cmds and not rejects:
+                    return False
+                wake.set_sleeping(False)
             if rejects:
                 self._publish(list(rejects))
             for cmd in cmds:
                 self.execute(cmd)
-            if cmds or rejects:
-                self._pump()
-                await asyncio.sleep(0)
-            else:
-                await asyncio.sleep(self.config.poll_interval_s)
+            self._pump()
+        if wake is not None and self._loop is not None and not self._more_scheduled:
+            self._more_scheduled = True
+            self._loop.call_soon(self._drain_more)
+        return True
+
+    def _drain_more(self) -> None:
+        self._more_scheduled = False
+        self.drain()
+
+    def metrics(self) -> dict[str, int]:
+        """The doorbell's counters and its problem flag for the metrics block."""
+        wake = self.wake
+        return {
+            "order_wakes": wake.wakes if wake is not None else 0,
+            "order_wakes_foreign": wake.foreign if wake is not None else 0,
+            "problem_order_wake_unavailable": int(wake is None and self.intake is not None),
+        }
 
     def _observe_risk(self) -> None:
         """Where the risk consumer's exec-ring reader is (see :class:`RiskGate`)."""

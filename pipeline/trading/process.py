@@ -91,6 +91,7 @@ from pipeline.trading.session import (
     State,
 )
 from pipeline.trading.sockets import WsConnections
+from pipeline.trading.wake import WakeChannel, wake_name_for
 from pipeline.trading.wire import (
     EXEC_DTYPE,
     EXEC_RING,
@@ -123,6 +124,10 @@ SHELL_FIELDS: tuple[str, ...] = (
     "order_rings_refused",
     "problem_untrusted_order_rings",
     "problem_order_rings_shrunk",
+    # pipeline.trading.dispatch.OrderDispatcher.metrics(): the order rings' doorbell
+    "order_wakes",
+    "order_wakes_foreign",
+    "problem_order_wake_unavailable",
 )
 METRICS_FIELDS: list[tuple[str, str]] = [
     (name, "<f8" if name in FLOAT_METRICS else "<i8") for name in METRIC_FIELDS
@@ -137,7 +142,9 @@ class TradingConfig:
     exec_capacity: int = 1 << 14
     metrics_name: str = METRICS_NAME
     scan_interval_s: float = 0.5
-    poll_interval_s: float = 0.0005
+    poll_interval_s: float = 0.0005  # order-ring polling, only without a wake channel
+    wake_poll_interval_s: float = 0.1  # safety poll behind the wake channel (trading/wake.py)
+    order_wake: bool = True  # False: poll the order rings (the fallback, flagged in health)
     max_order_age_s: float = 5.0
     open_timeout_s: float = 10.0
     metrics_interval_s: float = 0.05
@@ -312,6 +319,7 @@ class TradingProcess:
             max_order_age_s=self.config.max_order_age_s,
             prefix=self.config.order_prefix,
         )
+        self._orders.wake = self._open_wake() if self.config.order_wake else None
         self._metrics.set(pid=os.getpid())
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -340,6 +348,8 @@ class TradingProcess:
                     loop.remove_signal_handler(sig)
             self._flush_metrics(force=True)
             self._intake.close()
+            if self._orders.wake is not None:
+                self._orders.wake.close()
             exec_writer.close()
             reply_writer.close()
             if self._risk is not None:
@@ -351,6 +361,18 @@ class TradingProcess:
                 self._metrics.owner = False
             self._metrics.close()
         return self._exit_code or 0
+
+    def _open_wake(self) -> WakeChannel | None:
+        """The order rings' doorbell, or None (poll instead; health shows the problem)."""
+        name = wake_name_for(self.config.exec_ring)
+        try:
+            return WakeChannel.create(name)
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "order wake channel unavailable: polling the order rings instead",
+                extra={"event": "order_wake_unavailable", "segment": name, "error": str(exc)},
+            )
+            return None
 
     # ---- the pump: session actions -> I/O ----------------------------------------------
 
@@ -406,6 +428,7 @@ class TradingProcess:
         values["heartbeat_interval_ms"] = int(self.config.heartbeat_interval_s * 1000)
         values["exec_sanitized"] = answers.sanitized
         values["outbox_full_rejects"] = orders.outbox_full_rejects
+        values.update(orders.metrics())
         m.set(**{k: _metric(k, v) for k, v in values.items()})
 
     # ---- timers ------------------------------------------------------------------------
