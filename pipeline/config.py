@@ -33,6 +33,19 @@ from typing import Any
 
 from pipeline.binance.streams import STREAM_SUFFIXES
 from pipeline.ipc.records import TICK_RING
+from pipeline.marketdata.config import IngestConfig
+from pipeline.marketdata.config import validate as validate_ingest
+from pipeline.settings import (
+    ConfigError,
+    build_section,
+    check,
+    coerce,
+    default_of,
+    own_keys,
+    toml_key_of,
+    translate_error,
+)
+from pipeline.sim.config import SimConfig
 
 ENV_PREFIX = "PIPELINE_"
 
@@ -56,21 +69,6 @@ ENDPOINTS: dict[str, dict[str, str]] = {
         "wsapi_url": "wss://ws-api.testnet.binance.vision/ws-api/v3",
     },
 }
-
-_SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}")  # fullmatch: "$" would accept a trailing newline
-_SHM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")  # as pipeline.shm, fullmatch
-
-
-class ConfigError(ValueError):
-    """A configuration problem; ``key`` is the dotted name of the offending setting."""
-
-    def __init__(self, key: str, problem: str, source: str = "") -> None:
-        self.key = key
-        self.problem = problem
-        self.source = source
-        where = f" (from {source})" if source else ""
-        super().__init__(f"{key}: {problem}{where}")
-
 
 def _m(doc: str, **checks: Any) -> dict[str, Any]:
     """Field metadata: a one-line meaning plus validation rules (min/max/choices/...)."""
@@ -117,46 +115,6 @@ class RingConfig:
     exec_name: str = field(
         default="pipeline.trading.exec",
         metadata=_m("execution-report ring from trading", shm_name=True),
-    )
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    host: str = field(default="127.0.0.1", metadata=_m("simulator listen address"))
-    symbols: list[str] = field(
-        default_factory=lambda: ["BTCUSDT", "ETHUSDT", "SOLUSDT"],
-        metadata=_m("simulated symbols", symbols=True),
-    )
-    rate: float = field(
-        default=20.0,
-        metadata=_m(
-            "simulator walk actions per second per symbol (0 = as fast as possible)", min=0.0
-        ),
-    )
-    extra_args: list[str] = field(
-        default_factory=lambda: [], metadata=_m("extra `pipeline sim` arguments")
-    )
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    symbols: list[str] = field(
-        default_factory=lambda: ["BTCUSDT", "ETHUSDT", "SOLUSDT"],
-        metadata=_m("symbols to ingest", symbols=True),
-    )
-    streams: list[str] = field(
-        default_factory=lambda: ["aggTrade", "bookTicker", "depth"],
-        metadata=_m("stream kinds per symbol", each_choices=STREAM_KINDS),
-    )
-    streams_url: str = field(
-        default="", metadata=_m("market streams base URL (empty: by run.mode)", url=True)
-    )
-    rest_url: str = field(
-        default="",
-        metadata=_m("REST base URL for snapshots/backfill (empty: by run.mode)", url=True),
-    )
-    extra_args: list[str] = field(
-        default_factory=lambda: [], metadata=_m("extra `pipeline ingest` arguments")
     )
 
 
@@ -257,8 +215,9 @@ class SupervisorConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ring: RingConfig = field(default_factory=RingConfig)
-    sim: SimConfig = field(default_factory=SimConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
+    # the processes' own types; left out, they hold `pipeline run`'s defaults (the demo)
+    sim: SimConfig = field(default_factory=lambda: build_section("sim", SimConfig, {}))
+    ingest: IngestConfig = field(default_factory=lambda: _default_ingest())
     trading: TradingConfig = field(default_factory=TradingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     persist: PersistConfig = field(default_factory=PersistConfig)
@@ -276,125 +235,19 @@ class Config:
 
 # section name -> section dataclass (annotations are strings here; resolve them once).
 SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
+# the sections no process owns (read by several): built before the processes' sections
+_SHARED_SECTIONS = {n: c for n, c in SECTIONS.items() if not hasattr(c, "TOML_SECTION")}
 
 
 # ---------------------------------------------------------------------------------------------
-# coercion and validation
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _section_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(key: str, tp: Any, value: Any, source: str) -> Any:
-    """Turn a TOML value (or an env string, already split) into ``tp``, or raise naming ``key``."""
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            low = value.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-        raise ConfigError(key, f"expected a boolean, got {value!r}", source)
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected an integer, got {value!r}", source)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""), 0)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected an integer, got {value!r}", source)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected a number, got {value!r}", source)
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected a number, got {value!r}", source)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, f"expected a string, got {value!r}", source)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):  # env form
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}", source)
-        return [_coerce(f"{key}[{i}]", item_tp, v, source) for i, v in enumerate(value)]
-    if origin is dict:
-        _k_tp, v_tp = typing.get_args(tp)
-        if isinstance(value, str):  # env form: K=V,K=V
-            parsed: dict[str, str] = {}
-            for part in (p.strip() for p in value.split(",")):
-                if not part:
-                    continue
-                name, sep, val = part.partition("=")
-                if not sep or not name.strip():
-                    raise ConfigError(key, f"expected NAME=VALUE pairs, got {part!r}", source)
-                parsed[name.strip()] = val.strip()
-            value = parsed
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a table, got {value!r}", source)
-        return {str(k): _coerce(f"{key}.{k}", v_tp, v, source) for k, v in value.items()}
-    raise ConfigError(key, f"unsupported type {_type_name(tp)}", source)  # pragma: no cover
-
-
-def _check(key: str, meta: Mapping[str, Any], value: Any, source: str) -> None:
-    """Apply a field's validation rules; errors name the key (and the item, for lists/tables)."""
-
-    def bounds(k: str, v: Any, lo: Any, hi: Any) -> None:
-        if lo is not None and v < lo:
-            raise ConfigError(k, f"must be >= {lo}, got {v!r}", source)
-        if hi is not None and v > hi:
-            raise ConfigError(k, f"must be <= {hi}, got {v!r}", source)
-
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        bounds(key, value, meta.get("min"), meta.get("max"))
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(meta["choices"])
-        raise ConfigError(key, f"must be one of {allowed}; got {value!r}", source)
-    if "each_choices" in meta:
-        for i, v in enumerate(value):
-            if v not in meta["each_choices"]:
-                allowed = ", ".join(meta["each_choices"])
-                raise ConfigError(f"{key}[{i}]", f"must be one of {allowed}; got {v!r}", source)
-    if "each_min" in meta and isinstance(value, dict):
-        for k, v in value.items():
-            bounds(f"{key}.{k}", v, meta["each_min"], None)
-    if meta.get("symbols"):
-        if not value:
-            raise ConfigError(key, "must list at least one symbol", source)
-        for i, v in enumerate(value):
-            if not isinstance(v, str) or not _SYMBOL_RE.fullmatch(v):
-                raise ConfigError(f"{key}[{i}]", f"not a symbol like BTCUSDT: {v!r}", source)
-        if len(set(value)) != len(value):
-            raise ConfigError(key, "duplicate symbols", source)
-    if meta.get("power_of_two") and value & (value - 1):
-        raise ConfigError(key, f"must be a power of two, got {value}", source)
-    if meta.get("shm_name") and not _SHM_NAME_RE.fullmatch(value):
-        raise ConfigError(key, f"not a valid shared-memory name: {value!r}", source)
-    if meta.get("url") and value and not re.match(r"^(wss?|https?)://[^\s/]+", value):
-        raise ConfigError(key, f"expected a ws(s):// or http(s):// URL: {value!r}", source)
+# building the sections
 
 
 def _build_section(section: str, cls: type, raw: Mapping[str, tuple[Any, str]]) -> Any:
-    """Build one section dataclass from ``{key: (value, source)}``; unknown keys are errors."""
-    hints = _section_hints(cls)
+    """Build one section from ``{key: (value, source)}``; unknown keys are errors."""
+    if hasattr(cls, "TOML_SECTION"):  # a process's own type: pipeline.settings metadata
+        return build_section(section, cls, raw)
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, (value, source) in raw.items():
@@ -402,11 +255,37 @@ def _build_section(section: str, cls: type, raw: Mapping[str, tuple[Any, str]]) 
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(dotted, f"unknown key (known: {known})", source)
-        coerced = _coerce(dotted, hints[key], value, source)
-        _check(dotted, fields[key].metadata, coerced, source)
+        coerced = coerce(dotted, hints[key], value, source)
+        check(dotted, fields[key].metadata, coerced, source)
         kwargs[key] = coerced
-    # defaults are validated too: an env override elsewhere must not make them inconsistent.
     return cls(**kwargs)
+
+
+def _wire_shared_keys(sections: dict[str, Any]) -> None:
+    """Give each process section the fields whose TOML key lives in a shared section (e.g.
+    ingest's ``ring`` is ``ring.name``, which the consumers read too), in place."""
+    for name, section in sections.items():
+        if not hasattr(type(section), "TOML_SECTION"):
+            continue
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(section):
+            key = toml_key_of(name, f)
+            if key is None or key == f"{name}.{f.name}":
+                continue
+            home, _, attr = key.partition(".")
+            value = getattr(sections[home], attr)
+            changes[f.name] = f.metadata["from_toml"](value) if "from_toml" in f.metadata else value
+        sections[name] = dataclasses.replace(section, **changes)
+
+
+def _default_ingest() -> IngestConfig:
+    """The ``[ingest]`` section of an empty config (what ``Config()`` holds)."""
+    sections: dict[str, Any] = {
+        name: _build_section(name, cls, {}) for name, cls in _SHARED_SECTIONS.items()
+    }
+    sections["ingest"] = build_section("ingest", IngestConfig, {})
+    _wire_shared_keys(sections)
+    return typing.cast(IngestConfig, sections["ingest"])
 
 
 def load_config(
@@ -441,9 +320,27 @@ def load_config(
             continue  # e.g. PIPELINE_LOG_FORMAT: not ours
         layered[section][key] = (value, f"env {var}")
     sections = {name: _build_section(name, cls, layered[name]) for name, cls in SECTIONS.items()}
+    _wire_shared_keys(sections)
     cfg = Config(**sections)
     validate(cfg)
+    _validate_ingest(cfg)
     return cfg
+
+
+def _validate_ingest(cfg: Config) -> None:
+    """ingest's own rules (the ones `pipeline ingest` applies to its flags) on the TOML-built
+    section, so a bad value fails here, naming its TOML key, not in a restart loop later. An
+    endpoint still empty (sim mode: the simulator's, known at run time) is checked then."""
+    urls = {key: cfg.endpoint(key) for key in ("streams_url", "rest_url")}
+    probe = dataclasses.replace(
+        cfg.ingest,
+        streams_url=urls["streams_url"] or "ws://127.0.0.1:1",
+        rest_url=urls["rest_url"] or "http://127.0.0.1:1",
+    )
+    try:
+        validate_ingest(probe)
+    except ConfigError as exc:
+        raise translate_error("ingest", IngestConfig, exc) from None
 
 
 def load_config_for_cli(path: str | os.PathLike[str] | None, command: str) -> Config | None:
@@ -591,10 +488,8 @@ def describe() -> list[tuple[str, str, str]]:
     """(dotted key, default, meaning) for every setting; used to keep the example in sync."""
     out: list[tuple[str, str, str]] = []
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default
-            if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
+        for f in own_keys(section, cls).values():
+            default = default_of(f, for_run=True)
             out.append((f"{section}.{f.name}", repr(default), f.metadata.get("doc", "")))
     return out
 
@@ -611,6 +506,7 @@ __all__ = [
     "RiskConfig",
     "RunConfig",
     "SecretFileError",
+    "SimConfig",
     "SupervisorConfig",
     "TradingConfig",
     "check_api_key",

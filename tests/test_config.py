@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -227,3 +230,154 @@ def test_api_key_file_in_config(tmp_path: Path) -> None:
     )  # fmt: skip
     assert cfg.trading.api_key_file == str(key)
     assert cfg.trading.api_key == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# one config type per process: the TOML loader, the process's CLI and the runner's argv agree
+
+# A valid non-default value for every field a surface can set. A new field fails
+# test_every_field_is_reachable_or_says_why until it gets one here (and so is round-tripped).
+INGEST_SAMPLES: dict[str, object] = {
+    "streams_url": "wss://stream.example.test:9443", "rest_url": "https://api.example.test",
+    "symbols": ["ETHUSDT", "XRPUSDT"], "streams": ["trade", "bookTicker"],
+    "ring": "other.ticks", "ring_capacity": 4096, "cpu": min(os.sched_getaffinity(0)),
+    "stall_timeout": 12.5, "transport": "websockets", "decoder": "orjson",
+    "max_lifetime": 3600.0, "metrics": "other.ingest.metrics", "metrics_interval": 0.25,
+    "depth_levels": 10, "depth_snapshot_limit": 500, "backoff_base": 0.5, "backoff_max": 30.0,
+    "healthy_after": 15.0, "ping_interval": 0.0, "backfill_grace": 0.5, "rest_retries": 2,
+    "rest_timeout": 2.5, "streams_per_connection": 100, "max_frame_bytes": 1 << 20,
+    "publish_batch": 16, "fast_path": "off", "time_unit": "MICROSECOND", "max_id_jump": 1000,
+    "id_resync_after": 4, "max_backfill_ids": 5000, "extra_args": ["--decoder", "orjson"],
+}  # fmt: skip
+SIM_SAMPLES: dict[str, object] = {
+    "host": "127.0.0.2", "port": 8765, "symbols": ["ETHUSDT", "XRPUSDT"], "seed": 7,
+    "rate": 55.5, "rate_unit": "msgs", "replay": "/captures/day1.jsonl", "replay_speed": "max",
+    "ping_interval": 5.0, "pong_timeout": 7.0, "max_lifetime": 600.0, "shutdown_notice": 30.0,
+    "max_incoming_per_s": 0, "max_streams": 10, "history": 5000, "tick_s": 0.02,
+    "write_high_water": 65536, "slow_consumer_timeout": 3.0, "extra_args": ["--seed", "7"],
+}  # fmt: skip
+# the TOML value that gives a field its sample, where the two differ
+TOML_VALUE = {"metrics": "other."}  # run.shm_prefix + "ingest.metrics"
+
+
+def _process_types() -> list[tuple[str, type, dict[str, object]]]:
+    from pipeline.marketdata.config import IngestConfig
+    from pipeline.sim.config import SimConfig
+
+    return [("ingest", IngestConfig, INGEST_SAMPLES), ("sim", SimConfig, SIM_SAMPLES)]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)  # strings, ints and floats are spelled alike in TOML and JSON
+
+
+def _parse_child(command: str, argv: list[str]) -> object:
+    """What `pipeline <command> ARGV` would run with: its parser, then its config builder."""
+    from pipeline.cli import build_parser
+    from pipeline.marketdata.cli import config_from_args
+    from pipeline.sim.cli import build_config
+
+    args = build_parser().parse_args([command, *argv])
+    return config_from_args(args) if command == "ingest" else build_config(args)
+
+
+@pytest.mark.parametrize("section", ["ingest", "sim"])
+def test_every_field_is_reachable_or_says_why(section: str) -> None:
+    from pipeline.settings import flag_of, toml_key_of
+
+    _name, cls, samples = next(p for p in _process_types() if p[0] == section)
+    reachable = set()
+    for f in dataclasses.fields(cls):
+        flag, key = flag_of(f), toml_key_of(section, f)
+        assert flag is not None or f.metadata["no_flag"], f.name
+        assert key is not None or f.metadata["no_toml"], f.name
+        assert f.metadata["doc"], f.name
+        if flag is not None or key is not None:
+            reachable.add(f.name)
+    assert set(samples) == reachable
+
+
+@pytest.mark.parametrize("section", ["ingest", "sim"])
+def test_every_toml_key_reaches_its_field(tmp_path: Path, section: str) -> None:
+    from pipeline.settings import toml_key_of
+
+    _name, cls, samples = next(p for p in _process_types() if p[0] == section)
+    # sim mode: every ingested symbol must be simulated
+    tables: dict[str, dict[str, object]] = {
+        "sim": {"symbols": ["ETHUSDT", "XRPUSDT"]}, "ingest": {"symbols": ["ETHUSDT"]}
+    }
+    expected = {}
+    for f in dataclasses.fields(cls):
+        key = toml_key_of(section, f)
+        if key is None:
+            continue
+        home, _, attr = key.partition(".")
+        tables.setdefault(home, {})[attr] = TOML_VALUE.get(f.name, samples[f.name])
+        expected[f.name] = samples[f.name]
+    text = "".join(
+        f"[{home}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in body.items())
+        for home, body in tables.items()
+    )
+    cfg = load_config(write(tmp_path, text), env={})
+    got = getattr(cfg, section)
+    assert {name: getattr(got, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize("section", ["ingest", "sim"])
+def test_config_to_argv_and_back_is_the_same_config(section: str) -> None:
+    """The runner's argv (pipeline.settings.to_argv) parsed by the child's own CLI gives back
+    the config, for every flagged field set to a non-default value, and for the defaults."""
+    from pipeline.settings import flag_of, to_argv
+
+    _name, cls, samples = next(p for p in _process_types() if p[0] == section)
+    flagged = {f.name for f in dataclasses.fields(cls) if flag_of(f) is not None}
+    full = cls(**{k: v for k, v in samples.items() if k in flagged})
+    for config in (cls(), full):
+        assert _parse_child(section, to_argv(config)) == config
+    assert to_argv(cls()) == []
+
+
+def test_sim_rate_max_round_trips_and_toml_zero_means_max(tmp_path: Path) -> None:
+    import math
+
+    from pipeline.settings import to_argv
+    from pipeline.sim.config import SimConfig
+
+    fast = SimConfig(rate=math.inf)
+    assert to_argv(fast) == ["--rate", "max"]
+    assert _parse_child("sim", to_argv(fast)) == fast
+    assert load_config(write(tmp_path, "[sim]\nrate = 0\n"), env={}).sim.rate == math.inf
+    assert _parse_child("sim", ["--turbo"]) == fast  # the old alias still works
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "problem"),
+    [  # ingest's own rules (pipeline ingest's flags) name the TOML key when the TOML is wrong
+        ("[ingest]\npublish_batch = 0\n", "ingest.publish_batch", "must be in 1..min(4096"),
+        ("[ingest]\ntransport = 'pigeon'\n", "ingest.transport", "must be one of"),
+        ("[ingest]\nbackoff_max = 0.5\n", "ingest.backoff_max", "must be >= --backoff-base"),
+        ("[ingest]\nstreams = ['depth', 'depth@100ms']\n", "ingest.streams", "one diff-depth"),
+        ("[ingest]\ncpu = 1\n", "ingest.cpu", "unknown key"),  # pinned by run.cpus
+        ("[sim]\nrate_unit = 'bytes'\n", "sim.rate_unit", "must be one of actions, msgs"),
+        ("[sim]\nport = 9000\n", "sim.port", "unknown key"),  # the runner picks it
+        ("[sim]\nmax_streams = 0\n", "sim.max_streams", ">= 1"),
+    ],
+)
+def test_process_rules_apply_to_the_toml(tmp_path: Path, toml: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, toml), env={})
+    assert exc.value.key == key
+    assert problem in str(exc.value)
+
+
+def test_one_config_error_for_the_project() -> None:
+    import pipeline.config
+    import pipeline.marketdata.config
+    import pipeline.marketdata.ingest
+    from pipeline.settings import ConfigError as Base
+
+    assert pipeline.config.ConfigError is Base
+    assert pipeline.marketdata.config.ConfigError is Base
+    assert pipeline.marketdata.ingest.ConfigError is Base

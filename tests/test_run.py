@@ -329,3 +329,42 @@ def test_plan_gates_trading_on_risk_limits_only_when_risk_runs() -> None:
     comps, _ = plan_components(with_risk, ctx, have)
     trade = {c.name: c for c in comps}["trading"].argv()
     assert trade[trade.index("--risk-limits") + 1] == with_risk.risk.limits_name
+
+
+def test_plan_children_parse_back_to_the_configured_processes(tmp_path: Path) -> None:
+    """The runner writes ingest's and the simulator's argv from their config types, so the
+    child's own parser rebuilds exactly the configured process (one config type per process)."""
+    import dataclasses
+
+    from pipeline.cli import build_parser
+    from pipeline.marketdata.cli import config_from_args
+    from pipeline.sim.cli import build_config
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        "[run]\nshm_prefix = 'other.'\n[ring]\nname = 'other.ticks'\ncapacity = 4096\n"
+        "[sim]\nsymbols = ['ETHUSDT', 'XRPUSDT']\nrate = 0\nseed = 9\nmax_streams = 50\n"
+        "[ingest]\nsymbols = ['XRPUSDT']\nstreams = ['trade']\npublish_batch = 8\n"
+        "decoder = 'orjson'\ntime_unit = 'MICROSECOND'\n"
+    )
+    cfg = load_config(toml, env={})
+    ctx = RunContext()  # no key material: the simulator child would read key files
+    ctx.sim_urls.update(streams="ws://127.0.0.1:9", rest="http://127.0.0.1:9", wsapi="ws://x/ws")
+    comps, _ = plan_components(cfg, ctx, {"sim", "ingest", "consume"})
+    by = {c.name: c for c in comps}
+    parser = build_parser()
+
+    def child_args(name: str, command: str) -> list[str]:
+        argv = by[name].argv()
+        return argv[argv.index(command) :]
+
+    ingest = config_from_args(parser.parse_args(child_args("ingest", "ingest")))
+    assert ingest == dataclasses.replace(
+        cfg.ingest, streams_url="ws://127.0.0.1:9", rest_url="http://127.0.0.1:9"
+    )
+    assert ingest.ring == "other.ticks"
+    assert ingest.metrics == "other.ingest.metrics"
+    sim = build_config(parser.parse_args(child_args("sim", "sim")))
+    assert sim == cfg.sim
+    assert sim.seed == 9
+    assert sim.max_streams == 50

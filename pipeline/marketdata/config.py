@@ -1,59 +1,113 @@
 """`pipeline ingest` configuration: one record of every setting, checked before anything opens.
 
-Why a module of its own: the CLI (pipeline/marketdata/cli.py), the process (ingest.py) and the
-tests build and check the same :class:`IngestConfig`; none of them needs the others to do it.
+Why a module of its own: the CLI (pipeline/marketdata/cli.py), the process (ingest.py), the
+TOML loader (:mod:`pipeline.config`, section ``[ingest]``), the runner (which writes the child's
+argv from it) and the tests build and check the same :class:`IngestConfig`; none of them needs
+the others to do it. Each field's :func:`~pipeline.settings.setting` says what it means, its flag
+and its TOML key; :func:`validate` holds the process's rules (errors name the flag; the loader
+renames them to the TOML key).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pipeline.settings import ConfigError, setting
 
 DEFAULT_STREAMS_URL = "wss://stream.binance.com:9443"
 DEFAULT_REST_URL = "https://api.binance.com"
 MAX_STREAMS_PER_CONNECTION = 1024  # section 1.3
+# what `pipeline run` ingests with no config: the simulator demo's symbols
+RUN_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
 
 
-class ConfigError(ValueError):
-    """Bad configuration; ``field`` names the flag."""
+def _stream_kinds() -> tuple[str, ...]:
+    """Every stream suffix ingest can parse: the decoder's own table (imported when needed, so
+    ``pipeline --help`` does not load the decoders)."""
+    from pipeline.binance.streams import STREAM_SUFFIXES
 
-    def __init__(self, field_name: str, problem: str) -> None:
-        super().__init__(f"{field_name}: {problem}")
-        self.field = field_name
+    return tuple(STREAM_SUFFIXES)
+
+
+_BY_MODE = "empty: by run.mode, the simulator's in sim mode"
 
 
 @dataclass
 class IngestConfig:
-    streams_url: str = DEFAULT_STREAMS_URL
-    rest_url: str = DEFAULT_REST_URL
-    symbols: list[str] = field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
-    streams: list[str] = field(default_factory=lambda: ["aggTrade", "bookTicker", "depth"])
-    ring: str = "ticks"
-    ring_capacity: int = 1 << 20
-    cpu: int | None = None
-    stall_timeout: float = 30.0
-    transport: str = "picows"
-    decoder: str = "msgspec"
-    max_lifetime: float = 23.5 * 3600  # rotate before the 24 h server limit
-    metrics: str = "pipeline.ingest.metrics"
-    metrics_interval: float = 0.1
-    depth_levels: int = 0
-    depth_snapshot_limit: int = 1000
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    healthy_after: float = 30.0
-    ping_interval: float = 20.0
-    backfill_grace: float = 0.2
-    rest_retries: int = 5
-    rest_timeout: float = 5.0
-    streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
-    max_frame_bytes: int = 4 << 20
-    publish_batch: int = 64
-    fast_path: str = "auto"
-    time_unit: str = "MILLISECOND"
-    max_id_jump: int = 5_000_000  # pipeline.gapfill.DEFAULT_MAX_ID_JUMP
-    max_backfill_ids: int = 200_000  # 200 REST pages: a hole larger than this is a GAP at once
-    id_resync_after: int = 16  # pipeline.gapfill.DEFAULT_RESYNC_AFTER
+    """Every setting of `pipeline ingest`; the TOML section ``[ingest]`` is this type too."""
+
+    TOML_SECTION: ClassVar[str] = "ingest"
+
+    streams_url: str = field(default=DEFAULT_STREAMS_URL, metadata=setting(
+        f"market streams base URL (TOML: {_BY_MODE})", run_default="", url=True))
+    rest_url: str = field(default=DEFAULT_REST_URL, metadata=setting(
+        f"REST base URL (snapshots, backfill) (TOML: {_BY_MODE})", run_default="", url=True))
+    symbols: list[str] = field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"], metadata=setting(
+        "comma-separated symbols", run_default=RUN_SYMBOLS, symbols=True))
+    streams: list[str] = field(
+        default_factory=lambda: ["aggTrade", "bookTicker", "depth"], metadata=setting(
+            "stream kinds per symbol: aggTrade, trade, bookTicker, depth, depth@100ms, "
+            "depth5/10/20[@100ms]", each_choices=_stream_kinds))
+    ring: str = field(default="ticks", metadata=setting(
+        "ring (shared-memory) name", toml="ring.name"))
+    ring_capacity: int = field(default=1 << 20, metadata=setting(
+        "ring slots (power of two)", toml="ring.capacity"))
+    cpu: int | None = field(default=None, metadata=setting(
+        "pin the process to this CPU", toml=None,
+        no_toml="`pipeline run` pins each child itself (run.cpus, run.pin_cpus)"))
+    stall_timeout: float = field(default=30.0, metadata=setting(
+        "seconds without any message before a connection counts as dead"))
+    transport: str = field(default="picows", metadata=setting("picows | websockets"))
+    decoder: str = field(default="msgspec", metadata=setting("msgspec | orjson"))
+    max_lifetime: float = field(default=23.5 * 3600, metadata=setting(  # before the 24 h limit
+        "rotate connections after this many seconds (server limit: 24 h)"))
+    metrics: str = field(default="pipeline.ingest.metrics", metadata=setting(
+        "metrics block name (TOML: <run.shm_prefix>ingest.metrics)", toml="run.shm_prefix",
+        from_toml=lambda prefix: f"{prefix}ingest.metrics"))
+    metrics_interval: float = field(default=0.1, metadata=setting(
+        "seconds between metrics updates"))
+    depth_levels: int = field(default=0, metadata=setting(
+        "also publish this many book levels as DEPTH_LEVEL records"))
+    depth_snapshot_limit: int = field(default=1000, metadata=setting(
+        "levels per REST depth snapshot"))
+    backoff_base: float = field(default=1.0, metadata=setting(
+        "first reconnect delay (s), doubling"))
+    backoff_max: float = field(default=60.0, metadata=setting("reconnect delay cap (s)"))
+    healthy_after: float = field(default=30.0, metadata=setting(
+        "a connection up this long resets the backoff"))
+    ping_interval: float = field(default=20.0, metadata=setting(
+        "own keep-alive ping after this many idle seconds (0 = off)"))
+    backfill_grace: float = field(default=0.2, metadata=setting(
+        "wait this long for the live stream to fill a hole before REST"))
+    rest_retries: int = field(default=5, metadata=setting(
+        "failed/unproductive REST attempts before a GAP record"))
+    rest_timeout: float = field(default=5.0, metadata=setting("REST timeout (s)"))
+    streams_per_connection: int = field(default=MAX_STREAMS_PER_CONNECTION, metadata=setting(
+        "streams per connection (max 1024)"))
+    max_frame_bytes: int = field(default=4 << 20, metadata=setting(
+        "larger frames are skipped (counted as oversized)"))
+    publish_batch: int = field(default=64, metadata=setting(
+        "at most this many records per ring commit within one event-loop iteration "
+        "(1 = publish each record at once)"))
+    fast_path: str = field(default="auto", metadata=setting(
+        "compiled aggTrade frame -> ring path: auto (use it if built) | on (refuse to start "
+        "without it) | off (pure Python)"))
+    time_unit: str = field(default="MILLISECOND", metadata=setting(
+        "exchange timestamps in MILLISECOND (Binance's default) or MICROSECOND (timeUnit on the "
+        "stream URL; records carry ns either way)"))
+    max_id_jump: int = field(default=5_000_000, metadata=setting(  # gapfill.DEFAULT_MAX_ID_JUMP
+        "an id further than this from its stream's last id is held aside, not a gap to "
+        "backfill (a stream restart once --id-resync-after agree)"))
+    id_resync_after: int = field(default=16, metadata=setting(  # gapfill.DEFAULT_RESYNC_AFTER
+        "far ids that must form a run of their own before the stream is re-based on them"))
+    max_backfill_ids: int = field(default=200_000, metadata=setting(  # 200 REST pages
+        "an aggTrade hole larger than this is reported (GAP) without fetching it over REST "
+        "(request weight)"))
+    extra_args: list[str] = field(default_factory=lambda: [], metadata=setting(
+        "extra `pipeline ingest` arguments `pipeline run` appends", flag=None,
+        no_flag="raw flags for the child's command line, so it has no flag of its own"))
 
     def stream_names(self) -> list[str]:
         from pipeline.binance.streams import stream_name

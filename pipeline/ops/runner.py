@@ -7,7 +7,9 @@ monitor. ``--config FILE`` (see ``examples/pipeline.toml``) switches to the test
 endpoints, picks consumers, CPUs, restart policy.
 
 What the runner does, and why it is small: it builds one :class:`~pipeline.ops.supervisor.ChildSpec`
-per component (``python -m pipeline <subcommand> ...``), hands them to the
+per component (``python -m pipeline <subcommand> ...``; the simulator's and ingest's flags are
+written from their config types by :func:`pipeline.settings.to_argv`, the same metadata their
+parsers are built from, so no setting is translated by hand), hands them to the
 :class:`~pipeline.ops.supervisor.Supervisor` (restart with backoff, dependents bounced when the
 simulator comes back on new ports, ordered shutdown) and prints a status line every few seconds
 from shared memory (:mod:`pipeline.ops.health`). A component whose subcommand does not exist in this
@@ -26,6 +28,7 @@ shared-memory segment whose owner process is dead is unlinked, and the key direc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import secrets
@@ -40,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from pipeline.settings import to_argv
 
 log = logging.getLogger("pipeline.run")
 
@@ -149,9 +154,8 @@ def plan_components(
         else:
 
             def sim_argv() -> list[str]:
-                argv = [*base, "sim", "--host", cfg.sim.host, "--port", "0",
-                        "--symbols", ",".join(cfg.sim.symbols),
-                        "--rate", f"{cfg.sim.rate:g}"]  # fmt: skip
+                # port 0: the simulator picks one and says it on its first line
+                argv = [*base, "sim", *to_argv(dataclasses.replace(cfg.sim, port=0))]
                 if ctx.public_key:
                     argv += api_key_args(ctx, suffix=f"={ctx.public_key}")
                 return argv + list(cfg.sim.extra_args)
@@ -168,13 +172,9 @@ def plan_components(
     if can_connect and not missing("ingest", "ingest"):
 
         def ingest_argv() -> list[str]:
-            return [*base, "ingest", "--streams-url", url("streams_url", "streams"),
-                    "--rest-url", url("rest_url", "rest"),
-                    "--symbols", ",".join(cfg.ingest.symbols),
-                    "--streams", ",".join(cfg.ingest.streams),
-                    "--ring", cfg.ring.name, "--ring-capacity", str(cfg.ring.capacity),
-                    "--metrics", f"{cfg.run.shm_prefix}ingest.metrics",
-                    *cfg.ingest.extra_args]  # fmt: skip
+            streams_url, rest_url = url("streams_url", "streams"), url("rest_url", "rest")
+            child = dataclasses.replace(cfg.ingest, streams_url=streams_url, rest_url=rest_url)
+            return [*base, "ingest", *to_argv(child), *cfg.ingest.extra_args]
 
         comps.append(Component("ingest", "ingest", ingest_argv, depends_on=upstream))
     if not cfg.trading.enabled:

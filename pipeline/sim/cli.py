@@ -13,37 +13,27 @@ import math
 import sys
 from typing import Any
 
+from pipeline.sim.config import SimConfig, parse_rate  # parse_rate re-exported (scripts, tests)
+
 
 def register(subparsers: Any) -> None:
+    """Add the ``sim`` subcommand: a flag per :class:`~pipeline.sim.config.SimConfig` field
+    (from its metadata, as the runner writes them), then the flags that are not fields (key
+    sources, fault switches, the ``--turbo`` alias)."""
+    from pipeline.settings import add_arguments
+
     p = subparsers.add_parser(
         "sim",
         help="run the local Binance Spot simulator (streams, REST, WS API, fault switches)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
-    p.add_argument("--symbols", default="BTCUSDT,ETHUSDT,BNBUSDT")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--rate",
-        default="20",
-        help="per second per symbol, in --rate-unit; 0 or 'max' = as fast as clients take",
-    )
-    p.add_argument(
-        "--rate-unit",
-        choices=("actions", "msgs"),
-        default="actions",
-        help="what --rate counts: walk actions (taker/maker/cancel; ~0.36 aggTrades each) or "
-        "aggTrade messages (exact on average; for benchmarks that want a message rate)",
-    )
+    add_arguments(p, SimConfig)
     p.add_argument(
         "--turbo",
         action="store_true",
         help="same as --rate max (kept for older scripts: the real walk is now the fast path)",
     )
-    p.add_argument("--replay", metavar="FILE", help="replay a capture instead of the walk")
-    p.add_argument("--replay-speed", choices=("recorded", "max"), default="recorded")
     p.add_argument(
         "--api-key",
         action="append",
@@ -67,17 +57,6 @@ def register(subparsers: Any) -> None:
         metavar="VAR=PUBLIC_KEY_PEM",
         help="as --api-key, the API key NAME read from environment variable VAR (repeatable)",
     )
-    p.add_argument("--ping-interval", type=float, default=20.0)
-    p.add_argument("--pong-timeout", type=float, default=60.0)
-    p.add_argument("--max-lifetime", type=float, default=24 * 3600.0, help="seconds")
-    p.add_argument(
-        "--shutdown-notice",
-        type=float,
-        default=60.0,
-        help="seconds before max lifetime to send serverShutdown (0 = never)",
-    )
-    p.add_argument("--max-incoming-per-s", type=int, default=5, help="0 = unlimited")
-    p.add_argument("--max-streams", type=int, default=1024)
     p.add_argument(
         "--fault",
         action="append",
@@ -89,15 +68,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reject-logons", type=int, default=0)
     p.add_argument("--order-fault", metavar="KIND[:COUNT]", help="429 | 5xx | -1007")
     p.set_defaults(func=run)
-
-
-def parse_rate(text: str) -> float:
-    if text.strip().lower() in ("max", "0", "inf"):
-        return math.inf
-    rate = float(text)
-    if rate < 0:
-        raise ValueError("--rate must be >= 0")
-    return rate
 
 
 def load_api_key(spec: str) -> tuple[str, bytes]:
@@ -142,9 +112,10 @@ def load_api_key_from(spec: str, flag: str) -> tuple[str, bytes]:
     return name, _public_key(path)
 
 
-def build_config(args: argparse.Namespace) -> Any:
+def build_config(args: argparse.Namespace) -> SimConfig:
+    """The :class:`SimConfig` of parsed ``pipeline sim`` flags (ValueError/OSError: bad flag)."""
+    from pipeline.settings import values_from_args
     from pipeline.sim.faults import Faults, apply_switch, parse_fault
-    from pipeline.sim.server import SimConfig
 
     faults = Faults(wsapi_delay_ms=args.wsapi_delay_ms, reject_logons=args.reject_logons)
     if args.order_fault:
@@ -159,28 +130,15 @@ def build_config(args: argparse.Namespace) -> Any:
             raise ValueError(f"--fault {name}: only switches can be set at start")
         # durations count from start; the server's monotonic clock starts near 0 per process
         apply_switch(faults, req, 0.0)
-    return SimConfig(
-        host=args.host,
-        port=args.port,
-        symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()],
-        seed=args.seed,
-        rate=math.inf if args.turbo else parse_rate(args.rate),
-        rate_unit=args.rate_unit,
-        replay=args.replay,
-        replay_speed=args.replay_speed,
-        api_keys=dict(
-            [load_api_key(s) for s in args.api_key]
-            + [load_api_key_from(s, "--api-key-file") for s in args.api_key_file]
-            + [load_api_key_from(s, "--api-key-env") for s in args.api_key_env]
-        ),
-        ping_interval=args.ping_interval,
-        pong_timeout=args.pong_timeout,
-        max_lifetime=args.max_lifetime,
-        shutdown_notice=args.shutdown_notice,
-        max_incoming_per_s=args.max_incoming_per_s,
-        max_streams=args.max_streams,
-        faults=faults,
+    values = values_from_args(SimConfig, args)
+    if args.turbo:
+        values["rate"] = math.inf
+    api_keys = dict(
+        [load_api_key(s) for s in args.api_key]
+        + [load_api_key_from(s, "--api-key-file") for s in args.api_key_file]
+        + [load_api_key_from(s, "--api-key-env") for s in args.api_key_env]
     )
+    return SimConfig(**values, api_keys=api_keys, faults=faults)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,3 +183,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     return aio.run(main())
+
+
+__all__ = ["build_config", "load_api_key", "load_api_key_from", "parse_rate", "register", "run"]

@@ -53,8 +53,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -65,8 +64,9 @@ from websockets.protocol import State
 
 from pipeline.sim import market as mk
 from pipeline.sim.admin import Admin
+from pipeline.sim.config import DEFAULT_SYMBOLS, SimConfig
 from pipeline.sim.connection import SimConnection
-from pipeline.sim.faults import FaultRequest, Faults
+from pipeline.sim.faults import FaultRequest
 from pipeline.sim.framing import ws_frame
 from pipeline.sim.pacing import RATE_UNITS, MarketPacer
 from pipeline.sim.replay import CaptureReplay, capture_symbols, load_capture
@@ -75,37 +75,7 @@ from pipeline.sim.streams import StreamHub
 
 log = logging.getLogger("pipeline.sim")
 
-DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")
-
-
-@dataclass
-class SimConfig:
-    """Everything a simulator run needs; defaults are Binance's real values."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    symbols: list[str] = field(default_factory=lambda: list(DEFAULT_SYMBOLS))
-    seed: int = 0
-    # per second per symbol: walk actions (taker order / maker order / cancel) or, with
-    # rate_unit="msgs", aggTrade messages; inf = max (as fast as clients take)
-    rate: float = 20.0
-    rate_unit: str = "actions"  # "actions" | "msgs"
-    replay: str | None = None
-    replay_speed: str = "recorded"  # "recorded" | "max"
-    api_keys: dict[str, bytes] = field(default_factory=dict)
-    ping_interval: float = 20.0
-    pong_timeout: float = 60.0
-    max_lifetime: float = 24 * 3600.0
-    shutdown_notice: float = 60.0
-    max_incoming_per_s: int = 5  # 0 = unlimited
-    max_streams: int = 1024
-    history: int = 100_000
-    tick_s: float = 0.01  # generation tick in rate mode
-    write_high_water: int = 1 << 20
-    slow_consumer_timeout: float = 10.0
-    clock_ms: Callable[[], int] | None = None  # wall clock for event times (ms)
-    wsapi_options: dict[str, Any] = field(default_factory=dict)  # WsApiService **limits
-    faults: Faults = field(default_factory=Faults)
+__all__ = ["DEFAULT_SYMBOLS", "SimConfig", "Simulator"]  # the config lives in pipeline.sim.config
 
 
 class Simulator:
