@@ -244,6 +244,38 @@ def test_callback_errors_are_counted_not_fatal(transport: str) -> None:
     run(with_server(handler, body))
 
 
+def test_pre_encoded_send_pong_callback_buffer_level_and_abort(transport: str) -> None:
+    """What the trading shell uses: text frames from bytes, a pong callback with keep-alive off,
+    the write-buffer level, and an abort reported as closed by us."""
+
+    async def handler(conn: ServerConnection) -> None:
+        async for msg in conn:
+            await conn.send(f"echo:{msg}")
+
+    async def body(url: str) -> None:
+        got: list[bytes] = []
+        pongs: list[int] = []
+        c = await wsmod.connect(url, lambda p, _t: got.append(p), transport=transport,
+                                ping_interval=0, ping_timeout=0)  # fmt: skip
+        c.on_pong = lambda: pongs.append(c.last_pong_ns)
+        c.send_text_bytes('{"id":"1","price":"1.5","sym":"é"}'.encode())
+        c.ping()
+        for _ in range(500):
+            if got and pongs:
+                break
+            await asyncio.sleep(0.01)
+        assert got == ['echo:{"id":"1","price":"1.5","sym":"é"}'.encode()]
+        assert pongs
+        assert pongs[0] > 0
+        assert c.write_buffer_size() == 0  # nothing backed up on an idle loopback connection
+        c.abort()
+        info = await asyncio.wait_for(c.wait_closed(), 5)
+        assert info.by_us
+        assert c.closed
+
+    run(with_server(handler, body))
+
+
 def test_bad_arguments() -> None:
     async def body() -> None:
         with pytest.raises(ValueError, match="ws:// or wss://"):

@@ -12,7 +12,10 @@ Calling contract::
     # text/binary message, in arrival order, on the event loop. It must not block and should not
     # raise (an exception is logged, counted in ws.callback_errors, and the connection stays up).
     ws.send_text('{"method":"SUBSCRIBE",...}')
-    ws.ping()                      # own ping; pongs update ws.last_pong_ns
+    ws.send_text_bytes(b'{...}')   # the same, already UTF-8 encoded (no copy to encode)
+    ws.ping()                      # own ping; pongs update ws.last_pong_ns and call ws.on_pong
+    ws.write_buffer_size()         # bytes accepted but not yet handed to the kernel
+    ws.abort()                     # drop the TCP connection now (no closing handshake)
     info = await ws.wait_closed()  # CloseInfo(code, reason, error): who closed and why
     await ws.close(1000, "bye")    # idempotent
 
@@ -22,6 +25,11 @@ Liveness: server pings are answered by the library; our own keep-alive pings go 
 ``ping_interval`` s of silence and a missing pong within ``ping_timeout`` s closes the connection
 (picows auto-ping / websockets keepalive). Data-level stalls (pongs but no data) are the caller's
 job (the ingest watchdog). ``wss://`` URLs use ``ssl_context`` (default: system trust store).
+``ping_interval=0`` turns our keep-alive off for a caller that runs its own (the trading
+session times its pings itself and hears of pongs through ``on_pong``).
+
+Logging: neither library may log frames: the trading session's ``session.logon`` carries a
+signature. Both libraries' loggers for our connections are pinned at INFO.
 """
 
 from __future__ import annotations
@@ -39,6 +47,13 @@ from pipeline.logs import RateLimitedLog
 
 log = logging.getLogger("pipeline.net.ws")
 _rlog = RateLimitedLog(log)
+# The libraries' own loggers for our connections: pinned at INFO so no log level can make them
+# print frames (websockets logs every frame at DEBUG, a signed session.logon included).
+_PICOWS_LOGGER = "pipeline.net.picows"
+_websockets_log = logging.getLogger("pipeline.net.websockets")
+_websockets_log.setLevel(logging.INFO)
+logging.getLogger(_PICOWS_LOGGER).setLevel(logging.INFO)
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 OnMessage = Callable[[bytes, int], None]
 TRANSPORTS = ("picows", "websockets")
@@ -69,6 +84,7 @@ class WsClient:
         self.url = url
         self.last_pong_ns = 0
         self.callback_errors = 0
+        self.on_pong: Callable[[], None] | None = None  # called on every pong to our pings
         self._queue: asyncio.Queue[bytes | None] | None = None
         if on_message is None:
             self._queue = asyncio.Queue()
@@ -81,6 +97,22 @@ class WsClient:
     # --- to implement ---
     def send_text(self, text: str) -> None:
         raise NotImplementedError
+
+    def send_text_bytes(self, data: bytes) -> None:
+        """Send ``data`` (valid UTF-8) as one text frame: for callers that encode themselves."""
+        raise NotImplementedError
+
+    def write_buffer_size(self) -> int:
+        """Bytes accepted by :meth:`send_text` but not yet written to the socket: a peer that
+        stops reading shows here first (the caller's backpressure signal)."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, no closing handshake (a black-holed peer would never
+        finish one). :meth:`wait_closed` then reports it."""
+        self._closing_by_us = True
+        with contextlib.suppress(Exception):
+            self._abort()
 
     def ping(self, payload: bytes = b"") -> None:
         raise NotImplementedError
@@ -129,6 +161,15 @@ class WsClient:
             self._closed.set_result(info)
         if self._queue is not None:
             self._queue.put_nowait(None)
+
+    def _pong(self) -> None:
+        self.last_pong_ns = time.time_ns()
+        on_pong = self.on_pong
+        if on_pong is not None:
+            try:
+                on_pong()
+            except Exception as exc:
+                self._callback_failed(exc)
 
     def _callback_failed(self, exc: Exception) -> None:
         """The message handler raised: count and log; the connection stays up."""
@@ -181,6 +222,9 @@ async def connect(
 # --- picows ---------------------------------------------------------------------------------
 
 
+_PICOWS_TEXT: Any = None  # picows.WSMsgType.TEXT once picows is imported (it is optional)
+
+
 def _code(c: Any) -> int:
     return int(getattr(c, "value", c))
 
@@ -195,6 +239,8 @@ class _PicowsClient(WsClient):
                    handshake_timeout: float) -> _PicowsClient:
         import picows
 
+        global _PICOWS_TEXT
+        _PICOWS_TEXT = picows.WSMsgType.TEXT
         self = cls(url, on_message)
         cb = self._on_message  # called straight from the frame callback: no extra layer
         failed = self._callback_failed
@@ -228,7 +274,7 @@ class _PicowsClient(WsClient):
                         except Exception as exc:
                             failed(exc)
                 elif t is PONG:
-                    client.last_pong_ns = time_ns()
+                    client._pong()
                 elif t is CLOSE:
                     # answer the peer's close and drop the socket (picows leaves this to us)
                     if not transport.is_close_frame_sent:
@@ -247,7 +293,7 @@ class _PicowsClient(WsClient):
                 # picows requires reply timeout <= idle timeout
                 auto_ping_reply_timeout=min(ping_timeout, max(ping_interval, 0.01)),
                 enable_auto_pong=True, max_frame_size=max_frame_size,
-                logger_name="pipeline.net.picows",
+                logger_name=_PICOWS_LOGGER,
             )
         except (TimeoutError, OSError, picows.WSError) as exc:
             raise WsConnectError(f"{url}: {exc!r}") from exc
@@ -267,9 +313,14 @@ class _PicowsClient(WsClient):
                                error, self._closing_by_us))
 
     def send_text(self, text: str) -> None:
-        import picows
+        self._transport.send(_PICOWS_TEXT, text.encode())
 
-        self._transport.send(picows.WSMsgType.TEXT, text.encode())
+    def send_text_bytes(self, data: bytes) -> None:
+        self._transport.send(_PICOWS_TEXT, data)
+
+    def write_buffer_size(self) -> int:
+        size: int = self._transport.underlying_transport.get_write_buffer_size()
+        return size
 
     def ping(self, payload: bytes = b"") -> None:
         self._transport.send_ping(payload)
@@ -290,6 +341,12 @@ class _PicowsClient(WsClient):
         self._transport.disconnect(graceful=False)
 
 
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
 # --- websockets -----------------------------------------------------------------------------
 
 
@@ -308,12 +365,14 @@ class _WebsocketsClient(WsClient):
 
         self = cls(url, on_message)
         self._bg = set()
+        # a loopback URL never goes through a proxy named in the environment
+        local: dict[str, Any] = {"proxy": None} if _host(url) in _LOOPBACK else {}
         try:
             self._ws = await ws_connect(
                 url, ssl=ssl_context, ping_interval=ping_interval or None,
                 ping_timeout=ping_timeout or None, max_size=max_frame_size,
                 open_timeout=handshake_timeout, compression=None, max_queue=4096,
-                close_timeout=1.0,
+                close_timeout=1.0, logger=_websockets_log, **local,
             )
         except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
             raise WsConnectError(f"{url}: {exc!r}") from exc
@@ -350,9 +409,16 @@ class _WebsocketsClient(WsClient):
         # websockets' send() is a coroutine; a text frame is written without waiting for drain
         asyncio.get_running_loop().create_task(self._send(text))
 
-    async def _send(self, text: str) -> None:
+    def send_text_bytes(self, data: bytes) -> None:
+        asyncio.get_running_loop().create_task(self._send(data))
+
+    async def _send(self, text: str | bytes, *, text_frame: bool = True) -> None:
         with contextlib.suppress(Exception):
-            await self._ws.send(text)
+            await self._ws.send(text, text=text_frame)
+
+    def write_buffer_size(self) -> int:
+        size: int = self._ws.transport.get_write_buffer_size()
+        return size
 
     def ping(self, payload: bytes = b"") -> None:
         asyncio.get_running_loop().create_task(self._ping(payload))
@@ -361,9 +427,9 @@ class _WebsocketsClient(WsClient):
         try:
             waiter = await self._ws.ping(payload)
             await waiter
-            self.last_pong_ns = time.time_ns()
         except Exception:
             return
+        self._pong()
 
     def _send_close(self, code: int, reason: str) -> None:
         # websockets' close() runs the handshake (and aborts after close_timeout) in a task

@@ -160,6 +160,7 @@ class TradingConfig:
     risk_observe_interval_s: float = 0.01
     heartbeat_interval_s: float = 1.0  # metrics block written at least this often, even idle
     outbox_capacity: int = 4096  # frames queued per connection (see the module docstring)
+    transport: str = "picows"  # pipeline.net.ws implementation; "websockets" is the fallback
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -206,6 +207,7 @@ class TradingProcess:
         )
         self._conns = self._sockets.conns
         self._publish = self._answers.publish
+        self._send = self._sockets.send
         self._execute = self._orders.execute
         self.session.on_transition = self._on_transition
 
@@ -382,10 +384,7 @@ class TradingProcess:
             if isinstance(action, Send):
                 conn = self._conns.get(action.conn)
                 if conn is not None:
-                    try:
-                        conn.outbox.put_nowait(action.text)
-                    except asyncio.QueueFull:
-                        self._sockets.overflow(conn)
+                    self._send(conn, action.text)
             elif isinstance(action, Open):
                 self._sockets.open(action.conn)
             elif isinstance(action, Ping):

@@ -1,37 +1,41 @@
 """The trading process's WebSocket connections: open, read, write, ping, abort.
 
-Why apart from the process: this is the only code that touches sockets (the ``websockets``
-client, ping frames via ``ws.ping()``); every decision about a connection is the session's, so
+Why apart from the process: this is the only code that touches sockets (through
+:mod:`pipeline.net.ws`, the same shell as ingest: picows by default, ``websockets`` as the
+``--transport websockets`` fallback); every decision about a connection is the session's, so
 all this does is turn its Open/Send/Ping/Close actions into I/O and report back what happened
 (``connected``, ``frame_received``, ``pong``, ``connection_lost``, ``connect_failed``), then
 let the process pump the session's answers out again.
 
-Bounds: each connection's outbox holds at most ``outbox_capacity`` frames; orders are refused
-locally once fewer than :data:`OUTBOX_RESERVE` slots are left (:meth:`WsConnections.busy`), and
-a frame that still finds it full drops the connection (:meth:`WsConnections.overflow`).
+The frame path has no task in it: a received frame goes from the library's callback straight
+into the session, and a frame to send is written to the transport at once (:meth:`send`).
+An exception from the session on that path is a bug, not a lost connection: it ends the
+process (a task dies with it, see ``TradingProcess._task_done``).
+
+Bounds: a frame goes to the connection's outbox instead only while the transport is backed up
+(more than :data:`WRITE_HIGH_WATER` bytes not yet taken by the kernel: a peer that stopped
+reading) or its writer task is gone; the outbox holds at most ``outbox_capacity`` frames;
+orders are refused locally once fewer than :data:`OUTBOX_RESERVE` slots are left
+(:meth:`WsConnections.busy`), and a frame that still finds it full drops the connection
+(:meth:`WsConnections.overflow`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from pipeline.logs import RateLimitedLog
+from pipeline.net import ws as net_ws
 from pipeline.trading.session import Session
 
 if TYPE_CHECKING:
     from pipeline.trading.process import TradingConfig
 
-# The websockets library logs every frame at DEBUG, session.logon (with its signature)
-# included. Its logger for our connections is pinned at INFO so no log level can leak one.
-_ws_log = logging.getLogger("pipeline.trading.websockets")
-_ws_log.setLevel(logging.INFO)
-
 OUTBOX_RESERVE = 64  # outbox slots kept for pings and reconciliation when refusing orders
+WRITE_HIGH_WATER = 256 << 10  # bytes queued in the transport before frames wait in the outbox
+WRITER_RETRY_S = 0.001  # how often a backed-up writer looks at the transport again
 
 StartTask = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[Any]"]
 
@@ -39,13 +43,14 @@ StartTask = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[Any]"]
 class WsConn:
     """One WebSocket connection of the session: its socket, outbox and tasks."""
 
-    __slots__ = ("id", "outbox", "tasks", "ws")
+    __slots__ = ("id", "outbox", "tasks", "writer", "ws")
 
     def __init__(self, conn_id: int, capacity: int) -> None:
         self.id = conn_id
-        self.ws: Any = None
+        self.ws: net_ws.WsClient | None = None
         self.outbox: asyncio.Queue[str] = asyncio.Queue(capacity)
         self.tasks: list[asyncio.Task[Any]] = []
+        self.writer: asyncio.Task[Any] | None = None
 
 
 class WsConnections:
@@ -79,10 +84,10 @@ class WsConnections:
         conn.tasks.append(self._task(self._connect(conn), f"connect-{conn.id}"))
 
     def ping(self, conn_id: int) -> None:
-        """The session's Ping: a ping frame, its pong reported to the session."""
+        """The session's Ping: a ping frame, its pong reported to the session (``on_pong``)."""
         conn = self.conns.get(conn_id)
-        if conn is not None and conn.ws is not None:
-            conn.tasks.append(self._task(self._ping(conn), f"ping-{conn.id}"))
+        if conn is not None and conn.ws is not None and not conn.ws.closed:
+            conn.ws.ping()
 
     def close(self, conn_id: int) -> None:
         """The session's Close: forget the connection and kill it at once."""
@@ -116,92 +121,95 @@ class WsConnections:
         queued = conn.outbox.qsize() + self.session.queued_actions
         return queued >= self.config.outbox_capacity - OUTBOX_RESERVE
 
-    async def _connect(self, conn: WsConn) -> None:
-        from websockets.asyncio.client import connect
-
-        host = urlsplit(self.config.url).hostname or ""
-        kwargs: dict[str, Any] = {}
-        if host in ("127.0.0.1", "localhost", "::1"):
-            kwargs["proxy"] = None
+    def send(self, conn: WsConn, text: str) -> None:
+        """The session's Send: straight to the transport, or to the outbox while it is backed
+        up (see the module docstring). A full outbox drops the connection."""
+        ws = conn.ws
+        writer = conn.writer
+        if (
+            ws is not None
+            and writer is not None
+            and not writer.done()
+            and conn.outbox.empty()
+            and ws.write_buffer_size() < WRITE_HIGH_WATER
+        ):
+            ws.send_text(text)
+            return
         try:
-            ws = await connect(
+            conn.outbox.put_nowait(text)
+        except asyncio.QueueFull:
+            self.overflow(conn)
+
+    async def _connect(self, conn: WsConn) -> None:
+        try:
+            ws = await net_ws.connect(
                 self.config.url,
-                ping_interval=None,
-                ping_timeout=None,
-                compression=None,
-                open_timeout=self.config.open_timeout_s,
-                close_timeout=1.0,
-                max_size=1 << 24,
-                logger=_ws_log,
-                **kwargs,
+                lambda payload, _t: self._frame(conn, payload),
+                transport=self.config.transport,
+                ping_interval=0,  # the session times its own pings (liveness is its decision)
+                ping_timeout=0,
+                max_frame_size=1 << 24,
+                handshake_timeout=self.config.open_timeout_s,
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every connect failure is the session's to classify
             if conn.id in self.conns:
                 self.conns.pop(conn.id, None)
-                self.session.connect_failed(conn.id, f"{type(exc).__name__}: {exc}"[:200])
+                cause = exc.__cause__ if isinstance(exc, net_ws.WsConnectError) else None
+                what = cause if cause is not None else exc
+                self.session.connect_failed(conn.id, f"{type(what).__name__}: {what}"[:200])
                 self._pump()
             return
         if conn.id not in self.conns:  # closed while connecting
-            ws.transport.abort()
+            ws.abort()
             return
         conn.ws = ws
-        conn.tasks.append(self._task(self._reader(conn), f"reader-{conn.id}"))
-        conn.tasks.append(self._task(self._writer(conn), f"writer-{conn.id}"))
+        ws.on_pong = lambda: self._pong(conn)
+        conn.tasks.append(self._task(self._watch(conn, ws), f"reader-{conn.id}"))
+        conn.writer = self._task(self._writer(conn, ws), f"writer-{conn.id}")
+        conn.tasks.append(conn.writer)
         self.session.connected(conn.id)
         self._pump()
 
-    async def _reader(self, conn: WsConn) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        reason = "closed"
-        while True:
-            # Only the socket's errors mean "connection lost". An exception from the session
-            # or the shell below is a bug: it ends this task and so the process (_task_done).
-            try:
-                msg = await conn.ws.recv()
-            except ConnectionClosed as exc:
-                reason = f"closed by peer ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"[:200]
-                break
-            self.session.frame_received(conn.id, msg)
-            self._pump()
-        if conn.id in self.conns:
-            self.conns.pop(conn.id, None)
-            self.session.connection_lost(conn.id, reason)
-            self._pump()
-            self.abort(conn)
-
-    async def _writer(self, conn: WsConn) -> None:
+    def _frame(self, conn: WsConn, payload: bytes) -> None:
+        """A received frame, from the library's callback: into the session, answers out."""
         try:
-            while True:
-                text = await conn.outbox.get()
-                await conn.ws.send(text)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the socket's: send failed
-            if conn.id in self.conns:
-                self.conns.pop(conn.id, None)
-                self.session.connection_lost(conn.id, f"send failed: {type(exc).__name__}")
-                self._pump()
-                self.abort(conn)
+            self.session.frame_received(conn.id, payload)
+            self._pump()
+        except Exception as exc:  # a bug: end the process, as a dying reader task did
+            self._task(_reraise(exc), f"reader-{conn.id}")
 
-    async def _ping(self, conn: WsConn) -> None:
-        try:
-            waiter = await conn.ws.ping()
-            await waiter
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            return  # the reader sees the closed connection
+    def _pong(self, conn: WsConn) -> None:
         if conn.id in self.conns:
             self.session.pong(conn.id)
             self._pump()
+
+    async def _watch(self, conn: WsConn, ws: net_ws.WsClient) -> None:
+        """Waits for the connection to end and tells the session why."""
+        info = await ws.wait_closed()
+        if info.code is not None:
+            reason = f"closed by peer ({info.code})"
+        else:
+            reason = f"closed by peer (no close frame{': ' + info.error if info.error else ''})"
+        if conn.id in self.conns:
+            self.conns.pop(conn.id, None)
+            self.session.connection_lost(conn.id, reason[:200])
+            self._pump()
+            self.abort(conn)
+
+    async def _writer(self, conn: WsConn, ws: net_ws.WsClient) -> None:
+        """Empties the outbox once the transport takes frames again (idle: waits, no polling)."""
+        outbox = conn.outbox
+        while True:
+            text = await outbox.get()
+            # only while the peer is not reading: neither library offers a drain event on
+            # this interface, and an idle connection never gets here
+            while ws.write_buffer_size() >= WRITE_HIGH_WATER and not ws.closed:  # noqa: ASYNC110
+                await asyncio.sleep(WRITER_RETRY_S)
+            if ws.closed:
+                return  # the watcher reports it
+            ws.send_text(text)
 
     def abort(self, conn: WsConn) -> None:
         """Kill a connection at once: a black-holed peer would never finish a close handshake."""
@@ -210,8 +218,7 @@ class WsConnections:
             if t is not current:
                 t.cancel()
         if conn.ws is not None:
-            with contextlib.suppress(Exception):
-                conn.ws.transport.abort()
+            conn.ws.abort()
 
     async def settle(self) -> None:
         """Let aborted connections' tasks finish so nothing is left pending at exit."""
@@ -219,3 +226,7 @@ class WsConnections:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.sleep(0)
+
+
+async def _reraise(exc: Exception) -> None:
+    raise exc
