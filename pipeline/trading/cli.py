@@ -13,6 +13,10 @@
   ``order open-orders [--symbol S]|cancel-all --symbol S|account`` print the exchange's JSON
   answer (``{"ok", "status", "result", "error", ...}``, carried on the reply ring).
   Exit 0 when the exchange accepted, 1 when it (or the risk check) refused or no answer came.
+- ``trade`` checks every order against its symbol's exchangeInfo rules (tick and step size,
+  min/max quantity and notional, status incl. CANCEL_ONLY) once they are loaded: a violating
+  order is answered at once with a REJECT carrying the venue's code (-1013, -2010) and the
+  filter's name, never sent. ``--rules-refresh 0`` turns this off.
 - ``trade --risk-limits NAME`` checks every order against the risk consumer's limits table
   first; a refused order is answered with a REJECT, error_code -9009 and the limit in
   ``error_msg`` (``order place`` also prints it to stderr).
@@ -143,6 +147,26 @@ def _register_trade(subparsers: Any) -> None:
         metavar="S",
         help="refuse orders when the limits table is older than this (default 5)",
     )
+    p.add_argument(
+        "--rest-url",
+        default=None,
+        metavar="URL",
+        help="REST base URL for exchangeInfo (default: the one that goes with the WS API URL)",
+    )
+    p.add_argument(
+        "--rules-refresh",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="fetch the symbols' exchangeInfo rules again this often, for local pre-trade "
+        "checks (default 300; 0 = no local checks)",
+    )
+    p.add_argument(
+        "--symbols",
+        default="",
+        metavar="S1,S2",
+        help="load these symbols' rules at start (others: from their first order)",
+    )
     p.set_defaults(func=_trade)
 
 
@@ -197,6 +221,9 @@ def _trade(args: argparse.Namespace) -> int:
         order_prefix=args.order_prefix,
         risk_limits=args.risk_limits or None,
         risk_max_age_s=args.risk_max_age,
+        rest_url=args.rest_url,
+        rules_refresh_s=args.rules_refresh,
+        rules_symbols=tuple(s for s in args.symbols.upper().split(",") if s),
     )
     tp = TradingProcess(cfg, signer)
     log.info("trading starting", extra={"event": "trading_start", "url": url})

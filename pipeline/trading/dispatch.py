@@ -22,6 +22,7 @@ from pipeline.binance.wsapi import ApiError, Response
 from pipeline.logs import RateLimitedLog
 from pipeline.trading.answers import AnswerPublisher, ReplyTag
 from pipeline.trading.intake import OrderIntake
+from pipeline.trading.pretrade import PreTradeRules
 from pipeline.trading.riskgate import RiskGate
 from pipeline.trading.session import ERROR_TEXT, LOCAL_INVALID, LOCAL_OUTBOX_FULL, Session
 from pipeline.trading.sockets import WsConnections
@@ -59,6 +60,7 @@ class OrderDispatcher:
         sockets: WsConnections,
         risk: RiskGate | None,
         pump: Callable[[], None],
+        rules: PreTradeRules | None = None,
         mark_dirty: Callable[[], None],
         rate_limited_log: RateLimitedLog,
     ) -> None:
@@ -69,6 +71,7 @@ class OrderDispatcher:
         self._send_reply = answers.send_reply
         self._outbox_busy = sockets.busy
         self._risk = risk
+        self._rules = rules
         self._pump = pump
         self._mark_dirty = mark_dirty
         self._rl = rate_limited_log
@@ -208,6 +211,22 @@ class OrderDispatcher:
                              symbol=symbol, side=side)  # fmt: skip
         return True
 
+    def _rules_refused(self, cmd: Any, symbol: str, side: str) -> bool:
+        """The symbol's exchangeInfo rules (:mod:`pipeline.trading.pretrade`); on a violation
+        publish the REJECT with the venue's code and the filter's name, and return True."""
+        if self._rules is None:
+            return False
+        refused = self._rules.check(symbol, cmd.type, cmd.price, cmd.qty)
+        if refused is None:
+            return False
+        code, text = refused
+        self._mark_dirty()
+        self._rl.warning("pretrade_reject", f"order refused locally: {text}",
+                         client_order_id=cmd.client_order_id, symbol=symbol)  # fmt: skip
+        self._answer_locally(cmd, ExecKind.REJECT, OrderStatus.REJECTED, code, text,
+                             symbol=symbol, side=side)  # fmt: skip
+        return True
+
     def _refuse_busy(self, cmd: Any) -> None:
         """Answer a command locally because the outbox is nearly full (never queue it)."""
         self.outbox_full_rejects += 1
@@ -256,6 +275,8 @@ class OrderDispatcher:
             self._refuse_busy(cmd)
             return
         if cmd.action is OrderAction.PLACE:
+            if self._rules_refused(cmd, cmd.symbol, cmd.side):
+                return
             if self._risk_refused(cmd, cmd.symbol, cmd.side):
                 return
             sent = s.place(
@@ -277,6 +298,8 @@ class OrderDispatcher:
             info = s.order_info(cmd.orig_client_order_id)
             symbol = cmd.symbol or (info[0] if info else "")
             side = cmd.side or (info[1] if info else "")
+            if self._rules_refused(cmd, symbol, side):
+                return
             if self._risk_refused(cmd, symbol, side):
                 return
             sent = s.modify(

@@ -8,8 +8,9 @@ order/exec rings and the metrics block. It does nothing clever: every decision i
 the metrics block and systemd; each other job has a collaborator of its own, so each can be
 read alone: :class:`~pipeline.trading.sockets.WsConnections` (the sockets),
 :class:`~pipeline.trading.dispatch.OrderDispatcher` (order rings -> checks -> session),
-:class:`~pipeline.trading.answers.AnswerPublisher` (exec and reply rings) and
-:class:`~pipeline.trading.riskgate.RiskGate` (the pre-trade check).
+:class:`~pipeline.trading.answers.AnswerPublisher` (exec and reply rings),
+:class:`~pipeline.trading.pretrade.PreTradeRules` (the exchangeInfo rules, fetched by a task of
+their own) and :class:`~pipeline.trading.riskgate.RiskGate` (the pre-trade risk check).
 
 Shared memory it owns (names are constants so other processes can find them):
 
@@ -77,6 +78,8 @@ from pipeline.ops import sdnotify
 from pipeline.trading.answers import AnswerPublisher
 from pipeline.trading.dispatch import OrderDispatcher
 from pipeline.trading.intake import OrderIntake
+from pipeline.trading.pretrade import METRIC_FIELDS as PRETRADE_FIELDS
+from pipeline.trading.pretrade import PreTradeRules, RulesFetcher, rest_url_for
 from pipeline.trading.riskgate import RiskGate
 from pipeline.trading.session import (
     FLOAT_METRICS,
@@ -108,6 +111,8 @@ EXIT_CRASH = 70  # EX_SOFTWARE: a long-lived task died of an exception (a bug, o
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 # Session metrics (see pipeline.session.METRIC_FIELDS) plus the shell's own.
 SHELL_FIELDS: tuple[str, ...] = (
+    # pipeline.trading.pretrade.PreTradeRules.metrics(): the exchangeInfo rules and their use
+    *PRETRADE_FIELDS,
     "order_rings",
     "exec_published",
     "orders_stale",
@@ -161,6 +166,12 @@ class TradingConfig:
     heartbeat_interval_s: float = 1.0  # metrics block written at least this often, even idle
     outbox_capacity: int = 4096  # frames queued per connection (see the module docstring)
     transport: str = "picows"  # pipeline.net.ws implementation; "websockets" is the fallback
+    # Local pre-trade checks from exchangeInfo (pipeline.trading.pretrade): the REST base URL
+    # (None: the one that goes with ``url``), how often the rules are fetched again (0: no
+    # local checks), and symbols whose rules are loaded at start (others: from their first order).
+    rest_url: str | None = None
+    rules_refresh_s: float = 300.0
+    rules_symbols: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -183,6 +194,11 @@ class TradingProcess:
             if config.risk_limits
             else None
         )
+        self._rules = (
+            PreTradeRules(config.rules_symbols, refresh_s=config.rules_refresh_s)
+            if config.rules_refresh_s > 0
+            else None
+        )
         self._rl = RateLimitedLog(log)
         self._notified_ready = False
         self._pending_ready = False
@@ -202,6 +218,7 @@ class TradingProcess:
             sockets=self._sockets,
             risk=self._risk,
             pump=self._pump,
+            rules=self._rules,
             mark_dirty=self._mark_dirty,
             rate_limited_log=self._rl,
         )
@@ -330,6 +347,10 @@ class TradingProcess:
             self._task(self._timer_loop(), "trading-timers"),
             self._task(self._orders.run(self._stop), "trading-orders"),
         ]
+        if self._rules is not None:
+            rest_url = self.config.rest_url or rest_url_for(self.config.url)
+            fetcher = RulesFetcher(self._rules, rest_url)
+            tasks.append(self._task(fetcher.run(self._stop), "trading-rules"))
         try:
             self.session.start()
             self._pump()
@@ -397,6 +418,8 @@ class TradingProcess:
                 self._stop.set()
         updates = s.updates()
         if updates:
+            if self._rules is not None:
+                self._rules.note_refusals(updates)
             self._publish(updates)
         self._flush_metrics(force=False)
         if self._pending_status is not None:
@@ -427,6 +450,8 @@ class TradingProcess:
         values["heartbeat_interval_ms"] = int(self.config.heartbeat_interval_s * 1000)
         values["exec_sanitized"] = answers.sanitized
         values["outbox_full_rejects"] = orders.outbox_full_rejects
+        if self._rules is not None:
+            values.update(self._rules.metrics())
         values.update(orders.metrics())
         m.set(**{k: _metric(k, v) for k, v in values.items()})
 
