@@ -20,6 +20,7 @@ from websockets.http11 import Response
 
 from pipeline.binance.filters import SymbolRules
 from pipeline.sim import market as mk
+from pipeline.sim.venue_params import STP_MODES
 
 if TYPE_CHECKING:
     from pipeline.sim.faults import Faults
@@ -81,7 +82,7 @@ def _symbol_entry(rules: SymbolRules) -> dict[str, Any]:
         "permissions": [],
         "permissionSets": [["SPOT"]],
         "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
-        "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
+        "allowedSelfTradePreventionModes": list(STP_MODES),  # all six (section 7.2)
     }
 
 

@@ -28,6 +28,14 @@ from pipeline.sim.venue_params import (
     fmt,
 )
 from pipeline.sim.venue_reports import ExecutionReports
+from pipeline.sim.venue_stp import SelfTradePrevention
+
+# ``eR`` of an order that expires unfilled (section 2.15's expiry reasons)
+EXPIRY_REASONS = {
+    "MARKET": "INSUFFICIENT_LIQUIDITY",
+    "IOC": "UNFILLED_IOC_QUANTITY_EXPIRED",
+    "FOK": "UNFILLED_FOK_ORDER_EXPIRED",
+}
 
 
 class MatchingEngine:
@@ -60,6 +68,7 @@ class MatchingEngine:
         self.taking = False  # our own taker order is walking the market right now
         # called with the account when one of its orders trades for the first time
         self.first_fill_sink: Callable[[str], None] | None = None
+        self.stp = SelfTradePrevention(ledger, table, reports, self.close, self._self_fill)
 
     def submit(
         self, account: str, spec: NewOrder, now_ms: int
@@ -139,43 +148,86 @@ class MatchingEngine:
             (buy and ask is not None and spec.price >= ask)
             or (not buy and bid is not None and spec.price <= bid)
         )
+        limit: Decimal | None = None if spec.type == "MARKET" else spec.price
+        if is_market_buy:
+            cap = spec.quote_qty if spec.quote_qty else bal.free
+            limit = rules.floor_price(min(cap, bal.free) / qty) if qty > 0 else ZERO
+        own = self.stp.crossing(order, limit)  # our own resting orders this one would meet
         fills: list[dict[str, Any]] = []
-        if marketable:
-            limit: Decimal | None = None if spec.type == "MARKET" else spec.price
-            if is_market_buy:
-                cap = spec.quote_qty if spec.quote_qty else bal.free
-                limit = rules.floor_price(min(cap, bal.free) / qty) if qty > 0 else ZERO
-            take_qty = qty
-            if spec.tif == "FOK" and self.view.available(spec.symbol, spec.side, limit) < qty:
-                take_qty = ZERO
-            raw: list[tuple[Decimal, Decimal, int]] = []
-            if take_qty > 0:
-                self.taking = True
-                try:
-                    raw = list(self.market.take(spec.symbol, spec.side, take_qty, limit, now_ms))
-                finally:
-                    self.taking = False
-            for px, q, trade_id in raw:
-                px = px if isinstance(px, Decimal) else Decimal(str(px))
-                q = q if isinstance(q, Decimal) else Decimal(str(q))
-                if q <= 0:
-                    continue
-                fills.append(
-                    self.fill(
-                        order, px, q, int(trade_id), maker=False, now_ms=now_ms, events=events
-                    )
-                )
-        if order.remaining <= 0:
+        # FOK looks at public liquidity only (simplification: own orders are not counted)
+        if (marketable or own) and not (
+            spec.tif == "FOK" and self.view.available(spec.symbol, spec.side, limit) < qty
+        ):
+            for maker in own:  # public liquidity at better (or equal) prices first, see venue_stp
+                self._take(order, maker.price, now_ms, fills, events)
+                if order.remaining <= 0 or not order.is_open:
+                    break
+                self.stp.meet(order, maker, now_ms, events, fills)
+                if order.remaining <= 0 or not order.is_open:
+                    break
+            if order.remaining > 0 and order.is_open:
+                self._take(order, limit, now_ms, fills, events)
+        if order.status == "EXPIRED_IN_MATCH":
+            pass  # STP expired it (its TRADE_PREVENTION report is out)
+        elif order.remaining <= 0:
             order.status = "FILLED"
         elif spec.type == "MARKET" or spec.tif in ("IOC", "FOK"):
             order.status = "EXPIRED"
-            events.append((account, self.reports.report(order, "EXPIRED", now_ms)))
+            reason = EXPIRY_REASONS["MARKET" if spec.type == "MARKET" else spec.tif]
+            events.append(
+                (account, self.reports.report(order, "EXPIRED", now_ms, expiry_reason=reason))
+            )
         else:
             self.table.rest(order)
         if not order.is_open:
             self.close(order)
         events.append((account, self.ledger.position(acct, changed, now_ms)))
         return order, fills, events
+
+    def _take(
+        self,
+        order: Order,
+        limit: Decimal | None,
+        now_ms: int,
+        fills: list[dict[str, Any]],
+        events: list[VenueEvent],
+    ) -> None:
+        """Walk the public book for what ``order`` still wants, up to ``limit``."""
+        self.taking = True
+        try:
+            raw = self.market.take(order.symbol, order.side, order.remaining, limit, now_ms)
+        finally:
+            self.taking = False
+        for px, q, trade_id in raw:
+            px = px if isinstance(px, Decimal) else Decimal(str(px))
+            q = q if isinstance(q, Decimal) else Decimal(str(q))
+            if q <= 0:
+                continue
+            fills.append(
+                self.fill(order, px, q, int(trade_id), maker=False, now_ms=now_ms, events=events)
+            )
+
+    def _self_fill(
+        self,
+        taker: Order,
+        maker: Order,
+        now_ms: int,
+        events: list[VenueEvent],
+        fills: list[dict[str, Any]],
+    ) -> None:
+        """STP mode NONE: the two orders of one account trade at the maker's price."""
+        q = min(taker.remaining, maker.remaining)
+        self.taking = True  # the print must not fill resting orders through the listener
+        try:
+            trade_id = self._print_maker_fill(maker, q, now_ms)
+        finally:
+            self.taking = False
+        self.fill(maker, maker.price, q, trade_id, maker=True, now_ms=now_ms, events=events)
+        if not maker.is_open:
+            self.close(maker)
+        fills.append(
+            self.fill(taker, maker.price, q, trade_id, maker=False, now_ms=now_ms, events=events)
+        )
 
     def close(self, order: Order) -> None:
         """Order left the book: release what it still reserved, free its client id."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -61,10 +61,16 @@ class Order:
     amends: int = 0
     strategy_id: int | None = None
     strategy_type: int | None = None
+    # self-trade prevention (faqs/stp_faq.md): quantity expired by STP over the order's life,
+    # its last prevented match, and (taker only) the matches for the FULL place response
+    prevented_qty: Decimal = ZERO
+    prevented_match_id: int = -1
+    prevented_matches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def remaining(self) -> Decimal:
-        return self.orig_qty - self.executed_qty
+        """Quantity still available: ``origQty - executedQty - preventedQuantity`` (STP FAQ)."""
+        return self.orig_qty - self.executed_qty - self.prevented_qty
 
     @property
     def is_open(self) -> bool:
@@ -89,6 +95,12 @@ class Order:
         if self.strategy_type is not None:
             out["strategyType"] = self.strategy_type
 
+    def _prevented(self, out: dict[str, Any]) -> None:
+        """``preventedMatchId`` / ``preventedQuantity``: only on an order STP touched."""
+        if self.prevented_match_id >= 0:
+            out["preventedMatchId"] = self.prevented_match_id
+            out["preventedQuantity"] = fmt(self.prevented_qty)
+
     def ack(self, transact_time: int) -> dict[str, Any]:
         return {
             "symbol": self.symbol,
@@ -110,7 +122,10 @@ class Order:
         self._strategy(out)
         if resp_type == "FULL":
             out["fills"] = fills
+            if self.prevented_matches:
+                out["preventedMatches"] = self.prevented_matches
         out["selfTradePreventionMode"] = self.stp_mode
+        self._prevented(out)
         return out
 
     def cancel_result(self, transact_time: int) -> dict[str, Any]:
@@ -145,6 +160,7 @@ class Order:
         out["workingTime"] = self.working_time
         self._strategy(out)
         out["selfTradePreventionMode"] = self.stp_mode
+        self._prevented(out)
         return out
 
     def amended_order(self, prev_client_id: str) -> dict[str, Any]:
@@ -158,7 +174,7 @@ class Order:
             "price": fmt(self.price),
             "qty": fmt(self.orig_qty),
             "executedQty": fmt(self.executed_qty),
-            "preventedQty": fmt(ZERO),
+            "preventedQty": fmt(self.prevented_qty),
             "quoteOrderQty": fmt(self.orig_quote_qty),
             "cumulativeQuoteQty": fmt(self.cum_quote),  # sic: single m in amend responses
             "status": self.status,

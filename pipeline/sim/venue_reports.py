@@ -33,9 +33,15 @@ class ExecutionReports:
         maker: bool = False,
         cancel: bool = False,
         prev_client_id: str = "",
+        expiry_reason: str | None = None,
+        prevented: tuple[Decimal, Decimal, int] | None = None,
     ) -> dict[str, Any]:
         """One ``executionReport`` of ``o`` with execution type ``x`` (NEW, TRADE, CANCELED,
-        EXPIRED, REPLACED); ``cancel`` swaps the client ids as a cancel reports them."""
+        EXPIRED, REPLACED, TRADE_PREVENTION); ``cancel`` swaps the client ids as a cancel
+        reports them. ``expiry_reason`` is ``eR`` (sent only when given: the docs list it as
+        conditional). ``prevented`` = (last prevented qty, match price, counter order id) of a
+        TRADE_PREVENTION report: its ``l``/``L``/``Y`` stay 0 and ``pl``/``pL``/``pY`` carry the
+        values (section 2.15), with ``v``/``A``/``B``/``U``/``Cs``."""
         exec_id = self._next_exec_id
         self._next_exec_id += 1
         ev: dict[str, Any] = {
@@ -79,4 +85,16 @@ class ExecutionReports:
             ev["j"] = o.strategy_id
         if o.strategy_type is not None:
             ev["J"] = o.strategy_type
+        if prevented is not None:
+            last, px, counter_id = prevented
+            ev["v"] = o.prevented_match_id
+            ev["A"] = fmt(o.prevented_qty)
+            ev["B"] = fmt(last)
+            ev["U"] = counter_id
+            ev["Cs"] = o.symbol
+            ev["pl"] = fmt(last)
+            ev["pL"] = fmt(px)
+            ev["pY"] = fmt(last * px)
+        if expiry_reason is not None:
+            ev["eR"] = expiry_reason
         return ev
