@@ -14,6 +14,13 @@ Layering (later wins):
    :mod:`pipeline.logs`); within a known section an unknown key is an error. Lists are comma
    separated, tables are ``K=V,K=V``, booleans are ``1/0/true/false/yes/no/on/off``.
 
+The ``[sim]`` and ``[ingest]`` sections are the processes' own config types
+(:class:`pipeline.sim.config.SimConfig`, :class:`pipeline.marketdata.config.IngestConfig`):
+their fields' metadata (:mod:`pipeline.settings`) gives each TOML key, and the same metadata
+gives the process's flags, so `pipeline run` hands a child exactly the configured settings.
+Fields set in a shared section (ingest's ring is ``ring.name``) are copied in after loading,
+and ingest's own rules run on the result with errors naming the TOML key.
+
 See ``examples/pipeline.toml`` for every key with its meaning.
 """
 
@@ -31,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.binance.streams import STREAM_SUFFIXES
 from pipeline.ipc.records import TICK_RING
 from pipeline.marketdata.config import IngestConfig
 from pipeline.marketdata.config import validate as validate_ingest
@@ -50,9 +56,6 @@ from pipeline.sim.config import SimConfig
 ENV_PREFIX = "PIPELINE_"
 
 MODES = ("sim", "testnet", "live")
-# Every stream suffix ingest can parse (binance-protocol.md §1.6): the decoder's own table, so
-# the config cannot accept a kind ingest does not decode, or refuse one it does.
-STREAM_KINDS = tuple(STREAM_SUFFIXES)
 CONSUMERS = ("monitor", "persist", "risk")
 
 # Public endpoints per mode (binance-protocol.md §1.1, §2.1). "sim" endpoints come from the
