@@ -307,3 +307,45 @@ def test_stp_over_the_ws_api_parsed_by_our_user_data_parser(
             assert (m.status, m.prevented_qty, m.working) == ("NEW", 0.2, True)
 
     scenario(body)
+
+
+# ---------------------------------------------------------------------------- to the strategy
+
+
+def test_exec_record_carries_the_report_fields_to_the_strategy() -> None:
+    """What OrderClient decodes from the exec ring: the executionReport's I, eR, V, w, Y, A."""
+    import numpy as np
+
+    from pipeline.trading.client import ExecReport
+    from pipeline.trading.wire import (
+        EXEC_DTYPE,
+        ExecKind,
+        ExecUpdate,
+        OrderStatus,
+        exec_record,
+    )
+
+    u = ExecUpdate(
+        "c1",
+        ExecKind.EXPIRED,
+        OrderStatus.EXPIRED_IN_MATCH,
+        symbol="BTCUSDT",
+        exec_id=117599651999,
+        expiry_reason="NONE",
+        stp_mode="DECREMENT",
+        working=True,
+        last_quote=19.83,
+        prevented_qty=0.2,
+    )
+    rep = ExecReport.from_record(np.array([exec_record(u, 1)], dtype=EXEC_DTYPE)[0])
+    assert (rep.status, rep.exec_id, rep.expiry_reason, rep.stp_mode) == (
+        "EXPIRED_IN_MATCH",
+        117599651999,
+        "NONE",
+        "DECREMENT",
+    )
+    assert (rep.working, rep.last_quote, rep.prevented_qty) == (True, 19.83, 0.2)
+    odd = ExecUpdate("c2", ExecKind.EXPIRED, OrderStatus.EXPIRED, expiry_reason="NEW_2027")
+    rep = ExecReport.from_record(np.array([exec_record(odd, 1)], dtype=EXEC_DTYPE)[0])
+    assert (rep.expiry_reason, rep.stp_mode, rep.exec_id) == ("OTHER", "", -1)
+    assert rep.as_dict()["expiry_reason"] == "OTHER"  # `pipeline order` prints as_dict()

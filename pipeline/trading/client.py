@@ -22,12 +22,15 @@ from pipeline.ipc.ring import RingReader, RingWriter
 from pipeline.trading.wake import WAKE_SCAN, WakeSender, wake_name_for
 from pipeline.trading.wire import (
     EXEC_RING,
+    EXPIRY_REASONS,
+    FLAG_WORKING,
     MAX_REPLY_CHUNKS,
     ORDER_DTYPE,
     ORDER_RING_PREFIX,
     REPLY_RING,
     REQUEST_METHODS,
     SIDES,
+    STP_MODES,
     TIFS,
     TYPES,
     ExecKind,
@@ -146,6 +149,13 @@ class ExecReport:
     publish_time_ns: int
     sent_time_ns: int
     reply_time_ns: int
+    # from the venue's executionReport (issue #13); defaults on records that had none
+    exec_id: int = -1  # I
+    expiry_reason: str = ""  # eR, e.g. UNFILLED_IOC_QUANTITY_EXPIRED ("" = not sent)
+    stp_mode: str = ""  # V
+    working: bool = False  # w: on the book
+    last_quote: float = 0.0  # Y
+    prevented_qty: float = 0.0  # A: expired by self-trade prevention
 
     @classmethod
     def from_record(cls, r: Any) -> ExecReport:
@@ -169,10 +179,20 @@ class ExecReport:
             publish_time_ns=int(r["publish_time_ns"]),
             sent_time_ns=int(r["sent_time_ns"]),
             reply_time_ns=int(r["reply_time_ns"]),
+            exec_id=int(r["exec_id"]),
+            expiry_reason=_name(EXPIRY_REASONS, int(r["expiry_reason"])),
+            stp_mode=_name(STP_MODES, int(r["stp_mode"])),
+            working=bool(int(r["flags"]) & FLAG_WORKING),
+            last_quote=float(r["last_quote"]),
+            prevented_qty=float(r["prevented_qty"]),
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _name(names: tuple[str, ...], i: int) -> str:
+    return names[i] if i < len(names) else "OTHER"
 
 
 class TradingNotRunningError(RuntimeError):

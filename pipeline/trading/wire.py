@@ -106,6 +106,13 @@ class ExecUpdate:
     orig_client_order_id: str = ""
     sent_time_ns: int = 0  # wall clock when the request was handed to the socket layer
     reply_time_ns: int = 0  # wall clock when its response frame arrived
+    # from the executionReport (section 7.2), for the strategy; defaults when there was none
+    exec_id: int = -1  # I
+    expiry_reason: str = ""  # eR
+    stp_mode: str = ""  # V
+    working: bool = False  # w
+    last_quote: float = 0.0  # Y
+    prevented_qty: float = 0.0  # A: quantity expired by self-trade prevention
 
 
 # ---- the rings -----------------------------------------------------------------------------
@@ -151,6 +158,37 @@ REQUEST_METHODS: dict[OrderAction, str] = {
     OrderAction.ACCOUNT: "account.status",
 }
 
+# executionReport ``eR`` and ``V`` as one byte each (0 = not sent; "OTHER" = a value this
+# table does not know yet: kept as a fact, not dropped as nothing)
+EXPIRY_REASONS = (
+    "",
+    "NONE",
+    "REJECTED",
+    "EXCHANGE_CANCELED",
+    "OCO_TRIGGER",
+    "OTO_PHASE_ONE_EXPIRED",
+    "UNFILLED_IOC_QUANTITY_EXPIRED",
+    "UNFILLED_FOK_ORDER_EXPIRED",
+    "INSUFFICIENT_LIQUIDITY",
+    "EXECUTION_RULE_PRICE_RANGE_EXCEEDED",
+    "OTHER",
+)
+STP_MODES = (
+    "",
+    "NONE",
+    "EXPIRE_TAKER",
+    "EXPIRE_MAKER",
+    "EXPIRE_BOTH",
+    "DECREMENT",
+    "TRANSFER",
+    "OTHER",
+)
+_EXPIRY_INDEX = {name: i for i, name in enumerate(EXPIRY_REASONS)}
+_STP_INDEX = {name: i for i, name in enumerate(STP_MODES)}
+_EXPIRY_OTHER = len(EXPIRY_REASONS) - 1
+_STP_OTHER = len(STP_MODES) - 1
+FLAG_WORKING = 1  # EXEC_DTYPE.flags: the order is on the book (executionReport ``w``)
+
 SIDES = ("", "BUY", "SELL")
 TYPES = ("", "LIMIT", "MARKET", "LIMIT_MAKER")
 TIFS = ("", "GTC", "IOC", "FOK")
@@ -177,10 +215,12 @@ EXEC_DTYPE = np.dtype(
         ("kind", "u1"),  # ExecKind
         ("status", "u1"),  # OrderStatus
         ("side", "u1"),  # index into SIDES
-        ("_pad", "u1"),
+        ("flags", "u1"),  # FLAG_WORKING
         ("error_code", "<i4"),  # Binance code (< 0), or a LOCAL_* code (-9xxx), 0 = none
         ("client_id", "<u4"),
-        ("_pad2", "<u4"),
+        ("expiry_reason", "u1"),  # index into EXPIRY_REASONS (eR)
+        ("stp_mode", "u1"),  # index into STP_MODES (V)
+        ("_pad2", "<u2"),
         ("order_id", "<i8"),  # exchange orderId, -1 until known
         ("price", "<f8"),
         ("qty", "<f8"),
@@ -193,6 +233,9 @@ EXEC_DTYPE = np.dtype(
         ("publish_time_ns", "<i8"),  # trading process wall clock when published
         ("sent_time_ns", "<i8"),  # ACK: request handed to the socket layer (trading process)
         ("reply_time_ns", "<i8"),  # ACK: response frame received (trading process)
+        ("exec_id", "<i8"),  # executionReport I, -1 if none
+        ("last_quote", "<f8"),  # executionReport Y (last_qty * last_price)
+        ("prevented_qty", "<f8"),  # executionReport A: expired by self-trade prevention
         ("symbol", "S24"),
         ("client_order_id", "S40"),
         ("error_msg", "S128"),  # short text (truncated); codes are the contract
@@ -229,9 +272,11 @@ def exec_record(u: ExecUpdate, publish_time_ns: int) -> tuple[Any, ...]:
         int(u.kind),
         int(u.status),
         SIDES.index(u.side) if u.side in SIDES else 0,
-        0,
+        FLAG_WORKING if u.working else 0,
         int(u.error_code),
         int(u.client_id) & 0xFFFFFFFF,
+        _EXPIRY_INDEX.get(u.expiry_reason, _EXPIRY_OTHER),
+        _STP_INDEX.get(u.stp_mode, _STP_OTHER),
         0,
         int(u.order_id),
         float(u.price),
@@ -245,6 +290,9 @@ def exec_record(u: ExecUpdate, publish_time_ns: int) -> tuple[Any, ...]:
         publish_time_ns,
         int(u.sent_time_ns),
         int(u.reply_time_ns),
+        int(u.exec_id),
+        float(u.last_quote),
+        float(u.prevented_qty),
         u.symbol.encode()[:24],
         u.client_order_id.encode()[:40],
         _truncate_utf8(u.error_msg, 128),
