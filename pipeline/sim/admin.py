@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -43,26 +44,18 @@ class Admin:
     def handle(self, method: str, path: str, q: dict[str, list[str]], body: bytes) -> Response:
         if path == "/sim/state" and method == "GET":
             return json_response(200, self.state())
-        if path == "/sim/inject":
+        json_posts: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "/sim/inject": self.inject,
+            "/sim/symbol_status": self.symbol_status,
+        }
+        if path in json_posts:
             if method != "POST":
                 return json_response(405, {"error": "use POST"})
             try:
                 spec = orjson.loads(body or b"null")
                 if not isinstance(spec, dict):
                     raise FaultError("body must be a JSON object")
-                return json_response(200, self.inject(spec))
-            except orjson.JSONDecodeError as exc:
-                return json_response(400, {"error": f"body is not JSON: {exc}"})
-            except FaultError as exc:
-                return json_response(400, {"error": str(exc)})
-        if path == "/sim/symbol_status":
-            if method != "POST":
-                return json_response(405, {"error": "use POST"})
-            try:
-                spec = orjson.loads(body or b"null")
-                if not isinstance(spec, dict):
-                    raise FaultError("body must be a JSON object")
-                return json_response(200, self.symbol_status(spec))
+                return json_response(200, json_posts[path](spec))
             except orjson.JSONDecodeError as exc:
                 return json_response(400, {"error": f"body is not JSON: {exc}"})
             except FaultError as exc:
