@@ -77,6 +77,7 @@ from pipeline.logs import RateLimitedLog
 from pipeline.ops import sdnotify
 from pipeline.trading.answers import AnswerPublisher
 from pipeline.trading.dispatch import OrderDispatcher
+from pipeline.trading.encode import TemplateRequestBuilder
 from pipeline.trading.intake import OrderIntake
 from pipeline.trading.pretrade import METRIC_FIELDS as PRETRADE_FIELDS
 from pipeline.trading.pretrade import PreTradeRules, RulesFetcher, rest_url_for
@@ -180,7 +181,11 @@ class TradingProcess:
 
     def __init__(self, config: TradingConfig, signer: Any, *, session: Session | None = None):
         self.config = config
-        self.session = session or Session(config.session, signer)
+        # requests written as text on the order path (trading/encode.py), byte-identical
+        builder = TemplateRequestBuilder(
+            config.session.api_key, signer, recv_window_ms=config.session.recv_window_ms
+        )
+        self.session = session or Session(config.session, signer, builder=builder)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._exit_code: int | None = None
