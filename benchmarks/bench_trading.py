@@ -14,6 +14,15 @@ session and codec, exec ring and client wake-up. "wire" = reply - sent: websocke
 receive on both ends, loopback TCP and the simulator's own processing (an upper bound for the
 network part). p50/p99 of the total and the share of each part are printed and recorded.
 
+Issue #13 rows, side by side with the round trip: ``submit_to_wire`` (client submit -> the
+request built and written to the transport: ``sent`` is stamped when the session builds the
+request, and with picows the frame is written in the same call), the **floor** for it
+(:func:`test_floor_write` - a minimal asyncio client writing a pre-built masked frame of the
+same size to the same simulator WS API endpoint: what a write costs at all), ``reply_to_seen``
+(venue reply bytes received -> exec record seen by the strategy) and the CPU an idle trading
+process uses over 10 s (:func:`test_idle_trading_cpu`, psutil). Aims: submit -> wire p50 within
+2x of the floor and < 15 us; reply -> seen p50 < 20 us; idle <= 2% of a core.
+
 Scale with ``BENCH_SCALE`` (default 1.0 = 2000 orders; 0.01 for a smoke run).
 Smoke run: ``BENCH_SCALE=0.01 pytest benchmarks/bench_trading.py --benchmark-disable``.
 """
@@ -88,7 +97,8 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             if time.monotonic() > deadline or trade.poll() is not None:
                 raise RuntimeError("trading process did not become READY")
             time.sleep(0.05)
-        yield {"exec_ring": exec_ring, "bid": info["bid"], "tag": tag}
+        yield {"exec_ring": exec_ring, "bid": info["bid"], "tag": tag, "url": info["url"],
+               "pid": trade.pid}
     finally:
         trade.terminate()
         _out, err = trade.communicate(timeout=20)
@@ -152,8 +162,113 @@ def test_order_round_trip(stack: dict[str, Any], benchmark: Any) -> None:
         "ours_p50_us": round(float(np.percentile(ours, 50)), 1),
         "ours_share": round(float(ours.sum() / total.sum()), 3),
         "client_to_sent_p50_us": round(float(np.percentile((sent - submit) / 1e3, 50)), 1),
+        "submit_to_wire_p99_us": round(float(np.percentile((sent - submit) / 1e3, 99)), 1),
         "reply_to_seen_p50_us": round(float(np.percentile((seen - reply) / 1e3, 50)), 1),
+        "reply_to_seen_p99_us": round(float(np.percentile((seen - reply) / 1e3, 99)), 1),
+        "reply_to_publish_p50_us": round(float(np.percentile((publish - reply) / 1e3, 50)), 1),
     }
     benchmark.extra_info.update(summary)
     emit("order round trip (strategy -> shm -> trading -> WS API -> ack -> strategy): "
          + json.dumps(summary))
+
+
+def _order_frame_size() -> int:
+    """Bytes of one order.place request as the trading process writes it (unmasked payload)."""
+    from pipeline.trading.encode import TemplateRequestBuilder
+
+    b = TemplateRequestBuilder("bench", None, id_prefix="1a2b3c4d5e-")
+    params = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "quantity": 0.001,
+              "newClientOrderId": "benchc1m2k3l4-1a", "price": 45000.12, "timeInForce": "GTC"}
+    return len(b.build("order.place", params, timestamp_ms=1_767_225_600_123)[1].encode())
+
+
+def _masked_text_frame(payload: bytes) -> bytes:
+    """A client->server text frame (FIN, masked), built once: the floor writes it as is."""
+    mask = os.urandom(4)
+    n = len(payload)
+    length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    head = bytes([0x81]) + length
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+def test_floor_write(stack: dict[str, Any], benchmark: Any) -> None:
+    """The floor for submit -> wire: a minimal asyncio client, already connected to the
+    simulator's WS API, writes a pre-built masked frame the size of an order request; each
+    round times only ``transport.write`` (what any Python sender pays), then waits for the
+    answer so rounds do not queue up."""
+    import asyncio
+    import base64
+    from urllib.parse import urlsplit
+
+    size = _order_frame_size()
+    times: list[int] = []
+
+    async def main() -> None:
+        u = urlsplit(stack["url"])
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head[:200]
+        payload = b'{"id":"f1","method":"ping","pad":"' + b"x" * max(0, size - 36) + b'"}'
+        frame = _masked_text_frame(payload[:size] if len(payload) > size else payload)
+        tr = writer.transport
+        time_ns = time.time_ns
+        for _ in range(N_ORDERS):
+            t0 = time_ns()
+            tr.write(frame)
+            t1 = time_ns()
+            times.append(t1 - t0)
+            first = await reader.readexactly(2)  # the answer (an error: no such param), whole
+            n = first[1] & 0x7F
+            if n == 126:
+                n = int.from_bytes(await reader.readexactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await reader.readexactly(8), "big")
+            await reader.readexactly(n)
+        writer.close()
+
+    benchmark.pedantic(lambda: asyncio.run(main()), rounds=1, iterations=1)
+    a = np.array(times, dtype=np.int64) / 1e3
+    summary = {
+        "frames": len(a),
+        "frame_bytes": size,
+        "floor_write_p50_us": round(float(np.percentile(a, 50)), 2),
+        "floor_write_p99_us": round(float(np.percentile(a, 99)), 2),
+    }
+    benchmark.extra_info.update(summary)
+    emit("floor: minimal asyncio client, pre-built masked frame -> transport.write: "
+         + json.dumps(summary))
+
+
+def test_idle_trading_cpu(stack: dict[str, Any], benchmark: Any) -> None:
+    """CPU of the logged-on trading process with no orders for 10 s (a strategy attached, so
+    its order ring is being watched). Aim: <= 2% of a core."""
+    import psutil
+
+    from pipeline.trading.client import OrderClient
+
+    proc = psutil.Process(stack["pid"])
+    client = OrderClient.attach(f"{stack['tag']}i", exec_ring=stack["exec_ring"])
+    try:
+        time.sleep(1.0)  # let it attach the ring and settle
+        result: dict[str, float] = {}
+
+        def measure() -> None:
+            t0, c0 = time.monotonic(), proc.cpu_times()
+            time.sleep(10.0 * min(1.0, max(SCALE, 0.1)))
+            t1, c1 = time.monotonic(), proc.cpu_times()
+            busy = (c1.user - c0.user) + (c1.system - c0.system)
+            result["idle_cpu_pct"] = round(100 * busy / (t1 - t0), 2)
+            result["seconds"] = round(t1 - t0, 1)
+
+        benchmark.pedantic(measure, rounds=1, iterations=1)
+    finally:
+        client.close()
+    benchmark.extra_info.update(result)
+    emit("idle trading process CPU (% of one core, no orders): " + json.dumps(result))
