@@ -285,19 +285,25 @@ def test_mutated_frames_are_declined_or_decoded_exactly_as_python_would(
 
 
 class Conn:
+    """A connection as the shell keeps it: the compiled path never looks inside (it only hands
+    the object back to the fallback), so its state is whatever the shell records."""
+
     def __init__(self) -> None:
         self.last_ns = 0
         self.first_pending = False
 
 
 class Shell:
-    """The Python side on_message hands over to: records every call."""
+    """The Python side on_message hands over to: records every call and, as Ingest does, the
+    connection's last frame time."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []  # (code, recv_ns)
 
     def __call__(self, conn: Any, payload: bytes, recv_ns: int, code: int) -> None:
         self.calls.append((code, recv_ns))
+        if isinstance(conn, Conn):
+            conn.last_ns = recv_ns
 
 
 def make_writer(name: str, capacity: int, max_staged: int) -> RingWriter:
@@ -324,10 +330,13 @@ def test_stages_the_next_id_into_the_ring_and_declines_the_rest(ticks: Any,
         assert w.staged == 1
         assert conn.last_ns == 2
         w.commit(555)
-        fast.iter_open = 1
-        for k in range(101, 104):  # staged silently until the batch (4) is full
+        fast.iter_open = 1  # a loop iteration opened (by the shell, in Ingest)
+        for k in range(101, 104):  # staged silently until the batch (4) is full ...
             fast.on_message(conn, frame(a=k), k)
-        assert len(shell.calls) == 2
+        # ... but for the connection's first frame in the iteration (the shell's per-connection
+        # state: the compiled path keeps none)
+        assert shell.calls[2:] == [(2, 101)]
+        assert conn.last_ns == 101
         assert w.staged == 3
         fast.on_message(conn, frame(a=104), 104)
         assert shell.calls[-1] == (2, 104)
@@ -341,9 +350,11 @@ def test_stages_the_next_id_into_the_ring_and_declines_the_rest(ticks: Any,
         assert [c for c, _ in shell.calls[-2:]] == [0, 0]
         assert fast.last_id(0) == 104
         assert fast.frames == 5
+        conn = Conn()  # a new connection (a rotation) in the same loop iteration
         conn.first_pending = True
         fast.on_message(conn, frame(a=105), 108)
         assert shell.calls[-1] == (2, 108)  # the connection's first frame: the shell is told
+        assert conn.last_ns == 108
         w.commit(777)
         with RingReader.attach(shm_name, start="oldest") as rd:
             r = rd.poll()
@@ -382,7 +393,9 @@ def test_trade_and_book_ticker_state(ticks: Any, shm_name: str) -> None:
         fast.on_message(conn, book_frame(u=9), 5)
         fast.on_message(conn, book_frame(u=9), 6)  # same u: duplicate, the shell drops it
         fast.on_message(conn, book_frame(u=30, b="1.75"), 7)  # newer by any amount
-        assert [c for c, _ in shell.calls] == [0, 0, 0, 0]
+        # declined: the two unarmed, the hole, the duplicate; 2: the first frame staged for
+        # this connection in this iteration
+        assert [c for c, _ in shell.calls] == [0, 0, 2, 0, 0]
         assert w.staged == 3
         assert fast.last_id(0, int(Kind.TRADE)) == 7
         assert fast.last_id(1, int(Kind.BOOK_TICKER)) == 30
@@ -492,13 +505,118 @@ def test_a_far_book_ticker_id_goes_to_python(ticks: Any, shm_name: str) -> None:
         fast.on_message(conn, book_frame(u=10**17), 1)  # 18 digits: parsed, but far
         fast.on_message(conn, book_frame(u=1008), 2)  # exactly max_id_jump newer: taken
         fast.on_message(conn, book_frame(u=2009), 3)  # one more than that: declined
-        assert [c for c, _ in shell.calls] == [0, 0]
+        assert [c for c, _ in shell.calls] == [0, 2, 0]  # (2: the connection's first staged)
         assert w.staged == 1
         assert fast.last_id(1, int(Kind.BOOK_TICKER)) == 1008
         fast.set_last(1, -3, int(Kind.BOOK_TICKER))  # never armed on a negative id
         assert fast.last_id(1, int(Kind.BOOK_TICKER)) is None
         with pytest.raises(ValueError, match="max_id_jump"):
             ticks.TickFastPath(fastpath.routes(SYMBOLS), 2, max_id_jump=0)
+    finally:
+        fast.close()
+        w.close()
+
+
+# ---- the boundary: buffers and integers in, no attribute of a Python object -------------------
+
+
+class AttributeTrap:
+    """An object any attribute access of which fails the test: what the compiled path is given
+    as a connection must stay an opaque token to it."""
+
+    def __getattribute__(self, name: str) -> Any:
+        raise AssertionError(f"the compiled path looked up attribute {name!r}")
+
+
+class PublicViewOnly:
+    """A ring writer reduced to its public view for a fast path: any other attribute fails."""
+
+    def __init__(self, core: Any) -> None:
+        object.__setattr__(self, "_view", core.fast_path_view())
+
+    def fast_path_view(self) -> Any:
+        return object.__getattribute__(self, "_view")
+
+    def __getattribute__(self, name: str) -> Any:
+        if name != "fast_path_view":
+            raise AssertionError(f"the fast path reached for writer.{name}")
+        return object.__getattribute__(self, name)
+
+
+def test_the_compiled_path_needs_only_the_writers_public_view(ticks: Any) -> None:
+    """Built from an object that has nothing but ``fast_path_view()``, fed connections that
+    fail on any attribute access, it stages into the writer's batch: the writer's ``staged``
+    and ``commit`` see its records (the batch lives in the ring header), and it keeps no
+    reference to the writer object itself."""
+    import gc
+    import weakref
+
+    from pipeline.ipc.layout import RingLayout, format_header
+    from pipeline.ipc.ring import ReaderCore, WriterCore
+
+    layout = RingLayout.compute(TICK_DTYPE, 8, SYMBOLS, 4)
+    buf = bytearray(layout.total_size)
+    format_header(buf, layout)
+    core = WriterCore(buf, layout)
+    core.configure_staging("publish_time_ns", 4)
+    calls: list[tuple[int, int]] = []
+    writer = PublicViewOnly(core)
+    fast, _ = fastpath.build("on", SYMBOLS, writer, lambda c, p, r, code: calls.append((code, r)),
+                             1 << 20)
+    gone = weakref.ref(writer)
+    del writer
+    gc.collect()
+    assert gone() is None  # the extension holds buffers, not the writer
+    try:
+        conn = AttributeTrap()
+        fast.set_last(0, 99)
+        fast.on_message(conn, frame(a=100), 1)  # told: no iteration open
+        fast.iter_open = 1
+        fast.on_message(conn, frame(a=101), 2)  # told: first of this connection in the iteration
+        fast.on_message(conn, frame(a=102), 3)  # staged silently
+        assert calls == [(2, 1), (2, 2)]
+        assert core.staged == 3
+        assert core.commit(42) == 3
+        core.stage((int(Kind.TRADE), 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 7, 0, 0, 0))
+        fast.on_message(conn, frame(a=103), 4)  # behind the Python-staged record
+        assert core.staged == 2
+        core.commit(43)
+        got = ReaderCore(buf, layout, start="oldest").poll()
+        assert got["trade_id"].tolist() == [100, 101, 102, 7, 103]
+        assert got["publish_time_ns"].tolist() == [42, 42, 42, 43, 43]
+        mine = got[[0]].copy()
+        mine["publish_time_ns"] = 0
+        assert mine.tobytes() == reference(frame(a=100), SYMBOLS, 1)
+    finally:
+        fast.close()
+
+
+def test_each_connection_is_handed_to_the_shell_once_per_loop_iteration(ticks: Any,
+                                                                         shm_name: str) -> None:
+    """The shell keeps per-connection state (last frame time, first frame seen): the compiled
+    path calls it (code 2) for the first frame it stages of each connection in a loop iteration,
+    again when the connections alternate, and never for the rest."""
+    w = make_writer(shm_name, 64, 32)
+    shell = Shell()
+    fast, _ = fastpath.build("on", SYMBOLS, w, shell, 1 << 20)
+    try:
+        a, b = Conn(), Conn()
+        fast.set_last(0, 0)
+        fast.set_last(1, 0)
+        fast.iter_open = 1
+        fast.on_message(a, frame(a=1), 10)
+        fast.on_message(a, frame(a=2), 11)
+        fast.on_message(b, frame(a=1, stream="ethusdt@aggTrade"), 12)
+        fast.on_message(b, frame(a=2, stream="ethusdt@aggTrade"), 13)
+        fast.on_message(a, frame(a=3), 14)
+        assert shell.calls == [(2, 10), (2, 12), (2, 14)]
+        assert (a.last_ns, b.last_ns) == (14, 12)
+        fast.iter_open = 1  # the next iteration: every connection is told again
+        fast.on_message(a, frame(a=4), 15)
+        fast.on_message(a, frame(a=5), 16)
+        assert shell.calls[3:] == [(2, 15)]
+        assert w.staged == 7
+        assert fast.frames == 7
     finally:
         fast.close()
         w.close()

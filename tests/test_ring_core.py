@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pipeline.ipc.records import TICK_DTYPE
 from pipeline.ipc.ring import (
     MAGIC,
+    FastPathView,
     ReaderCore,
     RingError,
     RingLayout,
@@ -413,6 +414,59 @@ def test_a_lapped_reader_never_takes_a_staged_slot_for_a_good_one() -> None:
     assert not np.any(got["id"] == 99)
     w.commit(1)
     assert r.poll()["id"].tolist() == [99]
+
+
+def stage_through_view(view: FastPathView, record: bytes) -> bool:
+    """The staging protocol of :class:`FastPathView`, step by step as a compiled path follows
+    it (its pure-Python twin): False (nothing written) while a full batch waits."""
+    hdr = view.header
+    s = hdr[view.intent_word]  # cursor + staged
+    if s - hdr[view.cursor_word] >= view.max_staged:
+        return False
+    i, rs = s & (view.capacity - 1), view.record_size
+    hdr[view.intent_word] = s + 1
+    view.data[i * rs : (i + 1) * rs] = record
+    view.seqs[i] = s
+    return True
+
+
+def test_a_fast_path_stages_into_the_writers_batch_through_the_public_view() -> None:
+    """The batch is in the ring header, not in the writer object: records staged through the
+    view and by stage() form one batch, in order, counted by ``staged`` and published by one
+    commit, across the wrap."""
+    buf, layout = make_ring(8, STAMPED)
+    w, r = WriterCore(buf, layout), ReaderCore(buf, layout, verify=True)
+    w.configure_staging("stamp", 3)
+    view = w.fast_path_view()
+    assert (view.capacity, view.record_size, view.max_staged, view.stamp_offset) == (8, 24, 3, 16)
+    assert view.header[view.cursor_word] == view.header[view.intent_word] == 0
+    seen: list[int] = []
+    for k in range(0, 30, 3):
+        w.stage((k, 0.5))
+        assert stage_through_view(view, np.array([(k + 1, 1.5, 0)], STAMPED).tobytes())
+        assert w.staged == 2
+        assert w.stage((k + 2, 2.5)) is True  # the batch (3) is full, the view's record counted
+        assert not stage_through_view(view, bytes(24))  # full: declined, nothing written
+        assert w.commit(k) == 3
+        got = r.poll()
+        assert got["stamp"].tolist() == [k] * 3
+        seen += got["id"].tolist()
+    assert seen == list(range(30))
+    assert r.missed == 0
+    assert w.cursor == view.header[view.cursor_word] == 30
+
+
+def test_a_writer_refuses_a_ring_with_uncommitted_staged_records() -> None:
+    """A writer that staged and never committed leaves intent > cursor: a second writer on that
+    memory cannot tell which of those slots a reader may still trust, so it refuses."""
+    buf, layout = make_ring(8, STAMPED)
+    w = WriterCore(buf, layout)
+    w.configure_staging("stamp")
+    w.stage((1, 0.0))
+    with pytest.raises(RingError, match="never committed"):
+        WriterCore(buf, layout)
+    w.commit(1)
+    assert WriterCore(buf, layout).cursor == 1
 
 
 # --- idle policy (pure) -------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import importlib
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -117,7 +117,8 @@ __all__ = [
     "W_DATA_OFF", "W_DTYPE_LEN", "W_DTYPE_OFF", "W_EPOCH_NS", "W_GENERATION", "W_HEADER_BYTES",
     "W_INTENT", "W_MAGIC", "W_READERS_MAX", "W_READERS_OFF", "W_RECORD_SIZE", "W_SEQS_OFF",
     "W_SYMBOLS_LEN", "W_SYMBOLS_OFF", "W_TOTAL_SIZE", "W_VERSION", "W_WRITER_PID",
-    "W_WRITER_START", "IdlePolicy", "ReaderCore", "RingError", "RingExistsError", "RingLayout",
+    "W_WRITER_START", "FastPathView", "IdlePolicy", "ReaderCore", "RingError", "RingExistsError",
+    "RingLayout",
     "RingLayoutError", "RingNotFoundError", "RingReader", "RingUntrustedError", "RingWriter",
     "WriterCore", "claim_entry", "dtype_from_json", "dtype_to_json", "format_header",
     "idle_policy", "list_readers", "list_rings", "nap_schedule", "next_nap", "parse_header",
@@ -195,6 +196,35 @@ class _RingEnd:
         self._data = mv[layout.data_off : layout.data_off + layout.capacity * self._rs]
 
 
+class FastPathView(NamedTuple):
+    """What a compiled fast path may use of a :class:`WriterCore` to stage records itself: its
+    buffers and integers, nothing else (:meth:`WriterCore.fast_path_view`).
+
+    Why a view: a compiled path that read the writer's attributes by name would break silently
+    on a Python refactor. Everything it needs is memory and numbers, and the batch state is in
+    the ring header, where the writer keeps it too:
+
+    - ``header[cursor_word]`` is the cursor (records committed; only the writer's
+      :meth:`~WriterCore.commit` moves it) and ``header[intent_word] - header[cursor_word]``
+      the number of records staged, so ``header[intent_word]`` is the sequence ``s`` to stage
+      next, in slot ``s & (capacity - 1)``;
+    - staging ``s`` (at most ``max_staged`` staged at once): ``header[intent_word] = s + 1``,
+      then the record into ``data[slot * record_size:][:record_size]`` (``stamp_offset``: the
+      int64 the commit writes, left 0), then ``seqs[slot] = s``: the order
+      :meth:`WriterCore.stage` keeps, so a lagging reader never takes a half-written slot.
+    """
+
+    data: memoryview  #: the record slots, ``capacity * record_size`` bytes
+    seqs: memoryview  #: one int64 sequence stamp per slot
+    header: memoryview  #: the ring header as int64 words
+    capacity: int  #: slots (a power of two)
+    record_size: int  #: bytes per slot
+    max_staged: int  #: staged records at which the writer must commit
+    stamp_offset: int  #: offset in a record of the field commit() writes; -1: none
+    cursor_word: int  #: header word of the cursor
+    intent_word: int  #: header word of the intent (cursor + staged)
+
+
 class WriterCore(_RingEnd):
     """Publishes records into a formatted ring buffer. Single producer: one WriterCore per ring.
 
@@ -205,6 +235,11 @@ class WriterCore(_RingEnd):
     record into its slot, unpublished), then ``commit(stamp)`` publishes them all at once (one
     cursor store; the stamp field, see :meth:`configure_staging`, written at commit). ``publish``
     and ``publish_many`` commit staged records first, so the order is always the call order.
+
+    The number staged is not kept in this object but in the ring header: the intent word is
+    always ``cursor + staged`` (every write announces itself there first). So a compiled path
+    given :meth:`fast_path_view` stages into the same batch without reaching into this object,
+    and ``staged`` / :meth:`commit` see its records.
     """
 
     def __init__(self, buf: memoryview | bytearray, layout: RingLayout) -> None:
@@ -218,7 +253,12 @@ class WriterCore(_RingEnd):
         st = struct_for(self.dtype)
         self._pack_into = st.pack_into if st is not None else None
         self._cursor = int(self._hdr[W_CURSOR])
-        self._staged = 0
+        intent = int(self._hdr[W_INTENT])
+        if intent != self._cursor:  # staged by an earlier writer and never committed
+            raise RingError(
+                f"ring intent {intent} != cursor {self._cursor}: a writer staged records it "
+                "never committed; such a ring cannot be resumed, create a new one"
+            )
         self.configure_staging(None)
 
     def configure_staging(self, stamp_field: str | None, max_staged: int = 64) -> None:
@@ -230,7 +270,7 @@ class WriterCore(_RingEnd):
         ``max_staged`` bounds a batch: :meth:`stage` returns True once that many records wait,
         and never holds more than ``capacity`` (it commits by itself at that point).
         """
-        if self._staged:
+        if self.staged:
             self.commit(0)
         names = self.dtype.names
         if max_staged < 1:
@@ -252,11 +292,26 @@ class WriterCore(_RingEnd):
             self._stage_pack = st.pack_into
             self._stamp_off = int(off)
         self.max_staged = min(max_staged, self.capacity)
+        #: the sequence whose staging fills the batch: kept by commit(); publish() leaves it
+        #: behind (it only ever errs low, and stage() then corrects it)
+        self._batch_full_seq = self._cursor + self.max_staged - 1
 
     @property
     def staged(self) -> int:
-        """Records staged but not yet committed (invisible to readers)."""
-        return self._staged
+        """Records staged but not yet committed (invisible to readers), by this object or by a
+        fast path given :meth:`fast_path_view`."""
+        return int(self._hdr[W_INTENT]) - self._cursor
+
+    def fast_path_view(self) -> FastPathView:
+        """The buffers and geometry a compiled path needs to stage records into this writer's
+        batch (see :class:`FastPathView` for the protocol). The view's memoryviews hold the
+        ring's memory: whoever takes buffers from them must release them before the writer
+        closes."""
+        return FastPathView(
+            data=self._data, seqs=self._seqs, header=self._hdr, capacity=self.capacity,
+            record_size=self._rs, max_staged=self.max_staged, stamp_offset=self._stamp_off,
+            cursor_word=W_CURSOR, intent_word=W_INTENT,
+        )  # fmt: skip
 
     def stage(self, record: tuple[Any, ...]) -> bool:
         """Write a record (a tuple of the fields, minus the stamp field if one is configured)
@@ -272,27 +327,28 @@ class WriterCore(_RingEnd):
         pack = self._stage_pack
         if pack is None:
             raise TypeError(f"records of dtype {self.dtype} cannot be staged (not packable)")
-        n = self._staged
-        s = self._cursor + n
+        hdr = self._hdr
+        s = hdr[W_INTENT]  # cursor + staged: the next sequence to stage
         i = s & self._mask
-        self._hdr[W_INTENT] = s + 1
+        hdr[W_INTENT] = s + 1
         pack(self._data, i * self._rs, *record)
         self._seqs[i] = s
-        n += 1
-        self._staged = n
-        if n >= self.max_staged:
-            if n >= self.capacity:
-                self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
-            return True
+        if s >= self._batch_full_seq:  # perhaps max_staged are waiting (one compare: hot path)
+            n = s + 1 - self._cursor
+            if n >= self.max_staged:
+                if n >= self.capacity:
+                    self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
+                return True
+            self._batch_full_seq = self._cursor + self.max_staged - 1  # publish() moved on
         return False
 
     def commit(self, stamp: int = 0) -> int:
         """Publish every staged record (writing ``stamp`` into the stamp field, if configured).
         Returns how many were published."""
-        n = self._staged
+        s = self._cursor
+        n = self._hdr[W_INTENT] - s
         if not n:
             return 0
-        s = self._cursor
         off = self._stamp_off
         if off >= 0:
             rs = self._rs
@@ -311,9 +367,9 @@ class WriterCore(_RingEnd):
                 q[i * r8 + o8 : (i + first) * r8 : r8] = stamp
                 if n > first:
                     q[o8 : (n - first) * r8 : r8] = stamp
-        self._staged = 0
         self._hdr[W_CURSOR] = s + n
         self._cursor = s + n
+        self._batch_full_seq = s + n + self.max_staged - 1
         return n
 
     @property
@@ -325,22 +381,25 @@ class WriterCore(_RingEnd):
         """Publish one record: a tuple of its fields (fastest: packed straight into the slot), a
         numpy void of the ring dtype, or raw bytes of the record size. Returns its sequence
         number. A record that fails to pack raises, and readers never see it."""
-        if self._staged:
-            self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
-        s = self._cursor
-        i = s & self._mask
         hdr = self._hdr
-        if type(record) is tuple and self._pack_into is not None:
-            hdr[W_INTENT] = s + 1
-            self._pack_into(self._data, i * self._rs, *record)
+        s = self._cursor
+        if hdr[W_INTENT] != s:  # records are staged (here or by a fast path): they go first
+            self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
+            s = self._cursor
+        after = s + 1
+        i = s & self._mask
+        pack = self._pack_into
+        if pack is not None and type(record) is tuple:
+            hdr[W_INTENT] = after
+            pack(self._data, i * self._rs, *record)
         else:
             raw = self._raw(record)
             off = i * self._rs
-            hdr[W_INTENT] = s + 1
+            hdr[W_INTENT] = after
             self._data[off : off + self._rs] = raw
         self._seqs[i] = s
-        hdr[W_CURSOR] = s + 1
-        self._cursor = s + 1
+        hdr[W_CURSOR] = after
+        self._cursor = after
         return s
 
     def _raw(self, record: Any) -> Any:
@@ -359,7 +418,7 @@ class WriterCore(_RingEnd):
         """Publish a batch (structured array of the ring dtype) with one copy per contiguous run.
         Returns the sequence number of the first record. A batch larger than the capacity keeps
         only its last ``capacity`` records (readers count the rest as missed)."""
-        if self._staged:
+        if self._hdr[W_INTENT] != self._cursor:
             self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
         n = len(records)
         s = self._cursor

@@ -155,7 +155,7 @@ class RingWriter(_SegmentHandle, WriterCore):
         seg = self._seg
         if seg is None:
             return
-        if self._staged:  # staged records are published, not dropped
+        if self.staged:  # staged records are published, not dropped
             self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
         self._seg = None
         self._hdr[W_CLOSED] = 1

@@ -10,6 +10,15 @@
  * intent word, record, sequence stamp). The writer's cursor/commit logic stays in Python
  * (pipeline/ipc/ring.py); this only stages.
  *
+ * A narrow boundary: this file reads and writes no attribute of any Python object. It is given
+ * buffers and integers once (the ring's record slots, sequence stamps and header words, from
+ * WriterCore.fast_path_view(), see FastPathView there for the protocol) and on each frame the
+ * payload and its receive time; the batch it shares with the Python writer is in the ring
+ * header (intent = cursor + staged), not in the writer object. The connection a frame came from
+ * is an opaque token handed back to the Python fallback: its state (last frame time, first
+ * frame seen) is Python's, kept by the fallback, which this path calls at least once per
+ * connection and event-loop iteration (see on_message).
+ *
  * Conservative by construction: it accepts only a strict subset of JSON (ASCII only, no string
  * escapes, `stream` before `data`, no nested values inside `data`, each required field exactly
  * once, prices/quantities as plain decimal strings, ids as non-negative integers of at most 18
@@ -55,7 +64,7 @@
 #define RECORD_BYTES 96
 /* Bumped with every change of the Python-facing interface: pipeline/marketdata/fastpath.py refuses a build
  * of another version (an editable install not rebuilt after a pull) instead of failing on it. */
-#define API_VERSION 3
+#define API_VERSION 4
 #define KIND_AGG_TRADE 1
 #define KIND_TRADE 2
 #define KIND_BOOK_TICKER 3
@@ -372,11 +381,16 @@ typedef struct {
      * next one (last + 1 for trades, anything newer for bookTicker) */
     int64_t *last;
     char *armed;
-    PyObject *writer;  /* the ring writer whose _cursor / _staged it shares; NULL: parse only */
     PyObject *fallback;
+    /* the ring's record slots, sequence stamps and header (int64 words); have_bufs 0: parse
+     * only, or closed */
     Py_buffer data, seqs, hdr;
     int have_bufs;
-    int64_t mask, record_size, max_staged, intent_word;
+    int64_t mask, record_size, max_staged, cursor_word, intent_word;
+    /* the connection (an opaque token) whose fallback was told about this event-loop iteration:
+     * a frame of another one calls the fallback (which keeps per-connection state); cleared
+     * whenever iter_open is set */
+    PyObject *iter_conn;
     int64_t time_mult, max_event; /* ns per unit of E (timeUnit); E * time_mult fits in int64 */
     /* a bookTicker `u` more than this above the last one goes to the Python handler (its
      * far-id rule: one bogus id must not make every later update look old) */
@@ -385,8 +399,6 @@ typedef struct {
     int iter_open;
     long long frames;
 } TickFastPath;
-
-static PyObject *S_cursor, *S_staged, *S_last_ns, *S_first_pending;
 
 static const Route *route_lookup(TickFastPath *self, const char *s, Py_ssize_t n) {
     uint64_t h = fnv1a(s, n);
@@ -461,15 +473,15 @@ static void release_buffers(TickFastPath *self) {
 }
 
 static int TickFastPath_traverse(TickFastPath *self, visitproc visit, void *arg) {
-    Py_VISIT(self->writer);
     Py_VISIT(self->fallback);
+    Py_VISIT(self->iter_conn);
     return 0;
 }
 
 static int TickFastPath_clear(TickFastPath *self) {
     release_buffers(self);
-    Py_CLEAR(self->writer);
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->iter_conn);
     return 0;
 }
 
@@ -486,37 +498,31 @@ static void TickFastPath_dealloc(TickFastPath *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int get_buffer_attr(PyObject *obj, const char *name, Py_buffer *view) {
-    PyObject *mv = PyObject_GetAttrString(obj, name);
-    if (mv == NULL)
+/* A writable, C-contiguous view of `obj` (a memoryview of the ring), 8-byte aligned if `words`. */
+static int get_ring_buffer(PyObject *obj, const char *what, int words, Py_buffer *view) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
-    int rc = PyObject_GetBuffer(mv, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
-    Py_DECREF(mv);
-    return rc;
-}
-
-static int64_t int_attr(PyObject *obj, const char *name, int *err) {
-    PyObject *v = PyObject_GetAttrString(obj, name);
-    if (v == NULL) {
-        *err = 1;
-        return 0;
+    if (words && ((uintptr_t)view->buf % 8 || view->len % 8)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "%s must be int64 words (8-byte aligned)", what);
+        return -1;
     }
-    long long x = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    if (x == -1 && PyErr_Occurred())
-        *err = 1;
-    return x;
+    return 0;
 }
 
 static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"routes", "n_symbols", "writer", "fallback", "intent_word",
-                             "max_frame_bytes", "time_mult", "max_id_jump", NULL};
-    PyObject *routes, *writer = Py_None, *fallback = Py_None;
-    Py_ssize_t n_symbols, intent_word = 0, max_frame = PY_SSIZE_T_MAX;
-    long long time_mult = 1000000, max_id_jump = INT64_MAX;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|OOnnLL", kwlist, &PyDict_Type, &routes,
-                                     &n_symbols, &writer, &fallback, &intent_word, &max_frame,
-                                     &time_mult, &max_id_jump))
+    static char *kwlist[] = {"routes", "n_symbols", "fallback", "data", "seqs", "header",
+                             "capacity", "record_size", "max_staged", "stamp_offset",
+                             "cursor_word", "intent_word", "max_frame_bytes", "time_mult",
+                             "max_id_jump", NULL};
+    PyObject *routes, *fallback = Py_None, *data = Py_None, *seqs = Py_None, *header = Py_None;
+    Py_ssize_t n_symbols, max_frame = PY_SSIZE_T_MAX;
+    long long capacity = 0, rs = 0, max_staged = 0, stamp_off = -1, cursor_word = -1,
+              intent_word = -1, time_mult = 1000000, max_id_jump = INT64_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|$OOOOLLLLLLnLL", kwlist, &PyDict_Type,
+                                     &routes, &n_symbols, &fallback, &data, &seqs, &header,
+                                     &capacity, &rs, &max_staged, &stamp_off, &cursor_word,
+                                     &intent_word, &max_frame, &time_mult, &max_id_jump))
         return -1;
     if (max_id_jump < 1) {
         PyErr_SetString(PyExc_ValueError, "max_id_jump must be >= 1");
@@ -581,72 +587,64 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
         self->routes[i].sid = sid;
         self->routes[i].kind = kind;
     }
-    if (writer != Py_None) {
-        int err = 0;
-        int64_t capacity = int_attr(writer, "capacity", &err);
-        int64_t rs = int_attr(writer, "_rs", &err);
-        int64_t max_staged = int_attr(writer, "max_staged", &err);
-        if (err)
-            return -1;
-        if (capacity < 2 || (capacity & (capacity - 1)) || rs < RECORD_BYTES || max_staged < 1) {
-            PyErr_SetString(PyExc_ValueError, "writer geometry unusable for the fast path");
+    if (data != Py_None) { /* a ring to stage into: FastPathView's fields, checked */
+        if (capacity < 2 || (capacity & (capacity - 1)) || rs < RECORD_BYTES ||
+            max_staged < 1 || max_staged > capacity || cursor_word < 0 || intent_word < 0 ||
+            cursor_word == intent_word) {
+            PyErr_SetString(PyExc_ValueError, "ring geometry unusable for the fast path");
             return -1;
         }
-        if (get_buffer_attr(writer, "_data", &self->data) < 0)
+        if (stamp_off != OFF_PUBLISH_TIME) {
+            PyErr_SetString(PyExc_ValueError, "the ring writer must stage with "
+                                              "publish_time_ns as the stamp field");
             return -1;
-        if (get_buffer_attr(writer, "_seqs", &self->seqs) < 0) {
+        }
+        if (!PyCallable_Check(fallback)) {
+            PyErr_SetString(PyExc_TypeError, "a ring needs a callable fallback");
+            return -1;
+        }
+        if (get_ring_buffer(data, "data", 0, &self->data) < 0)
+            return -1;
+        if (get_ring_buffer(seqs, "seqs", 1, &self->seqs) < 0) {
             PyBuffer_Release(&self->data);
             return -1;
         }
-        if (get_buffer_attr(writer, "_hdr", &self->hdr) < 0) {
+        if (get_ring_buffer(header, "header", 1, &self->hdr) < 0) {
             PyBuffer_Release(&self->data);
             PyBuffer_Release(&self->seqs);
             return -1;
         }
         self->have_bufs = 1;
+        long long top = cursor_word > intent_word ? cursor_word : intent_word;
         if (self->data.len < capacity * rs || self->seqs.len < capacity * 8 ||
-            intent_word < 0 || self->hdr.len < (intent_word + 1) * 8) {
+            self->hdr.len < (top + 1) * 8) {
             release_buffers(self);
-            PyErr_SetString(PyExc_ValueError, "writer buffers smaller than its geometry");
+            PyErr_SetString(PyExc_ValueError, "ring buffers smaller than its geometry");
             return -1;
         }
         self->mask = capacity - 1;
         self->record_size = rs;
         self->max_staged = max_staged;
+        self->cursor_word = cursor_word;
         self->intent_word = intent_word;
-        if (!PyCallable_Check(fallback)) {
-            release_buffers(self);
-            PyErr_SetString(PyExc_TypeError, "a writer needs a callable fallback");
-            return -1;
-        }
     }
-    Py_INCREF(writer);
-    Py_XSETREF(self->writer, writer);
     Py_INCREF(fallback);
     Py_XSETREF(self->fallback, fallback);
     return 0;
 }
 
-/* Stage the record into the writer's next slot, as WriterCore.stage does. Returns the number
- * of staged records afterwards, -1 with an exception set, or -2 (nothing written) if a full
- * batch is still waiting for its commit. */
-static int64_t stage(TickFastPath *self, const Tick *g, int sid, int64_t recv_ns) {
-    PyObject *o = PyObject_GetAttr(self->writer, S_cursor);
-    if (!o)
-        return -1;
-    int64_t cursor = PyLong_AsLongLong(o);
-    Py_DECREF(o);
-    o = PyObject_GetAttr(self->writer, S_staged);
-    if (!o)
-        return -1;
-    int64_t staged = PyLong_AsLongLong(o);
-    Py_DECREF(o);
-    if (PyErr_Occurred())
-        return -1;
-    if (staged >= self->max_staged)
-        return -2; /* the shell has not committed a full batch: let WriterCore.stage handle it */
-    int64_t s = cursor + staged, i = s & self->mask;
+/* Stage the record into the ring's next slot, as WriterCore.stage does, into the batch the
+ * Python writer shares through the header (intent = cursor + staged: the next sequence is the
+ * intent). Returns the number of staged records afterwards, or -2 (nothing written) if a full
+ * batch is still waiting for its commit (or the header makes no sense: Python decides). */
+static inline int64_t stage(TickFastPath *self, const Tick *g, int sid, int64_t recv_ns) {
     int64_t *hdr = (int64_t *)self->hdr.buf, *seqs = (int64_t *)self->seqs.buf;
+    /* this process is the ring's only writer: its own earlier stores, read back */
+    int64_t s = __atomic_load_n(&hdr[self->intent_word], __ATOMIC_RELAXED);
+    int64_t staged = s - __atomic_load_n(&hdr[self->cursor_word], __ATOMIC_RELAXED);
+    if (staged < 0 || staged >= self->max_staged)
+        return -2; /* the shell has not committed a full batch: let WriterCore.stage handle it */
+    int64_t i = s & self->mask;
     /* intent before the slot is touched, the slot before its sequence stamp: a lagging reader
      * must never take a half-written slot for a good one (the release fences keep the stores in
      * this order for the compiler, and for the CPU where it could reorder stores) */
@@ -656,12 +654,7 @@ static int64_t stage(TickFastPath *self, const Tick *g, int sid, int64_t recv_ns
                  self->time_mult);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     __atomic_store_n(&seqs[i], s, __ATOMIC_RELAXED);
-    o = PyLong_FromLongLong(staged + 1);
-    if (!o)
-        return -1;
-    int rc = PyObject_SetAttr(self->writer, S_staged, o);
-    Py_DECREF(o);
-    return rc < 0 ? -1 : staged + 1;
+    return staged + 1;
 }
 
 static int get_payload(PyObject *payload, Py_buffer *view, const char **buf, Py_ssize_t *n) {
@@ -691,11 +684,13 @@ static PyObject *call_fallback(TickFastPath *self, PyObject *conn, PyObject *pay
 
 PyDoc_STRVAR(on_message_doc,
 "on_message(conn, payload, recv_time_ns) -> None\n\n"
-"The frame callback. The common case (one of our streams, the id the armed symbol expects\n"
-"next) is staged into the ring here; then conn.last_ns = recv_time_ns, and the fallback is\n"
-"called with code 2 if Python must act (commit the batch, open the loop iteration, the\n"
-"connection's first frame). Any other frame: fallback(conn, payload, recv_time_ns, 0),\n"
-"nothing written, no state changed.");
+"The frame callback; conn is an opaque token, only handed back to the fallback. The common\n"
+"case (one of our streams, the id the armed symbol expects next) is staged into the ring\n"
+"here, and fallback(conn, payload, recv_time_ns, 2) is called if Python must act: commit a\n"
+"full batch, open the loop iteration (iter_open 0), or the first frame of this connection in\n"
+"this iteration (so per-connection state such as the last frame time stays Python's, at most\n"
+"one loop iteration old). Any other frame: fallback(conn, payload, recv_time_ns, 0), nothing\n"
+"written, no state changed.");
 
 static PyObject *TickFastPath_on_message(TickFastPath *self, PyObject *const *args,
                                         Py_ssize_t nargs) {
@@ -733,25 +728,16 @@ static PyObject *TickFastPath_on_message(TickFastPath *self, PyObject *const *ar
     int64_t staged = stage(self, &g, sid, recv_ns);
     if (staged == -2)
         return call_fallback(self, conn, payload, recv, 0);
-    if (staged < 0)
-        return NULL;
     self->last[slot] = g.id;
     self->frames++;
-    if (PyObject_SetAttr(conn, S_last_ns, recv) < 0)
-        return NULL;
-    int act = staged >= self->max_staged || !self->iter_open;
-    if (!act) {
-        PyObject *fp = PyObject_GetAttr(conn, S_first_pending);
-        if (!fp)
-            return NULL;
-        act = PyObject_IsTrue(fp);
-        Py_DECREF(fp);
-        if (act < 0)
-            return NULL;
+    if (staged < self->max_staged && self->iter_open && conn == self->iter_conn)
+        Py_RETURN_NONE; /* the common case: nothing for Python to do */
+    PyObject *r = call_fallback(self, conn, payload, recv, 2);
+    if (r != NULL && self->iter_open) { /* (the fallback may have opened the iteration) */
+        Py_INCREF(conn);
+        Py_XSETREF(self->iter_conn, conn);
     }
-    if (act)
-        return call_fallback(self, conn, payload, recv, 2);
-    Py_RETURN_NONE;
+    return r;
 }
 
 PyDoc_STRVAR(parse_doc,
@@ -859,23 +845,49 @@ static PyMethodDef TickFastPath_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *TickFastPath_get_iter_open(TickFastPath *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromLong(self->iter_open);
+}
+
+static int TickFastPath_set_iter_open(TickFastPath *self, PyObject *value,
+                                      void *Py_UNUSED(closure)) {
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "iter_open cannot be deleted");
+        return -1;
+    }
+    int v = PyObject_IsTrue(value);
+    if (v < 0)
+        return -1;
+    self->iter_open = v;
+    Py_CLEAR(self->iter_conn); /* a new iteration (or none): every connection is told again */
+    return 0;
+}
+
+static PyGetSetDef TickFastPath_getset[] = {
+    {"iter_open", (getter)TickFastPath_get_iter_open, (setter)TickFastPath_set_iter_open,
+     "1 while an event-loop iteration has published (stage the rest; the shell commits); "
+     "setting it starts a new round of per-connection fallback calls", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMemberDef TickFastPath_members[] = {
-    {"iter_open", T_INT, offsetof(TickFastPath, iter_open), 0,
-     "1 while an event-loop iteration has published (stage the rest; the shell commits)"},
     {"frames", T_LONGLONG, offsetof(TickFastPath, frames), READONLY,
      "frames fully handled here (the shell adds them to frames_received)"},
     {"max_staged", T_LONGLONG, offsetof(TickFastPath, max_staged), READONLY,
-     "the writer's max_staged when this was built"},
+     "the ring's max_staged when this was built"},
     {NULL, 0, 0, 0, NULL},
 };
 
 PyDoc_STRVAR(TickFastPath_doc,
-"TickFastPath(routes, n_symbols, writer=None, fallback=None, intent_word=0,\n"
-"            max_frame_bytes=sys.maxsize, time_mult=1000000, max_id_jump=2**63-1)\n\n"
-"routes: {b'btcusdt@aggTrade': (symbol_id, kind), ...}; writer: the ring writer (staging\n"
-"configured with the stamp field); fallback(conn, payload, recv_time_ns, code): the Python\n"
-"handler; time_mult: ns per unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND);\n"
-"max_id_jump: a bookTicker u further above the last one goes to the fallback.");
+"TickFastPath(routes, n_symbols, *, fallback=None, data=None, seqs=None, header=None,\n"
+"            capacity=0, record_size=0, max_staged=0, stamp_offset=-1, cursor_word=-1,\n"
+"            intent_word=-1, max_frame_bytes=sys.maxsize, time_mult=1000000,\n"
+"            max_id_jump=2**63-1)\n\n"
+"routes: {b'btcusdt@aggTrade': (symbol_id, kind), ...}; data .. intent_word: the fields of\n"
+"pipeline.ipc.ring.FastPathView (a ring writer's buffers and geometry; without data: parse\n"
+"only); fallback(conn, payload, recv_time_ns, code): the Python handler; time_mult: ns per\n"
+"unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND); max_id_jump: a bookTicker u\n"
+"further above the last one goes to the fallback.");
 
 static PyTypeObject TickFastPathType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -888,6 +900,7 @@ static PyTypeObject TickFastPathType = {
     .tp_doc = TickFastPath_doc,
     .tp_methods = TickFastPath_methods,
     .tp_members = TickFastPath_members,
+    .tp_getset = TickFastPath_getset,
     .tp_init = (initproc)TickFastPath_init,
     .tp_new = PyType_GenericNew,
 };
@@ -900,12 +913,6 @@ static struct PyModuleDef ticks_module = {
 
 PyMODINIT_FUNC PyInit__ticks(void) {
     if (PyType_Ready(&TickFastPathType) < 0)
-        return NULL;
-    S_cursor = PyUnicode_InternFromString("_cursor");
-    S_staged = PyUnicode_InternFromString("_staged");
-    S_last_ns = PyUnicode_InternFromString("last_ns");
-    S_first_pending = PyUnicode_InternFromString("first_pending");
-    if (!S_cursor || !S_staged || !S_last_ns || !S_first_pending)
         return NULL;
     PyObject *m = PyModule_Create(&ticks_module);
     if (!m)

@@ -8,6 +8,14 @@ bookTicker: a newer update id; strictly canonical JSON) and hands everything els
 the Python handler, so every rule about duplicates, gaps, backfill and bad input stays in one
 place (pipeline/marketdata/ingest.py, pipeline/marketdata/gapfill.py).
 
+Its boundary is narrow on purpose: the C code reads and writes no attribute of any Python
+object, so a refactor of the writer or of the connections cannot silently break it. It is given
+buffers and integers once (the ring writer's public ``fast_path_view()``: record slots, sequence
+stamps, header words and geometry; the batch it shares with the writer is the header's
+``intent - cursor``), and per frame the connection as an opaque token, the payload and its
+receive time; it calls the Python fallback for everything else, including once per connection
+and loop iteration so the per-connection state stays Python's.
+
 The extension is optional: ``FAST_PATH_MODES`` says what ``--fast-path`` may be. ``auto`` uses
 it when it was built (the default install builds it; a machine without a C compiler gets the
 pure-Python path and a log line saying so), ``on`` refuses to start without it, ``off`` never
@@ -18,16 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
 from pipeline.binance.streams import ONE_RECORD_STREAMS
 from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.ring import FastPathView
 
 FAST_PATH_MODES: Final = ("auto", "on", "off")
 #: the interface version of pipeline/marketdata/_ticks.c this module drives (its API_VERSION)
-API_VERSION: Final = 3
+API_VERSION: Final = 4
 
 
 class FastPathUnavailable(RuntimeError):
@@ -89,14 +98,23 @@ def routes(symbols: list[str]) -> dict[bytes, tuple[int, int]]:
             for i, s in enumerate(symbols) for suffix, kind in FAST_STREAMS.items()}
 
 
-def build(mode: str, symbols: list[str], writer: Any,
+class StagingWriter(Protocol):
+    """What :func:`build` needs of a ring writer: its public view for a fast path, nothing
+    else (:class:`~pipeline.ipc.ring.WriterCore` and the shared-memory RingWriter have it)."""
+
+    def fast_path_view(self) -> FastPathView: ...
+
+
+def build(mode: str, symbols: list[str], writer: StagingWriter,
           fallback: Callable[[Any, bytes, int, int], None],
           max_frame_bytes: int, time_mult: int = 1_000_000,
           max_id_jump: int = (1 << 63) - 1) -> tuple[Any | None, str]:
     """The fast path for an ingest process, or None; and a line for the log saying which.
 
     ``writer`` must have staging configured with ``publish_time_ns`` as the stamp field (the C
-    path leaves it 0; the commit writes it). ``time_mult``: ns per unit of ``E`` (the
+    path leaves it 0; the commit writes it); the fast path holds its buffers until ``close()``.
+    ``fallback(conn, payload, recv_time_ns, code)`` is the Python handler (see the extension's
+    ``on_message``). ``time_mult``: ns per unit of ``E`` (the
     connections' ``timeUnit``, as in the Python decoders). ``max_id_jump``: a bookTicker ``u``
     further than this above the last one is left to the Python handler's far-id rule (aggTrade
     and trade only ever take the next id). Raises
@@ -111,11 +129,10 @@ def build(mode: str, symbols: list[str], writer: Any,
         if mode == "on":
             raise FastPathUnavailable(why)
         return None, f"off: {why}"
-    if getattr(writer, "_stamp_off", -1) != TICK_DTYPE.fields["publish_time_ns"][1]:  # type: ignore[index]
+    view = writer.fast_path_view()
+    if view.stamp_offset != TICK_DTYPE.fields["publish_time_ns"][1]:  # type: ignore[index]
         raise ValueError("the ring writer must stage with publish_time_ns as the stamp field")
-    from pipeline.ipc.ring import W_INTENT
-
-    fast = mod.TickFastPath(routes(symbols), len(symbols), writer, fallback,
-                           intent_word=W_INTENT, max_frame_bytes=max_frame_bytes,
-                           time_mult=time_mult, max_id_jump=max_id_jump)
+    fast = mod.TickFastPath(routes(symbols), len(symbols), fallback=fallback,
+                            max_frame_bytes=max_frame_bytes, time_mult=time_mult,
+                            max_id_jump=max_id_jump, **view._asdict())
     return fast, "compiled (aggTrade, trade, bookTicker)"

@@ -53,11 +53,12 @@ which takes ~0.35 us off each frame under load without delaying an isolated fram
 
 The common aggTrade, trade and bookTicker frame (the id its stream expects next, canonical
 JSON) does not reach Python at all: the compiled path (pipeline/marketdata/fastpath.py,
-``--fast-path``) parses it and stages its record from the transport's callback, and calls back into
-:meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's staging counters
-and the last ids of the trackers and of the bookTicker dedupe (:meth:`TradeIds.track` and the
-BOOK_TICKER branch of :meth:`Ingest.handle`): whichever path sees a frame starts from what the
-other published, so both publish one sequence, in order, exactly once.
+``--fast-path``) parses it and stages its record from the transport's callback, and calls back
+into :meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's batch
+(through the ring header, never the writer's attributes) and the last ids of the trackers and
+of the bookTicker dedupe (:meth:`TradeIds.track` and the BOOK_TICKER branch of
+:meth:`Ingest.handle`): whichever path sees a frame starts from what the other published, so
+both publish one sequence, in order, exactly once.
 """
 
 from __future__ import annotations
@@ -272,10 +273,13 @@ class Ingest:
         the expected next id of an armed aggTrade / trade / bookTicker stream in canonical
         JSON): the Python handler decides.
         ``code`` 2: it staged the record and the shell must act (first record of this loop
-        iteration: publish it now; a full batch: commit; the connection's first frame)."""
+        iteration: publish it now; a full batch: commit) or learn of the connection (its
+        first frame in this loop iteration: the compiled path keeps no per-connection state,
+        so ``last_ns`` is the first such frame's time, at most one iteration old)."""
         if code == 0:
             self.handle(conn, payload, recv_ns)
             return
+        conn.last_ns = recv_ns
         if conn.first_pending:
             conn.got_first()
         if self._loop is None:  # --publish-batch 1: every record at once
