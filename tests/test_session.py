@@ -501,11 +501,14 @@ def test_server_shutdown_make_before_break() -> None:
     assert d.session.primary_conn == 2
     assert d.session.metrics["rollovers_total"] == 1
     assert not any(isinstance(a, Close) and a.conn == 1 for a in d.other)  # draining
-    # user data from the old connection is ignored now, the new one's is used
+    # a report without an execution id cannot be de-duplicated: only the primary's counts
     d.event(1, order_report("o9", "NEW", "NEW"))
     assert d.session.order_status("o9") is OrderStatus.PENDING
     d.reply(1, place, result=order_result("o9"))
     assert d.session.order_status("o9") is OrderStatus.NEW
+    # answered, but kept for the handover grace: its user data may still be on the way
+    assert not any(isinstance(a, Close) and a.conn == 1 for a in d.other)
+    d.tick_to(1.01)
     assert any(isinstance(a, Close) and a.conn == 1 for a in d.other)
     assert d.session.place("o10", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
     d.take("order.place", 2)
@@ -524,6 +527,8 @@ def test_proactive_rollover_before_24h() -> None:
     assert Open(2) in acts
     d.connect(2)
     assert d.session.primary_conn == 2
+    assert d.session.next_deadline() == d.clock.mono + int(1.0 * 1e9)  # the handover grace
+    d.tick_to(1.0)
     assert any(isinstance(a, Close) and a.conn == 1 for a in d.other)
 
 
@@ -545,7 +550,8 @@ def test_cancel_replace_partial_failure() -> None:
     d.reply(1, d.take("order.place"), result=order_result("m1"))
     assert d.session.modify("m1", "m2", qty=1.0, price=99.0)
     msg = d.take("order.cancelReplace")
-    assert msg["params"]["cancelOrigClientOrderId"] == "m1"
+    assert msg["params"]["cancelOrderId"] == 42  # acked: by orderId (7.2)
+    assert "cancelOrigClientOrderId" not in msg["params"]
     assert msg["params"]["newClientOrderId"] == "m2"
     assert msg["params"]["cancelReplaceMode"] == "STOP_ON_FAILURE"
     d.reply(

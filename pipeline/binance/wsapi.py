@@ -32,6 +32,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -59,6 +60,30 @@ SIGNED_METHODS = frozenset(
     }
 )
 ORDER_METHODS = frozenset({"order.place", "order.cancelReplace"})
+MAX_RECV_WINDOW_MS = 60000  # §4, §7.2
+
+
+def recv_window_param(value: float | int | str | Decimal) -> int | Decimal:
+    """``recvWindow`` as it is sent and signed: an int when whole (a JSON number, as before),
+    else a Decimal of at most 3 decimals (sent as its exact text, ``5000.5``; §7.2: decimals
+    since 2025-08-28 give microsecond precision). Out of ``(0, 60000]``, more than 3 decimals,
+    or not a number: ``ValueError`` naming the rule, at configuration time, not at the venue."""
+    if isinstance(value, bool):
+        raise ValueError("recvWindow must be a number of milliseconds")
+    try:
+        dec = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except (InvalidOperation, ValueError, TypeError):
+        raise ValueError(f"recvWindow {value!r} is not a number") from None
+    if not dec.is_finite() or not 0 < dec <= MAX_RECV_WINDOW_MS:
+        raise ValueError(f"recvWindow must be in (0, {MAX_RECV_WINDOW_MS}] ms, not {value!r}")
+    dec = dec.normalize()
+    exponent = dec.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite
+    if exponent >= 0:
+        return int(dec)
+    if exponent < -3:
+        raise ValueError(f"recvWindow takes at most 3 decimals (microseconds), not {value!r}")
+    return dec
 
 
 INT64_MAX = (1 << 63) - 1
@@ -280,12 +305,12 @@ class RequestBuilder:
         api_key: str,
         signer: Signer | None,
         *,
-        recv_window_ms: int | None = None,
+        recv_window_ms: float | int | Decimal | None = None,
         id_prefix: str | None = None,
     ) -> None:
         self.api_key = api_key
         self._signer = signer
-        self.recv_window_ms = recv_window_ms
+        self.recv_window_ms = None if recv_window_ms is None else recv_window_param(recv_window_ms)
         if id_prefix is None:
             id_prefix = f"{os.getpid():x}{os.urandom(3).hex()}-"
         self._prefix = id_prefix
@@ -395,6 +420,33 @@ def parse_order(result: Mapping[str, Any]) -> OrderInfo:
         transact_time_ms=0 if when is None else venue_time_ms(when, "transactTime"),
         # the decoded frame is ours alone: keep it rather than copy it on every order reply
         raw=result if isinstance(result, dict) else dict(result),
+    )
+
+
+def parse_amend(result: Mapping[str, Any]) -> OrderInfo:
+    """The ``amendedOrder`` of an order.amend.keepPriority result (§2.11) as an
+    :class:`OrderInfo`: ``qty`` (the new quantity) read as ``orig_qty``, ``cumulativeQuoteQty``
+    (single m, unlike every other order result) as ``cum_quote_qty``, ``transactTime`` from
+    the envelope."""
+    if not isinstance(result, Mapping):
+        raise ProtocolError("amend result is not an object")
+    amended = result.get("amendedOrder")
+    if not isinstance(amended, Mapping):
+        raise ProtocolError("amend result without an amendedOrder object")
+    info = parse_order(amended)
+    when = result.get("transactTime")
+    return OrderInfo(
+        symbol=info.symbol,
+        order_id=info.order_id,
+        client_order_id=info.client_order_id,
+        orig_client_order_id=info.orig_client_order_id,
+        status=info.status,
+        price=info.price,
+        orig_qty=_num(amended.get("qty"), "qty"),
+        executed_qty=info.executed_qty,
+        cum_quote_qty=info.cum_quote_qty,
+        transact_time_ms=0 if when is None else venue_time_ms(when, "transactTime"),
+        raw=info.raw,
     )
 
 

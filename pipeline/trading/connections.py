@@ -259,8 +259,11 @@ class ConnectionMachine:
         log.info("connection %d promoted to primary", conn.id, extra={"event": "rollover"})
         if old is not None:
             old.to_role("replaced")
-            old.drain_deadline_ns = self._now() + int(self.config.drain_timeout_s * 1e9)
-            if not old.pending:
+            now = self._now()
+            old.drain_deadline_ns = now + int(self.config.drain_timeout_s * 1e9)
+            if old.subscribed:  # its user data may still be on the way: see Session._on_event
+                old.linger_until_ns = now + int(self.config.handover_grace_s * 1e9)
+            if old.drained(now):
                 self.drop(old, "replaced", lost=False)
         self.primary_ready()
 
@@ -285,8 +288,9 @@ class ConnectionMachine:
             self.request(conn, "userDataStream.subscribe", {}, "subscribe")
 
     def drain_done(self, conn: Connection) -> None:
-        """Close a replaced connection once its last in-flight request is answered."""
-        if conn.role is ConnRole.DRAINING and not conn.pending and conn.id in self.conns:
+        """Close a replaced connection once its last in-flight request is answered and the
+        handover grace for its user data is over."""
+        if conn.role is ConnRole.DRAINING and conn.id in self.conns and conn.drained(self._now()):
             self.drop(conn, "replaced", lost=False)
 
     # ---- sending -----------------------------------------------------------------------
@@ -379,6 +383,7 @@ class ConnectionMachine:
             times.extend(p.deadline_ns for p in conn.pending.values())
             if conn.role is ConnRole.DRAINING:
                 times.append(conn.drain_deadline_ns)
+                times.append(conn.linger_until_ns)
         return times
 
     def primary_deadlines(self) -> tuple[int, int] | None:
@@ -447,9 +452,5 @@ class ConnectionMachine:
             if p.kind in SETUP_KINDS:
                 self.drop(conn, f"{p.method} timed out", lost=True)
                 break
-        if (
-            conn.id in self.conns
-            and conn.role is ConnRole.DRAINING
-            and (not conn.pending or now >= conn.drain_deadline_ns)
-        ):
+        if conn.id in self.conns and conn.role is ConnRole.DRAINING and conn.drained(now):
             self.drop(conn, "replaced", lost=False)

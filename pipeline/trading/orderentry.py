@@ -1,4 +1,4 @@
-"""Order entry: what a strategy asks of the session (place, cancel, modify, query).
+"""Order entry: what a strategy asks of the session (place, cancel, modify, amend, query).
 
 Every check that can refuse an order runs here, before anything is sent, and a refusal is a
 REJECT / CANCEL_REJECT with a local code, never a silent drop: an invalid or duplicate client
@@ -7,6 +7,15 @@ order is worse than a rejected one), a venue rate limit in force, a full order t
 order is entered in the :class:`pipeline.trading.ordertable.OrderTable` before its request
 goes out on the primary connection. This is the order-submit hot path: no call here that the
 one-class session did not make.
+
+Order semantics (binance-protocol.md 7.2): ``amend`` is ``order.amend.keepPriority`` (reduce
+quantity, keep queue priority), sent with the order's own client id as ``newClientOrderId`` so
+the venue does not give it a random new one and tracking by client id survives; ``modify`` is
+``order.cancelReplace`` (a price change or an increase: priority lost, a new order). Cancel and
+the cancel leg of cancelReplace go by ``orderId`` once an answer told us the order's id (the
+venue's faster path), by ``origClientOrderId`` while it is not known or the order is UNKNOWN.
+New orders ask ``newOrderRespType=RESULT``: the ack needs status, ids and executed quantity,
+not the FULL fills list (the user data stream reports fills).
 """
 
 from __future__ import annotations
@@ -17,9 +26,12 @@ from pipeline.trading.connections import ConnectionMachine
 from pipeline.trading.ordertable import OrderTable, TrackedOrder
 from pipeline.trading.session_types import (
     ERROR_TEXT,
+    LOCAL_AMEND_LIMIT,
     LOCAL_DUPLICATE_ID,
     LOCAL_INVALID,
     LOCAL_TABLE_FULL,
+    MAX_ORDER_AMENDS,
+    STP_MODES,
     SessionConfig,
 )
 from pipeline.trading.wire import CLIENT_ORDER_ID_RE, ExecKind, ExecUpdate, OrderStatus
@@ -45,8 +57,10 @@ class OrderEntry:
         *,
         submit_time_ns: int = 0,
         client_id: int = 0,
+        stp: str = "",
     ) -> bool:
-        """Send ``order.place``; False (and a REJECT update) if refused locally."""
+        """Send ``order.place``; False (and a REJECT update) if refused locally. ``stp`` is the
+        ``selfTradePreventionMode`` ("" = the venue's default for the symbol)."""
         order = TrackedOrder(
             client_order_id,
             symbol,
@@ -59,9 +73,14 @@ class OrderEntry:
             client_id=client_id,
         )
         bad_fields = side not in ("BUY", "SELL") or qty <= 0 or (type == "LIMIT" and not price)
+        if stp and stp not in STP_MODES:
+            bad_fields = True
         if self._refused(order, bad_fields=bad_fields):
             return False
-        self._send_new(order, "order.place", {"symbol": symbol}, "place", coid=client_order_id)
+        params: dict[str, Any] = {"symbol": symbol}
+        if stp:
+            params["selfTradePreventionMode"] = stp
+        self._send_new(order, "order.place", params, "place", coid=client_order_id)
         return True
 
     def cancel(
@@ -70,10 +89,61 @@ class OrderEntry:
         sym = self._gate_existing(client_order_id, symbol, ExecKind.CANCEL_REJECT, client_id)
         if sym is None:
             return False
-        params = {"symbol": sym, "origClientOrderId": client_order_id}
+        params: dict[str, Any] = {"symbol": sym}
+        self._order_ref(params, client_order_id, "orderId", "origClientOrderId")
         return self._link.send_on_primary(
             "order.cancel", params, "cancel", coid=client_order_id, tag=client_id
         )
+
+    def amend(
+        self,
+        client_order_id: str,
+        qty: float,
+        symbol: str | None = None,
+        *,
+        client_id: int = 0,
+    ) -> bool:
+        """``order.amend.keepPriority``: reduce the quantity of ``client_order_id`` to ``qty``
+        keeping its queue priority; False (and an AMEND_REJECT update) if refused locally.
+
+        Refused here: a quantity that is not positive, or not below the order's current one
+        (the venue's -2038, without the round trip), and an order amended
+        :data:`MAX_ORDER_AMENDS` times already (the venue's MAX_NUM_ORDER_AMENDS filter).
+        """
+        sym = self._gate_existing(client_order_id, symbol, ExecKind.AMEND_REJECT, client_id)
+        if sym is None:
+            return False
+        order = self._orders.get(client_order_id)
+        code = 0
+        if qty <= 0 or (order is not None and order.qty > 0 and qty >= order.qty):
+            code = LOCAL_INVALID
+        elif order is not None and order.amends >= MAX_ORDER_AMENDS:
+            code = LOCAL_AMEND_LIMIT
+        if code:
+            self._answer(client_order_id, ExecKind.AMEND_REJECT, sym, code, client_id)
+            return False
+        params: dict[str, Any] = {"symbol": sym}
+        self._order_ref(params, client_order_id, "orderId", "origClientOrderId")
+        params["newClientOrderId"] = client_order_id  # keep the id: tracking survives (7.2)
+        params["newQty"] = qty
+        return self._link.send_on_primary(
+            "order.amend.keepPriority", params, "amend", coid=client_order_id, tag=client_id
+        )
+
+    def _order_ref(self, params: dict[str, Any], coid: str, by_id: str, by_coid: str) -> None:
+        """Name an existing order by ``orderId`` once acknowledged (the venue's faster lookup,
+        7.2), by client order id while its id is not known or it is UNKNOWN (the id an earlier
+        answer gave may belong to what reconciliation is still finding out about)."""
+        order = self._orders.get(coid)
+        if (
+            order is not None
+            and order.order_id >= 0
+            and order.status is not OrderStatus.UNKNOWN
+            and order.status is not OrderStatus.PENDING
+        ):
+            params[by_id] = order.order_id
+        else:
+            params[by_coid] = coid
 
     def modify(
         self,
@@ -110,8 +180,8 @@ class OrderEntry:
         params: dict[str, Any] = {
             "symbol": sym,
             "cancelReplaceMode": self.config.cancel_replace_mode,
-            "cancelOrigClientOrderId": client_order_id,
         }
+        self._order_ref(params, client_order_id, "cancelOrderId", "cancelOrigClientOrderId")
         return self._send_new(
             new,
             "order.cancelReplace",
@@ -169,6 +239,7 @@ class OrderEntry:
             params["price"] = order.price
         if order.type != "MARKET":
             params["timeInForce"] = order.tif or "GTC"
+        params["newOrderRespType"] = "RESULT"
         self._orders[order.coid] = order
         self._metrics["orders_sent"] += 1
         return self._link.send_on_primary(method, params, kind, **kw)
@@ -183,22 +254,31 @@ class OrderEntry:
         explain: bool = True,
     ) -> str | None:
         """The symbol a request about an existing order goes out with, or None after answering
-        it locally (not ready, rate limited, or no symbol known): cancel and status share this
-        gate, each with its own answer kind."""
+        it locally (not ready, rate limited, or no symbol known): cancel, amend and status
+        share this gate, each with its own answer kind."""
         order = self._orders.get(client_order_id)
         sym = symbol or (order.symbol if order else "")
         code = self._link.send_gate() or (LOCAL_INVALID if not sym else 0)
         if not code:
             return sym
+        self._answer(client_order_id, kind, sym, code, client_id, explain=explain)
+        return None
+
+    def _answer(
+        self, coid: str, kind: ExecKind, sym: str, code: int, client_id: int, *,
+        explain: bool = True,
+    ) -> None:  # fmt: skip
+        """A request about an existing order answered locally: the order's state unchanged."""
+        order = self._orders.get(coid)
         self._table.updates.append(
             ExecUpdate(
-                client_order_id,
+                coid,
                 kind,
                 order.status if order else OrderStatus.UNKNOWN,
                 symbol=sym,
+                qty=order.qty if order else 0.0,
                 error_code=code,
                 error_msg=ERROR_TEXT.get(code, "") if explain else "",
                 client_id=client_id,
             )
         )
-        return None

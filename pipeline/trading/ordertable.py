@@ -21,6 +21,7 @@ from pipeline.binance.wsapi import (
     OrderInfo,
     ProtocolError,
     Response,
+    parse_amend,
     parse_cancel_replace,
     parse_order,
 )
@@ -95,6 +96,7 @@ class TrackedOrder:
     reconcile_tries: int = 0  # inconclusive answers since then (drives the backoff)
     next_reconcile_ns: int = 0  # monotonic, when it may be asked again
     bulk_checked: bool = False  # openOrders.status did not list it: ask order.status
+    amends: int = 0  # order.amend.keepPriority accepted (the venue allows MAX_ORDER_AMENDS)
 
 
 class OrderTable:
@@ -131,8 +133,11 @@ class OrderTable:
         order.cum_quote = max(order.cum_quote, cum_quote)
 
     def apply_info(self, order: TrackedOrder, info: OrderInfo) -> None:
-        """:meth:`apply` with what an order.place / cancel / status result says."""
+        """:meth:`apply` with what an order.place / cancel / status result says, including the
+        quantity (an amend we lost the answer to is learnt from order.status's ``origQty``)."""
         self.apply(order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty)
+        if info.orig_qty > 0:
+            order.qty = info.orig_qty
 
     def emit(
         self, order: TrackedOrder, kind: ExecKind, *, client_id: int | None = None, **kw: Any
@@ -320,6 +325,62 @@ class OrderTable:
                 code = code or -2022
             self.reject(new, code, err.msg if err else "new order not attempted")
 
+    def on_amend(self, conn: Connection, p: PendingRequest, msg: Response) -> None:
+        """order.amend.keepPriority answered: REPLACED with the new quantity, or AMEND_REJECT
+        (-2038, the MAX_NUM_ORDER_AMENDS filter, ...) leaving the order as it was. An answer
+        that may hide an executed amend (5xx, -1006/-1007) makes the order UNKNOWN: its
+        quantity is then learnt from order.status. An amend never creates an order, so no
+        answer here can lead to a duplicate."""
+        order = self.orders.get(p.coid)
+        client_id = p.tag or (order.client_id if order else 0)
+        outcome = classify_response(msg.status, msg.code)
+        if outcome is Outcome.OK:
+            info = parse_amend(msg.result)
+            venue_status(info.status, missing=OrderStatus.NEW)
+            if order is None:
+                self.updates.append(
+                    ExecUpdate(
+                        p.coid,
+                        ExecKind.REPLACED,
+                        STATUS_BY_NAME.get(info.status, OrderStatus.NEW),
+                        symbol=info.symbol,
+                        order_id=info.order_id,
+                        price=info.price,
+                        qty=info.orig_qty,
+                        cum_qty=info.executed_qty,
+                        client_id=client_id,
+                    )
+                )
+                return
+            order.amends += 1
+            self.metrics["orders_amended"] += 1
+            self.apply_info(order, info)
+            self.emit(
+                order,
+                ExecKind.REPLACED,
+                client_id=client_id,
+                event_time_ns=info.transact_time_ms * 1_000_000,
+            )
+            return
+        if outcome is Outcome.RESYNC_RETRY and not p.retried:
+            self.handshake.resync_and_retry(p)
+            return
+        if outcome is Outcome.UNKNOWN and order is not None:
+            self.reconciler.make_unknown(order, msg.code or LOCAL_TIMEOUT)
+        self.updates.append(
+            ExecUpdate(
+                p.coid,
+                ExecKind.AMEND_REJECT,
+                order.status if order else OrderStatus.UNKNOWN,
+                symbol=order.symbol if order else "",
+                order_id=order.order_id if order else -1,
+                qty=order.qty if order else 0.0,
+                error_code=msg.code or 0,
+                error_msg=msg.error.msg[:60] if msg.error else "",
+                client_id=client_id,
+            )
+        )
+
     def on_status(self, conn: Connection, p: PendingRequest, msg: Response) -> None:
         order = self.orders.get(p.coid)
         if msg.ok:
@@ -374,6 +435,8 @@ class OrderTable:
             self.reconciler.make_unknown(old, code)
 
     def cancel_failed(self, p: PendingRequest, code: int) -> None:
+        """order.cancel / order.amend.keepPriority never answered: the order may or may not
+        have changed, so it is UNKNOWN until order.status says."""
         order = self.orders.get(p.coid)
         if order is not None:
             self.reconciler.make_unknown(order, code)
@@ -399,6 +462,8 @@ class OrderTable:
         late = order.status is OrderStatus.REJECTED and order.was_unknown
         self.apply(order, ev.status, ev.order_id, ev.cum_qty, ev.cum_quote)
         kind = _EXEC_KIND.get(ev.exec_type, ExecKind.STATUS)
+        if kind is ExecKind.REPLACED and ev.qty > 0:
+            order.qty = ev.qty  # an amend: the report carries the new quantity
         if was_unknown:
             self.metrics["orders_reconciled"] += 1
             kind = ExecKind.RECONCILED if kind in (ExecKind.NEW, ExecKind.STATUS) else kind

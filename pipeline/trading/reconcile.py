@@ -69,6 +69,7 @@ class Reconciler:
         self.unknown.add(order.coid)
         order.was_unknown = True
         self.metrics["orders_unknown"] += 1
+        self.metrics["orders_unknown_now"] = self.metrics["orders_in_doubt"] = len(self.unknown)
         self._table.emit(order, ExecKind.UNKNOWN, error_code=code)
         self._reconcile(order, now)
 
@@ -76,7 +77,7 @@ class Reconciler:
         if self.unknown and now >= self.next_pass_ns:
             self.next_pass_ns = now + int(self.config.reconcile_interval_s * 1e9)
             self.reconcile_all()
-        elif not self.unknown and self.metrics["orders_unknown_now"]:
+        elif not self.unknown and self.metrics["orders_in_doubt"]:
             self._unknown_gauges(now)
 
     # ---- answers ---------------------------------------------------------------------
@@ -212,7 +213,7 @@ class Reconciler:
                 "unknown_orders_stale",
                 f"{stale} orders UNKNOWN for more than {self.config.unknown_stale_s:.0f} s",
             )
-        self.metrics["orders_unknown_now"] = n
+        self.metrics["orders_unknown_now"] = self.metrics["orders_in_doubt"] = n
         self.metrics["problem_unknown_orders_stale"] = stale
 
     def reconcile_all(self) -> None:

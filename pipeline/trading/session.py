@@ -18,8 +18,8 @@ Calling contract (the asyncio shell in ``pipeline.trading.process`` does exactly
 3. Feed every received text frame to ``frame_received(conn, text)`` and a closed socket to
    ``connection_lost(conn, reason)``.
 4. Call ``tick()`` no later than :meth:`Session.next_deadline` (monotonic ns).
-5. Submit orders with ``place`` / ``cancel`` / ``modify`` / ``query``; results come back as
-   :class:`ExecUpdate` from :meth:`Session.updates`.
+5. Submit orders with ``place`` / ``cancel`` / ``modify`` / ``amend`` / ``query``; results
+   come back as :class:`ExecUpdate` from :meth:`Session.updates`.
 
 Decisions (documented, tested in tests/test_session.py):
 
@@ -60,7 +60,18 @@ Decisions (documented, tested in tests/test_session.py):
   a standby connection is opened, synced, logged on and subscribed; then it becomes primary
   and the old one is closed as soon as its in-flight requests are answered (or after
   ``drain_timeout_s``; whatever is still unanswered then becomes UNKNOWN and is reconciled).
-  User data is accepted only from the primary, so the overlap neither loses nor duplicates it.
+  Lossless handover: user data is accepted from every connection, the replaced one included
+  for ``handover_grace_s`` after the promotion (a fill the venue sent it before the standby
+  subscribed is still on its way), and an executionReport seen twice is delivered once:
+  de-duplicated by (orderId, execution id ``I``) while more than one connection is open
+  (counted in ``user_data_duplicates``). A report without ``I`` is accepted from the primary
+  only, as before.
+- Order semantics (7.2): ``amend`` is order.amend.keepPriority (quantity down, priority kept,
+  the client id re-sent so it stays the order's), ``modify`` is order.cancelReplace; cancels
+  go by ``orderId`` once known; new orders ask ``newOrderRespType=RESULT``. See
+  :mod:`pipeline.trading.orderentry`.
+- ``orders_in_doubt`` is the gauge of orders UNKNOWN now (``orders_unknown_now`` is its older
+  name, kept for existing readers); ``orders_unknown`` counts every time one became UNKNOWN.
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ from pipeline.trading.session_types import (  # re-exported: callers name them f
 from pipeline.trading.session_types import EXIT_AUTH as EXIT_AUTH
 from pipeline.trading.session_types import EXIT_GAVE_UP as EXIT_GAVE_UP
 from pipeline.trading.session_types import EXIT_OK as EXIT_OK
+from pipeline.trading.session_types import LOCAL_AMEND_LIMIT as LOCAL_AMEND_LIMIT
 from pipeline.trading.session_types import LOCAL_BAD_REPLY as LOCAL_BAD_REPLY
 from pipeline.trading.session_types import LOCAL_DISCONNECTED as LOCAL_DISCONNECTED
 from pipeline.trading.session_types import LOCAL_DUPLICATE_ID as LOCAL_DUPLICATE_ID
@@ -168,7 +180,10 @@ METRIC_FIELDS: tuple[str, ...] = (
     "clock_offset_ms",
     "time_resyncs",
     "orders_unknown_now",
+    "orders_in_doubt",
     "problem_unknown_orders_stale",
+    "user_data_duplicates",
+    "orders_amended",
     "reconcile_requests",
     "orders_table_full",
 )
@@ -222,7 +237,10 @@ class Session:
         self.place = entry.place
         self.cancel = entry.cancel
         self.modify = entry.modify
+        self.amend = entry.amend
         self.query = entry.query
+        # (orderId, I) of executionReports seen while more than one connection was open
+        self._seen_exec: dict[tuple[int, int], None] = {}
         # The answer to a request goes to the handler of its kind; one that will never be
         # answered to the failure handler of its kind. Built once: looked up for every reply.
         self._reply_handlers: dict[str, ReplyHandler] = {
@@ -234,6 +252,7 @@ class Session:
             "place": table.on_place,
             "cancel": table.on_cancel,
             "modify": table.on_modify,
+            "amend": table.on_amend,
             "status": table.on_status,
             "reconcile": reconciler.on_reconcile,
             "bulk": reconciler.on_bulk,
@@ -247,6 +266,7 @@ class Session:
             "place": table.new_order_failed,
             "modify": table.new_order_failed,
             "cancel": table.cancel_failed,
+            "amend": table.cancel_failed,
             "status": table.status_failed,
             "reconcile": reconciler.reconcile_request_failed,
             "bulk": reconciler.bulk_request_failed,
@@ -409,8 +429,8 @@ class Session:
             self._protocol_error(f"{p.method} answer not understood: {exc}")
             self._bad_reply(conn, p)
             return
-        if conn.role is ConnRole.DRAINING and not conn.pending and conn.id in self._conns:
-            self.connections.drop(conn, "replaced", lost=False)
+        if conn.role is ConnRole.DRAINING and conn.id in self._conns:
+            self.connections.drain_done(conn)
 
     def _protocol_error(self, what: str, n: int = 1) -> None:
         """Count and log (rate limited: a hostile venue must not flood the log) a remote fault."""
@@ -425,8 +445,8 @@ class Session:
             return
         if p.kind in SETUP_KINDS and conn.phase is not ConnPhase.READY:
             self.connections.drop(conn, f"{p.method} answer not understood", lost=True)
-        elif conn.role is ConnRole.DRAINING and not conn.pending:
-            self.connections.drop(conn, "replaced", lost=False)
+        elif conn.role is ConnRole.DRAINING:
+            self.connections.drain_done(conn)
 
     def _track_limits(self, msg: Response) -> None:
         for rl in msg.rate_limits:
@@ -473,14 +493,44 @@ class Session:
             log.info("serverShutdown received", extra={"event": "server_shutdown"})
             self.connections.server_shutdown(conn)
             return
-        if conn.id != self.connections.primary:
-            return  # user data only from the primary: no duplicates during a rollover
+        primary = conn.id == self.connections.primary
+        if isinstance(ev, ud.ExecutionReport):
+            if len(self._conns) > 1 or self._seen_exec:
+                if not self._first_copy(ev, primary):
+                    return
+            elif not primary:
+                return
+            self.metrics["user_data_events"] += 1
+            self.table.on_execution_report(ev)
+            return
+        if not primary:
+            return  # balances, list status: the primary's copy (no id to de-duplicate by)
         self.metrics["user_data_events"] += 1
         if isinstance(ev, ud.StreamTerminated):
             self.connections.stream_terminated(conn)
-            return
-        if isinstance(ev, ud.ExecutionReport):
-            self.table.on_execution_report(ev)
+
+    # The (orderId, I) pairs remembered across a rollover's overlap: far more reports than
+    # can be in flight on two connections at once.
+    SEEN_EXEC_MAX = 4096
+
+    def _first_copy(self, ev: ud.ExecutionReport, primary: bool) -> bool:
+        """True for the first copy of an executionReport while connections overlap (the
+        handover): both connections carry the account's user data, each report once per
+        connection. Without ``I`` there is nothing to match by: only the primary's copy."""
+        if ev.exec_id < 0:
+            return primary
+        seen = self._seen_exec
+        key = (ev.order_id, ev.exec_id)
+        if key in seen:
+            self.metrics["user_data_duplicates"] += 1
+            return False
+        if len(self._conns) <= 1:
+            seen.clear()  # the overlap is over: the other copy can no longer come
+            return True
+        if len(seen) >= self.SEEN_EXEC_MAX:
+            del seen[next(iter(seen))]
+        seen[key] = None
+        return True
 
 
 def _nothing_to_settle(p: PendingRequest, code: int) -> None:

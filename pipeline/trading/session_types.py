@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import Enum, IntEnum
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ LOCAL_TIMEOUT = -9007
 LOCAL_BAD_REPLY = -9021  # the answer could not be understood: the order is UNKNOWN, reconciled
 LOCAL_TABLE_FULL = -9022  # the order table is full of live orders
 LOCAL_OUTBOX_FULL = -9023  # the trading shell's outbox to the connection is full
+LOCAL_AMEND_LIMIT = -9024  # the order was amended MAX_ORDER_AMENDS times already
 ERROR_TEXT: dict[int, str] = {
     LOCAL_NOT_READY: "session not ready",
     LOCAL_RATE_LIMITED: "rate limited until retryAfter",
@@ -45,7 +47,16 @@ ERROR_TEXT: dict[int, str] = {
     LOCAL_BAD_REPLY: "reply not understood (protocol error)",
     LOCAL_TABLE_FULL: "order table full of live orders",
     LOCAL_OUTBOX_FULL: "outbox to the exchange full (connection not draining)",
+    LOCAL_AMEND_LIMIT: "Filter failure: MAX_NUM_ORDER_AMENDS (10 amends per order, local)",
 }
+
+
+# The venue allows this many order.amend.keepPriority per order (filter MAX_NUM_ORDER_AMENDS).
+MAX_ORDER_AMENDS = 10
+# selfTradePreventionMode values (binance-protocol.md 7.2); the venue allows a per-symbol subset.
+STP_MODES = frozenset(
+    {"NONE", "EXPIRE_MAKER", "EXPIRE_TAKER", "EXPIRE_BOTH", "DECREMENT", "TRANSFER"}
+)
 
 
 def local_error(code: int) -> ApiError:
@@ -122,7 +133,9 @@ class SessionConfig:
     max_connection_age_s: float = 23 * 3600.0
     drain_timeout_s: float = 15.0
     time_sync_interval_s: float = 600.0
-    recv_window_ms: int | None = None
+    # ms, up to 3 decimals (5000.5: microsecond precision), 0 < value <= 60000; checked by
+    # pipeline.binance.wsapi.recv_window_text when the request builder is made
+    recv_window_ms: float | Decimal | None = None
     default_retry_after_s: float = 10.0  # 429 without retryAfter
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     cancel_replace_mode: str = "STOP_ON_FAILURE"
@@ -132,7 +145,13 @@ class SessionConfig:
     reconcile_burst_weight: float = 40.0  # token bucket depth (10 order.status)
     reconcile_bulk_min: int = 3  # this many due UNKNOWN orders of a symbol: openOrders.status
     assumed_weight_limit: int = 6000  # per minute, until the venue's rateLimits say otherwise
-    unknown_stale_s: float = 30.0  # UNKNOWN longer than this: problem_unknown_orders_stale
+    # An order in doubt (UNKNOWN) longer than this raises problem_unknown_orders_stale, which
+    # makes `pipeline health` report trading unhealthy (`pipeline trade --unknown-stale`).
+    unknown_stale_s: float = 30.0
+    # After a rollover the replaced connection keeps delivering user data this long (events
+    # the venue sent it before the standby subscribed are still on their way); both copies of
+    # an event are de-duplicated by (orderId, execution id I).
+    handover_grace_s: float = 1.0
     max_retry_after_s: float = 4 * 86400.0  # a later retryAfter is nonsense: protocol error
     max_orders: int = 100_000  # order table size; the oldest final orders are forgotten
 
@@ -145,7 +164,7 @@ class PendingRequest:
     conn: int
     method: str
     params: dict[str, Any]
-    kind: str  # the handler: time, logon, subscribe, ping, place, cancel, modify, status, ...
+    kind: str  # the handler: time, logon, subscribe, ping, place, cancel, modify, amend, ...
     # ... reconcile, bulk (openOrders.status while reconciling), generic
     deadline_ns: int
     sent_wall_ns: int
@@ -196,7 +215,7 @@ class ConnPhase(Enum):
 class ConnRole(Enum):
     """What a connection is for (make-before-break rollover keeps up to three at once)."""
 
-    PRIMARY = "primary"  # carries orders; the only one whose user data is accepted
+    PRIMARY = "primary"  # carries orders
     STANDBY = "standby"  # being readied to replace the primary
     DRAINING = "draining"  # replaced: closed once its in-flight requests are answered
 
@@ -232,7 +251,15 @@ class Connection:
     json_ping_sent_ns: int = 0
     next_json_ping_ns: int = 0
     drain_deadline_ns: int = 0
+    linger_until_ns: int = 0  # draining: user data still accepted until then (handover)
     subscribed: bool = False
+
+    def drained(self, now_ns: int) -> bool:
+        """A replaced connection may close: nothing pending and the handover grace is over,
+        or its drain deadline passed."""
+        return (not self.pending and now_ns >= self.linger_until_ns) or (
+            now_ns >= self.drain_deadline_ns
+        )
 
     def to_phase(self, event: str) -> None:
         new = PHASE_TRANSITIONS.get((self.phase, event))

@@ -80,6 +80,7 @@ class ExecKind(IntEnum):
     NEW = 9  # executionReport x=NEW
     STATUS = 10  # answer to a status query
     CANCEL_REJECT = 11  # a cancel (or the cancel leg of a modify) failed
+    AMEND_REJECT = 12  # an amend (order.amend.keepPriority) failed: the order is as it was
 
 
 @dataclass(slots=True)
@@ -149,6 +150,7 @@ class OrderAction(IntEnum):
     OPEN_ORDERS = 5  # openOrders.status (symbol optional); answer on the reply ring
     CANCEL_ALL = 6  # openOrders.cancelAll (symbol required); answer on the reply ring
     ACCOUNT = 7  # account.status (zero balances omitted); answer on the reply ring
+    AMEND = 8  # order.amend.keepPriority: reduce client_order_id's qty, keep queue priority
 
 
 # Account-level requests: action -> WS API method. Their answers go to the reply ring.
