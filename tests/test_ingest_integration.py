@@ -643,6 +643,63 @@ def test_metrics_never_run_ahead_of_the_ring_while_records_are_staged(shm_name: 
         w.close()
 
 
+@pytest.mark.parametrize("fast_path", ["off", "auto"])
+def test_every_connection_keeps_its_own_state_whichever_path_takes_its_frames(
+        shm_name: str, fast_path: str) -> None:
+    """The compiled path keeps no per-connection state (it never looks inside a connection):
+    each connection's last frame time and first-frame signal are still kept by the shell, for
+    every loop iteration the connection delivers in, with two connections interleaved (a
+    rotation's overlap) and the compiled path staging nearly every frame."""
+    import uvloop
+
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
+
+    class RotatingConn:
+        def __init__(self) -> None:
+            self.last_ns = 0
+            self.first_pending = True
+            self.first_seen_ns: int | None = None
+
+        def got_first(self) -> None:
+            self.first_pending = False
+            self.first_seen_ns = self.last_ns
+
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 10, symbols=SYMBOLS)
+    loop = uvloop.new_event_loop()
+    ing = Ingest(IngestConfig(symbols=SYMBOLS, streams=["aggTrade"], fast_path=fast_path),
+                 w, None)
+    try:
+        ing.setup_publishing(loop)
+        old, new = RotatingConn(), RotatingConn()
+
+        async def iteration(frames: list[tuple[RotatingConn, int, int]]) -> None:
+            for conn, agg_id, recv_ns in frames:
+                ing.on_frame(conn, _agg_frame("BTCUSDT", agg_id), recv_ns)  # type: ignore[arg-type]
+
+        loop.run_until_complete(iteration([(old, 100 + k, 1_000 + k) for k in range(4)]))
+        assert old.first_seen_ns == 1_000
+        assert 1_000 <= old.last_ns <= 1_003
+        # the overlap: the new connection's first frames, then both alternate
+        loop.run_until_complete(iteration(
+            [(new, 104, 2_000), (new, 105, 2_001), (old, 106, 2_002), (new, 107, 2_003)]))
+        assert new.first_seen_ns == 2_000  # its first frame was noticed, staged or not
+        assert 2_000 <= new.last_ns <= 2_003
+        assert 2_002 <= old.last_ns <= 2_003  # it delivered in this iteration too
+        loop.run_until_complete(iteration([(new, 108 + k, 3_000 + k) for k in range(3)]))
+        assert 3_000 <= new.last_ns <= 3_002
+        assert old.last_ns < 3_000  # silent since: the stall detector must see that
+        assert w.staged == 0
+        if ing.fast is not None:
+            assert ing.fast.frames == 10  # all but the very first frame: the compiled path's
+        with RingReader.attach(shm_name, start="oldest") as rd:
+            assert rd.poll()["trade_id"].tolist() == list(range(100, 111))
+    finally:
+        ing.release()
+        loop.close()
+        w.close()
+
+
 def _trade_frame(sym: str, trade_id: int) -> bytes:
     return (b'{"stream":"%s@trade","data":{"e":"trade","E":1768627409826,"s":"%s","t":%d,'
             b'"p":"95311.64000000","q":"0.00084000","T":1768627409825,"m":true,"M":true}}'
