@@ -27,6 +27,9 @@ Batching: ``stage(record)`` writes a record into its slot by the same protocol (
 then bytes and seq stamp) but leaves the cursor alone; ``commit(stamp)`` stores the cursor once
 for everything staged and can write a trailing timestamp field (``publish_time_ns``) at that
 moment. Ingest stages the records of one event-loop iteration this way (~0.55 us per record
+instead of ~0.9 us for a publish). The number staged is kept in the header, not in the writer
+object: ``intent == cursor + staged`` at all times, which is what lets a compiled fast path
+stage into the same batch given only buffers and integers (:meth:`WriterCore.fast_path_view`).
 
 This module is the pure core that moves records through a ring: :class:`WriterCore`,
 :class:`ReaderCore`, :func:`plan_read` and :func:`valid_after_copy`, over any writable buffer (a
