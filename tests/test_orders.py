@@ -156,8 +156,8 @@ def test_intake_rejects_stale_records(shm_name: str) -> None:
     intake = OrderIntake(start_time_ns=time.time_ns(), max_order_age_s=5, prefix=f"{shm_name}.o.")
     try:
         before_start = time.time_ns() - 10**9
-        ring.publish((1, 1, 1, 1, 7, 1.0, 1.0, before_start, b"BTCUSDT", b"old-1", b""))
-        ring.publish((1, 1, 1, 1, 7, 1.0, 1.0, time.time_ns(), b"BTCUSDT", b"new-1", b""))
+        ring.publish((1, 1, 1, 1, 7, 1.0, 1.0, before_start, b"BTCUSDT", b"old-1", b"", 0))
+        ring.publish((1, 1, 1, 1, 7, 1.0, 1.0, time.time_ns(), b"BTCUSDT", b"new-1", b"", 0))
         intake.scan()
         cmds, rejects = intake.poll(time.time_ns())
         assert [c.client_order_id for c in cmds] == ["new-1"]
@@ -166,7 +166,7 @@ def test_intake_rejects_stale_records(shm_name: str) -> None:
         cmds, rejects = intake.poll(time.time_ns() + 6 * 10**9)
         assert cmds == []
         assert rejects == []
-        ring.publish((1, 1, 1, 1, 7, 1.0, 1.0, time.time_ns() - 6 * 10**9, b"X", b"aged", b""))
+        ring.publish((1, 1, 1, 1, 7, 1.0, 1.0, time.time_ns() - 6 * 10**9, b"X", b"aged", b"", 0))
         _cmds, rejects = intake.poll(time.time_ns())
         assert [r.client_order_id for r in rejects] == ["aged"]
     finally:

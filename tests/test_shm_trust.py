@@ -77,7 +77,7 @@ def order_ring_bytes(client_order_id: bytes) -> bytes:
     buf = bytearray(layout.total_size)
     format_header(buf, layout, writer_pid=os.getpid(), epoch_ns=time.time_ns())
     rec = (int(OrderAction.PLACE), 1, 1, 1, 7, 1.0, 1.0, time.time_ns(), b"BTCUSDT",
-           client_order_id, b"")  # fmt: skip
+           client_order_id, b"", 0)  # fmt: skip
     WriterCore(buf, layout).publish(rec)
     return bytes(buf)
 

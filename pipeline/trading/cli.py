@@ -8,7 +8,7 @@
   (mode 0600) for ``--api-key-file`` or pass it in an environment variable named by
   ``--api-key-env``. ``--api-key KEY`` still works but puts the key in argv, where every local
   user can read it (``ps``): it warns, and is meant for interactive use only.
-- ``order place|cancel|modify|status`` talks to a running ``trade`` through
+- ``order place|cancel|modify|amend|status`` talks to a running ``trade`` through
   :class:`pipeline.trading.client.OrderClient` and prints the answer as one JSON line;
   ``order open-orders [--symbol S]|cancel-all --symbol S|account`` print the exchange's JSON
   answer (``{"ok", "status", "result", "error", ...}``, carried on the reply ring).
@@ -112,7 +112,28 @@ def _register_trade(subparsers: Any) -> None:
     )
     p.add_argument("--backoff-initial", type=float, default=1.0, metavar="S")
     p.add_argument("--backoff-max", type=float, default=60.0, metavar="S")
-    p.add_argument("--recv-window", type=int, default=None, metavar="MS")
+    p.add_argument(
+        "--recv-window",
+        type=_recv_window,
+        default=None,
+        metavar="MS",
+        help="recvWindow in ms, up to 3 decimals (5000.5), at most 60000 (default: venue's 5000)",
+    )
+    p.add_argument(
+        "--unknown-stale",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="an order in doubt (UNKNOWN) longer than this makes `pipeline health` report "
+        "trading unhealthy (problem unknown_orders_stale)",
+    )
+    p.add_argument(
+        "--handover-grace",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="after a rollover, user data is still taken from the replaced connection this long",
+    )
     p.add_argument("--exec-ring", default=EXEC_RING, metavar="NAME")
     p.add_argument(
         "--metrics",
@@ -170,6 +191,16 @@ def _register_trade(subparsers: Any) -> None:
     p.set_defaults(func=_trade)
 
 
+def _recv_window(text: str) -> Any:
+    """``--recv-window``: checked by the request builder's own rule, a usage error if bad."""
+    from pipeline.binance.wsapi import recv_window_param
+
+    try:
+        return recv_window_param(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _trade(args: argparse.Namespace) -> int:
     import logging
 
@@ -210,6 +241,8 @@ def _trade(args: argparse.Namespace) -> int:
         pong_timeout_s=args.pong_timeout,
         request_timeout_s=args.request_timeout,
         recv_window_ms=args.recv_window,
+        unknown_stale_s=args.unknown_stale,
+        handover_grace_s=args.handover_grace,
         backoff=policy,
     )
     cfg = TradingConfig(
@@ -334,6 +367,21 @@ def _register_order(subparsers: Any) -> None:
     pl.add_argument("--qty", required=True, type=float)
     pl.add_argument("--tif", choices=("GTC", "IOC", "FOK"), type=str.upper)
     pl.add_argument("--id", dest="client_order_id", help="client order id (default: generated)")
+    pl.add_argument(
+        "--stp",
+        default="",
+        type=str.upper,
+        choices=(
+            "",
+            "NONE",
+            "EXPIRE_TAKER",
+            "EXPIRE_MAKER",
+            "EXPIRE_BOTH",
+            "DECREMENT",
+            "TRANSFER",
+        ),
+        help="selfTradePreventionMode (default: the venue's for the symbol)",
+    )
     common(pl)
 
     cx = sub.add_parser("cancel", help="cancel an order by client order id")
@@ -341,7 +389,11 @@ def _register_order(subparsers: Any) -> None:
     cx.add_argument("--symbol", default="")
     common(cx)
 
-    md = sub.add_parser("modify", help="cancel-replace an order (new price/qty)")
+    md = sub.add_parser(
+        "modify",
+        help="cancel-replace an order: a price change or a quantity increase (queue priority "
+        "lost, a new order and client id); to only reduce the quantity use amend",
+    )
     md.add_argument("--id", dest="client_order_id", required=True)
     md.add_argument("--qty", required=True, type=float)
     md.add_argument("--price", type=float)
@@ -351,6 +403,16 @@ def _register_order(subparsers: Any) -> None:
         "--type", default="", choices=("", "LIMIT", "MARKET", "LIMIT_MAKER"), type=str.upper
     )
     common(md)
+
+    am = sub.add_parser(
+        "amend",
+        help="reduce an order's quantity keeping its queue priority and client id "
+        "(order.amend.keepPriority; at most 10 per order); for a price change use modify",
+    )
+    am.add_argument("--id", dest="client_order_id", required=True)
+    am.add_argument("--qty", required=True, type=float, help="the new, smaller quantity")
+    am.add_argument("--symbol", default="")
+    common(am)
 
     st = sub.add_parser("status", help="ask the exchange for an order's status")
     st.add_argument("--id", dest="client_order_id", required=True)
@@ -374,6 +436,7 @@ def _order(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.trading.client import (
+        AMEND_ANSWERS,
         CANCEL_ANSWERS,
         STATUS_ANSWERS,
         OrderClient,
@@ -424,7 +487,11 @@ def _order(args: argparse.Namespace) -> int:
                 price=args.price,
                 tif=args.tif,
                 client_order_id=args.client_order_id,
+                stp=args.stp,
             )
+        elif args.order_command == "amend":
+            coid = client.amend(args.client_order_id, qty=args.qty, symbol=args.symbol)
+            kinds = AMEND_ANSWERS
         elif args.order_command == "cancel":
             coid = client.cancel(args.client_order_id, symbol=args.symbol)
             kinds = CANCEL_ANSWERS

@@ -204,6 +204,7 @@ class TradingNotRunningError(RuntimeError):
 PLACE_ANSWERS = frozenset({"ACK", "REJECT", "NEW", "TRADE", "RECONCILED", "CANCELED", "EXPIRED"})
 CANCEL_ANSWERS = frozenset({"CANCELED", "CANCEL_REJECT", "RECONCILED", "EXPIRED"})
 STATUS_ANSWERS = frozenset({"STATUS"})
+AMEND_ANSWERS = frozenset({"REPLACED", "AMEND_REJECT", "RECONCILED", "CANCELED", "EXPIRED"})
 
 
 class OrderClient:
@@ -306,6 +307,7 @@ class OrderClient:
         price: float | None = None,
         qty: float = 0.0,
         orig: str = "",
+        stp: str = "",
     ) -> None:
         rec = (
             int(action),
@@ -319,6 +321,7 @@ class OrderClient:
             symbol.encode(),
             coid.encode(),
             orig.encode(),
+            STP_MODES.index(stp),
         )
         marks = self._mark
         marks.pop(coid, None)
@@ -339,10 +342,15 @@ class OrderClient:
         price: float | None = None,
         tif: str | None = None,
         client_order_id: str | None = None,
+        stp: str = "",
     ) -> str:
-        """Submit a new order; returns its client order id."""
+        """Submit a new order; returns its client order id. ``stp`` is the
+        ``selfTradePreventionMode`` (NONE, EXPIRE_TAKER, EXPIRE_MAKER, EXPIRE_BOTH, DECREMENT,
+        TRANSFER; "" = the venue's default for the symbol)."""
         coid = client_order_id or self._ids.next()
         _check(side, type, tif or "", symbol)
+        if stp not in STP_MODES or stp == "OTHER":
+            raise ValueError(f"stp must be one of {', '.join(STP_MODES[1:-1])}")
         if type == "LIMIT" and tif is None:
             tif = "GTC"
         self._publish(
@@ -354,11 +362,25 @@ class OrderClient:
             tif=tif or "",
             price=price,
             qty=qty,
+            stp=stp,
         )
         return coid
 
     def cancel(self, client_order_id: str, *, symbol: str = "") -> str:
         self._publish(OrderAction.CANCEL, client_order_id, symbol)
+        return client_order_id
+
+    def amend(self, client_order_id: str, *, qty: float, symbol: str = "") -> str:
+        """Reduce ``client_order_id``'s quantity to ``qty`` keeping its queue priority
+        (``order.amend.keepPriority``); the order keeps its client order id, which is returned.
+        The answer is REPLACED (with the new ``qty``) or AMEND_REJECT (-2038: not a reduction
+        or below the executed quantity; the venue's limit of 10 amends per order).
+        Use :meth:`modify` to change the price or increase the quantity."""
+        if not qty > 0:
+            raise ValueError("amend: qty must be positive (and below the current quantity)")
+        if len(symbol.encode()) > 24:
+            raise ValueError("symbol: 1-24 bytes")
+        self._publish(OrderAction.AMEND, client_order_id, symbol, qty=qty)
         return client_order_id
 
     def modify(
@@ -372,7 +394,9 @@ class OrderClient:
         type: str = "",
         tif: str | None = None,
     ) -> str:
-        """Cancel-replace ``client_order_id``; returns the replacement's client order id."""
+        """Cancel-replace ``client_order_id`` (``order.cancelReplace``: a price change or a
+        quantity increase; queue priority is lost and the replacement is a new order); returns
+        the replacement's client order id. To only reduce the quantity use :meth:`amend`."""
         _check(side, type, tif or "", symbol or "X")
         new = self._ids.next()
         self._publish(

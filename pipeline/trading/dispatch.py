@@ -240,6 +240,7 @@ class OrderDispatcher:
         kind = {
             OrderAction.CANCEL: ExecKind.CANCEL_REJECT,
             OrderAction.STATUS: ExecKind.STATUS,
+            OrderAction.AMEND: ExecKind.AMEND_REJECT,
         }.get(cmd.action, ExecKind.REJECT)
         order = self.session.order_status(cmd.client_order_id)
         status = OrderStatus.REJECTED if kind is ExecKind.REJECT else (order or OrderStatus.UNKNOWN)
@@ -289,9 +290,12 @@ class OrderDispatcher:
                 cmd.tif or None,
                 submit_time_ns=cmd.submit_time_ns,
                 client_id=cmd.client_id,
+                stp=cmd.stp,
             )
             if sent and self._risk is not None:
                 self._risk.sent(cmd.client_order_id, cmd.symbol, cmd.side, cmd.qty)
+        elif cmd.action is OrderAction.AMEND:  # only reduces exposure: no risk check needed
+            s.amend(cmd.client_order_id, cmd.qty, cmd.symbol or None, client_id=cmd.client_id)
         elif cmd.action is OrderAction.CANCEL:
             s.cancel(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)
         elif cmd.action is OrderAction.MODIFY:

@@ -24,6 +24,7 @@ from pipeline.trading.wire import (
     ORDER_DTYPE,
     ORDER_RING_PREFIX,
     SIDES,
+    STP_MODES,
     TIFS,
     TYPES,
     ExecKind,
@@ -50,6 +51,7 @@ class OrderCommand:
     price: float
     qty: float
     submit_time_ns: int
+    stp: str = ""  # selfTradePreventionMode ("" = the venue's default)
 
 
 def decode_order(r: Any) -> OrderCommand:
@@ -69,6 +71,7 @@ def decode_order(r: Any) -> OrderCommand:
         price=float(r["price"]),
         qty=float(r["qty"]),
         submit_time_ns=int(r["submit_time_ns"]),
+        stp=idx(STP_MODES, r["stp"]),
     )
 
 
