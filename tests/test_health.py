@@ -219,9 +219,26 @@ def test_dead_writer_is_named_not_stalled() -> None:
 
 
 def test_trading_reports_orders_unknown_now() -> None:
+    """A block of an older trading process (only ``orders_unknown_now``): read as in doubt."""
     rep = evaluate({T: {**trading(3), "orders_unknown_now": 4}}, {}, NOW)
     assert rep["trading"]["orders_unknown_now"] == 4
-    assert "orders_unknown_now=4" in render_text(rep)
+    assert rep["trading"]["orders_in_doubt"] == 4
+    assert "orders_in_doubt=4" in render_text(rep)
+
+
+def test_orders_in_doubt_gauge_next_to_the_counter_and_stale_is_unhealthy() -> None:
+    snap = {**trading(3), "orders_unknown": 9, "orders_in_doubt": 2, "orders_unknown_now": 2}
+    rep = evaluate({T: snap}, {}, NOW)
+    e = rep["trading"]
+    assert (e["orders_in_doubt"], e["orders_unknown"], e["orders_unknown_total"]) == (2, 9, 9)
+    assert e["healthy"]  # in doubt, but not for longer than unknown_stale_s
+    text = render_text(rep)
+    assert "orders_unknown=9" in text
+    assert "orders_in_doubt=2" in text
+    assert "pipeline_trading_orders_in_doubt 2" in render_prometheus(rep)
+    rep = evaluate({T: {**snap, "problem_unknown_orders_stale": 1}}, {}, NOW)
+    assert not rep["trading"]["healthy"]
+    assert "unknown_orders_stale=1" in rep["trading"]["problems"]
 
 
 # ---------------------------------------------------------------------------------------------

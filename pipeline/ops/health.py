@@ -7,7 +7,10 @@ readers table (:func:`pipeline.ipc.segments.ring_stats`). :func:`evaluate` is pu
 "now" in, a per-component verdict out, so every rule below is a unit test:
 
 * **trading** (``pipeline.trading.metrics``): unhealthy unless ``state`` is READY and its writer
-  is alive. Reported: state (name), reconnects, last_rtt_us, orders_unknown, and the rest.
+  is alive. Reported: state (name), reconnects, last_rtt_us, orders_unknown (a counter, also as
+  ``orders_unknown_total``), ``orders_in_doubt`` (a gauge: orders UNKNOWN right now; older blocks
+  publish it as ``orders_unknown_now``), and the rest. An order in doubt for longer than the
+  trading process's ``--unknown-stale`` raises ``problem_unknown_orders_stale``: unhealthy.
 * **ingest** (``pipeline.ingest.metrics``): unhealthy when its writer is dead or the last frame
   is older than ``--max-frame-age`` seconds.
 * **ring**: unhealthy when the writer pid is dead; each reader's lag and missed count shown.
@@ -156,8 +159,11 @@ def evaluate(
                 last_rtt_us=_first(fields, RTT_FIELDS),
                 orders_unknown=fields.get("orders_unknown", 0),
             )
-            if "orders_unknown_now" in fields:
-                entry["orders_unknown_now"] = fields["orders_unknown_now"]
+            entry["orders_unknown_total"] = entry["orders_unknown"]
+            in_doubt = _first(fields, ("orders_in_doubt", "orders_unknown_now"))
+            if in_doubt is not None:
+                entry["orders_in_doubt"] = in_doubt
+                entry["orders_unknown_now"] = in_doubt  # the older name, for existing readers
             if state != "READY":
                 problems.append(f"session state {state}, not READY")
         elif comp == "ingest":
@@ -307,8 +313,8 @@ def render_text(report: Mapping[str, Any]) -> str:
                 f"state={e['state']} reconnects={_fmt(e['reconnects'])} "
                 f"last_rtt_us={_fmt(e['last_rtt_us'])} orders_unknown={_fmt(e['orders_unknown'])}"
             )
-            if "orders_unknown_now" in e:
-                detail += f" orders_unknown_now={_fmt(e['orders_unknown_now'])}"
+            if "orders_in_doubt" in e:
+                detail += f" orders_in_doubt={_fmt(e['orders_in_doubt'])}"
         elif comp.startswith("ring:") and "cursor" in e:
             readers = ", ".join(
                 f"{_printable(r['name'])}(lag {r['lag']}, missed {r['missed']})"
