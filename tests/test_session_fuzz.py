@@ -56,8 +56,10 @@ REPLY_PATHS: list[tuple[str | int, ...]] = [
     ("rateLimits", 0, "rateLimitType"),
     ("id",),
 ]
-EVENT_FIELDS = ["e", "s", "c", "C", "S", "x", "X", "i", "l", "z", "L", "Z", "E", "T", "t", "q", "p"]
-TARGETS = ["place", "reconcile", "cancel", "modify", "time", "event"]
+EVENT_FIELDS = [
+    "e", "s", "c", "C", "S", "x", "X", "i", "l", "z", "L", "Z", "E", "T", "t", "q", "p", "I",
+]  # fmt: skip
+TARGETS = ["place", "reconcile", "cancel", "modify", "amend", "time", "event"]
 
 
 def _set(obj: Any, path: tuple[str | int, ...], value: Any) -> Any:
@@ -85,6 +87,7 @@ def _frame(d: Driver, msg: dict[str, Any], body: dict[str, Any]) -> None:
 def _sane(d: Driver) -> None:
     """Play a well-behaved exchange until nothing is PENDING/UNKNOWN (or the session ended)."""
     opened = {a.conn for a in d.other if isinstance(a, Open)}  # already connected
+    sent_before = set(d.session.orders())  # never a second order.place for one of these
     for _ in range(200):
         s = d.session
         if s.state is State.FAILED:
@@ -106,6 +109,7 @@ def _sane(d: Driver) -> None:
             elif m == "time":
                 d.reply(conn, msg, result={"serverTime": d.clock.wall // 1_000_000})
             elif m == "order.place":
+                assert p["newClientOrderId"] not in sent_before, "order resent: a duplicate"
                 d.reply(conn, msg, result=order_result(p["newClientOrderId"]))
             else:
                 d.reply(conn, msg, result={})
@@ -159,6 +163,10 @@ def test_arbitrary_json_in_any_reply_field_never_escapes_nor_loses_an_order(
         elif target == "modify":
             s.modify("a1", "a3", qty=1.0, price=99.0)
             _frame(d, d.take("order.cancelReplace"), fuzzed)
+        elif target == "amend":  # by orderId (acked); the answer's shape is fuzzed too
+            s.amend("a1", 0.5)
+            amended = _set(fuzzed, ("result",), {"transactTime": 1, "amendedOrder": value})
+            _frame(d, d.take("order.amend.keepPriority"), amended if path == ("result",) else fuzzed)
         elif target == "time":
             d.tick_to(601)  # the periodic resync
             _frame(d, d.take("time"), _set(fuzzed, ("result", "serverTime"), value))
