@@ -236,3 +236,45 @@ async def test_fill_in_the_rollover_window_is_delivered_exactly_once(tmp_path: P
         finally:
             s.stop()
             await sh.close()
+
+
+@async_test
+async def test_self_trade_prevention_reaches_the_strategy_with_the_report_fields(
+    tmp_path: Path, shm_name: str
+) -> None:
+    """Two orders of our own account meet through a real `pipeline trade` session: the taker
+    is expired by STP (EXPIRE_TAKER) and then one is shrunk (DECREMENT); the strategy reads
+    the execution id, the STP mode and the prevented quantity from its exec records."""
+    path, pub = new_key(tmp_path, "pem", "k")
+    async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
+        tp = trading(sim, shm_name, "k", load_private_key(path))
+        async with running(tp):
+            client = OrderClient.attach(f"{shm_name[-20:]}p", exec_ring=f"{shm_name}.exec")
+            try:
+                bid, _, ask, _ = sim.market.best("BTCUSDT")
+                price = round(float((bid + ask) / 2), 2)
+                assert float(bid) < price < float(ask)  # crosses only our own resting order
+
+                async def answer(coid: str, kinds: frozenset[str]) -> Any:
+                    return await asyncio.to_thread(client.wait, coid, 10.0, kinds)
+
+                maker = client.place(symbol="BTCUSDT", side="BUY", qty=0.5, price=price,
+                                     stp="EXPIRE_TAKER")  # fmt: skip
+                assert (await answer(maker, frozenset({"ACK", "NEW"}))).status == "NEW"
+                taker = client.place(symbol="BTCUSDT", side="SELL", qty=0.2, price=price,
+                                     stp="EXPIRE_TAKER")  # fmt: skip
+                t = await answer(taker, frozenset({"EXPIRED"}))
+                assert (t.status, t.stp_mode) == ("EXPIRED_IN_MATCH", "EXPIRE_TAKER")
+                assert t.exec_id > 0
+                assert t.prevented_qty == 0.2
+
+                taker2 = client.place(symbol="BTCUSDT", side="SELL", qty=0.2, price=price,
+                                      stp="DECREMENT")  # fmt: skip
+                t2 = await answer(taker2, frozenset({"EXPIRED"}))
+                assert t2.status == "EXPIRED_IN_MATCH"
+                assert t2.exec_id > t.exec_id
+                m = await answer(maker, frozenset({"STATUS"}))  # shrunk, still working
+                assert (m.status, m.working, m.prevented_qty) == ("NEW", True, 0.2)
+                assert tp.session.metrics["user_data_fields_skipped"] == 0
+            finally:
+                client.close()

@@ -166,7 +166,8 @@ def test_arbitrary_json_in_any_reply_field_never_escapes_nor_loses_an_order(
         elif target == "amend":  # by orderId (acked); the answer's shape is fuzzed too
             s.amend("a1", 0.5)
             amended = _set(fuzzed, ("result",), {"transactTime": 1, "amendedOrder": value})
-            _frame(d, d.take("order.amend.keepPriority"), amended if path == ("result",) else fuzzed)
+            reply = amended if path == ("result",) else fuzzed
+            _frame(d, d.take("order.amend.keepPriority"), reply)
         elif target == "time":
             d.tick_to(601)  # the periodic resync
             _frame(d, d.take("time"), _set(fuzzed, ("result", "serverTime"), value))

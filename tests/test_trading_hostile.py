@@ -284,6 +284,7 @@ def _cmd(action: OrderAction, coid: str, price: float) -> Any:
         tif="GTC",
         submit_time_ns=time.time_ns(),
         client_id=7,
+        stp="",
     )
 
 

@@ -462,6 +462,8 @@ class OrderTable:
         late = order.status is OrderStatus.REJECTED and order.was_unknown
         self.apply(order, ev.status, ev.order_id, ev.cum_qty, ev.cum_quote)
         kind = _EXEC_KIND.get(ev.exec_type, ExecKind.STATUS)
+        if kind is ExecKind.EXPIRED and order.status not in FINAL:
+            kind = ExecKind.STATUS  # STP DECREMENT shrank the order; it is still working
         if kind is ExecKind.REPLACED and ev.qty > 0:
             order.qty = ev.qty  # an amend: the report carries the new quantity
         if was_unknown:
@@ -472,10 +474,19 @@ class OrderTable:
             log.warning(
                 "late report for an order reported not found", extra={"event": "order_late"}
             )
+        if ev.skipped_fields:
+            # the parser dropped malformed optional fields (and logged them): count, never hide
+            self.metrics["user_data_fields_skipped"] += len(ev.skipped_fields)
         self.emit(
             order,
             kind,
             last_qty=ev.last_qty,
             last_price=ev.last_price,
             event_time_ns=ev.event_time_ns,
+            exec_id=ev.exec_id,
+            expiry_reason=ev.expiry_reason,
+            stp_mode=ev.stp_mode,
+            working=ev.working,
+            last_quote=ev.last_quote,
+            prevented_qty=ev.prevented_qty,
         )

@@ -183,6 +183,7 @@ METRIC_FIELDS: tuple[str, ...] = (
     "orders_in_doubt",
     "problem_unknown_orders_stale",
     "user_data_duplicates",
+    "user_data_fields_skipped",
     "orders_amended",
     "reconcile_requests",
     "orders_table_full",
