@@ -272,3 +272,75 @@ def test_idle_trading_cpu(stack: dict[str, Any], benchmark: Any) -> None:
         client.close()
     benchmark.extra_info.update(result)
     emit("idle trading process CPU (% of one core, no orders): " + json.dumps(result))
+
+
+def test_amend_vs_cancel_replace(stack: dict[str, Any], benchmark: Any) -> None:
+    """Round trip of a quantity change, side by side: ``order.amend.keepPriority`` (the order
+    keeps its id and queue place; at most 10 per order, so each order is amended 10 times and
+    then cancelled) against ``order.cancelReplace`` (a new order each time). Each round is
+    strategy submit -> the answer seen by the strategy."""
+    from pipeline.trading.client import AMEND_ANSWERS, CANCEL_ANSWERS, PLACE_ANSWERS, OrderClient
+
+    price = round(stack["bid"] * 0.5, 2)
+    client = OrderClient.attach(f"{stack['tag']}a", exec_ring=stack["exec_ring"])
+    rounds = max(20, N_ORDERS // 4)
+    amend_us: list[float] = []
+    replace_us: list[float] = []
+    lot = 0.001
+
+    def place(qty: float) -> str:
+        coid = client.place(symbol="BTCUSDT", side="BUY", qty=qty, price=price)
+        assert client.wait(coid, 10, PLACE_ANSWERS).kind in ("ACK", "NEW")
+        return coid
+
+    def settle(coid: str, qty: float) -> None:
+        """Untimed: the reply and the executionReport are both REPLACED records; let the second
+        arrive before the next amend, so that amend's wait cannot take it for its answer."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            client.poll()
+            got = [x for x in client.reports(coid) if x.kind == "REPLACED" and x.qty == qty]
+            if len(got) >= 2:
+                return
+            time.sleep(0.0002)
+
+    def run_all() -> None:
+        place(lot)  # warm-up: the trading process discovers the new order ring
+        while len(amend_us) < rounds:
+            coid = place(11 * lot)
+            for k in range(10, 0, -1):
+                t0 = time.perf_counter_ns()
+                client.amend(coid, qty=round(k * lot, 3), symbol="BTCUSDT")
+                want = round(k * lot, 3)
+                r = client.wait(coid, 10, AMEND_ANSWERS)
+                amend_us.append((time.perf_counter_ns() - t0) / 1e3)
+                assert (r.kind, r.qty) == ("REPLACED", want), r
+                settle(coid, want)
+            client.cancel(coid, symbol="BTCUSDT")
+            client.wait(coid, 10, CANCEL_ANSWERS)
+        coid = place(lot)
+        while len(replace_us) < rounds:
+            t0 = time.perf_counter_ns()
+            new = client.modify(coid, qty=lot, price=price, symbol="BTCUSDT", side="BUY",
+                                type="LIMIT", tif="GTC")  # fmt: skip
+            r = client.wait(new, 10, PLACE_ANSWERS)
+            replace_us.append((time.perf_counter_ns() - t0) / 1e3)
+            assert r.kind in ("ACK", "NEW"), r
+            coid = new
+        client.cancel(coid, symbol="BTCUSDT")
+        client.wait(coid, 10, CANCEL_ANSWERS)
+
+    try:
+        benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
+    finally:
+        client.close()
+    a, c = np.array(amend_us), np.array(replace_us)
+    summary = {
+        "rounds_each": rounds,
+        "amend_p50_us": round(float(np.percentile(a, 50)), 1),
+        "amend_p99_us": round(float(np.percentile(a, 99)), 1),
+        "cancel_replace_p50_us": round(float(np.percentile(c, 50)), 1),
+        "cancel_replace_p99_us": round(float(np.percentile(c, 99)), 1),
+    }
+    benchmark.extra_info.update(summary)
+    emit("amend vs cancelReplace (strategy submit -> answer seen): " + json.dumps(summary))
