@@ -14,11 +14,13 @@ Layering (later wins):
    :mod:`pipeline.logs`); within a known section an unknown key is an error. Lists are comma
    separated, tables are ``K=V,K=V``, booleans are ``1/0/true/false/yes/no/on/off``.
 
-The ``[sim]`` and ``[ingest]`` sections are the processes' own config types
-(:class:`pipeline.sim.config.SimConfig`, :class:`pipeline.marketdata.config.IngestConfig`):
+The ``[sim]``, ``[ingest]`` and ``[trading]`` sections are the processes' own config types
+(:class:`pipeline.sim.config.SimConfig`, :class:`pipeline.marketdata.config.IngestConfig`,
+:class:`pipeline.trading.config.TradingConfig`):
 their fields' metadata (:mod:`pipeline.settings`) gives each TOML key, and the same metadata
 gives the process's flags, so `pipeline run` hands a child exactly the configured settings.
-Fields set in a shared section (ingest's ring is ``ring.name``) are copied in after loading,
+Fields set in a shared section (ingest's ring is ``ring.name``, trading's exec ring
+``ring.exec_name``) are copied in after loading,
 and ingest's own rules run on the result with errors naming the TOML key.
 
 See ``examples/pipeline.toml`` for every key with its meaning.
@@ -52,6 +54,7 @@ from pipeline.settings import (
     translate_error,
 )
 from pipeline.sim.config import SimConfig
+from pipeline.trading.config import TradingConfig
 
 ENV_PREFIX = "PIPELINE_"
 
@@ -118,28 +121,6 @@ class RingConfig:
     exec_name: str = field(
         default="pipeline.trading.exec",
         metadata=_m("execution-report ring from trading", shm_name=True),
-    )
-
-
-@dataclass(frozen=True)
-class TradingConfig:
-    enabled: bool = field(default=True, metadata=_m("start the trading session process"))
-    wsapi_url: str = field(
-        default="", metadata=_m("WebSocket API URL (empty: by run.mode)", url=True)
-    )
-    api_key: str = field(
-        default="",
-        metadata=_m("API key inline (prefer api_key_file; sim: generated when both are empty)"),
-    )
-    api_key_file: str = field(
-        default="",
-        metadata=_m("file holding the API key (mode 0600 or 0640, ours or root's; never in argv)"),
-    )
-    private_key: str = field(
-        default="", metadata=_m("Ed25519 private key PEM path (sim: generated)")
-    )
-    extra_args: list[str] = field(
-        default_factory=lambda: [], metadata=_m("extra `pipeline trade` arguments")
     )
 
 
@@ -221,7 +202,9 @@ class Config:
     # the processes' own types; left out, they hold `pipeline run`'s defaults (the demo)
     sim: SimConfig = field(default_factory=lambda: build_section("sim", SimConfig, {}))
     ingest: IngestConfig = field(default_factory=lambda: _default_ingest())
-    trading: TradingConfig = field(default_factory=TradingConfig)
+    trading: TradingConfig = field(
+        default_factory=lambda: build_section("trading", TradingConfig, {})
+    )
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     persist: PersistConfig = field(default_factory=PersistConfig)
     risk: RiskConfig = field(default_factory=RiskConfig)
@@ -229,8 +212,10 @@ class Config:
 
     def endpoint(self, key: str) -> str:
         """The configured URL for ``key`` (streams_url/rest_url/wsapi_url), else the mode's."""
-        section = self.trading if key == "wsapi_url" else self.ingest
-        value: str = getattr(section, key)
+        if key == "wsapi_url":  # the trading process's ``url`` (TOML key trading.wsapi_url)
+            value: str = self.trading.url
+        else:
+            value = getattr(self.ingest, key)
         if value:
             return value
         return ENDPOINTS.get(self.run.mode, {}).get(key, "")
@@ -273,9 +258,11 @@ def _wire_shared_keys(sections: dict[str, Any]) -> None:
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(section):
             key = toml_key_of(name, f)
-            if key is None or key == f"{name}.{f.name}":
+            if key is None:
                 continue
             home, _, attr = key.partition(".")
+            if home == name:  # its own section's key (maybe renamed: trading.wsapi_url)
+                continue
             value = getattr(sections[home], attr)
             changes[f.name] = f.metadata["from_toml"](value) if "from_toml" in f.metadata else value
         sections[name] = dataclasses.replace(section, **changes)
@@ -491,9 +478,9 @@ def describe() -> list[tuple[str, str, str]]:
     """(dotted key, default, meaning) for every setting; used to keep the example in sync."""
     out: list[tuple[str, str, str]] = []
     for section, cls in SECTIONS.items():
-        for f in own_keys(section, cls).values():
+        for key, f in own_keys(section, cls).items():
             default = default_of(f, for_run=True)
-            out.append((f"{section}.{f.name}", repr(default), f.metadata.get("doc", "")))
+            out.append((f"{section}.{key}", repr(default), f.metadata.get("doc", "")))
     return out
 
 

@@ -14,6 +14,13 @@ side only or be spelled differently. Now each process has ONE dataclass whose fi
 
 A field that cannot be on one surface says so and why (``flag=None, no_flag=...`` or
 ``toml=None, no_toml=...``): tests check that every other field is reachable from both.
+
+Flatten rule: a field whose value is itself a settings dataclass (trading's ``session``) is
+marked ``flatten=True``; its fields become flags of the outer command (``--ping-interval`` sets
+``session.ping_interval_s``), so the CLI stays one flat list while the process keeps its nested
+type. A nested type this project does not own (``BackoffPolicy``) gets its fields' metadata from
+the outer field's ``flatten={name: setting(...)}``; its fields not listed there keep their
+defaults.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ def setting(
     from_toml: Callable[[Any], Any] | None = None,
     run_default: Any = dataclasses.MISSING,
     metavar: str | None = None,
+    arg_type: Callable[[str], Any] | None = None,
+    required: bool = False,
+    flatten: bool | Mapping[str, Mapping[str, Any]] = False,
     **checks: Any,
 ) -> dict[str, Any]:
     """Field metadata: what the setting means and where it can be set.
@@ -77,6 +87,9 @@ def setting(
     ``from_toml``: turns the TOML value into the field's (a shared key feeding a derived value).
     ``run_default``: the value `pipeline run` uses when the TOML leaves the key out (the local
     simulator demo), where it differs from the process's own default.
+    ``arg_type``: argparse's ``type=`` (a bad value is a usage error naming the flag, as before
+    a flag was generated). ``required``: the flag must be given.
+    ``flatten``: the value is a dataclass whose fields are flags of their own (module docstring).
     ``checks``: TOML-side rules (min, max, choices, each_choices (a tuple, or a function giving
     one, so a process's parser need not import the table), symbols, shm_name, url,
     power_of_two); ``choices`` also become the flag's argparse choices.
@@ -87,7 +100,8 @@ def setting(
         raise ValueError(f"{doc!r}: a setting without a TOML key must say why (no_toml=...)")
     meta: dict[str, Any] = {"doc": doc, "flag": flag, "toml": toml, **checks}
     for name, value in (("no_flag", no_flag), ("no_toml", no_toml), ("parse", parse),
-                        ("show", show), ("from_toml", from_toml), ("metavar", metavar)):
+                        ("show", show), ("from_toml", from_toml), ("metavar", metavar),
+                        ("arg_type", arg_type), ("required", required), ("flatten", flatten)):
         if value:
             meta[name] = value
     if run_default is not dataclasses.MISSING:
@@ -117,9 +131,14 @@ def toml_key_of(section: str, f: dataclasses.Field[Any]) -> str | None:
 
 
 def own_keys(section: str, cls: type) -> dict[str, dataclasses.Field[Any]]:
-    """The keys ``[section]`` accepts: fields whose TOML home is this section."""
-    fields = dataclasses.fields(cls)
-    return {f.name: f for f in fields if toml_key_of(section, f) == f"{section}.{f.name}"}
+    """The keys ``[section]`` accepts (key -> field): fields whose TOML home is this section.
+    A key may differ from its field's name (trading's ``wsapi_url`` is the field ``url``)."""
+    out: dict[str, dataclasses.Field[Any]] = {}
+    for f in dataclasses.fields(cls):
+        home, _, key = (toml_key_of(section, f) or "").partition(".")
+        if home == section:
+            out[key] = f
+    return out
 
 
 def default_of(f: dataclasses.Field[Any], for_run: bool = False) -> Any:
@@ -262,19 +281,22 @@ def build_section(section: str, cls: type, raw: Mapping[str, tuple[Any, str]]) -
     hints = typing.get_type_hints(cls)
     fields = own_keys(section, cls)
     kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
+    for f in fields.values():
         if "run_default" in f.metadata:
             value = default_of(f, for_run=True)
-            kwargs[name] = f.metadata["from_toml"](value) if "from_toml" in f.metadata else value
+            kwargs[f.name] = (
+                f.metadata["from_toml"](value) if "from_toml" in f.metadata else value
+            )
     for key, (value, source) in raw.items():
         dotted = f"{section}.{key}"
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(dotted, f"unknown key (known: {known})", source)
-        coerced = coerce(dotted, hints[key], value, source)
+        name = fields[key].name
+        coerced = coerce(dotted, hints[name], value, source)
         meta = fields[key].metadata
         check(dotted, meta, coerced, source)
-        kwargs[key] = meta["from_toml"](coerced) if "from_toml" in meta else coerced
+        kwargs[name] = meta["from_toml"](coerced) if "from_toml" in meta else coerced
     return cls(**kwargs)
 
 
@@ -298,6 +320,65 @@ def _cli_type(tp: Any) -> Any:
     return tp if tp in (int, float) else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One flag-level setting: a field of ``cls``, or of a flattened field's nested type."""
+
+    path: tuple[str, ...]  # attribute path from the outer config (("session", "ping_interval_s"))
+    field: dataclasses.Field[Any]
+    meta: Mapping[str, Any]
+    hint: Any
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination: the field's name at top level (what callers read)."""
+        return ".".join(self.path)
+
+
+def _leaves(cls: type, prefix: tuple[str, ...] = (),
+            overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[_Leaf]:
+    """The flag-level settings of ``cls`` in field order, flattened fields expanded."""
+    hints = typing.get_type_hints(cls)
+    out: list[_Leaf] = []
+    for f in dataclasses.fields(cls):
+        if overrides is not None:
+            if f.name not in overrides:
+                continue  # a foreign type's field the outer field does not expose
+            meta: Mapping[str, Any] = overrides[f.name]
+        else:
+            meta = f.metadata
+        flat = meta.get("flatten")
+        if flat:
+            sub = flat if isinstance(flat, Mapping) else None
+            out += _leaves(hints[f.name], (*prefix, f.name), sub)
+        else:
+            out.append(_Leaf((*prefix, f.name), f, meta, hints[f.name]))
+    return out
+
+
+def _leaf_flag(leaf: _Leaf) -> str | None:
+    flag = leaf.meta.get("flag", DERIVED)
+    return "--" + leaf.field.name.replace("_", "-") if flag == DERIVED else flag
+
+
+def _leaf_default(leaf: _Leaf, root: type) -> Any:
+    value: Any = None
+    for i, name in enumerate(leaf.path):
+        if i == 0:
+            f = next(x for x in dataclasses.fields(root) if x.name == name)
+            value = default_of(f)
+        else:
+            value = getattr(value, name)
+    return value
+
+
+def _is_text(leaf: _Leaf) -> bool:
+    """Taken as text by argparse and turned into a value by :func:`values_from_args`."""
+    return "arg_type" not in leaf.meta and (
+        "parse" in leaf.meta or typing.get_origin(leaf.hint) in (list, tuple)
+    )
+
+
 def add_arguments(
     parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset()
 ) -> None:
@@ -305,50 +386,75 @@ def add_arguments(
 
     Lists are comma-separated text and fields with ``parse`` take text: both are turned into
     values by :func:`values_from_args`, after argparse, so their errors read as the process's.
+    Booleans are ``--flag``/``--no-flag``; flattened fields add their nested fields' flags.
     """
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = flag_of(f)
-        if flag is None or f.name in skip:
+    for leaf in _leaves(cls):
+        flag = _leaf_flag(leaf)
+        if flag is None or leaf.path[0] in skip:
             continue
-        default = default_of(f)
-        meta = f.metadata
-        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["doc"]}
-        if "parse" in meta or typing.get_origin(hints[f.name]) is list:
-            kwargs["default"] = show_value(f, default)
+        default = _leaf_default(leaf, cls)
+        meta = leaf.meta
+        kwargs: dict[str, Any] = {"dest": leaf.dest, "help": meta["doc"]}
+        if leaf.hint is bool:
+            kwargs["default"] = default
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif _is_text(leaf):
+            kwargs["default"] = None if default is None else show_value(leaf.field, default, meta)
         else:
             kwargs["default"] = default
-            if _cli_type(hints[f.name]) is not None:
-                kwargs["type"] = _cli_type(hints[f.name])
+            if "arg_type" in meta:
+                kwargs["type"] = meta["arg_type"]
+            elif _cli_type(leaf.hint) is not None:
+                kwargs["type"] = _cli_type(leaf.hint)
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
+        elif len(leaf.path) > 1 and leaf.hint is not bool and "choices" not in meta:
+            kwargs["metavar"] = leaf.field.name.upper()  # not the dotted dest
+        if meta.get("required"):
+            kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
 
 
 def values_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """``{field: value}`` for every flagged field of ``cls`` in ``args`` (as added by
-    :func:`add_arguments`); text is parsed here (ValueError names the flag)."""
-    hints = typing.get_type_hints(cls)
+    :func:`add_arguments`); text is parsed here (ValueError names the flag). A flattened field
+    is its default with the nested flags applied (its type's own checks may raise ValueError)."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if flag_of(f) is None or not hasattr(args, f.name):
+    nested: dict[tuple[str, ...], dict[str, Any]] = {}
+    for leaf in _leaves(cls):
+        if _leaf_flag(leaf) is None or not hasattr(args, leaf.dest):
             continue
-        value = getattr(args, f.name)
-        if "parse" in f.metadata:
-            value = f.metadata["parse"](value)
-        elif typing.get_origin(hints[f.name]) is list:
-            value = csv(value)
-        out[f.name] = value
+        value = getattr(args, leaf.dest)
+        if value is not None and _is_text(leaf):
+            if "parse" in leaf.meta:
+                value = leaf.meta["parse"](value)
+            else:
+                value = csv(value)
+                if typing.get_origin(leaf.hint) is tuple:
+                    value = tuple(value)
+        if len(leaf.path) == 1:
+            out[leaf.path[0]] = value
+        else:
+            nested.setdefault(leaf.path[:-1], {})[leaf.path[-1]] = value
+    # build the nested values innermost first, each from its default plus its flags
+    for path in sorted(nested, key=len, reverse=True):
+        parent, name = path[:-1], path[-1]
+        holder: Any = out if not parent else nested.setdefault(parent, {})
+        base = _leaf_default(_Leaf(path, dataclasses.fields(cls)[0], {}, None), cls)
+        holder[name] = dataclasses.replace(base, **nested[path])
     return out
 
 
-def show_value(f: dataclasses.Field[Any], value: Any) -> str:
+def show_value(
+    f: dataclasses.Field[Any], value: Any, meta: Mapping[str, Any] | None = None
+) -> str:
     """The flag text for ``value`` of field ``f`` (the inverse of its parsing)."""
-    if "show" in f.metadata:
-        return str(f.metadata["show"](value))
-    if isinstance(value, list):
+    meta = f.metadata if meta is None else meta
+    if "show" in meta:
+        return str(meta["show"](value))
+    if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value)
     if isinstance(value, float):
         return repr(value)  # exact: parses back to the same float
@@ -359,13 +465,39 @@ def to_argv(config: Any) -> list[str]:
     """Flags that rebuild ``config`` from the process's defaults: every flagged field whose
     value differs from its default (None never does: it is the "unset" of optional flags)."""
     argv: list[str] = []
-    for f in dataclasses.fields(config):
-        flag = flag_of(f)
-        value = getattr(config, f.name)
-        if flag is None or value is None or value == default_of(f):
+    for leaf in _leaves(type(config)):
+        flag = _leaf_flag(leaf)
+        value = config
+        for name in leaf.path:
+            value = getattr(value, name)
+        if flag is None or value is None or value == _leaf_default(leaf, type(config)):
             continue
-        argv += [flag, show_value(f, value)]
+        if leaf.hint is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, show_value(leaf.field, value, leaf.meta)]
     return argv
+
+
+Reach = tuple[str, str | None, str | None, Mapping[str, Any]]
+
+
+def reachable(cls: type, section: str) -> list[Reach]:
+    """``(dotted path, flag, TOML key, metadata)`` of every flag-level setting of ``cls``
+    (flattened fields expanded): what the reachable-or-says-why tests walk. A nested field has
+    no TOML key of its own: the flattened field's ``no_toml`` says why."""
+    out: list[Reach] = []
+    top = {f.name: f for f in dataclasses.fields(cls)}
+    for leaf in _leaves(cls):
+        meta = leaf.meta
+        key = meta.get("toml", DERIVED)
+        if len(leaf.path) > 1:
+            key = None
+            meta = {**meta, "no_toml": top[leaf.path[0]].metadata.get("no_toml", "")}
+        elif key == DERIVED:
+            key = f"{section}.{leaf.field.name}"
+        out.append((leaf.dest, _leaf_flag(leaf), key, meta))
+    return out
 
 
 __all__ = [
@@ -378,6 +510,7 @@ __all__ = [
     "default_of",
     "flag_of",
     "own_keys",
+    "reachable",
     "setting",
     "show_value",
     "to_argv",

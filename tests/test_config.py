@@ -381,3 +381,167 @@ def test_one_config_error_for_the_project() -> None:
     assert pipeline.config.ConfigError is Base
     assert pipeline.marketdata.config.ConfigError is Base
     assert pipeline.marketdata.ingest.ConfigError is Base
+
+
+# ---------------------------------------------------------------------------------------------
+# trading: one config type (pipeline.trading.config) for the TOML, `pipeline trade` and the runner
+
+# a non-default value for every flag-level setting, by dotted path (session.* are flattened)
+TRADING_SAMPLES: dict[str, object] = {
+    "url": "ws://127.0.0.1:9/ws-api/v3",
+    "session.ping_interval_s": 7.5,
+    "session.json_ping_interval_s": 8.5,
+    "session.pong_timeout_s": 3.0,
+    "session.request_timeout_s": 4.0,
+    "session.max_connection_age_s": 3600.0,
+    "session.drain_timeout_s": 2.0,
+    "session.time_sync_interval_s": 60.0,
+    "session.recv_window_ms": __import__("decimal").Decimal("5000.5"),
+    "session.default_retry_after_s": 5.0,
+    "session.backoff.initial_s": 0.5,
+    "session.backoff.max_s": 9.0,
+    "session.backoff.factor": 1.5,
+    "session.backoff.jitter": 0.1,
+    "session.backoff.max_attempts": 3,
+    "session.cancel_replace_mode": "ALLOW_FAILURE",
+    "session.reconcile_interval_s": 2.0,
+    "session.reconcile_max_interval_s": 20.0,
+    "session.reconcile_weight_share": 0.3,
+    "session.reconcile_burst_weight": 20.0,
+    "session.reconcile_bulk_min": 5,
+    "session.assumed_weight_limit": 1200,
+    "session.unknown_stale_s": 12.0,
+    "session.handover_grace_s": 0.5,
+    "session.max_retry_after_s": 600.0,
+    "session.max_orders": 5000,
+    "testnet": True,
+    "private_key": "/keys/k.pem",
+    "exec_ring": "other.exec",
+    "exec_capacity": 1024,
+    "metrics_name": "other.trading.metrics",
+    "scan_interval_s": 0.25,
+    "poll_interval_s": 0.001,
+    "wake_poll_interval_s": 0.2,
+    "order_wake": False,
+    "max_order_age_s": 2.0,
+    "open_timeout_s": 3.0,
+    "metrics_interval_s": 0.1,
+    "keep_metrics_on_failure": False,
+    "order_prefix": "other.orders.",
+    "reply_ring": "other.replies",
+    "reply_capacity": 64,
+    "risk_limits": "pipeline.risk.limits",
+    "risk_max_age_s": 1.0,
+    "risk_reader": "risk2",
+    "risk_observe_interval_s": 0.02,
+    "heartbeat_interval_s": 2.0,
+    "outbox_capacity": 128,
+    "transport": "websockets",
+    "rest_url": "http://127.0.0.1:9",
+    "rules_refresh_s": 0.0,
+    "rules_symbols": ("BTCUSDT", "ETHUSDT"),
+}
+
+
+def _set_path(config: object, dotted: str, value: object) -> object:
+    """``config`` with the (possibly nested) setting at ``dotted`` replaced."""
+    head, _, rest = dotted.partition(".")
+    inner = _set_path(getattr(config, head), rest, value) if rest else value
+    return dataclasses.replace(config, **{head: inner})  # type: ignore[type-var]
+
+
+def _parse_trade(argv: list[str]) -> object:
+    """What `pipeline trade ARGV` would run with (the key source is a name, never a value)."""
+    from pipeline.cli import build_parser
+    from pipeline.trading.cli import config_from_args
+
+    args = build_parser().parse_args(["trade", *argv, "--api-key-env", "SOME_VAR"])
+    return config_from_args(args)
+
+
+def test_every_trading_setting_is_reachable_or_says_why() -> None:
+    from pipeline.settings import reachable
+    from pipeline.trading.config import TradingConfig
+
+    flagged = set()
+    for dest, flag, key, meta in reachable(TradingConfig, "trading"):
+        assert flag is not None or meta["no_flag"], dest
+        assert key is not None or meta["no_toml"], dest
+        assert meta["doc"], dest
+        if flag is not None:
+            flagged.add(dest)
+    assert flagged == set(TRADING_SAMPLES)
+
+
+def test_trading_config_to_argv_and_back_is_the_same_config() -> None:
+    """The runner's argv for trading parsed by `pipeline trade` gives back the config, with
+    every flag-level setting (nested session and backoff ones too) off its default."""
+    from pipeline.settings import to_argv
+    from pipeline.trading.config import TradingConfig
+
+    assert to_argv(TradingConfig()) == []
+    plain = TradingConfig(url="ws://127.0.0.1:9/ws", private_key="/k.pem")
+    assert to_argv(plain) == ["--wsapi-url", "ws://127.0.0.1:9/ws", "--private-key", "/k.pem"]
+    full: object = TradingConfig()
+    for dotted, value in TRADING_SAMPLES.items():
+        full = _set_path(full, dotted, value)
+    for config in (plain, full):
+        assert _parse_trade(to_argv(config)) == config
+    assert "--no-order-wake" in to_argv(full)
+
+
+def test_trade_flags_keep_their_defaults_and_meanings() -> None:
+    """The generated `pipeline trade` parser gives what the hand-written one gave."""
+    from pipeline.binance.wsapi import PROD_URL, TESTNET_URL
+    from pipeline.trading.config import METRICS_NAME
+
+    cfg = _parse_trade(["--private-key", "/k.pem"])
+    assert cfg.url == PROD_URL  # type: ignore[attr-defined]
+    assert cfg.metrics_name == METRICS_NAME  # type: ignore[attr-defined]
+    assert cfg.session.backoff.max_attempts == 10  # type: ignore[attr-defined]
+    assert _parse_trade(["--private-key", "k", "--testnet"]).url == TESTNET_URL  # type: ignore[attr-defined]
+    symbols = _parse_trade(["--private-key", "k", "--symbols", "btcusdt,,ethusdt"])
+    assert symbols.rules_symbols == ("BTCUSDT", "ETHUSDT")  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="backoff needs"):
+        _parse_trade(["--private-key", "k", "--backoff-initial", "5", "--backoff-max", "1"])
+
+
+def test_trade_bad_recv_window_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _parse_trade(["--private-key", "k", "--recv-window", "60000.5"])
+    assert exc.value.code == 2
+    assert "argument --recv-window: recvWindow must be in (0, 60000]" in capsys.readouterr().err
+
+
+def test_trading_api_key_is_never_an_argv_value() -> None:
+    from pipeline.settings import to_argv
+    from pipeline.trading.config import TradingConfig
+
+    secret = "abcDEF0123456789secret"
+    cfg = TradingConfig(api_key=secret, api_key_file="/k", url="ws://x/ws")
+    cfg.session = dataclasses.replace(cfg.session, api_key=secret)
+    assert all(secret not in a and a != "/k" for a in to_argv(cfg))
+
+
+def test_trading_toml_keys_reach_the_process_config(tmp_path: Path) -> None:
+    """Today's [trading] keys keep working; shared keys (ring.exec_name, run.shm_prefix) feed
+    the trading process's exec ring and metrics name, as [ring]/[run] feed ingest's."""
+    pem = tmp_path / "k.pem"
+    pem.write_text("x")
+    cfg = load_config(write(tmp_path, (
+        "[run]\nshm_prefix = 'other.'\n[ring]\nexec_name = 'other.exec'\n"
+        f"[trading]\nwsapi_url = 'wss://x.example/ws'\nprivate_key = '{pem}'\n"
+        "extra_args = ['--unknown-stale', '5']\nenabled = true\n"
+    )), env={"PIPELINE_TRADING_API_KEY": "abc123"})
+    t = cfg.trading
+    assert (t.url, t.private_key, t.extra_args) == ("wss://x.example/ws", str(pem),
+                                                   ["--unknown-stale", "5"])
+    assert (t.exec_ring, t.metrics_name, t.api_key) == ("other.exec", "other.trading.metrics",
+                                                        "abc123")
+    assert cfg.endpoint("wsapi_url") == "wss://x.example/ws"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "[trading]\nurl = 'wss://x/ws'\n"), env={})
+    assert exc.value.key == "trading.url"  # the TOML key is wsapi_url, as before
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "[trading]\nwsapi_url = 'ftp://x'\n"), env={})
+    assert exc.value.key == "trading.wsapi_url"

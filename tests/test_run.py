@@ -368,3 +368,36 @@ def test_plan_children_parse_back_to_the_configured_processes(tmp_path: Path) ->
     assert sim == cfg.sim
     assert sim.seed == 9
     assert sim.max_streams == 50
+
+
+def test_plan_trading_child_parses_back_to_the_configured_process(tmp_path: Path) -> None:
+    """The runner writes trading's argv from its config type (pipeline.trading.config): the
+    child's own parser rebuilds the configured process, with the run-time URL and key path, the
+    shared ring/metrics names and the risk gate; the inline API key is in no argv."""
+    import dataclasses
+
+    from pipeline.cli import build_parser
+    from pipeline.trading.cli import config_from_args
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        "[run]\nshm_prefix = 'other.'\nconsumers = ['monitor', 'risk']\n"
+        "[ring]\nexec_name = 'other.trading.exec'\n"
+        "[trading]\napi_key = 'inlinekey123'\nextra_args = ['--unknown-stale', '5']\n"
+    )
+    cfg = load_config(toml, env={})
+    ctx = RunContext(api_key="inlinekey123", private_key="/keys/k.pem")
+    ctx.sim_urls.update(streams="ws://127.0.0.1:9", rest="http://127.0.0.1:9", wsapi="ws://x/ws")
+    comps, _ = plan_components(cfg, ctx, {"sim", "ingest", "trade", "consume"})
+    argv = {c.name: c for c in comps}["trading"].argv()
+    assert not any("inlinekey123" in a for a in argv)
+    child = argv[argv.index("trade") :]
+    got = config_from_args(build_parser().parse_args(child))
+    want = dataclasses.replace(
+        cfg.trading, url="ws://x/ws", private_key="/keys/k.pem",
+        risk_limits=cfg.risk.limits_name,
+        session=dataclasses.replace(cfg.trading.session, unknown_stale_s=5.0),
+    )  # fmt: skip
+    launch_level = {"api_key": "", "extra_args": []}  # read by the runner, not the child
+    assert got == dataclasses.replace(want, **launch_level)
+    assert (got.exec_ring, got.metrics_name) == ("other.trading.exec", "other.trading.metrics")

@@ -7,9 +7,9 @@ monitor. ``--config FILE`` (see ``examples/pipeline.toml``) switches to the test
 endpoints, picks consumers, CPUs, restart policy.
 
 What the runner does, and why it is small: it builds one :class:`~pipeline.ops.supervisor.ChildSpec`
-per component (``python -m pipeline <subcommand> ...``; the simulator's and ingest's flags are
-written from their config types by :func:`pipeline.settings.to_argv`, the same metadata their
-parsers are built from, so no setting is translated by hand), hands them to the
+per component (``python -m pipeline <subcommand> ...``; the simulator's, ingest's and trading's
+flags are written from their config types by :func:`pipeline.settings.to_argv`, the same metadata
+their parsers are built from, so no setting is translated by hand), hands them to the
 :class:`~pipeline.ops.supervisor.Supervisor` (restart with backoff, dependents bounced when the
 simulator comes back on new ports, ordered shutdown) and prints a status line every few seconds
 from shared memory (:mod:`pipeline.ops.health`). A component whose subcommand does not exist in this
@@ -182,13 +182,16 @@ def plan_components(
     elif can_connect and not missing("trading", "trading"):
 
         def trading_argv() -> list[str]:
-            return [*base, "trade", "--wsapi-url", url("wsapi_url", "wsapi"),
-                    *api_key_args(ctx), "--private-key", ctx.private_key,
-                    "--exec-ring", cfg.ring.exec_name,
-                    "--metrics", f"{cfg.run.shm_prefix}trading.metrics",
-                    # with the risk consumer running, every order passes its limits first
-                    *(["--risk-limits", cfg.risk.limits_name]
-                      if "risk" in cfg.run.consumers else []),
+            # exec ring and metrics name come from [ring]/[run] (wired into cfg.trading by the
+            # loader); the key goes by --api-key-file/--api-key-env, never as a value
+            child = dataclasses.replace(
+                cfg.trading,
+                url=url("wsapi_url", "wsapi"),
+                private_key=ctx.private_key,
+                # with the risk consumer running, every order passes its limits first
+                risk_limits=cfg.risk.limits_name if "risk" in cfg.run.consumers else None,
+            )
+            return [*base, "trade", *api_key_args(ctx), *to_argv(child),
                     *cfg.trading.extra_args]  # fmt: skip
 
         # exit 3: the exchange rejected the logon; retrying would only hammer it

@@ -25,9 +25,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: `pipeline order` must not load the session types
+    from pipeline.trading.config import TradingConfig
 
 
 def register(subparsers: Any) -> None:
@@ -40,7 +44,8 @@ def register(subparsers: Any) -> None:
 
 
 def _register_trade(subparsers: Any) -> None:
-    from pipeline.trading.wire import EXEC_RING, ORDER_RING_PREFIX
+    from pipeline.settings import add_arguments
+    from pipeline.trading.config import TradingConfig
 
     p = subparsers.add_parser(
         "trade",
@@ -48,12 +53,10 @@ def _register_trade(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--wsapi-url",
-        default=None,
-        help="WS API URL (default: production; --testnet for the testnet)",
-    )
-    p.add_argument("--testnet", action="store_true", help="use the Spot testnet WS API")
+    # the settings: one flag per field of pipeline.trading.config.TradingConfig (and its
+    # flattened session), so `pipeline run` writes this command line from the same type
+    add_arguments(p, TradingConfig)
+    # key sources (never a setting: the API key itself must not be another process's argv value)
     key = p.add_mutually_exclusive_group(required=True)
     key.add_argument(
         "--api-key-file",
@@ -71,145 +74,34 @@ def _register_trade(subparsers: Any) -> None:
         "in the process list (ps); prefer --api-key-file or --api-key-env",
     )
     p.add_argument(
-        "--private-key",
-        required=True,
-        metavar="PATH",
-        help="Ed25519 private key: PEM, DER, hex or base64 seed (mode 0600)",
-    )
-    p.add_argument(
         "--passphrase-env",
         metavar="VAR",
         help="environment variable holding the private key's passphrase",
     )
-    p.add_argument(
-        "--ping-interval",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="WebSocket ping frame interval (default 30)",
-    )
-    p.add_argument(
-        "--json-ping-interval",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="JSON `ping` request interval (default 30)",
-    )
-    p.add_argument(
-        "--pong-timeout",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="a pong / ping reply missing this long means dead (default 10)",
-    )
-    p.add_argument("--request-timeout", type=float, default=15.0, metavar="S")
-    p.add_argument(
-        "--max-attempts",
-        type=int,
-        default=10,
-        metavar="N",
-        help="failed reconnects before giving up (exit 4); 0 = never",
-    )
-    p.add_argument("--backoff-initial", type=float, default=1.0, metavar="S")
-    p.add_argument("--backoff-max", type=float, default=60.0, metavar="S")
-    p.add_argument(
-        "--recv-window",
-        type=_recv_window,
-        default=None,
-        metavar="MS",
-        help="recvWindow in ms, up to 3 decimals (5000.5), at most 60000 (default: venue's 5000)",
-    )
-    p.add_argument(
-        "--unknown-stale",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="an order in doubt (UNKNOWN) longer than this makes `pipeline health` report "
-        "trading unhealthy (problem unknown_orders_stale)",
-    )
-    p.add_argument(
-        "--handover-grace",
-        type=float,
-        default=1.0,
-        metavar="S",
-        help="after a rollover, user data is still taken from the replaced connection this long",
-    )
-    p.add_argument("--exec-ring", default=EXEC_RING, metavar="NAME")
-    p.add_argument(
-        "--metrics",
-        default=None,
-        metavar="NAME",
-        help="metrics block name (default pipeline.trading.metrics)",
-    )
-    p.add_argument(
-        "--reply-ring",
-        default=None,
-        metavar="NAME",
-        help="ring for open-orders / cancel-all / account answers "
-        "(default: the exec ring's name with .exec -> .replies)",
-    )
-    p.add_argument(
-        "--order-prefix",
-        default=ORDER_RING_PREFIX,
-        metavar="PREFIX",
-        help=f"order rings to read: /dev/shm/PREFIX<client> (default {ORDER_RING_PREFIX})",
-    )
-    p.add_argument(
-        "--risk-limits",
-        default=None,
-        metavar="NAME",
-        help="check every order against this risk limits table (e.g. pipeline.risk.limits; "
-        "default: no pre-trade check)",
-    )
-    p.add_argument(
-        "--risk-max-age",
-        type=float,
-        default=5.0,
-        metavar="S",
-        help="refuse orders when the limits table is older than this (default 5)",
-    )
-    p.add_argument(
-        "--rest-url",
-        default=None,
-        metavar="URL",
-        help="REST base URL for exchangeInfo (default: the one that goes with the WS API URL)",
-    )
-    p.add_argument(
-        "--rules-refresh",
-        type=float,
-        default=300.0,
-        metavar="S",
-        help="fetch the symbols' exchangeInfo rules again this often, for local pre-trade "
-        "checks (default 300; 0 = no local checks)",
-    )
-    p.add_argument(
-        "--symbols",
-        default="",
-        metavar="S1,S2",
-        help="load these symbols' rules at start (others: from their first order)",
-    )
     p.set_defaults(func=_trade)
 
 
-def _recv_window(text: str) -> Any:
-    """``--recv-window``: checked by the request builder's own rule, a usage error if bad."""
-    from pipeline.binance.wsapi import recv_window_param
+def config_from_args(args: argparse.Namespace, api_key: str = "") -> TradingConfig:
+    """The process's config from `pipeline trade`'s flags (the round-trip tests use it too);
+    ``ValueError`` when a nested type's own check refuses (the reconnect backoff)."""
+    from pipeline.binance.wsapi import PROD_URL, TESTNET_URL
+    from pipeline.settings import values_from_args
+    from pipeline.trading.config import TradingConfig
 
-    try:
-        return recv_window_param(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    cfg = TradingConfig(**values_from_args(TradingConfig, args))
+    if not cfg.url:
+        cfg.url = TESTNET_URL if cfg.testnet else PROD_URL
+    if api_key:
+        cfg.session = dataclasses.replace(cfg.session, api_key=api_key)
+    return cfg
 
 
 def _trade(args: argparse.Namespace) -> int:
     import logging
 
     from pipeline import aio
-    from pipeline.backoff import BackoffPolicy
     from pipeline.binance.keys import KeyLoadError, load_private_key
-    from pipeline.binance.wsapi import PROD_URL, TESTNET_URL
-    from pipeline.trading.process import METRICS_NAME, TradingConfig, TradingProcess
-    from pipeline.trading.session import SessionConfig
+    from pipeline.trading.process import TradingProcess
 
     log = logging.getLogger("pipeline.trading")
     api_key = api_key_from_args(args)
@@ -226,38 +118,12 @@ def _trade(args: argparse.Namespace) -> int:
     except KeyLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    url = args.wsapi_url or (TESTNET_URL if args.testnet else PROD_URL)
     try:
-        policy = BackoffPolicy(
-            initial_s=args.backoff_initial, max_s=args.backoff_max, max_attempts=args.max_attempts
-        )
+        cfg = config_from_args(args, api_key)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    session = SessionConfig(
-        api_key=api_key,
-        ping_interval_s=args.ping_interval,
-        json_ping_interval_s=args.json_ping_interval,
-        pong_timeout_s=args.pong_timeout,
-        request_timeout_s=args.request_timeout,
-        recv_window_ms=args.recv_window,
-        unknown_stale_s=args.unknown_stale,
-        handover_grace_s=args.handover_grace,
-        backoff=policy,
-    )
-    cfg = TradingConfig(
-        url=url,
-        session=session,
-        exec_ring=args.exec_ring,
-        metrics_name=args.metrics or METRICS_NAME,
-        reply_ring=args.reply_ring,
-        order_prefix=args.order_prefix,
-        risk_limits=args.risk_limits or None,
-        risk_max_age_s=args.risk_max_age,
-        rest_url=args.rest_url,
-        rules_refresh_s=args.rules_refresh,
-        rules_symbols=tuple(s for s in args.symbols.upper().split(",") if s),
-    )
+    url = cfg.url
     tp = TradingProcess(cfg, signer)
     log.info("trading starting", extra={"event": "trading_start", "url": url})
     from pipeline.ipc.metrics import MetricsError

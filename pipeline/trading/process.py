@@ -68,7 +68,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.ipc.metrics import MetricsBlock
@@ -76,6 +75,8 @@ from pipeline.ipc.ring import RingWriter
 from pipeline.logs import RateLimitedLog
 from pipeline.ops import sdnotify
 from pipeline.trading.answers import AnswerPublisher
+from pipeline.trading.config import METRICS_NAME as METRICS_NAME
+from pipeline.trading.config import TradingConfig as TradingConfig  # re-export: one type
 from pipeline.trading.dispatch import OrderDispatcher
 from pipeline.trading.encode import TemplateRequestBuilder
 from pipeline.trading.intake import OrderIntake
@@ -91,23 +92,18 @@ from pipeline.trading.session import (
     Ping,
     Send,
     Session,
-    SessionConfig,
     State,
 )
 from pipeline.trading.sockets import WsConnections
 from pipeline.trading.wake import WakeChannel, wake_name_for
 from pipeline.trading.wire import (
     EXEC_DTYPE,
-    EXEC_RING,
-    ORDER_RING_PREFIX,
-    REPLY_CAPACITY,
     REPLY_DTYPE,
     reply_ring_for,
 )
 
 log = logging.getLogger("pipeline.trading")
 
-METRICS_NAME = "pipeline.trading.metrics"
 EXIT_CRASH = 70  # EX_SOFTWARE: a long-lived task died of an exception (a bug, or worse)
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 # Session metrics (see pipeline.session.METRIC_FIELDS) plus the shell's own.
@@ -138,42 +134,6 @@ SHELL_FIELDS: tuple[str, ...] = (
 METRICS_FIELDS: list[tuple[str, str]] = [
     (name, "<f8" if name in FLOAT_METRICS else "<i8") for name in METRIC_FIELDS
 ] + [(name, "<i8") for name in SHELL_FIELDS]
-
-
-@dataclass
-class TradingConfig:
-    url: str
-    session: SessionConfig
-    exec_ring: str = EXEC_RING
-    exec_capacity: int = 1 << 14
-    metrics_name: str = METRICS_NAME
-    scan_interval_s: float = 0.5
-    poll_interval_s: float = 0.0005  # order-ring polling, only without a wake channel
-    wake_poll_interval_s: float = 0.1  # safety poll behind the wake channel (trading/wake.py)
-    order_wake: bool = True  # False: poll the order rings (the fallback, flagged in health)
-    max_order_age_s: float = 5.0
-    open_timeout_s: float = 10.0
-    metrics_interval_s: float = 0.05
-    keep_metrics_on_failure: bool = True
-    order_prefix: str = ORDER_RING_PREFIX
-    reply_ring: str | None = None  # default: reply_ring_for(exec_ring)
-    reply_capacity: int = REPLY_CAPACITY
-    # Pre-trade risk: the limits table's name (None: no check), its max age, and the name the
-    # risk consumer's reader has on the exec ring (to know which of our orders it has seen).
-    risk_limits: str | None = None
-    risk_max_age_s: float = 5.0
-    risk_reader: str = "risk"
-    risk_observe_interval_s: float = 0.01
-    heartbeat_interval_s: float = 1.0  # metrics block written at least this often, even idle
-    outbox_capacity: int = 4096  # frames queued per connection (see the module docstring)
-    transport: str = "picows"  # pipeline.net.ws implementation; "websockets" is the fallback
-    # Local pre-trade checks from exchangeInfo (pipeline.trading.pretrade): the REST base URL
-    # (None: the one that goes with ``url``), how often the rules are fetched again (0: no
-    # local checks), and symbols whose rules are loaded at start (others: from their first order).
-    rest_url: str | None = None
-    rules_refresh_s: float = 300.0
-    rules_symbols: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TradingProcess:

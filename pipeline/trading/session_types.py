@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pipeline.backoff import BackoffPolicy
 from pipeline.binance.wsapi import ApiError, Response
+from pipeline.settings import setting
 
 EXIT_OK = 0
 EXIT_AUTH = 3
@@ -123,37 +124,102 @@ class ApiReply:
     response: Response
 
 
+def _recv_window_arg(text: str) -> int | Decimal:
+    """``--recv-window``: checked by the request builder's own rule, a usage error if bad."""
+    import argparse
+
+    from pipeline.binance.wsapi import recv_window_param
+
+    try:
+        return recv_window_param(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_KEY_SOURCE = (
+    "key material: `pipeline trade` reads it from --api-key-file/--api-key-env (or --api-key) at "
+    "start, so the key is never another process's argv value"
+)
+# BackoffPolicy is pipeline.backoff's: the flags that reach its fields (flatten rule, settings)
+_BACKOFF_FLAGS = {
+    "initial_s": setting("first reconnect delay (s)", flag="--backoff-initial", metavar="S"),
+    "max_s": setting("reconnect delay cap (s)", flag="--backoff-max", metavar="S"),
+    "factor": setting("reconnect delay multiplier per failure", flag="--backoff-factor"),
+    "jitter": setting("each delay is drawn from [d*(1-jitter), d]", flag="--backoff-jitter"),
+    "max_attempts": setting("failed reconnects before giving up (exit 4); 0 = never",
+                            flag="--max-attempts", metavar="N"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
-    api_key: str
-    ping_interval_s: float = 30.0
-    json_ping_interval_s: float = 30.0
-    pong_timeout_s: float = 10.0
-    request_timeout_s: float = 15.0
-    max_connection_age_s: float = 23 * 3600.0
-    drain_timeout_s: float = 15.0
-    time_sync_interval_s: float = 600.0
+    """The session core's settings; each field's :func:`~pipeline.settings.setting` gives its
+    `pipeline trade` flag (trading's config flattens this type into its own flags)."""
+
+    api_key: str = field(default="", metadata=setting(
+        "the API key registered for the public key", flag=None, no_flag=_KEY_SOURCE,
+        toml=None, no_toml="trading.api_key / trading.api_key_file (launch-level fields)"))
+    ping_interval_s: float = field(default=30.0, metadata=setting(
+        "WebSocket ping frame interval (default 30)", flag="--ping-interval", metavar="S"))
+    json_ping_interval_s: float = field(default=30.0, metadata=setting(
+        "JSON `ping` request interval (default 30)", flag="--json-ping-interval", metavar="S"))
+    pong_timeout_s: float = field(default=10.0, metadata=setting(
+        "a pong / ping reply missing this long means dead (default 10)", flag="--pong-timeout",
+        metavar="S"))
+    request_timeout_s: float = field(default=15.0, metadata=setting(
+        "seconds a request may wait for its answer before it is in doubt",
+        flag="--request-timeout", metavar="S"))
+    max_connection_age_s: float = field(default=23 * 3600.0, metadata=setting(
+        "roll a connection over to a fresh one after this long (Binance ends them at 24 h)",
+        flag="--max-connection-age", metavar="S"))
+    drain_timeout_s: float = field(default=15.0, metadata=setting(
+        "seconds a replaced connection may take to answer its open requests",
+        flag="--drain-timeout", metavar="S"))
+    time_sync_interval_s: float = field(default=600.0, metadata=setting(
+        "seconds between server time checks", flag="--time-sync-interval", metavar="S"))
     # ms, up to 3 decimals (5000.5: microsecond precision), 0 < value <= 60000; checked by
     # pipeline.binance.wsapi.recv_window_text when the request builder is made
-    recv_window_ms: float | Decimal | None = None
-    default_retry_after_s: float = 10.0  # 429 without retryAfter
-    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
-    cancel_replace_mode: str = "STOP_ON_FAILURE"
-    reconcile_interval_s: float = 1.0  # first re-ask of an UNKNOWN order; then doubling
-    reconcile_max_interval_s: float = 30.0  # backoff cap per order
-    reconcile_weight_share: float = 0.2  # of the per-minute weight limit, for reconciliation
-    reconcile_burst_weight: float = 40.0  # token bucket depth (10 order.status)
-    reconcile_bulk_min: int = 3  # this many due UNKNOWN orders of a symbol: openOrders.status
-    assumed_weight_limit: int = 6000  # per minute, until the venue's rateLimits say otherwise
+    recv_window_ms: float | Decimal | None = field(default=None, metadata=setting(
+        "recvWindow in ms, up to 3 decimals (5000.5), at most 60000 (default: venue's 5000)",
+        flag="--recv-window", metavar="MS", arg_type=_recv_window_arg))
+    default_retry_after_s: float = field(default=10.0, metadata=setting(  # 429 without retryAfter
+        "seconds to wait after a 429 that names no retryAfter", flag="--default-retry-after",
+        metavar="S"))
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy, metadata=setting(
+        "reconnect backoff", flatten=_BACKOFF_FLAGS))
+    cancel_replace_mode: str = field(default="STOP_ON_FAILURE", metadata=setting(
+        "order.cancelReplace cancelReplaceMode of `order modify`",
+        choices=("STOP_ON_FAILURE", "ALLOW_FAILURE")))
+    reconcile_interval_s: float = field(default=1.0, metadata=setting(  # then doubling
+        "first re-ask of an UNKNOWN order (s); then doubling", flag="--reconcile-interval",
+        metavar="S"))
+    reconcile_max_interval_s: float = field(default=30.0, metadata=setting(
+        "cap of the re-ask interval per order (s)", flag="--reconcile-max-interval",
+        metavar="S"))
+    reconcile_weight_share: float = field(default=0.2, metadata=setting(
+        "share of the per-minute weight limit reconciliation may use"))
+    reconcile_burst_weight: float = field(default=40.0, metadata=setting(
+        "reconciliation token bucket depth (weight; 40 = 10 order.status)"))
+    reconcile_bulk_min: int = field(default=3, metadata=setting(
+        "this many due UNKNOWN orders of a symbol are asked with one openOrders.status"))
+    assumed_weight_limit: int = field(default=6000, metadata=setting(
+        "request weight per minute, until the venue's rateLimits say otherwise"))
     # An order in doubt (UNKNOWN) longer than this raises problem_unknown_orders_stale, which
     # makes `pipeline health` report trading unhealthy (`pipeline trade --unknown-stale`).
-    unknown_stale_s: float = 30.0
+    unknown_stale_s: float = field(default=30.0, metadata=setting(
+        "an order in doubt (UNKNOWN) longer than this makes `pipeline health` report "
+        "trading unhealthy (problem unknown_orders_stale)", flag="--unknown-stale", metavar="S"))
     # After a rollover the replaced connection keeps delivering user data this long (events
     # the venue sent it before the standby subscribed are still on their way); both copies of
     # an event are de-duplicated by (orderId, execution id I).
-    handover_grace_s: float = 1.0
-    max_retry_after_s: float = 4 * 86400.0  # a later retryAfter is nonsense: protocol error
-    max_orders: int = 100_000  # order table size; the oldest final orders are forgotten
+    handover_grace_s: float = field(default=1.0, metadata=setting(
+        "after a rollover, user data is still taken from the replaced connection this long",
+        flag="--handover-grace", metavar="S"))
+    max_retry_after_s: float = field(default=4 * 86400.0, metadata=setting(
+        "a later retryAfter is nonsense: a protocol error", flag="--max-retry-after",
+        metavar="S"))
+    max_orders: int = field(default=100_000, metadata=setting(
+        "order table size; the oldest final orders are forgotten"))
 
 
 @dataclass(slots=True)
