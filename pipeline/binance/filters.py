@@ -26,6 +26,10 @@ from typing import Any, NamedTuple
 ZERO = Decimal(0)
 _Q8 = Decimal("0.00000001")
 
+#: selfTradePreventionMode values (binance-protocol.md 7.2) in Binance's documented order; a
+#: symbol allows a subset (exchangeInfo ``allowedSelfTradePreventionModes``).
+STP_MODES = ("NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH", "DECREMENT", "TRANSFER")
+
 #: Symbol statuses Binance documents (``enums.md``); CANCEL_ONLY since 2026-07-07.
 SYMBOL_STATUSES = frozenset(
     {

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
+from pipeline.binance.filters import STP_MODES as VENUE_STP_MODES
+
 ZERO = Decimal(0)
 Q8 = Decimal("0.00000001")  # Binance's 8 decimals: rendering and commission rounding
 
@@ -32,7 +34,7 @@ RESP_TYPES = ("ACK", "RESULT", "FULL")
 CANCEL_REPLACE_MODES = ("STOP_ON_FAILURE", "ALLOW_FAILURE")
 CANCEL_RESTRICTIONS = ("ONLY_NEW", "ONLY_PARTIALLY_FILLED")
 OPEN_STATUSES = ("NEW", "PARTIALLY_FILLED")
-STP_MODES = ("NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH", "DECREMENT", "TRANSFER")
+STP_MODES = VENUE_STP_MODES  # all six (the one list is in pipeline/binance/filters.py)
 
 MSG_INSUFFICIENT = "Account has insufficient balance for requested action."
 MSG_WOULD_TAKE = "Order would immediately match and take."

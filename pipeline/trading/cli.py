@@ -30,6 +30,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from pipeline.binance.filters import STP_MODES
+
 if TYPE_CHECKING:  # imported where used: `pipeline order` must not load the session types
     from pipeline.trading.config import TradingConfig
 
@@ -237,15 +239,7 @@ def _register_order(subparsers: Any) -> None:
         "--stp",
         default="",
         type=str.upper,
-        choices=(
-            "",
-            "NONE",
-            "EXPIRE_TAKER",
-            "EXPIRE_MAKER",
-            "EXPIRE_BOTH",
-            "DECREMENT",
-            "TRANSFER",
-        ),
+        choices=("", *STP_MODES),
         help="selfTradePreventionMode (default: the venue's for the symbol)",
     )
     common(pl)

@@ -17,6 +17,7 @@ from enum import Enum, IntEnum
 from typing import Any, Protocol
 
 from pipeline.backoff import BackoffPolicy
+from pipeline.binance.filters import STP_MODES as VENUE_STP_MODES
 from pipeline.binance.wsapi import ApiError, Response
 from pipeline.settings import setting
 
@@ -55,9 +56,7 @@ ERROR_TEXT: dict[int, str] = {
 # The venue allows this many order.amend.keepPriority per order (filter MAX_NUM_ORDER_AMENDS).
 MAX_ORDER_AMENDS = 10
 # selfTradePreventionMode values (binance-protocol.md 7.2); the venue allows a per-symbol subset.
-STP_MODES = frozenset(
-    {"NONE", "EXPIRE_MAKER", "EXPIRE_TAKER", "EXPIRE_BOTH", "DECREMENT", "TRANSFER"}
-)
+STP_MODES = frozenset(VENUE_STP_MODES)
 
 
 def local_error(code: int) -> ApiError:

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.binance.filters import STP_MODES as VENUE_STP_MODES
+
 CLIENT_ORDER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
 
 
@@ -175,16 +177,8 @@ EXPIRY_REASONS = (
     "EXECUTION_RULE_PRICE_RANGE_EXCEEDED",
     "OTHER",
 )
-STP_MODES = (
-    "",
-    "NONE",
-    "EXPIRE_TAKER",
-    "EXPIRE_MAKER",
-    "EXPIRE_BOTH",
-    "DECREMENT",
-    "TRANSFER",
-    "OTHER",
-)
+# "" = the venue's default (order records) / absent (exec records); "OTHER" = a newer mode
+STP_MODES = ("", *VENUE_STP_MODES, "OTHER")
 _EXPIRY_INDEX = {name: i for i, name in enumerate(EXPIRY_REASONS)}
 _STP_INDEX = {name: i for i, name in enumerate(STP_MODES)}
 _EXPIRY_OTHER = len(EXPIRY_REASONS) - 1
