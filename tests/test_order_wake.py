@@ -116,6 +116,7 @@ async def test_an_order_is_carried_by_the_wake_up_alone(tmp_path: Path, shm_name
         tp = trading(sim, shm_name, "k", load_private_key(path))
         tp.config.scan_interval_s = 60.0
         tp.config.wake_poll_interval_s = 60.0
+        tp.config.spin_after_order_s = 0.0  # asleep again right after each order
         async with running(tp):
             assert tp._orders.wake is not None
             price = round(float(sim.market.best("BTCUSDT")[0]) * 0.9, 2)
@@ -137,6 +138,41 @@ async def test_an_order_is_carried_by_the_wake_up_alone(tmp_path: Path, shm_name
                 snap = block.snapshot()
                 assert snap["problem_order_wake_unavailable"] == 0
                 assert snap["order_wakes_foreign"] == 0
+
+
+@async_test
+async def test_while_orders_flow_the_trader_stays_awake_and_clients_need_not_ring(
+    tmp_path: Path, shm_name: str
+) -> None:
+    """After an order the trading process polls its rings for ``spin_after_order_s`` instead
+    of sleeping: the next orders are taken without a ring (the client sees it awake)."""
+    path, pub = new_key(tmp_path, "pem", "k")
+    async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
+        tp = trading(sim, shm_name, "k", load_private_key(path))
+        tp.config.scan_interval_s = 60.0
+        tp.config.wake_poll_interval_s = 60.0
+        tp.config.spin_after_order_s = 60.0
+        async with running(tp):
+            price = round(float(sim.market.best("BTCUSDT")[0]) * 0.9, 2)
+            client = OrderClient.attach(f"{shm_name[-20:]}s", exec_ring=f"{shm_name}.exec")
+            try:
+                sender = client._wake
+                assert sender is not None
+                rang: list[int] = []
+                for _ in range(4):
+                    coid = client.place(symbol="BTCUSDT", side="BUY", qty=0.001, price=price)
+                    ack = await asyncio.to_thread(client.wait, coid, 10.0)
+                    assert (ack.kind, ack.status) == ("ACK", "NEW"), ack
+                    client.cancel(coid, symbol="BTCUSDT")
+                    done = await asyncio.to_thread(
+                        client.wait, coid, 10.0, frozenset({"CANCELED", "CANCEL_REJECT"})
+                    )
+                    assert done.kind == "CANCELED", done
+                    rang.append(sender.sent)
+                assert rang[0] >= 1  # the first order woke it (and announced the ring)
+                assert rang[1:] == [rang[0]] * 3, rang  # then it stayed awake: no more rings
+            finally:
+                client.close()
 
 
 @async_test

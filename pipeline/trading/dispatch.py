@@ -80,6 +80,8 @@ class OrderDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._more_scheduled = False
         self._scan_allowed_at = 0.0
+        self._spin_until = 0.0  # time.monotonic(): poll the rings until then (after an order)
+        self._spinning = False
         self.risk_rejected = 0
         self.outbox_full_rejects = 0
 
@@ -157,6 +159,8 @@ class OrderDispatcher:
             if not cmds and not rejects:
                 if wake is None:
                     return False
+                if self._spinning or self._start_spin():
+                    return False  # still awake: clients need not ring, _spin looks again
                 wake.set_sleeping(True)
                 cmds, rejects = intake.poll(time.time_ns())
                 if not cmds and not rejects:
@@ -167,10 +171,33 @@ class OrderDispatcher:
             for cmd in cmds:
                 self.execute(cmd)
             self._pump()
+            if cmds:
+                self._spin_until = time.monotonic() + self.config.spin_after_order_s
         if wake is not None and self._loop is not None and not self._more_scheduled:
             self._more_scheduled = True
             self._loop.call_soon(self._drain_more)
         return True
+
+    def _start_spin(self) -> bool:
+        """Stay awake (``sleeping`` left clear) until ``spin_after_order_s`` after the last
+        order, polling the rings once per event-loop turn (:meth:`_spin`), so that a strategy's
+        next order is taken without the wake-up of a sleeping process (tens of microseconds on
+        a virtual machine). True if spinning."""
+        if self._loop is None or time.monotonic() >= self._spin_until:
+            return False
+        self._spinning = True
+        self._loop.call_soon(self._spin)
+        return True
+
+    def _spin(self) -> None:
+        self._spinning = False
+        if time.monotonic() < self._spin_until:
+            self._spinning = True
+            self.drain()
+            if self._spinning:
+                self._loop.call_soon(self._spin)  # type: ignore[union-attr]
+        else:
+            self.drain()  # the last look sets ``sleeping`` (drain's no-lost-wake-up rule)
 
     def _drain_more(self) -> None:
         self._more_scheduled = False
