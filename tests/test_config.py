@@ -422,6 +422,7 @@ TRADING_SAMPLES: dict[str, object] = {
     "scan_interval_s": 0.25,
     "poll_interval_s": 0.001,
     "wake_poll_interval_s": 0.2,
+    "spin_after_order_s": 0.01,
     "order_wake": False,
     "max_order_age_s": 2.0,
     "open_timeout_s": 3.0,
