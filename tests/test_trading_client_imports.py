@@ -59,3 +59,13 @@ def test_the_strategy_client_loads_no_session_and_no_crypto(statement: str) -> N
     ]
     assert bad == [], f"{statement!r} pulled in {bad}"
     assert "pipeline.trading.client" in loaded
+
+
+@pytest.mark.parametrize(
+    "module", ["pipeline.config", "pipeline.marketdata.ingest", "pipeline.consumers.cli"]
+)
+def test_processes_that_never_sign_do_not_load_libsodium(module: str) -> None:
+    """The config types carry the trading session's settings, which import the WS API request
+    rules; the signing library itself is loaded only by a signer."""
+    loaded = _loaded_after(f"import {module}")
+    assert [m for m in loaded if m == "nacl" or m.startswith("nacl.")] == []

@@ -17,8 +17,6 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Protocol
 
-import nacl.signing
-
 ParamValue = str | int | float | bool | Decimal
 
 
@@ -61,6 +59,10 @@ class Ed25519Signer:
     def __init__(self, seed: bytes) -> None:
         if len(seed) != 32:
             raise ValueError("an Ed25519 seed is exactly 32 bytes")
+        # imported here, not at the top: the config types import the request rules of this
+        # package, and a process that never signs (ingest, consumers) should not load libsodium
+        import nacl.signing
+
         self._key = nacl.signing.SigningKey(bytes(seed))
 
     def sign(self, payload: bytes) -> str:
