@@ -336,6 +336,7 @@ def test_exec_record_carries_the_report_fields_to_the_strategy() -> None:
         working=True,
         last_quote=19.83,
         prevented_qty=0.2,
+        quote_order_qty=25.5,
     )
     rep = ExecReport.from_record(np.array([exec_record(u, 1)], dtype=EXEC_DTYPE)[0])
     assert (rep.status, rep.exec_id, rep.expiry_reason, rep.stp_mode) == (
@@ -345,6 +346,7 @@ def test_exec_record_carries_the_report_fields_to_the_strategy() -> None:
         "DECREMENT",
     )
     assert (rep.working, rep.last_quote, rep.prevented_qty) == (True, 19.83, 0.2)
+    assert rep.quote_order_qty == 25.5
     odd = ExecUpdate("c2", ExecKind.EXPIRED, OrderStatus.EXPIRED, expiry_reason="NEW_2027")
     rep = ExecReport.from_record(np.array([exec_record(odd, 1)], dtype=EXEC_DTYPE)[0])
     assert (rep.expiry_reason, rep.stp_mode, rep.exec_id) == ("OTHER", "", -1)

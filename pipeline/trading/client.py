@@ -156,6 +156,7 @@ class ExecReport:
     working: bool = False  # w: on the book
     last_quote: float = 0.0  # Y
     prevented_qty: float = 0.0  # A: expired by self-trade prevention
+    quote_order_qty: float = 0.0  # Q: a MARKET order's quote quantity
 
     @classmethod
     def from_record(cls, r: Any) -> ExecReport:
@@ -185,6 +186,7 @@ class ExecReport:
             working=bool(int(r["flags"]) & FLAG_WORKING),
             last_quote=float(r["last_quote"]),
             prevented_qty=float(r["prevented_qty"]),
+            quote_order_qty=float(r["quote_order_qty"]),
         )
 
     def as_dict(self) -> dict[str, Any]:

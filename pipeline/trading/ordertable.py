@@ -489,4 +489,5 @@ class OrderTable:
             working=ev.working,
             last_quote=ev.last_quote,
             prevented_qty=ev.prevented_qty,
+            quote_order_qty=ev.quote_order_qty,
         )

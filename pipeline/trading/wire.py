@@ -116,6 +116,7 @@ class ExecUpdate:
     working: bool = False  # w
     last_quote: float = 0.0  # Y
     prevented_qty: float = 0.0  # A: quantity expired by self-trade prevention
+    quote_order_qty: float = 0.0  # Q: a MARKET order's quote quantity (0 if not one)
 
 
 # ---- the rings -----------------------------------------------------------------------------
@@ -233,6 +234,7 @@ EXEC_DTYPE = np.dtype(
         ("exec_id", "<i8"),  # executionReport I, -1 if none
         ("last_quote", "<f8"),  # executionReport Y (last_qty * last_price)
         ("prevented_qty", "<f8"),  # executionReport A: expired by self-trade prevention
+        ("quote_order_qty", "<f8"),  # executionReport Q: a MARKET order's quote quantity
         ("symbol", "S24"),
         ("client_order_id", "S40"),
         ("error_msg", "S128"),  # short text (truncated); codes are the contract
@@ -290,6 +292,7 @@ def exec_record(u: ExecUpdate, publish_time_ns: int) -> tuple[Any, ...]:
         int(u.exec_id),
         float(u.last_quote),
         float(u.prevented_qty),
+        float(u.quote_order_qty),
         u.symbol.encode()[:24],
         u.client_order_id.encode()[:40],
         _truncate_utf8(u.error_msg, 128),
