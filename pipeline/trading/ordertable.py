@@ -260,6 +260,21 @@ class OrderTable:
                     )
                 )
             return
+        self._request_failed(p, order, msg, outcome, ExecKind.CANCEL_REJECT,
+                             client_id=p.tag or (order.client_id if order else 0))  # fmt: skip
+
+    def _request_failed(
+        self,
+        p: PendingRequest,
+        order: TrackedOrder | None,
+        msg: Response,
+        outcome: Outcome,
+        kind: ExecKind,
+        **kw: Any,
+    ) -> None:
+        """A request about an existing order (cancel, amend) was not carried out: resend once
+        after a clock resync (-1021), mark the order UNKNOWN if the answer may hide an executed
+        request, and answer the requester with ``kind``; the order stays as it was."""
         if outcome is Outcome.RESYNC_RETRY and not p.retried:
             self.handshake.resync_and_retry(p)
             return
@@ -268,12 +283,12 @@ class OrderTable:
         self.updates.append(
             ExecUpdate(
                 p.coid,
-                ExecKind.CANCEL_REJECT,
+                kind,
                 order.status if order else OrderStatus.UNKNOWN,
                 symbol=order.symbol if order else "",
                 error_code=msg.code or 0,
                 error_msg=msg.error.msg[:60] if msg.error else "",
-                client_id=p.tag or (order.client_id if order else 0),
+                **kw,
             )
         )
 
@@ -362,24 +377,9 @@ class OrderTable:
                 event_time_ns=info.transact_time_ms * 1_000_000,
             )
             return
-        if outcome is Outcome.RESYNC_RETRY and not p.retried:
-            self.handshake.resync_and_retry(p)
-            return
-        if outcome is Outcome.UNKNOWN and order is not None:
-            self.reconciler.make_unknown(order, msg.code or LOCAL_TIMEOUT)
-        self.updates.append(
-            ExecUpdate(
-                p.coid,
-                ExecKind.AMEND_REJECT,
-                order.status if order else OrderStatus.UNKNOWN,
-                symbol=order.symbol if order else "",
-                order_id=order.order_id if order else -1,
-                qty=order.qty if order else 0.0,
-                error_code=msg.code or 0,
-                error_msg=msg.error.msg[:60] if msg.error else "",
-                client_id=client_id,
-            )
-        )
+        self._request_failed(p, order, msg, outcome, ExecKind.AMEND_REJECT, client_id=client_id,
+                             order_id=order.order_id if order else -1,
+                             qty=order.qty if order else 0.0)  # fmt: skip
 
     def on_status(self, conn: Connection, p: PendingRequest, msg: Response) -> None:
         order = self.orders.get(p.coid)

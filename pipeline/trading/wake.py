@@ -211,7 +211,7 @@ class WakeSender:
                 sock.close()
                 words.release()
                 raise
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a segment too short for its words
             segment.close()
             return
         self._segment, self._sock, self._words, self._inode = segment, sock, words, segment.inode
