@@ -24,7 +24,7 @@ def test_defaults_are_the_simulator_demo() -> None:
     cfg = load_config(env={})
     assert cfg.run.mode == "sim"
     assert 2 <= len(cfg.ingest.symbols) <= 3
-    assert set(cfg.ingest.streams) == {"aggTrade", "bookTicker", "depth"}
+    assert set(cfg.ingest.streams) == {"aggTrade", "bookTicker", "depth@100ms"}
     assert cfg.trading.enabled
     assert cfg.run.consumers == ["monitor"]
     assert cfg.endpoint("streams_url") == ""  # sim: comes from the simulator at run time

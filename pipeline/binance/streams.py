@@ -101,17 +101,21 @@ TIME_UNITS: Final[dict[str, int]] = {"MILLISECOND": 1_000_000, "MICROSECOND": 1_
 _F_NONE: Final = int(Flags.NONE)
 _F_MAKER: Final = int(Flags.BUYER_IS_MAKER)
 
+#: The depth stream names Binance documents (binance-protocol.md 1.6 and 7.3): the diff stream
+#: ``depth`` (1000 ms) or ``depth@100ms``, the top-N books ``depth5/10/20``, each optionally
+#: ``@100ms``. There is no documented ``@1000ms`` suffix: the 1000 ms speed is the bare name, and
+#: an undocumented spelling may be refused (or acked and never served) by the venue, so the
+#: client refuses it at config time rather than subscribe to silence.
+DEPTH_STREAMS: Final = ("depth", "depth@100ms",
+                        *(f"depth{n}{sfx}" for n in (5, 10, 20) for sfx in ("", "@100ms")))
+
 # Stream kinds a subscription can name (section 1.6); value = decode tag.
 STREAM_SUFFIXES: Final[dict[str, int]] = {
     "aggTrade": AGG,
     "trade": TRADE,
     "bookTicker": BOOK_TICKER,
-    "depth": DEPTH_DIFF,
-    "depth@100ms": DEPTH_DIFF,
-    "depth@1000ms": DEPTH_DIFF,
-    **{f"depth{n}": DEPTH_PARTIAL for n in (5, 10, 20)},
-    **{f"depth{n}@100ms": DEPTH_PARTIAL for n in (5, 10, 20)},
-    **{f"depth{n}@1000ms": DEPTH_PARTIAL for n in (5, 10, 20)},
+    **{name: DEPTH_DIFF if name.partition("@")[0] == "depth" else DEPTH_PARTIAL
+       for name in DEPTH_STREAMS},
 }
 
 #: Stream kinds whose every frame is exactly one record, and that record's kind (derived from
@@ -158,10 +162,19 @@ class ControlReply:
     error: Any  # {"code": n, "msg": "..."} or None
 
 
+def unknown_stream_kind(kind: str) -> str:
+    """Why ``kind`` is not a stream we subscribe, naming the documented spellings: the one
+    message for the CLI, the TOML loader and :func:`stream_name`."""
+    if kind.lower().startswith("depth"):
+        return (f"{kind!r} is not a documented depth stream; the documented ones are "
+                f"{', '.join(DEPTH_STREAMS)} (the bare name is the 1000 ms speed)")
+    return f"unknown stream kind {kind!r}; known: {', '.join(STREAM_SUFFIXES)}"
+
+
 def stream_name(symbol: str, suffix: str) -> str:
     """The wire stream name: symbol lowercase, suffix exactly as documented (section 1.2)."""
     if suffix not in STREAM_SUFFIXES:
-        raise ValueError(f"unknown stream kind {suffix!r}; known: {', '.join(STREAM_SUFFIXES)}")
+        raise ValueError(unknown_stream_kind(suffix))
     return f"{symbol.lower()}@{suffix}"
 
 

@@ -11,6 +11,7 @@ renames them to the TOML key).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -46,10 +47,12 @@ class IngestConfig:
         f"REST base URL (snapshots, backfill) (TOML: {_BY_MODE})", run_default="", url=True))
     symbols: list[str] = field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"], metadata=setting(
         "comma-separated symbols", run_default=RUN_SYMBOLS, symbols=True))
+    # depth@100ms by default: ten times fresher than the 1000 ms `depth`, for the same book
     streams: list[str] = field(
-        default_factory=lambda: ["aggTrade", "bookTicker", "depth"], metadata=setting(
-            "stream kinds per symbol: aggTrade, trade, bookTicker, depth, depth@100ms, "
-            "depth5/10/20[@100ms]", each_choices=_stream_kinds))
+        default_factory=lambda: ["aggTrade", "bookTicker", "depth@100ms"], metadata=setting(
+            "stream kinds per symbol: aggTrade, trade, bookTicker, depth@100ms (diff book, "
+            "100 ms), depth (1000 ms), depth5/10/20[@100ms] (top N)",
+            each_choices=_stream_kinds))
     ring: str = field(default="ticks", metadata=setting(
         "ring (shared-memory) name", toml="ring.name"))
     ring_capacity: int = field(default=1 << 20, metadata=setting(
@@ -115,27 +118,64 @@ class IngestConfig:
         return [stream_name(sym, kind) for sym in self.symbols for kind in self.streams]
 
 
+_SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}")  # fullmatch: "$" would accept a trailing newline
+
+
+def normal_symbol(text: str) -> str:
+    """A symbol as the ring and REST name it (upper case). Binance's own stream names are lower
+    case (``btcusdt@trade``), so either case is taken; anything that is not 2-20 ASCII letters
+    and digits is refused (ConfigError naming --symbols)."""
+    sym = text.strip().upper()
+    if not sym.isascii() or not _SYMBOL_RE.fullmatch(sym):
+        raise ConfigError("--symbols", f"{text!r} is not a Binance symbol (2-20 letters and "
+                                       "digits, in any case: BTCUSDT or btcusdt)")
+    return sym
+
+
+def streams_base_url(url: str) -> str:
+    """The streams base URL ingest appends ``/stream?streams=...`` to. A URL copied with its
+    ``/stream`` or ``/ws`` path (the forms section 1.2 shows) is cut back to its base: kept as
+    given it became ``/stream/stream?...``, which the venue answers 404. A URL naming streams
+    itself (a query, or ``/ws/<stream>``) is refused with what to give instead."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    example = f"{parts.scheme}://{parts.netloc}"
+    if parts.query or parts.fragment or "@" in path.rpartition("/")[2]:
+        raise ConfigError("--streams-url", f"give the base URL without streams or a query "
+                                           f"(e.g. {example}), got {url!r}")
+    for suffix in ("/stream", "/ws"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    return example + path
+
+
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if not (value >= 0 if allow_zero else value > 0) or value != value:
         raise ConfigError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def validate(cfg: IngestConfig) -> IngestConfig:
-    """Check everything before any socket or segment exists; errors name the flag."""
-    import re
-
-    from pipeline.binance.streams import DECODERS, DEPTH_DIFF, STREAM_SUFFIXES
+    """Check everything before any socket or segment exists; errors name the flag. Symbols
+    are normalised to upper case and the streams URL to its base (see the helpers above)."""
+    from pipeline.binance.streams import (
+        DECODERS,
+        DEPTH_DIFF,
+        STREAM_SUFFIXES,
+        unknown_stream_kind,
+    )
     from pipeline.net.ws import TRANSPORTS
 
     for name, url, schemes in (("--streams-url", cfg.streams_url, ("ws://", "wss://")),
                                ("--rest-url", cfg.rest_url, ("http://", "https://"))):
         if not url.startswith(schemes) or len(url) <= len(schemes[0]) + 1:
             raise ConfigError(name, f"must start with {' or '.join(schemes)}, got {url!r}")
+    cfg.streams_url = streams_base_url(cfg.streams_url)
     if not cfg.symbols:
         raise ConfigError("--symbols", "at least one symbol is required")
-    for s in cfg.symbols:
-        if not re.fullmatch(r"[A-Z0-9]{2,20}", s):
-            raise ConfigError("--symbols", f"{s!r} is not an upper-case Binance symbol")
+    cfg.symbols = [normal_symbol(s) for s in cfg.symbols]
     if len(set(cfg.symbols)) != len(cfg.symbols):
         raise ConfigError("--symbols", "duplicate symbol")
     if not cfg.streams:
@@ -144,8 +184,7 @@ def validate(cfg: IngestConfig) -> IngestConfig:
         raise ConfigError("--streams", "duplicate stream kind")
     for k in cfg.streams:
         if k not in STREAM_SUFFIXES:
-            raise ConfigError("--streams", f"unknown stream kind {k!r}; known: "
-                              f"{', '.join(STREAM_SUFFIXES)}")
+            raise ConfigError("--streams", unknown_stream_kind(k))
     diff = [k for k in cfg.streams if STREAM_SUFFIXES[k] == DEPTH_DIFF]
     if len(diff) > 1:  # one local book per symbol
         raise ConfigError("--streams", f"subscribe one diff-depth stream per symbol, got {diff}")
