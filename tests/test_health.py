@@ -96,9 +96,12 @@ def test_renderers() -> None:
     assert "monitor(lag 1, missed 3)" in text
     assert text.endswith("overall: healthy")
     prom = render_prometheus(rep)
-    assert 'pipeline_component_healthy{component="trading"} 1' in prom
-    assert "pipeline_persist_inserted 5" in prom
-    assert 'pipeline_ring_reader_missed{ring="ring:pipeline.ticks",reader="monitor"} 3' in prom
+    assert 'pipeline_component_healthy{component="trading"} 1.0' in prom
+    assert "pipeline_persist_inserted_total 5.0" in prom
+    assert (
+        'pipeline_ring_reader_missed_records_total{reader="monitor",ring="pipeline.ticks"} 3.0'
+        in prom
+    )
 
 
 @pytest.fixture
@@ -159,8 +162,8 @@ def test_prometheus_endpoint(live: tuple[str, str, MetricsBlock, MetricsBlock]) 
             body = resp.read().decode()
             ctype = resp.headers["Content-Type"]
         assert ctype.startswith("text/plain")
-        assert 'pipeline_component_healthy{component="trading"} 1' in body
-        assert "pipeline_trading_rtt_us 5.0" in body
+        assert 'pipeline_component_healthy{component="trading"} 1.0' in body
+        assert "pipeline_trading_rtt_seconds 5e-06" in body  # the block's us, in base units
     finally:
         server.shutdown()
         server.server_close()
@@ -235,7 +238,7 @@ def test_orders_in_doubt_gauge_next_to_the_counter_and_stale_is_unhealthy() -> N
     text = render_text(rep)
     assert "orders_unknown=9" in text
     assert "orders_in_doubt=2" in text
-    assert "pipeline_trading_orders_in_doubt 2" in render_prometheus(rep)
+    assert "pipeline_trading_orders_in_doubt 2.0" in render_prometheus(rep)
     rep = evaluate({T: {**snap, "problem_unknown_orders_stale": 1}}, {}, NOW)
     assert not rep["trading"]["healthy"]
     assert "unknown_orders_stale=1" in rep["trading"]["problems"]
@@ -273,13 +276,13 @@ def test_prometheus_escapes_hostile_reader_names() -> None:
     lines = prom.splitlines()
     # the name's newline did not start a line of its own: no injected series
     assert not any(line.startswith("fake_metric") for line in lines), prom
-    lag = [line for line in lines if line.startswith("pipeline_ring_reader_lag{")]
+    lag = [line for line in lines if line.startswith("pipeline_ring_reader_lag_records{")]
     assert len(lag) == 1, prom
     assert lag[0] == (
-        'pipeline_ring_reader_lag{ring="ring:pipeline.ticks",'
-        'reader="evil\\\\name\\"\\nfake_metric{x=\\"1\\"} 1"} 2'
+        'pipeline_ring_reader_lag_records{reader="evil\\\\name\\"\\nfake_metric{x=\\"1\\"} 1",'
+        'ring="pipeline.ticks"} 2.0'
     )
-    label = lag[0].split('reader="', 1)[1].rsplit('"} ', 1)[0]
+    label = lag[0].split('reader="', 1)[1].rsplit('",ring=', 1)[0]
     assert _unescape_label(label) == HOSTILE
     # every sample line is `name{labels} value` or `name value`: nothing else leaked through
     for line in lines:
@@ -303,7 +306,7 @@ def test_prometheus_endpoint_with_hostile_reader_name(shm_name: str) -> None:
         host, port = server.server_address[:2]
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
             body = resp.read().decode()
-        readers = [ln for ln in body.splitlines() if ln.startswith("pipeline_ring_reader_lag")]
+        readers = [ln for ln in body.splitlines() if ln.startswith("pipeline_ring_reader_lag_")]
         assert len(readers) == 1, body
         assert 'reader="a\\\\b\\"c\\nd"' in readers[0], readers
     finally:

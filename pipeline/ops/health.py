@@ -1,4 +1,4 @@
-"""`pipeline health [--json] [--serve-prometheus PORT]`: every component's state from shared memory.
+"""`pipeline health [--json | --prometheus] [--serve-prometheus PORT]`: every component's state.
 
 Sources (no IPC with the processes, nothing they have to answer): the metrics blocks named
 ``pipeline.*`` in the segment directory (``/dev/shm``, or ``PIPELINE_SHM_DIR`` as the systemd
@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -142,7 +143,8 @@ def evaluate(
         fields = {k: v for k, v in snap.items() if not k.startswith("_")}
         alive = bool(snap.get("_writer_alive", True))
         problems: list[str] = []
-        entry: dict[str, Any] = {"block": block, "writer_alive": alive}
+        entry: dict[str, Any] = {"block": block, "writer_alive": alive,
+                                 "updated_at_ns": snap.get("_updated_at_ns")}  # fmt: skip
         if not alive:
             problems.append("writer process is dead")
         age_s, stale = heartbeat_problem(snap, now_ns)
@@ -190,6 +192,7 @@ def evaluate(
             "healthy": not problems,
             "problems": problems,
             "writer_pid": stats.get("writer_pid"),
+            "writer_alive": bool(stats.get("writer_alive")),
             "generation": stats.get("generation"),
             "cursor": stats.get("cursor"),
             "capacity": stats.get("capacity"),
@@ -339,18 +342,6 @@ def render_text(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _prom_name(s: str) -> str:
-    """A metric-name fragment: ASCII letters and digits kept, anything else ``_`` (str.isalnum
-    alone would let non-ASCII letters through, which the exposition format rejects)."""
-    return "".join(c if c.isascii() and c.isalnum() else "_" for c in s).strip("_")
-
-
-def _prom_value(v: Any) -> str:
-    """A sample value; anything that is not a finite number is exposed as NaN, never as text."""
-    num = _number(v)
-    return "NaN" if num is None else (str(v) if isinstance(v, int | float) else str(num))
-
-
 def _printable(v: object) -> str:
     """A name from another process for a text line: control characters (a newline could fake
     an extra "OK" line) shown escaped."""
@@ -358,57 +349,37 @@ def _printable(v: object) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def prom_label(value: object) -> str:
-    """A label value escaped per the text exposition format: backslash, double quote and line
-    feed become ``\\``, ``\\"`` and ``\\n``. Reader and segment names come from other
-    processes; unescaped, one name with a newline would inject arbitrary series into the
-    scrape (or make the whole page unparseable)."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def render_prometheus(report: Mapping[str, Any], symbols: Iterable[str] = ()) -> str:
+    """Prometheus text exposition of the same report, written by ``prometheus-client``
+    (families, units and labels: :mod:`pipeline.ops.prometheus`)."""
+    from pipeline.ops.prometheus import render
 
-
-def render_prometheus(report: Mapping[str, Any]) -> str:
-    """Prometheus text exposition (version 0.0.4) of the same report. Every label value goes
-    through :func:`prom_label`; metric names through :func:`_prom_name` (``[A-Za-z0-9_]``)."""
-    out = [
-        "# HELP pipeline_component_healthy 1 if the component passes its health rules.",
-        "# TYPE pipeline_component_healthy gauge",
-    ]
-    metrics: list[str] = []
-    for comp, e in report.items():
-        label = prom_label(comp)
-        out.append(
-            f'pipeline_component_healthy{{component="{label}"}} {int(bool(e.get("healthy")))}'
-        )
-        for k, v in (e.get("metrics") or {}).items():
-            if isinstance(v, int | float) and math.isfinite(v):
-                metrics.append(f"pipeline_{_prom_name(comp)}_{_prom_name(k)} {v}")
-        for r in e.get("readers", []) or []:
-            where = f'ring="{label}",reader="{prom_label(r.get("name", ""))}"'
-            for what in ("lag", "missed"):
-                metrics.append(f"pipeline_ring_reader_{what}{{{where}}} {_prom_value(r.get(what))}")
-    return "\n".join(out + metrics) + "\n"
+    return render(report, symbols)
 
 
 def serve_prometheus(
-    port: int, make_report: Callable[[], dict[str, Any]], host: str = "127.0.0.1"
+    port: int,
+    make_report: Callable[[], dict[str, Any]],
+    host: str = "127.0.0.1",
+    symbols: Iterable[str] = (),
 ) -> Any:
-    """Start a tiny HTTP server (``/metrics``) in a thread; returns it (``.shutdown()``)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """Serve ``/metrics`` from a thread; returns the server (``.shutdown()``). Each scrape reads
+    shared memory afresh (the library's handler: content negotiation, gzip)."""
+    from http.server import ThreadingHTTPServer
+    from urllib.parse import urlparse
 
-    class Handler(BaseHTTPRequestHandler):
+    from prometheus_client.exposition import MetricsHandler
+
+    from pipeline.ops.prometheus import registry_for
+
+    base: Any = MetricsHandler.factory(registry_for(make_report, symbols))
+
+    class Handler(base):
         def do_GET(self) -> None:
-            if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            if urlparse(self.path).path not in ("/metrics", "/"):
                 self.send_error(404)
                 return
-            body = render_prometheus(make_report()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+            super().do_GET()
 
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="prometheus", daemon=True).start()
@@ -427,6 +398,11 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="one JSON object, a key per component")
+    p.add_argument(
+        "--prometheus", action="store_true",
+        help="print the Prometheus text exposition once (e.g. for node_exporter's textfile "
+        "collector) instead of the text view",
+    )  # fmt: skip
     p.add_argument("--config", default=None, help="TOML config (ring names, what to expect)")
     p.add_argument("--ring", action="append", default=None, help="ring(s) to inspect (repeatable)")
     p.add_argument(
@@ -459,8 +435,9 @@ def main(args: argparse.Namespace) -> int:
             rings, expect=expect, max_frame_age_s=args.max_frame_age, prefix=cfg.run.shm_prefix
         )
 
+    symbols = list(cfg.ingest.symbols)  # names ingest's symbol ids (the ring's order)
     if args.serve_prometheus is not None:
-        server = serve_prometheus(args.serve_prometheus, report, args.bind)
+        server = serve_prometheus(args.serve_prometheus, report, args.bind, symbols)
         host, port = server.server_address[:2]
         print(f"serving Prometheus metrics on http://{host}:{port}/metrics", flush=True)
         done = threading.Event()
@@ -471,7 +448,9 @@ def main(args: argparse.Namespace) -> int:
         server.server_close()
         return 0
     rep = report()
-    if args.json:
+    if args.prometheus:
+        sys.stdout.write(render_prometheus(rep, symbols))
+    elif args.json:
         print(json.dumps(rep, sort_keys=True, default=str))
     else:
         print(render_text(rep))
