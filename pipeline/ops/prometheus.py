@@ -199,7 +199,8 @@ _TRADING: dict[str, Family] = dict(
         _gauge("trading", "orders_limit", "Order-rate limit of the venue's window."),
         _gauge("trading", "user_data_subscribed", "1 while the user data stream is subscribed."),
         _gauge("trading", "orders_in_doubt", "Orders UNKNOWN right now (status not confirmed)."),
-        # the older name of orders_in_doubt: the same family (first present wins)
+        # the older name of orders_in_doubt: the same family, used when the block has no
+        # orders_in_doubt (see _OLDER_NAMES)
         _gauge(
             "trading",
             "orders_unknown_now",
@@ -373,6 +374,8 @@ def _patterned(
 
 #: fields that are exposed through another family or not at all (derivable: a sum of others)
 _NOT_EXPOSED = {"ingest": {"skipped_total"}}
+#: an older field name -> the current one: the older is exposed only from blocks without it
+_OLDER_NAMES = {"orders_unknown_now": "orders_in_doubt"}
 
 
 def field_family(
@@ -402,8 +405,8 @@ def field_family(
 
 @dataclass
 class _Builder:
-    """Samples grouped by family; the first sample of a (family, labels) pair wins, so a field
-    and its older alias never produce a duplicate series."""
+    """Samples grouped by family; the first sample of a (family, labels) pair wins (a family
+    never gets a duplicate series, which would make the whole scrape invalid)."""
 
     families: dict[str, tuple[Family, list[str], dict[tuple[str, ...], float]]] = field(
         default_factory=dict
@@ -454,12 +457,15 @@ def families(report: Mapping[str, Any], symbols: Sequence[str] = ()) -> list[Met
         b.add(comp_f["alive"], {"component": comp}, bool(entry.get("writer_alive")))
         if entry.get("updated_at_ns") is not None:
             b.add(comp_f["updated"], {"component": comp}, entry["updated_at_ns"])
-        for fld, value in (entry.get("metrics") or {}).items():
+        fields = entry.get("metrics") or {}
+        for fld, value in fields.items():
+            if _OLDER_NAMES.get(fld) in fields:
+                continue
             found = field_family(comp, fld, symbols)
             if found is not None:
                 b.add(found[0], found[1], value)
-        if kind_of(comp) == "trading" and "state" in (entry.get("metrics") or {}):
-            code = entry["metrics"]["state"]
+        if kind_of(comp) == "trading" and "state" in fields:
+            code = fields["state"]
             for i, state in enumerate(TRADING_STATES):
                 b.add(_TRADING_SESSION_STATE, {"state": state}, int(code == i))
     return b.metrics()
