@@ -78,6 +78,9 @@ class Faults:
     refuse_until: float | None = None
     refuse_mode: str = "503"  # "503" (HTTP reject) | "close" (drop TCP before the handshake)
     skip_agg_ids: int = 0  # aggTrade events still to be withheld from the live stream
+    # HTTP status of a "503"-mode refusal: 503 (busy), or a 4xx as a venue answers a URL or a
+    # stream it does not serve (a configuration error for the client, not a retry)
+    refuse_status: int = 503
     skip_agg_symbol: str | None = None  # None = any symbol
     rest_fail_count: int = 0
     rest_fail_until: float | None = None
@@ -180,11 +183,11 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
     allowed: dict[str, tuple[str, ...]] = {
         "drop": ("mode", "code", "target"),
         "malformed": ("count", "kind", "target", "size"),
-        "shutdown": ("target", "close_after"),
+        "shutdown": ("target", "close_after", "notice"),
         "blackhole": ("duration", "target", "on"),
         "stall": ("duration", "on"),
         "skip_agg_ids": ("count", "symbol"),
-        "refuse": ("duration", "mode", "on"),
+        "refuse": ("duration", "mode", "on", "status"),
         "rest_fail": ("count", "duration", "status"),
         "wsapi_delay": ("ms",),
         "reject_logons": ("count",),
@@ -224,7 +227,13 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
         out["count"] = _int(p, "count", 1, lo=1)
         out["size"] = _int(p, "size", 2 * 1024 * 1024, lo=1)
     elif name == "shutdown":
-        out["close_after"] = _num(p, "close_after", None)
+        # serverShutdown now, the close `close_after` s later (None: left to the client, 0: no
+        # lead at all); notice=false closes without any serverShutdown, as a 24 h close may
+        notice = p.get("notice", True)
+        if not isinstance(notice, bool):
+            raise FaultError(f"notice must be true/false, got {notice!r}")
+        out["notice"] = notice
+        out["close_after"] = _num(p, "close_after", None if notice else 0.0)
     elif name == "skip_agg_ids":
         out["count"] = _int(p, "count", 1, lo=0)
         sym = p.get("symbol")
@@ -250,6 +259,9 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
             if kind not in ORDER_FAULT_KINDS:
                 raise FaultError(f"order_fault kind must be one of {ORDER_FAULT_KINDS}")
         out["kind"] = kind
+        out["status"] = _int(p, "status", 503, lo=400)
+        if out["status"] > 599:
+            raise FaultError(f"refuse status must be an HTTP error status, got {out['status']}")
         out["count"] = _int(p, "count", 1 if kind else 0, lo=0)
     elif name == "hostile_reply":
         kind = p.get("kind")
@@ -293,3 +305,4 @@ def apply_switch(faults: Faults, req: FaultRequest, now: float) -> None:
         faults.clear()
     else:
         raise FaultError(f"{req.name} is not a switch")
+        faults.refuse_status = p.get("status", 503)
