@@ -245,6 +245,9 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
         if mode not in ("503", "close"):
             raise FaultError(f"refuse mode must be '503' or 'close', got {mode!r}")
         out["mode"] = mode
+        out["status"] = _int(p, "status", 503, lo=400)
+        if out["status"] > 599:
+            raise FaultError(f"refuse status must be an HTTP error status, got {out['status']}")
     elif name == "rest_fail":
         out["count"] = _int(p, "count", 0 if "duration" in p else 1, lo=0)
         out["status"] = _int(p, "status", 500, lo=400)
@@ -259,9 +262,6 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
             if kind not in ORDER_FAULT_KINDS:
                 raise FaultError(f"order_fault kind must be one of {ORDER_FAULT_KINDS}")
         out["kind"] = kind
-        out["status"] = _int(p, "status", 503, lo=400)
-        if out["status"] > 599:
-            raise FaultError(f"refuse status must be an HTTP error status, got {out['status']}")
         out["count"] = _int(p, "count", 1 if kind else 0, lo=0)
     elif name == "hostile_reply":
         kind = p.get("kind")
@@ -284,6 +284,7 @@ def apply_switch(faults: Faults, req: FaultRequest, now: float) -> None:
         faults.refuse = p["on"]
         faults.refuse_until = until if p["on"] else None
         faults.refuse_mode = p["mode"]
+        faults.refuse_status = p.get("status", 503)
     elif req.name == "skip_agg_ids":
         faults.skip_agg_ids = p["count"]
         faults.skip_agg_symbol = p["symbol"]
@@ -305,4 +306,3 @@ def apply_switch(faults: Faults, req: FaultRequest, now: float) -> None:
         faults.clear()
     else:
         raise FaultError(f"{req.name} is not a switch")
-        faults.refuse_status = p.get("status", 503)
