@@ -402,3 +402,94 @@ def test_cli_api_key_flag_parses_ed25519_public_pem(tmp_path: Path) -> None:
         load_api_key("nokey")
     assert parse_rate("max") == parse_rate("0") == float("inf")
     assert parse_rate("12.5") == 12.5
+
+
+# ---- 2026 changelog: serverShutdown with no fixed lead, a close with no notice (#15) --------
+
+
+async def _until_closed(ws: Any) -> list[Any]:
+    """Every text message until the server closes the connection."""
+    got: list[Any] = []
+    try:
+        while True:
+            got.append(json.loads(await ws.recv()))
+    except ConnectionClosed:
+        return got
+
+
+def test_shutdown_with_no_lead_closes_right_after_the_event() -> None:
+    async def go() -> None:
+        async with SimServer(cfg(rate=100.0)) as sim:
+            comb = await websockets.connect(f"{sim.streams_url}/stream?streams=btcusdt@trade")
+            api = await wsapi_or_skip(sim)
+            status, body = await post_fault(sim, "shutdown", close_after=0)
+            assert status == 200
+            assert body["params"] == {"target": "all", "close_after": 0.0, "notice": True}
+            for ws, wrap in ((comb, "stream"), (api, "event")):
+                msgs = await _until_closed(ws)
+                assert ws.close_code == 1001
+                shutdowns = [m for m in msgs if "serverShutdown" in json.dumps(m)]
+                assert len(shutdowns) == 1
+                assert msgs[-1] is shutdowns[0]  # the close follows it, nothing in between
+                assert wrap in shutdowns[0]
+
+    run(go)
+
+
+def test_shutdown_without_notice_only_closes() -> None:
+    """A 24 h close may come with no serverShutdown at all (binance-protocol.md 7.3)."""
+
+    async def go() -> None:
+        async with SimServer(cfg(rate=100.0)) as sim:
+            raw = await websockets.connect(f"{sim.streams_url}/ws/btcusdt@trade")
+            assert json.loads(await raw.recv())["e"] == "trade"  # it was streaming
+            status, body = await post_fault(sim, "shutdown", notice=False)
+            assert status == 200
+            assert body["params"]["close_after"] == 0.0
+            msgs = await _until_closed(raw)
+            assert raw.close_code == 1001
+            assert not [m for m in msgs if "serverShutdown" in json.dumps(m)]
+            assert sim.state()["faults"]["fired"].get("server_shutdown_sent", 0) == 0
+
+    run(go)
+
+
+@pytest.mark.parametrize(("lead", "notices"), [("none", 0), ("random", 1), ("fixed", 1)])
+def test_lifetime_close_with_a_random_lead_or_none(lead: str, notices: int) -> None:
+    async def go() -> None:
+        config = cfg(rate=50.0, max_lifetime=0.6, shutdown_notice=0.5, shutdown_lead=lead)
+        async with SimServer(config) as sim:
+            ws = await websockets.connect(f"{sim.streams_url}/ws/btcusdt@trade")
+            msgs = await _until_closed(ws)
+            assert ws.close_code == 1001
+            assert len([m for m in msgs if "serverShutdown" in json.dumps(m)]) == notices
+            assert sim.state()["stats"]["lifetime_disconnects"] == 1
+
+    run(go)
+
+
+def test_random_leads_differ_between_connections() -> None:
+    """No fixed lead: the simulator draws one per connection (seeded, so runs repeat)."""
+    from pipeline.sim.server import Simulator
+
+    sim = Simulator(cfg(shutdown_notice=60.0))
+    leads = {round(sim._lead_rng.uniform(0.0, 60.0), 6) for _ in range(5)}
+    assert len(leads) == 5
+    assert all(0.0 <= x <= 60.0 for x in leads)
+
+
+def test_refuse_with_a_4xx_status_answers_the_handshake_with_it() -> None:
+    async def go() -> None:
+        async with SimServer(cfg()) as sim:
+            status, _ = await post_fault(sim, "refuse", status=404)
+            assert status == 200
+            with pytest.raises(InvalidStatus) as err:
+                await websockets.connect(f"{sim.streams_url}/stream?streams=btcusdt@trade")
+            assert err.value.response.status_code == 404
+            await post_fault(sim, "refuse", on=False)
+            ws = await websockets.connect(f"{sim.streams_url}/stream?streams=btcusdt@trade")
+            await ws.close()
+            assert (await post_fault(sim, "refuse", status=200))[0] == 400
+            assert (await post_fault(sim, "shutdown", notice="no"))[0] == 400
+
+    run(go)

@@ -1009,3 +1009,61 @@ def test_unfilled_order_count_rules() -> None:
         assert st["status"] == "FILLED"
 
     scenario(body)
+
+
+# ---------------------------------------------------------------------------- 2026 changelog
+
+
+def test_successful_order_requests_weigh_nothing_failed_ones_do() -> None:
+    """Since 2026-04-02 a successful order.place / cancel / cancelReplace / amend weighs 0 on
+    the WS API (binance-protocol.md 7.2); a failed one still costs its weight."""
+
+    def used(resp: dict[str, Any]) -> int:
+        return next(r["count"] for r in resp["rateLimits"]
+                    if r["rateLimitType"] == "REQUEST_WEIGHT")
+
+    async def body(service: WsApiService, c: Client, clock: Clock) -> None:
+        await c.logon()
+        base = used(await c.call("ping"))  # connect 2 + logon 2 + ping 1
+        assert base == 5
+        bid = best(service)[0]
+        placed = await c.call("order.place", limit("BUY", bid - 10, newClientOrderId="w1")
+                              | c.ts())
+        assert placed["status"] == 200
+        assert used(placed) == base
+        amended = await c.call("order.amend.keepPriority", {
+            "symbol": "BTCUSDT", "origClientOrderId": "w1", "newQty": "0.005"} | c.ts())
+        assert amended["status"] == 200
+        assert used(amended) == base
+        replaced = await c.call("order.cancelReplace", limit("BUY", bid - 11) | c.ts() | {
+            "cancelReplaceMode": "STOP_ON_FAILURE", "cancelOrigClientOrderId": "w1",
+            "newClientOrderId": "w2"})
+        assert replaced["status"] == 200
+        assert used(replaced) == base
+        canceled = await c.call("order.cancel", {"symbol": "BTCUSDT",
+                                                 "origClientOrderId": "w2"} | c.ts())
+        assert canceled["status"] == 200
+        assert used(canceled) == base
+        # failures still count: a cancel of nothing (1), a place the filters refuse (1)
+        gone = await c.call("order.cancel", {"symbol": "BTCUSDT",
+                                             "origClientOrderId": "w2"} | c.ts())
+        assert gone["status"] == 400
+        assert used(gone) == base + 1
+        refused = await c.call("order.place", limit("BUY", bid - 10, qty="0") | c.ts())
+        assert refused["status"] == 400
+        assert used(refused) == base + 2
+        # other methods keep their weight
+        assert used(await c.call("order.status", {"symbol": "BTCUSDT",
+                                                  "origClientOrderId": "w2"} | c.ts())) \
+            == base + 2 + 4
+
+    scenario(body)
+
+
+def test_rate_limits_advertise_raw_requests_300000() -> None:
+    """exchangeInfo's rateLimits (the WS API service's, which it enforces) carry RAW_REQUESTS
+    300,000 per 5 minutes (was 61,000)."""
+    service = WsApiService(Market(["BTCUSDT"], seed=1), {}, Faults(), Clock())
+    raw = [e for e in service.rate_limits_info() if e["rateLimitType"] == "RAW_REQUESTS"]
+    assert raw == [{"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5,
+                    "limit": 300_000}]

@@ -61,7 +61,8 @@ def test_cli_exits_2_with_the_documented_names_for_a_bad_depth_name() -> None:
                            "aggTrade,depth@1000ms"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "depth@1000ms" in proc.stderr
-    assert "depth@100ms" in proc.stderr and "depth20@100ms" in proc.stderr
+    assert "depth@100ms" in proc.stderr
+    assert "depth20@100ms" in proc.stderr
 
 
 def test_symbols_in_any_case_are_normalised() -> None:

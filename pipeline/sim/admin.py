@@ -147,7 +147,8 @@ class Admin:
                     c.sim_write(f)
         elif req.name == "shutdown":
             for c in conns:
-                sim.send_shutdown(c)
+                if req.params["notice"]:
+                    sim.send_shutdown(c)
                 if req.params["close_after"] is not None:
                     loop.call_later(req.params["close_after"], sim.lifetime_close, c)
         elif req.name == "blackhole":

@@ -20,6 +20,7 @@ from pipeline.sim.faults import Faults
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")
 # what `pipeline run` simulates with no config: the demo's symbols
 RUN_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+SHUTDOWN_LEADS = ("random", "fixed", "none")  # SimConfig.shutdown_lead
 _IN_PROCESS = "an in-process hook (tests embed the simulator); a child process has no use for it"
 
 
@@ -85,7 +86,14 @@ class SimConfig:
     max_lifetime: float = field(default=24 * 3600.0, metadata=setting(
         "seconds a connection may live (Binance: 24 h)", min=0.0))
     shutdown_notice: float = field(default=60.0, metadata=setting(
-        "seconds before max lifetime to send serverShutdown (0 = never)", min=0.0))
+        "seconds before max lifetime to send serverShutdown (0 = never); with "
+        "--shutdown-lead random, the most it may be", min=0.0))
+    # Binance dropped its "10 minutes before" wording on 2026-06-09: no lead is promised, and
+    # a 24 h close may come with no notice at all (binance-protocol.md 1.4, 7.3)
+    shutdown_lead: str = field(default="random", metadata=setting(
+        "when serverShutdown precedes the lifetime close: random (a lead drawn per connection "
+        "in 0..--shutdown-notice, as Binance promises none), fixed (--shutdown-notice "
+        "exactly), none (the close comes with no notice)", choices=SHUTDOWN_LEADS))
     max_incoming_per_s: int = field(default=5, metadata=setting(
         "incoming frames per second a stream connection may send (0 = unlimited)", min=0))
     max_streams: int = field(default=1024, metadata=setting(
@@ -114,4 +122,4 @@ class SimConfig:
         no_flag="raw flags for the child's command line, so it has no flag of its own"))
 
 
-__all__ = ["DEFAULT_SYMBOLS", "SimConfig", "parse_rate", "show_rate"]
+__all__ = ["DEFAULT_SYMBOLS", "SHUTDOWN_LEADS", "SimConfig", "parse_rate", "show_rate"]

@@ -169,6 +169,15 @@ WEIGHTS: dict[str, int] = {
 }
 
 
+#: Methods whose successful requests weigh 0 since 2026-04-02 (binance-protocol.md 7.2: order
+#: place, cancel, cancelReplace, amend); a failed one still costs its weight above.
+FREE_WHEN_SUCCESSFUL = frozenset(
+    {"order.place", "order.cancel", "order.cancelReplace", "order.amend.keepPriority"}
+)
+#: RAW_REQUESTS per 5 minutes per IP (7.2: 300,000 since the 2026 changelog; was 61,000)
+RAW_REQUESTS_PER_5MIN = 300_000
+
+
 def request_weight(method: str, params: Mapping[str, str]) -> int:
     """The REQUEST_WEIGHT one request costs (section 2.6; unknown methods cost 1)."""
     if method == "openOrders.status" and not params.get("symbol"):
@@ -236,5 +245,11 @@ class ApiLimits:
                 "interval": "DAY",
                 "intervalNum": 1,
                 "limit": self.orders_per_day,
+            },
+            {
+                "rateLimitType": "RAW_REQUESTS",
+                "interval": "MINUTE",
+                "intervalNum": 5,
+                "limit": RAW_REQUESTS_PER_5MIN,
             },
         ]

@@ -225,7 +225,7 @@ class RestApi:
                     "rateLimitType": "RAW_REQUESTS",
                     "interval": "MINUTE",
                     "intervalNum": 5,
-                    "limit": 61000,
+                    "limit": 300_000,  # since 2026 (ratelimit.RAW_REQUESTS_PER_5MIN; was 61,000)
                 },
             ],
             "exchangeFilters": [],

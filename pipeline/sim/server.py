@@ -37,9 +37,12 @@ Paths (binance-protocol.md section 1.2):
   (:meth:`pipeline.sim.admin.Admin.inject`).
 
 Rules with tunable timings (section 1.3): server pings every ``ping_interval`` and drops a
-connection without pong after ``pong_timeout``; ``serverShutdown`` ``shutdown_notice`` before
-``max_lifetime`` then close; more than ``max_incoming_per_s`` incoming frames in one second
-(data, ping and pong frames all count) drops a stream connection; at most ``max_streams`` streams.
+connection without pong after ``pong_timeout``; ``serverShutdown`` up to ``shutdown_notice``
+before ``max_lifetime`` (a random lead, ``shutdown_lead``; or none at all) then close; more
+than ``max_incoming_per_s`` incoming frames in one second (data, ping and pong frames all count)
+drops a stream connection; at most ``max_streams`` streams. ``POST /sim/fault/shutdown`` sends a
+serverShutdown now, with ``close_after`` seconds of lead (0: none), or (``notice=false``) only
+the close.
 
 Backpressure: a stream client whose transport buffer exceeds ``write_high_water`` pauses the
 walk (nobody is sent more than it can take); one that stays above it for
@@ -52,6 +55,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Coroutine
 from typing import Any, cast
@@ -103,6 +107,7 @@ class Simulator:
         self._tasks: list[asyncio.Task[None]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._last_ms = 0
+        self._lead_rng = random.Random(cfg.seed)  # serverShutdown leads (shutdown_lead=random)
         self.stats: dict[str, int] = {
             "connections_total": 0,
             "stream_connections_total": 0,
@@ -243,7 +248,11 @@ class Simulator:
             return self.admin.handle(request.method, path, query, sconn.sim_body)
         if self.faults.refuse:
             self.faults.count("refuse")
-            return json_response(503, {"code": -1008, "msg": "Service unavailable (simulated)."})
+            status = self.faults.refuse_status
+            if status == 503:
+                return json_response(503, {"code": -1008,
+                                           "msg": "Service unavailable (simulated)."})
+            return json_response(status, {"code": -1000, "msg": f"Refused (simulated {status})."})
         if path.startswith("/api/"):
             self.stats["http_requests"] += 1
             return self.rest.handle(request.method, path, query)
@@ -343,14 +352,20 @@ class Simulator:
     # ---- lifetime / serverShutdown ----
 
     def _arm_lifetime(self, conn: SimConnection) -> None:
+        """The lifetime close, and the serverShutdown before it: ``shutdown_lead`` says when
+        (a random lead by default: Binance promises none since 2026-06-09, so a client that
+        waits for a fixed one is tested against the real rule)."""
         cfg = self.config
         if not math.isfinite(cfg.max_lifetime):
             return
         loop = asyncio.get_running_loop()
         handles = [loop.call_later(cfg.max_lifetime, self.lifetime_close, conn)]
-        notice_at = cfg.max_lifetime - cfg.shutdown_notice
-        if cfg.shutdown_notice > 0:
-            handles.append(loop.call_later(max(0.0, notice_at), self.send_shutdown, conn))
+        lead = cfg.shutdown_notice
+        if cfg.shutdown_lead == "random":
+            lead = self._lead_rng.uniform(0.0, lead)
+        if cfg.shutdown_notice > 0 and cfg.shutdown_lead != "none" and lead > 0:
+            notice_at = max(0.0, cfg.max_lifetime - lead)
+            handles.append(loop.call_later(notice_at, self.send_shutdown, conn))
         self._timers[conn] = handles
 
     def send_shutdown(self, conn: SimConnection) -> None:

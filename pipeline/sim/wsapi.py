@@ -55,7 +55,7 @@ from typing import Any
 import orjson
 
 from pipeline.logs import RateLimitedLog
-from pipeline.sim.ratelimit import WEIGHTS, ApiLimits, request_weight
+from pipeline.sim.ratelimit import FREE_WHEN_SUCCESSFUL, WEIGHTS, ApiLimits, request_weight
 from pipeline.sim.signatures import (
     ApiKeyring,
     NumberText,
@@ -322,9 +322,13 @@ class WsApiService:
         events: list[VenueEvent] = []
         key = req.method if req.method in WEIGHTS else "other"
         self.method_counts[key] = self.method_counts.get(key, 0) + 1
+        weight = request_weight(req.method, req.params)
+        # a successful order request weighs 0 (2026-04-02): admitted at 0 (refused only when
+        # the IP is already over its limit or banned), charged its weight if it fails
+        charge_if_failed = weight if req.method in FREE_WHEN_SUCCESSFUL else 0
         try:
-            weight = request_weight(req.method, req.params)
-            verdict, retry = self.limits.ip(s.ip).admit(now, weight, self.limits.ban_ms)
+            verdict, retry = self.limits.ip(s.ip).admit(now, weight - charge_if_failed,
+                                                        self.limits.ban_ms)
             if verdict == "418":
                 self.counters["bans"] += 1
                 err = VenueError(
@@ -339,12 +343,16 @@ class WsApiService:
                 self.counters["rate_limited"] += 1
                 raise _Fail(self.weight_429(s.ip, now, retry))
             status, result = self.methods.run(s, req, now, before, events)
+            if status >= 400:
+                self.limits.ip(s.ip).weight.add(now, charge_if_failed)
             out = self._envelope(s, req, now, result=result, status=status)
         except HostileReply as h:
             out = h.frame(req.id)
         except _Fail as f:
+            self.limits.ip(s.ip).weight.add(now, charge_if_failed)
             out = self._envelope(s, req, now, error=f.err)
         except VenueError as e:
+            self.limits.ip(s.ip).weight.add(now, charge_if_failed)
             out = self._envelope(s, req, now, error=e)
         except Exception:  # a simulator bug: answer like Binance's "unknown", keep serving
             log.exception("wsapi: request handler failed", extra={"method": req.method})
