@@ -4,12 +4,14 @@ rules; ``promtool check metrics`` where promtool is installed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,3 +244,42 @@ def test_promtool_check_metrics(pipeline_shm: tuple[str, str, dict[str, MetricsB
     res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the Grafana dashboard (deploy/grafana/pipeline.json) queries only what a scrape has
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "pipeline.json"
+METRIC_IN_EXPR = re.compile(r"\bpipeline_[a-z0-9_]+\b")
+
+
+def _exprs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "expr" and isinstance(v, str):
+                yield v
+            else:
+                yield from _exprs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _exprs(v)
+
+
+def test_dashboard_queries_only_metrics_a_scrape_has(
+    pipeline_shm: tuple[str, str, dict[str, MetricsBlock]],
+) -> None:
+    prefix, ring, _ = pipeline_shm
+    emitted = {name for name, _ in samples(scrape(prefix, ring))}
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = list(_exprs(dash["panels"]))
+    assert len(exprs) >= 20, exprs
+    for expr in exprs:
+        names = set(METRIC_IN_EXPR.findall(expr))
+        assert names, f"no pipeline metric in {expr!r}"
+        assert names <= emitted, f"{expr!r}: not emitted: {sorted(names - emitted)}"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = {p["title"] for p in dash["panels"]}
+    issue_panels = {"Feed rate", "Gaps", "Reconnects", "Reader lag", "Records missed",
+                    "Session state", "Round trip", "Orders in doubt"}  # fmt: skip
+    assert issue_panels <= titles, issue_panels - titles

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from itertools import pairwise
 from typing import Any
 
@@ -194,5 +195,185 @@ def test_symbol_status_admin_and_exchange_info() -> None:
                 assert why in err["error"], (body, err)
             assert (await http_json(url))[0] == 405
             assert sim.state()["faults"]["fired"]["symbol_status"] == 1
+
+    run(go)
+
+
+# --- issue #15: weights, 429/418 with Retry-After, historicalTrades, keep-alive ----------------
+
+
+def test_every_answer_carries_the_used_weight_of_its_endpoint() -> None:
+    """Weights per binance-protocol.md 1.7 / 7.3, counted for errors too (Binance does)."""
+
+    async def go() -> None:
+        from pipeline.net.http import HttpConnection
+
+        async with SimServer(cfg(rate=1.0)) as sim:
+            conn = HttpConnection(sim.rest_url)
+            try:
+                used = []
+                for path, params in [
+                    ("/api/v3/ping", None), ("/api/v3/exchangeInfo", None),
+                    ("/api/v3/depth", {"symbol": "BTCUSDT", "limit": 100}),
+                    ("/api/v3/depth", {"symbol": "BTCUSDT", "limit": 500}),
+                    ("/api/v3/depth", {"symbol": "BTCUSDT", "limit": 1000}),
+                    ("/api/v3/depth", {"symbol": "BTCUSDT", "limit": 5000}),
+                    ("/api/v3/aggTrades", {"symbol": "BTCUSDT"}),
+                    ("/api/v3/historicalTrades", {"symbol": "BTCUSDT"}),
+                    ("/api/v3/historicalTrades", {"symbol": "NOPE"}),  # 400, still weighed
+                ]:
+                    status, headers, _ = await conn.get(path, params)
+                    assert status in (200, 400)
+                    used.append(int(headers["x-mbx-used-weight-1m"]))
+                steps = [b - a for a, b in pairwise([0, *used])]
+                if steps[0] < 0 or any(s < 0 for s in steps):  # the minute rolled over
+                    pytest.skip("a REQUEST_WEIGHT minute ended during the test")
+                assert steps == [1, 20, 5, 25, 50, 250, 4, 25, 25]
+            finally:
+                await conn.close()
+
+    run(go)
+
+
+def test_historical_trades_are_the_trades_the_stream_printed() -> None:
+    async def go() -> None:
+        async with SimServer(cfg()) as sim:
+            async with websockets.connect(f"{sim.streams_url}/ws/btcusdt@trade") as ws:
+                live = [orjson.loads(await ws.recv()) for _ in range(40)]
+            start = live[0]["t"]
+            status, rows = await http_json(
+                f"{sim.rest_url}/api/v3/historicalTrades?symbol=BTCUSDT&fromId={start}&limit=40")
+            assert status == 200
+            assert list(rows[0]) == ["id", "price", "qty", "quoteQty", "time", "isBuyerMaker",
+                                     "isBestMatch"]
+            assert [r["id"] for r in rows] == [w["t"] for w in live]
+            for r, w in zip(rows, live, strict=True):
+                assert (r["price"], r["qty"], r["time"], r["isBuyerMaker"]) == \
+                    (w["p"], w["q"], w["T"], w["m"])
+            _, newest = await http_json(f"{sim.rest_url}/api/v3/historicalTrades?symbol=BTCUSDT")
+            assert 40 <= len(newest) <= 500
+            assert newest[-1]["id"] >= live[-1]["t"]
+            status, err = await http_json(
+                f"{sim.rest_url}/api/v3/historicalTrades?symbol=BTCUSDT&limit=1001")
+            assert (status, err["code"]) == (400, -1130)
+
+    run(go)
+
+
+def test_time_unit_header_gives_microsecond_rest_times() -> None:
+    async def go() -> None:
+        from pipeline.net.http import HttpConnection
+
+        async with SimServer(cfg()) as sim:
+            async with websockets.connect(f"{sim.streams_url}/ws/btcusdt@trade") as ws:
+                t = orjson.loads(await ws.recv())
+            conn = HttpConnection(sim.rest_url)
+            try:
+                q = {"symbol": "BTCUSDT", "fromId": t["t"], "limit": 1}
+                _, _, ms = await conn.get("/api/v3/historicalTrades", q)
+                _, _, us = await conn.get("/api/v3/historicalTrades", q,
+                                          headers={"X-MBX-TIME-UNIT": "MICROSECOND"})
+                assert orjson.loads(us)[0]["time"] == orjson.loads(ms)[0]["time"] * 1000 \
+                    == t["T"] * 1000
+                _, _, agg = await conn.get("/api/v3/aggTrades", {"symbol": "BTCUSDT"},
+                                           headers={"X-MBX-TIME-UNIT": "MICROSECOND"})
+                assert orjson.loads(agg)[-1]["T"] > 10**15
+                status, _, body = await conn.get("/api/v3/time",
+                                                 headers={"X-MBX-TIME-UNIT": "NANOS"})
+                assert (status, orjson.loads(body)["code"]) == (400, -1194)
+            finally:
+                await conn.close()
+
+    run(go)
+
+
+def test_rate_limit_fault_429_then_418_for_a_client_that_keeps_going() -> None:
+    """Over the (lowered) limit: 429 with Retry-After to the window's end; a request before
+    that: 418 with the ban's length; during the ban: 418 again. All counted."""
+
+    async def go() -> None:
+        from pipeline.net.http import HttpConnection
+
+        async with SimServer(cfg(rate=1.0)) as sim:
+            await sim.set_fault("rest_rate_limit", limit=30, interval=60)
+            conn = HttpConnection(sim.rest_url)
+            try:
+                statuses = []
+                headers: dict[str, str] = {}
+                while len(statuses) < 50:
+                    status, headers, body = await conn.get("/api/v3/ping")
+                    statuses.append(status)
+                    if status != 200:
+                        break
+                assert statuses[-1] == 429
+                assert orjson.loads(body)["code"] == -1003
+                assert 1 <= int(headers["retry-after"]) <= 60
+                status, headers, _ = await conn.get("/api/v3/ping")  # ignores Retry-After
+                assert status == 418
+                assert int(headers["retry-after"]) >= 2
+                status, _, _ = await conn.get("/api/v3/ping")
+                assert status == 418
+                st = sim.sim.rest.limits.stats
+                assert (st["rate_limited"], st["banned"], st["early_after_429"],
+                        st["during_ban"]) == (1, 2, 1, 1)
+                await sim.set_fault("rest_rate_limit", on=False)
+                assert sim.faults.rest_limit is None
+            finally:
+                await conn.close()
+
+    run(go)
+
+
+def test_forced_answers_and_bad_fault_parameters() -> None:
+    from pipeline.sim.faults import FaultError, parse_fault
+
+    for params in ({"force": "500"}, {"limit": 0}, {"interval": -1}, {"what": 1}):
+        with pytest.raises(FaultError):
+            parse_fault("rest_rate_limit", params)
+
+    async def go() -> None:
+        async with SimServer(cfg(rate=1.0)) as sim:
+            await sim.set_fault("rest_rate_limit", force="429", count=2, retry_after=3)
+            status, headers, _ = await http_request(sim.rest_url + "/api/v3/ping")
+            assert (status, headers["retry-after"]) == (429, "3")
+            assert "x-mbx-used-weight-1m" in headers
+            status, _h, _ = await http_request(sim.rest_url + "/api/v3/ping")
+            assert status == 429
+            assert sim.faults.rest_force is None
+            status, _h, _ = await http_request(sim.rest_url + "/api/v3/ping")
+            assert status == 418  # the client asked again before Retry-After: banned
+
+    run(go)
+
+
+def test_keep_alive_answers_many_requests_on_one_connection() -> None:
+    """A client that keeps its connection makes one; ``Connection: close`` clients one each;
+    a keep-alive connection the server closed is reopened for the next request."""
+
+    async def go() -> None:
+        from pipeline.net.http import HttpConnection
+
+        async with SimServer(cfg(rate=1.0)) as sim:
+            conn = HttpConnection(sim.rest_url)
+            try:
+                for _ in range(20):
+                    status, headers, _ = await conn.get("/api/v3/time")
+                    assert status == 200
+                    assert headers["connection"] == "keep-alive"
+                assert conn.opened == 1
+                assert sim.sim.rest.connections == 1
+                for _ in range(3):
+                    assert (await http_request(sim.rest_url + "/api/v3/ping"))[0] == 200
+                assert sim.sim.rest.connections == 4
+                sim.sim.rest.close_sessions()  # the server drops idle keep-alive connections
+                await asyncio.sleep(0.05)
+                assert (await conn.get("/api/v3/ping"))[0] == 200
+                assert conn.opened == 2
+                # the admin API answers on a keep-alive connection too
+                status, _h, body = await conn.get("/sim/state")
+                assert status == 200
+                assert orjson.loads(body)["port"] == sim.port
+            finally:
+                await conn.close()
 
     run(go)

@@ -66,10 +66,12 @@ class Family:
     divisor: float = 1.0
 
 
-def _counter(comp: str, fld: str, help: str, name: str | None = None) -> tuple[str, Family]:
+def _counter(
+    comp: str, fld: str, help: str, name: str | None = None, divisor: float = 1.0
+) -> tuple[str, Family]:
     base = name or fld
     base = base[: -len("_total")] if base.endswith("_total") else base
-    return fld, Family(f"pipeline_{comp}_{base}", COUNTER, help)
+    return fld, Family(f"pipeline_{comp}_{base}", COUNTER, help, divisor)
 
 
 def _gauge(
@@ -113,6 +115,10 @@ _INGEST_COUNTERS = {
     "publish_errors": "Records the ring refused to pack.",
     "book_levels_trimmed": "Book levels dropped beyond the per-side bound.",
     "frames_fast": "Frames handled by the compiled path without Python.",
+    "trades_backfilled": "@trade ids fetched from REST historicalTrades.",
+    "trade_gaps_backfilled": "@trade holes closed from REST.",
+    "rest_waits": "REST requests that waited for the weight budget.",
+    "rest_connections": "REST connections opened (keep-alive: 1 while the venue keeps it).",
 }
 _INGEST: dict[str, Family] = dict(
     [_counter("ingest", f, h) for f, h in _INGEST_COUNTERS.items()]
@@ -121,6 +127,17 @@ _INGEST: dict[str, Family] = dict(
         _gauge("ingest", "shards", "Connections (shards) configured."),
         _gauge("ingest", "symbols", "Symbols configured."),
         _gauge("ingest", "fast_path", "1 while the compiled frame path is in use."),
+        _gauge("ingest", "rest_weight_used", "REST request weight used in the current window."),
+        _gauge("ingest", "rest_weight_peak", "Highest REST weight used in any window."),
+        _counter(
+            "ingest",
+            "rest_wait_ms",
+            "Time REST requests spent waiting for the budget.",
+            "rest_wait_seconds",
+            MS,
+        ),
+        _counter("ingest", "rest_429", "REST answers 429 (rate limited).", "rest_rate_limited"),
+        _counter("ingest", "rest_418", "REST answers 418 (IP banned).", "rest_bans"),
     ]
 )
 

@@ -63,6 +63,12 @@ class SimConnection(ServerConnection):
                 self.sim_sniff = None
                 self.transport.abort()
                 return
+        from pipeline.sim import rest_http
+
+        if rest_http.wants(head):  # REST with keep-alive: not websockets' business
+            self.sim_sniff = None
+            rest_http.take_over(self, bytes(buf))
+            return
         length = 0
         m = re.search(rb"(?im)^content-length:[ \t]*(\d+)[ \t]*\r\n", head)
         if m:

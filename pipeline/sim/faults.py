@@ -48,6 +48,7 @@ SWITCHES = (
     "skip_agg_ids",
     "refuse",
     "rest_fail",
+    "rest_rate_limit",
     "wsapi_delay",
     "reject_logons",
     "order_fault",
@@ -85,6 +86,14 @@ class Faults:
     rest_fail_count: int = 0
     rest_fail_until: float | None = None
     rest_fail_status: int = 500
+    # REST REQUEST_WEIGHT on demand (pipeline/sim/rest_limits.py): a lower limit / shorter
+    # window (None: Binance's 6000 per 60 s), and the next `rest_force_count` requests answered
+    # `rest_force` ("429" | "418") with Retry-After `rest_retry_after` s
+    rest_limit: int | None = None
+    rest_limit_interval: float = 60.0
+    rest_force: str | None = None
+    rest_force_count: int = 0
+    rest_retry_after: float = 2.0
 
     # --- counters (GET /sim/state) ---
     fired: dict[str, int] = field(default_factory=dict)
@@ -141,6 +150,10 @@ class Faults:
             "skip_agg_ids": self.skip_agg_ids,
             "rest_fail_count": self.rest_fail_count,
             "rest_fail_timed": self.rest_fail_until is not None,
+            "rest_limit": self.rest_limit,
+            "rest_limit_interval": self.rest_limit_interval,
+            "rest_force": self.rest_force,
+            "rest_force_count": self.rest_force_count,
             "fired": dict(self.fired),
         }
 
@@ -189,6 +202,7 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
         "skip_agg_ids": ("count", "symbol"),
         "refuse": ("duration", "mode", "on", "status"),
         "rest_fail": ("count", "duration", "status"),
+        "rest_rate_limit": ("limit", "interval", "force", "count", "retry_after", "on"),
         "wsapi_delay": ("ms",),
         "reject_logons": ("count",),
         "order_fault": ("kind", "count"),
@@ -251,6 +265,15 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
     elif name == "rest_fail":
         out["count"] = _int(p, "count", 0 if "duration" in p else 1, lo=0)
         out["status"] = _int(p, "status", 500, lo=400)
+    elif name == "rest_rate_limit":
+        out["limit"] = _int(p, "limit", 6000, lo=1)
+        out["interval"] = _num(p, "interval", 60.0, lo=0.1)
+        force = p.get("force")
+        if force is not None and str(force) not in ("429", "418"):
+            raise FaultError(f"rest_rate_limit force must be '429' or '418', got {force!r}")
+        out["force"] = None if force is None else str(force)
+        out["count"] = _int(p, "count", 1 if force is not None else 0, lo=0)
+        out["retry_after"] = _num(p, "retry_after", 2.0, lo=0)
     elif name == "wsapi_delay":
         out["ms"] = _int(p, "ms", 0, lo=0)
     elif name == "reject_logons":
@@ -292,6 +315,13 @@ def apply_switch(faults: Faults, req: FaultRequest, now: float) -> None:
         faults.rest_fail_count = p["count"]
         faults.rest_fail_until = until
         faults.rest_fail_status = p["status"]
+    elif req.name == "rest_rate_limit":
+        on = p["on"]
+        faults.rest_limit = p["limit"] if on else None
+        faults.rest_limit_interval = p["interval"] if on else 60.0
+        faults.rest_force = p["force"] if on and p["count"] else None
+        faults.rest_force_count = p["count"] if on else 0
+        faults.rest_retry_after = p["retry_after"]
     elif req.name == "wsapi_delay":
         faults.wsapi_delay_ms = p["ms"]
     elif req.name == "reject_logons":

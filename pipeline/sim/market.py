@@ -246,6 +246,7 @@ class Market:
         st.trade_id += 1
         buyer_maker = taker_side == "SELL"
         self._events.append(Trade(st.symbol, t, p, q, now_ms, buyer_maker))
+        st.trades.append(t, p, q, now_ms, buyer_maker)
         st.add_agg(AggTrade(st.symbol, st.agg_id, p, q, t, t, now_ms, buyer_maker), self._events)
         self._wake()
         return t
@@ -354,6 +355,12 @@ class Market:
         """
         st = self._sym(symbol)
         return st.hist.select(st.symbol, from_id, start_time, end_time, limit)
+
+    def historical_trades(self, symbol: str, from_id: int | None, limit: int,
+                          time_mult: int = 1) -> list[dict[str, object]]:
+        """REST ``historicalTrades`` rows from the retained individual trades
+        (:meth:`pipeline.sim.trade_history.TradeHistory.rows`)."""
+        return self._sym(symbol).trades.rows(from_id, limit, time_mult)
 
     def check_invariants(self, symbol: str) -> None:
         """Raise AssertionError if the book is crossed or its bookkeeping is inconsistent."""

@@ -241,6 +241,7 @@ def take_batch(
         acc.bids.update(changed_b)
     st.last_bbo = (int(bid_px[-1]), int(bid_q[-1]), int(ask_px[-1]), int(ask_q[-1]))
     st.hist.extend(a0, a_px, a_qty, a_f, a_l, now_ms, a_bm)
+    st.trades.extend(t0, t_px, t_q, now_ms, t_bm)
     events.append(
         TakerBatch(
             st.symbol,

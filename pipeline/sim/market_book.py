@@ -30,6 +30,7 @@ from pipeline.sim.market_events import (
     Trade,
 )
 from pipeline.sim.market_specs import SymbolSpec
+from pipeline.sim.trade_history import TradeHistory
 from pipeline.sim.units import to_units
 
 MIN_LEVELS = 12
@@ -205,6 +206,7 @@ class SymbolBook:
         "symbol",
         "tick",
         "trade_id",
+        "trades",
         "update_id",
     )
 
@@ -225,6 +227,7 @@ class SymbolBook:
         # empty until the initial book is built: its levels are not a diff
         self.accs: dict[int, DepthAcc] = {}
         self.hist = AggHistory(history)
+        self.trades = TradeHistory(history)  # each fill, for REST historicalTrades
         self.np_rng = np.random.default_rng(
             [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, zlib.crc32(spec.symbol.encode())]
         )
@@ -344,6 +347,7 @@ class SymbolBook:
                 self.trade_id += 1
                 fills.append((price, fill, t))
                 events.append(Trade(self.symbol, t, price, fill, now_ms, buyer_maker))
+                self.trades.append(t, price, fill, now_ms, buyer_maker)
             self.add_agg(
                 AggTrade(
                     self.symbol,

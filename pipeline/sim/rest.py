@@ -1,5 +1,6 @@
 """The REST endpoints a client of the streams needs: ping, time, exchangeInfo, depth, aggTrades,
-bookTicker, with Binance's parameter errors and the used-weight header.
+historicalTrades, bookTicker, with Binance's parameter errors, weights, the used-weight header
+on every answer and 429 / 418 with ``Retry-After`` (:mod:`pipeline.sim.rest_limits`).
 
 Why apart from the router: each endpoint's parameter rules and answer shapes are Binance's
 (binance-protocol.md section 2), numerous and independent of sockets. A running capture replay
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import http
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -20,11 +21,23 @@ from websockets.http11 import Response
 
 from pipeline.binance.filters import SymbolRules
 from pipeline.sim import market as mk
+from pipeline.sim.rest_limits import RestLimits
 from pipeline.sim.venue_params import STP_MODES
 
 if TYPE_CHECKING:
     from pipeline.sim.faults import Faults
     from pipeline.sim.replay import CaptureReplay
+
+#: Request weights (binance-protocol.md 1.7, 7.3); depth's depends on its limit.
+_WEIGHTS = {"/api/v3/exchangeInfo": 20, "/api/v3/aggTrades": 4,
+            "/api/v3/historicalTrades": 25, "/api/v3/ticker/bookTicker": 2}
+
+
+def _depth_weight(q: dict[str, list[str]]) -> int:
+    v = (q.get("limit") or ["100"])[0]
+    limit = min(int(v), 5000) if v.isdigit() and len(v) <= 9 else 100
+    return 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
+
 
 class RestError(Exception):
     """A request Binance answers with HTTP 400 and this error code and message."""
@@ -100,27 +113,54 @@ class RestApi:
         self.faults = faults
         self.now_ms = now_ms
         self.replay = replay
-        self._weight: tuple[int, int] = (0, 0)  # (minute, used)
+        self.limits = RestLimits(faults)
+        #: keep-alive REST connections (pipeline/sim/rest_http.py): made, and open now
+        self.connections = 0
+        self.sessions: set[Any] = set()
 
-    def handle(self, method: str, path: str, q: dict[str, list[str]]) -> Response:
+    def handle(self, method: str, path: str, q: dict[str, list[str]],
+               headers: Mapping[str, str] | None = None) -> Response:
         now = asyncio.get_running_loop().time()
         fail = self.faults.rest_should_fail(now)
         if fail is not None:
             return json_response(fail, {"code": -1000, "msg": "Simulated server error."})
         if method != "GET":
             return json_response(405, {"code": -1000, "msg": f"{method} not supported"})
-        weight = 1
+        weight = _WEIGHTS.get(path, 1)
+        if path == "/api/v3/depth":
+            weight = _depth_weight(q)
+        now_ms = self.now_ms()
+        status, retry_after, used = self.limits.admit(now_ms, weight)
+        if status != 200:
+            msg = ("Way too much request weight used; IP banned until "
+                   f"{now_ms + (retry_after or 0) * 1000}." if status == 418 else
+                   "Too much request weight used; current limit is "
+                   f"{self.limits.lim.weight.limit} request weight per "
+                   f"{self.limits.lim.weight.interval_ms // 1000} s.")
+            return json_response(status, {"code": -1003, "msg": msg},
+                                 {"X-MBX-USED-WEIGHT-1M": str(used),
+                                  "Retry-After": str(retry_after)})
+        unit = (headers or {}).get("x-mbx-time-unit", "MILLISECOND")
+        if unit.upper() not in ("MILLISECOND", "MICROSECOND"):
+            return json_response(400, {"code": -1194, "msg": "Invalid time unit."},
+                                 {"X-MBX-USED-WEIGHT-1M": str(used)})
+        time_mult = 1000 if unit.upper() == "MICROSECOND" else 1
         try:
             if path == "/api/v3/ping":
                 body: Any = {}
             elif path == "/api/v3/time":
-                body = {"serverTime": self.now_ms()}
+                body = {"serverTime": now_ms * time_mult}
             elif path == "/api/v3/exchangeInfo":
-                body, weight = self._exchange_info(q), 20
+                body = self._exchange_info(q)
             elif path == "/api/v3/depth":
-                body, weight = self._rest_depth(q)
+                body = self._rest_depth(q)
             elif path == "/api/v3/aggTrades":
-                body, weight = self._rest_agg_trades(q), 4
+                body = self._rest_agg_trades(q)
+                if time_mult != 1:
+                    for row in body:
+                        row["T"] = int(row["T"]) * time_mult
+            elif path == "/api/v3/historicalTrades":
+                body = self._historical_trades(q, time_mult)
             elif path == "/api/v3/ticker/bookTicker":
                 sym = self._symbol_param(q)
                 bp, bq, ap, aq = self.market.best_units(sym)
@@ -131,15 +171,29 @@ class RestApi:
                     "askPrice": mk.fmt_units(ap),
                     "askQty": mk.fmt_units(aq),
                 }
-                weight = 2
             else:
-                return json_response(404, {"code": -1000, "msg": f"Unknown endpoint {path}"})
+                return json_response(404, {"code": -1000, "msg": f"Unknown endpoint {path}"},
+                                     {"X-MBX-USED-WEIGHT-1M": str(used)})
         except RestError as exc:
-            return json_response(400, {"code": exc.code, "msg": exc.msg})
-        minute = int(now // 60)
-        used = (self._weight[1] if self._weight[0] == minute else 0) + weight
-        self._weight = (minute, used)
+            return json_response(400, {"code": exc.code, "msg": exc.msg},
+                                 {"X-MBX-USED-WEIGHT-1M": str(used)})
         return json_response(200, body, {"X-MBX-USED-WEIGHT-1M": str(used)})
+
+    def close_sessions(self) -> None:
+        """The simulator stops: close every keep-alive REST connection."""
+        for session in list(self.sessions):
+            session.close()
+
+    def _historical_trades(self, q: dict[str, list[str]], time_mult: int) -> list[Any]:
+        """``GET /api/v3/historicalTrades?symbol=&fromId=&limit=`` (7.3: weight 25): single
+        trades by id, from the market's retained trades (no API key required here)."""
+        sym = self._symbol_param(q)
+        limit = self._int_param(q, "limit")
+        if limit is None:
+            limit = 500
+        if not 1 <= limit <= 1000:
+            raise RestError(-1130, "Data sent for parameter 'limit' is not valid.")
+        return self.market.historical_trades(sym, self._int_param(q, "fromId"), limit, time_mult)
 
     def _symbol_param(self, q: dict[str, list[str]]) -> str:
         sym = (q.get("symbol") or [""])[0]
@@ -164,16 +218,15 @@ class RestApi:
             )
         return int(v)
 
-    def _rest_depth(self, q: dict[str, list[str]]) -> tuple[Any, int]:
+    def _rest_depth(self, q: dict[str, list[str]]) -> Any:
         sym = self._symbol_param(q)
         limit = self._int_param(q, "limit") or 100
         limit = min(limit, 5000)
-        weight = 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
         if self.replay is not None:
             captured = self.replay.depth_snapshot(sym, limit)
             if captured is not None:
-                return captured, weight
-        return self.market.depth_snapshot(sym, limit), weight
+                return captured
+        return self.market.depth_snapshot(sym, limit)
 
     def _rest_agg_trades(self, q: dict[str, list[str]]) -> list[dict[str, object]]:
         sym = self._symbol_param(q)

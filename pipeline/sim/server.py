@@ -199,6 +199,7 @@ class Simulator:
         for conn in list(self.conns):
             if conn.sim_blackholed:  # let the closing handshake out
                 conn.sim_unblackhole()
+        self.rest.close_sessions()  # keep-alive REST connections (pipeline/sim/rest_http.py)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -255,7 +256,7 @@ class Simulator:
             return json_response(status, {"code": -1000, "msg": f"Refused (simulated {status})."})
         if path.startswith("/api/"):
             self.stats["http_requests"] += 1
-            return self.rest.handle(request.method, path, query)
+            return self.rest.handle(request.method, path, query, request.headers)
         if path == "/ws-api/v3":
             sconn.sim_route = ("wsapi", None)
             return None
