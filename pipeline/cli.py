@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pipeline.consumers.cli",
     "pipeline.ipc.cli",
     "pipeline.ops.health",
+    "pipeline.bridge.cli",
 )
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.bridge.config import BridgeConfig
 from pipeline.ipc.records import TICK_RING
 from pipeline.marketdata.config import IngestConfig
 from pipeline.marketdata.config import validate as validate_ingest
@@ -209,6 +210,7 @@ class Config:
     persist: PersistConfig = field(default_factory=PersistConfig)
     risk: RiskConfig = field(default_factory=RiskConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
 
     def endpoint(self, key: str) -> str:
         """The configured URL for ``key`` (streams_url/rest_url/wsapi_url), else the mode's."""

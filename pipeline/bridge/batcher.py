@@ -1,0 +1,270 @@
+"""Ring records -> per-subject batches, with what a restart and a lap need to know (sans-I/O).
+
+The publisher polls the ring and hands each poll's records to :meth:`Batcher.add` with the ring
+sequence of the first; :meth:`Batcher.ready` returns the batches to publish now, in the order they
+must be published: a subject's batch when it holds ``max_records`` records, when its oldest record
+has waited ``linger_ns``, or every non-empty one when the ring is idle.
+
+Why the bookkeeping lives here and not in the asyncio shell: "no duplicate and no hole" across a
+restart is arithmetic on ring sequences, and arithmetic is a unit test:
+
+* each batch carries ``low``: every record below that ring sequence is in this batch or an earlier
+  one (the smallest sequence still waiting in another subject's buffer, or the next unread one).
+  A restarted publisher resumes reading the ring at the stream's last ``low``;
+* records between ``low`` and ``high`` (the stream's last ``high``: nothing at or above it was ever
+  published) may already be stored in another subject's batch: :meth:`learn` tells the batcher the
+  last stored ring sequence of a subject (the shell asks the stream for the subject's last
+  message, once per subject, only while such records are being re-read), and :meth:`add` drops
+  the records at or below it. Within a subject batches are published in sequence order and the
+  stream stores them in that order, so a subject's stored records are exactly a prefix of it;
+* a lap (the ring writer overwrote records before the publisher read them: :meth:`note_lap`) is
+  told downstream as a GAP record in the tick format, per symbol whose aggregate/trade ids jump
+  over the lost records, placed right before the first record after the jump.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.bridge.wire import MAX_PAYLOAD, kind_token, symbol_token
+from pipeline.ipc.records import Flags, Kind
+
+_TRACKED = {int(Kind.AGG_TRADE), int(Kind.TRADE)}
+_GAP = int(Kind.GAP)
+_TRADE = int(Kind.TRADE)
+_TRADE_IDS = int(Flags.TRADE_IDS)
+_TICK_FIELDS = ("kind", "flags", "symbol", "trade_id", "aux_id", "recv_time_ns")
+
+
+@dataclass
+class Batch:
+    """One message to publish: the raw bytes of ``count`` records of one subject."""
+
+    subject: str
+    payload: bytes
+    count: int
+    first: int  #: ring sequence of the first record
+    last: int  #: ring sequence of the last record
+    low: int  #: every ring record below this is in this batch or an earlier one
+    high: int  #: no ring record at or above this is in this batch or an earlier one
+
+
+@dataclass
+class _Buffer:
+    subject: str
+    key: int
+    records: list[np.ndarray] = field(default_factory=list)
+    seqs: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+    since_ns: int = 0  #: when its oldest waiting record arrived
+    first_seq: int = -1  #: ring sequence of its oldest waiting record
+
+
+class Batcher:
+    """Splits ring records by subject (``<prefix>.<SYMBOL>.<kind>`` for tick records, else
+    ``<prefix>.all``) and cuts them into batches. Not thread-safe; one per publisher."""
+
+    def __init__(
+        self, dtype: np.dtype, symbols: list[str], prefix: str, *, max_records: int = 64,
+        linger_ns: int = 1_000_000, next_seq: int = 0,
+    ) -> None:  # fmt: skip
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
+        self.dtype = dtype
+        self.symbols = list(symbols)
+        self.prefix = prefix
+        self.max_records = max(1, min(max_records, MAX_PAYLOAD // dtype.itemsize))
+        self.linger_ns = linger_ns
+        names = set(dtype.names or ())
+        self.ticks = all(f in names for f in _TICK_FIELDS)
+        self._buffers: dict[int, _Buffer] = {}
+        self.next_seq = next_seq  #: the next ring sequence add() expects
+        self.high = next_seq  #: one past the highest ring sequence in any batch so far
+        # resume: records below `resume_high` may be stored already; per subject key the last
+        # stored ring sequence (-1: none), learnt from the stream
+        self.resume_high = next_seq
+        self._stored_last: dict[int, int] = {}
+        # laps: per tracked key the last trade id sent and the lap count when it was sent
+        self._last_id: dict[int, int] = {}
+        self._lap_at_last: dict[int, int] = {}
+        self.laps = 0
+        self.skipped_stored = 0  #: records dropped because the stream already holds them
+        self.gap_records = 0  #: GAP records synthesised after laps
+        self.dropped_lapped = 0  #: records the ring writer overwrote before they were read
+
+    # --- restart --------------------------------------------------------------------------
+
+    def resume(self, low: int, high: int) -> None:
+        """Start over from ring sequence ``low`` after a restart: records in [low, high) may be
+        stored already (dropped per subject once :meth:`learn` says how far each got)."""
+        self._buffers.clear()
+        self.next_seq = low
+        self.high = max(low, high)
+        self.resume_high = high
+        self._stored_last.clear()
+
+    def unknown_keys(self, records: np.ndarray, first_seq: int) -> list[int]:
+        """Subject keys of ``records`` whose stored position :meth:`learn` must supply before
+        :meth:`add` (only while re-reading records that may be stored, or after a lap)."""
+        if not len(records):
+            return []
+        resuming = first_seq < self.resume_high
+        if not resuming and not self.laps:
+            return []
+        keys = np.unique(self._keys(records)).tolist()
+        out = []
+        for k in keys:
+            if resuming and k not in self._stored_last:
+                out.append(k)
+            elif (
+                self.laps and self.ticks and (k & 0xFF) in _TRACKED
+                and k not in self._last_id and k not in self._stored_last
+            ):  # fmt: skip
+                out.append(k)
+        return out
+
+    def learn(self, key: int, last_seq: int, last_record: bytes | None) -> None:
+        """What the stream holds for subject ``key``: the ring sequence of its last stored
+        record (-1: none stored from this source incarnation) and that record's bytes."""
+        self._stored_last[key] = last_seq
+        if (
+            last_record is not None and self.ticks and (key & 0xFF) in _TRACKED
+            and len(last_record) == self.dtype.itemsize and key not in self._last_id
+        ):  # fmt: skip
+            rec = np.frombuffer(last_record, dtype=self.dtype)[0]
+            self._last_id[key] = int(rec["trade_id"])
+            self._lap_at_last[key] = self.laps
+
+    def subject_of(self, key: int) -> str:
+        if not self.ticks:
+            return f"{self.prefix}.all"
+        return f"{self.prefix}.{symbol_token(self.symbols, key >> 8)}.{kind_token(key & 0xFF)}"
+
+    # --- records in ------------------------------------------------------------------------
+
+    def _keys(self, records: np.ndarray) -> np.ndarray:
+        if not self.ticks:
+            return np.zeros(len(records), dtype=np.int64)
+        return (records["symbol"].astype(np.int64) << 8) | records["kind"].astype(np.int64)
+
+    def note_lap(self, missed: int) -> None:
+        """The ring writer overwrote ``missed`` records before they were read: the next record
+        of each traded symbol whose ids jump gets a GAP record before it."""
+        if missed > 0:
+            self.laps += 1
+            self.dropped_lapped += missed
+
+    def add(self, records: np.ndarray, first_seq: int, now_ns: int) -> None:
+        """Take the records of one poll: ring sequences ``first_seq`` .. ``first_seq + n - 1``."""
+        n = len(records)
+        if not n:
+            return
+        self.next_seq = first_seq + n
+        seqs = np.arange(first_seq, first_seq + n, dtype=np.int64)
+        keys = self._keys(records)
+        if not self.ticks:
+            groups = [(0, records, seqs)]
+        else:
+            order = np.argsort(keys, kind="stable")
+            sk = keys[order]
+            cuts = np.flatnonzero(np.diff(sk)) + 1
+            starts = [0, *cuts.tolist()]
+            ends = [*cuts.tolist(), n]
+            groups = []
+            for a, b in zip(starts, ends, strict=True):
+                sel = order[a:b]
+                groups.append((int(sk[a]), records[sel], seqs[sel]))
+        resuming = first_seq < self.resume_high
+        for key, recs, sq in groups:
+            if resuming:
+                stored = self._stored_last.get(key, -1)
+                if stored >= int(sq[0]):
+                    keep = sq > stored
+                    self.skipped_stored += int(len(sq) - np.count_nonzero(keep))
+                    recs, sq = recs[keep], sq[keep]
+                    if not len(sq):
+                        continue
+            if self.ticks and (key & 0xFF) in _TRACKED:
+                recs, sq = self._with_gap(key, recs, sq, now_ns)
+            self._append(key, recs, sq, now_ns)
+
+    def _with_gap(
+        self, key: int, recs: np.ndarray, sq: np.ndarray, now_ns: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        last = self._last_id.get(key)
+        lap_before = self._lap_at_last.get(key, self.laps)
+        self._last_id[key] = int(recs["trade_id"][-1])
+        self._lap_at_last[key] = self.laps
+        if last is None or lap_before == self.laps:
+            return recs, sq
+        first_id = int(recs["trade_id"][0])
+        if first_id <= last + 1 or int(sq[0]) < 1:
+            return recs, sq
+        gap = np.zeros(1, dtype=self.dtype)
+        gap["kind"] = _GAP
+        gap["flags"] = _TRADE_IDS if (key & 0xFF) == _TRADE else 0
+        gap["symbol"] = key >> 8
+        gap["trade_id"] = last + 1
+        gap["aux_id"] = first_id - 1
+        gap["recv_time_ns"] = now_ns
+        if "publish_time_ns" in (self.dtype.names or ()):
+            gap["publish_time_ns"] = now_ns
+        self.gap_records += 1
+        # the GAP takes the sequence just before its record: a lost record's, never sent
+        gap_seq = np.array([int(sq[0]) - 1], dtype=np.int64)
+        return np.concatenate([gap, recs]), np.concatenate([gap_seq, sq])
+
+    def _append(self, key: int, recs: np.ndarray, sq: np.ndarray, now_ns: int) -> None:
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = _Buffer(self.subject_of(key), key)
+        if not buf.count:
+            buf.since_ns = now_ns
+            buf.first_seq = int(sq[0])
+        buf.records.append(recs)
+        buf.seqs.append(sq)
+        buf.count += len(sq)
+
+    # --- batches out -----------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Records buffered, not yet in a batch."""
+        return sum(b.count for b in self._buffers.values())
+
+    def _low(self) -> int:
+        low = self.next_seq
+        for b in self._buffers.values():
+            if b.count and b.first_seq < low:
+                low = b.first_seq
+        return low
+
+    def ready(self, now_ns: int, idle: bool = False) -> list[Batch]:
+        """The batches to publish now, in publish order (see the module docstring)."""
+        out: list[Batch] = []
+        linger = self.linger_ns
+        for buf in self._buffers.values():
+            while buf.count >= self.max_records:
+                out.append(self._cut(buf, self.max_records))
+            if buf.count and (idle or now_ns - buf.since_ns >= linger):
+                out.append(self._cut(buf, buf.count))
+        return out
+
+    def _cut(self, buf: _Buffer, n: int) -> Batch:
+        recs = buf.records[0] if len(buf.records) == 1 else np.concatenate(buf.records)
+        seqs = buf.seqs[0] if len(buf.seqs) == 1 else np.concatenate(buf.seqs)
+        take, rest = recs[:n], recs[n:]
+        first, last = int(seqs[0]), int(seqs[n - 1])
+        if len(rest):
+            buf.records = [rest]
+            buf.seqs = [seqs[n:]]
+            buf.first_seq = int(seqs[n])
+        else:
+            buf.records, buf.seqs = [], []
+            buf.first_seq = -1
+        buf.count -= n
+        self.high = max(self.high, last + 1)
+        payload = take.tobytes()
+        return Batch(buf.subject, payload, n, first, last, self._low(), self.high)

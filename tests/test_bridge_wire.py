@@ -1,0 +1,261 @@
+"""The bridge's sans-I/O cores: wire format, batching, resume arithmetic, laps, mirror position."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.bridge.batcher import Batch, Batcher
+from pipeline.bridge.mirror_state import (
+    MirrorPosition,
+    PositionFile,
+    StartError,
+    parse_start,
+    records_to_skip,
+)
+from pipeline.bridge.wire import (
+    BridgeWireError,
+    DataHeader,
+    SourceMeta,
+    check_prefix,
+    data_headers,
+    decode_records,
+    layout_hash,
+    parse_data_headers,
+    resume_point,
+)
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind, agg_trade_record, book_ticker_record
+
+SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+
+
+def ticks(n: int, seed: int = 0, first_ids: dict[int, int] | None = None) -> np.ndarray:
+    """``n`` records, agg trades with per-symbol consecutive ids and some book tickers."""
+    rng = random.Random(seed)
+    ids = dict(first_ids or {})
+    rows = []
+    for i in range(n):
+        sym = rng.randrange(len(SYMBOLS))
+        if rng.random() < 0.3:
+            rows.append((*book_ticker_record(sym, 1.0, 2.0, 3.0, 4.0, i, i), i))
+        else:
+            aid = ids.get(sym, 0)
+            ids[sym] = aid + 1
+            rows.append((*agg_trade_record(sym, 0, 10.0 + i, 1.0, aid, aid, i, i), i))
+    return np.array(rows, dtype=TICK_DTYPE)
+
+
+def seqs_of(b: Batch) -> np.ndarray:
+    return np.frombuffer(b.payload, dtype=TICK_DTYPE)["publish_time_ns"]  # = ring seq in ticks()
+
+
+# --- wire ---------------------------------------------------------------------------------------
+
+
+def test_layout_hash_names_the_dtype() -> None:
+    other = np.dtype([("a", "<i8"), ("b", "<f8")])
+    assert layout_hash(TICK_DTYPE) == layout_hash(np.dtype(TICK_DTYPE.descr, align=True))
+    assert layout_hash(TICK_DTYPE) != layout_hash(other)
+    assert len(layout_hash(other)) == 16
+
+
+def test_meta_round_trip_and_refusals() -> None:
+    meta = SourceMeta(TICK_DTYPE, tuple(SYMBOLS), 123, 4, "pipeline.ticks")
+    back = SourceMeta.decode(meta.encode())
+    assert back == meta
+    assert back.same_ring_shape(meta)
+    assert not back.same_ring_shape(SourceMeta(TICK_DTYPE, ("BTCUSDT",), 123, 4, "x"))
+    with pytest.raises(BridgeWireError, match="malformed"):
+        SourceMeta.decode(b"{not json")
+    with pytest.raises(BridgeWireError, match="wire version"):
+        SourceMeta.decode(b'{"v": 99}')
+    forged = meta.encode().replace(meta.layout.encode(), b"0" * 16)
+    with pytest.raises(BridgeWireError, match="does not match its dtype"):
+        SourceMeta.decode(forged)
+
+
+def test_data_headers_round_trip_and_layout_mismatch_fails_loudly() -> None:
+    h = data_headers(epoch_ns=7, first=10, last=20, low=9, high=21, layout=layout_hash(TICK_DTYPE),
+                     meta_seq=3, expected_last_seq=41)  # fmt: skip
+    assert h["Nats-Msg-Id"] == "7.10"
+    assert h["Nats-Expected-Last-Sequence"] == "41"
+    dh = parse_data_headers(h)
+    assert dh == DataHeader(7, 10, 20, 9, layout_hash(TICK_DTYPE), 3)
+    assert resume_point(h) == (7, 9, 21)
+    payload = ticks(3).tobytes()
+    assert len(decode_records(payload, TICK_DTYPE, dh.layout, dh)) == 3
+    with pytest.raises(BridgeWireError, match="record layout"):
+        decode_records(payload, TICK_DTYPE, "0" * 16, dh)
+    with pytest.raises(BridgeWireError, match="whole"):
+        decode_records(payload[:-1], TICK_DTYPE, dh.layout, dh)
+    with pytest.raises(BridgeWireError, match="not a bridge data message"):
+        parse_data_headers({"Nats-Msg-Id": "x"})
+    with pytest.raises(BridgeWireError, match="Bridge-Low"):
+        parse_data_headers({**h, "Bridge-Low": "nan"})
+    assert resume_point({"foo": "bar"}) is None
+    with pytest.raises(ValueError, match="subject prefix"):
+        check_prefix("ticks.>")
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+def test_batches_per_subject_in_order_cut_by_size_linger_and_idle() -> None:
+    recs = ticks(500)
+    b = Batcher(TICK_DTYPE, SYMBOLS, "t", max_records=16, linger_ns=1000)
+    b.add(recs[:300], 0, now_ns=0)
+    full = b.ready(now_ns=10)  # size only: nothing has lingered yet
+    assert full
+    assert all(x.count == 16 for x in full)
+    assert b.ready(now_ns=999) == []
+    lingered = b.ready(now_ns=1000)
+    assert lingered
+    assert all(x.count < 16 for x in lingered)
+    b.add(recs[300:], 300, now_ns=2000)
+    rest = b.ready(now_ns=2001, idle=True)
+    assert b.waiting == 0
+    out = full + lingered + rest
+    assert sum(x.count for x in out) == 500
+    subjects = {x.subject for x in out}
+    assert "t.BTCUSDT.agg_trade" in subjects
+    assert "t.ETHUSDT.book_ticker" in subjects
+    for subject in subjects:
+        got = np.concatenate([seqs_of(x) for x in out if x.subject == subject])
+        assert (np.diff(got) > 0).all()  # each subject in ring order
+    allseqs = np.sort(np.concatenate([seqs_of(x) for x in out]))
+    assert allseqs.tolist() == list(range(500))  # each record exactly once
+
+
+def test_low_is_a_true_resume_point() -> None:
+    """Every record below a batch's ``low`` is in that batch or an earlier one."""
+    recs = ticks(2000, seed=3)
+    b = Batcher(TICK_DTYPE, SYMBOLS, "t", max_records=8, linger_ns=50)
+    out: list[Batch] = []
+    for start in range(0, 2000, 37):
+        b.add(recs[start : start + 37], start, now_ns=start)
+        out += b.ready(now_ns=start)
+    out += b.ready(now_ns=10**9, idle=True)
+    sent: set[int] = set()
+    for x in out:
+        sent.update(seqs_of(x).tolist())
+        assert set(range(x.low)) <= sent
+        assert max(sent) < x.high
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_restart_anywhere_gives_no_duplicate_and_no_hole(seed: int) -> None:
+    """A publisher killed after any number of stored batches resumes from the last one's
+    low/high; with the per-subject stored positions, the stream ends up with each record
+    exactly once and each subject in order."""
+    rng = random.Random(seed)
+    n = 1500
+    recs = ticks(n, seed=seed)
+    b = Batcher(TICK_DTYPE, SYMBOLS, "t", max_records=rng.choice([1, 4, 16, 64]), linger_ns=30)
+    out: list[Batch] = []
+    pos = 0
+    while pos < n:
+        k = rng.randint(1, 90)
+        b.add(recs[pos : pos + k], pos, now_ns=pos)
+        pos += k
+        out += b.ready(now_ns=pos, idle=rng.random() < 0.1)
+    out += b.ready(now_ns=10**9, idle=True)
+    stored = out[: rng.randrange(1, len(out))]  # the crash: only these reached the stream
+    last = stored[-1]
+    b2 = Batcher(TICK_DTYPE, SYMBOLS, "t", max_records=rng.choice([1, 8, 64]), linger_ns=30)
+    b2.resume(last.low, last.high)
+    again: list[Batch] = []
+    pos = last.low
+    while pos < n:
+        k = rng.randint(1, 90)
+        chunk = recs[pos : pos + k]
+        for key in b2.unknown_keys(chunk, pos):
+            subject = b2.subject_of(key)
+            mine = [x for x in stored if x.subject == subject]
+            b2.learn(key, mine[-1].last if mine else -1, mine[-1].payload[-96:] if mine else None)
+        b2.add(chunk, pos, now_ns=pos)
+        pos += k
+        again += b2.ready(now_ns=pos)
+    again += b2.ready(now_ns=10**9, idle=True)
+    stream = stored + again
+    allseqs = sorted(s for x in stream for s in seqs_of(x).tolist())
+    assert allseqs == list(range(n))
+    for subject in {x.subject for x in stream}:
+        got = np.concatenate([seqs_of(x) for x in stream if x.subject == subject])
+        assert (np.diff(got) > 0).all()
+    assert b2.skipped_stored == sum(1 for x in stored for s in seqs_of(x) if s >= last.low)
+
+
+def test_a_lap_becomes_gap_records_with_the_lost_ids() -> None:
+    b = Batcher(TICK_DTYPE, SYMBOLS, "t", max_records=64, linger_ns=0)
+    first = np.array([(*agg_trade_record(0, 0, 1.0, 1.0, i, i, 0, 0), 0) for i in range(5)],
+                     dtype=TICK_DTYPE)  # fmt: skip
+    b.add(first, 0, now_ns=1)
+    b.ready(now_ns=1, idle=True)
+    b.note_lap(100)  # records 5..104 overwritten before they were read
+    later = np.array(
+        [(*agg_trade_record(0, 0, 1.0, 1.0, 60 + i, 60 + i, 0, 0), 0) for i in range(3)]
+        + [(*agg_trade_record(1, 0, 1.0, 1.0, 7, 7, 0, 0), 0)],
+        dtype=TICK_DTYPE,
+    )
+    b.add(later, 105, now_ns=2)
+    out = b.ready(now_ns=2, idle=True)
+    btc = np.frombuffer(next(x for x in out if x.subject == "t.BTCUSDT.agg_trade").payload,
+                        dtype=TICK_DTYPE)  # fmt: skip
+    assert btc["kind"][0] == Kind.GAP
+    assert (btc["trade_id"][0], btc["aux_id"][0]) == (5, 59)
+    assert btc["flags"][0] & Flags.TRADE_IDS == 0
+    assert btc["trade_id"][1:].tolist() == [60, 61, 62]
+    eth = np.frombuffer(next(x for x in out if x.subject == "t.ETHUSDT.agg_trade").payload,
+                        dtype=TICK_DTYPE)  # fmt: skip
+    assert Kind.GAP not in eth["kind"].tolist()  # never seen before: no id to jump from
+    assert b.gap_records == 1
+    assert b.dropped_lapped == 100
+
+
+def test_any_dtype_travels_on_one_subject() -> None:
+    dt = np.dtype([("x", "<i8"), ("y", "<f8")])
+    b = Batcher(dt, [], "raw", max_records=3)
+    b.add(np.zeros(7, dtype=dt), 0, now_ns=0)
+    out = b.ready(now_ns=0, idle=True)
+    assert [x.count for x in out] == [3, 3, 1]
+    assert {x.subject for x in out} == {"raw.all"}
+
+
+# --- the mirror's position ----------------------------------------------------------------------
+
+
+def test_parse_start() -> None:
+    assert parse_start("all").policy == "all"
+    assert parse_start("new").policy == "new"
+    assert parse_start("seq:42").seq == 42
+    when = parse_start("time:2026-01-02T03:04:05Z").time
+    assert when is not None
+    assert when.year == 2026
+    assert when.utcoffset() is not None
+    for bad in ("seq:0", "seq:x", "time:yesterday", "oldest", ""):
+        with pytest.raises(StartError):
+            parse_start(bad)
+
+
+def test_records_to_skip_uses_the_ring_left_behind() -> None:
+    saved = MirrorPosition("S", next_seq=10, ring_epoch_ns=5, ring_cursor=100)
+    assert records_to_skip(saved, {"epoch_ns": 5, "cursor": 164}) == 64
+    assert records_to_skip(saved, {"epoch_ns": 6, "cursor": 164}) == 0  # another ring
+    assert records_to_skip(saved, None) == 0
+    assert records_to_skip(None, {"epoch_ns": 5, "cursor": 164}) == 0
+
+
+def test_position_file_round_trip_and_refusals(tmp_path: Path) -> None:
+    f = PositionFile(tmp_path / "sub" / "pos.json")
+    assert f.load("S") is None
+    pos = MirrorPosition("S", 10, 5, 100)
+    f.save(pos)
+    assert f.load("S") == pos
+    with pytest.raises(ValueError, match="for stream 'S'"):
+        f.load("OTHER")
+    f.path.write_text("{")
+    with pytest.raises(ValueError, match="unreadable"):
+        f.load("S")
