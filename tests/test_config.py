@@ -248,6 +248,7 @@ INGEST_SAMPLES: dict[str, object] = {
     "rest_timeout": 2.5, "streams_per_connection": 100, "max_frame_bytes": 1 << 20,
     "publish_batch": 16, "fast_path": "off", "time_unit": "MICROSECOND", "max_id_jump": 1000,
     "id_resync_after": 4, "max_backfill_ids": 5000, "extra_args": ["--decoder", "orjson"],
+    "rest_weight_limit": 1200, "rest_weight_interval": 10.0, "rest_api_key_env": "MY_KEY",
 }  # fmt: skip
 SIM_SAMPLES: dict[str, object] = {
     "host": "127.0.0.2", "port": 8765, "symbols": ["ETHUSDT", "XRPUSDT"], "seed": 7,

@@ -708,8 +708,9 @@ def _trade_frame(sym: str, trade_id: int) -> bytes:
 
 def test_trade_id_holes_are_waited_for_then_reported(shm_name: str) -> None:
     """@trade ids: out-of-order arrivals within --backfill-grace are put back in order; a hole
-    that stays open becomes one GAP record flagged TRADE_IDS (there is no REST source for
-    individual trades), then the stream goes on; late and repeated ids are dropped."""
+    that stays open and that REST cannot fill (nothing listens on the REST port here) becomes
+    one GAP record flagged TRADE_IDS, then the stream goes on; late and repeated ids are
+    dropped. (Backfilled from historicalTrades when REST answers: tests/test_ingest_rest.py.)"""
     import asyncio
 
     import uvloop
@@ -721,7 +722,8 @@ def test_trade_id_holes_are_waited_for_then_reported(shm_name: str) -> None:
     loop = uvloop.new_event_loop()
     ing = None
     try:
-        cfg = IngestConfig(symbols=SYMBOLS, streams=["trade"], backfill_grace=0.05)
+        cfg = IngestConfig(symbols=SYMBOLS, streams=["trade"], backfill_grace=0.05,
+                           rest_url="http://127.0.0.1:9", rest_retries=0)
         ing = Ingest(cfg, w, None)
         ing.setup_publishing(loop)
 

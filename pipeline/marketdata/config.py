@@ -87,6 +87,14 @@ class IngestConfig:
     rest_retries: int = field(default=5, metadata=setting(
         "failed/unproductive REST attempts before a GAP record"))
     rest_timeout: float = field(default=5.0, metadata=setting("REST timeout (s)"))
+    rest_weight_limit: int = field(default=6000, metadata=setting(  # restbudget.py
+        "the exchange's REST REQUEST_WEIGHT per window (Binance: 6000 per minute per IP); "
+        "ingest spends at most four fifths of it, pacing snapshots and backfills to stay inside"))
+    rest_weight_interval: float = field(default=60.0, metadata=setting(
+        "length of the REQUEST_WEIGHT window (s; Binance: 60, a simulator test may shorten it)"))
+    rest_api_key_env: str = field(default="", metadata=setting(
+        "name of an environment variable holding an API key sent as X-MBX-APIKEY on "
+        "historicalTrades (@trade backfill); the key itself never goes on a command line"))
     streams_per_connection: int = field(default=MAX_STREAMS_PER_CONNECTION, metadata=setting(
         "streams per connection (max 1024)"))
     max_frame_bytes: int = field(default=4 << 20, metadata=setting(
@@ -203,6 +211,13 @@ def validate(cfg: IngestConfig) -> IngestConfig:
         raise ConfigError("--transport", f"must be one of {', '.join(TRANSPORTS)}")
     if cfg.decoder not in DECODERS:
         raise ConfigError("--decoder", f"must be {' or '.join(DECODERS)}")
+    if not 1 <= cfg.rest_weight_limit <= 1 << 40:
+        raise ConfigError("--rest-weight-limit", f"must be >= 1, got {cfg.rest_weight_limit}")
+    if not 0.1 <= cfg.rest_weight_interval <= 86400:
+        raise ConfigError("--rest-weight-interval", "must be in 0.1..86400 s")
+    if cfg.rest_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}",
+                                                 cfg.rest_api_key_env):
+        raise ConfigError("--rest-api-key-env", "must be an environment variable name")
     for name, v in (("--stall-timeout", cfg.stall_timeout), ("--max-lifetime", cfg.max_lifetime),
                     ("--metrics-interval", cfg.metrics_interval),
                     ("--backoff-base", cfg.backoff_base), ("--backoff-max", cfg.backoff_max),

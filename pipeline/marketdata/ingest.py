@@ -488,6 +488,7 @@ class Ingest:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.recovery.close()  # the REST keep-alive connection
             await asyncio.gather(metrics_task, return_exceptions=True)
             try:
                 self.flush_metrics()

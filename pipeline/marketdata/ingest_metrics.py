@@ -31,7 +31,14 @@ COUNTERS = (
     # records the ring refused to pack (the tracker re-opened a hole for them), book levels
     # dropped beyond the per-side bound (pipeline/marketdata/book.py MAX_LEVELS)
     "publish_errors", "book_levels_trimmed",
+    # @trade ids fetched from REST historicalTrades, and @trade holes closed that way
+    "trades_backfilled", "trade_gaps_backfilled",
 )
+#: the REST client's budget (pipeline/net/rest.py): weight used in the current window and the
+#: highest of any window, requests that waited for it and for how long, 429s and 418s
+#: answered, connections opened (keep-alive: 1 while the exchange keeps it)
+REST_FIELDS = ("rest_weight_used", "rest_weight_peak", "rest_waits", "rest_wait_ms",
+               "rest_429", "rest_418", "rest_connections")
 
 
 def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
@@ -51,6 +58,9 @@ def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
     # shards without a delivering connection for longer than a reconnect cycle takes
     # (Ingest.down_grace_s): non-zero makes `pipeline health` call ingest unhealthy
     fields += [("problem_shards_down", "<i8")]
+    fields += [(f, "<i8") for f in REST_FIELDS]
+    # 1 while the exchange bans our REST (418): no snapshot, no backfill until it ends
+    fields += [("problem_rest_banned", "<i8")]
     fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
     fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
     return fields
@@ -93,6 +103,20 @@ def metric_values(ing: Ingest) -> dict[str, float]:
         last = ing.last_agg_id(i)
         vals[f"last_agg_id_{i}"] = last if last is not None else -1
     vals["gaps_detected"] = sum(t.stats.gaps_detected for t in ing.trackers)
+    vals.update(rest_values(ing))
     vals["book_breaks"] = sum(b.breaks for b in books)
     return vals
 
+
+def rest_values(ing: Ingest) -> dict[str, float]:
+    """The REST fields (REST_FIELDS, problem_rest_banned); zeros before the first request."""
+    client = ing.recovery._client
+    if client is None:
+        return {**dict.fromkeys(REST_FIELDS, 0), "problem_rest_banned": 0}
+    b = client.budget
+    now = client.clock()
+    b.delay(0, now)  # rolls the window: `used` is this window's
+    return {"rest_weight_used": b.used, "rest_weight_peak": b.peak_used, "rest_waits": b.waits,
+            "rest_wait_ms": round(client.wait_s * 1000), "rest_429": b.rate_limited,
+            "rest_418": b.bans, "rest_connections": client.conn.opened,
+            "problem_rest_banned": int(b.banned(now))}

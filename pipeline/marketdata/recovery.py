@@ -1,4 +1,4 @@
-"""`pipeline ingest` recovery over REST: aggTrade backfill, @trade gap reports, book resyncs.
+"""`pipeline ingest` recovery over REST: aggTrade and @trade backfill, book resyncs.
 
 Each runs as its own task, started by the frame handler when a core asks for it (a hole in a
 symbol's ids, a diff-depth sequence break) and never awaited there: a frame handler that waited
@@ -13,6 +13,7 @@ paths; the frame handler and these tasks share only the cores, the counters and 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -54,18 +55,60 @@ def gap_maker(sid: int, flags: int = 0) -> Callable[[Any], TickTuple]:
     return make
 
 
+#: Binance's answers to a request that needs an API key it did not get or does not accept
+#: (errors.md: -2014 API-key format invalid, -2015 invalid key/IP/permissions; HTTP 401).
+_KEY_ERRORS = (b"-2014", b"-2015")
+
+
 class RestRecovery:
-    """The REST tasks of one ingest process; ``ing`` owns the cores, counters and publishing."""
+    """The REST tasks of one ingest process; ``ing`` owns the cores, counters and publishing.
+
+    Every request goes through the process's one :class:`~pipeline.net.rest.RestClient`: one
+    keep-alive connection and one weight budget, backfills (newest gap first) ahead of
+    snapshots (pipeline/marketdata/restbudget.py). A 429 or 418 is not a failure of the
+    request's purpose: the budget holds every request back until ``Retry-After`` has passed,
+    and the task asks again.
+    """
 
     def __init__(self, ing: Ingest) -> None:
+        from pipeline.binance.streams import TIME_UNITS
+
         self.ing = ing
+        cfg = ing.cfg
+        self.time_mult = TIME_UNITS[cfg.time_unit]
+        self._client: Any = None
+        self.api_key = os.environ.get(cfg.rest_api_key_env, "") if cfg.rest_api_key_env else ""
+        self._no_key_logged = False
+
+    @property
+    def client(self) -> Any:
+        """The process's REST client, made on first use (inside the running loop)."""
+        if self._client is None:
+            from pipeline.marketdata.restbudget import RestBudget
+            from pipeline.net.rest import RestClient
+
+            cfg = self.ing.cfg
+            headers = {}
+            if cfg.time_unit == "MICROSECOND":  # rows in the streams' unit (rest_rows.py)
+                headers["X-MBX-TIME-UNIT"] = "MICROSECOND"
+            self._client = RestClient(
+                cfg.rest_url, RestBudget(limit=cfg.rest_weight_limit,
+                                         interval_s=cfg.rest_weight_interval),
+                headers=headers, timeout_s=cfg.rest_timeout)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
 
     async def resync(self, sid: int) -> None:
         """Fetch snapshots until the book is synced (section 1.7 steps 2-6)."""
         from pipeline.backoff import Backoff, BackoffPolicy
         from pipeline.binance.streams import depth_snapshot
         from pipeline.marketdata.book import BookAction, BookState
-        from pipeline.net.http import HttpError, get_json
+        from pipeline.marketdata.restbudget import Priority, depth_weight
+        from pipeline.net.http import HttpError
+        from pipeline.net.rest import RestLimited
 
         ing = self.ing
         cfg = ing.cfg
@@ -73,13 +116,17 @@ class RestRecovery:
         sym = cfg.symbols[sid]
         backoff = Backoff(BackoffPolicy(initial_s=0.1, max_s=max(cfg.backoff_max, 0.1),
                                         max_attempts=0))
+        weight = depth_weight(cfg.depth_snapshot_limit)
         while not ing.stopping and book.state is BookState.WAIT_SNAPSHOT:
             ing.c["rest_requests"] += 1
             try:
-                _, body = await get_json(cfg.rest_url, "/api/v3/depth",
-                                         {"symbol": sym, "limit": cfg.depth_snapshot_limit},
-                                         timeout_s=cfg.rest_timeout)
+                body = await self.client.get_json(
+                    "/api/v3/depth", {"symbol": sym, "limit": cfg.depth_snapshot_limit},
+                    weight=weight, priority=Priority.SNAPSHOT)
                 lid, bids, asks = depth_snapshot(body)
+            except RestLimited:
+                ing.c["rest_errors"] += 1
+                continue  # the budget holds the next request until Retry-After has passed
             except (HttpError, KeyError, TypeError, ValueError) as exc:
                 ing.c["rest_errors"] += 1
                 ing.rlog.warning("snapshot_failed", "depth snapshot failed", symbol=sym,
@@ -106,33 +153,41 @@ class RestRecovery:
 
     async def trade_gap(self, sid: int) -> None:
         """A hole in a symbol's @trade ids: wait ``--backfill-grace`` for the live stream to fill
-        it (a rotation's two connections can deliver out of order), then publish a GAP record
-        flagged TRADE_IDS and go on. Why not fetch them: the reference documents no REST call
-        that returns individual trades by id (``/api/v3/aggTrades`` rows merge trades), so a
-        consumer that needs them is told exactly which ids it will not get."""
-        ing = self.ing
-        await ing.sleep(ing.cfg.backfill_grace)
-        tr = ing.ids.trade[sid]
-        gap = tr.missing()
-        if gap is None or ing.stopping:
-            return
-        out = tr.give_up(gap_maker(sid, int(Flags.TRADE_IDS)))
-        ing.c["trade_gaps"] += 1
-        ing.c["trade_ids_lost"] += gap[1] - gap[0] + 1
-        ing.rlog.warning("trade_gap", "trades lost (no REST source for trade ids)",
-                         symbol=ing.cfg.symbols[sid], first=gap[0], last=gap[1])
-        ing.ids.publish_tracked(tr, out)
-        ing.ids.changed(sid, 2)
+        it (a rotation's two connections can deliver out of order), then fetch the missing
+        trades by id from ``/api/v3/historicalTrades`` (weight 25; section 7.3), published in
+        order and flagged BACKFILLED. A GAP record flagged TRADE_IDS only when REST fails for
+        good (or refuses us for want of an API key: said once, loudly)."""
+        await self._fill(sid, 2)
 
     async def backfill(self, sid: int) -> None:
         """Fill the symbol's missing aggregate trade ids from REST, in order; GAP on failure."""
-        from pipeline.binance.streams import agg_trade_from_rest
-        from pipeline.net.http import HttpError, get_json
+        await self._fill(sid, 1)
+
+    async def _fill(self, sid: int, kind: int) -> None:
+        """The backfill loop of one symbol and id kind (1 aggregate ids, 2 trade ids)."""
+        from pipeline.marketdata.rest_rows import agg_trade_row, trade_row
+        from pipeline.marketdata.restbudget import (
+            WEIGHT_AGG_TRADES,
+            WEIGHT_HISTORICAL_TRADES,
+            Priority,
+        )
+        from pipeline.net.http import HttpError
+        from pipeline.net.rest import RestLimited
 
         ing = self.ing
         cfg = ing.cfg
-        tr = ing.ids.agg[sid]
+        trades = kind == 2
+        tr = (ing.ids.trade if trades else ing.ids.agg)[sid]
         sym = cfg.symbols[sid]
+        if trades:
+            path, weight, parse = "/api/v3/historicalTrades", WEIGHT_HISTORICAL_TRADES, trade_row
+            headers = {"X-MBX-APIKEY": self.api_key} if self.api_key else None
+            what = "trades"
+        else:
+            path, weight, parse = "/api/v3/aggTrades", WEIGHT_AGG_TRADES, agg_trade_row
+            headers = None
+            what = "aggregate trades"
+        since = time.time()  # the newest gap goes first (restbudget.RestQueue)
         await ing.sleep(cfg.backfill_grace)  # the live stream may still fill a small hole
         failures = 0
         while not ing.stopping:
@@ -141,50 +196,82 @@ class RestRecovery:
                 return
             gap = tr.missing()
             if tr.overflowing or (gap is not None and gap[1] - gap[0] + 1 > cfg.max_backfill_ids):
-                # too much to fetch: ~2 request weight per 1000 ids, and a hole of millions
-                # (a hostile id just inside --max-id-jump) would spend minutes of the IP's
-                # request budget, a path to a 418 ban; report it instead
+                # too much to fetch: a hole of millions (a hostile id just inside
+                # --max-id-jump) would spend minutes of the IP's request budget, a path to a
+                # 418 ban; report it instead
                 failures = cfg.rest_retries + 1
             else:
                 ing.c["rest_requests"] += 1
                 try:
-                    _, rows = await get_json(cfg.rest_url, "/api/v3/aggTrades",
-                                             {"symbol": sym, "fromId": req[0], "limit": req[1]},
-                                             timeout_s=cfg.rest_timeout)
+                    rows = await self.client.get_json(
+                        path, {"symbol": sym, "fromId": req[0], "limit": req[1]},
+                        weight=weight, priority=Priority.BACKFILL, since=since, headers=headers)
                     if not isinstance(rows, list):
-                        raise TypeError("aggTrades answer is not a list")
+                        raise TypeError(f"{path} answer is not a list")
+                except RestLimited:
+                    ing.c["rest_errors"] += 1
+                    continue  # held back by the budget until Retry-After; not a failure
                 except (HttpError, TypeError) as exc:
                     ing.c["rest_errors"] += 1
                     failures += 1
-                    ing.rlog.warning("backfill_failed", "aggTrades backfill failed",
+                    if trades and self._key_refused(exc):
+                        failures = cfg.rest_retries + 1
+                    ing.rlog.warning(f"backfill_failed_{kind}", f"{path} backfill failed",
                                      symbol=sym, from_id=req[0], error=str(exc)[:200])
                 else:
                     recv_ns = time.time_ns()
+                    mult = self.time_mult
                     parsed = [(r[AT_TRADE_ID], r) for r in
-                              (agg_trade_from_rest(x, sid, recv_ns) for x in rows) if r]
+                              (parse(x, sid, recv_ns, mult) for x in rows) if r]
                     before = tr.stats.published_backfill
                     out = tr.on_backfill(parsed)
                     got = tr.stats.published_backfill - before
-                    ing.c["ids_backfilled"] += got
+                    ing.c["trades_backfilled" if trades else "ids_backfilled"] += got
                     ing.ids.publish_tracked(tr, out)
-                    ing.ids.changed(sid)
+                    ing.ids.changed(sid, kind)
                     if tr.missing() is None:
-                        ing.c["gaps_backfilled"] += 1
-                        log.info("backfilled", extra={"symbol": sym, "ids": got})
+                        ing.c["trade_gaps_backfilled" if trades else "gaps_backfilled"] += 1
+                        log.info("backfilled", extra={"symbol": sym, "ids": got,
+                                                      "stream": "trade" if trades else "aggTrade"})
                         failures = 0
                         continue
                     failures = 0 if got else failures + 1  # no progress: REST not there yet
             if failures > cfg.rest_retries:
-                gap = tr.missing()
-                out = tr.give_up(gap_maker(sid))
-                ing.c["gaps_unrecoverable"] += 1
-                if gap is not None:
-                    ing.c["ids_lost"] += gap[1] - gap[0] + 1
-                ing.rlog.warning("gap", "aggregate trades lost", symbol=sym,
-                                 first=gap[0] if gap else None, last=gap[1] if gap else None)
-                ing.ids.publish_tracked(tr, out)
-                ing.ids.changed(sid)
+                self._give_up(sid, kind, tr, what)
                 failures = 0
                 continue
             if failures:
                 await ing.sleep(min(cfg.backoff_base * 2 ** (failures - 1), cfg.backoff_max))
+
+    def _key_refused(self, exc: Exception) -> bool:
+        """historicalTrades answered that it wants an API key: retrying cannot help."""
+        from pipeline.net.http import HttpError
+
+        if not isinstance(exc, HttpError) or not (
+                exc.status == 401 or any(code in exc.body for code in _KEY_ERRORS)):
+            return False
+        if not self._no_key_logged:
+            self._no_key_logged = True
+            self.ing.rlog.warning(
+                "trade_backfill_no_key",
+                "@trade holes cannot be backfilled: historicalTrades refused the request for "
+                "want of a valid API key (set --rest-api-key-env to the name of an environment "
+                "variable holding one); the holes are reported as GAP records",
+                configured=bool(self.api_key))
+        return True
+
+    def _give_up(self, sid: int, kind: int, tr: Any, what: str) -> None:
+        """REST failed for good: a GAP record names the missing ids, and the ids behind it go
+        out."""
+        ing = self.ing
+        trades = kind == 2
+        gap = tr.missing()
+        out = tr.give_up(gap_maker(sid, int(Flags.TRADE_IDS) if trades else 0))
+        ing.c["trade_gaps" if trades else "gaps_unrecoverable"] += 1
+        if gap is not None:
+            ing.c["trade_ids_lost" if trades else "ids_lost"] += gap[1] - gap[0] + 1
+        ing.rlog.warning(f"gap_{kind}", f"{what} lost (REST backfill failed)",
+                         symbol=ing.cfg.symbols[sid], first=gap[0] if gap else None,
+                         last=gap[1] if gap else None)
+        ing.ids.publish_tracked(tr, out)
+        ing.ids.changed(sid, kind)

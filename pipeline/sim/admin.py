@@ -110,6 +110,8 @@ class Admin:
             "stats": dict(sim.stats),
             "subscriptions": subs,
             "faults": self.faults.snapshot(),
+            # REST weight, 429/418 answers and keep-alive connections (pipeline/sim/rest_limits.py)
+            "rest": {**sim.rest.limits.stats, "connections": sim.rest.connections},
             "market": market,
             "venue": venue,
             "wsapi_error": sim.wsapi_error,
