@@ -135,7 +135,8 @@ class Batcher:
         ):  # fmt: skip
             rec = np.frombuffer(last_record, dtype=self.dtype)[0]
             self._last_id[key] = int(rec["trade_id"])
-            self._lap_at_last[key] = self.laps
+            # sent by an earlier session: before any lap this one has seen
+            self._lap_at_last[key] = self.laps - 1 if self.laps else 0
 
     def subject_of(self, key: int) -> str:
         if not self.ticks:

