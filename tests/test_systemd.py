@@ -19,6 +19,11 @@ from pipeline.ops import sdnotify
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 BINARY = "/opt/pipeline/.venv/bin/pipeline"
 CONSUMER_INSTANCES = ("monitor", "persist", "risk")
+#: instances each template unit is started as (`pipeline-bridge@publish`, ...)
+TEMPLATE_INSTANCES = {
+    "pipeline-consumer@.service": CONSUMER_INSTANCES,
+    "pipeline-bridge@.service": ("publish", "mirror"),
+}
 
 
 def unit_files() -> list[Path]:
@@ -114,7 +119,7 @@ def test_exec_start_parses_with_our_cli(path: Path) -> None:
             env[k] = v
     starts = [v for _, k, v in directives(path) if k == "ExecStart"]
     assert len(starts) == 1
-    instances = CONSUMER_INSTANCES if "@" in path.name else ("",)
+    instances = TEMPLATE_INSTANCES[path.name] if "@" in path.name else ("",)
     parser = build_parser()
     for instance in instances:
         argv = _expand(starts[0], env, instance)
@@ -146,7 +151,9 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     names = [p.name for p in unit_files() if "@" not in p.name]
-    names += [f"pipeline-consumer@{i}.service" for i in CONSUMER_INSTANCES]
+    names += [
+        path.replace("@.", f"@{i}.") for path, insts in TEMPLATE_INSTANCES.items() for i in insts
+    ]
     proc = subprocess.run(
         [tool, "verify", "--man=no", f"--root={root}", *names],
         cwd=etc, capture_output=True, text=True, timeout=120,
