@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench dist clean
 
 $(STAMP): pyproject.toml setup.py pipeline/marketdata/_ticks.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,15 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,dev,postgres,bench,peers]'
 	$(BIN)/python -m pytest benchmarks -p no:randomly --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 
+# An sdist and a wheel in dist/. The wheel carries the compiled fast path (_ticks.c); built from
+# the sdist, so a missing source file fails here rather than on a user's machine. Without a C
+# compiler the package still builds without the extension (ingest then runs the Python path), but
+# `make dist` refuses to call that a release wheel.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/python -m zipfile -l dist/*.whl | grep -q 'pipeline/marketdata/_ticks\..*\.so' \
+	    || { echo "dist: the wheel has no compiled fast path (no C compiler?)" >&2; exit 1; }
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "RingReader": "pipeline.ipc.segments",
@@ -46,6 +44,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads lazily
+    __version__: str
     from pipeline.ipc.layout import RingError
     from pipeline.ipc.metrics import MetricsBlock
     from pipeline.ipc.records import TICK_DTYPE, TICK_RING, Flags, Kind
@@ -54,6 +53,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads l
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # one source: pyproject's version, via the package metadata
+        from pipeline.distribution import version
+
+        return version()
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Modules that contribute subcommands, in the order `pipeline --help` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -24,12 +25,17 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pipeline.bridge.cli",
 )
 
+COMPLETION_SHELLS = ("bash", "zsh")
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.distribution import version
+
     parser = argparse.ArgumentParser(
         prog="pipeline",
         description="Low-latency Binance gateway (ingest, ring, consumers, trading, simulator).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
         "--log-format",
         choices=("auto", "text", "json"),
@@ -47,7 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _register_completion(sub, parser)
     return parser
+
+
+def _register_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
+    """`pipeline completion bash|zsh`: a static script generated from this very parser (shtab),
+    so completion never drifts from the flags and a TAB press does not start Python."""
+    p = sub.add_parser(
+        "completion",
+        help="print a bash or zsh completion script",
+        description="Print a shell completion script for `pipeline`, e.g. "
+        "`pipeline completion bash > /etc/bash_completion.d/pipeline` or "
+        "`pipeline completion zsh > \"${fpath[1]}/_pipeline\"`.",
+    )
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="which shell")
+
+    def print_script(args: argparse.Namespace) -> int:
+        import shtab
+
+        sys.stdout.write(shtab.complete(parser, shell=args.shell))
+        return 0
+
+    p.set_defaults(func=print_script)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
