@@ -259,3 +259,39 @@ def test_position_file_round_trip_and_refusals(tmp_path: Path) -> None:
     f.path.write_text("{")
     with pytest.raises(ValueError, match="unreadable"):
         f.load("S")
+
+
+# --- `pipeline run` starts the bridge from the TOML config --------------------------------------
+
+
+def test_run_plans_the_bridge_from_the_config(tmp_path: Path) -> None:
+    from pipeline.cli import build_parser
+    from pipeline.config import load_config
+    from pipeline.ops.runner import RunContext, plan_components
+
+    toml = tmp_path / "p.toml"
+    toml.write_text(
+        '[ring]\nname = "site.ticks"\n'
+        '[bridge]\nnats_url = "nats://10.0.0.5:4222"\nstream = "SITE"\npublish = true\n'
+        'mirror_ring = "remote.ticks"\nmax_age_s = 600.0\nstart = "new"\n'
+    )
+    cfg = load_config(toml, env={})
+    assert cfg.bridge.stream == "SITE"
+    ctx = RunContext(config_path=str(toml))
+    have = {"sim", "ingest", "trade", "consume", "bridge"}
+    comps, notes = plan_components(cfg, ctx, have)
+    by = {c.name: c for c in comps}
+    assert notes == []
+    pub, mir = by["bridge-publish"].argv(), by["bridge-mirror"].argv()
+    assert pub[pub.index("bridge") :] == ["bridge", "publish", "--ring", "site.ticks",
+                                          "--config", str(toml)]  # fmt: skip
+    assert mir[mir.index("bridge") :] == ["bridge", "mirror", "--config", str(toml)]
+    parser = build_parser()
+    for argv in (pub, mir):  # what the runner writes, our CLI reads
+        ns = parser.parse_args(argv[argv.index("bridge") :])
+        assert callable(ns.func)
+    # not asked for: not started; not built: said so
+    plain = load_config(env={})
+    assert not [c for c in plan_components(plain, ctx, have)[0] if c.name.startswith("bridge")]
+    _, notes = plan_components(cfg, ctx, have - {"bridge"})
+    assert any("bridge publish: not available" in n for n in notes)

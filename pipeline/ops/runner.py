@@ -49,11 +49,12 @@ from pipeline.settings import to_argv
 log = logging.getLogger("pipeline.run")
 
 # stop_order: lower stops first (consumers, trading, ingest, simulator)
-STOP_ORDER = {"consumer": 0, "trading": 1, "ingest": 2, "sim": 3}
+STOP_ORDER = {"consumer": 0, "bridge": 0, "trading": 1, "ingest": 2, "sim": 3}
 # environment variable carrying an inline (config) API key to the children that need it
 API_KEY_ENV = "PIPELINE_CHILD_API_KEY"
 # subcommand each component needs
-SUBCOMMANDS = {"sim": "sim", "ingest": "ingest", "trading": "trade", "consumer": "consume"}
+SUBCOMMANDS = {"sim": "sim", "ingest": "ingest", "trading": "trade", "consumer": "consume",
+               "bridge": "bridge"}
 
 
 def register(subparsers: Any) -> None:
@@ -209,6 +210,19 @@ def plan_components(
             return [*base, "consume", name, "--ring", cfg.ring.name, *cfg_args]
 
         comps.append(Component(name, "consumer", consumer_argv))
+    # the NATS bridge ([bridge]): publish this host's ring, and/or mirror a stream into a ring
+    bridge_roles = (["publish"] if cfg.bridge.publish else []) + (
+        ["mirror"] if cfg.bridge.mirror_ring else []
+    )
+    for role in bridge_roles:
+        if missing("bridge", f"bridge {role}"):
+            continue
+
+        def bridge_argv(role: str = role) -> list[str]:
+            ring = ["--ring", cfg.ring.name] if role == "publish" else []
+            return [*base, "bridge", role, *ring, *cfg_args]
+
+        comps.append(Component(f"bridge-{role}", "bridge", bridge_argv))
     return comps, notes
 
 
