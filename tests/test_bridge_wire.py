@@ -295,3 +295,24 @@ def test_run_plans_the_bridge_from_the_config(tmp_path: Path) -> None:
     assert not [c for c in plan_components(plain, ctx, have)[0] if c.name.startswith("bridge")]
     _, notes = plan_components(cfg, ctx, have - {"bridge"})
     assert any("bridge publish: not available" in n for n in notes)
+
+
+def test_health_rules_for_the_bridge_components() -> None:
+    """Health knows the bridge by its blocks' names; a link down for long is a problem the
+    publisher raises itself (problem_nats_down), and a configured bridge is expected."""
+    from pipeline.bridge.config import BridgeConfig
+    from pipeline.ops.health import bridge_components, evaluate
+
+    now = 10**18
+    base = {"_writer_alive": True, "_updated_at_ns": now, "heartbeat_interval_ms": 500}
+    blocks = {
+        "pipeline.bridge.publish.TICKS.metrics": {**base, "problem_nats_down": 0},
+        "pipeline.bridge.mirror.remote.metrics": {**base, "problem_nats_down": 7},
+    }
+    expect = bridge_components(BridgeConfig(publish=True, mirror_ring="remote", stream="TICKS"))
+    assert expect == ["bridge.publish.TICKS", "bridge.mirror.remote"]
+    report = evaluate(blocks, {}, now, expect=expect)
+    assert report["bridge.publish.TICKS"]["healthy"]
+    assert report["bridge.mirror.remote"]["problems"] == ["nats_down=7"]
+    missing = evaluate({}, {}, now, expect=expect)
+    assert not missing["bridge.publish.TICKS"]["healthy"]

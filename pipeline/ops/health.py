@@ -25,7 +25,8 @@ readers table (:func:`pipeline.ipc.segments.ring_stats`). :func:`evaluate` is pu
   otherwise indistinguishable from a healthy idle one. Blocks without the field keep only the
   rules above (their writers may legitimately be idle).
 * a component that is *expected* (``--expect``, default ingest + trading when enabled in the
-  config) but has no block at all is unhealthy ("not running").
+  config, and the ``bridge.*`` components its ``[bridge]`` section runs) but has no block at
+  all is unhealthy ("not running").
 * a segment under the prefix that the shared-memory trust rule refuses (not ours, not a regular
   file, ...) is reported as ``segment:<name>``, unhealthy with the reason: someone planted or
   broke a name we would use, and an operator should know.
@@ -205,6 +206,13 @@ def evaluate(
         if comp not in out:
             out[comp] = {"healthy": False, "problems": ["not running (no metrics block)"]}
     return out
+
+
+def bridge_components(bridge: Any) -> list[str]:
+    """The NATS bridge components a config runs (``[bridge]``), by the names their metrics
+    blocks give them: ``bridge.publish.<stream>``, ``bridge.mirror.<ring>``."""
+    out = [f"bridge.publish.{bridge.stream}"] if bridge.publish else []
+    return out + ([f"bridge.mirror.{bridge.mirror_ring}"] if bridge.mirror_ring else [])
 
 
 def overall(report: Mapping[str, Any]) -> bool:
@@ -427,6 +435,7 @@ def main(args: argparse.Namespace) -> int:
     rings = args.ring or [cfg.ring.name]
     if args.expect is None:
         expect = ["ingest"] + (["trading"] if cfg.trading.enabled else [])
+        expect += bridge_components(cfg.bridge)
     else:
         expect = [e.strip() for e in args.expect.split(",") if e.strip()]
 
