@@ -546,6 +546,9 @@ def run(cfg: IngestConfig) -> int:
         ring.close()
     if failed:
         log.error("ingest stopped after a task failed: %r", failed[0])
+        if isinstance(failed[0], ConfigError):  # a handshake refused on start (shards.py)
+            print(f"pipeline ingest: error: {failed[0]}", file=sys.stderr)
+            return 2
         return 1
     log.info("ingest stopped")
     return 0

@@ -61,6 +61,10 @@ def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
     fields += [(f, "<i8") for f in REST_FIELDS]
     # 1 while the exchange bans our REST (418): no snapshot, no backfill until it ends
     fields += [("problem_rest_banned", "<i8")]
+    # HTTP status of a handshake refused 4xx (not 429/418) after ingest had connected: the
+    # venue no longer serves this URL or these streams (pipeline/marketdata/shards.py); the
+    # shard retries slowly until it is served again
+    fields += [("problem_streams_rejected", "<i8")]
     fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
     fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
     return fields
@@ -90,6 +94,7 @@ def metric_values(ing: Ingest) -> dict[str, float]:
     vals["problem_shards_down"] = sum(
         1 for sh in ing.shards
         if sh.down_since is not None and now - sh.down_since > ing.down_grace_s)
+    vals["problem_streams_rejected"] = max(sh.rejected_status for sh in ing.shards)
     trackers = (*ing.trackers, *ing.trade_trackers)
     books = ing.depth.books
     vals["ids_far"] = (sum(t.stats.far_ids for t in trackers) + ing.book_far_seen

@@ -20,6 +20,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from pipeline.settings import ConfigError
+
 if TYPE_CHECKING:
     from pipeline.marketdata.ingest import Ingest
 
@@ -31,6 +33,23 @@ SUBSCRIBE_INTERVAL_S = 0.25  # <= 4 control messages/s (limit: 5 incoming messag
 
 # connection states (metrics conn_state_<i>)
 DOWN, CONNECTING, UP, ROTATING, BACKOFF = 0, 1, 2, 3, 4
+
+
+def is_config_rejection(status: int | None) -> bool:
+    """A handshake answered 4xx other than 429 (too many requests) and 418 (IP ban): the venue
+    does not serve this URL or these streams (404 wrong path, 400 bad stream, 403/451 refused
+    here). Retrying will not fix it, so it is a configuration error, not a reason to reconnect
+    with the usual fast backoff."""
+    return status is not None and 400 <= status < 500 and status not in (418, 429)
+
+
+def rejection_error(url: str, status: int) -> ConfigError:
+    """The message for a handshake the venue refused (exit 2 on start, the log line later)."""
+    base = url.partition("?")[0].removesuffix("/stream")
+    return ConfigError("--streams-url", f"the streams server at {base} answered the WebSocket "
+                                        f"handshake with HTTP {status}: give the base URL (e.g. "
+                                        "wss://stream.binance.com:9443, no /stream or /ws) and "
+                                        "stream names it serves")
 
 
 class Conn:
@@ -72,6 +91,12 @@ class Shard:
         self.conn: Conn | None = None
         self.wake = asyncio.Event()
         self._serial = 0
+        #: a connection was ever opened: a handshake refused before that is a configuration
+        #: error the process exits on (2); after it, a health problem and a slow retry
+        self.connected_once = False
+        #: HTTP status of the handshake refusal this shard is retrying after (0: none), shown
+        #: by `pipeline health` as problem_streams_rejected (ingest_metrics.py)
+        self.rejected_status = 0
         cfg = ingest.cfg
         base = cfg.streams_url.rstrip("/") + "/stream?streams="
         # Binance's default unit stays implicit: the URL is the one users know
@@ -102,6 +127,8 @@ class Shard:
         )
         conn.opened_at = time.monotonic()
         conn.last_ns = time.time_ns()
+        self.connected_once = True
+        self.rejected_status = 0
         for i in range(0, len(self.sub_streams), SUBSCRIBE_BATCH):
             if i:
                 await asyncio.sleep(SUBSCRIBE_INTERVAL_S)
@@ -136,8 +163,23 @@ class Shard:
             except WsConnectError as exc:
                 ing.c["connect_failures"] += 1
                 delay = backoff.next_delay() or cfg.backoff_max
-                ing.rlog.warning("connect_failed", "connect failed", shard=self.index,
-                                 error=str(exc), retry_in_s=round(delay, 3))
+                status = exc.status or 0
+                if is_config_rejection(status):
+                    err = rejection_error(self.url, status)
+                    if not self.connected_once:  # on start: exit 2 with the message
+                        log.error("streams handshake refused; stopping",
+                                  extra={"shard": self.index, "error": str(err)})
+                        ing.failed = ing.failed or err
+                        ing.stop()
+                        break
+                    # later (the venue changed under us): loud, and retried slowly
+                    self.rejected_status = status
+                    delay = cfg.backoff_max
+                    log.error("streams handshake refused", extra={
+                        "shard": self.index, "error": str(err), "retry_in_s": delay})
+                else:
+                    ing.rlog.warning("connect_failed", "connect failed", shard=self.index,
+                                     error=str(exc), retry_in_s=round(delay, 3))
                 self._set_state(BACKOFF)
                 await ing.sleep(delay)
                 continue
@@ -164,6 +206,12 @@ class Shard:
                 backoff.reset()
             ing.c["reconnects"] += 1
             delay = backoff.next_delay() or cfg.backoff_max
+            if conn.shutdown_requested and healthy:
+                # serverShutdown with no lead (none is promised since 2026-06-09): the close
+                # came before a rotation could be made, so reconnect now; the id trackers
+                # backfill what the gap missed. A venue that does this to every fresh
+                # connection still gets the backoff (not healthy yet).
+                delay = 0.0
             info = conn.ws.close_info
             ing.rlog.warning("reconnect", "connection lost; reconnecting", shard=self.index,
                              reason=reason, close=str(info), retry_in_s=round(delay, 3))
@@ -213,6 +261,8 @@ class Shard:
         try:
             new = await self.open()
         except WsConnectError as exc:
+            if is_config_rejection(exc.status):  # the old connection still delivers
+                self.rejected_status = exc.status or 0
             ing.rlog.warning("rotate_failed", "rotation connect failed", shard=self.index,
                              error=str(exc))
             self._set_state(UP)

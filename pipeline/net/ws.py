@@ -60,7 +60,16 @@ TRANSPORTS = ("picows", "websockets")
 
 
 class WsConnectError(Exception):
-    """The connection could not be opened (refused, handshake rejected, timeout)."""
+    """The connection could not be opened (refused, handshake rejected, timeout).
+
+    ``status``: the HTTP status the server answered the handshake with instead of 101, None
+    when there was no answer (refused, timeout, TLS). Callers tell a venue that does not know
+    the URL (4xx: a configuration error, retrying will not help) from one that is busy (429,
+    418 ban, 5xx) or unreachable."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +305,10 @@ class _PicowsClient(WsClient):
                 logger_name=_PICOWS_LOGGER,
             )
         except (TimeoutError, OSError, picows.WSError) as exc:
-            raise WsConnectError(f"{url}: {exc!r}") from exc
+            response = getattr(exc, "response", None)  # WSHandshakeError: the HTTP answer
+            status = getattr(response, "status", None)
+            raise WsConnectError(f"{url}: {exc!r}",
+                                 None if status is None else int(status)) from exc
         return self
 
     def _on_disconnected(self, transport: Any) -> None:
@@ -375,7 +387,10 @@ class _WebsocketsClient(WsClient):
                 close_timeout=1.0, logger=_websockets_log, **local,
             )
         except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
-            raise WsConnectError(f"{url}: {exc!r}") from exc
+            response = getattr(exc, "response", None)  # InvalidStatus: the HTTP answer
+            status = getattr(response, "status_code", None)
+            raise WsConnectError(f"{url}: {exc!r}",
+                                 None if status is None else int(status)) from exc
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
 
