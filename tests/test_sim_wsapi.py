@@ -1067,3 +1067,17 @@ def test_rate_limits_advertise_raw_requests_300000() -> None:
     raw = [e for e in service.rate_limits_info() if e["rateLimitType"] == "RAW_REQUESTS"]
     assert raw == [{"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5,
                     "limit": 300_000}]
+
+
+def test_rest_exchange_info_says_raw_requests_300000() -> None:
+    from pipeline.sim.testing import SimServer, http_json
+
+    async def go() -> None:
+        async with SimServer(symbols=["BTCUSDT"]) as sim:
+            status, body = await http_json(f"{sim.rest_url}/api/v3/exchangeInfo")
+            assert status == 200
+            raw = [r for r in body["rateLimits"] if r["rateLimitType"] == "RAW_REQUESTS"]
+            assert raw == [{"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE",
+                            "intervalNum": 5, "limit": 300_000}]
+
+    run(go())

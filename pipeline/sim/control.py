@@ -18,11 +18,10 @@ from pipeline.sim.market_events import PARTIAL_LEVELS
 
 #: The stream kinds the simulator serves, each under the one spelling the stream fan-out
 #: (:meth:`pipeline.sim.streams.StreamHub.depth_tick`) publishes it as. Deliberately not
-#: :data:`pipeline.binance.streams.STREAM_SUFFIXES`: that is what the client can *parse*, and it
-#: also takes the undocumented ``@1000ms`` spellings (``depth@1000ms``, ``depth5@1000ms``, ...).
-#: The simulator keeps to the documented names (the 1000 ms speed has no suffix) and its fan-out
-#: publishes only those, so it refuses the aliases: accepting them would ack a subscription that
-#: never gets a frame. Built from :data:`PARTIAL_LEVELS`, what the fan-out publishes.
+#: :data:`pipeline.binance.streams.STREAM_SUFFIXES` (what the client subscribes): the venue's
+#: list is its own, built from :data:`PARTIAL_LEVELS`, what the fan-out publishes. Both keep to
+#: the documented names (the 1000 ms speed has no suffix); the simulator refuses anything else,
+#: e.g. ``depth@1000ms``: acking it would promise a subscription that never gets a frame.
 SERVED_STREAM_KINDS = (
     "aggTrade",
     "trade",
