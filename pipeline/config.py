@@ -60,7 +60,15 @@ from pipeline.trading.config import TradingConfig
 ENV_PREFIX = "PIPELINE_"
 
 MODES = ("sim", "testnet", "live")
-CONSUMERS = ("monitor", "persist", "risk")
+CONSUMERS = ("monitor", "persist", "risk")  # the built-ins; plug-ins add names (entry points)
+
+
+def _consumer_names() -> tuple[str, ...]:
+    """Built-in and plug-in consumer names, read only when ``run.consumers`` is checked."""
+    from pipeline.consumers.registry import consumer_names
+
+    return consumer_names()
+
 
 # Public endpoints per mode (binance-protocol.md §1.1, §2.1). "sim" endpoints come from the
 # simulator's first stdout line at run time.
@@ -90,7 +98,7 @@ class RunConfig:
     )
     consumers: list[str] = field(
         default_factory=lambda: ["monitor"],
-        metadata=_m("consumers `pipeline run` starts", each_choices=CONSUMERS),
+        metadata=_m("consumers `pipeline run` starts", each_choices=_consumer_names),
     )
     shm_prefix: str = field(
         default="pipeline.",
@@ -381,7 +389,7 @@ def validate(cfg: Config) -> None:
                 "ingest.symbols", f"not simulated (add to sim.symbols): {', '.join(missing)}"
             )
     for name in cfg.run.cpus:
-        if name not in ("sim", "ingest", "trading", *CONSUMERS):
+        if name not in ("sim", "ingest", "trading", *CONSUMERS, *cfg.run.consumers):
             raise ConfigError(f"run.cpus.{name}", "unknown component")
 
 

@@ -1,4 +1,4 @@
-"""Ring consumers: the shared loop every consumer process runs, and the registry of consumers.
+"""Ring consumers: the shared loop every consumer process runs (built-ins and plug-ins alike).
 
 A consumer is a small class with ``on_batch(batch, reader)`` (records since the last call), an
 optional ``on_tick(reader, now)`` (called about every ``tick_interval_s`` even when idle, for
@@ -37,17 +37,15 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from pipeline.consumers.registry import BUILTINS
 from pipeline.ops import sdnotify
 
 log = logging.getLogger("pipeline.consumer")
 
-# name -> "module:factory"; imported lazily so `pipeline consume monitor` never imports sqlite3
-# or psycopg.
-REGISTRY: dict[str, str] = {
-    "monitor": "pipeline.consumers.monitor:from_args",
-    "persist": "pipeline.consumers.persist:from_args",
-    "risk": "pipeline.consumers.risk:from_args",
-}
+# The built-in consumers (name -> "module:factory"), imported lazily so `pipeline consume monitor`
+# never imports sqlite3 or psycopg. Plug-ins add theirs through the `pipeline.consumers` entry
+# points: pipeline.consumers.registry.available() has both.
+REGISTRY: dict[str, str] = BUILTINS
 
 
 class Consumer(Protocol):

@@ -1,4 +1,6 @@
-"""`pipeline consume NAME`: run one ring consumer (monitor, persist, risk) as its own process.
+"""`pipeline consume NAME`: run one ring consumer (monitor, persist, risk, or a plug-in registered
+under the ``pipeline.consumers`` entry points, see :mod:`pipeline.consumers.registry`) as its own
+process. A plug-in that does not import or is not a consumer is exit 1 with one line naming it.
 
 Settings come from ``--config`` / ``PIPELINE_*`` env (see :mod:`pipeline.config`); the flags here
 override them for one run. The loop (attach with retry, idle wait, writer restarts, SIGTERM,
@@ -10,7 +12,6 @@ failure: persist retries it (see :class:`pipeline.consumers.persist.Persist`).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from typing import Any
 
@@ -20,14 +21,17 @@ DEFAULT_START = {"monitor": "head", "persist": "oldest", "risk": "oldest"}
 
 
 def register(subparsers: Any) -> None:
-    from pipeline.consumers import REGISTRY
+    from pipeline.consumers.registry import ConsumerNames
 
     p = subparsers.add_parser(
         "consume",
-        help="run a ring consumer (monitor, persist, risk)",
+        help="run a ring consumer (monitor, persist, risk, or a plug-in)",
         description="Attach to the tick ring and run one consumer until SIGTERM/SIGINT.",
     )
-    p.add_argument("name", choices=sorted(REGISTRY), help="which consumer")
+    p.add_argument(
+        "name", choices=ConsumerNames(), metavar="NAME",
+        help="which consumer: monitor, persist, risk, or an installed plug-in's name",
+    )  # fmt: skip
     p.add_argument("--config", default=None, help="TOML config file (see examples/pipeline.toml)")
     p.add_argument("--ring", default=None, help="ring name (default: ring.name from config)")
     p.add_argument("--reader-name", default=None, help="name in the ring's readers table")
@@ -70,17 +74,22 @@ def register(subparsers: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.config import load_config_for_cli
-    from pipeline.consumers import REGISTRY, LoopOptions, StopFlag, run_consumer
+    from pipeline.consumers import LoopOptions, StopFlag, run_consumer
+    from pipeline.consumers.registry import ConsumerPluginError, check_consumer, load_factory
 
     cfg = load_config_for_cli(args.config, "pipeline consume")
     if cfg is None:
         return 2
-    module_name, _, factory = REGISTRY[args.name].partition(":")
-    module = importlib.import_module(module_name)
+    try:
+        factory = load_factory(args.name)
+    except ConsumerPluginError as exc:
+        log.error("%s", exc, extra={"event": "consumer_start_failed", "consumer": args.name})
+        return 1
     stop = StopFlag()
     stop.install()
     try:
-        consumer = getattr(module, factory)(args, cfg)
+        consumer = factory(args, cfg)
+        check_consumer(args.name, consumer)
     except (OSError, RuntimeError, ValueError) as exc:  # configuration: say what, no traceback
         log.error(
             "cannot start consumer %s: %s", args.name, exc, extra={"event": "consumer_start_failed"}
