@@ -456,3 +456,110 @@ def test_bad_settings_exit_2_without_a_traceback(tmp_path: Path) -> None:
         )  # fmt: skip
         assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+INGEST_FAST = ["--stall-timeout", "1.0", "--backoff-base", "0.05", "--backoff-max", "0.3",
+               "--healthy-after", "0.5", "--ping-interval", "0.5", "--backfill-grace", "0.05",
+               "--metrics-interval", "0.05", "--rest-timeout", "2", "--ring-capacity", "262144",
+               # the bridge reads the ring whichever path filled it; the compiled path has its
+               # own tests (and may be rebuilt under a running suite)
+               "--fast-path", "off"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sim_ingest_bridge_mirror_through_every_fault(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer
+) -> None:
+    """Issue #16's done-when: sim -> ingest -> ring -> bridge -> JetStream -> mirror -> reader,
+    while the bridge is SIGKILLed and restarted, the NATS server restarted on the same port and
+    store, the mirror SIGKILLed and restarted: every aggregate trade id of each symbol arrives on
+    the mirror exactly once and in order, the reader misses nothing, health is green at the end."""
+    from pipeline.sim.testing import run_sim_process
+
+    ring = f"{shm_name}_ring"
+    ingest_metrics = f"{shm_name}.ingest.metrics"
+    with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "80", "--seed", "16") as sim:
+        cmd = [sys.executable, "-m", "pipeline", "--log-format", "json", "ingest",
+               "--streams-url", sim.streams_url, "--rest-url", sim.rest_url,
+               "--symbols", ",".join(SYMBOLS), "--ring", ring, "--metrics", ingest_metrics,
+               *INGEST_FAST]  # fmt: skip
+        with open(tmp_path / "ingest.log", "wb") as log:
+            ingest = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        procs = BridgeProcs(tmp_path, shm_name, nats_server.url, ring, batch=32)
+        mirror = MirrorReader(procs.mirror_ring)
+        src = MirrorReader(ring)  # the source ring, read on this host for the truth
+
+        def logs() -> str:
+            return procs.logs() + "\n--- ingest\n" + (tmp_path / "ingest.log").read_text()[-3000:]
+
+        def agg_count() -> int:
+            recs = mirror.records()
+            return int(np.count_nonzero(recs["kind"] == Kind.AGG_TRADE))
+
+        def grows(by: int = 60) -> None:
+            target = agg_count() + by
+            wait_until(lambda: agg_count() >= target, f"{by} more trades", on_fail=logs)
+            src.poll()
+
+        try:
+            wait_until(lambda: src.poll() >= 0 and src.reader is not None, "ingest ring",
+                       on_fail=logs)  # fmt: skip
+            procs.start_publisher()
+            procs.start_mirror()
+            grows()
+            procs.kill_publisher()
+            time.sleep(0.3)
+            procs.start_publisher()
+            grows()
+            nats_server.restart()
+            grows()
+            procs.kill_mirror()
+            time.sleep(0.3)
+            procs.start_mirror()
+            grows()
+            # the truth: what ingest put in its ring up to now; the mirror must catch up to it
+            truth = src.records()
+            last = {s: int(agg_of(truth, s)["trade_id"][-1]) for s in range(len(SYMBOLS))}
+
+            def caught_up() -> bool:
+                recs = mirror.records()
+                return all(len(agg_of(recs, s)) and agg_of(recs, s)["trade_id"][-1] >= last[s]
+                           for s in last)  # fmt: skip
+
+            wait_until(caught_up, "the mirror to catch up", on_fail=logs)
+            recs = mirror.records()
+            for sid, sym in enumerate(SYMBOLS):
+                ids = agg_of(recs, sid)["trade_id"]
+                first = int(agg_of(truth, sid)["trade_id"][0])
+                assert ids[0] == first, sym  # from the ring's first trade on
+                assert np.all(np.diff(ids) == 1), f"{sym}: duplicate, hole or reordering"
+                n = last[sid] - first + 1
+                mine = agg_of(recs, sid)[:n]
+                assert mine.tobytes() == agg_of(truth, sid)[:n].tobytes(), sym
+            assert not np.any(recs["kind"] == Kind.GAP)
+            assert mirror.reader is not None
+            assert src.reader is not None
+            assert mirror.reader.missed == 0
+            assert src.reader.missed == 0
+            wait_until(lambda: procs_metric(procs, "in_flight") == 0, "acks")
+            report = health_of(f"{shm_name}.")
+            assert {"bridge.publish", "bridge.mirror", "ingest"} <= set(report)
+            assert all(e["healthy"] for e in report.values()), report
+            assert procs.metrics("publish")["lapped_records"] == 0
+        finally:
+            codes = procs.stop()
+            mirror.close()
+            src.close()
+            ingest.send_signal(signal.SIGTERM)
+            try:
+                ingest.wait(15)
+            except subprocess.TimeoutExpired:
+                ingest.kill()
+                ingest.wait()
+            for seg in (ring, ingest_metrics):
+                shm.unlink(seg)
+        assert codes == [0, 0], logs()
+
+
+def agg_of(recs: np.ndarray, sid: int) -> np.ndarray:
+    return recs[(recs["kind"] == Kind.AGG_TRADE) & (recs["symbol"] == sid)]
