@@ -3,11 +3,9 @@ restart), and PostgreSQL against a real server this test starts itself."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pghelpers import NO_SERVER, PgServer, find_server_binaries
 from simhelpers import block_snapshot as _metrics
 
 from pipeline.consumers.persist import (
@@ -203,83 +202,13 @@ def test_table_holds_exactly_the_published_trades_across_a_restart(
 # PostgreSQL: a throwaway cluster on a free port, unix socket in tmp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PgServer:
-    """A throwaway cluster on a free port (unix socket only) that a test may stop and start
-    again: the persist consumer must survive exactly that."""
-
-    def __init__(self, initdb: str, pg_ctl: str) -> None:
-        self.pg_ctl = pg_ctl
-        # Not pytest's tmp_path: that lives under a 0700 root-owned directory the server user
-        # cannot enter. A fresh directory directly in the temp dir, removed at teardown.
-        self.base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
-        self.data, self.sock = self.base / "data", self.base / "sock"
-        self.sock.mkdir()
-        self.prefix: list[str] = []
-        if os.geteuid() == 0:
-            # postgres refuses to run as root: run the server as an unprivileged user
-            import pwd
-
-            user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
-            runuser = shutil.which("runuser")
-            if user is None or runuser is None:
-                shutil.rmtree(self.base, ignore_errors=True)
-                pytest.skip("running as root and no 'postgres'/'nobody' user + runuser to drop to")
-            pw = pwd.getpwnam(user)
-            for p in (self.base, self.sock):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
-            os.chmod(self.base, 0o755)
-            self.prefix = [runuser, "-u", user, "--"]
-        self.port = _free_port()
-        self.url = f"postgresql://pipeline@/postgres?host={self.sock}&port={self.port}"
-        self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "pipeline", "--no-sync",
-                  "-E", "UTF8")  # fmt: skip
-
-    def _run(self, *argv: str) -> None:
-        subprocess.run([*self.prefix, *argv], check=True, capture_output=True, timeout=120,
-                       cwd=self.base)  # fmt: skip
-
-    def start(self) -> None:
-        self._run(
-            self.pg_ctl, "-D", str(self.data), "-w", "-t", "60", "-l",
-            str(self.base / "server.log"), "-o",
-            f"-p {self.port} -k {self.sock} -c listen_addresses='' -c fsync=off"
-            " -c dynamic_shared_memory_type=mmap",  # no /dev/shm segments left behind
-            "start",
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
-
-    @property
-    def running(self) -> bool:
-        return (self.data / "postmaster.pid").exists()
-
-    def destroy(self) -> None:
-        try:
-            if self.running:
-                self.stop()
-        finally:
-            shutil.rmtree(self.base, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def pg_server() -> Iterator[PgServer]:
     pytest.importorskip("psycopg", reason="psycopg not installed (optional extra 'postgres')")
-    # PATH first, then where Debian's postgresql packages put the server binaries.
-    debian = ":".join(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
-    search = os.pathsep.join(filter(None, [os.environ.get("PATH"), debian]))
-    initdb, pg_ctl = shutil.which("initdb", path=search), shutil.which("pg_ctl", path=search)
-    if not initdb or not pg_ctl:
-        pytest.skip(
-            "SKIPPED LOUDLY: no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in "
-            "/usr/lib/postgresql/*/bin; install Debian's 'postgresql' package to run this test"
-        )
+    found = find_server_binaries()
+    if found is None:
+        pytest.skip(f"SKIPPED LOUDLY: {NO_SERVER}")
+    initdb, pg_ctl = found
     try:
         server = PgServer(initdb, pg_ctl)
     except subprocess.CalledProcessError as exc:
@@ -300,16 +229,6 @@ def postgres_url(pg_server: PgServer) -> str:
     if not pg_server.running:  # a test that stopped it and failed before restarting it
         pg_server.start()
     return pg_server.url
-
-
-def _has_user(name: str) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
 
 
 def test_postgres_store_is_idempotent_and_resumes(postgres_url: str) -> None:
@@ -336,6 +255,46 @@ def test_postgres_store_is_idempotent_and_resumes(postgres_url: str) -> None:
         assert cur.fetchone() == (100.01, 0.5, 3, 1)
     again.conn.rollback()
     again.close()
+
+
+@pytest.mark.parametrize("copy_format", ["binary", "text"])
+def test_binary_and_text_copy_store_exactly_the_rows_given(
+    postgres_url: str, copy_format: str
+) -> None:
+    """The binary COPY (the default) must store what text COPY stores, bit for bit: floats that
+    text would round, ids near int64's top, int2 kinds/flags, a non-ASCII symbol name."""
+    from pipeline.consumers.stores import PostgresStore
+
+    ticks = [
+        ("BTCUSDT", 1, 1, 0.1 + 0.2, 1e-8, 2, 1, 1_700_000_000_000_000_001, 1_700_000_000_000_2),
+        ("BTCUSDT", 2, 2**62 + 7, 65_000.123456789, 123.456, 2**62 + 8, 0, 1, 2),
+        ("ÉTHUSDT", 1, 3, 5e-324, 1.7976931348623157e308, 4, 32_767, 0, -1),
+    ]
+    books = [("ETHUSDT", 3, 9, 3099.99, 0.3, 3100.01, 0.7, 10, 11)]
+    store = PostgresStore(postgres_url, copy_format=copy_format)
+    store.setup()
+    try:
+        with store.conn.transaction(), store.conn.cursor() as cur:
+            cur.execute("TRUNCATE market_ticks, book_tops")
+        assert store.write(ticks, books) == (3, 1)
+        assert store.write(ticks, books) == (0, 0)  # ON CONFLICT: a replay adds nothing
+        with store.conn.cursor() as cur:
+            cur.execute("SELECT * FROM market_ticks ORDER BY trade_id")
+            assert cur.fetchall() == sorted(ticks, key=lambda r: r[2])
+            cur.execute("SELECT * FROM book_tops")
+            assert cur.fetchall() == books
+            cur.execute("TRUNCATE market_ticks, book_tops")  # leave the tables as found
+        store.conn.commit()
+    finally:
+        store.close()
+
+
+def test_postgres_store_refuses_an_unknown_copy_format() -> None:
+    pytest.importorskip("psycopg")
+    from pipeline.consumers.stores import PostgresStore
+
+    with pytest.raises(ValueError, match="copy_format must be one of binary, text"):
+        PostgresStore("postgresql://nowhere/db", copy_format="csv")
 
 
 def test_persist_process_writes_to_postgres(
