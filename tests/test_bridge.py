@@ -563,3 +563,25 @@ def test_sim_ingest_bridge_mirror_through_every_fault(
 
 def agg_of(recs: np.ndarray, sid: int) -> np.ndarray:
     return recs[(recs["kind"] == Kind.AGG_TRADE) & (recs["symbol"] == sid)]
+
+
+def test_a_stream_the_server_refuses_is_exit_2_not_a_retry_loop(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer, source: RingWriter
+) -> None:
+    """A second stream over the same subjects (another stream name, same prefix): the server
+    refuses it; the publisher says why and exits 2 (a restart cannot fix a setting)."""
+    first = BridgeProcs(tmp_path, shm_name, nats_server.url, source.name, stream="ONE")
+    try:
+        first.start_publisher()
+        wait_until(lambda: procs_metric(first, "sessions") >= 1, "first stream", on_fail=first.logs)
+    finally:
+        assert first.stop() == [0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--log-format", "json", "bridge", "publish",
+         "--nats-url", nats_server.url, "--stream", "TWO", "--ring", source.name,
+         "--metrics-name", ""],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "refuses stream 'TWO'" in proc.stderr
+    assert "Traceback" not in proc.stderr

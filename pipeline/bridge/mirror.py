@@ -32,7 +32,7 @@ from pipeline.bridge.mirror_state import (
     StartAt,
     records_to_skip,
 )
-from pipeline.bridge.nats_io import BridgeConfigError, Link, connect, wait_or_stop
+from pipeline.bridge.nats_io import Backoff, BridgeConfigError, Link, connect, wait_or_stop
 from pipeline.bridge.wire import (
     BridgeWireError,
     SourceMeta,
@@ -131,7 +131,9 @@ class Mirror:
             if nc is None:
                 return 0
             js = nc.jetstream(timeout=5)
+            backoff = Backoff()
             while not self.stop.is_set():
+                progress = self.msgs
                 try:
                     await self._session(js)
                 except (BridgeWireError, BridgeConfigError):
@@ -144,7 +146,9 @@ class Mirror:
                     while not self.link.connected and not self.stop.is_set():
                         self._update_metrics()
                         await wait_or_stop(self.stop, 0.05)
-                    await wait_or_stop(self.stop, 0.05)
+                    if self.msgs != progress:
+                        backoff.reset()
+                    await wait_or_stop(self.stop, backoff.next())
             return 0
         except (BridgeWireError, BridgeConfigError) as exc:
             log.error("bridge mirror cannot go on", extra={"error": str(exc)})

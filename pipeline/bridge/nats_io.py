@@ -18,7 +18,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 log = logging.getLogger("pipeline.bridge")
 
@@ -107,7 +107,12 @@ async def ensure_stream(
             max_bytes=max_bytes if max_bytes > 0 else None,
             duplicate_window=dedupe_window_s, allow_direct=True,
         )  # fmt: skip
-        info = await js.add_stream(cfg)
+        try:
+            info = await js.add_stream(cfg)
+        except BadRequestError as exc:  # e.g. the subjects overlap another stream's
+            raise BridgeConfigError(
+                f"the server refuses stream {name!r} on {subject!r}: {exc.description}"
+            ) from None
         log.info(
             "stream created",
             extra={"stream": name, "subject": subject, "max_age_s": max_age_s,
@@ -120,6 +125,24 @@ async def ensure_stream(
             f"stream {name!r} captures {subjects}, not {subject!r}: another prefix or stream name"
         )
     return info
+
+
+class Backoff:
+    """Delays between sessions that keep failing (0.05 s doubling to 2 s), so a server that
+    refuses us for a while gets a few requests a second, not a log line every 50 ms; reset by a
+    session that made progress."""
+
+    def __init__(self, first_s: float = 0.05, cap_s: float = 2.0) -> None:
+        self.first_s, self.cap_s = first_s, cap_s
+        self.delay_s = first_s
+
+    def next(self) -> float:
+        d = self.delay_s
+        self.delay_s = min(self.cap_s, d * 2)
+        return d
+
+    def reset(self) -> None:
+        self.delay_s = self.first_s
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:

@@ -28,7 +28,14 @@ import numpy as np
 from nats.js.errors import NotFoundError
 
 from pipeline.bridge.batcher import Batch, Batcher
-from pipeline.bridge.nats_io import BridgeConfigError, Link, connect, ensure_stream, wait_or_stop
+from pipeline.bridge.nats_io import (
+    Backoff,
+    BridgeConfigError,
+    Link,
+    connect,
+    ensure_stream,
+    wait_or_stop,
+)
 from pipeline.bridge.wire import (
     SourceMeta,
     data_headers,
@@ -122,7 +129,9 @@ class Publisher:
             if nc is None:
                 return 0
             js = nc.jetstream(timeout=opts.ack_timeout_s)
+            backoff = Backoff()
             while not self.stop.is_set():
+                progress = self.acked_msgs
                 try:
                     await self._session(nc, js)
                 except BridgeConfigError:
@@ -136,7 +145,9 @@ class Publisher:
                     while not self.link.connected and not self.stop.is_set():
                         self._update_metrics()
                         await wait_or_stop(self.stop, 0.05)
-                    await wait_or_stop(self.stop, 0.05)
+                    if self.acked_msgs != progress:
+                        backoff.reset()
+                    await wait_or_stop(self.stop, backoff.next())
             await self._drain()
             return 0
         except BridgeConfigError as exc:
