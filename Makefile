@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench dist clean
 
-$(STAMP): pyproject.toml setup.py pipeline/marketdata/_ticks.c
+$(STAMP): pyproject.toml setup.py pipeline/marketdata/_ticks.c pipeline/ipc/_futex.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dev,postgres]'

@@ -15,6 +15,16 @@ setup(
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
             optional=True,
-        )
+        ),
+        # futex wake-ups for sleeping ring readers (pipeline/ipc/wake.py); optional likewise:
+        # without it readers nap instead of sleeping until woken
+        Extension(
+            "pipeline.ipc._futex",
+            ["pipeline/ipc/_futex.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra",
+                                "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+                                "-Wno-cast-function-type"],
+            optional=True,
+        ),
     ]
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -312,8 +313,11 @@ def make_writer(name: str, capacity: int, max_staged: int) -> RingWriter:
     return w
 
 
-def test_stages_the_next_id_into_the_ring_and_declines_the_rest(ticks: Any,
-                                                               shm_name: str) -> None:
+def test_publishes_the_next_id_into_the_ring_at_once_and_declines_the_rest(
+        ticks: Any, shm_name: str) -> None:
+    """Every record the compiled path takes is visible when on_message returns (a burst of
+    frames from one socket read is not held back until its last frame), stamped with the time
+    it became visible; everything it does not take is the shell's."""
     w = make_writer(shm_name, 16, 4)
     shell = Shell()
     fast, how = fastpath.build("on", SYMBOLS, w, shell, 1 << 20)
@@ -322,52 +326,80 @@ def test_stages_the_next_id_into_the_ring_and_declines_the_rest(ticks: Any,
         conn = Conn()
         fast.on_message(conn, frame(a=100), 1)  # disarmed: the shell decides
         assert shell.calls == [(0, 1)]
-        assert w.staged == 0
+        assert w.cursor == 0
         assert fast.last_id(0) is None
         fast.set_last(0, 99)
-        fast.on_message(conn, frame(a=100), 2)  # no loop iteration open: the shell commits
+        t0 = time.time_ns()
+        fast.on_message(conn, frame(a=100), 2)  # no loop iteration open: the shell is told
+        t1 = time.time_ns()
         assert shell.calls[-1] == (2, 2)
-        assert w.staged == 1
+        assert (w.cursor, w.staged) == (1, 0)
         assert conn.last_ns == 2
-        w.commit(555)
         fast.iter_open = 1  # a loop iteration opened (by the shell, in Ingest)
-        for k in range(101, 104):  # staged silently until the batch (4) is full ...
+        for k in range(101, 106):  # visible one by one, more than max_staged (4) of them
             fast.on_message(conn, frame(a=k), k)
-        # ... but for the connection's first frame in the iteration (the shell's per-connection
-        # state: the compiled path keeps none)
+            assert (w.cursor, w.staged) == (k - 99, 0)
+        # the shell hears only of the connection's first frame in the iteration (its
+        # per-connection state: the compiled path keeps none)
         assert shell.calls[2:] == [(2, 101)]
         assert conn.last_ns == 101
-        assert w.staged == 3
-        fast.on_message(conn, frame(a=104), 104)
-        assert shell.calls[-1] == (2, 104)
-        assert w.staged == 4
-        fast.on_message(conn, frame(a=105), 105)  # batch still uncommitted: not taken
-        assert shell.calls[-1] == (0, 105)
-        assert w.staged == 4
-        w.commit(666)
         fast.on_message(conn, frame(a=104), 106)  # duplicate: the shell's tracker decides
         fast.on_message(conn, frame(a=107), 107)  # gap: likewise
         assert [c for c, _ in shell.calls[-2:]] == [0, 0]
-        assert fast.last_id(0) == 104
-        assert fast.frames == 5
+        assert fast.last_id(0) == 105
+        assert fast.frames == 6
         conn = Conn()  # a new connection (a rotation) in the same loop iteration
         conn.first_pending = True
-        fast.on_message(conn, frame(a=105), 108)
+        fast.on_message(conn, frame(a=106), 108)
         assert shell.calls[-1] == (2, 108)  # the connection's first frame: the shell is told
         assert conn.last_ns == 108
-        w.commit(777)
+        assert w.cursor == 7
         with RingReader.attach(shm_name, start="oldest") as rd:
             r = rd.poll()
-        assert r["trade_id"].tolist() == [100, 101, 102, 103, 104, 105]
-        assert r["publish_time_ns"].tolist() == [555, 666, 666, 666, 666, 777]
-        assert r["recv_time_ns"].tolist() == [2, 101, 102, 103, 104, 108]
+        assert r["trade_id"].tolist() == [100, 101, 102, 103, 104, 105, 106]
+        assert r["recv_time_ns"].tolist() == [2, 101, 102, 103, 104, 105, 108]
+        stamps = r["publish_time_ns"].tolist()
+        assert t0 <= stamps[0] <= t1
+        assert stamps == sorted(stamps)
         ref = parser(ticks, SYMBOLS).parse(frame(a=101), 101)[3]
         got = r[1:2].copy()
         got["publish_time_ns"] = 0
         assert got.tobytes() == ref
         fast.set_last(0, None)
-        fast.on_message(conn, frame(a=106), 109)
+        fast.on_message(conn, frame(a=107), 109)
         assert shell.calls[-1] == (0, 109)
+    finally:
+        fast.close()
+        w.close()
+
+
+def test_records_the_python_side_staged_go_out_with_the_next_compiled_publish(
+        ticks: Any, shm_name: str) -> None:
+    """The Python writer between stage() and commit() (a depth frame's levels): a compiled
+    publish behind them publishes them too, stamped with its own time, as commit() would; a
+    full batch waiting is left to the shell."""
+    w = make_writer(shm_name, 16, 3)
+    shell = Shell()
+    fast, _ = fastpath.build("on", SYMBOLS, w, shell, 1 << 20)
+    try:
+        fast.set_last(0, 99)
+        fast.iter_open = 1
+        w.stage((int(Kind.TRADE), 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 7, 0, 0, 0))
+        fast.on_message(Conn(), frame(a=100), 1)
+        assert (w.cursor, w.staged) == (2, 0)
+        w.stage((int(Kind.TRADE), 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 8, 0, 0, 0))
+        w.stage((int(Kind.TRADE), 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 9, 0, 0, 0))
+        w.stage((int(Kind.TRADE), 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 10, 0, 0, 0))
+        fast.on_message(Conn(), frame(a=101), 2)  # max_staged (3) wait: the shell decides
+        assert shell.calls[-1] == (0, 2)
+        assert (w.cursor, w.staged) == (2, 3)
+        w.commit(5)
+        with RingReader.attach(shm_name, start="oldest") as rd:
+            r = rd.poll()
+        assert r["trade_id"].tolist() == [7, 100, 8, 9, 10]
+        stamps = r["publish_time_ns"].tolist()
+        assert stamps[0] == stamps[1] > 5
+        assert stamps[2:] == [5, 5, 5]
     finally:
         fast.close()
         w.close()
@@ -393,13 +425,12 @@ def test_trade_and_book_ticker_state(ticks: Any, shm_name: str) -> None:
         fast.on_message(conn, book_frame(u=9), 5)
         fast.on_message(conn, book_frame(u=9), 6)  # same u: duplicate, the shell drops it
         fast.on_message(conn, book_frame(u=30, b="1.75"), 7)  # newer by any amount
-        # declined: the two unarmed, the hole, the duplicate; 2: the first frame staged for
+        # declined: the two unarmed, the hole, the duplicate; 2: the first frame published for
         # this connection in this iteration
         assert [c for c, _ in shell.calls] == [0, 0, 2, 0, 0]
-        assert w.staged == 3
+        assert (w.cursor, w.staged) == (3, 0)
         assert fast.last_id(0, int(Kind.TRADE)) == 7
         assert fast.last_id(1, int(Kind.BOOK_TICKER)) == 30
-        w.commit(1)
         with RingReader.attach(shm_name, start="oldest") as rd:
             r = rd.poll()
         assert [(int(k), int(i)) for k, i in zip(r["kind"], r["trade_id"], strict=True)] == [
@@ -437,7 +468,7 @@ def test_wraps_around_the_ring_and_interleaves_with_python_publishes(ticks: Any,
                 agg += 1
                 fast.on_message(conn, frame(a=agg, stream="ethusdt@aggTrade"), k)
                 expect.append(agg)
-            if w.staged >= 2:
+            if w.staged >= 2 or k % 7 == 0:
                 w.commit(k)
                 seen += rd.poll()["trade_id"].tolist()
         w.commit(0)
@@ -505,8 +536,8 @@ def test_a_far_book_ticker_id_goes_to_python(ticks: Any, shm_name: str) -> None:
         fast.on_message(conn, book_frame(u=10**17), 1)  # 18 digits: parsed, but far
         fast.on_message(conn, book_frame(u=1008), 2)  # exactly max_id_jump newer: taken
         fast.on_message(conn, book_frame(u=2009), 3)  # one more than that: declined
-        assert [c for c, _ in shell.calls] == [0, 2, 0]  # (2: the connection's first staged)
-        assert w.staged == 1
+        assert [c for c, _ in shell.calls] == [0, 2, 0]  # (2: the connection's first)
+        assert w.cursor == 1
         assert fast.last_id(1, int(Kind.BOOK_TICKER)) == 1008
         fast.set_last(1, -3, int(Kind.BOOK_TICKER))  # never armed on a negative id
         assert fast.last_id(1, int(Kind.BOOK_TICKER)) is None
@@ -545,9 +576,9 @@ class PublicViewOnly:
 
 def test_the_compiled_path_needs_only_the_writers_public_view(ticks: Any) -> None:
     """Built from an object that has nothing but ``fast_path_view()``, fed connections that
-    fail on any attribute access, it stages into the writer's batch: the writer's ``staged``
-    and ``commit`` see its records (the batch lives in the ring header), and it keeps no
-    reference to the writer object itself."""
+    fail on any attribute access, it publishes into the writer's ring: the writer's ``cursor``,
+    ``staged`` and ``commit`` see its records (cursor and intent live in the ring header), and
+    it keeps no reference to the writer object itself."""
     import gc
     import weakref
 
@@ -573,17 +604,19 @@ def test_the_compiled_path_needs_only_the_writers_public_view(ticks: Any) -> Non
         fast.on_message(conn, frame(a=100), 1)  # told: no iteration open
         fast.iter_open = 1
         fast.on_message(conn, frame(a=101), 2)  # told: first of this connection in the iteration
-        fast.on_message(conn, frame(a=102), 3)  # staged silently
+        fast.on_message(conn, frame(a=102), 3)  # published silently
         assert calls == [(2, 1), (2, 2)]
-        assert core.staged == 3
-        assert core.commit(42) == 3
+        assert (core.cursor, core.staged) == (3, 0)
+        assert core.commit(42) == 0  # nothing staged: the cursor it read back is the header's
         core.stage((int(Kind.TRADE), 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 7, 0, 0, 0))
-        fast.on_message(conn, frame(a=103), 4)  # behind the Python-staged record
-        assert core.staged == 2
-        core.commit(43)
+        assert core.staged == 1
+        fast.on_message(conn, frame(a=103), 4)  # behind the Python-staged record: both out
+        assert (core.cursor, core.staged) == (5, 0)
+        assert core.publish((int(Kind.TRADE), 0, 0, 0, 0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 8, 0, 0,
+                             0, 44)) == 5
         got = ReaderCore(buf, layout, start="oldest").poll()
-        assert got["trade_id"].tolist() == [100, 101, 102, 7, 103]
-        assert got["publish_time_ns"].tolist() == [42, 42, 42, 43, 43]
+        assert got["trade_id"].tolist() == [100, 101, 102, 7, 103, 8]
+        assert got["publish_time_ns"][-1] == 44
         mine = got[[0]].copy()
         mine["publish_time_ns"] = 0
         assert mine.tobytes() == reference(frame(a=100), SYMBOLS, 1)
@@ -594,7 +627,7 @@ def test_the_compiled_path_needs_only_the_writers_public_view(ticks: Any) -> Non
 def test_each_connection_is_handed_to_the_shell_once_per_loop_iteration(ticks: Any,
                                                                          shm_name: str) -> None:
     """The shell keeps per-connection state (last frame time, first frame seen): the compiled
-    path calls it (code 2) for the first frame it stages of each connection in a loop iteration,
+    path calls it (code 2) for the first frame it takes of each connection in a loop iteration,
     again when the connections alternate, and never for the rest."""
     w = make_writer(shm_name, 64, 32)
     shell = Shell()
@@ -615,7 +648,7 @@ def test_each_connection_is_handed_to_the_shell_once_per_loop_iteration(ticks: A
         fast.on_message(a, frame(a=4), 15)
         fast.on_message(a, frame(a=5), 16)
         assert shell.calls[3:] == [(2, 15)]
-        assert w.staged == 7
+        assert w.cursor == 7
         assert fast.frames == 7
     finally:
         fast.close()

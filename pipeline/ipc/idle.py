@@ -1,6 +1,6 @@
-"""How an idle ring reader waits: spin, then naps doubling to a cap that grows once idle a while.
+"""How an idle ring reader waits: spin, then sleep until woken (or nap where it cannot be woken).
 
-Pure: :func:`next_nap` is the whole schedule as a function of the time idle, testable without
+Pure: :func:`next_nap` is the whole nap schedule as a function of the time idle, testable without
 clocks; :meth:`pipeline.ipc.segments.RingReader.wait` is the loop that follows it. A reader
 chooses its trade-off by name (``attach(..., idle="low-latency" | "balanced" | "low-cpu")``) or
 with an explicit :class:`IdlePolicy`.
@@ -19,29 +19,32 @@ class IdlePolicy:
     consecutive timed-out waits continue the same period, a wait that finds data ends it):
 
     1. spin for ``spin_s`` (records arriving then are seen within ~1 us);
-    2. nap, starting at ``first_nap_s`` and doubling up to ``max_sleep_s`` until the period is
-       ``relax_after_s`` old (a record then waits at most one nap, <= ``max_sleep_s``);
-    3. keep doubling up to ``relaxed_max_sleep_s`` (a quiet feed: worst-case wake-up latency is
-       one such nap, for much less CPU).
+    2. with ``futex`` (and wake-ups available, see :mod:`pipeline.ipc.wake`): sleep until the
+       writer's next publish wakes the reader (~10 us later), costing no CPU meanwhile;
+    3. otherwise nap, starting at ``first_nap_s`` and doubling up to ``max_sleep_s`` until the
+       period is ``relax_after_s`` old (a record then waits at most one nap), then keep doubling
+       up to ``relaxed_max_sleep_s`` (a quiet feed: one such nap, for much less CPU).
 
-    Each nap is a wake-up costing a few us of CPU (syscall, timer, one Python loop turn; timer
-    slack at 1 ns). Measured on an idle ring (benchmarks/bench_ring.py ``test_reader_idle_cpu``,
-    2-core VM): ``low-latency`` (200 us cap forever) ~15% of a core, ``balanced`` (200 us for the
-    first 10 ms of idleness, then up to 1 ms) ~4.4%, ``low-cpu`` (no spin, 500 us, then up to
-    2 ms after 5 ms) ~3%. The price is wake-up latency once idle for a while: up to 1 ms
-    (balanced) or 2 ms (low-cpu) for the first record after a quiet spell.
+    The profiles differ in how long they spin, i.e. what they pay in CPU at the end of every
+    burst to catch the next record within ~1 us rather than a wake-up later: ``low-latency``
+    200 us, ``balanced`` 20 us, ``low-cpu`` none. Their nap schedules (the fallback) are the
+    pre-futex ones: each nap is a wake-up of a few us of CPU; an idle ring costs ~15%
+    (``low-latency``, 200 us cap), ~4.4% (``balanced``, 200 us, then up to 1 ms after 10 ms)
+    and ~3% (``low-cpu``, 500 us, then 2 ms after 5 ms) of a core that way, against ~0 asleep
+    on the futex (benchmarks/bench_ring.py ``test_reader_idle_cpu``).
 
-    ``low-latency`` is the default because it is what every reader had before (a trading client
-    waiting for an order acknowledgement must not see it up to 1 ms late because the reply ring
-    had been quiet); consumers that only watch market data should ask for ``balanced`` or
-    ``low-cpu``.
+    ``low-latency`` is the default: a trading client waiting for an order acknowledgement
+    spins through the short gap before it; consumers that only watch market data should ask
+    for ``balanced`` or ``low-cpu``.
     """
 
-    spin_s: float = 50e-6
+    spin_s: float = 20e-6
     first_nap_s: float = 10e-6
     max_sleep_s: float = 200e-6
     relax_after_s: float = 0.01
     relaxed_max_sleep_s: float = 1e-3
+    #: after spinning, sleep on the writer's futex when wake-ups are available (else naps)
+    futex: bool = True
 
     def __post_init__(self) -> None:
         for name in ("spin_s", "first_nap_s", "max_sleep_s", "relax_after_s",
@@ -58,7 +61,7 @@ class IdlePolicy:
 
 
 IDLE_PROFILES: dict[str, IdlePolicy] = {
-    "low-latency": IdlePolicy(relaxed_max_sleep_s=200e-6),
+    "low-latency": IdlePolicy(spin_s=200e-6, relaxed_max_sleep_s=200e-6),
     "balanced": IdlePolicy(),
     "low-cpu": IdlePolicy(
         spin_s=0.0,

@@ -8,7 +8,10 @@ Layout (all integers are native little-endian int64 at 8-byte aligned offsets)::
 
     line 0   magic, layout version, header bytes, record size, capacity (power of two),
              writer pid, writer start ticks, generation
-    line 1   write cursor, write intent         <- written only by the writer, nothing else here
+    line 1   write cursor, write intent         <- written only by the writer
+             sleepers (bit k: reader entry k is asleep on the cursor futex; set and cleared by
+             that reader, cleared by whoever reaps its entry), wake-ups (1: the writer wakes
+             sleepers on every publish, see pipeline/ipc/wake.py)
     line 2   closed flag, epoch (creation time ns), dtype/symbols/readers table offsets
     line 3   seq array and data offsets, total size
     readers  MAX_READERS entries of one cache line each: pid, start ticks, cursor, missed,
@@ -33,7 +36,9 @@ from pipeline.ipc.header import HeaderFormat
 
 MAGIC = b"PLRING\x00\x01"
 MAGIC_WORD = int.from_bytes(MAGIC, "little")
-LAYOUT_VERSION = 1
+#: 2: the sleepers and wake-ups words (a reader of version 1 would nap, never be woken; a
+#: version 2 reader of a version 1 writer would sleep waiting for wake-ups that never come)
+LAYOUT_VERSION = 2
 CACHE_LINE = 64
 MAX_READERS = 16
 READER_NAME_BYTES = 24
@@ -42,6 +47,9 @@ READER_NAME_BYTES = 24
 W_MAGIC, W_VERSION, W_HEADER_BYTES, W_RECORD_SIZE, W_CAPACITY = 0, 1, 2, 3, 4
 W_WRITER_PID, W_WRITER_START, W_GENERATION = 5, 6, 7
 W_CURSOR, W_INTENT = 8, 9  # line 1: the writer's line
+W_SLEEPERS, W_WAKEUPS = 10, 11  # line 1 too: the writer reads them with the cursor it stores
+#: reader entries that may sleep on the futex (one bit each of W_SLEEPERS); later ones nap
+SLEEPER_BITS = 64
 W_CLOSED, W_EPOCH_NS, W_DTYPE_OFF, W_DTYPE_LEN = 16, 17, 18, 19
 W_SYMBOLS_OFF, W_SYMBOLS_LEN, W_READERS_OFF, W_READERS_MAX = 20, 21, 22, 23
 W_SEQS_OFF, W_DATA_OFF, W_TOTAL_SIZE = 24, 25, 26
@@ -223,6 +231,8 @@ def format_header(
     hdr[W_GENERATION] = generation
     hdr[W_CURSOR] = 0
     hdr[W_INTENT] = 0
+    hdr[W_SLEEPERS] = 0
+    hdr[W_WAKEUPS] = 0
     hdr[W_CLOSED] = 0
     hdr[W_EPOCH_NS] = epoch_ns
     hdr[W_DTYPE_OFF] = layout.dtype_off
@@ -288,13 +298,25 @@ def _entry_name(raw: memoryview) -> str:
     return bytes(raw[E_NAME_OFF:ENTRY_BYTES]).rstrip(b"\x00").decode("utf-8", "replace")
 
 
-def reap_readers(mv: memoryview, max_readers: int, alive: Callable[[int, int], bool]) -> int:
-    """Free the entries of readers whose process is gone. Caller holds the readers lock."""
+def reap_readers(
+    mv: memoryview,
+    max_readers: int,
+    alive: Callable[[int, int], bool],
+    clear_sleeper: Callable[[int], None] | None = None,
+) -> int:
+    """Free the entries of readers whose process is gone. Caller holds the readers lock.
+
+    ``clear_sleeper(k)`` clears entry ``k``'s bit of the sleepers word (atomically: live
+    readers set and clear theirs concurrently) before the entry is freed: a reader killed while
+    asleep must not leave the writer waking nobody on every publish, nor its bit to the next
+    reader of that entry."""
     reaped = 0
-    for raw in _entries(mv, max_readers):
+    for k, raw in enumerate(_entries(mv, max_readers)):
         words = raw[:E_NAME_OFF].cast("q")
         pid = words[E_PID]
         if pid and not alive(pid, words[E_START]):
+            if clear_sleeper is not None and k < SLEEPER_BITS:
+                clear_sleeper(k)
             words[E_PID] = 0
             reaped += 1
         words.release()
@@ -309,11 +331,12 @@ def claim_entry(
     start_ticks: int,
     cursor: int,
     now_ns: int,
-) -> memoryview | None:
-    """Claim a free reader entry (caller holds the readers lock); returns its int64 words or None
-    when the table is full. The pid goes in last, so a half-filled entry is never listed."""
+) -> tuple[int, memoryview] | None:
+    """Claim a free reader entry (caller holds the readers lock); returns its index and int64
+    words, or None when the table is full. The pid goes in last, so a half-filled entry is never
+    listed."""
     encoded = name.encode("utf-8")[:READER_NAME_BYTES]
-    for raw in _entries(mv, max_readers):
+    for k, raw in enumerate(_entries(mv, max_readers)):
         words = raw[:E_NAME_OFF].cast("q")
         if words[E_PID] == 0:
             words[E_START] = start_ticks
@@ -322,7 +345,7 @@ def claim_entry(
             words[E_ATTACH_NS] = now_ns
             raw[E_NAME_OFF:ENTRY_BYTES] = encoded.ljust(READER_NAME_BYTES, b"\x00")
             words[E_PID] = pid
-            return words
+            return k, words
         words.release()
     return None
 

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from pipeline.ipc import wake
 from pipeline.ipc.idle import IDLE_PROFILES, IdlePolicy, idle_policy, nap_schedule, next_nap
 from pipeline.ipc.layout import (
     CACHE_LINE,
@@ -83,10 +84,12 @@ from pipeline.ipc.layout import (
     W_READERS_OFF,
     W_RECORD_SIZE,
     W_SEQS_OFF,
+    W_SLEEPERS,
     W_SYMBOLS_LEN,
     W_SYMBOLS_OFF,
     W_TOTAL_SIZE,
     W_VERSION,
+    W_WAKEUPS,
     W_WRITER_PID,
     W_WRITER_START,
     RingError,
@@ -226,6 +229,7 @@ class FastPathView(NamedTuple):
     stamp_offset: int  #: offset in a record of the field commit() writes; -1: none
     cursor_word: int  #: header word of the cursor
     intent_word: int  #: header word of the intent (cursor + staged)
+    sleepers_word: int  #: header word of the sleeping readers' bits (see pipeline/ipc/wake.py)
 
 
 class WriterCore(_RingEnd):
@@ -255,7 +259,16 @@ class WriterCore(_RingEnd):
         self._iota = np.arange(0, dtype=np.int64)
         st = struct_for(self.dtype)
         self._pack_into = st.pack_into if st is not None else None
+        #: the cursor as this object last stored or read it back: a compiled path publishing
+        #: through :meth:`fast_path_view` moves the header's, so every method that trusts this
+        #: one first checks it against the intent (equal only when nothing is staged and nobody
+        #: else published), and :meth:`commit` re-reads it
         self._cursor = int(self._hdr[W_CURSOR])
+        #: the futex doorbell (None: the extension is not built): stores the cursor and wakes
+        #: sleeping readers, only if there are any (one load per publish otherwise)
+        self._bell = wake.doorbell(self._hdr, W_CURSOR, W_SLEEPERS)
+        self._ring_bell = self._bell.publish if self._bell is not None else None
+        self._hdr[W_WAKEUPS] = int(self._bell is not None)
         intent = int(self._hdr[W_INTENT])
         if intent != self._cursor:  # staged by an earlier writer and never committed
             raise RingError(
@@ -303,7 +316,7 @@ class WriterCore(_RingEnd):
     def staged(self) -> int:
         """Records staged but not yet committed (invisible to readers), by this object or by a
         fast path given :meth:`fast_path_view`."""
-        return int(self._hdr[W_INTENT]) - self._cursor
+        return int(self._hdr[W_INTENT]) - int(self._hdr[W_CURSOR])
 
     def fast_path_view(self) -> FastPathView:
         """The buffers and geometry a compiled path needs to stage records into this writer's
@@ -313,7 +326,7 @@ class WriterCore(_RingEnd):
         return FastPathView(
             data=self._data, seqs=self._seqs, header=self._hdr, capacity=self.capacity,
             record_size=self._rs, max_staged=self.max_staged, stamp_offset=self._stamp_off,
-            cursor_word=W_CURSOR, intent_word=W_INTENT,
+            cursor_word=W_CURSOR, intent_word=W_INTENT, sleepers_word=W_SLEEPERS,
         )  # fmt: skip
 
     def stage(self, record: tuple[Any, ...]) -> bool:
@@ -337,19 +350,21 @@ class WriterCore(_RingEnd):
         pack(self._data, i * self._rs, *record)
         self._seqs[i] = s
         if s >= self._batch_full_seq:  # perhaps max_staged are waiting (one compare: hot path)
-            n = s + 1 - self._cursor
+            c = self._cursor = hdr[W_CURSOR]  # (a compiled path may have published since)
+            n = s + 1 - c
             if n >= self.max_staged:
                 if n >= self.capacity:
                     self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
                 return True
-            self._batch_full_seq = self._cursor + self.max_staged - 1  # publish() moved on
+            self._batch_full_seq = c + self.max_staged - 1  # publish() moved on
         return False
 
     def commit(self, stamp: int = 0) -> int:
         """Publish every staged record (writing ``stamp`` into the stamp field, if configured).
         Returns how many were published."""
-        s = self._cursor
-        n = self._hdr[W_INTENT] - s
+        hdr = self._hdr
+        s = self._cursor = hdr[W_CURSOR]  # a compiled path may have published since
+        n = hdr[W_INTENT] - s
         if not n:
             return 0
         off = self._stamp_off
@@ -370,7 +385,11 @@ class WriterCore(_RingEnd):
                 q[i * r8 + o8 : (i + first) * r8 : r8] = stamp
                 if n > first:
                     q[o8 : (n - first) * r8 : r8] = stamp
-        self._hdr[W_CURSOR] = s + n
+        bell = self._ring_bell
+        if bell is None:
+            hdr[W_CURSOR] = s + n
+        else:
+            bell(s + n)
         self._cursor = s + n
         self._batch_full_seq = s + n + self.max_staged - 1
         return n
@@ -378,7 +397,7 @@ class WriterCore(_RingEnd):
     @property
     def cursor(self) -> int:
         """Records published so far (the next record's sequence number)."""
-        return self._cursor
+        return int(self._hdr[W_CURSOR])
 
     def publish(self, record: Any) -> int:
         """Publish one record: a tuple of its fields (fastest: packed straight into the slot), a
@@ -401,7 +420,11 @@ class WriterCore(_RingEnd):
             hdr[W_INTENT] = after
             self._data[off : off + self._rs] = raw
         self._seqs[i] = s
-        hdr[W_CURSOR] = after
+        bell = self._ring_bell
+        if bell is None:
+            hdr[W_CURSOR] = after
+        else:
+            bell(after)
         self._cursor = after
         return s
 
@@ -459,13 +482,31 @@ class WriterCore(_RingEnd):
             data[: (n - first) * rs] = src[first * rs :]
             np.add(self._iota[:first], s, out=seqs[i:])
             np.add(self._iota[first:n], s, out=seqs[: n - first])
-        hdr[W_CURSOR] = s + n
+        bell = self._ring_bell
+        if bell is None:
+            hdr[W_CURSOR] = s + n
+        else:
+            bell(s + n)
         self._cursor = s + n
         return first_seq
+
+    def wake_readers(self) -> None:
+        """Wake every reader asleep on this ring (a closing writer: they look at once)."""
+        if self._bell is not None:
+            self._bell.wake()
+
+    @property
+    def wakes(self) -> int:
+        """Futex wake calls this writer made (0 without the extension): each is a publish that
+        found a reader asleep, and costs a system call."""
+        return self._bell.wakes if self._bell is not None else 0
 
     def _release(self) -> None:
         self._seqs_np = None
         self._data_np = None
+        bell, self._bell, self._ring_bell = self._bell, None, None
+        if bell is not None:
+            bell.close()
         for mv in (self._hdr, self._seqs, self._data):
             try:
                 mv.release()

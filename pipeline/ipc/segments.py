@@ -21,7 +21,7 @@ from typing import Any, Literal, Self
 
 import numpy as np
 
-from pipeline.ipc import shm
+from pipeline.ipc import shm, wake
 from pipeline.ipc.idle import IdlePolicy, idle_policy, next_nap
 from pipeline.ipc.layout import (
     E_MISSED,
@@ -30,10 +30,13 @@ from pipeline.ipc.layout import (
     MAGIC,
     MAX_READERS,
     RING_HEADER,
+    SLEEPER_BITS,
     W_CLOSED,
     W_CURSOR,
     W_EPOCH_NS,
     W_GENERATION,
+    W_SLEEPERS,
+    W_WAKEUPS,
     W_WRITER_PID,
     W_WRITER_START,
     RingError,
@@ -159,13 +162,33 @@ class RingWriter(_SegmentHandle, WriterCore):
             self.commit(time.time_ns() if self._stamp_off >= 0 else 0)
         self._seg = None
         self._hdr[W_CLOSED] = 1
+        self.wake_readers()  # asleep on the cursor: they see the closed flag now, not later
         if unlink:
             seg.unlink()
         self._release()
         seg.close()
 
+    @property
+    def sleepers(self) -> int:
+        """Readers asleep on this ring's futex now (bits of the header's sleepers word)."""
+        return bin(int(self._hdr[W_SLEEPERS]) & (1 << 64) - 1).count("1")
+
+    def reap_dead_readers(self) -> int:
+        """Free the table entries (and sleepers bits) of readers whose process is gone; returns
+        how many. Why the writer does it too: a reader killed while asleep leaves its bit set,
+        and until someone reaps it every publish pays a futex wake for nobody. Attaching
+        readers and ``pipeline ring stats`` reap as well; ingest calls this with its metrics
+        flush while any bit is set."""
+        seg = self._seg
+        if seg is None:
+            return 0
+        bell = self._bell
+        with seg.locked():
+            return reap_readers(seg.buf, self.layout.max_readers, shm.pid_alive,
+                                bell.clear if bell is not None else None)
+
     def __repr__(self) -> str:
-        return f"RingWriter({self.name!r}, cursor={self._cursor}, capacity={self.capacity})"
+        return f"RingWriter({self.name!r}, cursor={self.cursor}, capacity={self.capacity})"
 
 
 def _prefault(seg: shm.Segment, name: str, start: int) -> None:
@@ -254,6 +277,13 @@ class RingReader(_SegmentHandle, ReaderCore):
         self.idle = idle_policy(idle)
         self._idle_since: float | None = None  # perf_counter() when the idle period began
         self._last_nap = 0.0  # the last nap of that period
+        #: the futex doorbell of this segment (None: naps) and this reader's sleepers bit (-1:
+        #: none, unlisted or beyond SLEEPER_BITS: naps)
+        self._bell: wake.Doorbell | None = None
+        self._bit = -1
+        #: idle waits that slept on the futex, and how many of those a publish ended
+        self.sleeps = 0
+        self.woken = 0
         self._register()
 
     @classmethod
@@ -326,12 +356,16 @@ class RingReader(_SegmentHandle, ReaderCore):
         seg = self._seg
         assert seg is not None
         pid, start_ticks = shm.my_identity()
+        self._bell = wake.doorbell(self._hdr, W_CURSOR, W_SLEEPERS)
         with seg.locked():
-            reap_readers(seg.buf, self.layout.max_readers, shm.pid_alive)
-            self._entry = claim_entry(
+            reap_readers(seg.buf, self.layout.max_readers, shm.pid_alive,
+                         self._bell.clear if self._bell is not None else None)
+            claimed = claim_entry(
                 seg.buf, self.layout.max_readers, self.name, pid, start_ticks, self.pos,
                 time.time_ns(),
             )  # fmt: skip
+        self._entry = None if claimed is None else claimed[1]
+        self._bit = -1 if claimed is None or claimed[0] >= SLEEPER_BITS else claimed[0]
         if self._entry is None:
             log.warning(
                 "ring readers table full; reading unlisted",
@@ -339,6 +373,12 @@ class RingReader(_SegmentHandle, ReaderCore):
             )
 
     def _unregister(self) -> None:
+        bell, self._bell = self._bell, None
+        if bell is not None:
+            if self._bit >= 0:
+                bell.clear(self._bit)  # (it is clear unless a signal handler raised mid-sleep)
+            bell.close()
+        self._bit = -1
         if self._entry is not None:
             self._entry[E_PID] = 0
 
@@ -404,11 +444,15 @@ class RingReader(_SegmentHandle, ReaderCore):
         """Wait until a record is available (True) or ``timeout_s`` passes (False).
 
         Idles by the reader's :class:`IdlePolicy` (``attach(..., idle=...)``): spin briefly,
-        then naps doubling up to a cap that grows once the reader has been idle a while, with
-        the thread's timer slack at 1 ns. The idle period spans consecutive timed-out waits, so
-        a consumer looping on ``wait(0.05)`` still relaxes. ``spin=True`` spins forever (lowest
-        latency, burns a core); ``spin_s`` / ``max_sleep_s`` override the policy's spin time /
-        both nap caps for this call (the pre-policy interface).
+        then sleep until the writer's next publish wakes it (a futex on the cursor, see
+        :mod:`pipeline.ipc.wake`; each sleep is at most ``check_interval_s``, so a closed,
+        replaced or dead writer is still noticed). Without wake-ups (the extension not built,
+        a writer without them, a reader beyond the first 64 entries) it naps instead, doubling
+        up to a cap that grows once the reader has been idle a while, with the thread's timer
+        slack at 1 ns. The idle period spans consecutive timed-out waits, so a consumer looping
+        on ``wait(0.05)`` still relaxes. ``spin=True`` spins forever (lowest latency, burns a
+        core); ``spin_s`` / ``max_sleep_s`` override the policy's spin time / both nap caps for
+        this call (the pre-policy interface; ``max_sleep_s`` also means naps, not the futex).
         """
         if self._hdr[W_CURSOR] != self.pos:
             self._idle_since = None
@@ -424,6 +468,7 @@ class RingReader(_SegmentHandle, ReaderCore):
                 first_nap_s=min(policy.first_nap_s, cap) or cap, max_sleep_s=cap,
                 relax_after_s=policy.relax_after_s,
                 relaxed_max_sleep_s=cap if max_sleep_s is not None else policy.relaxed_max_sleep_s,
+                futex=policy.futex and max_sleep_s is None,
             )  # fmt: skip
         now = time.perf_counter
         t0 = now()
@@ -448,6 +493,16 @@ class RingReader(_SegmentHandle, ReaderCore):
                 self._idle_since = None
                 return True
             if spin:
+                continue
+            if (policy.futex and self._bit >= 0 and t - since >= policy.spin_s
+                    and hdr[W_WAKEUPS] and self._bell is not None):  # fmt: skip
+                left = self._check_interval if deadline is None else deadline - t
+                self.sleeps += 1
+                if not self._bell.sleep(self._bit, self.pos, min(left, self._check_interval)):
+                    self.woken += 1
+                    if hdr[W_CURSOR] == self.pos and hdr[W_CLOSED]:
+                        self.check_writer()  # woken by a closing writer: resync or note it
+                        hdr = self._hdr
                 continue
             nap = next_nap(policy, t - since, nap)
             if nap:
@@ -499,13 +554,18 @@ def ring_stats(ring: str) -> dict[str, Any]:
     """Writer and per-reader state of a ring (reaping entries of dead readers first).
 
     Keys: name, generation, epoch_ns, writer_pid, writer_alive, closed, cursor, capacity,
-    record_size, dtype, symbols, readers (list of {name, pid, cursor, lag, missed, attached_ns}).
+    record_size, dtype, symbols, readers (list of {name, pid, cursor, lag, missed, attached_ns}),
+    sleeping (readers asleep on the cursor futex now), wakeups (the writer wakes them).
     """
     seg, layout, symbols = _open_ring(ring)
     try:
-        with seg.locked():
-            reap_readers(seg.buf, layout.max_readers, shm.pid_alive)
         hdr = seg.buf[:FIXED_HEADER_BYTES].cast("q")
+        bell = wake.doorbell(hdr, W_CURSOR, W_SLEEPERS)
+        with seg.locked():
+            reap_readers(seg.buf, layout.max_readers, shm.pid_alive,
+                         bell.clear if bell is not None else None)
+        if bell is not None:
+            bell.close()
         cursor = int(hdr[W_CURSOR])
         readers = list_readers(seg.buf, layout.max_readers)
         for r in readers:
@@ -525,6 +585,8 @@ def ring_stats(ring: str) -> dict[str, Any]:
             "dtype": str(layout.dtype),
             "symbols": len(symbols),
             "readers": readers,
+            "sleeping": bin(int(hdr[W_SLEEPERS]) & (1 << 64) - 1).count("1"),
+            "wakeups": bool(hdr[W_WAKEUPS]),
         }
         hdr.release()
         return out

@@ -6,9 +6,12 @@
  * ring bookkeeping, picows' callback layer); the target is <= 2 us. This module does the common
  * case of the frame handler in one C call: parse the frame bytes, check the id against the
  * stream's state (aggTrade / trade: the next id of its symbol; bookTicker: a newer update id),
- * and write the record straight into its ring slot (staged, exactly as WriterCore.stage does:
- * intent word, record, sequence stamp). The writer's cursor/commit logic stays in Python
- * (pipeline/ipc/ring.py); this only stages.
+ * and write the record straight into its ring slot and publish it: intent word, record (with
+ * its publish_time_ns), sequence stamp, cursor, as WriterCore.publish does, then a futex wake
+ * if a reader sleeps on the cursor (pipeline/ipc/wake.py: one load when nobody does). Every
+ * record is visible the moment it is written: a burst of frames from one socket read is not
+ * held back until its last frame is decoded (a release store of the cursor costs nanoseconds
+ * here, where the Python commit cost microseconds).
  *
  * A narrow boundary: this file reads and writes no attribute of any Python object. It is given
  * buffers and integers once (the ring's record slots, sequence stamps and header words, from
@@ -34,6 +37,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 #include "structmember.h"
 #include <stdint.h>
 #include <string.h>
@@ -64,7 +72,7 @@
 #define RECORD_BYTES 96
 /* Bumped with every change of the Python-facing interface: pipeline/marketdata/fastpath.py refuses a build
  * of another version (an editable install not rebuilt after a pull) instead of failing on it. */
-#define API_VERSION 4
+#define API_VERSION 5
 #define KIND_AGG_TRADE 1
 #define KIND_TRADE 2
 #define KIND_BOOK_TICKER 3
@@ -386,7 +394,8 @@ typedef struct {
      * only, or closed */
     Py_buffer data, seqs, hdr;
     int have_bufs;
-    int64_t mask, record_size, max_staged, cursor_word, intent_word;
+    int64_t mask, record_size, max_staged, cursor_word, intent_word, sleepers_word;
+    long long wakes; /* futex wake calls: publishes that found a reader asleep */
     /* the connection (an opaque token) whose fallback was told about this event-loop iteration:
      * a frame of another one calls the fallback (which keeps per-connection state); cleared
      * whenever iter_open is set */
@@ -513,16 +522,18 @@ static int get_ring_buffer(PyObject *obj, const char *what, int words, Py_buffer
 static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"routes", "n_symbols", "fallback", "data", "seqs", "header",
                              "capacity", "record_size", "max_staged", "stamp_offset",
-                             "cursor_word", "intent_word", "max_frame_bytes", "time_mult",
-                             "max_id_jump", NULL};
+                             "cursor_word", "intent_word", "sleepers_word", "max_frame_bytes",
+                             "time_mult", "max_id_jump", NULL};
     PyObject *routes, *fallback = Py_None, *data = Py_None, *seqs = Py_None, *header = Py_None;
     Py_ssize_t n_symbols, max_frame = PY_SSIZE_T_MAX;
     long long capacity = 0, rs = 0, max_staged = 0, stamp_off = -1, cursor_word = -1,
-              intent_word = -1, time_mult = 1000000, max_id_jump = INT64_MAX;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|$OOOOLLLLLLnLL", kwlist, &PyDict_Type,
+              intent_word = -1, sleepers_word = -1, time_mult = 1000000,
+              max_id_jump = INT64_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|$OOOOLLLLLLLnLL", kwlist, &PyDict_Type,
                                      &routes, &n_symbols, &fallback, &data, &seqs, &header,
                                      &capacity, &rs, &max_staged, &stamp_off, &cursor_word,
-                                     &intent_word, &max_frame, &time_mult, &max_id_jump))
+                                     &intent_word, &sleepers_word, &max_frame, &time_mult,
+                                     &max_id_jump))
         return -1;
     if (max_id_jump < 1) {
         PyErr_SetString(PyExc_ValueError, "max_id_jump must be >= 1");
@@ -590,7 +601,8 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
     if (data != Py_None) { /* a ring to stage into: FastPathView's fields, checked */
         if (capacity < 2 || (capacity & (capacity - 1)) || rs < RECORD_BYTES ||
             max_staged < 1 || max_staged > capacity || cursor_word < 0 || intent_word < 0 ||
-            cursor_word == intent_word) {
+            sleepers_word < 0 || cursor_word == intent_word || sleepers_word == cursor_word ||
+            sleepers_word == intent_word) {
             PyErr_SetString(PyExc_ValueError, "ring geometry unusable for the fast path");
             return -1;
         }
@@ -616,6 +628,7 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
         }
         self->have_bufs = 1;
         long long top = cursor_word > intent_word ? cursor_word : intent_word;
+        top = top > sleepers_word ? top : sleepers_word;
         if (self->data.len < capacity * rs || self->seqs.len < capacity * 8 ||
             self->hdr.len < (top + 1) * 8) {
             release_buffers(self);
@@ -627,34 +640,51 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
         self->max_staged = max_staged;
         self->cursor_word = cursor_word;
         self->intent_word = intent_word;
+        self->sleepers_word = sleepers_word;
     }
     Py_INCREF(fallback);
     Py_XSETREF(self->fallback, fallback);
     return 0;
 }
 
-/* Stage the record into the ring's next slot, as WriterCore.stage does, into the batch the
- * Python writer shares through the header (intent = cursor + staged: the next sequence is the
- * intent). Returns the number of staged records afterwards, or -2 (nothing written) if a full
- * batch is still waiting for its commit (or the header makes no sense: Python decides). */
-static inline int64_t stage(TickFastPath *self, const Tick *g, int sid, int64_t recv_ns) {
+/* Publish the record in the ring's next slot, as WriterCore.publish does: the next sequence is
+ * the header's intent (= cursor + staged). Records the Python writer staged and has not
+ * committed yet (none, unless its shell is between stage() and commit()) are published with it,
+ * stamped with the same time, exactly as WriterCore.commit would. Returns 0, or -2 (nothing
+ * written) if the header makes no sense or a full batch waits: Python decides. */
+static inline int publish(TickFastPath *self, const Tick *g, int sid, int64_t recv_ns) {
     int64_t *hdr = (int64_t *)self->hdr.buf, *seqs = (int64_t *)self->seqs.buf;
     /* this process is the ring's only writer: its own earlier stores, read back */
     int64_t s = __atomic_load_n(&hdr[self->intent_word], __ATOMIC_RELAXED);
-    int64_t staged = s - __atomic_load_n(&hdr[self->cursor_word], __ATOMIC_RELAXED);
-    if (staged < 0 || staged >= self->max_staged)
-        return -2; /* the shell has not committed a full batch: let WriterCore.stage handle it */
+    int64_t c = __atomic_load_n(&hdr[self->cursor_word], __ATOMIC_RELAXED);
+    if (s - c < 0 || s - c >= self->max_staged)
+        return -2;
     int64_t i = s & self->mask;
-    /* intent before the slot is touched, the slot before its sequence stamp: a lagging reader
-     * must never take a half-written slot for a good one (the release fences keep the stores in
-     * this order for the compiler, and for the CPU where it could reorder stores) */
+    /* intent before the slot is touched, the slot before its sequence stamp, the stamp before
+     * the cursor: a lagging reader must never take a half-written slot for a good one (the
+     * release fences keep the stores in this order for the compiler, and for the CPU where it
+     * could reorder stores) */
     __atomic_store_n(&hdr[self->intent_word], s + 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    write_record((char *)self->data.buf + i * self->record_size, g, sid, recv_ns,
-                 self->time_mult);
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now); /* time.time_ns(): the publish time readers compare */
+    int64_t now_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    char *rec = (char *)self->data.buf + i * self->record_size;
+    write_record(rec, g, sid, recv_ns, self->time_mult);
+    put_i64(rec, OFF_PUBLISH_TIME, now_ns);
+    for (int64_t k = c; k < s; k++) /* staged by Python, published by this cursor store */
+        put_i64((char *)self->data.buf + (k & self->mask) * self->record_size, OFF_PUBLISH_TIME,
+                now_ns);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     __atomic_store_n(&seqs[i], s, __ATOMIC_RELAXED);
-    return staged + 1;
+    /* sequentially consistent: the cursor store is ordered before the sleepers load (a reader
+     * sets its bit, then re-reads the cursor: one of the two sees the other) */
+    __atomic_store_n(&hdr[self->cursor_word], s + 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&hdr[self->sleepers_word], __ATOMIC_SEQ_CST)) {
+        syscall(SYS_futex, &hdr[self->cursor_word], FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        self->wakes++;
+    }
+    return 0;
 }
 
 static int get_payload(PyObject *payload, Py_buffer *view, const char **buf, Py_ssize_t *n) {
@@ -685,12 +715,12 @@ static PyObject *call_fallback(TickFastPath *self, PyObject *conn, PyObject *pay
 PyDoc_STRVAR(on_message_doc,
 "on_message(conn, payload, recv_time_ns) -> None\n\n"
 "The frame callback; conn is an opaque token, only handed back to the fallback. The common\n"
-"case (one of our streams, the id the armed symbol expects next) is staged into the ring\n"
-"here, and fallback(conn, payload, recv_time_ns, 2) is called if Python must act: commit a\n"
-"full batch, open the loop iteration (iter_open 0), or the first frame of this connection in\n"
-"this iteration (so per-connection state such as the last frame time stays Python's, at most\n"
-"one loop iteration old). Any other frame: fallback(conn, payload, recv_time_ns, 0), nothing\n"
-"written, no state changed.");
+"case (one of our streams, the id the armed symbol expects next) is published into the ring\n"
+"here, and fallback(conn, payload, recv_time_ns, 2) is called after it if Python must learn\n"
+"of it: the loop iteration is not open (iter_open 0), or this is the first frame of this\n"
+"connection in this iteration (so per-connection state such as the last frame time stays\n"
+"Python's, at most one loop iteration old). Any other frame: fallback(conn, payload,\n"
+"recv_time_ns, 0), nothing written, no state changed.");
 
 static PyObject *TickFastPath_on_message(TickFastPath *self, PyObject *const *args,
                                         Py_ssize_t nargs) {
@@ -725,12 +755,11 @@ static PyObject *TickFastPath_on_message(TickFastPath *self, PyObject *const *ar
     int64_t recv_ns = PyLong_AsLongLong(recv);
     if (recv_ns == -1 && PyErr_Occurred())
         return NULL;
-    int64_t staged = stage(self, &g, sid, recv_ns);
-    if (staged == -2)
+    if (publish(self, &g, sid, recv_ns) == -2)
         return call_fallback(self, conn, payload, recv, 0);
     self->last[slot] = g.id;
     self->frames++;
-    if (staged < self->max_staged && self->iter_open && conn == self->iter_conn)
+    if (self->iter_open && conn == self->iter_conn)
         Py_RETURN_NONE; /* the common case: nothing for Python to do */
     PyObject *r = call_fallback(self, conn, payload, recv, 2);
     if (r != NULL && self->iter_open) { /* (the fallback may have opened the iteration) */
@@ -875,13 +904,15 @@ static PyMemberDef TickFastPath_members[] = {
      "frames fully handled here (the shell adds them to frames_received)"},
     {"max_staged", T_LONGLONG, offsetof(TickFastPath, max_staged), READONLY,
      "the ring's max_staged when this was built"},
+    {"wakes", T_LONGLONG, offsetof(TickFastPath, wakes), READONLY,
+     "futex wake calls made (publishes that found a reader asleep)"},
     {NULL, 0, 0, 0, NULL},
 };
 
 PyDoc_STRVAR(TickFastPath_doc,
 "TickFastPath(routes, n_symbols, *, fallback=None, data=None, seqs=None, header=None,\n"
 "            capacity=0, record_size=0, max_staged=0, stamp_offset=-1, cursor_word=-1,\n"
-"            intent_word=-1, max_frame_bytes=sys.maxsize, time_mult=1000000,\n"
+"            intent_word=-1, sleepers_word=-1, max_frame_bytes=sys.maxsize, time_mult=1000000,\n"
 "            max_id_jump=2**63-1)\n\n"
 "routes: {b'btcusdt@aggTrade': (symbol_id, kind), ...}; data .. intent_word: the fields of\n"
 "pipeline.ipc.ring.FastPathView (a ring writer's buffers and geometry; without data: parse\n"

@@ -100,8 +100,8 @@ class IngestConfig:
     max_frame_bytes: int = field(default=4 << 20, metadata=setting(
         "larger frames are skipped (counted as oversized)"))
     publish_batch: int = field(default=64, metadata=setting(
-        "at most this many records per ring commit within one event-loop iteration "
-        "(1 = publish each record at once)"))
+        "at most this many records of one frame (a depth update's levels) per ring commit; "
+        "every frame is visible as soon as it is decoded (1 = each record at once)"))
     fast_path: str = field(default="auto", metadata=setting(
         "compiled aggTrade frame -> ring path: auto (use it if built) | on (refuse to start "
         "without it) | off (pure Python)"))

@@ -36,7 +36,7 @@ from pipeline.ipc.ring import FastPathView
 
 FAST_PATH_MODES: Final = ("auto", "on", "off")
 #: the interface version of pipeline/marketdata/_ticks.c this module drives (its API_VERSION)
-API_VERSION: Final = 4
+API_VERSION: Final = 5
 
 
 class FastPathUnavailable(RuntimeError):

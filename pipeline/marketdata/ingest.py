@@ -45,18 +45,17 @@ logged): half alive is worse than a supervisor restart. The metrics block is rew
 Counters live in Python ints on the hot path and are copied into the MetricsBlock every
 ``--metrics-interval`` s (a seqlock write per frame would cost more than the frame).
 
-Ring publishes are batched per event-loop iteration (``--publish-batch``, default 64; see
-:meth:`Ingest.setup_publishing`): the first record of an iteration is published at once, the
-records of further frames from the same socket read are staged in their ring slots and committed
-together at the end of the iteration (one cursor store, one clock read for ``publish_time_ns``),
-which takes ~0.35 us off each frame under load without delaying an isolated frame.
+Every record is visible the moment its frame is decoded: a burst of frames from one socket read
+is not held back until its last frame is handled (that cost the first frame of a burst tens to
+hundreds of microseconds). A frame that makes several records (a depth update's levels) is
+committed as one batch (``--publish-batch`` bounds it), so readers see a book update whole.
 
 The common aggTrade, trade and bookTicker frame (the id its stream expects next, canonical
 JSON) does not reach Python at all: the compiled path (pipeline/marketdata/fastpath.py,
-``--fast-path``) parses it and stages its record from the transport's callback, and calls back
-into :meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's batch
-(through the ring header, never the writer's attributes) and the last ids of the trackers and
-of the bookTicker dedupe (:meth:`TradeIds.track` and the BOOK_TICKER branch of
+``--fast-path``) parses it and publishes its record from the transport's callback, and calls
+back into :meth:`Ingest._fast_fallback` for everything else. It shares the ring writer's
+cursor and intent (through the ring header, never the writer's attributes) and the last ids of
+the trackers and of the bookTicker dedupe (:meth:`TradeIds.track` and the BOOK_TICKER branch of
 :meth:`Ingest.handle`): whichever path sees a frame starts from what the other published, so
 both publish one sequence, in order, exactly once.
 """
@@ -175,9 +174,11 @@ class Ingest:
         self.cursor0 = ring.cursor
         self._time_ns = time.time_ns
         self._ready = False
-        self._loop: asyncio.AbstractEventLoop | None = None  # set: batch within loop iterations
-        self._iter_open = False  # a record was published in this loop iteration: stage the rest
-        self._stage: Callable[[tuple[Any, ...]], bool] = self._stage_unbatched
+        #: set by setup_publishing: the loop whose iterations the compiled path reports per
+        #: connection in
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._iter_open = False  # the compiled path told us of a frame in this loop iteration
+        self._stage: Callable[[tuple[Any, ...]], bool] | None = None  # publish_many's batches
         #: the compiled path (pipeline/marketdata/fastpath.py), once setup_publishing() built it
         self.fast: Any = None
         self.frames_fast = 0  # the compiled path's count, kept once it is released
@@ -186,33 +187,24 @@ class Ingest:
 
     # -- publishing --
     def setup_publishing(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Batch ring publishes per event-loop iteration (``--publish-batch`` > 1), and build
-        the compiled frame path (``--fast-path``). Call :meth:`release` before closing the
-        ring: the compiled path holds its buffers.
+        """Set up staging for multi-record frames (``--publish-batch`` records per commit) and
+        build the compiled frame path (``--fast-path``). Call :meth:`release` before closing
+        the ring: the compiled path holds its buffers.
 
-        Why: a ring publish costs ~0.9 us per record (tuple rebuilt with the clock read, pack,
-        three shared-memory stores); staging costs ~0.55 us (the pack and two stores), and the
-        cursor store and clock read are paid once per batch. The first record of a loop iteration
-        is published at once (an isolated frame gets no added latency); later records of the same
-        iteration (several frames from one socket read, under load) are staged and committed by a
-        ``call_soon`` callback at the end of the iteration, or as soon as ``publish_batch`` of
-        them wait. So under saturation a record waits at most ``publish_batch`` frame-handler
-        runs (64 x ~2 us); ``publish_time_ns`` is the commit time, when readers can see it.
-
-        The compiled path stages its records the same way (it needs staging configured even
-        with ``--publish-batch 1``: then every record it stages is committed at once).
+        Why no batching across frames: committing at the end of an event-loop iteration saved
+        ~0.35 us per frame under load, but held the first frame of a socket read invisible
+        until the last one was decoded (recv -> publish p99 556 us on ``make run``). The
+        compiled path publishes each record itself (a cursor store costs nanoseconds in C); the
+        Python path publishes each record at once (~0.9 us instead of ~0.55 us staged) and
+        stages only the records of one frame, so a depth update is seen whole.
         """
         from pipeline.marketdata import fastpath
 
-        batch = self.cfg.publish_batch
         if not hasattr(self.ring, "configure_staging"):
             return
-        want_fast = self.cfg.fast_path != "off"
-        if batch > 1 or want_fast:
-            self.ring.configure_staging("publish_time_ns", batch)
-        if batch > 1:
-            self._stage = self.ring.stage
-            self._loop = loop
+        self.ring.configure_staging("publish_time_ns", self.cfg.publish_batch)
+        self._stage = self.ring.stage
+        self._loop = loop
         self.fast, how = fastpath.build(self.cfg.fast_path, self.cfg.symbols, self.ring,
                                         self._fast_fallback, self.cfg.max_frame_bytes,
                                         self.decoder.time_mult, self.cfg.max_id_jump)
@@ -233,12 +225,9 @@ class Ingest:
                     self.last_book_u[sid] = last
             fast.close()
 
-    def _stage_unbatched(self, rec: tuple[Any, ...]) -> bool:
-        self._publish_raw((*rec, self._time_ns()))
-        return False
-
     def _open_iteration(self) -> None:
-        """Records published from here to the end of this loop iteration are staged."""
+        """The compiled path has told us of a frame in this loop iteration: it need not call
+        back for further frames of the same connection until the iteration ends."""
         self._iter_open = True
         if self.fast is not None:
             self.fast.iter_open = 1
@@ -248,32 +237,33 @@ class Ingest:
         self._iter_open = False
         if self.fast is not None:
             self.fast.iter_open = 0
-        self.ring.commit(self._time_ns())
 
     def _commit(self) -> None:
         self.ring.commit(self._time_ns())
 
     def publish(self, rec: tuple[Any, ...]) -> None:
-        """Publish a record tuple (all fields but ``publish_time_ns``), batched if enabled."""
-        if self._iter_open:
-            if self._stage(rec):
-                self._commit()
-            return
-        if self._loop is not None:
-            self._open_iteration()
+        """Publish a record tuple (all fields but ``publish_time_ns``): visible at once."""
         self._publish_raw((*rec, self._time_ns()))
 
     def publish_many(self, recs: list[tuple[Any, ...]]) -> None:
+        """Publish the records of one frame together (a depth update's levels): staged and
+        committed at once, at most ``--publish-batch`` per commit."""
+        stage = self._stage
+        if stage is None:
+            for r in recs:
+                self._publish_raw((*r, self._time_ns()))
+            return
         for r in recs:
-            self.publish(r)
+            if stage(r):
+                self._commit()
+        self._commit()
 
     # -- the frame handlers (hot path; never await, never raise) --
     def _fast_fallback(self, conn: Conn, payload: bytes, recv_ns: int, code: int) -> None:
         """Called by the compiled path: ``code`` 0, a frame it did not take (everything but
         the expected next id of an armed aggTrade / trade / bookTicker stream in canonical
         JSON): the Python handler decides.
-        ``code`` 2: it staged the record and the shell must act (first record of this loop
-        iteration: publish it now; a full batch: commit) or learn of the connection (its
+        ``code`` 2: it published the record and the shell must learn of the connection (its
         first frame in this loop iteration: the compiled path keeps no per-connection state,
         so ``last_ns`` is the first such frame's time, at most one iteration old)."""
         if code == 0:
@@ -282,13 +272,8 @@ class Ingest:
         conn.last_ns = recv_ns
         if conn.first_pending:
             conn.got_first()
-        if self._loop is None:  # --publish-batch 1: every record at once
-            self._commit()
-        elif not self._iter_open:
+        if not self._iter_open and self._loop is not None:
             self._open_iteration()
-            self._commit()
-        elif self.ring.staged >= self.ring.max_staged:
-            self._commit()
 
     def _book_far(self, sid: int, val: tuple[Any, ...]) -> None:
         """A bookTicker whose `u` is far from the last one: held aside (one bogus id must not
@@ -330,11 +315,7 @@ class Ingest:
                 if last is not None and a == last + 1 and not tr.pending:  # the common case
                     # into the ring first, then advance: a record that fails to pack leaves
                     # its id missing (a hole to backfill), never marked as published
-                    if self._iter_open:  # `published` is derived from the ring cursor
-                        if self._stage(val):
-                            self._commit()
-                    else:
-                        self.publish(val)
+                    self._publish_raw((*val, self._time_ns()))
                     tr.last = a
                     return
                 self._track(1, sid, val)
@@ -443,13 +424,10 @@ class Ingest:
         m = self.metrics
         if m is None:
             return
-        if self._loop is not None:
-            # records staged in this loop iteration (a frame may have arrived just before this
-            # runs) are committed first, so `published` and `last_agg_id_*` never run ahead of
-            # what readers can see
-            self._commit()
         if self.fast is not None:  # frames the compiled path handled without Python
             self.frames_fast = self.fast.frames
+        if getattr(self.ring, "sleepers", 0):  # perhaps one killed asleep: free its bit
+            self.ring.reap_dead_readers()
         for sh in self.shards:
             if sh.conn is not None:
                 self.last_frame_ns = max(self.last_frame_ns, sh.conn.last_ns)
