@@ -14,8 +14,11 @@ says so. Backfilled / snapshot records (flags BACKFILLED, SNAPSHOT) carry old ev
 counted but left out of the latency figures.
 
 The probe never writes to the ring, so the producer cannot notice it. It waits with the ring's
-idle wait (short spin, then naps up to 200 us): on a 2-core host a spinning probe would steal the
-core the producer needs and then measure its own interference. ``--spin`` busy-polls instead.
+idle wait of ``--idle`` (default ``balanced``: a 20 us spin, then asleep until the writer's
+futex wake-up); ``--idle low-latency,balanced,low-cpu,spin`` measures each policy in turn for
+``--seconds`` and reports publish->seen (and the probe's own CPU use) per policy. ``spin``
+busy-polls: on a 2-core host it steals the core the producer needs and then measures its own
+interference. ``--spin`` is ``--idle spin``.
 
 ``--orders N`` also submits N small LIMIT orders through the trading process (far from the market
 so they rest, each cancelled right after) and reports submit -> ack and submit -> execution
@@ -568,105 +571,169 @@ def run_orders(
 # --- main loop ------------------------------------------------------------------------------------
 
 
-def probe(args: argparse.Namespace) -> dict[str, Any]:
+IDLE_CHOICES = ("low-latency", "balanced", "low-cpu", "spin")
+
+
+def idle_policies(arg: str, spin: bool) -> list[str]:
+    """The ``--idle`` list, checked (``--spin`` alone means ``spin``)."""
+    if spin:
+        return ["spin"]
+    out = [p.strip() for p in arg.split(",") if p.strip()]
+    bad = [p for p in out if p not in IDLE_CHOICES]
+    if bad or not out:
+        raise ValueError(f"--idle takes a comma list of {', '.join(IDLE_CHOICES)}; got {arg!r}")
+    return out
+
+
+@dataclass
+class Phase:
+    """What one reader (one idle policy) saw; :func:`probe` sums phases."""
+
+    policy: str
+    samples: StageSamples
+    counts: dict[str, int] = field(default_factory=dict)
+    received: int = 0
+    excluded: int = 0
+    missed: int = 0
+    resyncs: int = 0
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    order_ref: float = 0.0
+    interrupted: bool = False
+
+
+def measure(args: argparse.Namespace, policy: str, seconds: float, offset_ms: float | None,
+            combined: StageSamples, order_symbol: str | None) -> Phase:
+    """Read the ring for ``seconds`` as a reader of idle ``policy``; samples go into the
+    phase's own store and into ``combined``."""
     from pipeline.ipc.ring import RingReader
 
     names = kind_names()
-    reader = RingReader.attach(args.ring, name="latency-probe", wait_s=args.attach_wait)
-    samples = StageSamples(limit=args.max_samples)
-    offset_ms = measure_clock_offset_ms(args.rest_url)
-    counts: dict[str, int] = {}
-    excluded = 0
-    received = 0
-    interval_received = 0
-    order_ref = 0.0
-    order_sid = -1
-    if args.orders:
-        if not args.order_symbol:
-            args.order_symbol = reader.symbols[0] if reader.symbols else "BTCUSDT"
-        if args.order_symbol in reader.symbols:
-            order_sid = reader.symbols.index(args.order_symbol)
+    reader = RingReader.attach(args.ring, name="latency-probe", wait_s=args.attach_wait,
+                               idle="balanced" if policy == "spin" else policy)
+    ph = Phase(policy, StageSamples(limit=args.max_samples))
+    order_sid = (reader.symbols.index(order_symbol)
+                 if order_symbol is not None and order_symbol in reader.symbols else -1)
+    spin = policy == "spin"
     tty = sys.stdout.isatty()
     start = time.monotonic()
+    cpu0 = time.process_time()
     last_print = start
     next_print = start + args.refresh
-    deadline = start + args.seconds
+    deadline = start + seconds
+    interval_received = 0
     wait = reader.wait
     poll = reader.poll
     try:
-        try:
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    break
-                if args.refresh > 0 and now >= next_print:
-                    rate = interval_received / max(now - last_print, 1e-9)
-                    table = format_table(
-                        samples.summary(REFRESH_POINTS),
-                        f"[{now - start:5.1f}s] {received} records, {rate:,.0f}/s now, "
-                        f"missed {reader.missed}, clock offset "
-                        f"{fmt_offset(offset_ms)}",
-                    )
-                    print(("\x1b[2J\x1b[H" + table) if tty else (table + "\n"), flush=True)
-                    last_print, next_print, interval_received = now, now + args.refresh, 0
-                until = min(deadline, next_print) if args.refresh > 0 else deadline
-                timeout = max(0.0, until - now)
-                if not wait(timeout, spin=args.spin):
-                    continue
-                batch = poll()
-                if batch.size == 0:
-                    continue
-                seen_ns = time.time_ns()
-                received += int(batch.size)
-                interval_received += int(batch.size)
-                per_kind, n_skip = split_batch(batch, names)
-                excluded += n_skip
-                for kind, sub in per_kind:
-                    counts[kind] = counts.get(kind, 0) + int(sub.size)
-                    for stage, us in stage_latencies(sub, seen_ns, offset_ms).items():
-                        samples.add(kind, stage, us)
-                if order_sid >= 0:
-                    order_ref = last_price(batch, order_sid) or order_ref
-        except KeyboardInterrupt:  # Ctrl-C ends the measurement early; still report it
-            pass
-        elapsed = time.monotonic() - start
-        orders: dict[str, Any] | None = None
-        if args.orders:
-            if args.order_price is None and order_ref <= 0:
-                raise RuntimeError(
-                    f"no price for {args.order_symbol} seen on ring {args.ring!r} "
-                    "(pass --order-price)"
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if args.refresh > 0 and now >= next_print:
+                rate = interval_received / max(now - last_print, 1e-9)
+                table = format_table(
+                    ph.samples.summary(REFRESH_POINTS),
+                    f"[{policy} {now - start:5.1f}s] {ph.received} records, {rate:,.0f}/s now, "
+                    f"missed {reader.missed}, clock offset {fmt_offset(offset_ms)}",
                 )
-            orders = run_orders(args, order_ref, samples, lambda m: print(m, file=sys.stderr))
-        summary = samples.summary()
-        result: dict[str, Any] = {
-            "ring": args.ring,
-            "seconds": elapsed,
-            "records": received,
-            "rate_per_s": received / elapsed if elapsed > 0 else 0.0,
-            "records_by_kind": counts,
-            "rate_by_kind_per_s": {k: v / elapsed for k, v in counts.items()} if elapsed else {},
-            "excluded_backfill_snapshot": excluded,
-            "missed": int(reader.missed),
-            "resyncs": int(reader.resyncs),
-            "clock_offset_ms": offset_ms,
-            "clock_offset_assumed_ms": offset_ms if offset_ms is not None else 0.0,
-            "clock_offset_note": (
-                "exchange->recv and end-to-end include the exchange/local clock offset and the "
-                "exchange's 1 ms stamp resolution; "
-                + ("offset measured from /api/v3/time (fastest of 5 round trips)"
-                   if offset_ms is not None else "offset not measured (pass --rest-url), assumed 0")
-            ),
-            "latency_us": {k: v for k, v in summary.items() if k != "order"},
-        }
-        if orders is not None:
-            orders["latency_us"] = summary.get("order", {})
-            result["orders"] = orders
-        if args.plot:
-            result["plot"] = args.plot if write_plot(samples, args.plot) else None
-        return result
+                print(("\x1b[2J\x1b[H" + table) if tty else (table + "\n"), flush=True)
+                last_print, next_print, interval_received = now, now + args.refresh, 0
+            until = min(deadline, next_print) if args.refresh > 0 else deadline
+            if not wait(max(0.0, until - now), spin=spin):
+                continue
+            batch = poll()
+            if batch.size == 0:
+                continue
+            seen_ns = time.time_ns()
+            ph.received += int(batch.size)
+            interval_received += int(batch.size)
+            per_kind, n_skip = split_batch(batch, names)
+            ph.excluded += n_skip
+            for kind, sub in per_kind:
+                ph.counts[kind] = ph.counts.get(kind, 0) + int(sub.size)
+                for stage, us in stage_latencies(sub, seen_ns, offset_ms).items():
+                    ph.samples.add(kind, stage, us)
+                    combined.add(kind, stage, us)
+            if order_sid >= 0:
+                ph.order_ref = last_price(batch, order_sid) or ph.order_ref
+    except KeyboardInterrupt:  # Ctrl-C ends the measurement early; still report it
+        ph.interrupted = True
     finally:
+        ph.seconds = time.monotonic() - start
+        ph.cpu_s = time.process_time() - cpu0
+        ph.missed, ph.resyncs = int(reader.missed), int(reader.resyncs)
         reader.close()
+    return ph
+
+
+def probe(args: argparse.Namespace) -> dict[str, Any]:
+    policies = idle_policies(args.idle, args.spin)
+    samples = StageSamples(limit=args.max_samples)
+    offset_ms = measure_clock_offset_ms(args.rest_url)
+    if args.orders and not args.order_symbol:
+        from pipeline.ipc.ring import RingReader
+
+        with RingReader.attach(args.ring, name="latency-probe", wait_s=args.attach_wait) as r:
+            args.order_symbol = r.symbols[0] if r.symbols else "BTCUSDT"
+    phases: list[Phase] = []
+    for policy in policies:
+        phases.append(measure(args, policy, args.seconds, offset_ms, samples,
+                              args.order_symbol if args.orders else None))
+        if phases[-1].interrupted:
+            break
+    counts: dict[str, int] = {}
+    for ph in phases:
+        for k, v in ph.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    received = sum(ph.received for ph in phases)
+    excluded = sum(ph.excluded for ph in phases)
+    order_ref = next((ph.order_ref for ph in reversed(phases) if ph.order_ref), 0.0)
+    elapsed = sum(ph.seconds for ph in phases)
+    orders: dict[str, Any] | None = None
+    if args.orders:
+        if args.order_price is None and order_ref <= 0:
+            raise RuntimeError(
+                f"no price for {args.order_symbol} seen on ring {args.ring!r} "
+                "(pass --order-price)"
+            )
+        orders = run_orders(args, order_ref, samples, lambda m: print(m, file=sys.stderr))
+    summary = samples.summary()
+    result: dict[str, Any] = {
+        "ring": args.ring,
+        "seconds": elapsed,
+        "records": received,
+        "rate_per_s": received / elapsed if elapsed > 0 else 0.0,
+        "records_by_kind": counts,
+        "rate_by_kind_per_s": {k: v / elapsed for k, v in counts.items()} if elapsed else {},
+        "excluded_backfill_snapshot": excluded,
+        "missed": sum(ph.missed for ph in phases),
+        "resyncs": sum(ph.resyncs for ph in phases),
+        "clock_offset_ms": offset_ms,
+        "clock_offset_assumed_ms": offset_ms if offset_ms is not None else 0.0,
+        "clock_offset_note": (
+            "exchange->recv and end-to-end include the exchange/local clock offset and the "
+            "exchange's 1 ms stamp resolution; "
+            + ("offset measured from /api/v3/time (fastest of 5 round trips)"
+               if offset_ms is not None else "offset not measured (pass --rest-url), assumed 0")
+        ),
+        "latency_us": {k: v for k, v in summary.items() if k != "order"},
+        "by_idle": {
+            ph.policy: {
+                "seconds": ph.seconds,
+                "records": ph.received,
+                "missed": ph.missed,
+                "probe_cpu_pct": 100.0 * ph.cpu_s / ph.seconds if ph.seconds > 0 else 0.0,
+                "latency_us": ph.samples.summary(),
+            }
+            for ph in phases
+        },
+    }
+    if orders is not None:
+        orders["latency_us"] = summary.get("order", {})
+        result["orders"] = orders
+    if args.plot:
+        result["plot"] = args.plot if write_plot(samples, args.plot) else None
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -676,7 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the raw percentiles to this file")
     p.add_argument("--plot", help="write a latency CDF PNG (needs matplotlib)")
     p.add_argument("--refresh", type=float, default=2.0, help="table refresh period, 0 = off")
-    p.add_argument("--spin", action="store_true", help="busy-poll (needs a spare core)")
+    p.add_argument("--idle", default="balanced",
+                   help="reader idle policy, or a comma list measured in turn for --seconds "
+                        f"each: {', '.join(IDLE_CHOICES)} (default: balanced)")
+    p.add_argument("--spin", action="store_true", help="busy-poll: --idle spin")
     p.add_argument("--rest-url", help="measure the clock offset against this REST endpoint")
     p.add_argument("--attach-wait", type=float, default=0.0,
                    help="wait this long (s) for the ring to appear")
@@ -715,6 +785,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({result['rate_per_s']:,.0f}/s), missed {result['missed']}, clock offset "
         f"{fmt_offset(result['clock_offset_ms'])}",
     ))
+    if len(result["by_idle"]) > 1:
+        for policy, ph in result["by_idle"].items():
+            print(format_table(
+                ph["latency_us"],
+                f"idle {policy}: {ph['records']} records in {ph['seconds']:.1f}s, missed "
+                f"{ph['missed']}, probe CPU {ph['probe_cpu_pct']:.1f}% of a core",
+                ("recv->publish", "publish->seen"),
+            ))
     if "orders" in result:
         o = result["orders"]
         print(format_table(

@@ -269,6 +269,43 @@ def test_probe_subprocess_counts_kinds_and_writes_json_and_plot(
         assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_probe_measures_each_idle_policy_in_turn(shm_name: str, tmp_path: Path) -> None:
+    """``--idle a,b`` reads the ring as one reader per policy, one after the other, and reports
+    publish->seen per policy besides the combined figures."""
+    out_json = tmp_path / "out.json"
+    with RingWriter.create(shm_name, TICK_DTYPE, 1 << 14, symbols=["BTCUSDT"]) as w:
+        proc = _start_probe("--ring", shm_name, "--seconds", "1.5", "--json", str(out_json),
+                            "--refresh", "0", "--idle", "balanced,low-cpu")
+        try:
+            _wait_registered(shm_name, proc, "latency-probe")
+            first = 1
+            while proc.poll() is None:  # until both phases are over
+                now = time.time_ns()
+                w.publish_many(records(Kind.AGG_TRADE, 5, ev=now - 1_000_000, recv_after_us=900,
+                                       publish_after_us=10, first_id=first))
+                first += 5
+                time.sleep(0.01)
+        finally:
+            code, out, err = _finish(proc)
+    assert code == 0, err
+    assert "idle balanced:" in out
+    assert "idle low-cpu:" in out
+    res = json.loads(out_json.read_text())
+    assert list(res["by_idle"]) == ["balanced", "low-cpu"]
+    phases = res["by_idle"].values()
+    assert all(ph["records"] > 0 for ph in phases)
+    assert sum(ph["records"] for ph in phases) == res["records"]
+    assert all(ph["latency_us"]["agg_trade"]["recv->publish"]["p50"] == pytest.approx(10.0)
+               for ph in phases)
+
+
+def test_probe_refuses_an_unknown_idle_policy(shm_name: str) -> None:
+    with RingWriter.create(shm_name, TICK_DTYPE, 64, symbols=["BTCUSDT"]):
+        code, _, err = _finish(_start_probe("--ring", shm_name, "--idle", "sleepy"))
+    assert code == 1
+    assert "--idle takes a comma list of low-latency, balanced, low-cpu, spin" in err
+
+
 def test_probe_missing_ring_is_a_clear_error(shm_name: str) -> None:
     code, _out, err = _finish(_start_probe("--ring", shm_name + "_none", "--seconds", "1"))
     assert code == 1
