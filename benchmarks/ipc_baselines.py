@@ -29,13 +29,16 @@ from pipeline.ipc.records import TICK_DTYPE
 
 MSG = struct.Struct("<56xq16xq8x")  # trade_id @56, recv_time_ns @80, 96 bytes = TICK_DTYPE
 assert MSG.size == TICK_DTYPE.itemsize == 96
-TRANSPORTS = ("ring", "ring_sleep", "mp_queue", "mp_pipe", "faster_fifo", "iceoryx2")
+#: ring: a busy-polling reader; ring_sleep: ``idle="balanced"`` (a 20 us spin, then asleep until
+#: the writer's futex wake-up); ring_lowcpu: ``idle="low-cpu"`` (no spin: every message wakes it)
+TRANSPORTS = ("ring", "ring_sleep", "ring_lowcpu", "mp_queue", "mp_pipe", "faster_fifo",
+              "iceoryx2")
 CTX = mp.get_context("spawn")
 
 
 def unavailable_reason(kind: str) -> str | None:
     """None if the transport can run here, else why not (the benchmark skips with it)."""
-    base = kind.removesuffix("_sleep")
+    base = kind.removesuffix("_sleep").removesuffix("_lowcpu")
     if base == "faster_fifo":
         try:
             import faster_fifo  # noqa: F401
@@ -245,7 +248,7 @@ class IceoryxSender(Sender):
 
 
 def make_sender(kind: str, name: str) -> Sender:
-    base = kind.removesuffix("_sleep")
+    base = kind.removesuffix("_sleep").removesuffix("_lowcpu")
     sender: Sender
     if base == "ring":
         sender = RingSender(name)
@@ -275,10 +278,11 @@ def _receiver(kind: str, args: dict[str, Any]) -> tuple[Callable[[], Any], Calla
     """Returns (receive, close); receive() -> (seqs, stamps) arrays, possibly empty, waiting at
     most ~50 ms for blocking transports."""
     empty = (np.empty(0, np.int64), np.empty(0, np.int64))
-    if kind in ("ring", "ring_sleep"):
+    if kind in ("ring", "ring_sleep", "ring_lowcpu"):
         from pipeline.ipc.segments import RingReader
 
-        r = RingReader.attach(args["ring"], name=kind)
+        r = RingReader.attach(args["ring"], name=kind,
+                              idle="low-cpu" if kind == "ring_lowcpu" else "balanced")
         if kind == "ring":
 
             def recv() -> Any:
