@@ -585,3 +585,40 @@ def test_a_stream_the_server_refuses_is_exit_2_not_a_retry_loop(
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "refuses stream 'TWO'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_frozen_server_is_survived_without_loss_or_duplicate(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer, source: RingWriter
+) -> None:
+    """A network black hole between the bridge and the server (the server SIGSTOPped: TCP up,
+    nothing answers) for longer than the ack timeout: the publisher gives up on the in-flight
+    messages, resumes from the stream once it answers again, and nothing is lost or doubled."""
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, source.name, batch=16)
+    mirror = MirrorReader(procs.mirror_ring)
+    feeder = Feeder(source, per_tick=20)
+    assert nats_server.proc is not None
+    try:
+        procs.start_publisher()
+        procs.start_mirror()
+        feeder.start()
+        wait_until(lambda: mirror.count() >= 300, "flowing", on_fail=procs.logs)
+        nats_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(6.0)  # > the 5 s ack timeout: the session must end and resume
+        finally:
+            nats_server.proc.send_signal(signal.SIGCONT)
+        target = mirror.count() + 300
+        wait_until(lambda: mirror.count() >= target, "flowing again", on_fail=procs.logs)
+        feeder.stop()
+        total = feeder.written
+        wait_until(lambda: mirror.count() >= total, "everything", on_fail=procs.logs)
+        time.sleep(0.3)
+        recs = mirror.records()
+        assert len(recs) == total
+        assert_same_per_symbol(recs, source_records(source.name))
+        assert procs.metrics("publish")["sessions"] >= 2  # it did give up and resume
+    finally:
+        feeder.halt.set()
+        codes = procs.stop()
+        mirror.close()
+    assert codes == [0, 0], procs.logs()
