@@ -622,3 +622,48 @@ def test_a_frozen_server_is_survived_without_loss_or_duplicate(
         codes = procs.stop()
         mirror.close()
     assert codes == [0, 0], procs.logs()
+
+
+def test_new_symbols_at_the_source_recreate_the_mirror_ring(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer
+) -> None:
+    """The source ring is recreated with a longer symbol table (ingest restarted with another
+    symbol): the publisher follows the new ring, and the mirror recreates its ring with the new
+    table and a generation bump; its reader resyncs and reads on, nothing missed."""
+    name = f"{shm_name}_src"
+    first = RingWriter.create(name, TICK_DTYPE, 1 << 14, SYMBOLS)
+    first.configure_staging("publish_time_ns")
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, name)
+    mirror = MirrorReader(procs.mirror_ring)
+    second: RingWriter | None = None
+    try:
+        procs.start_publisher()
+        procs.start_mirror()
+        Feeder(first).write(400)
+        wait_until(lambda: mirror.count() >= 400, "first ring", on_fail=procs.logs)
+        assert mirror.reader is not None
+        generation = mirror.reader.generation
+        first.close()
+        second = RingWriter.create(name, TICK_DTYPE, 1 << 14, [*SYMBOLS, "SOLUSDT"])
+        second.configure_staging("publish_time_ns")
+        for i in range(300):
+            second.stage(agg_trade_record(2, 0, 10.0, 1.0, i, i, 0, time.time_ns()))
+        second.commit(time.time_ns())
+        wait_until(lambda: mirror.count() >= 700, "second ring", on_fail=procs.logs)
+        recs = mirror.records()
+        assert len(recs) == 700
+        assert mirror.reader.symbols == [*SYMBOLS, "SOLUSDT"]
+        assert mirror.reader.generation > generation  # recreated, readers resynced
+        assert mirror.reader.resyncs == 1
+        assert mirror.reader.missed == 0
+        sol = recs[recs["symbol"] == 2]
+        assert sol["trade_id"].tolist() == list(range(300))
+        wait_until(lambda: procs_metric(procs, "ring_recreated", "mirror") == 1, "metrics")
+    finally:
+        codes = procs.stop()
+        mirror.close()
+        if not first.closed:
+            first.close()
+        if second is not None:
+            second.close()
+    assert codes == [0, 0], procs.logs()
