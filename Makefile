@@ -33,7 +33,7 @@ bench: $(STAMP)
 dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --no-isolation --outdir dist .
-	$(BIN)/python -m zipfile -l dist/*.whl | grep -q 'pipeline/marketdata/_ticks\..*\.so' \
+	$(BIN)/python -m zipfile -l dist/*.whl | grep 'pipeline/marketdata/_ticks\..*\.so' >/dev/null \
 	    || { echo "dist: the wheel has no compiled fast path (no C compiler?)" >&2; exit 1; }
 
 clean:
