@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from nats.js.errors import NotFoundError
 
 from pipeline.bridge.batcher import Batch, Batcher
@@ -463,15 +462,3 @@ class Publisher:
         self._next_metrics = now + 0.1
         self.metrics.set(**self.counters())
 
-
-def records_identical_except(a: np.ndarray, b: np.ndarray, fields: tuple[str, ...] = ()) -> bool:
-    """Whether two record arrays are byte-identical apart from ``fields`` (local stamps)."""
-    if a.dtype != b.dtype or len(a) != len(b):
-        return False
-    if not fields:
-        return a.tobytes() == b.tobytes()
-    x, y = a.copy(), b.copy()
-    for f in fields:
-        x[f] = 0
-        y[f] = 0
-    return x.tobytes() == y.tobytes()
