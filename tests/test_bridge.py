@@ -667,3 +667,34 @@ def test_new_symbols_at_the_source_recreate_the_mirror_ring(
         if second is not None:
             second.close()
     assert codes == [0, 0], procs.logs()
+
+
+def test_the_stream_is_created_with_the_configured_retention(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer, source: RingWriter
+) -> None:
+    import asyncio
+
+    import nats
+
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, source.name, stream="RET")
+    procs.pub = procs._spawn(
+        "publish", "--ring", source.name, "--metrics-name", procs.pub_metrics,
+        "--max-age", "600", "--max-bytes", "50000000",
+    )  # fmt: skip
+    try:
+        wait_until(lambda: procs_metric(procs, "sessions") >= 1, "stream", on_fail=procs.logs)
+
+        async def config() -> tuple[float, int, list[str], float]:
+            nc = await nats.connect(nats_server.url)
+            try:
+                info = await nc.jetstream().stream_info("RET")
+            finally:
+                await nc.close()
+            c = info.config
+            return c.max_age or 0.0, c.max_bytes or 0, list(c.subjects or []), c.duplicate_window
+
+        max_age, max_bytes, subjects, window = asyncio.run(config())
+        assert (max_age, max_bytes, subjects) == (600.0, 50_000_000, ["ticks.>"])
+        assert window == 120.0  # a republished batch within 2 minutes is a no-op
+    finally:
+        assert procs.stop() == [0], procs.logs()
