@@ -126,3 +126,36 @@ def test_the_wheel_installed_in_a_fresh_venv_loads_the_compiled_fast_path(
         text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert version.stdout.strip() == f"pipeline {_project()['version']}"
+
+
+def test_downstream_mypy_sees_the_installed_wheel_s_types(wheel: Path, tmp_path: Path) -> None:
+    """py.typed ships: a user's mypy, pointed at a venv with only the wheel installed, checks
+    calls against our annotations (without the marker it would say "missing library stubs or
+    py.typed marker" and treat everything as Any)."""
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
+    if mypy is None:
+        pytest.skip("SKIPPED LOUDLY: mypy is not installed (the 'dev' extra)")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "--no-deps", "--no-index", "--quiet", str(wheel)],
+        check=True,
+    )  # fmt: skip
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        "from pipeline import OrderClient, RingReader\n"
+        "reveal_type(RingReader.attach)\n"
+        "reveal_type(OrderClient)\n"
+        "RingReader.attach(42)\n"  # a wrong type: only a typed package can say so
+    )
+    out = subprocess.run(
+        [mypy, "--python-executable", str(venv / "bin" / "python"), "--no-incremental",
+         "--ignore-missing-imports", "--follow-imports=silent", str(user)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert "py.typed" not in out.stdout, out.stdout
+    assert 'Revealed type is "def (' in out.stdout, out.stdout
+    assert 'Argument 1 to "attach" of "RingReader" has incompatible type "int"' in out.stdout, (
+        out.stdout
+    )
