@@ -85,6 +85,7 @@ def consume(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
     return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_installed_plugin_runs_against_a_real_ring(
     plugin_site: Path, shm_name: str, tmp_path: Path
 ) -> None:
@@ -110,6 +111,7 @@ def test_the_installed_plugin_runs_against_a_real_ring(
     assert '"event":"consumer_start"' in done.stderr.replace(" ", "")
 
 
+@pytest.mark.slow
 def test_run_and_the_systemd_unit_start_the_plugin(
     plugin_site: Path, shm_name: str, tmp_path: Path
 ) -> None:
@@ -155,6 +157,7 @@ print(json.dumps({{"consumers": list(cfg.run.consumers), "argv": by["tick-counte
     assert json.loads((tmp_path / "counts.json").read_text())["records"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "says"),
     [
@@ -177,6 +180,7 @@ def test_a_broken_plugin_is_one_line_naming_it(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_plugin_cannot_take_a_builtin_name_and_unknown_names_are_usage_errors(
     plugin_site: Path, tmp_path: Path
 ) -> None:
