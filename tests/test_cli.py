@@ -21,8 +21,8 @@ def test_unknown_command_is_a_usage_error() -> None:
     [  # flags generated from the config types keep the messages they always had
         (["ingest", "--ring-capacity", "3000"],
          "pipeline ingest: error: --ring-capacity: must be a power of two >= 2, got 3000"),
-        (["ingest", "--symbols", "BTCUSDT,btc"],
-         "pipeline ingest: error: --symbols: 'btc' is not an upper-case Binance symbol"),
+        (["ingest", "--symbols", "BTCUSDT,btc-usd"],
+         "pipeline ingest: error: --symbols: 'btc-usd' is not a Binance symbol"),
         (["sim", "--rate", "-1"], "pipeline sim: --rate must be >= 0"),
         (["sim", "--api-key", "nokey"],
          "pipeline sim: --api-key must be NAME=PUBLIC_KEY_PEM_PATH, got 'nokey'"),

@@ -254,7 +254,8 @@ SIM_SAMPLES: dict[str, object] = {
     "host": "127.0.0.2", "port": 8765, "symbols": ["ETHUSDT", "XRPUSDT"], "seed": 7,
     "rate": 55.5, "rate_unit": "msgs", "replay": "/captures/day1.jsonl", "replay_speed": "max",
     "ping_interval": 5.0, "pong_timeout": 7.0, "max_lifetime": 600.0, "shutdown_notice": 30.0,
-    "shutdown_lead": "fixed", "max_incoming_per_s": 0, "max_streams": 10, "history": 5000, "tick_s": 0.02,
+    "shutdown_lead": "fixed", "max_incoming_per_s": 0, "max_streams": 10, "history": 5000,
+    "tick_s": 0.02,
     "write_high_water": 65536, "slow_consumer_timeout": 3.0, "extra_args": ["--seed", "7"],
 }  # fmt: skip
 # the TOML value that gives a field its sample, where the two differ

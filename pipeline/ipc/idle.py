@@ -28,8 +28,9 @@ class IdlePolicy:
     The profiles differ in how long they spin, i.e. what they pay in CPU at the end of every
     burst to catch the next record within ~1 us rather than a wake-up later: ``low-latency``
     50 us, ``balanced`` 20 us, ``low-cpu`` none (a longer spin buys little on a 2-core host,
-    where every spinning reader takes a core from the producer). Their nap schedules (the fallback) are the
-    pre-futex ones: each nap is a wake-up of a few us of CPU; an idle ring costs ~15%
+    where every spinning reader takes a core from the producer). Their nap schedules (the
+    fallback) are the pre-futex ones: each nap is a wake-up of a few us of CPU; an idle ring
+    costs ~15%
     (``low-latency``, 200 us cap), ~4.4% (``balanced``, 200 us, then up to 1 ms after 10 ms)
     and ~3% (``low-cpu``, 500 us, then 2 ms after 5 ms) of a core that way, against ~0 asleep
     on the futex (benchmarks/bench_ring.py ``test_reader_idle_cpu``).
