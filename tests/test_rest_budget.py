@@ -55,6 +55,16 @@ def test_a_429_holds_every_request_until_retry_after() -> None:
     assert b.delay(1, 60.0) == 0
 
 
+def test_a_429_whose_count_leaves_room_waits_only_for_retry_after() -> None:
+    """The server's used-weight count on the 429 says the window is not spent (the 429 was for
+    something else): requests resume after Retry-After, not at the next window."""
+    b = RestBudget(limit=6000, interval_s=60.0)
+    w = b.charge(5, 0.5)
+    b.on_answer(429, 100, 2.0, w, 1.0)
+    assert b.delay(1, 1.0) == pytest.approx(2.0)
+    assert b.delay(1, 3.0) == 0
+
+
 def test_a_418_stops_all_rest_until_the_ban_ends_and_says_so() -> None:
     b = RestBudget(limit=6000, interval_s=60.0)
     w = b.charge(5, 0.0)

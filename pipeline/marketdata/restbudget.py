@@ -121,7 +121,11 @@ class RestBudget:
             if status == 429:
                 self.rate_limited += 1
                 self.blocked_until = max(self.blocked_until, now + wait)
-                self.used = max(self.used, self.allowance)  # nothing more in this window
+                if used_weight is None or sent_window != self.window:
+                    # no count of this window from the server: take it as spent. With one, the
+                    # count decides (a 429 for another reason, e.g. the order-rate or a
+                    # forced one, must not stall every resync until the next minute)
+                    self.used = max(self.used, self.allowance)
             else:
                 self.bans += 1
                 self.banned_until = max(self.banned_until, now + wait)
