@@ -1,10 +1,10 @@
 """Ingest benchmarks, side by side in one run (``make bench``; smoke: ``BENCH_SCALE=0.05``).
 
 1. In-process, per aggTrade frame: decode only, and decode + id tracking + ring publish (the
-   frame handler, i.e. socket-to-ring minus the socket), for msgspec and orjson, with ring
-   publishes one by one (``batch 1``) and batched per event-loop iteration (``batch 64``, the
-   default ``--publish-batch``), and the transport floor: picows delivering the blaster's frames
-   (see 3) to a handler that does nothing (framing + the Python callback layer).
+   frame handler, i.e. socket-to-ring minus the socket), for msgspec, orjson and the compiled
+   path, every record visible once its frame is handled (since issue 14 nothing waits for the
+   end of an event-loop iteration), and the transport floor: picows delivering the blaster's
+   frames (see 3) to a handler that does nothing (framing + the Python callback layer).
 2. The real process at saturation: ``pipeline sim --rate max`` feeding ``pipeline ingest``
    (aggTrade streams, 2 symbols) for each transport x decoder. Reported: messages/s received and
    published, and CPU microseconds per message of the ingest process (psutil user+sys time over
@@ -13,8 +13,7 @@
 3. The same process fed by a "blaster" (a bare websocket server writing pre-built aggTrade frames
    in large batches, in a child process): the simulator is pure Python and saturates before
    ingest does, so this is the variant where ingest itself is the bottleneck and many frames
-   arrive per socket read (``cpu util`` close to 1.0). ``test_publish_batch_side_by_side`` runs
-   picows + msgspec with ``--publish-batch`` 1 and 64 in the same run.
+   arrive per socket read (``cpu util`` close to 1.0).
 
 Target from the issue: <= 2 us of ingest-process CPU per aggTrade frame, socket to ring.
 The summary table is printed by the last test (``test_zz_report``).
@@ -143,24 +142,19 @@ def _handler_to_ring(benchmark: Any, tag: str, cfg: Any,
         w.close()
 
 
-@pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize(("decoder", "fast"), [("msgspec", "off"), ("orjson", "off"),
                                                ("msgspec", "on")])
-def test_frame_handler_to_ring(benchmark: Any, decoder: str, fast: str, batch: int) -> None:
-    """Decode + exactly-once tracking + ring publish, as the live handler runs it.
-
-    ``batch`` 64: records are staged and committed 64 at a time (publish batching on);
-    ``batch`` 1: each record published at once. ``fast`` on: the compiled path takes the
+def test_frame_handler_to_ring(benchmark: Any, decoder: str, fast: str) -> None:
+    """Decode + exactly-once tracking + ring publish, as the live handler runs it: every record
+    visible once its frame is handled (issue 14). ``fast`` on: the compiled path takes the
     frames (the transport calls it directly).
     """
     from pipeline.marketdata.ingest import IngestConfig
 
-    cfg = IngestConfig(decoder=decoder, symbols=SYMBOLS, streams=["aggTrade"],
-                       publish_batch=batch, fast_path=fast)
-    us, _ = _handler_to_ring(benchmark, f"agg_{decoder}_{fast}_{batch}", cfg, agg_frames)
+    cfg = IngestConfig(decoder=decoder, symbols=SYMBOLS, streams=["aggTrade"], fast_path=fast)
+    us, _ = _handler_to_ring(benchmark, f"agg_{decoder}_{fast}", cfg, agg_frames)
     path = "C fast path" if fast == "on" else decoder
-    RESULTS.setdefault(f"in-process handler->ring ({path}, batch {batch})", {})[
-        "cpu_us_per_msg"] = us
+    RESULTS.setdefault(f"in-process handler->ring ({path})", {})["cpu_us_per_msg"] = us
 
 
 def book_frames(n: int, first_u: int) -> list[bytes]:
@@ -174,7 +168,7 @@ def book_frames(n: int, first_u: int) -> list[bytes]:
 
 @pytest.mark.parametrize("fast", ["off", "on"])
 def test_book_ticker_handler_to_ring(benchmark: Any, fast: str) -> None:
-    """bookTicker frames through the live handler into the ring (batch 64): msgspec + Python
+    """bookTicker frames through the live handler into the ring: msgspec + Python
     dedupe vs the compiled path."""
     from pipeline.marketdata.ingest import IngestConfig
 
@@ -352,13 +346,6 @@ def sim_and_ingest(transport: str, decoder: str, tag: str, source: str = "sim",
 def test_end_to_end_saturation(benchmark: Any, transport: str, decoder: str, fast: str,
                                source: str) -> None:
     _saturate(benchmark, transport, decoder, source, fast=fast)
-
-
-@pytest.mark.parametrize("batch", [1, 64])
-def test_publish_batch_side_by_side(benchmark: Any, batch: int) -> None:
-    """picows + compiled path <- blaster with ``--publish-batch`` 1 (a commit per record) and
-    64 (records of one loop iteration committed together), in the same run."""
-    _saturate(benchmark, "picows", "msgspec", "blaster", batch, fast="on")
 
 
 def _saturate(benchmark: Any, transport: str, decoder: str, source: str,
