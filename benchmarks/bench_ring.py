@@ -20,8 +20,11 @@ while idle (issue 14).
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -254,6 +257,40 @@ def test_latency(benchmark: Any, harness: Harness) -> None:
     record_result("latency p50 (us)", harness.kind, pct["p50_us"])
     record_result("latency p99 (us)", harness.kind, pct["p99_us"])
     record_result("latency p99.9 (us)", harness.kind, pct["p999_us"])
+
+
+@pytest.mark.benchmark(group="futex floor")
+@pytest.mark.parametrize("where", ["cross-core", "same-core"])
+def test_futex_wake_floor(benchmark: Any, tmp_path: Path, where: str) -> None:
+    """What the kernel (and hypervisor) alone take to wake a sleeper: ``futex_floor.c`` (no
+    Python) waking another process by FUTEX_WAKE, 50 us apart, on the other core or on the same
+    one. A sleeping ring reader's publish->seen cannot beat this; the rest is ours."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build benchmarks/futex_floor.c")
+    cpus = sorted(os.sched_getaffinity(0))
+    if where == "cross-core" and len(cpus) < 2:
+        pytest.skip("one CPU: no cross-core wake-up to measure")
+    exe = tmp_path / "futex_floor"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).with_name("futex_floor.c"))],
+                   check=True)
+    n = scaled(5000)
+    waker, sleeper = cpus[0], cpus[1] if where == "cross-core" else cpus[0]
+    out: list[np.ndarray] = []
+
+    def run() -> None:
+        res = subprocess.run([str(exe), str(n), "50", str(waker), str(sleeper)], check=True,
+                             capture_output=True, text=True)
+        out.append(np.array(res.stdout.split(), dtype=np.int64))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    lat = out[0]
+    assert len(lat) == n
+    assert (lat > 0).all()
+    pct = percentiles_us(lat)
+    benchmark.extra_info.update(pct)
+    record_result("latency p50 (us)", f"futex floor {where} (C)", pct["p50_us"])
+    record_result("latency p99 (us)", f"futex floor {where} (C)", pct["p99_us"])
 
 
 def _note(benchmark: Any, group: str, label: str, per_call_records: int) -> None:
