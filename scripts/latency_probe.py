@@ -60,6 +60,7 @@ ORDER_STAGES = (
     "exec: ipc",
     "submit->cancel",
 )
+PENDING_RECORDS = 20_000  # polled records kept before their latencies are computed (in bulk)
 REFRESH_POINTS = 50_000  # samples per stage behind the refreshing table (the final one: all)
 SKIP_FLAGS = 2 | 4  # Flags.BACKFILLED | Flags.SNAPSHOT (pipeline.records)
 
@@ -624,12 +625,35 @@ def measure(args: argparse.Namespace, policy: str, seconds: float, offset_ms: fl
     interval_received = 0
     wait = reader.wait
     poll = reader.poll
+    # Batches wait here, stamped, and are turned into latencies in bulk (every refresh, or
+    # every PENDING_RECORDS): per-batch numpy work (~100 us) right after each poll would keep
+    # the probe from polling again, and the rest of a burst would seem to wait in the ring for
+    # what was really the probe's own processing.
+    pending: list[tuple[np.ndarray, int]] = []
+    pending_n = 0
+
+    def digest() -> None:
+        nonlocal pending_n
+        for batch, seen_ns in pending:
+            per_kind, n_skip = split_batch(batch, names)
+            ph.excluded += n_skip
+            for kind, sub in per_kind:
+                ph.counts[kind] = ph.counts.get(kind, 0) + int(sub.size)
+                for stage, us in stage_latencies(sub, seen_ns, offset_ms).items():
+                    ph.samples.add(kind, stage, us)
+                    combined.add(kind, stage, us)
+            if order_sid >= 0:
+                ph.order_ref = last_price(batch, order_sid) or ph.order_ref
+        pending.clear()
+        pending_n = 0
+
     try:
         while True:
             now = time.monotonic()
             if now >= deadline:
                 break
             if args.refresh > 0 and now >= next_print:
+                digest()
                 rate = interval_received / max(now - last_print, 1e-9)
                 table = format_table(
                     ph.samples.summary(REFRESH_POINTS),
@@ -644,21 +668,16 @@ def measure(args: argparse.Namespace, policy: str, seconds: float, offset_ms: fl
             batch = poll()
             if batch.size == 0:
                 continue
-            seen_ns = time.time_ns()
+            pending.append((batch, time.time_ns()))
+            pending_n += int(batch.size)
             ph.received += int(batch.size)
             interval_received += int(batch.size)
-            per_kind, n_skip = split_batch(batch, names)
-            ph.excluded += n_skip
-            for kind, sub in per_kind:
-                ph.counts[kind] = ph.counts.get(kind, 0) + int(sub.size)
-                for stage, us in stage_latencies(sub, seen_ns, offset_ms).items():
-                    ph.samples.add(kind, stage, us)
-                    combined.add(kind, stage, us)
-            if order_sid >= 0:
-                ph.order_ref = last_price(batch, order_sid) or ph.order_ref
+            if pending_n >= PENDING_RECORDS:
+                digest()
     except KeyboardInterrupt:  # Ctrl-C ends the measurement early; still report it
         ph.interrupted = True
     finally:
+        digest()
         ph.seconds = time.monotonic() - start
         ph.cpu_s = time.process_time() - cpu0
         ph.missed, ph.resyncs = int(reader.missed), int(reader.resyncs)
