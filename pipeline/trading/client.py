@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.ipc.ring import RingReader, RingWriter
 from pipeline.trading.wake import WAKE_SCAN, WakeSender, wake_name_for
 from pipeline.trading.wire import (
+    EXEC_DTYPE,
     EXEC_RING,
     EXPIRY_REASONS,
     FLAG_WORKING,
@@ -160,37 +161,47 @@ class ExecReport:
 
     @classmethod
     def from_record(cls, r: Any) -> ExecReport:
+        """Decode one EXEC_DTYPE record. Why ``item()``: one call turns the record into Python
+        scalars (~2 us), where a numpy field lookup per attribute cost ~16 us per report, on
+        the path between an answer landing in the ring and the strategy seeing it."""
+        v = r.item()
+        g = _EXEC_INDEX
+        side = v[g["side"]]
         return cls(
-            client_order_id=bytes(r["client_order_id"]).decode("ascii", "replace"),
-            kind=ExecKind(int(r["kind"])).name,
-            status=OrderStatus(int(r["status"])).name,
-            symbol=bytes(r["symbol"]).decode("utf-8", "replace"),
-            side=SIDES[int(r["side"])] if int(r["side"]) < len(SIDES) else "",
-            order_id=int(r["order_id"]),
-            price=float(r["price"]),
-            qty=float(r["qty"]),
-            last_qty=float(r["last_qty"]),
-            last_price=float(r["last_price"]),
-            cum_qty=float(r["cum_qty"]),
-            cum_quote=float(r["cum_quote"]),
-            error_code=int(r["error_code"]),
-            error_msg=bytes(r["error_msg"]).decode("utf-8", "replace"),
-            submit_time_ns=int(r["submit_time_ns"]),
-            event_time_ns=int(r["event_time_ns"]),
-            publish_time_ns=int(r["publish_time_ns"]),
-            sent_time_ns=int(r["sent_time_ns"]),
-            reply_time_ns=int(r["reply_time_ns"]),
-            exec_id=int(r["exec_id"]),
-            expiry_reason=_name(EXPIRY_REASONS, int(r["expiry_reason"])),
-            stp_mode=_name(STP_MODES, int(r["stp_mode"])),
-            working=bool(int(r["flags"]) & FLAG_WORKING),
-            last_quote=float(r["last_quote"]),
-            prevented_qty=float(r["prevented_qty"]),
-            quote_order_qty=float(r["quote_order_qty"]),
+            client_order_id=v[g["client_order_id"]].decode("ascii", "replace"),
+            kind=ExecKind(v[g["kind"]]).name,
+            status=OrderStatus(v[g["status"]]).name,
+            symbol=v[g["symbol"]].decode("utf-8", "replace"),
+            side=SIDES[side] if side < len(SIDES) else "",
+            order_id=v[g["order_id"]],
+            price=v[g["price"]],
+            qty=v[g["qty"]],
+            last_qty=v[g["last_qty"]],
+            last_price=v[g["last_price"]],
+            cum_qty=v[g["cum_qty"]],
+            cum_quote=v[g["cum_quote"]],
+            error_code=v[g["error_code"]],
+            error_msg=v[g["error_msg"]].decode("utf-8", "replace"),
+            submit_time_ns=v[g["submit_time_ns"]],
+            event_time_ns=v[g["event_time_ns"]],
+            publish_time_ns=v[g["publish_time_ns"]],
+            sent_time_ns=v[g["sent_time_ns"]],
+            reply_time_ns=v[g["reply_time_ns"]],
+            exec_id=v[g["exec_id"]],
+            expiry_reason=_name(EXPIRY_REASONS, v[g["expiry_reason"]]),
+            stp_mode=_name(STP_MODES, v[g["stp_mode"]]),
+            working=bool(v[g["flags"]] & FLAG_WORKING),
+            last_quote=v[g["last_quote"]],
+            prevented_qty=v[g["prevented_qty"]],
+            quote_order_qty=v[g["quote_order_qty"]],
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+#: field name -> position in ``record.item()`` of an EXEC_DTYPE record
+_EXEC_INDEX: dict[str, int] = {name: i for i, name in enumerate(EXEC_DTYPE.names or ())}
 
 
 def _name(names: tuple[str, ...], i: int) -> str:
