@@ -260,8 +260,10 @@ def check(key: str, meta: Mapping[str, Any], value: Any, source: str) -> None:
         if not value:
             raise ConfigError(key, "must list at least one symbol", source)
         for i, v in enumerate(value):
-            if not isinstance(v, str) or not _SYMBOL_RE.fullmatch(v):
-                raise ConfigError(f"{key}[{i}]", f"not a symbol like BTCUSDT: {v!r}", source)
+            if not isinstance(v, str) or not v.isascii() or not _SYMBOL_RE.fullmatch(v.upper()):
+                raise ConfigError(f"{key}[{i}]", f"not a symbol like BTCUSDT or btcusdt: {v!r}",
+                                  source)
+        value = [v.upper() for v in value]
         if len(set(value)) != len(value):
             raise ConfigError(key, "duplicate symbols", source)
     if meta.get("power_of_two") and value & (value - 1):
@@ -296,6 +298,8 @@ def build_section(section: str, cls: type, raw: Mapping[str, tuple[Any, str]]) -
         coerced = coerce(dotted, hints[name], value, source)
         meta = fields[key].metadata
         check(dotted, meta, coerced, source)
+        if meta.get("symbols"):  # in any case, as Binance's own stream names are lower case
+            coerced = [v.upper() for v in coerced]
         kwargs[name] = meta["from_toml"](coerced) if "from_toml" in meta else coerced
     return cls(**kwargs)
 

@@ -84,7 +84,8 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ("[ring]\ncapacity = 1000\n", {}, "ring.capacity", ">= 1024"),
         ("[ring]\ncapacity = 3000\n", {}, "ring.capacity", "power of two"),
         ("[ring]\ncapacity = 'big'\n", {}, "ring.capacity", "expected an integer"),
-        ("[ingest]\nsymbols = ['BTCUSDT', 'eth']\n", {}, "ingest.symbols[1]", "symbol"),
+        ("[ingest]\nsymbols = ['BTCUSDT', 'eth-usd']\n", {}, "ingest.symbols[1]", "symbol"),
+        ("[ingest]\nsymbols = ['BTCUSDT', 'btcusdt']\n", {}, "ingest.symbols", "duplicate"),
         ("[ingest]\nstreams = ['kline']\n", {}, "ingest.streams[0]", "one of"),
         ("[run]\nmode = 'prod'\n", {}, "run.mode", "one of"),
         ("[trading]\nenabled = 'maybe'\n", {}, "trading.enabled", "boolean"),
@@ -113,6 +114,12 @@ def test_errors_name_the_key(
     assert exc.value.key == key
     assert problem in str(exc.value)
     assert str(exc.value).startswith(f"{key}: ")
+
+
+def test_symbols_in_any_case_are_upper_case_in_the_config(tmp_path: Path) -> None:
+    """Binance's own stream names are lower case: a TOML list written that way is taken."""
+    cfg = load_config(write(tmp_path, "[ingest]\nsymbols = ['btcusdt', 'EthUsdt']\n"), env={})
+    assert cfg.ingest.symbols == ["BTCUSDT", "ETHUSDT"]
 
 
 def test_error_says_where_the_value_came_from(tmp_path: Path) -> None:

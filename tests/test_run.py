@@ -309,7 +309,7 @@ def test_run_puts_the_api_key_in_no_command_line(run_env: SimpleNamespace) -> No
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[ingest]\nsymbols = ['BTCUSDT', 'nope']\n")
+    bad.write_text("[ingest]\nsymbols = ['BTCUSDT', 'no pe']\n")
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--config", str(bad)],
         capture_output=True, text=True, timeout=60,
