@@ -35,6 +35,8 @@ dist: $(STAMP)
 	$(BIN)/python -m build --no-isolation --outdir dist .
 	$(BIN)/python -m zipfile -l dist/*.whl | grep 'pipeline/marketdata/_ticks\..*\.so' >/dev/null \
 	    || { echo "dist: the wheel has no compiled fast path (no C compiler?)" >&2; exit 1; }
+	$(BIN)/python -m zipfile -l dist/*.whl | grep 'pipeline/ipc/_futex\..*\.so' >/dev/null \
+	    || { echo "dist: the wheel has no futex wake-ups (no C compiler?)" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

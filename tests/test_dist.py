@@ -76,6 +76,7 @@ def test_the_wheel_carries_the_compiled_path_types_license_and_entry_points(whee
     assert wheel.name.startswith(f"{dist}-{project['version']}-")
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("pipeline/marketdata/_ticks.") and n.endswith(".so")]
+    assert [n for n in names if n.startswith("pipeline/ipc/_futex.") and n.endswith(".so")]
     assert "pipeline/py.typed" in names
     assert f"{dist}-{project['version']}.dist-info/licenses/LICENSE" in names
     entry_points = zipfile.ZipFile(wheel).read(
@@ -107,9 +108,10 @@ def test_the_wheel_installed_in_a_fresh_venv_loads_the_compiled_fast_path(
     probe = (
         "import json, pipeline\n"
         "from pipeline.marketdata import fastpath\n"
+        "from pipeline.ipc import wake\n"
         "mod, why = fastpath.load()\n"
         "print(json.dumps({'file': pipeline.__file__, 'why': why, 'loaded': mod is not None,\n"
-        "                  'version': pipeline.__version__}))\n"
+        "                  'version': pipeline.__version__, 'wake': wake.WHY}))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     out = subprocess.run(
@@ -119,6 +121,7 @@ def test_the_wheel_installed_in_a_fresh_venv_loads_the_compiled_fast_path(
     report = json.loads(out.stdout)
     assert report["why"] == "compiled"
     assert report["loaded"] is True
+    assert report["wake"] == "futex"  # sleeping readers are woken, not napping
     assert Path(report["file"]).is_relative_to(venv), report["file"]  # the wheel's, not the tree's
     assert report["version"] == _project()["version"]
     version = subprocess.run(
