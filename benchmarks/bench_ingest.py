@@ -179,6 +179,73 @@ def test_book_ticker_handler_to_ring(benchmark: Any, fast: str) -> None:
         "cpu_us_per_msg"] = us
 
 
+def depth_frames(n: int, first_u: int, width: int) -> list[bytes]:
+    """Diff-depth frames (``@depth@100ms``) of ``width`` bid and ``width`` ask levels each,
+    contiguous update ids from ``first_u``, prices moving around a 60,000 / 60,001 book."""
+    out = []
+    u = first_u
+    for i in range(n):
+        bids = b",".join(b'["%.2f","%.8f"]' % (60000.0 - ((i + k) % 200) * 0.01, 0.5 + k * 0.001)
+                         for k in range(width))
+        asks = b",".join(b'["%.2f","%.8f"]' % (60001.0 + ((i + k) % 200) * 0.01, 0.5 + k * 0.001)
+                         for k in range(width))
+        out.append(b'{"stream":"btcusdt@depth@100ms","data":{"e":"depthUpdate","E":1768627409826,'
+                   b'"s":"BTCUSDT","U":%d,"u":%d,"b":[%s],"a":[%s]}}'
+                   % (u, u + 2 * width - 1, bids, asks))
+        u += 2 * width
+    return out
+
+
+@pytest.mark.parametrize("width", [10, 100])
+def test_depth_handler_to_ring(benchmark: Any, width: int) -> None:
+    """Diff-depth frames (``width`` x ``width`` levels) through the live handler into a synced
+    1,000-level book and the ring (the book's top published per diff, a frame's records
+    committed together): the Python path, the default ``@depth@100ms`` stream of issue 15."""
+    import uvloop
+
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
+
+    cfg = IngestConfig(symbols=SYMBOLS, streams=["depth@100ms"])
+    w = RingWriter.create(f"bench_depth{width}_{os.getpid()}", TICK_DTYPE, 1 << 16,
+                          symbols=SYMBOLS)
+    loop = uvloop.new_event_loop()
+    ing = Ingest(cfg, w, None)
+    try:
+        ing.setup_publishing(loop)
+        book = ing.depth.books[0]
+        book.on_diff(999_000, 999_000, [], [])  # anchors the snapshot (no REST here)
+        book.on_snapshot(999_999, [(60000.0 - k * 0.01, 1.0) for k in range(1000)],
+                         [(60001.0 + k * 0.01, 1.0) for k in range(1000)])
+        assert book.synced
+        n = 200
+        state = {"next": 1_000_000, "best": 1e9}
+
+        async def one() -> None:
+            frames = depth_frames(n, state["next"], width)
+            state["next"] += n * 2 * width
+            h = ing.on_frame
+            conn = _FakeConn()
+            t0 = time.process_time()
+            for f in frames:
+                h(conn, f, 1)  # type: ignore[arg-type]
+            state["best"] = min(state["best"], time.process_time() - t0)
+
+        before = ing.c["frames_received"]
+        benchmark(lambda: loop.run_until_complete(one()))
+        assert book.synced
+        assert ing.c["frames_received"] - before >= n
+        assert not any(v for k, v in ing.c.items() if k.startswith("skipped_")), ing.c
+        assert book.update_id == state["next"] - 1  # every diff applied, in order
+        us = state["best"] / n * 1e6
+        RESULTS.setdefault(f"in-process depth {width}x{width} handler->ring (msgspec)", {})[
+            "cpu_us_per_msg"] = us
+        benchmark.extra_info["cpu_us_per_frame"] = us
+    finally:
+        ing.release()
+        loop.close()
+        w.close()
+
+
 def test_transport_floor_picows(benchmark: Any) -> None:
     """picows -> a no-op handler, in this process, fed by the blaster: what the socket, the
     framing and the per-frame Python callback cost before ingest does anything."""
