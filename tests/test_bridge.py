@@ -460,10 +460,8 @@ def test_bad_settings_exit_2_without_a_traceback(tmp_path: Path) -> None:
 
 INGEST_FAST = ["--stall-timeout", "1.0", "--backoff-base", "0.05", "--backoff-max", "0.3",
                "--healthy-after", "0.5", "--ping-interval", "0.5", "--backfill-grace", "0.05",
-               "--metrics-interval", "0.05", "--rest-timeout", "2", "--ring-capacity", "262144",
-               # the bridge reads the ring whichever path filled it; the compiled path has its
-               # own tests (and may be rebuilt under a running suite)
-               "--fast-path", "off"]  # fmt: skip
+               "--metrics-interval", "0.05", "--rest-timeout", "2", "--ring-capacity", "262144"]
+# (the default --fast-path auto: the compiled path publishes most records, as in production)
 
 
 @pytest.mark.slow
