@@ -91,6 +91,23 @@ def test_a_sleeping_reader_is_woken_by_a_publish(shm_name: str, idle: str) -> No
         w.close()
 
 
+def test_a_sleepers_bit_outside_the_word_is_refused(shm_name: str) -> None:
+    w = RingWriter.create(shm_name, TICK_DTYPE, 64)
+    try:
+        bell = w._bell
+        assert bell is not None
+        for bad in (-1, 64):
+            with pytest.raises(ValueError, match=r"must be in 0\.\.63"):
+                bell.sleep(bad, 0, 0.0)
+            with pytest.raises(ValueError, match=r"must be in 0\.\.63"):
+                bell.clear(bad)
+        assert bell.sleep(0, 1, 0.0) == 1  # the cursor is not at 1: no sleep at all
+        assert bell.sleep(0, 0, 0.0) == -1  # a zero timeout: asleep and timed out at once
+        assert w.sleepers == 0
+    finally:
+        w.close()
+
+
 def test_a_publish_with_nobody_asleep_makes_no_wake_call(shm_name: str) -> None:
     """The writer's cost when nobody sleeps is one load: no system call."""
     w = RingWriter.create(shm_name, TICK_DTYPE, 64)

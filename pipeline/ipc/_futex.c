@@ -93,6 +93,21 @@ static int check_open(Doorbell *self) {
     return 0;
 }
 
+/* A reader's sleepers bit as a mask; 0 with an exception set if `arg` is not 0..63 (or the
+ * doorbell is closed). */
+static int64_t bit_mask(Doorbell *self, PyObject *arg) {
+    long bit = PyLong_AsLong(arg);
+    if (bit == -1 && PyErr_Occurred())
+        return 0;
+    if (check_open(self) < 0)
+        return 0;
+    if (bit < 0 || bit > 63) {
+        PyErr_SetString(PyExc_ValueError, "sleepers bit must be in 0..63");
+        return 0;
+    }
+    return (int64_t)((uint64_t)1 << bit);
+}
+
 static inline void wake_all(Doorbell *self) {
     /* the low 32 bits of the little-endian cursor are the futex word */
     futex(self->cursor, FUTEX_WAKE, INT_MAX, NULL);
@@ -138,8 +153,8 @@ static PyObject *Doorbell_sleep(Doorbell *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "sleep(bit, pos, timeout_s)");
         return NULL;
     }
-    long bit = PyLong_AsLong(args[0]);
-    if (bit == -1 && PyErr_Occurred())
+    int64_t mask = bit_mask(self, args[0]);
+    if (!mask)
         return NULL;
     long long pos = PyLong_AsLongLong(args[1]);
     if (pos == -1 && PyErr_Occurred())
@@ -147,15 +162,8 @@ static PyObject *Doorbell_sleep(Doorbell *self, PyObject *const *args, Py_ssize_
     double timeout = PyFloat_AsDouble(args[2]);
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
-    if (check_open(self) < 0)
-        return NULL;
-    if (bit < 0 || bit > 63) {
-        PyErr_SetString(PyExc_ValueError, "sleepers bit must be in 0..63");
-        return NULL;
-    }
     if (!(timeout >= 0.0) || timeout > 3600.0)
         timeout = timeout > 3600.0 ? 3600.0 : 0.0;
-    int64_t mask = (int64_t)((uint64_t)1 << bit);
     int64_t *cursor = self->cursor, *sleepers = self->sleepers;
     __atomic_fetch_or(sleepers, mask, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(cursor, __ATOMIC_SEQ_CST) != (int64_t)pos) {
@@ -184,16 +192,10 @@ PyDoc_STRVAR(clear_doc,
 "clear(bit) -> None\n\nClear sleepers bit `bit` (the reaper of a dead reader's table entry).");
 
 static PyObject *Doorbell_clear(Doorbell *self, PyObject *arg) {
-    long bit = PyLong_AsLong(arg);
-    if (bit == -1 && PyErr_Occurred())
+    int64_t mask = bit_mask(self, arg);
+    if (!mask)
         return NULL;
-    if (check_open(self) < 0)
-        return NULL;
-    if (bit < 0 || bit > 63) {
-        PyErr_SetString(PyExc_ValueError, "sleepers bit must be in 0..63");
-        return NULL;
-    }
-    __atomic_fetch_and(self->sleepers, ~(int64_t)((uint64_t)1 << bit), __ATOMIC_SEQ_CST);
+    __atomic_fetch_and(self->sleepers, ~mask, __ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
 }
 
