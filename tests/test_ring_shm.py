@@ -286,6 +286,8 @@ def test_stats_show_reader_lag_and_reap_dead_readers(writer: RingWriter, shm_nam
             text = format_stats(stats, now_ns=by_name["monitor"]["attached_ns"])
             assert "monitor" in text
             assert "doomed" in text
+            assert (f"{stats['sleeping']} reader(s) asleep on its futex" if stats["wakeups"]
+                    else "readers nap") in text
             child.kill()
             child.wait(timeout=10)
             assert [x["name"] for x in ring_stats(shm_name)["readers"]] == ["monitor"]

@@ -36,7 +36,9 @@ def format_stats(stats: dict[str, Any], now_ns: int | None = None) -> str:
     lines = [
         f"ring {stats['name']}: generation {stats['generation']}, writer pid "
         f"{stats['writer_pid']} ({state}), cursor {stats['cursor']}, capacity "
-        f"{stats['capacity']}, record {stats['record_size']} B, {stats['symbols']} symbols",
+        f"{stats['capacity']}, record {stats['record_size']} B, {stats['symbols']} symbols, "
+        + (f"{stats['sleeping']} reader(s) asleep on its futex" if stats.get("wakeups")
+           else "readers nap (no futex wake-ups)"),
     ]
     readers = stats["readers"]
     if not readers:
