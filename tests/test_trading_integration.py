@@ -77,13 +77,15 @@ def fast_config(api_key: str, **kw: Any) -> SessionConfig:
     return SessionConfig(api_key=api_key, **defaults)
 
 
-def trading(sim: SimServer, shm_name: str, api_key: str, signer: Any, **kw: Any) -> TradingProcess:
+def trading(sim: SimServer, shm_name: str, api_key: str, signer: Any, *,
+            transport: str = "picows", **kw: Any) -> TradingProcess:
     cfg = TradingConfig(
         url=sim.wsapi_url,
         session=fast_config(api_key, **kw),
         exec_ring=f"{shm_name}.exec",
         metrics_name=f"{shm_name}.metrics",
         scan_interval_s=0.05,
+        transport=transport,
     )
     return TradingProcess(cfg, signer)
 
@@ -159,10 +161,13 @@ async def test_wrong_key_is_fatal_and_not_retried(tmp_path: Path, shm_name: str)
 
 
 @async_test
-async def test_blackhole_detected_reconnected_resubscribed(tmp_path: Path, shm_name: str) -> None:
+@pytest.mark.parametrize("transport", ["picows", "websockets"])
+async def test_blackhole_detected_reconnected_resubscribed(
+    tmp_path: Path, shm_name: str, transport: str
+) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}) as sim:
-        tp = trading(sim, shm_name, "k", load_private_key(path))
+        tp = trading(sim, shm_name, "k", load_private_key(path), transport=transport)
         async with running(tp):
             block = MetricsBlock.attach(f"{shm_name}.metrics")
             try:
@@ -208,11 +213,15 @@ async def test_ten_refused_reconnects_fail(tmp_path: Path, shm_name: str) -> Non
 
 
 @async_test
-async def test_orders_across_disconnects_and_1007(tmp_path: Path, shm_name: str) -> None:
-    """Exactly one order per client order id at the venue; every order ends in a known state."""
+@pytest.mark.parametrize("transport", ["picows", "websockets"])
+async def test_orders_across_disconnects_and_1007(
+    tmp_path: Path, shm_name: str, transport: str
+) -> None:
+    """Exactly one order per client order id at the venue; every order ends in a known state,
+    on either WebSocket transport (``--transport websockets`` is the fallback)."""
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
-        tp = trading(sim, shm_name, "k", load_private_key(path))
+        tp = trading(sim, shm_name, "k", load_private_key(path), transport=transport)
         async with running(tp):
             s = tp.session
             bid = float(sim.market.best("BTCUSDT")[0])
@@ -281,10 +290,11 @@ async def test_orders_across_disconnects_and_1007(tmp_path: Path, shm_name: str)
 
 
 @async_test
-async def test_order_client_round_trip(tmp_path: Path, shm_name: str) -> None:
+@pytest.mark.parametrize("transport", ["picows", "websockets"])
+async def test_order_client_round_trip(tmp_path: Path, shm_name: str, transport: str) -> None:
     path, pub = new_key(tmp_path, "pem", "k")
     async with SimServer(api_keys={"k": pub}, symbols=["BTCUSDT"]) as sim:
-        tp = trading(sim, shm_name, "k", load_private_key(path))
+        tp = trading(sim, shm_name, "k", load_private_key(path), transport=transport)
         async with running(tp):
             bid = float(sim.market.best("BTCUSDT")[0])
             client = OrderClient.attach(f"{shm_name[-20:]}c", exec_ring=f"{shm_name}.exec")
