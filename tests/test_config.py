@@ -258,7 +258,8 @@ INGEST_SAMPLES: dict[str, object] = {
     "rest_weight_limit": 1200, "rest_weight_interval": 10.0, "rest_api_key_env": "MY_KEY",
 }  # fmt: skip
 SIM_SAMPLES: dict[str, object] = {
-    "host": "127.0.0.2", "port": 8765, "symbols": ["ETHUSDT", "XRPUSDT"], "seed": 7,
+    "host": "127.0.0.2", "port": 8765, "sbe_port": 8766, "symbols": ["ETHUSDT", "XRPUSDT"],
+    "seed": 7,
     "rate": 55.5, "rate_unit": "msgs", "replay": "/captures/day1.jsonl", "replay_speed": "max",
     "ping_interval": 5.0, "pong_timeout": 7.0, "max_lifetime": 600.0, "shutdown_notice": 30.0,
     "shutdown_lead": "fixed", "max_incoming_per_s": 0, "max_streams": 10, "history": 5000,

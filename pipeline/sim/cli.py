@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(
             f"pipeline sim: streams {sim.urls['streams']}  rest {sim.urls['rest']}  "
-            f"wsapi {sim.urls['wsapi']}  admin {sim.urls['admin']}  "
+            f"wsapi {sim.urls['wsapi']}  sbe {sim.urls['sbe']}  admin {sim.urls['admin']}  "
             f"symbols {','.join(sim.market.symbols)}",
             file=sys.stderr,
             flush=True,

@@ -54,6 +54,10 @@ class SimConfig:
         "0 = pick a free port", toml=None,
         no_toml="`pipeline run` lets the simulator pick a free port and reads its URLs from "
                 "the first stdout line (dependents follow it across restarts)"))
+    sbe_port: int = field(default=0, metadata=setting(
+        "port of the SBE market-data endpoint (Binance serves SBE on its own host); 0 = pick "
+        "a free port", toml=None,
+        no_toml="as port: `pipeline run` reads the SBE URL from the first stdout line"))
     symbols: list[str] = field(default_factory=lambda: list(DEFAULT_SYMBOLS), metadata=setting(
         "simulated symbols (comma-separated)", run_default=RUN_SYMBOLS, symbols=True,
         parse=_upper_symbols))

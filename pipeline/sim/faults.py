@@ -38,7 +38,7 @@ HOSTILE_REPLY_KINDS = (
     "status_5xx",
 )
 MALFORMED_KINDS = ("truncated", "invalid_json", "oversized", "binary", "bad_utf8", "torn")
-TARGETS = ("all", "streams", "wsapi")
+TARGETS = ("all", "streams", "wsapi", "sbe")
 
 # Faults acting once, now (the shell performs them) vs switches that stay set.
 IMMEDIATE = ("drop", "malformed", "shutdown")
@@ -53,6 +53,7 @@ SWITCHES = (
     "reject_logons",
     "order_fault",
     "hostile_reply",
+    "sbe_cull",
     "clear",
 )
 ALL_FAULTS = IMMEDIATE + SWITCHES
@@ -94,6 +95,9 @@ class Faults:
     rest_force: str | None = None
     rest_force_count: int = 0
     rest_retry_after: float = 2.0
+    # SBE bestBidAsk keeps only the newest update per symbol per loop turn (Binance culls
+    # stale ones under load; pipeline/sim/sbe_streams.py)
+    sbe_cull: bool = False
 
     # --- counters (GET /sim/state) ---
     fired: dict[str, int] = field(default_factory=dict)
@@ -154,6 +158,7 @@ class Faults:
             "rest_limit_interval": self.rest_limit_interval,
             "rest_force": self.rest_force,
             "rest_force_count": self.rest_force_count,
+            "sbe_cull": self.sbe_cull,
             "fired": dict(self.fired),
         }
 
@@ -207,6 +212,7 @@ def parse_fault(name: str, params: dict[str, Any] | None) -> FaultRequest:
         "reject_logons": ("count",),
         "order_fault": ("kind", "count"),
         "hostile_reply": ("kind", "count"),
+        "sbe_cull": ("on",),
         "clear": (),
     }
     if name not in allowed:
@@ -332,6 +338,8 @@ def apply_switch(faults: Faults, req: FaultRequest, now: float) -> None:
     elif req.name == "hostile_reply":
         faults.hostile_reply = p["kind"] if p["count"] else None
         faults.hostile_reply_count = p["count"]
+    elif req.name == "sbe_cull":
+        faults.sbe_cull = p["on"]
     elif req.name == "clear":
         faults.clear()
     else:

@@ -314,6 +314,12 @@ class Market:
         """The diff-depth event for one speed covering all updates since its last flush."""
         return self._sym(symbol).flush_depth(speed_ms, now_ms)
 
+    def add_depth_speed(self, speed_ms: int) -> None:
+        """Accumulate diff depth for one more speed from now on (the SBE endpoint's 20 ms
+        ``@depth``): its events take the same update ids as every other speed's."""
+        for st in self._syms.values():
+            st.accs.setdefault(speed_ms, DepthAcc())
+
     def last_update_id(self, symbol: str) -> int:
         return self._sym(symbol).update_id
 

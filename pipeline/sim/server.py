@@ -31,6 +31,8 @@ Paths (binance-protocol.md section 1.2):
   ``/ws`` then SUBSCRIBE; ``timeUnit=MICROSECOND`` on any of them gives that connection its ``E``
   and ``T`` fields in microseconds (the simulator's clock has millisecond steps: ms * 1000);
 - ``/ws-api/v3`` -> :func:`pipeline.sim.wsapi.serve_connection` (SIM-VENUE's module);
+- on a SECOND port (``urls["sbe"]``, as Binance has a host of its own for it): the SBE
+  market-data streams, same paths, ``X-MBX-APIKEY`` required (:mod:`pipeline.sim.sbe_streams`);
 - ``GET /api/v3/{ping,time,exchangeInfo,depth,aggTrades,ticker/bookTicker}``;
 - ``GET /sim/state``, ``POST /sim/fault/<name>`` (JSON body or query parameters);
 - ``POST /sim/inject``: hostile or hand-made frames into live streams
@@ -75,6 +77,7 @@ from pipeline.sim.framing import ws_frame
 from pipeline.sim.pacing import RATE_UNITS, MarketPacer
 from pipeline.sim.replay import CaptureReplay, capture_symbols, load_capture
 from pipeline.sim.rest import RestApi, json_response
+from pipeline.sim.sbe_streams import SbeHub, check_api_key
 from pipeline.sim.streams import StreamHub
 
 log = logging.getLogger("pipeline.sim")
@@ -104,6 +107,7 @@ class Simulator:
         self.conns: set[SimConnection] = set()
         self._timers: dict[SimConnection, list[asyncio.TimerHandle]] = {}
         self._server: Server | None = None
+        self._sbe_server: Server | None = None  # the SBE endpoint's own port
         self._tasks: list[asyncio.Task[None]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._last_ms = 0
@@ -127,9 +131,13 @@ class Simulator:
         self.service: Any = None
         self.wsapi_error: str | None = None
         self.port = 0
+        self.sbe_port = 0
         self.hub = StreamHub(
             cfg, self.market, self.faults, self.stats, self.spawn,
             None if self.capture is None else self.capture.streams,
+        )
+        self.sbe = self.hub.sbe = SbeHub(
+            cfg, self.market, self.faults, self.stats, self.spawn, self.now_ms
         )
         self.pacer = MarketPacer(cfg, self.market, self.hub, self.faults, self.stats, self.now_ms)
         self.replay = None if self.capture is None else CaptureReplay(
@@ -157,28 +165,36 @@ class Simulator:
         def factory(*args: Any, **kwargs: Any) -> SimConnection:
             return SimConnection(self, *args, **kwargs)
 
+        ws_options: dict[str, Any] = {
+            "create_connection": cast(Any, factory),
+            "ping_interval": cfg.ping_interval,
+            "ping_timeout": cfg.pong_timeout,
+            "compression": None,
+            "max_size": 1 << 20,
+            "write_limit": cfg.write_high_water,
+            "close_timeout": 2,
+            "server_header": "pipeline-sim",
+            "logger": logging.getLogger("pipeline.sim.ws"),
+        }
         self._server = await serve(
-            self._handler,
-            cfg.host,
-            cfg.port,
-            process_request=self._process_request,
-            create_connection=cast(Any, factory),
-            ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.pong_timeout,
-            compression=None,
-            max_size=1 << 20,
-            write_limit=cfg.write_high_water,
-            close_timeout=2,
-            server_header="pipeline-sim",
-            logger=logging.getLogger("pipeline.sim.ws"),
+            self._handler, cfg.host, cfg.port, process_request=self._process_request,
+            **ws_options,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
+        # SBE on a port of its own, as Binance serves it on a host of its own: same handler,
+        # same connection rules, its own routing (API-key header, SBE stream names)
+        self._sbe_server = await serve(
+            self._handler, cfg.host, cfg.sbe_port, process_request=self._process_sbe_request,
+            **ws_options,
+        )
+        self.sbe_port = next(iter(self._sbe_server.sockets)).getsockname()[1]
         loop = asyncio.get_running_loop()
         if self.replay is not None:
             self._tasks.append(loop.create_task(self.replay.run(), name="sim-replay"))
         else:
             self._tasks.append(loop.create_task(self.pacer.run(self.service), name="sim-market"))
+            self._tasks.append(loop.create_task(self.sbe.run(), name="sim-sbe-depth"))
         log.info(
             "sim listening",
             extra={"port": self.port, "symbols": ",".join(self.market.symbols)},
@@ -200,10 +216,11 @@ class Simulator:
             if conn.sim_blackholed:  # let the closing handshake out
                 conn.sim_unblackhole()
         self.rest.close_sessions()  # keep-alive REST connections (pipeline/sim/rest_http.py)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        for server in (self._server, self._sbe_server):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+        self._server = self._sbe_server = None
         for task in list(self._bg):
             task.cancel()
         if self._bg:
@@ -217,6 +234,7 @@ class Simulator:
             "streams": f"ws://{h}:{p}",
             "rest": f"http://{h}:{p}",
             "wsapi": f"ws://{h}:{p}/ws-api/v3",
+            "sbe": f"ws://{h}:{self.sbe_port}",
             "admin": f"http://{h}:{p}/sim",
         }
 
@@ -264,9 +282,32 @@ class Simulator:
             return self._route_stream(sconn, path, query)
         return json_response(404, {"code": -1000, "msg": f"Unknown path {path}"})
 
-    def _route_stream(
-        self, conn: SimConnection, path: str, query: dict[str, list[str]]
+    def _process_sbe_request(
+        self, conn: ServerConnection, request: Request
     ) -> Response | None:
+        """The SBE port: stream paths only, and only with a registered API key (7.1)."""
+        sconn = cast(SimConnection, conn)
+        url = urlsplit(request.path)
+        path = unquote(url.path)
+        self.stats["sbe_handshakes"] = self.stats.get("sbe_handshakes", 0) + 1
+        if self.faults.refuse:
+            self.faults.count("refuse")
+            return json_response(self.faults.refuse_status,
+                                 {"code": -1008, "msg": "Service unavailable (simulated)."})
+        if not (path in ("/stream", "/ws") or path.startswith("/ws/")):
+            return json_response(404, {"code": -1000, "msg": f"Unknown path {path}"})
+        refused = check_api_key(request.headers, self.config.api_keys)
+        if refused is not None:
+            self.faults.count("sbe_key_refused")
+            return refused
+        return self._route_stream(sconn, path, parse_qs(url.query, keep_blank_values=True),
+                                  self.sbe)
+
+    def _route_stream(
+        self, conn: SimConnection, path: str, query: dict[str, list[str]],
+        hub: StreamHub | None = None,
+    ) -> Response | None:
+        hub = hub or self.hub
         tu = (query.get("timeUnit") or ["MILLISECOND"])[0]
         if tu not in ("MILLISECOND", "millisecond", "MICROSECOND", "microsecond"):
             # the streams service's exact answer is UNCONFIRMED (section 1.2): the error code
@@ -282,7 +323,7 @@ class Simulator:
             combined = False
         valid: list[str] = []
         for n in names:
-            canon = self.hub.valid_stream(n)
+            canon = hub.valid_stream(n)
             if canon is None:
                 return json_response(
                     400, {"code": 2, "msg": f"Invalid request: unknown stream name `{n}`"}
@@ -293,7 +334,7 @@ class Simulator:
             return json_response(
                 400, {"code": 2, "msg": f"Too many streams (max {self.config.max_streams})"}
             )
-        conn.sim_route = ("streams", (combined, valid, micros))
+        conn.sim_route = ("sbe" if hub is self.sbe else "streams", (combined, valid, micros))
         return None
 
     # ---- the admin API, for in-process tests (pipeline.sim.testing.SimServer) ----
@@ -332,6 +373,11 @@ class Simulator:
                 conn.sim_kind = "wsapi"
                 self.stats["wsapi_connections_total"] += 1
                 await self._wsapi(conn)
+            elif route[0] == "sbe":
+                conn.sim_kind = "sbe"
+                self.stats["sbe_connections_total"] += 1
+                combined, streams, _micros = route[1]  # SBE times are always microseconds
+                await self.sbe.serve(conn, combined, streams)
             else:
                 conn.sim_kind = "streams"
                 self.stats["stream_connections_total"] += 1
@@ -376,15 +422,16 @@ class Simulator:
         if conn.sim_kind == "wsapi":
             payload = orjson.dumps({"event": event})
         else:
-            client = self.hub.client_of(conn)
-            if client is not None and client.micros:
+            hub = self.sbe if conn.sim_kind == "sbe" else self.hub
+            client = hub.client_of(conn)
+            if conn.sim_kind == "sbe" or (client is not None and client.micros):
                 event["E"] = now * 1000
             if client is not None and client.combined:
                 payload = orjson.dumps({"stream": "!serverShutdown", "data": event})
             else:
                 payload = orjson.dumps(event)
             if client is not None:
-                self.hub.flush_client(client)
+                hub.flush_client(client)
         if conn.sim_write(ws_frame(payload)):
             self.stats["frames_sent"] += 1
             self.faults.count("server_shutdown_sent")

@@ -88,6 +88,8 @@ class StreamHub:
         self.clients: set[StreamClient] = set()
         self.dirty: set[StreamClient] = set()
         self.client_joined = asyncio.Event()  # the capture replay starts on the first client
+        # the SBE endpoint's hub (pipeline.sim.sbe_streams): fed the same walk events
+        self.sbe: StreamHub | None = None
 
     def valid_stream(self, name: str) -> str | None:
         """Canonical name of a stream this simulator serves (a capture's own names too)."""
@@ -163,6 +165,8 @@ class StreamHub:
             sym = stream.partition("@")[0]
             if sym not in out and any(c.conn.sim_can_write() for c in subs):
                 out.add(sym)
+        if self.sbe is not None:
+            out |= self.sbe.writable_symbols()
         return out
 
     def subscribe(self, client: StreamClient, streams: list[str]) -> None:
@@ -234,14 +238,23 @@ class StreamHub:
     def flush(self) -> None:
         for c in list(self.dirty):
             self.flush_client(c)
+        if self.sbe is not None:
+            self.sbe.flush()
 
     def dispatch(self, events: list[mk.Event | mk.TakerBatch]) -> None:
+        """The walk's events to the JSON streams, and to the SBE endpoint's hub if it has
+        subscribers."""
+        if self.sbe is not None and self.sbe.subs:
+            self.sbe.dispatch(events)
+        self._dispatch_json(events)
+
+    def _dispatch_json(self, events: list[mk.Event | mk.TakerBatch]) -> None:
         subs = self.subs
         faults = self.faults
         for ev in events:
             if isinstance(ev, mk.TakerBatch):
                 if faults.skip_agg_ids:  # rare: per event, so the budget counts exactly
-                    self.dispatch(list(ev.events()))
+                    self._dispatch_json(list(ev.events()))
                 else:
                     self.publish_batch(ev)
                 continue
@@ -318,4 +331,6 @@ class StreamHub:
                 over = True
             else:
                 c.over_since = None
+        if self.sbe is not None and self.sbe.backpressured(now):
+            over = True
         return over

@@ -78,6 +78,10 @@ class SimServer:
         return self.sim.urls["wsapi"]
 
     @property
+    def sbe_url(self) -> str:
+        return self.sim.urls["sbe"]
+
+    @property
     def admin_url(self) -> str:
         return self.sim.urls["admin"]
 
@@ -151,6 +155,7 @@ class SimProcess:
         self.rest_url = urls["rest"]
         self.wsapi_url = urls["wsapi"]
         self.admin_url = urls["admin"]
+        self.sbe_url = urls.get("sbe", "")  # the SBE market-data endpoint (its own port)
         self.port = int(self.rest_url.rsplit(":", 1)[1])
 
     @property
