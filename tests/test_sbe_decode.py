@@ -524,3 +524,56 @@ def test_random_events_decode_to_their_values(ev_us: int, pexp: int, qexp: int,
     want_a = [(val(p, pexp), val(q, qexp)) for p, q in asks]
     assert d.decode(diff_frame(ev_us, 1, 1, bids, asks, sym, pexp, qexp), RECV) == (
         st.DEPTH_DIFF, st.DepthDiff(sid, 1, 1, ev_us * 1000, RECV, want_b, want_a))
+
+
+# ---- round trip with the simulator's encoder (written apart from the decoder) -------------------
+_units = hs.integers(0, 10**17)  # amounts in the simulator's 1e-8 units
+_unit_levels = hs.lists(hs.tuples(_units, _units), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hs.integers(0, 2**52), hs.integers(0, 2**62), hs.integers(-8, 0), hs.integers(-8, 0),
+       hs.lists(hs.tuples(hs.integers(0, 2**62), _units, _units, hs.booleans()), max_size=6),
+       _unit_levels, _unit_levels, hs.tuples(_units, _units, _units, _units),
+       hs.sampled_from(range(len(SYMBOLS))), hs.booleans())
+def test_sim_encoder_round_trip(ev_us: int, uid: int, pexp: int, qexp: int,
+                                trades: list[tuple[int, int, int, bool]],
+                                bids: list[tuple[int, int]], asks: list[tuple[int, int]],
+                                best: tuple[int, int, int, int], sid: int,
+                                on_grid: bool) -> None:
+    """Random events through pipeline/sim/sbe_encode.py and back: every value is the float of
+    its 8-decimal text, whatever exponent the encoder picked (``on_grid``: every amount is a
+    multiple of 10**exponent, so the encoder uses pexp/qexp; otherwise it may fall back to -8).
+    """
+    from pipeline.sim import sbe_encode as enc
+
+    if on_grid:
+        pm, qm = 10 ** (8 + pexp), 10 ** (8 + qexp)
+        trades = [(t, p // 1000 * pm, q // 1000 * qm, mk) for t, p, q, mk in trades]
+        bids = [(p // 1000 * pm, q // 1000 * qm) for p, q in bids]
+        asks = [(p // 1000 * pm, q // 1000 * qm) for p, q in asks]
+        best = (best[0] // 1000 * pm, best[1] // 1000 * qm, best[2] // 1000 * pm,
+                best[3] // 1000 * qm)
+
+    d = sbe.SbeDecoder(SYMBOLS)
+    sym = SYMBOLS[sid]
+    ev_ns = ev_us * 1000
+
+    def f(units: int) -> float:
+        return float(Decimal(units).scaleb(-8))
+
+    tag, recs = d.decode(enc.encode_trades(sym, ev_us, ev_us, trades, pexp, qexp), RECV)
+    assert (tag, recs) == (sbe.TRADES, [
+        trade_record(sid, int(Flags.BUYER_IS_MAKER) if mk else 0, f(p), f(q), t, ev_ns, RECV)
+        for t, p, q, mk in trades])
+    bp, bq, ap, aq = best
+    assert d.decode(enc.encode_best_bid_ask(sym, ev_us, uid, best, pexp, qexp), RECV) == (
+        st.BOOK_TICKER, (*book_ticker_record(sid, f(bp), f(bq), f(ap), f(aq), uid,
+                                             RECV)[:AT_EVENT_TIME_NS], ev_ns, RECV))
+    want_b = [(f(p), f(q)) for p, q in bids]
+    want_a = [(f(p), f(q)) for p, q in asks]
+    assert d.decode(enc.encode_depth_snapshot(sym, ev_us, uid, bids, asks, pexp, qexp),
+                    RECV) == (st.DEPTH_PARTIAL, st.DepthPartial(sid, uid, RECV, want_b, want_a))
+    assert d.decode(enc.encode_depth_diff(sym, ev_us, uid, uid + 3, bids, asks, pexp, qexp),
+                    RECV) == (st.DEPTH_DIFF,
+                              st.DepthDiff(sid, uid, uid + 3, ev_ns, RECV, want_b, want_a))
