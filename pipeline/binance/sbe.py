@@ -319,11 +319,16 @@ class SbeDecoder:
         if not (0 <= ev_us <= _MAX_US and update_id >= 0 and bid_m >= 0 and bid_qty_m >= 0
                 and ask_m >= 0 and ask_qty_m >= 0):
             raise SbeSkip(BAD_NUMBER)
-        # symbol, bid_price, bid_qty, ask_price, ask_qty, update_id, recv_time_ns
-        rec = book_ticker_record(sid, decimal_value(bid_m, price_exp),
-                                 decimal_value(bid_qty_m, qty_exp),
-                                 decimal_value(ask_m, price_exp),
-                                 decimal_value(ask_qty_m, qty_exp), update_id, recv_ns)
+        if price_exp < 0 and qty_exp < 0:  # the common case, inline (a call per number costs)
+            pd, qd = _POW10[-price_exp], _POW10[-qty_exp]
+            # symbol, bid_price, bid_qty, ask_price, ask_qty, update_id, recv_time_ns
+            rec = book_ticker_record(sid, bid_m / pd, bid_qty_m / qd, ask_m / pd, ask_qty_m / qd,
+                                     update_id, recv_ns)
+        else:
+            rec = book_ticker_record(sid, decimal_value(bid_m, price_exp),
+                                     decimal_value(bid_qty_m, qty_exp),
+                                     decimal_value(ask_m, price_exp),
+                                     decimal_value(ask_qty_m, qty_exp), update_id, recv_ns)
         # the builder leaves event_time_ns 0 (JSON bookTicker has no event time); SBE has one
         return BOOK_TICKER, (*rec[:AT_EVENT_TIME_NS], ev_us * _US_TO_NS, recv_ns)
 
