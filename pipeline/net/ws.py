@@ -212,19 +212,22 @@ async def connect(
     ping_timeout: float = 20.0,
     max_frame_size: int = 16 << 20,
     handshake_timeout: float = 10.0,
+    headers: dict[str, str] | None = None,
 ) -> WsClient:
     """Open a WebSocket connection with the chosen implementation. Raises
-    :class:`WsConnectError` if it cannot be opened."""
+    :class:`WsConnectError` if it cannot be opened. ``headers``: extra handshake headers
+    (``X-MBX-APIKEY`` for SBE market data)."""
     if not url.startswith(("ws://", "wss://")):
         raise ValueError(f"websocket URL must start with ws:// or wss://, got {url!r}")
     if url.startswith("wss://") and ssl_context is None:
         ssl_context = default_ssl_context()
     if transport == "picows":
         return await _PicowsClient.open(url, on_message, ssl_context, ping_interval, ping_timeout,
-                                        max_frame_size, handshake_timeout)
+                                        max_frame_size, handshake_timeout, headers)
     if transport == "websockets":
         return await _WebsocketsClient.open(url, on_message, ssl_context, ping_interval,
-                                            ping_timeout, max_frame_size, handshake_timeout)
+                                            ping_timeout, max_frame_size, handshake_timeout,
+                                            headers)
     raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
 
 
@@ -245,7 +248,8 @@ class _PicowsClient(WsClient):
     @classmethod
     async def open(cls, url: str, on_message: OnMessage | None, ssl_context: ssl.SSLContext | None,
                    ping_interval: float, ping_timeout: float, max_frame_size: int,
-                   handshake_timeout: float) -> _PicowsClient:
+                   handshake_timeout: float,
+                   headers: dict[str, str] | None = None) -> _PicowsClient:
         import picows
 
         global _PICOWS_TEXT
@@ -302,7 +306,7 @@ class _PicowsClient(WsClient):
                 # picows requires reply timeout <= idle timeout
                 auto_ping_reply_timeout=min(ping_timeout, max(ping_interval, 0.01)),
                 enable_auto_pong=True, max_frame_size=max_frame_size,
-                logger_name=_PICOWS_LOGGER,
+                logger_name=_PICOWS_LOGGER, extra_headers=headers,
             )
         except (TimeoutError, OSError, picows.WSError) as exc:
             response = getattr(exc, "response", None)  # WSHandshakeError: the HTTP answer
@@ -371,7 +375,8 @@ class _WebsocketsClient(WsClient):
     @classmethod
     async def open(cls, url: str, on_message: OnMessage | None, ssl_context: ssl.SSLContext | None,
                    ping_interval: float, ping_timeout: float, max_frame_size: int,
-                   handshake_timeout: float) -> _WebsocketsClient:
+                   handshake_timeout: float,
+                   headers: dict[str, str] | None = None) -> _WebsocketsClient:
         from websockets.asyncio.client import connect as ws_connect
         from websockets.exceptions import InvalidHandshake, InvalidURI
 
@@ -384,7 +389,8 @@ class _WebsocketsClient(WsClient):
                 url, ssl=ssl_context, ping_interval=ping_interval or None,
                 ping_timeout=ping_timeout or None, max_size=max_frame_size,
                 open_timeout=handshake_timeout, compression=None, max_queue=4096,
-                close_timeout=1.0, logger=_websockets_log, **local,
+                close_timeout=1.0, logger=_websockets_log, additional_headers=headers,
+                **local,
             )
         except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
             response = getattr(exc, "response", None)  # InvalidStatus: the HTTP answer
