@@ -19,6 +19,10 @@ from pipeline.settings import ConfigError, setting
 
 DEFAULT_STREAMS_URL = "wss://stream.binance.com:9443"
 DEFAULT_REST_URL = "https://api.binance.com"
+DEFAULT_SBE_URL = "wss://stream-sbe.binance.com:9443"
+#: SBE market-data stream kinds (no aggTrade over SBE) and the JSON kind each one duplicates
+SBE_STREAM_KINDS = {"trade": "trade", "bestBidAsk": "bookTicker", "depth": "depth",
+                    "depth20": "depth20"}
 MAX_STREAMS_PER_CONNECTION = 1024  # section 1.3
 # what `pipeline run` ingests with no config: the simulator demo's symbols
 RUN_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
@@ -116,6 +120,14 @@ class IngestConfig:
     max_backfill_ids: int = field(default=200_000, metadata=setting(  # 200 REST pages
         "an aggTrade hole larger than this is reported (GAP) without fetching it over REST "
         "(request weight)"))
+    sbe_streams: list[str] = field(default_factory=lambda: [], metadata=setting(
+        "SBE (binary) stream kinds per symbol: trade, bestBidAsk, depth, depth20; empty = no "
+        "SBE connection. Needs --sbe-api-key-env"))
+    sbe_url: str = field(default=DEFAULT_SBE_URL, metadata=setting(
+        "SBE market streams base URL", url=True))
+    sbe_api_key_env: str = field(default="", metadata=setting(
+        "name of an environment variable holding the API key SBE streams require "
+        "(X-MBX-APIKEY); the key itself never goes on a command line"))
     extra_args: list[str] = field(default_factory=lambda: [], metadata=setting(
         "extra `pipeline ingest` arguments `pipeline run` appends", flag=None,
         no_flag="raw flags for the child's command line, so it has no flag of its own"))
@@ -124,6 +136,9 @@ class IngestConfig:
         from pipeline.binance.streams import stream_name
 
         return [stream_name(sym, kind) for sym in self.symbols for kind in self.streams]
+
+    def sbe_stream_names(self) -> list[str]:
+        return [f"{sym.lower()}@{kind}" for sym in self.symbols for kind in self.sbe_streams]
 
 
 _SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}")  # fullmatch: "$" would accept a trailing newline
@@ -186,7 +201,7 @@ def validate(cfg: IngestConfig) -> IngestConfig:
     cfg.symbols = [normal_symbol(s) for s in cfg.symbols]
     if len(set(cfg.symbols)) != len(cfg.symbols):
         raise ConfigError("--symbols", "duplicate symbol")
-    if not cfg.streams:
+    if not cfg.streams and not cfg.sbe_streams:
         raise ConfigError("--streams", "at least one stream kind is required")
     if len(set(cfg.streams)) != len(cfg.streams):
         raise ConfigError("--streams", "duplicate stream kind")
@@ -254,5 +269,37 @@ def validate(cfg: IngestConfig) -> IngestConfig:
     if not 1 <= cfg.id_resync_after <= 10_000:
         raise ConfigError("--id-resync-after",
                           f"must be in 1..10000, got {cfg.id_resync_after}")
+    _validate_sbe(cfg)
     return cfg
+
+
+def _validate_sbe(cfg: IngestConfig) -> None:
+    """SBE streams: known kinds, none also subscribed over JSON (two copies of one stream would
+    be two trackers racing for the same ids), and a key variable named (whether it is set is
+    checked by the process itself at start: the TOML may be checked elsewhere)."""
+    if not cfg.sbe_streams:
+        return
+    if not cfg.sbe_url.startswith(("ws://", "wss://")):
+        raise ConfigError("--sbe-url", f"must start with ws:// or wss://, got {cfg.sbe_url!r}")
+    cfg.sbe_url = streams_base_url(cfg.sbe_url)
+    if len(set(cfg.sbe_streams)) != len(cfg.sbe_streams):
+        raise ConfigError("--sbe-streams", "duplicate stream kind")
+    for k in cfg.sbe_streams:
+        if k not in SBE_STREAM_KINDS:
+            extra = " (there is no aggTrade over SBE: use trade)" if k == "aggTrade" else ""
+            raise ConfigError("--sbe-streams", f"unknown SBE stream kind {k!r}{extra}; "
+                                               f"one of {', '.join(SBE_STREAM_KINDS)}")
+        json_kind = SBE_STREAM_KINDS[k]
+        both = [s for s in cfg.streams if s == json_kind or s.partition("@")[0] == json_kind]
+        if both:
+            raise ConfigError("--sbe-streams", f"{k} is also in --streams ({both[0]}): "
+                                               "subscribe each kind over one protocol")
+    if "depth" in cfg.sbe_streams and any(s.startswith("depth@") for s in cfg.streams):
+        raise ConfigError("--sbe-streams", "one diff-depth stream per symbol: depth is also "
+                                           "in --streams")
+    if not cfg.sbe_api_key_env:
+        raise ConfigError("--sbe-api-key-env", "SBE streams need an API key: name the "
+                                               "environment variable holding it")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", cfg.sbe_api_key_env):
+        raise ConfigError("--sbe-api-key-env", "must be an environment variable name")
 
