@@ -43,7 +43,8 @@ REST_FIELDS = ("rest_weight_used", "rest_weight_peak", "rest_waits", "rest_wait_
 
 def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
     """The block's (name, dtype) fields for ``n_symbols`` symbols (last ids of the first 16)."""
-    from pipeline.binance.streams import SKIP_REASONS
+    # the SBE decoder's reasons include every JSON one: one list for both connection kinds
+    from pipeline.binance.sbe import SKIP_REASONS
 
     fields = [(c, "<i8") for c in COUNTERS]
     fields += [(f"skipped_{r}", "<i8") for r in SKIP_REASONS]

@@ -66,7 +66,11 @@ class Conn:
         self.shutdown_requested = False
         # the transport calls the frame handler directly (no per-frame wrapper): the compiled
         # fast path's on_message(conn, ...) or Ingest.handle(conn, ...)
-        self.on_message = functools.partial(shard.ingest.on_frame, self)
+        #: an SBE connection's frames go to Ingest.handle_sbe (never the JSON decoder nor the
+        #: compiled path); the JSON path checks nothing
+        self.sbe: bool = shard.sbe
+        handler = shard.ingest.handle_sbe if self.sbe else shard.ingest.on_frame
+        self.on_message = functools.partial(handler, self)
 
     def got_first(self) -> None:
         self.first_pending = False
@@ -80,9 +84,11 @@ class Conn:
 class Shard:
     """Streams carried by one connection at a time (two during a rotation)."""
 
-    def __init__(self, ingest: Ingest, index: int, streams: list[str]) -> None:
+    def __init__(self, ingest: Ingest, index: int, streams: list[str], sbe: bool = False) -> None:
         self.ingest = ingest
         self.index = index
+        #: carries SBE streams (binary frames, --sbe-url, X-MBX-APIKEY header)
+        self.sbe = sbe
         self.streams = streams
         self.state = DOWN
         #: monotonic time the shard last stopped delivering (not UP / ROTATING), None while it
@@ -98,7 +104,7 @@ class Shard:
         #: by `pipeline health` as problem_streams_rejected (ingest_metrics.py)
         self.rejected_status = 0
         cfg = ingest.cfg
-        base = cfg.streams_url.rstrip("/") + "/stream?streams="
+        base = (cfg.sbe_url if sbe else cfg.streams_url).rstrip("/") + "/stream?streams="
         # Binance's default unit stays implicit: the URL is the one users know
         suffix = "" if cfg.time_unit == "MILLISECOND" else f"&timeUnit={cfg.time_unit}"
         self.url_streams: list[str] = []
@@ -124,6 +130,7 @@ class Shard:
             # counted skip rather than a dropped connection
             max_frame_size=max(16 << 20, 4 * cfg.max_frame_bytes),
             handshake_timeout=max(cfg.stall_timeout, 1.0),
+            headers={"X-MBX-APIKEY": self.ingest.sbe_api_key} if self.sbe else None,
         )
         conn.opened_at = time.monotonic()
         conn.last_ns = time.time_ns()

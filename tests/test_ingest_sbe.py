@@ -1,0 +1,154 @@
+"""Issue #18: SBE connections in the ingest process.
+
+The frame handler is tested in process with hand-built SBE frames (the layouts of
+tests/test_sbe_decode.py, which checks them against the schema) on a real ring; the settings
+through the real config path; the missing key through the real process (exit 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pipeline.binance import sbe
+from pipeline.ipc.records import TICK_DTYPE
+from pipeline.settings import ConfigError
+from tests.test_sbe_decode import bba_frame, diff_frame, message, trades_frame
+
+SYMS = ["BTCUSDT", "ETHUSDT"]
+RECV = 1_700_000_000_123_456_789
+
+
+class _Conn:
+    """What the handler reads of a connection (no socket: frames are handed in directly)."""
+
+    sbe = True
+    last_ns = 0
+    first_pending = False
+    shutdown_requested = False
+
+
+@pytest.fixture
+def ing(shm_name: str) -> Iterator[Any]:
+    from pipeline.ipc.ring import RingWriter
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
+
+    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 12, symbols=SYMS)
+    loop = asyncio.new_event_loop()
+    ing = None
+    try:
+        cfg = IngestConfig(symbols=SYMS, streams=["aggTrade"],
+                           sbe_streams=["trade", "bestBidAsk", "depth"],
+                           sbe_api_key_env="SBE_KEY", publish_batch=1)
+        ing = Ingest(cfg, w, None)
+        ing._spawn = lambda coro, running, key: coro.close()  # type: ignore[method-assign]
+        ing.setup_publishing(loop)
+        yield ing
+    finally:
+        if ing is not None:
+            ing.release()
+        loop.close()
+        w.close()
+
+
+def test_sbe_shards_are_separate_and_know_they_are_sbe(ing: Any) -> None:
+    json_shards = [s for s in ing.shards if not s.sbe]
+    sbe_shards = [s for s in ing.shards if s.sbe]
+    assert [s.streams for s in json_shards] == [["btcusdt@aggTrade", "ethusdt@aggTrade"]]
+    assert len(sbe_shards) == 1
+    assert sbe_shards[0].url.startswith("wss://stream-sbe.binance.com:9443/stream?streams=")
+    assert "btcusdt@bestBidAsk" in sbe_shards[0].streams
+    assert "btcusdt@trade" in sbe_shards[0].url
+
+
+def test_trades_group_is_tracked_exactly_once(ing: Any) -> None:
+    c0 = ing.ring.cursor
+    frame = trades_frame(1_700_000_000_000_000, [(7, 100, 5, 1), (8, 101, 6, 0), (9, 102, 7, 1)])
+    ing.handle_sbe(_Conn(), frame, RECV)
+    assert ing.ring.cursor - c0 == 3
+    assert ing.trade_trackers[0].last == 9
+    ing.handle_sbe(_Conn(), frame, RECV)  # the same group again (a reconnect's overlap)
+    assert ing.ring.cursor - c0 == 3
+    ing.handle_sbe(_Conn(), trades_frame(1_700_000_000_000_100, [(10, 103, 1, 0)]), RECV)
+    assert ing.ring.cursor - c0 == 4
+    assert ing.trade_trackers[0].last == 10
+    assert ing.c["callback_errors"] == 0
+
+
+def test_best_bid_ask_dedupes_and_culled_ids_are_no_gap(ing: Any) -> None:
+    c0 = ing.ring.cursor
+    ing.handle_sbe(_Conn(), bba_frame(1_700_000_000_000_000, 50, 1, 2, 3, 4), RECV)
+    ing.handle_sbe(_Conn(), bba_frame(1_700_000_000_000_000, 50, 1, 2, 3, 4), RECV)
+    ing.handle_sbe(_Conn(), bba_frame(1_700_000_000_000_000, 57, 1, 2, 3, 4), RECV)  # culled
+    assert ing.ring.cursor - c0 == 2
+    assert ing.last_book_u[0] == 57
+    assert ing.c["duplicates"] == 1
+    assert ing.c["gaps_detected"] == 0
+
+
+def test_depth_diff_goes_to_the_book(ing: Any) -> None:
+    calls: list[Any] = []
+    ing._on_diff = calls.append
+    ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_000_000, 10, 12, [(1, 2)], []), RECV)
+    assert len(calls) == 1
+    assert calls[0].first_id == 10
+    assert calls[0].last_id == 12
+
+
+@pytest.mark.parametrize(("frame", "reason"), [
+    (b"\x01\x02", sbe.TRUNCATED),
+    (message(10001, b"\x00" * 50, b"", schema=9), sbe.WRONG_SCHEMA),
+    (message(12345, b"\x00" * 8, b""), sbe.UNKNOWN_TEMPLATE),
+    (trades_frame(1, [(1, 1, 1, 0)], sym=b"NOPEUSDT"), sbe.UNKNOWN_SYMBOL),
+    (trades_frame(1, [(1, 1, 1, 0)], count=1000), sbe.GROUP_OVERRUN),
+])
+def test_hostile_frames_are_counted_by_reason(ing: Any, frame: bytes, reason: str) -> None:
+    from pipeline.marketdata.ingest_metrics import metrics_fields
+
+    c0 = ing.ring.cursor
+    ing.handle_sbe(_Conn(), frame, RECV)
+    assert ing.skipped[reason] == 1
+    assert sum(ing.skipped.values()) == 1
+    assert ing.ring.cursor == c0
+    assert ing.c["callback_errors"] == 0
+    names = {n for n, _ in metrics_fields(len(SYMS))}
+    assert f"skipped_{reason}" in names
+
+
+def _cfg(**kw: Any) -> Any:
+    from pipeline.marketdata.config import IngestConfig, validate
+
+    return validate(IngestConfig(symbols=["BTCUSDT"], **kw))
+
+
+def test_sbe_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="no aggTrade over SBE"):
+        _cfg(sbe_streams=["aggTrade"], sbe_api_key_env="K")
+    with pytest.raises(ConfigError, match="also in --streams"):
+        _cfg(streams=["trade"], sbe_streams=["trade"], sbe_api_key_env="K")
+    with pytest.raises(ConfigError, match="also in --streams"):
+        _cfg(streams=["bookTicker"], sbe_streams=["bestBidAsk"], sbe_api_key_env="K")
+    with pytest.raises(ConfigError, match="API key"):
+        _cfg(streams=["aggTrade"], sbe_streams=["trade"])
+    cfg = _cfg(streams=["aggTrade"], sbe_streams=["trade"], sbe_api_key_env="K",
+               sbe_url="ws://127.0.0.1:9/stream")
+    assert cfg.sbe_url == "ws://127.0.0.1:9"
+    assert _cfg().sbe_streams == []  # no SBE by default
+
+
+def test_sbe_without_a_key_exits_2_with_a_message(shm_name: str) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "ingest", "--symbols", "BTCUSDT",
+         "--streams", "aggTrade", "--sbe-streams", "trade",
+         "--sbe-api-key-env", "PIPELINE_TEST_NO_SUCH_KEY",
+         "--ring", f"{shm_name}_r", "--metrics", f"{shm_name}_m"],
+        capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    assert "PIPELINE_TEST_NO_SUCH_KEY" in proc.stderr
+    assert "API key" in proc.stderr
