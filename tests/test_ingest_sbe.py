@@ -152,3 +152,49 @@ def test_sbe_without_a_key_exits_2_with_a_message(shm_name: str) -> None:
     assert proc.returncode == 2
     assert "PIPELINE_TEST_NO_SUCH_KEY" in proc.stderr
     assert "API key" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sbe_and_json_trades_of_one_session_are_the_same_records(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Done-when of #18: JSON @trade and SBE @trade of one simulated session give the same
+    trade records (ids, prices, quantities, flags, kinds) over their common id range."""
+    import numpy as np
+    from nacl.signing import SigningKey
+
+    from pipeline.ipc.records import Kind
+    from pipeline.sim.testing import run_sim_process
+    from tests.test_ingest_integration import run_ingest
+
+    pub = tmp_path / "pub.hex"
+    pub.write_text(SigningKey.generate().verify_key.encode().hex())
+    monkeypatch.setenv("PIPELINE_TEST_SBE_KEY", "sbe-ingest-key")
+    with run_sim_process("--api-key", f"sbe-ingest-key={pub}", "--symbols",
+                         ",".join(SYMS)) as sim, \
+            run_ingest(sim, "sbe18json", "--streams", "trade,bookTicker",
+                       symbols=SYMS) as js, \
+            run_ingest(sim, "sbe18sbe", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
+                       "--sbe-streams", "trade,bestBidAsk",
+                       "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY", symbols=SYMS) as sb:
+        def trades(ing: Any) -> Any:
+            r = ing.records()
+            return r[(r["kind"] == Kind.TRADE) & (r["symbol"] == 0)]
+
+        def enough() -> bool:
+            a, b = trades(js), trades(sb)
+            return len(a) > 50 and len(b) > 50 and len(
+                np.intersect1d(a["trade_id"], b["trade_id"])) > 50
+
+        sb.wait_for(enough, 60, "50 common trade ids")
+        a, b = trades(js), trades(sb)
+        lo = max(a["trade_id"][0], b["trade_id"][0])
+        hi = min(a["trade_id"][-1], b["trade_id"][-1])
+        a = a[(a["trade_id"] >= lo) & (a["trade_id"] <= hi)]
+        b = b[(b["trade_id"] >= lo) & (b["trade_id"] <= hi)]
+        assert len(a) == hi - lo + 1
+        for f in ("kind", "flags", "symbol", "price", "qty", "trade_id"):
+            assert np.array_equal(a[f], b[f]), f
+        bba = sb.records()
+        assert (bba["kind"] == Kind.BOOK_TICKER).any()
+        assert sb.metrics()["skipped_total"] == 0
