@@ -23,6 +23,7 @@ from pipeline.sim import market as mk
 from pipeline.sim.faults import IMMEDIATE, FaultError, FaultRequest, apply_switch, parse_fault
 from pipeline.sim.framing import ws_frame
 from pipeline.sim.rest import json_response
+from pipeline.sim.sbe_streams import parse_binary_inject
 
 if TYPE_CHECKING:
     from pipeline.sim.server import Simulator
@@ -184,12 +185,19 @@ class Admin:
         of the stream's symbol will get: a race-free "same id as the real next frame"),
         ``$LAST_UPDATE_ID`` (the book's current update id), ``$SEQ`` (``seq_from`` + the frame's
         index, for runs). ``{"frame": "<text>", "count": n}`` instead writes that text frame
-        as-is to every market-stream connection. Returns how many clients got each frame.
+        as-is to every market-stream connection; ``{"target": "sbe", "hex": "<bytes as hex>",
+        "count": n}`` writes that binary frame to every SBE connection
+        (:func:`pipeline.sim.sbe_streams.parse_binary_inject`). Returns how many clients got
+        each frame.
         """
         sim, hub = self.sim, self.sim.hub
         count = spec.get("count", 1)
         if type(count) is not int or not 1 <= count <= self.MAX_INJECT:
             raise FaultError(f"count must be an integer in 1..{self.MAX_INJECT}")
+        if "hex" in spec or spec.get("target") == "sbe":  # binary, into SBE connections
+            n = sim.sbe.inject_binary(parse_binary_inject(spec, count), count)
+            self.faults.count("inject", count)
+            return {"ok": True, "clients": n, "frames": count}
         frame = spec.get("frame")
         if frame is not None:
             if not isinstance(frame, str):

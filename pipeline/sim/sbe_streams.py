@@ -17,6 +17,10 @@ text, backpressure), so they are reused, not copied; only the stream names, the 
 
 aggTrade (and any JSON-only stream) is refused, as Binance does for SBE. The replay of a JSON
 capture (``--replay``) has no SBE form: only the walk is served.
+
+``POST /sim/inject {"target": "sbe", "hex": "..."}`` writes hand-made binary frames into every
+SBE connection (:meth:`SbeHub.inject_binary`), so a client's hostile-frame handling is tested
+over the wire, not only in process.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from websockets.http11 import Response
 from pipeline.logs import RateLimitedLog
 from pipeline.sim import market as mk
 from pipeline.sim import sbe_encode as sbe
+from pipeline.sim.faults import FaultError
 from pipeline.sim.framing import ws_frame
 from pipeline.sim.rest import json_response
 from pipeline.sim.signatures import MSG_BAD_KEY, MSG_BAD_KEY_FMT
@@ -50,6 +55,36 @@ DEPTH20_MS = 50  # <sym>@depth20 over SBE
 DEPTH20_LEVELS = 20
 _OPCODE_BINARY = 0x2
 _MAX_KEY_LEN = 128
+#: most bytes one binary inject request may queue (frame size x count): a test's hostile frame
+#: is small; the bound keeps a typo from queueing gigabytes in the simulator
+MAX_INJECT_BYTES = 16 << 20
+
+
+class InjectError(FaultError):
+    """A binary inject request that cannot be carried out (the admin API answers 400)."""
+
+
+def parse_binary_inject(spec: dict[str, Any], count: int) -> bytes:
+    """The frame bytes of ``{"target": "sbe", "hex": "<frame as hex>"}``; raises InjectError.
+
+    Why hex: the admin API speaks JSON, and a hostile frame is a few dozen bytes a test
+    builds with struct; hex keeps it readable in a log line. No other keys: a typo bites.
+    """
+    extra = set(spec) - {"target", "hex", "count"}
+    if extra:
+        raise InjectError(f"a binary inject takes target, hex and count, not {sorted(extra)}")
+    if spec.get("target") != "sbe":
+        raise InjectError("binary frames (hex) go to SBE connections only: give target sbe")
+    text = spec.get("hex")
+    if not isinstance(text, str):
+        raise InjectError("give `hex`: the frame's bytes as a hex string")
+    try:
+        data = bytes.fromhex(text)
+    except ValueError as exc:
+        raise InjectError(f"hex is not hexadecimal: {exc}") from None
+    if len(data) * count > MAX_INJECT_BYTES:
+        raise InjectError(f"frame bytes x count above {MAX_INJECT_BYTES}")
+    return data
 
 
 def parse_sbe_stream(name: str, symbols: Collection[str]) -> str | None:
@@ -117,6 +152,19 @@ class SbeHub(StreamHub):
             c.pending_frames += 1
             self.dirty.add(c)
         self.stats["sbe_frames"] += 1
+
+    def inject_binary(self, data: bytes, count: int) -> int:
+        """``count`` binary frames of ``data`` to every SBE connection now, after what each
+        was already owed (through the pending buffers, so the order on the wire is the order
+        of events). Returns how many connections got them."""
+        frame = ws_frame(data, _OPCODE_BINARY)
+        clients = [c for c in self.clients if c.conn.sim_can_write()]
+        for c in clients:
+            c.pending.extend([frame] * count)
+            c.pending_frames += count
+            self.dirty.add(c)
+        self.flush()
+        return len(clients)
 
     def _encode_failed(self, what: str, exc: Exception) -> None:
         self.stats["sbe_encode_errors"] += 1
@@ -279,8 +327,11 @@ class SbeHub(StreamHub):
 __all__ = [
     "DEPTH20_MS",
     "DEPTH_DIFF_MS",
+    "MAX_INJECT_BYTES",
     "SBE_STREAM_KINDS",
+    "InjectError",
     "SbeHub",
     "check_api_key",
+    "parse_binary_inject",
     "parse_sbe_stream",
 ]

@@ -176,6 +176,18 @@ class SimProcess:
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"fault {name} rejected: {exc.read().decode()}") from None
 
+    def inject(self, **spec: Any) -> dict[str, Any]:
+        """POST /sim/inject (hand-made frames into live streams, :meth:`Admin.inject`), e.g.
+        ``sim.inject(target="sbe", hex=frame.hex())``; raises RuntimeError on a 4xx answer."""
+        req = urllib.request.Request(
+            f"{self.admin_url}/inject", data=json.dumps(spec).encode(), method="POST",
+            headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return dict(json.loads(resp.read()))
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"inject rejected: {exc.read().decode()}") from None
+
     def state(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.admin_url}/state", timeout=5) as resp:
             return dict(json.loads(resp.read()))
