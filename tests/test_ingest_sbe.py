@@ -289,3 +289,87 @@ def test_sbe_connection_cut_mid_session_keeps_trades_exactly_once_and_resyncs_th
         assert m["trade_ids_lost"] == 0
         assert m["trades_backfilled"] >= len(filled)
         assert m["callback_errors"] == 0
+
+
+#: one frame per skip reason of the done-when list (and a few more), each injected a distinct
+#: number of times so the count under its own reason shows it was told apart from the others
+WIRE_HOSTILE: list[tuple[str, bytes, str, int]] = [
+    ("truncated", b"\x01\x02", sbe.TRUNCATED, 1),
+    ("wrong schema id", trades_frame(5, [(1, 1, 1, 0)], schema=2), sbe.WRONG_SCHEMA, 2),
+    ("unknown template", message(10004, b"\0" * 18, b""), sbe.UNKNOWN_TEMPLATE, 3),
+    ("absurd group count", trades_frame(5, [(1, 1, 1, 0)], count=2**31 - 1),
+     sbe.GROUP_OVERRUN, 4),
+    ("oversized symbol", bba_frame(5, 9, 1, 2, 3, 4, b"X" * 255), sbe.UNKNOWN_SYMBOL, 5),
+    ("block shorter than the schema's", message(10001, b"\0" * 16, b"\x07BTCUSDT"),
+     sbe.SHORT_BLOCK, 6),
+    ("price exponent -19", trades_frame(5, [(1, 1, 1, 0)], pexp=-19), sbe.BAD_EXPONENT, 7),
+]
+
+
+@pytest.mark.slow
+def test_hostile_sbe_frames_over_the_wire_are_counted_skipped_and_trades_go_on(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Done-when of #18 over the wire: hostile binary frames written into a live SBE
+    connection by the simulator (``POST /sim/inject`` with ``target: sbe``) are each counted
+    under their own ``skipped_sbe_*`` reason by a real ingest process, which stays up and
+    keeps every @trade id exactly once and in order (a hostile frame of the trade template
+    between real ones is no hole and no duplicate)."""
+    import numpy as np
+    from nacl.signing import SigningKey
+
+    from pipeline.ipc.records import Kind
+    from pipeline.sim.testing import run_sim_process
+    from tests.test_ingest_integration import run_ingest
+
+    pub = tmp_path / "pub.hex"
+    pub.write_text(SigningKey.generate().verify_key.encode().hex())
+    monkeypatch.setenv("PIPELINE_TEST_SBE_KEY", "sbe-ingest-key")
+    with run_sim_process("--api-key", f"sbe-ingest-key={pub}", "--symbols",
+                         ",".join(SYMS)) as sim, \
+            run_ingest(sim, "sbe18bad", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
+                       "--sbe-streams", "trade", "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY",
+                       symbols=SYMS) as sb:
+        def trades() -> Any:
+            r = sb.records()
+            return r[(r["kind"] == Kind.TRADE) & (r["symbol"] == 0)]
+
+        sb.wait_for(lambda: len(trades()) > 10, 60, "SBE trades")
+        assert sb.metrics()["skipped_total"] == 0
+        for _what, frame, _reason, n in WIRE_HOSTILE:
+            got = sim.inject(target="sbe", hex=frame.hex(), count=n)
+            assert got == {"ok": True, "clients": 1, "frames": n}
+        total = sum(n for *_, n in WIRE_HOSTILE)
+        sb.wait_for(lambda: sb.metrics()["skipped_total"] >= total, 60, "every frame counted")
+        last = int(trades()["trade_id"][-1])
+        sb.wait_for(lambda: int(trades()["trade_id"][-1]) > last + 20, 60, "trades after them")
+        m = sb.metrics()
+        for what, _frame, reason, n in WIRE_HOSTILE:
+            assert m[f"skipped_{reason}"] == n, what
+        assert m["skipped_total"] == total
+        assert m["callback_errors"] == 0
+        assert m["reconnects"] == 0  # skipped, not a reason to drop the connection
+        ids = trades()["trade_id"]
+        assert np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))), "exactly once, in order"
+        assert not np.any(sb.records()["kind"] == Kind.GAP)
+        assert sim.state()["faults"]["fired"]["inject"] == total
+        with pytest.raises(RuntimeError, match="hexadecimal"):  # a 400 with the reason
+            sim.inject(target="sbe", hex="not hex")
+
+
+def test_binary_inject_requests_are_checked() -> None:
+    """The simulator's binary inject refuses what it cannot carry out with a clear 400."""
+    from pipeline.sim.faults import FaultError
+    from pipeline.sim.sbe_streams import MAX_INJECT_BYTES, parse_binary_inject
+
+    assert parse_binary_inject({"target": "sbe", "hex": "0102ff"}, 1) == b"\x01\x02\xff"
+    with pytest.raises(FaultError, match="hexadecimal"):
+        parse_binary_inject({"target": "sbe", "hex": "zz"}, 1)
+    with pytest.raises(FaultError, match="target sbe"):
+        parse_binary_inject({"hex": "01"}, 1)
+    with pytest.raises(FaultError, match="give `hex`"):
+        parse_binary_inject({"target": "sbe"}, 1)
+    with pytest.raises(FaultError, match="not \\['stream'\\]"):
+        parse_binary_inject({"target": "sbe", "hex": "01", "stream": "btcusdt@trade"}, 1)
+    with pytest.raises(FaultError, match="count"):
+        parse_binary_inject({"target": "sbe", "hex": "00" * 1024}, MAX_INJECT_BYTES // 1024 + 1)
