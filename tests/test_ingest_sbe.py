@@ -100,6 +100,34 @@ def test_depth_diff_goes_to_the_book(ing: Any) -> None:
     assert calls[0].last_id == 12
 
 
+def test_sbe_diffs_apply_only_when_provably_contiguous(ing: Any) -> None:
+    """What a reconnect relies on: after a synced book, an SBE diff is applied only if it
+    provably continues it (U <= last u + 1 <= u, overlap allowed); one that skipped ids (the
+    diffs sent while we were away) publishes nothing and puts the book back to a snapshot."""
+    from pipeline.marketdata.book import BookState
+
+    book = ing.depth.books[0]
+    ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_000_000, 5, 8, [(100, 1)], []), RECV)
+    assert book.state is BookState.WAIT_SNAPSHOT  # the first diff asks for a snapshot
+    book.on_snapshot(8, [(1.0, 1.0)], [(2.0, 1.0)])  # what recovery.resync would feed it
+    c0 = ing.ring.cursor
+    ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_020_000, 9, 12, [(110, 1)], []), RECV)
+    assert book.update_id == 12
+    c1 = ing.ring.cursor
+    assert c1 > c0
+    # overlapping (a rotation's two connections): 11 <= 13 <= 16, applied
+    ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_040_000, 11, 16, [(120, 1)], []), RECV)
+    assert book.update_id == 16
+    c2 = ing.ring.cursor
+    assert c2 > c1
+    # 17 never arrived (sent while disconnected): nothing published, resync due
+    ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_060_000, 18, 20, [(130, 1)], []), RECV)
+    assert ing.ring.cursor == c2
+    assert book.state is BookState.WAIT_SNAPSHOT
+    assert book.breaks == 1
+    assert ing.c["callback_errors"] == 0
+
+
 @pytest.mark.parametrize(("frame", "reason"), [
     (b"\x01\x02", sbe.TRUNCATED),
     (message(10001, b"\x00" * 50, b"", schema=9), sbe.WRONG_SCHEMA),
