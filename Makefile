@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench dist clean
 
-$(STAMP): pyproject.toml setup.py pipeline/marketdata/_ticks.c pipeline/ipc/_futex.c
+$(STAMP): pyproject.toml setup.py pipeline/marketdata/_ticks.c pipeline/ipc/_futex.c \
+		pipeline/binance/_sbe.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dev,postgres]'
@@ -37,6 +38,8 @@ dist: $(STAMP)
 	    || { echo "dist: the wheel has no compiled fast path (no C compiler?)" >&2; exit 1; }
 	$(BIN)/python -m zipfile -l dist/*.whl | grep 'pipeline/ipc/_futex\..*\.so' >/dev/null \
 	    || { echo "dist: the wheel has no futex wake-ups (no C compiler?)" >&2; exit 1; }
+	$(BIN)/python -m zipfile -l dist/*.whl | grep 'pipeline/binance/_sbe\..*\.so' >/dev/null \
+	    || { echo "dist: the wheel has no compiled SBE decoder (no C compiler?)" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

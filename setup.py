@@ -26,5 +26,15 @@ setup(
                                 "-Wno-cast-function-type"],
             optional=True,
         ),
+        # the compiled SBE decoder (pipeline/binance/sbe.py make_decoder); optional likewise:
+        # without it SBE frames take the pure-Python reference decoder
+        Extension(
+            "pipeline.binance._sbe",
+            ["pipeline/binance/_sbe.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra",
+                                "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+                                "-Wno-cast-function-type"],
+            optional=True,
+        ),
     ]
 )

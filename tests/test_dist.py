@@ -77,6 +77,7 @@ def test_the_wheel_carries_the_compiled_path_types_license_and_entry_points(whee
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("pipeline/marketdata/_ticks.") and n.endswith(".so")]
     assert [n for n in names if n.startswith("pipeline/ipc/_futex.") and n.endswith(".so")]
+    assert [n for n in names if n.startswith("pipeline/binance/_sbe.") and n.endswith(".so")]
     assert "pipeline/py.typed" in names
     assert f"{dist}-{project['version']}.dist-info/licenses/LICENSE" in names
     entry_points = zipfile.ZipFile(wheel).read(
@@ -109,9 +110,11 @@ def test_the_wheel_installed_in_a_fresh_venv_loads_the_compiled_fast_path(
         "import json, pipeline\n"
         "from pipeline.marketdata import fastpath\n"
         "from pipeline.ipc import wake\n"
+        "from pipeline.binance import sbe\n"
         "mod, why = fastpath.load()\n"
         "print(json.dumps({'file': pipeline.__file__, 'why': why, 'loaded': mod is not None,\n"
-        "                  'version': pipeline.__version__, 'wake': wake.WHY}))\n"
+        "                  'version': pipeline.__version__, 'wake': wake.WHY,\n"
+        "                  'sbe': sbe.load_compiled()[1]}))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     out = subprocess.run(
@@ -122,6 +125,7 @@ def test_the_wheel_installed_in_a_fresh_venv_loads_the_compiled_fast_path(
     assert report["why"] == "compiled"
     assert report["loaded"] is True
     assert report["wake"] == "futex"  # sleeping readers are woken, not napping
+    assert report["sbe"] == "compiled"  # SBE frames take the compiled decoder
     assert Path(report["file"]).is_relative_to(venv), report["file"]  # the wheel's, not the tree's
     assert report["version"] == _project()["version"]
     version = subprocess.run(

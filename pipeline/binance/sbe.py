@@ -1,6 +1,8 @@
 """Binance SBE market-data frames -> the same records the JSON decoders produce (parse only, pure:
-no I/O, no clock). The pure-Python reference decoder; a compiled twin at fixed offsets comes later
-and must give identical records.
+no I/O, no clock). The pure-Python reference decoder, and :func:`make_decoder`, which picks its
+compiled twin (``pipeline/binance/_sbe.c``, fixed offsets) when it is built: the twin must give
+identical records, skip reasons and counts for every input (tests/test_sbe_compiled.py fuzzes
+one against the other).
 
 Implements ``shared/binance-protocol.md`` 7.1 and the schema ``stream_1_0.xml`` (schema id 1,
 version 0, little-endian; a copy with its provenance is in tests/fixtures/sbe/). Why a second
@@ -64,7 +66,9 @@ instead; nothing else escapes either (tests/test_sbe_decode.py fuzzes both).
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from functools import cache
+from types import ModuleType
+from typing import Any, Final, Protocol
 
 from pipeline.binance.streams import (
     AGG,
@@ -87,6 +91,7 @@ from pipeline.binance.streams import SKIP_REASONS as JSON_SKIP_REASONS
 from pipeline.ipc.records import (
     AT_EVENT_TIME_NS,
     Flags,
+    Kind,
     TickTuple,
     book_ticker_record,
     trade_record,
@@ -360,3 +365,92 @@ class SbeDecoder:
             raise SbeSkip(BAD_NUMBER)
         return DEPTH_DIFF, DepthDiff(sid, first_id, last_id, ev_us * _US_TO_NS, recv_ns, bids,
                                      asks)
+
+
+# ---- the compiled twin ---------------------------------------------------------------------------
+#: what ``mode`` (the ingest's ``--fast-path``) may be: ``auto`` the compiled decoder when it is
+#: built, ``on`` insist on it, ``off`` the reference decoder
+DECODER_MODES: Final = ("auto", "on", "off")
+#: the interface version of pipeline/binance/_sbe.c this module drives (its API_VERSION)
+COMPILED_API_VERSION: Final = 1
+#: the skip reasons in the order the C code indexes them (its ``R_*`` enum)
+COMPILED_REASONS: Final = (TRUNCATED, WRONG_SCHEMA, UNKNOWN_TEMPLATE, SHORT_BLOCK, GROUP_OVERRUN,
+                           BAD_EXPONENT, BAD_SYMBOL, UNKNOWN_SYMBOL, BAD_NUMBER, OVERSIZED)
+#: the result tags in the order the C code indexes them (its ``G_*`` enum)
+COMPILED_TAGS: Final = (TRADES, BOOK_TICKER, DEPTH_PARTIAL, DEPTH_DIFF, SKIP)
+
+
+class SbeDecoderUnavailable(RuntimeError):
+    """``mode="on"`` but the compiled decoder is not built (or was built from other sources)."""
+
+
+class FrameDecoder(Protocol):
+    """What :func:`make_decoder` returns: :meth:`SbeDecoder.decode`'s contract and its count."""
+
+    @property
+    def other_version_frames(self) -> int: ...
+
+    def decode(self, frame: bytes | bytearray | memoryview | str,
+               recv_time_ns: int) -> tuple[int, Any]: ...
+
+
+def load_compiled() -> tuple[ModuleType | None, str]:
+    """The compiled module if it is built from these sources, else None; and why."""
+    try:
+        from pipeline.binance import _sbe  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, (f"pipeline.binance._sbe is not built ({exc}); build it with `make` or pip "
+                      "install -e . (needs a C compiler)")
+    built = getattr(_sbe, "API_VERSION", None)
+    if built != COMPILED_API_VERSION:
+        return None, (f"pipeline.binance._sbe was built from other sources (interface {built}, "
+                      f"this code needs {COMPILED_API_VERSION}): rebuild it (`make`)")
+    return _sbe, "compiled"
+
+
+@cache
+def _compiled_class(mod: ModuleType) -> type:
+    """The compiled decoder with the reference's attributes, built once per module.
+
+    Why a subclass rather than the bare C type: the C code keeps no Python-side knowledge
+    (tags, reasons, classes are handed in here), and ``other_version_frames`` must include the
+    frames the C code hands to the reference (text frames, unusual buffers)."""
+
+    class CompiledSbeDecoder(mod.Decoder):  # type: ignore[name-defined]
+        name = "sbe-compiled"
+
+        def __init__(self, reference: SbeDecoder) -> None:
+            super().__init__(reference.sid_by_symbol, reference.max_frame_bytes,
+                             reference.decode, DepthDiff, DepthPartial, COMPILED_TAGS,
+                             COMPILED_REASONS,
+                             (int(Kind.TRADE), int(Kind.BOOK_TICKER), _F_MAKER))
+            self.reference = reference
+            self.symbols = reference.symbols
+
+        @property
+        def other_version_frames(self) -> int:
+            return int(self.compiled_other_version_frames
+                       + self.reference.other_version_frames)
+
+    return CompiledSbeDecoder
+
+
+def make_decoder(symbols: list[str], max_frame_bytes: int = 1 << 20,
+                 mode: str = "auto") -> tuple[FrameDecoder, str]:
+    """The SBE decoder for ``mode`` (:data:`DECODER_MODES`) and a line saying which it is.
+
+    ``auto``: the compiled one when it is built, else the reference (say so in the log: the
+    compiled one spends less CPU per event); ``on``: the compiled one or
+    :class:`SbeDecoderUnavailable`; ``off``: the reference :class:`SbeDecoder`."""
+    if mode not in DECODER_MODES:
+        raise ValueError(f"SBE decoder mode {mode!r}; known: {', '.join(DECODER_MODES)}")
+    reference = SbeDecoder(symbols, max_frame_bytes)
+    if mode == "off":
+        return reference, "python (reference, --fast-path off)"
+    mod, why = load_compiled()
+    if mod is None:
+        if mode == "on":
+            raise SbeDecoderUnavailable(f"compiled SBE decoder required (mode 'on'): {why}")
+        return reference, f"python (reference): {why}"
+    decoder: FrameDecoder = _compiled_class(mod)(reference)
+    return decoder, "compiled"

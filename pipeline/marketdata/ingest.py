@@ -149,8 +149,13 @@ class Ingest:
         #: by reason; the SBE reasons include the JSON ones (text frames on an SBE connection)
         self.skipped: dict[str, int] = dict.fromkeys(sbe.SKIP_REASONS, 0)
         self.sbe = sbe
-        #: SBE frames (connections with ``conn.sbe``) never go through the JSON decoder
-        self._decode_sbe = sbe.SbeDecoder(cfg.symbols, cfg.max_frame_bytes).decode
+        #: SBE frames (connections with ``conn.sbe``) never go through the JSON decoder; the
+        #: compiled twin unless ``--fast-path off`` (the reference), or when no SBE streams
+        self.sbe_decoder, how = sbe.make_decoder(
+            cfg.symbols, cfg.max_frame_bytes, cfg.fast_path if cfg.sbe_streams else "off")
+        self._decode_sbe = self.sbe_decoder.decode
+        if cfg.sbe_streams:
+            log.info("SBE decoder: " + how)
         self.last_frame_ns = 0
         self.next_req_id = 0
         self.stopping = False
@@ -563,6 +568,12 @@ def run(cfg: IngestConfig) -> int:
 
         if load()[0] is None:
             print(f"pipeline ingest: error: --fast-path on: {load()[1]}", file=sys.stderr)
+            return 2
+        from pipeline.binance.sbe import load_compiled
+
+        if cfg.sbe_streams and load_compiled()[0] is None:
+            print(f"pipeline ingest: error: --fast-path on: {load_compiled()[1]}",
+                  file=sys.stderr)
             return 2
     if cfg.sbe_streams and not os.environ.get(cfg.sbe_api_key_env):
         # the variable's name only: the key never goes to a log or a message
