@@ -1,7 +1,8 @@
 """SBE vs JSON decode, in process (``BENCH_SCALE`` scales the timed runs; smoke: 0.05).
 
-Per event, the pure-Python SBE reference decoder (pipeline/binance/sbe.py) against the JSON
-decoders (msgspec, the hot-path default, and orjson) on the equivalent JSON frames of the same
+Per event, the pure-Python SBE reference decoder (pipeline/binance/sbe.py), its compiled twin
+(pipeline/binance/_sbe.c, column ``sbe-c``: what the ingest uses unless ``--fast-path off``) and the
+JSON decoders (msgspec, the hot-path default, and orjson) on the equivalent JSON frames of the same
 event: a trade event of 1 and of 5 trades (JSON: one ``@trade`` frame per trade, so 5 frames),
 bestBidAsk (JSON: ``bookTicker``), and a diff depth of 10x10 and 100x100 levels (JSON:
 ``depthUpdate``). Reported: CPU us per event (best of the runs: the machine is shared) and bytes
@@ -103,13 +104,16 @@ def cpu_us_per_event(fn: Callable[[], None], events_per_run: int, runs: int) -> 
     return best / events_per_run * 1e6
 
 
-@pytest.mark.parametrize("decoder", ["sbe", "msgspec", "orjson"])
+@pytest.mark.parametrize("decoder", ["sbe", "sbe-c", "msgspec", "orjson"])
 @pytest.mark.parametrize("event", list(EVENTS))
 def test_decode_event(benchmark: Any, event: str, decoder: str) -> None:
     sbe_frame, json_frames = EVENTS[event]()
     n = 200
-    if decoder == "sbe":
-        dec: Any = sbe.SbeDecoder(SYMBOLS)
+    if decoder in ("sbe", "sbe-c"):
+        if decoder == "sbe-c" and sbe.load_compiled()[0] is None:
+            pytest.skip(f"SKIPPED LOUDLY: {sbe.load_compiled()[1]}")
+        dec: Any = (sbe.SbeDecoder(SYMBOLS) if decoder == "sbe"
+                    else sbe.make_decoder(SYMBOLS, mode="on")[0])
         frames = [sbe_frame] * n
         want = WANT_TAG[event][0]
     else:
@@ -126,7 +130,9 @@ def test_decode_event(benchmark: Any, event: str, decoder: str) -> None:
 
     benchmark(run)
     assert {t for t, _ in out} == {want}
-    if decoder == "sbe":  # the same values as the JSON path
+    if decoder == "sbe-c":  # exactly the reference's result
+        assert out[0] == sbe.SbeDecoder(SYMBOLS).decode(sbe_frame, 1)
+    if decoder in ("sbe", "sbe-c"):  # the same values as the JSON path
         ref = [v for _, v in (st.make_decoder("orjson", SYMBOLS).decode(f, 1)
                               for f in json_frames)]
         got = out[0][1]
@@ -152,10 +158,11 @@ def _sbe_report() -> Iterator[None]:
     nan = float("nan")
     lines = ["", "SBE vs JSON decode (CPU us per event, in process; bytes per event on the wire;"
                  " JSON trade x5 = 5 frames)",
-             f"{'event':26} {'sbe us':>8} {'msgspec us':>11} {'orjson us':>10} "
+             f"{'event':26} {'sbe us':>8} {'sbe-c us':>9} {'msgspec us':>11} {'orjson us':>10} "
              f"{'sbe B':>7} {'json B':>7} {'json/sbe':>9}"]
     for name, r in RESULTS.items():
-        lines.append(f"{name:26} {r.get('sbe_us', nan):>8.2f} {r.get('msgspec_us', nan):>11.2f} "
+        lines.append(f"{name:26} {r.get('sbe_us', nan):>8.2f} {r.get('sbe-c_us', nan):>9.2f} "
+                     f"{r.get('msgspec_us', nan):>11.2f} "
                      f"{r.get('orjson_us', nan):>10.2f} {r['sbe_bytes']:>7.0f} "
                      f"{r['json_bytes']:>7.0f} {r['json_bytes'] / r['sbe_bytes']:>9.2f}")
     emit("\n".join(lines))
