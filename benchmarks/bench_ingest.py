@@ -92,32 +92,38 @@ class _FakeConn:
 
 
 def _handler_to_ring(benchmark: Any, tag: str, cfg: Any,
-                     frames_for: Callable[[int, int], list[bytes]]) -> tuple[float, Any]:
-    """Frames through ``Ingest.on_frame`` (the transport's entry point) into a real ring, all
-    frames of a run in one uvloop loop iteration (as when one socket read carries many frames;
-    the end-of-iteration commit runs after them). Returns the best CPU us per frame and the
-    last id fed; checks every frame was published once."""
+                     frames_for: Callable[[int, int], list[bytes]], *, entry: str = "on_frame",
+                     n: int = 1000, ids_per_frame: int = 1, records_per_frame: int = 1,
+                     prepare: Callable[[Any], None] | None = None) -> tuple[float, Any]:
+    """Frames through an ingest entry point into a real ring, all frames of a run in one uvloop
+    loop iteration (as when one socket read carries many frames; the end-of-iteration commit
+    runs after them). ``entry``: ``on_frame`` (what the transport calls for a JSON connection)
+    or ``handle_sbe`` (an SBE connection's). ``frames_for(n, first_id)`` makes ``n`` frames
+    that use ``ids_per_frame`` ids each from ``first_id``; ``prepare(ing)`` runs once before
+    (e.g. anchors a book). Returns the best CPU us per frame and the (released) ingest; checks
+    every frame published ``records_per_frame`` records and none was skipped."""
     import uvloop
 
     from pipeline.marketdata.ingest import Ingest
 
-    n = 1000
     w = RingWriter.create(f"bench_{tag}_{os.getpid()}", TICK_DTYPE, 1 << 16, symbols=SYMBOLS)
     loop = uvloop.new_event_loop()
     ing = None
     try:
         ing = Ingest(cfg, w, None)
         ing.setup_publishing(loop)
+        if prepare is not None:
+            prepare(ing)
         state: dict[str, float] = {"next": 1_000_000}
 
         async def one() -> None:
             frames = frames_for(n, int(state["next"]))
-            state["next"] += n
-            h = ing.on_frame  # type: ignore[union-attr]
+            state["next"] += n * ids_per_frame
+            h = getattr(ing, entry)
             conn = _FakeConn()
             t0 = time.process_time()
             for f in frames:
-                h(conn, f, 1)  # type: ignore[arg-type]
+                h(conn, f, 1)
             state["best"] = min(state.get("best", 1e9), time.process_time() - t0)
 
         def run() -> None:
@@ -129,8 +135,10 @@ def _handler_to_ring(benchmark: Any, tag: str, cfg: Any,
         runs = max(1, int(50 * SCALE))
         for _ in range(runs):
             run()
-        assert w.cursor - before == runs * n  # every frame published once
+        assert w.cursor - before == runs * n * records_per_frame  # every frame published once
         assert w.staged == 0
+        assert sum(ing.skipped.values()) == 0, ing.skipped
+        assert ing.c["callback_errors"] == 0
         if cfg.streams == ["aggTrade"]:
             assert ing.last_agg_id(0) == state["next"] - 1
             assert not ing.trackers[0].pending
@@ -179,19 +187,31 @@ def test_book_ticker_handler_to_ring(benchmark: Any, fast: str) -> None:
         "cpu_us_per_msg"] = us
 
 
+def depth_sides(i: int, width: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The ``i``-th diff's (bids, asks) in 1e-8 units: ``width`` levels a side, prices moving
+    around a 60,000 / 60,001 book (one source for the JSON and the SBE frames of one event)."""
+    bids = [(6_000_000_000_000 - ((i + k) % 200) * 1_000_000, 50_000_000 + k * 100_000)
+            for k in range(width)]
+    asks = [(6_000_100_000_000 + ((i + k) % 200) * 1_000_000, 50_000_000 + k * 100_000)
+            for k in range(width)]
+    return bids, asks
+
+
 def depth_frames(n: int, first_u: int, width: int) -> list[bytes]:
     """Diff-depth frames (``@depth@100ms``) of ``width`` bid and ``width`` ask levels each,
-    contiguous update ids from ``first_u``, prices moving around a 60,000 / 60,001 book."""
+    contiguous update ids from ``first_u``; prices and quantities with Binance's 8 decimals
+    (``"60000.00000000"``, as the live stream and the simulator send them)."""
+    from pipeline.sim.units import fmt_units
+
     out = []
     u = first_u
     for i in range(n):
-        bids = b",".join(b'["%.2f","%.8f"]' % (60000.0 - ((i + k) % 200) * 0.01, 0.5 + k * 0.001)
-                         for k in range(width))
-        asks = b",".join(b'["%.2f","%.8f"]' % (60001.0 + ((i + k) % 200) * 0.01, 0.5 + k * 0.001)
-                         for k in range(width))
+        bids, asks = depth_sides(i, width)
+        b = ",".join(f'["{fmt_units(p)}","{fmt_units(q)}"]' for p, q in bids).encode()
+        a = ",".join(f'["{fmt_units(p)}","{fmt_units(q)}"]' for p, q in asks).encode()
         out.append(b'{"stream":"btcusdt@depth@100ms","data":{"e":"depthUpdate","E":1768627409826,'
                    b'"s":"BTCUSDT","U":%d,"u":%d,"b":[%s],"a":[%s]}}'
-                   % (u, u + 2 * width - 1, bids, asks))
+                   % (u, u + 2 * width - 1, b, a))
         u += 2 * width
     return out
 
@@ -221,7 +241,7 @@ def test_depth_handler_to_ring(benchmark: Any, width: int) -> None:
         state = {"next": 1_000_000, "best": 1e9}
 
         async def one() -> None:
-            frames = depth_frames(n, state["next"], width)
+            frames = depth_frames(n, int(state["next"]), width)
             state["next"] += n * 2 * width
             h = ing.on_frame
             conn = _FakeConn()
@@ -244,6 +264,183 @@ def test_depth_handler_to_ring(benchmark: Any, width: int) -> None:
         ing.release()
         loop.close()
         w.close()
+
+
+# --- SBE vs JSON in process: the same events through each connection's frame handler ---------
+
+EV_MS, TX_MS = 1768627409826, 1768627409825  # event / transaction time of the made-up events
+TRADE_PX, TRADE_QTY = 9_531_164_000_000, 84_000  # 95311.64, 0.00084 in 1e-8 units
+#: ETHUSDT best bid/ask of book_frames in 1e-8 units: 3311.64 x 12.084 / 3311.65 x 0.3199
+BOOK_BBO = (331_164_000_000, 1_208_400_000, 331_165_000_000, 31_990_000)
+SBE_EXP = -8  # price and quantity exponent of the made-up SBE frames (Binance's 8 decimals)
+
+
+def trade_frames(n: int, first_id: int) -> list[bytes]:
+    """Real-shaped combined ``@trade`` frames, one trade each, ids contiguous from
+    ``first_id``."""
+    return [
+        b'{"stream":"btcusdt@trade","data":{"e":"trade","E":%d,"s":"BTCUSDT","t":%d,'
+        b'"p":"95311.64000000","q":"0.00084000","T":%d,"m":false,"M":true}}'
+        % (EV_MS, first_id + i, TX_MS)
+        for i in range(n)
+    ]
+
+
+def sbe_trade_frames(per_event: int) -> Callable[[int, int], list[bytes]]:
+    """SBE TradesStreamEvent frames of ``per_event`` trades each (the trades of
+    :func:`trade_frames`), built by the simulator's encoder (no code shared with the
+    decoder)."""
+    from pipeline.sim.sbe_encode import encode_trades
+
+    def make(n: int, first_id: int) -> list[bytes]:
+        return [encode_trades("BTCUSDT", EV_MS * 1000, TX_MS * 1000,
+                              [(first_id + i * per_event + k, TRADE_PX, TRADE_QTY, False)
+                               for k in range(per_event)], SBE_EXP, SBE_EXP)
+                for i in range(n)]
+
+    return make
+
+
+def sbe_book_frames(n: int, first_u: int) -> list[bytes]:
+    """SBE BestBidAskStreamEvent frames of :func:`book_frames`' quotes (plus the event time
+    bookTicker lacks)."""
+    from pipeline.sim.sbe_encode import encode_best_bid_ask
+
+    return [encode_best_bid_ask("ETHUSDT", EV_MS * 1000, first_u + i, BOOK_BBO, SBE_EXP, SBE_EXP)
+            for i in range(n)]
+
+
+def sbe_depth_frames(n: int, first_u: int, width: int) -> list[bytes]:
+    """SBE DepthDiffStreamEvent frames of :func:`depth_frames`' diffs."""
+    from pipeline.sim.sbe_encode import encode_depth_diff
+
+    out = []
+    u = first_u
+    for i in range(n):
+        bids, asks = depth_sides(i, width)
+        out.append(encode_depth_diff("BTCUSDT", EV_MS * 1000, u, u + 2 * width - 1, bids, asks,
+                                     SBE_EXP, SBE_EXP))
+        u += 2 * width
+    return out
+
+
+def _anchor_book(ing: Any) -> None:
+    """A synced 1,000-level BTCUSDT book below the depth frames' first update id (no REST)."""
+    book = ing.depth.books[0]
+    book.on_diff(999_000, 999_000, [], [])  # anchors the snapshot
+    book.on_snapshot(999_999, [(60000.0 - k * 0.01, 1.0) for k in range(1000)],
+                     [(60001.0 + k * 0.01, 1.0) for k in range(1000)])
+    assert book.synced
+
+
+class _Pair:
+    """One kind of market event in both encodings: the JSON stream kind and frames, the SBE
+    ones, and what a frame uses (ids) and makes (records)."""
+
+    def __init__(self, json_stream: str, sbe_stream: str,
+                 json_frames: Callable[[int, int], list[bytes]],
+                 sbe_frames: Callable[[int, int], list[bytes]], *, json_per_event: int = 1,
+                 ids_per_event: int = 1, json_ids_per_frame: int = 1, n: int = 1000,
+                 depth: bool = False) -> None:
+        self.json_stream, self.sbe_stream = json_stream, sbe_stream
+        self.json_frames, self.sbe_frames = json_frames, sbe_frames
+        self.json_per_event = json_per_event  # JSON frames that carry one SBE event
+        self.ids_per_event = ids_per_event  # trade / update ids one event uses
+        self.json_ids_per_frame = json_ids_per_frame
+        self.n = n  # frames per timed run
+        self.depth = depth
+
+
+PAIRS: dict[str, _Pair] = {
+    "trade x1": _Pair("trade", "trade", trade_frames, sbe_trade_frames(1)),
+    # 5 trades of one taker: SBE sends one event, JSON 5 @trade frames (the JSON cost per frame
+    # is trade x1's: the same frames; its per-event cost is 5 of them)
+    "trade x5": _Pair("trade", "trade", trade_frames, sbe_trade_frames(5), json_per_event=5,
+                      ids_per_event=5),
+    "bestBidAsk / bookTicker": _Pair("bookTicker", "bestBidAsk", book_frames, sbe_book_frames),
+    "depth diff 10x10": _Pair("depth@100ms", "depth", lambda n, u: depth_frames(n, u, 10),
+                              lambda n, u: sbe_depth_frames(n, u, 10), ids_per_event=20,
+                              json_ids_per_frame=20, n=200, depth=True),
+    "depth diff 100x100": _Pair("depth@100ms", "depth", lambda n, u: depth_frames(n, u, 100),
+                                lambda n, u: sbe_depth_frames(n, u, 100), ids_per_event=200,
+                                json_ids_per_frame=200, n=200, depth=True),
+}
+#: in-process SBE vs JSON rows: event -> column -> value (CPU us per event, bytes per event)
+SBE_ROWS: dict[str, dict[str, float]] = {}
+#: which SBE decoder the ingest picked for each --fast-path mode (read from the ingest)
+SBE_DECODERS: dict[str, str] = {}
+
+
+def sbe_decoder_in_use(ing: Any) -> str:
+    """The SBE decoder this ingest built (its ``_decode_sbe`` is the decoder's bound
+    ``decode``): the rows measure whatever the ingest picks (the pure-Python reference, or the
+    compiled twin once the factory chooses it), and say which."""
+    fn = ing._decode_sbe
+    owner = getattr(fn, "__self__", fn)
+    return f"{type(owner).__module__}.{type(owner).__name__}"
+
+
+@pytest.mark.parametrize(("event", "encoding", "fast"), [
+    (event, enc, fast) for event, pair in PAIRS.items() for enc in ("json", "sbe")
+    for fast in ("off", "on")
+    if enc == "sbe" or pair.json_per_event == 1  # JSON trade x5 is 5 of trade x1's frames
+])
+def test_sbe_vs_json_handler_to_ring(benchmark: Any, event: str, encoding: str,
+                                     fast: str) -> None:
+    """The same market events through the ingest's frame handler into a real ring: JSON frames
+    through ``on_frame`` (``fast`` on: the compiled JSON path takes trade and bookTicker; depth
+    falls back to Python through it, as in the live process) vs SBE frames through
+    ``handle_sbe`` (``fast`` picks the SBE decoder as the ingest does: whichever it is, it is
+    read from the ingest). Depth: diffs applied to a synced 1,000-level book, its top
+    published. Reported per event (JSON trade x5 = 5 frames) with the bytes per event (the
+    combined stream's JSON text vs the SBE message, WebSocket frame header excluded)."""
+    from pipeline.marketdata.ingest import IngestConfig
+
+    pair = PAIRS[event]
+    prepare = _anchor_book if pair.depth else None
+    if encoding == "json":
+        cfg = IngestConfig(symbols=SYMBOLS, streams=[pair.json_stream], fast_path=fast)
+        us, ing = _handler_to_ring(benchmark, f"js{fast}", cfg, pair.json_frames, n=pair.n,
+                                   ids_per_frame=pair.json_ids_per_frame, prepare=prepare)
+        path = "C fast path" if fast == "on" else cfg.decoder
+    else:
+        cfg = IngestConfig(symbols=SYMBOLS, streams=[], sbe_streams=[pair.sbe_stream],
+                           sbe_api_key_env="BENCH_SBE_KEY_UNUSED", fast_path=fast)
+        us, ing = _handler_to_ring(benchmark, f"sb{fast}", cfg, pair.sbe_frames,
+                                   entry="handle_sbe", n=pair.n,
+                                   ids_per_frame=pair.ids_per_event,
+                                   records_per_frame=1 if pair.depth else pair.ids_per_event,
+                                   prepare=prepare)
+        path = SBE_DECODERS[fast] = sbe_decoder_in_use(ing)
+    row = SBE_ROWS.setdefault(event, {})
+    row[f"{encoding}_{fast}_us"] = us  # one frame is one event (JSON x5: see the report)
+    json_frames, sbe_frames = pair.json_frames(pair.json_per_event, 1), pair.sbe_frames(1, 1)
+    row["json_bytes"] = sum(map(len, json_frames))
+    row["sbe_bytes"] = len(sbe_frames[0])
+    benchmark.extra_info.update(cpu_us_per_frame=us, path=path, fast_path=fast,
+                                json_bytes_per_event=row["json_bytes"],
+                                sbe_bytes_per_event=row["sbe_bytes"])
+
+
+def _sbe_vs_json_table() -> str:
+    """The in-process SBE vs JSON rows, side by side (CPU us per event)."""
+    nan = float("nan")
+    lines = ["", "SBE vs JSON, in process: frame handler -> ring (CPU us per event; JSON trade "
+             "x5 = 5 trade frames; bytes per event without the WebSocket header)",
+             f"{'event':26} {'json py':>8} {'json C':>8} {'sbe off':>8} {'sbe on':>8} "
+             f"{'json B':>7} {'sbe B':>6} {'json/sbe B':>10}"]
+    for name, r in SBE_ROWS.items():
+        per = PAIRS[name].json_per_event
+        src = SBE_ROWS.get("trade x1", {}) if per > 1 else r
+        lines.append(f"{name:26} {src.get('json_off_us', nan) * per:>8.2f} "
+                     f"{src.get('json_on_us', nan) * per:>8.2f} {r.get('sbe_off_us', nan):>8.2f} "
+                     f"{r.get('sbe_on_us', nan):>8.2f} {r['json_bytes']:>7.0f} "
+                     f"{r['sbe_bytes']:>6.0f} {r['json_bytes'] / r['sbe_bytes']:>10.2f}")
+    for fast, dec in SBE_DECODERS.items():
+        lines.append(f"  sbe {fast}: --fast-path {fast}, SBE decoder {dec}")
+    lines.append("  json py: msgspec + Python handler (--fast-path off); json C: the compiled "
+                 "JSON path (depth falls back to Python through it)")
+    return "\n".join(lines)
 
 
 def test_transport_floor_picows(benchmark: Any) -> None:
@@ -474,6 +671,8 @@ def _saturate(benchmark: Any, transport: str, decoder: str, source: str,
 def _ingest_report() -> Iterator[None]:
     """Hand the side-by-side table to the end-of-run summary after the module's last case."""
     yield
+    if SBE_ROWS:
+        emit(_sbe_vs_json_table())
     if not RESULTS:
         return
     lines = ["", "ingest benchmark (CPU us per aggTrade message; target <= 2 us socket->ring)",
