@@ -567,38 +567,50 @@ def feed(source: str) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
+def ingest_process(tag: str, streams_url: str, rest_url: str, args: tuple[str, ...],
+                   env: dict[str, str] | None = None) -> Iterator[tuple[Any, Any, Any]]:
+    """A ``pipeline ingest`` child on ``SYMBOLS`` (``args``: its streams and the rest), with
+    its ring attached for reading and its metrics block; stopped (and its segments removed if
+    it had to be killed) on exit."""
+    ring, met = f"bench_{os.getpid()}_{tag}_r", f"bench_{os.getpid()}_{tag}_m"
+    cmd = [sys.executable, "-m", "pipeline", "--log-format", "text", "--log-level",
+           "WARNING", "ingest", "--streams-url", streams_url, "--rest-url",
+           rest_url, "--symbols", ",".join(SYMBOLS), "--ring", ring, "--metrics", met,
+           "--ring-capacity", str(1 << 20), "--stall-timeout", "5",
+           "--metrics-interval", "0.02", *args]
+    proc = subprocess.Popen(cmd, env=env)
+    reader = block = None
+    try:
+        deadline = time.monotonic() + 15
+        while reader is None or block is None:
+            try:
+                reader = reader or RingReader.attach(ring, name="bench", start="oldest")
+                block = block or MetricsBlock.attach(met)
+            except FileNotFoundError:
+                assert proc.poll() is None, "ingest exited"
+                assert time.monotonic() < deadline, "ingest did not start"
+                time.sleep(0.05)
+        yield proc, reader, block
+    finally:
+        if stop_process(proc, 20) == -signal.SIGKILL:
+            for name in (ring, met):  # a killed ingest cannot unlink its segments
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"/dev/shm/{name}")
+        if reader is not None:
+            reader.close()
+        if block is not None:
+            block.close()
+
+
+@contextmanager
 def sim_and_ingest(transport: str, decoder: str, tag: str, source: str = "sim",
                    extra: tuple[str, ...] = ()) -> Iterator[tuple[Any, Any, Any]]:
-    ring, met = f"bench_{os.getpid()}_{tag}_r", f"bench_{os.getpid()}_{tag}_m"
-    with feed(source) as (streams_url, rest_url):
-        cmd = [sys.executable, "-m", "pipeline", "--log-format", "text", "--log-level",
-               "WARNING", "ingest", "--streams-url", streams_url, "--rest-url",
-               rest_url, "--symbols", ",".join(SYMBOLS), "--streams", "aggTrade",
-               "--transport", transport, "--decoder", decoder, "--ring", ring, "--metrics", met,
-               "--ring-capacity", str(1 << 20), "--stall-timeout", "5",
-               "--metrics-interval", "0.02", *extra]
-        proc = subprocess.Popen(cmd)
-        reader = block = None
-        try:
-            deadline = time.monotonic() + 15
-            while reader is None or block is None:
-                try:
-                    reader = reader or RingReader.attach(ring, name="bench", start="oldest")
-                    block = block or MetricsBlock.attach(met)
-                except FileNotFoundError:
-                    assert proc.poll() is None, "ingest exited"
-                    assert time.monotonic() < deadline, "ingest did not start"
-                    time.sleep(0.05)
-            yield proc, reader, block
-        finally:
-            if stop_process(proc, 20) == -signal.SIGKILL:
-                for name in (ring, met):  # a killed ingest cannot unlink its segments
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"/dev/shm/{name}")
-            if reader is not None:
-                reader.close()
-            if block is not None:
-                block.close()
+    """The saturation rows' data source and an aggTrade ingest on it."""
+    with feed(source) as (streams_url, rest_url), \
+            ingest_process(tag, streams_url, rest_url,
+                           ("--streams", "aggTrade", "--transport", transport, "--decoder",
+                            decoder, *extra)) as running:
+        yield running
 
 
 @pytest.mark.parametrize("source", ["sim", "blaster"])
@@ -667,12 +679,188 @@ def _saturate(benchmark: Any, transport: str, decoder: str, source: str,
         RESULTS[label + (f" (batch {batch})" if batch is not None else "")] = res
 
 
+# --- SBE vs JSON in the real process: one simulator, one book, two ingest processes ------------
+
+#: walk actions per second per symbol for the SBE vs JSON process rows: enough that every 20 ms
+#: diff window has changes (a window without one sends no diff and would look like cadence),
+#: light enough that one simulator feeds both ingests on this 2-core host
+SBE_SIM_RATE = 5000
+SBE_KEY_ENV = "BENCH_SBE_API_KEY"
+JSON_STREAMS = "trade,bookTicker,depth@100ms"
+SBE_STREAMS = "trade,bestBidAsk,depth"
+#: the SBE vs JSON process rows: label -> CPU and book-latency numbers
+SBE_PROCESS: dict[str, dict[str, float]] = {}
+
+
+@contextmanager
+def sim_with_sbe_key() -> Iterator[tuple[Any, dict[str, str]]]:
+    """A simulator serving JSON and SBE of one market walk, with an Ed25519 API key registered
+    for the SBE endpoint; yields it and the environment an SBE ingest reads the key from (the
+    key travels in an environment variable, never on a command line)."""
+    import tempfile
+    from pathlib import Path
+
+    from nacl.signing import SigningKey
+
+    from pipeline.sim.testing import run_sim_process
+
+    name = "bench-sbe-ingest"
+    with tempfile.TemporaryDirectory() as tmp:
+        pub = Path(tmp) / "pub.hex"
+        pub.write_text(SigningKey.generate().verify_key.encode().hex())
+        with run_sim_process("--api-key", f"{name}={pub}", "--symbols", ",".join(SYMBOLS),
+                             "--rate", str(SBE_SIM_RATE)) as sim:
+            yield sim, {**os.environ, SBE_KEY_ENV: name}
+
+
+class _Tap:
+    """One ingest process under measurement: its ring drained into memory, its metrics and
+    CPU times sampled."""
+
+    def __init__(self, proc: Any, reader: Any, block: Any) -> None:
+        self.reader, self.block = reader, block
+        self.ps = psutil.Process(proc.pid)
+        self.parts: list[np.ndarray] = []
+
+    def drain(self) -> None:
+        b = self.reader.poll()
+        if len(b):
+            self.parts.append(b.copy())
+
+    def records(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.empty(0, TICK_DTYPE)
+
+    def books_synced(self) -> bool:
+        r = self.records()
+        top = r[r["kind"] == Kind.DEPTH_TOP]
+        return all((top["symbol"] == sid).any() for sid in range(len(SYMBOLS)))
+
+    def sample(self) -> tuple[dict[str, Any], float]:
+        c = self.ps.cpu_times()
+        return self.block.snapshot(), c.user + c.system
+
+
+def sbe_decoder_for(fast_path: str) -> str:
+    """Which SBE decoder an ingest with this ``--fast-path`` builds (read from an Ingest made
+    with the same settings, as the in-process rows do)."""
+    from pipeline.marketdata.ingest import Ingest, IngestConfig
+
+    cfg = IngestConfig(symbols=SYMBOLS, streams=[], sbe_streams=["trade"],
+                       sbe_api_key_env=SBE_KEY_ENV, fast_path=fast_path)
+    w = RingWriter.create(f"bench_dec_{os.getpid()}", TICK_DTYPE, 1 << 10, symbols=SYMBOLS)
+    try:
+        return sbe_decoder_in_use(Ingest(cfg, w, None))
+    finally:
+        w.close()
+
+
+def test_sbe_vs_json_process(benchmark: Any) -> None:
+    """Two ingest processes on one simulator (so the same events and the same book): one on
+    JSON ``trade,bookTicker,depth@100ms``, one on SBE ``trade,bestBidAsk,depth`` (20 ms diffs),
+    both on their default ``--fast-path auto``. Over one window: frames and records per second,
+    CPU us per frame and per record and CPU utilisation of each process (psutil user+sys over
+    the window, as the saturation rows), and the book's freshness from each ring
+    (benchmarks/book_latency.py: interval, staleness, lag behind the ticker). SBE frames are
+    fewer (a taker's trades are one event; depth every 20 ms instead of 100), so the per-frame
+    cost is not the comparison: CPU utilisation on the same market is.
+    """
+    from book_latency import book_latency
+
+    window = max(3.0, 10.0 * SCALE)
+    json_args = ("--streams", JSON_STREAMS)
+    with sim_with_sbe_key() as (sim, env):
+        sbe_args = ("--streams", "", "--sbe-streams", SBE_STREAMS, "--sbe-url", sim.sbe_url,
+                    "--sbe-api-key-env", SBE_KEY_ENV)
+        with ingest_process("pjs", sim.streams_url, sim.rest_url, json_args) as js, \
+                ingest_process("psb", sim.streams_url, sim.rest_url, sbe_args, env) as sb:
+            taps = {f"JSON {JSON_STREAMS}": _Tap(*js), f"SBE {SBE_STREAMS}": _Tap(*sb)}
+            deadline = time.monotonic() + 30
+            while not all(t.books_synced() for t in taps.values()):  # connected, books synced
+                assert time.monotonic() < deadline, "a book never synced"
+                for t in taps.values():
+                    t.drain()
+                time.sleep(0.05)
+            res: dict[str, dict[str, float]] = {}
+
+            def measure() -> None:
+                since_ns = time.time_ns()
+                s0 = {k: t.sample() for k, t in taps.items()}
+                t0 = time.monotonic()
+                while time.monotonic() < t0 + window:
+                    for t in taps.values():
+                        t.drain()
+                    time.sleep(0.01)
+                s1 = {k: t.sample() for k, t in taps.items()}
+                secs = time.monotonic() - t0
+                for k, tap in taps.items():
+                    (m0, c0), (m1, c1) = s0[k], s1[k]
+                    frames = m1["frames_received"] - m0["frames_received"]
+                    pubs = m1["published"] - m0["published"]
+                    res[k] = {"msgs_per_s": frames / secs, "published_per_s": pubs / secs,
+                              "cpu_us_per_msg": (c1 - c0) / max(frames, 1) * 1e6,
+                              "cpu_us_per_record": (c1 - c0) / max(pubs, 1) * 1e6,
+                              "cpu_util": (c1 - c0) / secs,
+                              **book_latency(tap.records(), len(SYMBOLS), since_ns)}
+
+            benchmark.pedantic(measure, rounds=1, iterations=1)
+            for t in taps.values():
+                t.drain()
+                assert t.reader.missed == 0
+                assert t.block.snapshot()["skipped_total"] == 0
+            _check_same_trades(*(t.records() for t in taps.values()))
+    for k, r in res.items():
+        assert r["books"] > 0, (k, r)
+        assert r["lag_samples"] > 0, (k, r)
+        SBE_PROCESS[k] = r
+        benchmark.extra_info[k] = r
+    benchmark.extra_info["sbe_decoder"] = sbe_decoder_for("auto")
+
+
+def _check_same_trades(a: np.ndarray, b: np.ndarray) -> None:
+    """Both processes saw the same market: each symbol's trades once and in order, and the
+    trades both hold have the same prices and quantities."""
+    for sid in range(len(SYMBOLS)):
+        ta = a[(a["kind"] == Kind.TRADE) & (a["symbol"] == sid)]
+        tb = b[(b["kind"] == Kind.TRADE) & (b["symbol"] == sid)]
+        for t in (ta, tb):
+            assert len(t) > 0
+            assert np.all(np.diff(t["trade_id"]) == 1), "trades not once in order"
+        common, ia, ib = np.intersect1d(ta["trade_id"], tb["trade_id"], return_indices=True)
+        assert len(common) > 0
+        assert np.array_equal(ta["price"][ia], tb["price"][ib])
+        assert np.array_equal(ta["qty"][ia], tb["qty"][ib])
+
+
+def _sbe_process_table() -> str:
+    """The SBE vs JSON process rows: CPU, then the book's freshness."""
+    lines = ["", f"SBE vs JSON, real ingest processes on one simulator (--rate {SBE_SIM_RATE} "
+             f"per symbol, {len(SYMBOLS)} symbols, --fast-path auto)",
+             f"{'process':44} {'frames/s':>9} {'recs/s':>8} {'us/frame':>9} {'us/rec':>7} "
+             f"{'cpu util':>9}"]
+    for k, r in SBE_PROCESS.items():
+        lines.append(f"{k:44} {r['msgs_per_s']:>9.0f} {r['published_per_s']:>8.0f} "
+                     f"{r['cpu_us_per_msg']:>9.2f} {r['cpu_us_per_record']:>7.2f} "
+                     f"{r['cpu_util']:>9.3f}")
+    lines += ["book freshness, ms p50/p99 (benchmarks/book_latency.py: interval = between book "
+              "publications, staleness = publish - diff event time, lag = book behind the "
+              "ticker of the same update id)",
+              f"{'process':44} {'books/s':>8} {'interval':>13} {'staleness':>13} {'lag':>13}"]
+    for k, r in SBE_PROCESS.items():
+        lines.append(f"{k:44} {r['books_per_s']:>8.1f} "
+                     f"{r['interval_p50_ms']:>6.1f}/{r['interval_p99_ms']:<6.1f} "
+                     f"{r['staleness_p50_ms']:>6.2f}/{r['staleness_p99_ms']:<6.2f} "
+                     f"{r['lag_p50_ms']:>6.1f}/{r['lag_p99_ms']:<6.1f}")
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _ingest_report() -> Iterator[None]:
     """Hand the side-by-side table to the end-of-run summary after the module's last case."""
     yield
     if SBE_ROWS:
         emit(_sbe_vs_json_table())
+    if SBE_PROCESS:
+        emit(_sbe_process_table())
     if not RESULTS:
         return
     lines = ["", "ingest benchmark (CPU us per aggTrade message; target <= 2 us socket->ring)",
