@@ -184,7 +184,7 @@ def test_sbe_without_a_key_exits_2_with_a_message(shm_name: str) -> None:
 
 @pytest.mark.slow
 def test_sbe_and_json_trades_of_one_session_are_the_same_records(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, shm_name: str,
 ) -> None:
     """Done-when of #18: JSON @trade and SBE @trade of one simulated session give the same
     trade records (ids, prices, quantities, flags, kinds) over their common id range."""
@@ -200,9 +200,9 @@ def test_sbe_and_json_trades_of_one_session_are_the_same_records(
     monkeypatch.setenv("PIPELINE_TEST_SBE_KEY", "sbe-ingest-key")
     with run_sim_process("--api-key", f"sbe-ingest-key={pub}", "--symbols",
                          ",".join(SYMS)) as sim, \
-            run_ingest(sim, "sbe18json", "--streams", "trade,bookTicker",
+            run_ingest(sim, f"{shm_name}_json", "--streams", "trade,bookTicker",
                        symbols=SYMS) as js, \
-            run_ingest(sim, "sbe18sbe", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
+            run_ingest(sim, f"{shm_name}_sbe", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
                        "--sbe-streams", "trade,bestBidAsk",
                        "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY", symbols=SYMS) as sb:
         def trades(ing: Any) -> Any:
@@ -230,7 +230,7 @@ def test_sbe_and_json_trades_of_one_session_are_the_same_records(
 
 @pytest.mark.slow
 def test_sbe_connection_cut_mid_session_keeps_trades_exactly_once_and_resyncs_the_book(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, shm_name: str,
 ) -> None:
     """Done-when of #18: an SBE connection dropped by the venue mid-session. What Binance sent
     while we were away is lost (the simulator's @trade and 20 ms diffs go to nobody then), so:
@@ -255,7 +255,7 @@ def test_sbe_connection_cut_mid_session_keeps_trades_exactly_once_and_resyncs_th
     monkeypatch.setenv("PIPELINE_TEST_SBE_KEY", "sbe-ingest-key")
     with run_sim_process("--api-key", f"sbe-ingest-key={pub}", "--symbols",
                          ",".join(SYMS)) as sim, \
-            run_ingest(sim, "sbe18drop", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
+            run_ingest(sim, f"{shm_name}_drop", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
                        "--sbe-streams", "trade,depth",
                        "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY",
                        "--rest-api-key-env", "PIPELINE_TEST_SBE_KEY", symbols=SYMS) as sb:
@@ -336,7 +336,7 @@ WIRE_HOSTILE: list[tuple[str, bytes, str, int]] = [
 
 @pytest.mark.slow
 def test_hostile_sbe_frames_over_the_wire_are_counted_skipped_and_trades_go_on(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, shm_name: str,
 ) -> None:
     """Done-when of #18 over the wire: hostile binary frames written into a live SBE
     connection by the simulator (``POST /sim/inject`` with ``target: sbe``) are each counted
@@ -355,7 +355,7 @@ def test_hostile_sbe_frames_over_the_wire_are_counted_skipped_and_trades_go_on(
     monkeypatch.setenv("PIPELINE_TEST_SBE_KEY", "sbe-ingest-key")
     with run_sim_process("--api-key", f"sbe-ingest-key={pub}", "--symbols",
                          ",".join(SYMS)) as sim, \
-            run_ingest(sim, "sbe18bad", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
+            run_ingest(sim, f"{shm_name}_bad", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
                        "--sbe-streams", "trade", "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY",
                        symbols=SYMS) as sb:
         def trades() -> Any:
