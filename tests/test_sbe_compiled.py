@@ -339,6 +339,23 @@ def test_make_decoder_modes() -> None:
         sbe.make_decoder(SYMBOLS, mode="fast")
 
 
+def test_the_bare_type_refuses_misuse_instead_of_crashing() -> None:
+    bare = _MOD.Decoder.__new__(_MOD.Decoder)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        bare.decode(VALID[0], RECV)
+    compiled, _ = _pair()
+    with pytest.raises(TypeError, match="2 arguments"):
+        compiled.decode(VALID[0])
+    with pytest.raises(RuntimeError, match="already initialised"):
+        _MOD.Decoder.__init__(compiled, {}, 1, print, print, print, sbe.COMPILED_TAGS,
+                              sbe.COMPILED_REASONS, (2, 3, 1))
+    with pytest.raises(ValueError, match="reasons"):
+        _MOD.Decoder({}, 1, print, print, print, sbe.COMPILED_TAGS, (), (2, 3, 1))
+    with pytest.raises(TypeError, match="keys must be bytes"):
+        _MOD.Decoder({"BTCUSDT": 0}, 1, print, print, print, sbe.COMPILED_TAGS,
+                     sbe.COMPILED_REASONS, (2, 3, 1))
+
+
 def test_mode_on_without_the_extension_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
     monkeypatch.setattr(sbe, "load_compiled", lambda: (None, "pipeline.binance._sbe is not "

@@ -515,6 +515,10 @@ static PyObject *SbeDecoder_decode(SbeDecoder *self, PyObject *const *args, Py_s
         PyErr_SetString(PyExc_TypeError, "decode(frame, recv_time_ns) takes 2 arguments");
         return NULL;
     }
+    if (!self->slots) { /* Decoder.__new__ without __init__: nothing to decode with */
+        PyErr_SetString(PyExc_RuntimeError, "Decoder is not initialised");
+        return NULL;
+    }
     PyObject *frame = args[0];
     Frame f = {NULL, 0, args[1]};
     PyObject *out = NULL;
