@@ -15,8 +15,19 @@
    ingest does, so this is the variant where ingest itself is the bottleneck and many frames
    arrive per socket read (``cpu util`` close to 1.0).
 
+4. SBE vs JSON in process (issue 18): the same events (trade x1 and x5 per event, bestBidAsk /
+   bookTicker, diff depth 10x10 and 100x100) through each connection's frame handler into a
+   real ring: JSON through ``on_frame`` with and without the compiled JSON path, SBE through
+   ``handle_sbe`` with whichever SBE decoder the ingest builds for ``--fast-path off`` / ``on``
+   (named in the table). CPU us per event and bytes per event both ways.
+5. SBE vs JSON in the real process: two ingest processes on one simulator (same walk, same
+   book), JSON ``trade,bookTicker,depth@100ms`` vs SBE ``trade,bestBidAsk,depth`` (20 ms
+   diffs): CPU per frame, per record and utilisation, and the book's freshness from each ring
+   (interval between book publications, staleness, lag behind the ticker:
+   benchmarks/book_latency.py defines them).
+
 Target from the issue: <= 2 us of ingest-process CPU per aggTrade frame, socket to ring.
-The summary table is printed by the last test (``test_zz_report``).
+The summary tables are handed to the end-of-run summary by the module's report fixture.
 """
 
 from __future__ import annotations
