@@ -232,49 +232,25 @@ def test_depth_handler_to_ring(benchmark: Any, width: int) -> None:
     """Diff-depth frames (``width`` x ``width`` levels) through the live handler into a synced
     1,000-level book and the ring (the book's top published per diff, a frame's records
     committed together): the Python path, the default ``@depth@100ms`` stream of issue 15."""
-    import uvloop
-
-    from pipeline.marketdata.ingest import Ingest, IngestConfig
+    from pipeline.marketdata.ingest import IngestConfig
 
     cfg = IngestConfig(symbols=SYMBOLS, streams=["depth@100ms"])
-    w = RingWriter.create(f"bench_depth{width}_{os.getpid()}", TICK_DTYPE, 1 << 16,
-                          symbols=SYMBOLS)
-    loop = uvloop.new_event_loop()
-    ing = Ingest(cfg, w, None)
-    try:
-        ing.setup_publishing(loop)
-        book = ing.depth.books[0]
-        book.on_diff(999_000, 999_000, [], [])  # anchors the snapshot (no REST here)
-        book.on_snapshot(999_999, [(60000.0 - k * 0.01, 1.0) for k in range(1000)],
-                         [(60001.0 + k * 0.01, 1.0) for k in range(1000)])
-        assert book.synced
-        n = 200
-        state = {"next": 1_000_000, "best": 1e9}
+    us, ing = _handler_to_ring(benchmark, f"depth{width}", cfg,
+                               lambda n, u: depth_frames(n, u, width), n=200,
+                               ids_per_frame=2 * width, prepare=_anchor_book)
+    assert ing.depth.books[0].synced  # every diff applied in order: one DEPTH_TOP each
+    RESULTS.setdefault(f"in-process depth {width}x{width} handler->ring (msgspec)", {})[
+        "cpu_us_per_msg"] = us
+    benchmark.extra_info["cpu_us_per_frame"] = us
 
-        async def one() -> None:
-            frames = depth_frames(n, int(state["next"]), width)
-            state["next"] += n * 2 * width
-            h = ing.on_frame
-            conn = _FakeConn()
-            t0 = time.process_time()
-            for f in frames:
-                h(conn, f, 1)  # type: ignore[arg-type]
-            state["best"] = min(state["best"], time.process_time() - t0)
 
-        before = ing.c["frames_received"]
-        benchmark(lambda: loop.run_until_complete(one()))
-        assert book.synced
-        assert ing.c["frames_received"] - before >= n
-        assert not any(v for k, v in ing.c.items() if k.startswith("skipped_")), ing.c
-        assert book.update_id == state["next"] - 1  # every diff applied, in order
-        us = state["best"] / n * 1e6
-        RESULTS.setdefault(f"in-process depth {width}x{width} handler->ring (msgspec)", {})[
-            "cpu_us_per_msg"] = us
-        benchmark.extra_info["cpu_us_per_frame"] = us
-    finally:
-        ing.release()
-        loop.close()
-        w.close()
+def _anchor_book(ing: Any) -> None:
+    """A synced 1,000-level BTCUSDT book below the depth frames' first update id (no REST)."""
+    book = ing.depth.books[0]
+    book.on_diff(999_000, 999_000, [], [])  # anchors the snapshot
+    book.on_snapshot(999_999, [(60000.0 - k * 0.01, 1.0) for k in range(1000)],
+                     [(60001.0 + k * 0.01, 1.0) for k in range(1000)])
+    assert book.synced
 
 
 # --- SBE vs JSON in process: the same events through each connection's frame handler ---------
@@ -333,15 +309,6 @@ def sbe_depth_frames(n: int, first_u: int, width: int) -> list[bytes]:
                                      SBE_EXP, SBE_EXP))
         u += 2 * width
     return out
-
-
-def _anchor_book(ing: Any) -> None:
-    """A synced 1,000-level BTCUSDT book below the depth frames' first update id (no REST)."""
-    book = ing.depth.books[0]
-    book.on_diff(999_000, 999_000, [], [])  # anchors the snapshot
-    book.on_snapshot(999_999, [(60000.0 - k * 0.01, 1.0) for k in range(1000)],
-                     [(60001.0 + k * 0.01, 1.0) for k in range(1000)])
-    assert book.synced
 
 
 class _Pair:
