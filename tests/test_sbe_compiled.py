@@ -264,6 +264,27 @@ def test_fuzz_events_with_extreme_mantissas_identical(
     assert_same(snapshot_frame(ev_us, uid, bids, asks, sym, pexp, qexp), pair=pair)
 
 
+@settings(max_examples=400, deadline=None)
+@given(hs.integers(0, 3), hs.binary(max_size=12), hs.binary(max_size=9), hs.binary(max_size=6),
+       hs.lists(hs.tuples(hs.integers(0, 9), _extreme, _extreme, hs.sampled_from([0, 1])),
+                max_size=4),
+       hs.lists(hs.tuples(_extreme, _extreme), max_size=4), hs.integers(-10, 10))
+def test_fuzz_newer_versions_and_trailing_data_identical(
+        version: int, extra_block: bytes, extra_entry: bytes, trailing: bytes,
+        trades: list[tuple[int, int, int, int]], levels: list[tuple[int, int]], exp: int) -> None:
+    """Longer blocks and entries (a newer schema version) and var data after the symbol: read
+    at the frame's own strides by both decoders alike."""
+    pair = _pair()
+    kw: dict[str, Any] = {"version": version, "extra_block": extra_block}
+    assert_same(trades_frame(5, trades, b"ETHUSDT", exp, -exp, extra_entry=extra_entry, **kw)
+                + trailing, pair=pair)
+    assert_same(bba_frame(5, 9, 1, 2, 3, 4, pexp=exp, **kw) + trailing, pair=pair)
+    assert_same(snapshot_frame(5, 9, levels, levels[::-1], pexp=exp, extra_entry=extra_entry,
+                               **kw) + trailing, pair=pair)
+    assert_same(diff_frame(5, 8, 9, levels, [], qexp=exp, extra_entry=extra_entry, **kw)
+                + trailing, pair=pair)
+
+
 def test_division_is_exact_around_2_53_and_int64_max_for_every_exponent() -> None:
     """The C fast division (|m| <= 2**53) and the PyLong slow path meet here: every exponent,
     mantissas on both sides of the border, each the float Python's int/int gives."""
