@@ -688,6 +688,7 @@ static PyTypeObject SbeDecoderType = {
 static struct PyModuleDef sbe_module = {
     PyModuleDef_HEAD_INIT, "pipeline.binance._sbe",
     "Compiled twin of the SBE market-data decoder (see pipeline/binance/sbe.py).", -1, NULL,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__sbe(void) {
