@@ -412,3 +412,30 @@ def test_the_ingest_picks_the_decoder_by_its_fast_path_mode(shm_name: str, fast_
         assert ing.sbe_decoder.other_version_frames == 1
     finally:
         w.close()
+
+
+def test_ingest_fast_path_on_without_the_compiled_decoder_exits_2(shm_name: str) -> None:
+    """``--fast-path on`` promises the compiled paths: with SBE streams and no compiled SBE
+    decoder the real process refuses to start, saying why (import blocked for this run)."""
+    import subprocess
+
+    args = ["ingest", "--symbols", "BTCUSDT", "--streams", "aggTrade", "--sbe-streams", "trade",
+            "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY", "--fast-path", "on",
+            "--ring", f"{shm_name}_r", "--metrics", f"{shm_name}_m"]
+    probe = (
+        "import runpy, sys\n"
+        "class BlockCompiledSbe:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pipeline.binance._sbe':\n"
+        "            raise ImportError('blocked by the test')\n"
+        "sys.meta_path.insert(0, BlockCompiledSbe())\n"
+        f"sys.argv = ['pipeline', *{args!r}]\n"
+        "runpy.run_module('pipeline', run_name='__main__')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PIPELINE_TEST_SBE_KEY": "not-a-real-key"}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--fast-path on" in proc.stderr
+    assert "pipeline.binance._sbe is not built" in proc.stderr
+    assert "not-a-real-key" not in proc.stderr + proc.stdout
