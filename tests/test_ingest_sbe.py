@@ -91,6 +91,20 @@ def test_best_bid_ask_dedupes_and_culled_ids_are_no_gap(ing: Any) -> None:
     assert ing.c["gaps_detected"] == 0
 
 
+def test_a_newer_schema_version_is_decoded_and_shown_to_the_operator(ing: Any) -> None:
+    """A version-1 frame with a longer block is decoded by its block length (not skipped: that
+    would turn a venue upgrade into an outage) and counted in the metrics block."""
+    from pipeline.marketdata.ingest_metrics import metric_values
+
+    c0 = ing.ring.cursor
+    ing.handle_sbe(_Conn(), bba_frame(1_700_000_000_000_000, 70, 1, 2, 3, 4, version=1,
+                                      extra_block=b"\x00" * 8), RECV)
+    assert ing.ring.cursor - c0 == 1
+    vals = metric_values(ing)
+    assert vals["sbe_other_version_frames"] == 1
+    assert vals["skipped_total"] == 0
+
+
 def test_depth_diff_goes_to_the_book(ing: Any) -> None:
     calls: list[Any] = []
     ing._on_diff = calls.append

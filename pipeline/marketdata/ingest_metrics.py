@@ -53,6 +53,9 @@ def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
     # fast_path: 1 while the compiled path is in use (an operator sees a fallback to pure
     # Python in `pipeline health`); frames_fast: frames it handled without Python
     fields += [("fast_path", "<i8"), ("frames_fast", "<i8")]
+    # SBE frames of another schema version than ours, decoded by their block lengths (the venue
+    # moved on: an operator should look at the schema, nothing is lost yet)
+    fields += [("sbe_other_version_frames", "<i8")]
     # written every --metrics-interval even when no frame arrives: `pipeline health` calls the
     # process stuck when the block is older than a few of these
     fields += [("heartbeat_interval_ms", "<i8")]
@@ -77,6 +80,7 @@ def metric_values(ing: Ingest) -> dict[str, float]:
     vals: dict[str, float] = dict(c)
     vals["fast_path"] = int(ing.fast is not None)
     vals["frames_fast"] = ing.frames_fast
+    vals["sbe_other_version_frames"] = ing.sbe_decoder.other_version_frames
     vals["frames_received"] = c["frames_received"] + vals["frames_fast"]
     for r, n in ing.skipped.items():
         vals[f"skipped_{r}"] = n

@@ -115,6 +115,7 @@ _INGEST_COUNTERS = {
     "publish_errors": "Records the ring refused to pack.",
     "book_levels_trimmed": "Book levels dropped beyond the per-side bound.",
     "frames_fast": "Frames handled by the compiled path without Python.",
+    "sbe_other_version_frames": "SBE frames of another schema version, decoded by block lengths.",
     "trades_backfilled": "@trade ids fetched from REST historicalTrades.",
     "trade_gaps_backfilled": "@trade holes closed from REST.",
     "rest_waits": "REST requests that waited for the weight budget.",
