@@ -18,7 +18,7 @@ import pytest
 from pipeline.binance import sbe
 from pipeline.ipc.records import TICK_DTYPE
 from pipeline.settings import ConfigError
-from tests.test_sbe_decode import bba_frame, diff_frame, message, trades_frame
+from tests.test_sbe_decode import bba_frame, diff_frame, message, snapshot_frame, trades_frame
 
 SYMS = ["BTCUSDT", "ETHUSDT"]
 RECV = 1_700_000_000_123_456_789
@@ -103,6 +103,22 @@ def test_a_newer_schema_version_is_decoded_and_shown_to_the_operator(ing: Any) -
     vals = metric_values(ing)
     assert vals["sbe_other_version_frames"] == 1
     assert vals["skipped_total"] == 0
+
+
+def test_depth20_records_carry_the_sbe_event_time(ing: Any, shm_name: str) -> None:
+    """JSON depth20 has no event time (records say 0); SBE's does, and consumers get it."""
+    from pipeline.ipc.records import Flags, Kind
+    from pipeline.ipc.ring import RingReader
+
+    with RingReader.attach(shm_name) as rd:  # from now
+        ing.handle_sbe(_Conn(), snapshot_frame(1_700_000_000_000_001, 42, [(100, 1)],
+                                               [(101, 2)]), RECV)
+        recs = rd.poll()
+    top = recs[recs["kind"] == Kind.DEPTH_TOP]
+    assert len(top) == 1
+    assert int(top["flags"][0]) & int(Flags.SNAPSHOT)
+    assert int(top["trade_id"][0]) == 42
+    assert int(top["event_time_ns"][0]) == 1_700_000_000_000_001_000
 
 
 def test_depth_diff_goes_to_the_book(ing: Any) -> None:

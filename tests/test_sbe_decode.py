@@ -203,7 +203,7 @@ def test_depth20_is_a_depth_partial(dec: sbe.SbeDecoder) -> None:
     tag, val = dec.decode(snapshot_frame(1, 165284515, bids, asks, b"FLMUSDT"), RECV)
     assert tag == st.DEPTH_PARTIAL
     assert val == st.DepthPartial(7, 165284515, RECV, [(0.4856, 2036.02), (0.4855, 480.0)],
-                                  [(0.4857, 0.0)])
+                                  [(0.4857, 0.0)], 1000)  # the event time (1 us) in ns
 
 
 def test_diff_depth_is_a_depth_diff(dec: sbe.SbeDecoder) -> None:
@@ -318,6 +318,8 @@ def test_same_records_as_json_for_the_same_events(dec: sbe.SbeDecoder) -> None:
         f = snapshot_frame(1, d["lastUpdateId"], [(m8(p), m8(q)) for p, q in d["bids"]],
                            [(m8(p), m8(q)) for p, q in d["asks"]], _sym(fr["stream"]))
         assert want[0] == st.DEPTH_PARTIAL
+        # the same book; SBE also carries the event time JSON's depth20 lacks (1 us here)
+        want[1].event_time_ns = 1000
         assert dec.decode(f, RECV) == want
         checked += 1
     assert checked >= 20
@@ -573,7 +575,8 @@ def test_sim_encoder_round_trip(ev_us: int, uid: int, pexp: int, qexp: int,
     want_b = [(f(p), f(q)) for p, q in bids]
     want_a = [(f(p), f(q)) for p, q in asks]
     assert d.decode(enc.encode_depth_snapshot(sym, ev_us, uid, bids, asks, pexp, qexp),
-                    RECV) == (st.DEPTH_PARTIAL, st.DepthPartial(sid, uid, RECV, want_b, want_a))
+                    RECV) == (st.DEPTH_PARTIAL,
+                              st.DepthPartial(sid, uid, RECV, want_b, want_a, ev_ns))
     assert d.decode(enc.encode_depth_diff(sym, ev_us, uid, uid + 3, bids, asks, pexp, qexp),
                     RECV) == (st.DEPTH_DIFF,
                               st.DepthDiff(sid, uid, uid + 3, ev_ns, RECV, want_b, want_a))

@@ -36,7 +36,7 @@
 #endif
 
 /* the interface pipeline/binance/sbe.py drives (checked there before use) */
-#define API_VERSION 1
+#define API_VERSION 2
 
 /* ---- the schema (stream_1_0.xml), as in sbe.py ---- */
 #define SCHEMA_ID 1
@@ -460,13 +460,15 @@ static int decode_depth(SbeDecoder *self, const Frame *f, unsigned block_len, in
         Py_XDECREF(args[1]);
         Py_XDECREF(args[2]);
     } else {
-        /* DepthPartial(symbol, last_update_id, recv_time_ns, bids, asks) */
+        /* DepthPartial(symbol, last_update_id, recv_time_ns, bids, asks, event_time_ns) */
         args[0] = PyLong_FromLongLong(first);
-        if (args[0]) {
-            PyObject *call[5] = {sid, args[0], f->recv, bids, asks};
-            value = PyObject_Vectorcall(self->depth_partial, call, 5, NULL);
+        args[1] = PyLong_FromLongLong(ev_us * US_TO_NS);
+        if (args[0] && args[1]) {
+            PyObject *call[6] = {sid, args[0], f->recv, bids, asks, args[1]};
+            value = PyObject_Vectorcall(self->depth_partial, call, 6, NULL);
         }
         Py_XDECREF(args[0]);
+        Py_XDECREF(args[1]);
     }
     Py_DECREF(bids);
     Py_DECREF(asks);

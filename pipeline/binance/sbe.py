@@ -51,7 +51,8 @@ TRADES         a ``list`` of record tuples (Kind.TRADE), one per trade of the ev
                order (SBE sends a *group* of trades per event; JSON sends one per frame): the
                shell tracks and publishes each as it does a JSON ``TRADE`` value
 BOOK_TICKER    a record tuple (Kind.BOOK_TICKER) like JSON's, with ``event_time_ns`` set
-DEPTH_PARTIAL  a :class:`~pipeline.binance.streams.DepthPartial` (depth20): as JSON's
+DEPTH_PARTIAL  a :class:`~pipeline.binance.streams.DepthPartial` (depth20): as JSON's,
+               plus the event time JSON's lacks
 DEPTH_DIFF     a :class:`~pipeline.binance.streams.DepthDiff` (diff depth): as JSON's, for the
                existing book procedure (U/u rules) unchanged
 SKIP           a reason string (:data:`SKIP_REASONS`): count it and rate-limit-log it
@@ -354,8 +355,9 @@ class SbeDecoder:
         sid, bids, asks = self._depth_sides(frame, 8 + block_len, price_exp, qty_exp)
         if not (0 <= ev_us <= _MAX_US and update_id >= 0):
             raise SbeSkip(BAD_NUMBER)
-        # DepthPartial has no event time (JSON depth20 has none): the SBE one is not carried
-        return DEPTH_PARTIAL, DepthPartial(sid, update_id, recv_ns, bids, asks)
+        # JSON depth20 has no event time (0); SBE's is carried into the records
+        return DEPTH_PARTIAL, DepthPartial(sid, update_id, recv_ns, bids, asks,
+                                           ev_us * _US_TO_NS)
 
     def _depth_diff(self, frame: Any, block_len: int, recv_ns: int) -> tuple[int, Any]:
         ev_us, first_id, last_id, price_exp, qty_exp = self._block(frame, block_len,
@@ -372,7 +374,7 @@ class SbeDecoder:
 #: built, ``on`` insist on it, ``off`` the reference decoder
 DECODER_MODES: Final = ("auto", "on", "off")
 #: the interface version of pipeline/binance/_sbe.c this module drives (its API_VERSION)
-COMPILED_API_VERSION: Final = 1
+COMPILED_API_VERSION: Final = 2
 #: the skip reasons in the order the C code indexes them (its ``R_*`` enum)
 COMPILED_REASONS: Final = (TRUNCATED, WRONG_SCHEMA, UNKNOWN_TEMPLATE, SHORT_BLOCK, GROUP_OVERRUN,
                            BAD_EXPONENT, BAD_SYMBOL, UNKNOWN_SYMBOL, BAD_NUMBER, OVERSIZED)

@@ -144,13 +144,15 @@ class DepthDiff:
 
 @dataclass(slots=True)
 class DepthPartial:
-    """One partial-book frame ``@depth<N>`` (section 1.6): a full top-N, no event time."""
+    """One partial-book frame ``@depth<N>`` (section 1.6): a full top-N. JSON's has no event
+    time (0); SBE's depth20 has one (``event_time_ns``), carried into the records."""
 
     symbol: int
     last_update_id: int  # `lastUpdateId`
     recv_time_ns: int
     bids: list[Level]
     asks: list[Level]
+    event_time_ns: int = 0
 
 
 @dataclass(slots=True)

@@ -91,6 +91,7 @@ class DepthFeed:
     def _publish_partial(self, p: DepthPartial) -> None:
         self.ing.publish_many(book_records(symbol=p.symbol, flags=_SNAPSHOT,
                                            update_id=p.last_update_id, first_update_id=0,
-                                           event_time_ns=0, recv_time_ns=p.recv_time_ns,
+                                           event_time_ns=p.event_time_ns,
+                                           recv_time_ns=p.recv_time_ns,
                                            bids=p.bids, asks=p.asks, levels=self._levels))
         self.last_partial[p.symbol] = p.last_update_id
