@@ -107,8 +107,8 @@ class IngestConfig:
         "at most this many records of one frame (a depth update's levels) per ring commit; "
         "every frame is visible as soon as it is decoded (1 = each record at once)"))
     fast_path: str = field(default="auto", metadata=setting(
-        "compiled aggTrade frame -> ring path: auto (use it if built) | on (refuse to start "
-        "without it) | off (pure Python)"))
+        "compiled paths (JSON aggTrade/trade/bookTicker frame -> ring, SBE decoder): auto (use "
+        "them if built) | on (refuse to start without them) | off (pure Python)"))
     time_unit: str = field(default="MILLISECOND", metadata=setting(
         "exchange timestamps in MILLISECOND (Binance's default) or MICROSECOND (timeUnit on the "
         "stream URL; records carry ns either way)"))
