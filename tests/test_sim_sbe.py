@@ -190,6 +190,7 @@ async def test_subscribe_replies_as_text_and_streams_arrive_as_binary() -> None:
                                   "params": ["btcusdt@aggTrade"]}))
         await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 3}))
         binary, text = await collect(ws, 1.0)
+        assert s.state()["connections"] == {"streams": 0, "wsapi": 0, "sbe": 1}
     replies = [json.loads(t) for t in text]
     assert replies[0] == {"result": None, "id": 1}
     assert replies[1]["id"] == 2

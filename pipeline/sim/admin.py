@@ -87,7 +87,7 @@ class Admin:
         """Counters for GET /sim/state."""
         sim, hub = self.sim, self.sim.hub
         subs = {s: len(c) for s, c in hub.subs.items() if c}
-        kinds: dict[str, int] = {"streams": 0, "wsapi": 0}
+        kinds: dict[str, int] = {"streams": 0, "wsapi": 0, "sbe": 0}
         for c in sim.conns:
             if c.sim_kind in kinds:
                 kinds[c.sim_kind] += 1
