@@ -166,3 +166,34 @@ def test_a_trade_hole_is_a_gap_only_when_rest_fails(shm_name: str) -> None:
         named = int((gaps["aux_id"].astype(np.int64) - gaps["trade_id"].astype(np.int64)
                      + 1).sum())
         assert missing == named
+
+
+def test_a_trade_hole_refused_for_want_of_a_key_is_a_gap_at_once_said_once(
+        shm_name: str) -> None:
+    """historicalTrades answering 401 (no or a bad API key) cannot be cured by retrying: each
+    hole becomes a GAP after one request (not --rest-retries of them), and the operator is told
+    once what to configure, however many holes follow."""
+    with run_sim_process("--symbols", "BTCUSDT", "--rate", "300") as sim:
+        with run_ingest(sim, shm_name, *REST, "--streams", "trade", "--rest-retries", "5",
+                        symbols=["BTCUSDT"]) as ing:
+            ing.wait_for(lambda: len(ing.records()) > 100, 20, "trades")
+            sim.fault("rest_fail", count=1000, status=401)
+            for k in range(2):
+                # held off for a while, so trades are certainly printed while it is away
+                sim.fault("refuse")
+                sim.fault("drop", target="streams")
+                time.sleep(0.5)
+                sim.fault("refuse", on=False)
+                ing.wait_for(lambda k=k: ing.metrics()["trade_gaps"] >= k + 1, 30,
+                             f"GAP record {k + 1}")
+                ing.wait_for(lambda: ing.metrics()["conn_state_0"] == 2, 20, "reconnected")
+            m = ing.metrics()
+            recs = ing.records()
+            log = ing.log_text()
+        assert m["trades_backfilled"] == 0
+        # one request per hole: a 401 is not retried
+        assert m["rest_requests"] == m["trade_gaps"], m
+        gaps = recs[recs["kind"] == Kind.GAP]
+        assert len(gaps) == m["trade_gaps"]
+        assert ((gaps["flags"] & Flags.TRADE_IDS) != 0).all()
+        assert log.count("historicalTrades refused the request") == 1
