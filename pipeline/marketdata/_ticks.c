@@ -1,5 +1,6 @@
 /* Compiled fast path of the ingest hot path: combined-stream frame -> ring slot, for the three
- * high-rate streams (aggTrade, trade, bookTicker).
+ * high-rate JSON streams (aggTrade, trade, bookTicker), and SBE frame -> ring slots for the two
+ * high-rate SBE templates (trade, bestBidAsk: on_sbe_message, see "SBE" below).
  *
  * Why it exists: in pure Python the ingest process spent ~3.6 us of CPU per aggTrade frame
  * (typed JSON decode 1.3 us, building and packing the record tuple ~0.6 us, id tracking and
@@ -29,6 +30,13 @@
  * expect (duplicates, gaps, the first frame of a symbol), is handed to the Python handler
  * untouched, which decides with the full decoder (tests check that every frame this path
  * accepts decodes to the same record bytes there).
+ *
+ * SBE: the pure-Python decoder (pipeline/binance/sbe.py, then Ingest.handle_sbe) spent ~1.5-2 us
+ * per trade or bestBidAsk event; this reads the version-0 layout at fixed offsets and shares the
+ * per-symbol id state of the JSON trade and bookTicker streams, so both wire formats publish one
+ * id sequence. A trades event is taken whole or not at all (every id contiguous from the one
+ * expected next, decided before the first record is written). The Python path stays the
+ * reference (tests/test_fastpath_sbe.py fuzzes the two against each other).
  *
  * Floats: a decimal with <= 15 significant digits and <= 22 fractional digits is converted as
  * mantissa / 10^k, which is correctly rounded (both operands are exact doubles and IEEE division
@@ -72,7 +80,7 @@
 #define RECORD_BYTES 96
 /* Bumped with every change of the Python-facing interface: pipeline/marketdata/fastpath.py refuses a build
  * of another version (an editable install not rebuilt after a pull) instead of failing on it. */
-#define API_VERSION 5
+#define API_VERSION 6
 #define KIND_AGG_TRADE 1
 #define KIND_TRADE 2
 #define KIND_BOOK_TICKER 3
@@ -92,7 +100,8 @@ typedef struct {
 /* What a frame carries, for any of the three kinds (unused fields stay 0). */
 typedef struct {
     int kind;
-    int64_t E, id, aux; /* event time; a / t / u; l */
+    int64_t E, id, aux; /* event time (the frame's unit); a / t / u; l */
+    int64_t event_ns;   /* the record's event_time_ns (0 for JSON bookTicker, which has none) */
     double price, qty, bid, bid_qty, ask, ask_qty;
     int maker;
 } Tick;
@@ -390,6 +399,11 @@ typedef struct {
     int64_t *last;
     char *armed;
     PyObject *fallback;
+    /* SBE (on_sbe_message): the wire symbol (upper-case bytes, as Binance sends it) -> symbol id
+     * (kind unused); NULL: every SBE frame goes to sbe_fallback */
+    Route *sbe_syms;
+    Py_ssize_t sbe_mask;
+    PyObject *sbe_fallback;
     /* the ring's record slots, sequence stamps and header (int64 words); have_bufs 0: parse
      * only, or closed */
     Py_buffer data, seqs, hdr;
@@ -409,17 +423,22 @@ typedef struct {
     long long frames;
 } TickFastPath;
 
-static const Route *route_lookup(TickFastPath *self, const char *s, Py_ssize_t n) {
+static const Route *table_lookup(const Route *table, Py_ssize_t mask, const char *s,
+                                 Py_ssize_t n) {
     uint64_t h = fnv1a(s, n);
-    Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)self->route_mask);
+    Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)mask);
     for (;;) {
-        const Route *r = &self->routes[i];
+        const Route *r = &table[i];
         if (r->name == NULL)
             return NULL;
         if (r->hash == h && r->len == n && memcmp(r->name, s, (size_t)n) == 0)
             return r;
-        i = (i + 1) & self->route_mask;
+        i = (i + 1) & mask;
     }
+}
+
+static inline const Route *route_lookup(TickFastPath *self, const char *s, Py_ssize_t n) {
+    return table_lookup(self->routes, self->route_mask, s, n);
 }
 
 /* Frame -> Tick and symbol id; 0 if this path does not take it. `stream` must come first (as
@@ -443,15 +462,173 @@ static int parse_frame(TickFastPath *self, const char *buf, Py_ssize_t n, Tick *
     g->kind = r->kind;
     if (!parse_data(&c, g, self->max_event) || !expect(&c, '}') || c.p != c.end)
         return 0;
+    /* bookTicker has no event time: 0, as in the Python decoders */
+    g->event_ns = g->kind == KIND_BOOK_TICKER ? 0 : g->E * self->time_mult;
     *sid = r->sid;
     return 1;
+}
+
+/* ---- SBE (stream_1_0.xml, schema id 1 version 0, little-endian): the two high-rate templates,
+ * at this version's fixed offsets. The rules are pipeline/binance/sbe.py's (the reference); this
+ * takes a strict subset of what it accepts: the exact block and entry lengths of version 0 (a
+ * longer one from a newer version goes to Python, which skips by blockLength and counts it),
+ * nothing after the symbol, both exponents in -18..-1 and mantissas in 0..2^53 (so mantissa /
+ * 10^k is one correctly rounded IEEE division of two exact doubles: the double CPython's
+ * int / int gives), event times whose ns value fits an int64, and for trades a group of at
+ * least one trade with contiguous ids. Anything else is declined before a byte is written. */
+#define SBE_SCHEMA_ID 1
+#define SBE_SCHEMA_VERSION 0
+#define SBE_TRADES_TEMPLATE 10000
+#define SBE_BEST_BID_ASK_TEMPLATE 10001
+#define SBE_HEADER_BYTES 8
+#define SBE_TRADES_BLOCK 18   /* eventTime i64, transactTime i64, priceExp i8, qtyExp i8 */
+#define SBE_GROUP_BYTES 6     /* groupSizeEncoding: blockLength u16, numInGroup u32 */
+#define SBE_TRADE_ENTRY 25    /* id i64, price i64, qty i64, isBuyerMaker u8 */
+#define SBE_BBA_BLOCK 50      /* eventTime, bookUpdateId, pExp, qExp, bid, bidQty, ask, askQty */
+#define SBE_MAX_EXPONENT 18   /* the reference's MAX_EXPONENT (and <= 22: POW10 is exact) */
+#define SBE_MAX_MANTISSA (INT64_C(1) << 53)
+#define SBE_MAX_US (INT64_MAX / 1000)
+
+static inline uint16_t rd_u16(const unsigned char *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+static inline uint32_t rd_u32(const unsigned char *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline int64_t rd_i64(const unsigned char *p) {
+    int64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline int sbe_mantissa_ok(int64_t m) { return m >= 0 && m <= SBE_MAX_MANTISSA; }
+
+/* What an SBE frame this path takes carries: a trades group (read again entry by entry when
+ * it is written: `entries`, `count`) or one best bid/ask (`bba`). */
+typedef struct {
+    int kind, sid;
+    int64_t first_id, last_id; /* trades: the group's ids; bestBidAsk: u (both) */
+    int64_t event_ns;
+    double pdiv, qdiv;
+    const unsigned char *entries;
+    Py_ssize_t count;
+    Tick bba;
+} SbeEvent;
+
+/* The fixed exponents -> their divisors; 0 if either is outside -18..-1 (Python decides). */
+static inline int sbe_divisors(const unsigned char *p, SbeEvent *ev) {
+    int pe = (int8_t)p[0], qe = (int8_t)p[1];
+    if (pe > 0 || pe < -SBE_MAX_EXPONENT || qe > 0 || qe < -SBE_MAX_EXPONENT)
+        return 0;
+    ev->pdiv = POW10[-pe];
+    ev->qdiv = POW10[-qe];
+    return 1;
+}
+
+/* The var-length symbol at `off`, which must end the frame exactly -> symbol id; -1 if it is
+ * not one of ours (or anything follows it). */
+static inline int sbe_symbol(TickFastPath *self, const unsigned char *b, Py_ssize_t off,
+                             Py_ssize_t n) {
+    if (off >= n || off + 1 + (Py_ssize_t)b[off] != n)
+        return -1;
+    const Route *r = table_lookup(self->sbe_syms, self->sbe_mask, (const char *)b + off + 1,
+                                  n - off - 1);
+    return r ? r->sid : -1;
+}
+
+/* A trade entry of a group this path took -> its Tick (kind, id, price, qty, maker, time). */
+static inline void sbe_trade_tick(const SbeEvent *ev, Py_ssize_t i, Tick *g) {
+    const unsigned char *e = ev->entries + i * SBE_TRADE_ENTRY;
+    memset(g, 0, sizeof(*g));
+    g->kind = KIND_TRADE;
+    g->id = rd_i64(e);
+    g->price = (double)rd_i64(e + 8) / ev->pdiv;
+    g->qty = (double)rd_i64(e + 16) / ev->qdiv;
+    g->maker = e[24];
+    g->event_ns = ev->event_ns;
+}
+
+/* Frame -> SbeEvent; 0 if this path does not take it (see above), ignoring the id state. */
+static int parse_sbe(TickFastPath *self, const char *buf, Py_ssize_t n, SbeEvent *ev) {
+    const unsigned char *b = (const unsigned char *)buf;
+    if (self->sbe_syms == NULL || n < SBE_HEADER_BYTES || rd_u16(b + 4) != SBE_SCHEMA_ID ||
+        rd_u16(b + 6) != SBE_SCHEMA_VERSION)
+        return 0;
+    uint16_t block_len = rd_u16(b), template = rd_u16(b + 2);
+    const unsigned char *blk = b + SBE_HEADER_BYTES;
+    if (template == SBE_TRADES_TEMPLATE) {
+        Py_ssize_t group = SBE_HEADER_BYTES + SBE_TRADES_BLOCK;
+        if (block_len != SBE_TRADES_BLOCK || n < group + SBE_GROUP_BYTES)
+            return 0;
+        int64_t ev_us = rd_i64(blk);
+        if (ev_us < 0 || ev_us > SBE_MAX_US || !sbe_divisors(blk + 16, ev))
+            return 0;
+        Py_ssize_t count = (Py_ssize_t)rd_u32(b + group + 2); /* < 2^32: no overflow below */
+        if (rd_u16(b + group) != SBE_TRADE_ENTRY || count < 1 ||
+            group + SBE_GROUP_BYTES + count * SBE_TRADE_ENTRY >= n)
+            return 0;
+        const unsigned char *e = b + group + SBE_GROUP_BYTES;
+        int sid = sbe_symbol(self, b, group + SBE_GROUP_BYTES + count * SBE_TRADE_ENTRY, n);
+        if (sid < 0)
+            return 0;
+        int64_t prev = -1;
+        for (Py_ssize_t i = 0; i < count; i++, e += SBE_TRADE_ENTRY) {
+            int64_t id = rd_i64(e);
+            /* id >= 0, so id - 1 cannot overflow */
+            if (id < 0 || (i > 0 && id - 1 != prev) || !sbe_mantissa_ok(rd_i64(e + 8)) ||
+                !sbe_mantissa_ok(rd_i64(e + 16)) || e[24] > 1)
+                return 0;
+            prev = id;
+        }
+        ev->kind = KIND_TRADE;
+        ev->sid = sid;
+        ev->entries = b + group + SBE_GROUP_BYTES;
+        ev->count = count;
+        ev->first_id = rd_i64(ev->entries);
+        ev->last_id = prev;
+        ev->event_ns = ev_us * 1000;
+        return 1;
+    }
+    if (template == SBE_BEST_BID_ASK_TEMPLATE) {
+        if (block_len != SBE_BBA_BLOCK)
+            return 0;
+        int sid = sbe_symbol(self, b, SBE_HEADER_BYTES + SBE_BBA_BLOCK, n);
+        if (sid < 0)
+            return 0;
+        int64_t ev_us = rd_i64(blk), u = rd_i64(blk + 8);
+        int64_t bid = rd_i64(blk + 18), bid_q = rd_i64(blk + 26), ask = rd_i64(blk + 34),
+                ask_q = rd_i64(blk + 42);
+        if (ev_us < 0 || ev_us > SBE_MAX_US || u < 0 || !sbe_divisors(blk + 16, ev) ||
+            !sbe_mantissa_ok(bid) || !sbe_mantissa_ok(bid_q) || !sbe_mantissa_ok(ask) ||
+            !sbe_mantissa_ok(ask_q))
+            return 0;
+        Tick *g = &ev->bba;
+        memset(g, 0, sizeof(*g));
+        g->kind = KIND_BOOK_TICKER;
+        g->id = u;
+        g->bid = (double)bid / ev->pdiv;
+        g->bid_qty = (double)bid_q / ev->qdiv;
+        g->ask = (double)ask / ev->pdiv;
+        g->ask_qty = (double)ask_q / ev->qdiv;
+        g->event_ns = ev_us * 1000; /* SBE has the event time JSON bookTicker lacks */
+        ev->kind = KIND_BOOK_TICKER;
+        ev->sid = sid;
+        ev->first_id = ev->last_id = u;
+        ev->event_ns = g->event_ns;
+        ev->count = 1;
+        return 1;
+    }
+    return 0;
 }
 
 static inline void put_i64(char *rec, int off, int64_t v) { memcpy(rec + off, &v, 8); }
 static inline void put_f64(char *rec, int off, double v) { memcpy(rec + off, &v, 8); }
 
-static inline void write_record(char *rec, const Tick *g, int sid, int64_t recv_ns,
-                                int64_t time_mult) {
+static inline void write_record(char *rec, const Tick *g, int sid, int64_t recv_ns) {
     uint16_t sym = (uint16_t)sid, z16 = 0;
     rec[OFF_KIND] = (char)g->kind;
     rec[OFF_FLAGS] = g->maker ? FLAG_BUYER_IS_MAKER : 0;
@@ -466,8 +643,7 @@ static inline void write_record(char *rec, const Tick *g, int sid, int64_t recv_
     put_f64(rec, OFF_ASK_QTY, g->ask_qty);
     put_i64(rec, OFF_TRADE_ID, g->id);
     put_i64(rec, OFF_AUX_ID, g->aux);
-    /* bookTicker has no event time: 0, as in the Python decoders */
-    put_i64(rec, OFF_EVENT_TIME, g->kind == KIND_BOOK_TICKER ? 0 : g->E * time_mult);
+    put_i64(rec, OFF_EVENT_TIME, g->event_ns);
     put_i64(rec, OFF_RECV_TIME, recv_ns);
     put_i64(rec, OFF_PUBLISH_TIME, 0);
 }
@@ -483,6 +659,7 @@ static void release_buffers(TickFastPath *self) {
 
 static int TickFastPath_traverse(TickFastPath *self, visitproc visit, void *arg) {
     Py_VISIT(self->fallback);
+    Py_VISIT(self->sbe_fallback);
     Py_VISIT(self->iter_conn);
     return 0;
 }
@@ -490,18 +667,53 @@ static int TickFastPath_traverse(TickFastPath *self, visitproc visit, void *arg)
 static int TickFastPath_clear(TickFastPath *self) {
     release_buffers(self);
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->sbe_fallback);
     Py_CLEAR(self->iter_conn);
+    return 0;
+}
+
+static void free_table(Route *table, Py_ssize_t mask) {
+    if (table) {
+        for (Py_ssize_t i = 0; i <= mask; i++)
+            PyMem_Free(table[i].name);
+        PyMem_Free(table);
+    }
+}
+
+/* A table of 2 * n_entries + 1 slots or more (a power of two), all empty; NULL: no memory. */
+static Route *new_table(Py_ssize_t n_entries, Py_ssize_t *mask) {
+    Py_ssize_t size = 8;
+    while (size < 2 * n_entries + 1)
+        size *= 2;
+    *mask = size - 1;
+    return PyMem_Calloc((size_t)size, sizeof(Route));
+}
+
+/* Add a name (copied) to an open-addressing table with room for it; -1: no memory. */
+static int table_insert(Route *table, Py_ssize_t mask, const char *s, Py_ssize_t n, int sid,
+                        int kind) {
+    uint64_t h = fnv1a(s, n);
+    Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)mask);
+    while (table[i].name != NULL)
+        i = (i + 1) & mask;
+    table[i].name = PyMem_Malloc((size_t)n + 1);
+    if (!table[i].name) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(table[i].name, s, (size_t)n);
+    table[i].hash = h;
+    table[i].len = n;
+    table[i].sid = sid;
+    table[i].kind = kind;
     return 0;
 }
 
 static void TickFastPath_dealloc(TickFastPath *self) {
     PyObject_GC_UnTrack(self);
     TickFastPath_clear(self);
-    if (self->routes) {
-        for (Py_ssize_t i = 0; i <= self->route_mask; i++)
-            PyMem_Free(self->routes[i].name);
-        PyMem_Free(self->routes);
-    }
+    free_table(self->routes, self->route_mask);
+    free_table(self->sbe_syms, self->sbe_mask);
     PyMem_Free(self->last);
     PyMem_Free(self->armed);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -523,18 +735,27 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"routes", "n_symbols", "fallback", "data", "seqs", "header",
                              "capacity", "record_size", "max_staged", "stamp_offset",
                              "cursor_word", "intent_word", "sleepers_word", "max_frame_bytes",
-                             "time_mult", "max_id_jump", NULL};
+                             "time_mult", "max_id_jump", "sbe_symbols", "sbe_fallback", NULL};
     PyObject *routes, *fallback = Py_None, *data = Py_None, *seqs = Py_None, *header = Py_None;
+    PyObject *sbe_symbols = Py_None, *sbe_fallback = Py_None;
     Py_ssize_t n_symbols, max_frame = PY_SSIZE_T_MAX;
     long long capacity = 0, rs = 0, max_staged = 0, stamp_off = -1, cursor_word = -1,
               intent_word = -1, sleepers_word = -1, time_mult = 1000000,
               max_id_jump = INT64_MAX;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|$OOOOLLLLLLLnLL", kwlist, &PyDict_Type,
-                                     &routes, &n_symbols, &fallback, &data, &seqs, &header,
-                                     &capacity, &rs, &max_staged, &stamp_off, &cursor_word,
-                                     &intent_word, &sleepers_word, &max_frame, &time_mult,
-                                     &max_id_jump))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!n|$OOOOLLLLLLLnLLOO", kwlist,
+                                     &PyDict_Type, &routes, &n_symbols, &fallback, &data, &seqs,
+                                     &header, &capacity, &rs, &max_staged, &stamp_off,
+                                     &cursor_word, &intent_word, &sleepers_word, &max_frame,
+                                     &time_mult, &max_id_jump, &sbe_symbols, &sbe_fallback))
         return -1;
+    if (sbe_symbols != Py_None && !PyDict_Check(sbe_symbols)) {
+        PyErr_SetString(PyExc_TypeError, "sbe_symbols must be a dict {b'BTCUSDT': symbol_id}");
+        return -1;
+    }
+    if (sbe_fallback != Py_None && !PyCallable_Check(sbe_fallback)) {
+        PyErr_SetString(PyExc_TypeError, "sbe_fallback must be callable");
+        return -1;
+    }
     if (max_id_jump < 1) {
         PyErr_SetString(PyExc_ValueError, "max_id_jump must be >= 1");
         return -1;
@@ -558,11 +779,7 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
     self->max_id_jump = max_id_jump;
     self->last = PyMem_Calloc((size_t)(N_KINDS * n_symbols), sizeof(int64_t));
     self->armed = PyMem_Calloc((size_t)(N_KINDS * n_symbols), 1);
-    Py_ssize_t size = 8;
-    while (size < 2 * PyDict_GET_SIZE(routes) + 1)
-        size *= 2;
-    self->routes = PyMem_Calloc((size_t)size, sizeof(Route));
-    self->route_mask = size - 1;
+    self->routes = new_table(PyDict_GET_SIZE(routes), &self->route_mask);
     if (!self->last || !self->armed || !self->routes) {
         PyErr_NoMemory();
         return -1;
@@ -581,22 +798,33 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
             PyErr_SetString(PyExc_ValueError, "route symbol id or kind out of range");
             return -1;
         }
-        const char *s = PyBytes_AS_STRING(key);
-        Py_ssize_t n = PyBytes_GET_SIZE(key);
-        uint64_t h = fnv1a(s, n);
-        Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)self->route_mask);
-        while (self->routes[i].name != NULL)
-            i = (i + 1) & self->route_mask;
-        self->routes[i].name = PyMem_Malloc((size_t)n + 1);
-        if (!self->routes[i].name) {
+        if (table_insert(self->routes, self->route_mask, PyBytes_AS_STRING(key),
+                         PyBytes_GET_SIZE(key), sid, kind) < 0)
+            return -1;
+    }
+    if (sbe_symbols != Py_None) { /* a dict: one entry per wire symbol, as the decoder's */
+        self->sbe_syms = new_table(PyDict_GET_SIZE(sbe_symbols), &self->sbe_mask);
+        if (!self->sbe_syms) {
             PyErr_NoMemory();
             return -1;
         }
-        memcpy(self->routes[i].name, s, (size_t)n);
-        self->routes[i].hash = h;
-        self->routes[i].len = n;
-        self->routes[i].sid = sid;
-        self->routes[i].kind = kind;
+        pos = 0;
+        while (PyDict_Next(sbe_symbols, &pos, &key, &value)) {
+            if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) > 255) {
+                PyErr_SetString(PyExc_TypeError, "sbe_symbols keys must be bytes (<= 255)");
+                return -1;
+            }
+            long sid = PyLong_AsLong(value);
+            if (sid == -1 && PyErr_Occurred())
+                return -1;
+            if (sid < 0 || sid >= n_symbols) {
+                PyErr_SetString(PyExc_ValueError, "sbe_symbols symbol id out of range");
+                return -1;
+            }
+            if (table_insert(self->sbe_syms, self->sbe_mask, PyBytes_AS_STRING(key),
+                             PyBytes_GET_SIZE(key), (int)sid, 0) < 0)
+                return -1;
+        }
     }
     if (data != Py_None) { /* a ring to stage into: FastPathView's fields, checked */
         if (capacity < 2 || (capacity & (capacity - 1)) || rs < RECORD_BYTES ||
@@ -644,6 +872,8 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
     }
     Py_INCREF(fallback);
     Py_XSETREF(self->fallback, fallback);
+    Py_INCREF(sbe_fallback);
+    Py_XSETREF(self->sbe_fallback, sbe_fallback);
     return 0;
 }
 
@@ -670,7 +900,7 @@ static inline int publish(TickFastPath *self, const Tick *g, int sid, int64_t re
     clock_gettime(CLOCK_REALTIME, &now); /* time.time_ns(): the publish time readers compare */
     int64_t now_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
     char *rec = (char *)self->data.buf + i * self->record_size;
-    write_record(rec, g, sid, recv_ns, self->time_mult);
+    write_record(rec, g, sid, recv_ns);
     put_i64(rec, OFF_PUBLISH_TIME, now_ns);
     for (int64_t k = c; k < s; k++) /* staged by Python, published by this cursor store */
         put_i64((char *)self->data.buf + (k & self->mask) * self->record_size, OFF_PUBLISH_TIME,
@@ -701,14 +931,34 @@ static int get_payload(PyObject *payload, Py_buffer *view, const char **buf, Py_
     return 0;
 }
 
-static PyObject *call_fallback(TickFastPath *self, PyObject *conn, PyObject *payload,
-                               PyObject *recv, long code) {
+static PyObject *call_handler(PyObject *handler, PyObject *conn, PyObject *payload,
+                              PyObject *recv, long code) {
     PyObject *c = PyLong_FromLong(code);
     if (!c)
         return NULL;
     PyObject *args[4] = {conn, payload, recv, c};
-    PyObject *r = PyObject_Vectorcall(self->fallback, args, 4, NULL);
+    PyObject *r = PyObject_Vectorcall(handler, args, 4, NULL);
     Py_DECREF(c);
+    return r;
+}
+
+static inline PyObject *call_fallback(TickFastPath *self, PyObject *conn, PyObject *payload,
+                                      PyObject *recv, long code) {
+    return call_handler(self->fallback, conn, payload, recv, code);
+}
+
+/* After this path published a frame of `conn`: tell `handler` (code 2) unless it already
+ * heard of this connection in this loop iteration (on_message's rule, for both entries). */
+static inline PyObject *told_once_per_iteration(TickFastPath *self, PyObject *handler,
+                                                PyObject *conn, PyObject *payload,
+                                                PyObject *recv) {
+    if (self->iter_open && conn == self->iter_conn)
+        Py_RETURN_NONE; /* the common case: nothing for Python to do */
+    PyObject *r = call_handler(handler, conn, payload, recv, 2);
+    if (r != NULL && self->iter_open) { /* (the fallback may have opened the iteration) */
+        Py_INCREF(conn);
+        Py_XSETREF(self->iter_conn, conn);
+    }
     return r;
 }
 
@@ -759,13 +1009,84 @@ static PyObject *TickFastPath_on_message(TickFastPath *self, PyObject *const *ar
         return call_fallback(self, conn, payload, recv, 0);
     self->last[slot] = g.id;
     self->frames++;
-    if (self->iter_open && conn == self->iter_conn)
-        Py_RETURN_NONE; /* the common case: nothing for Python to do */
-    PyObject *r = call_fallback(self, conn, payload, recv, 2);
-    if (r != NULL && self->iter_open) { /* (the fallback may have opened the iteration) */
-        Py_INCREF(conn);
-        Py_XSETREF(self->iter_conn, conn);
+    return told_once_per_iteration(self, self->fallback, conn, payload, recv);
+}
+
+PyDoc_STRVAR(on_sbe_message_doc,
+"on_sbe_message(conn, payload, recv_time_ns) -> None\n\n"
+"The frame callback of an SBE connection, as on_message is for JSON ones, with\n"
+"sbe_fallback(conn, payload, recv_time_ns, code) in place of fallback. It takes a trades\n"
+"event (template 10000) whose group starts at the next @trade id of the armed symbol and is\n"
+"contiguous (one TRADE record per trade, in order: all of them or none) and a bestBidAsk\n"
+"(10001) with a newer u within max_id_jump (one BOOK_TICKER record with its event time), at\n"
+"schema 1 version 0's fixed offsets; the id state is the one on_message shares with Python\n"
+"(kinds 2 and 3). Any other frame: sbe_fallback(..., 0), nothing written, no state changed.");
+
+static PyObject *TickFastPath_on_sbe_message(TickFastPath *self, PyObject *const *args,
+                                            Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "on_sbe_message(conn, payload, recv_time_ns)");
+        return NULL;
     }
+    if (!self->have_bufs) {
+        PyErr_SetString(PyExc_RuntimeError, "TickFastPath has no ring writer (closed?)");
+        return NULL;
+    }
+    if (self->sbe_fallback == NULL || self->sbe_fallback == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "TickFastPath was built without an sbe_fallback");
+        return NULL;
+    }
+    PyObject *conn = args[0], *payload = args[1], *recv = args[2], *r = NULL;
+    Py_buffer view;
+    const char *buf;
+    Py_ssize_t n;
+    if (get_payload(payload, &view, &buf, &n) < 0) { /* a text frame (str): Python's */
+        PyErr_Clear();
+        return call_handler(self->sbe_fallback, conn, payload, recv, 0);
+    }
+    SbeEvent ev;
+    int ok = n <= self->max_frame_bytes && parse_sbe(self, buf, n, &ev);
+    Py_ssize_t slot = ok ? (ev.kind - 1) * self->n_symbols + ev.sid : 0;
+    /* ids are in 0..INT64_MAX (parse_sbe, set_last): the differences cannot overflow */
+    if (!ok || !self->armed[slot] ||
+        (ev.kind == KIND_BOOK_TICKER ? ev.first_id <= self->last[slot] ||
+                                           ev.first_id - self->last[slot] > self->max_id_jump
+                                     : ev.first_id - 1 != self->last[slot])) {
+        if (view.obj)
+            PyBuffer_Release(&view);
+        return call_handler(self->sbe_fallback, conn, payload, recv, 0);
+    }
+    int64_t recv_ns = PyLong_AsLongLong(recv);
+    if (recv_ns == -1 && PyErr_Occurred())
+        goto done;
+    if (ev.kind == KIND_BOOK_TICKER) {
+        if (publish(self, &ev.bba, ev.sid, recv_ns) == -2) {
+            r = call_handler(self->sbe_fallback, conn, payload, recv, 0);
+            goto done;
+        }
+    } else {
+        /* only the first publish can find a full batch of Python-staged records waiting: it
+         * publishes them, so the others start from an empty batch (this process is the
+         * ring's only writer and holds the GIL). Were it otherwise, the ids published so far
+         * are recorded and the frame goes to Python, whose tracker drops them as duplicates
+         * and publishes the rest: nothing twice, nothing lost. */
+        for (Py_ssize_t i = 0; i < ev.count; i++) {
+            Tick g;
+            sbe_trade_tick(&ev, i, &g);
+            if (publish(self, &g, ev.sid, recv_ns) == -2) {
+                if (i > 0)
+                    self->last[slot] = g.id - 1;
+                r = call_handler(self->sbe_fallback, conn, payload, recv, 0);
+                goto done;
+            }
+        }
+    }
+    self->last[slot] = ev.last_id;
+    self->frames++;
+    r = told_once_per_iteration(self, self->sbe_fallback, conn, payload, recv);
+done:
+    if (view.obj)
+        PyBuffer_Release(&view);
     return r;
 }
 
@@ -773,6 +1094,41 @@ PyDoc_STRVAR(parse_doc,
 "parse(payload, recv_time_ns=0) -> (kind, symbol_id, id, record: bytes) | None\n\n"
 "What on_message would write for this frame (publish_time_ns 0), ignoring the id state;\n"
 "None if this path declines it. For tests and benchmarks.");
+
+PyDoc_STRVAR(parse_sbe_doc,
+"parse_sbe(payload, recv_time_ns=0) -> (kind, symbol_id, first_id, records: bytes) | None\n\n"
+"What on_sbe_message would write for this SBE frame (records: one per trade, or the one\n"
+"best bid/ask, publish_time_ns 0), ignoring the id state; None if this path declines it.\n"
+"For tests and benchmarks.");
+
+static PyObject *TickFastPath_parse_sbe(TickFastPath *self, PyObject *args) {
+    Py_buffer view;
+    long long recv_ns = 0;
+    if (!PyArg_ParseTuple(args, "y*|L", &view, &recv_ns))
+        return NULL;
+    SbeEvent ev;
+    PyObject *out = NULL;
+    if (!(view.len <= self->max_frame_bytes && parse_sbe(self, view.buf, view.len, &ev))) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    PyObject *recs = PyBytes_FromStringAndSize(NULL, ev.count * RECORD_BYTES);
+    if (recs) {
+        char *dst = PyBytes_AS_STRING(recs);
+        if (ev.kind == KIND_BOOK_TICKER) {
+            write_record(dst, &ev.bba, ev.sid, recv_ns);
+        } else {
+            for (Py_ssize_t i = 0; i < ev.count; i++) {
+                Tick g;
+                sbe_trade_tick(&ev, i, &g);
+                write_record(dst + i * RECORD_BYTES, &g, ev.sid, recv_ns);
+            }
+        }
+        out = Py_BuildValue("iiLN", ev.kind, ev.sid, (long long)ev.first_id, recs);
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
 
 static PyObject *TickFastPath_parse(TickFastPath *self, PyObject *args) {
     Py_buffer view;
@@ -789,7 +1145,7 @@ static PyObject *TickFastPath_parse(TickFastPath *self, PyObject *args) {
     PyObject *rec = PyBytes_FromStringAndSize(NULL, RECORD_BYTES);
     if (!rec)
         return NULL;
-    write_record(PyBytes_AS_STRING(rec), &g, sid, recv_ns, self->time_mult);
+    write_record(PyBytes_AS_STRING(rec), &g, sid, recv_ns);
     return Py_BuildValue("iiLN", g.kind, sid, (long long)g.id, rec);
 }
 
@@ -866,7 +1222,10 @@ static PyObject *TickFastPath_close(TickFastPath *self, PyObject *Py_UNUSED(igno
 static PyMethodDef TickFastPath_methods[] = {
     {"on_message", (PyCFunction)(void (*)(void))TickFastPath_on_message, METH_FASTCALL,
      on_message_doc},
+    {"on_sbe_message", (PyCFunction)(void (*)(void))TickFastPath_on_sbe_message, METH_FASTCALL,
+     on_sbe_message_doc},
     {"parse", (PyCFunction)TickFastPath_parse, METH_VARARGS, parse_doc},
+    {"parse_sbe", (PyCFunction)TickFastPath_parse_sbe, METH_VARARGS, parse_sbe_doc},
     {"last_id", (PyCFunction)(void (*)(void))TickFastPath_last_id, METH_FASTCALL, last_id_doc},
     {"set_last", (PyCFunction)(void (*)(void))TickFastPath_set_last, METH_FASTCALL,
      set_last_doc},
@@ -913,12 +1272,14 @@ PyDoc_STRVAR(TickFastPath_doc,
 "TickFastPath(routes, n_symbols, *, fallback=None, data=None, seqs=None, header=None,\n"
 "            capacity=0, record_size=0, max_staged=0, stamp_offset=-1, cursor_word=-1,\n"
 "            intent_word=-1, sleepers_word=-1, max_frame_bytes=sys.maxsize, time_mult=1000000,\n"
-"            max_id_jump=2**63-1)\n\n"
+"            max_id_jump=2**63-1, sbe_symbols=None, sbe_fallback=None)\n\n"
 "routes: {b'btcusdt@aggTrade': (symbol_id, kind), ...}; data .. intent_word: the fields of\n"
 "pipeline.ipc.ring.FastPathView (a ring writer's buffers and geometry; without data: parse\n"
 "only); fallback(conn, payload, recv_time_ns, code): the Python handler; time_mult: ns per\n"
 "unit of E (1000000 for ms, 1000 with timeUnit=MICROSECOND); max_id_jump: a bookTicker u\n"
-"further above the last one goes to the fallback.");
+"further above the last one goes to the fallback; sbe_symbols: {b'BTCUSDT': symbol_id, ...}\n"
+"(the SBE wire symbols; without them on_sbe_message takes nothing); sbe_fallback: the Python\n"
+"handler of SBE frames (on_sbe_message's fallback).");
 
 static PyTypeObject TickFastPathType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -938,8 +1299,8 @@ static PyTypeObject TickFastPathType = {
 
 static struct PyModuleDef ticks_module = {
     PyModuleDef_HEAD_INIT, "pipeline.marketdata._ticks",
-    "Compiled frame -> ring slot fast path for aggTrade, trade and bookTicker "
-    "(see pipeline/marketdata/fastpath.py).", -1, NULL,
+    "Compiled frame -> ring slot fast path for aggTrade, trade and bookTicker (JSON) and "
+    "trade and bestBidAsk (SBE) (see pipeline/marketdata/fastpath.py).", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__ticks(void) {

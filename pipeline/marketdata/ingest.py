@@ -57,7 +57,8 @@ back into :meth:`Ingest._fast_fallback` for everything else. It shares the ring 
 cursor and intent (through the ring header, never the writer's attributes) and the last ids of
 the trackers and of the bookTicker dedupe (:meth:`TradeIds.track` and the BOOK_TICKER branch of
 :meth:`Ingest.handle`): whichever path sees a frame starts from what the other published, so
-both publish one sequence, in order, exactly once.
+both publish one sequence, in order, exactly once. SBE trade and bestBidAsk frames likewise
+(the compiled ``on_sbe_message``, falling back to :meth:`Ingest.handle_sbe`), on the same ids.
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ class Ingest:
         self.frames_fast = 0  # the compiled path's count, kept once it is released
         #: what the transport calls per frame: fast.on_message, or handle
         self.on_frame: Callable[[Conn, bytes, int], None] = self.handle
+        #: likewise for SBE connections: fast.on_sbe_message, or handle_sbe
+        self.on_sbe_frame: Callable[[Conn, bytes, int], None] = self.handle_sbe
 
     # -- publishing --
     def setup_publishing(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -223,8 +226,11 @@ class Ingest:
         self._loop = loop
         self.fast, how = fastpath.build(self.cfg.fast_path, self.cfg.symbols, self.ring,
                                         self._fast_fallback, self.cfg.max_frame_bytes,
-                                        self.decoder.time_mult, self.cfg.max_id_jump)
+                                        self.decoder.time_mult, self.cfg.max_id_jump,
+                                        self._fast_sbe_fallback)
         self.on_frame = self.fast.on_message if self.fast is not None else self.handle
+        self.on_sbe_frame = (self.fast.on_sbe_message if self.fast is not None
+                             else self.handle_sbe)
         log.info("fast path: " + how)
 
     def release(self) -> None:
@@ -232,6 +238,7 @@ class Ingest:
         the Python handler."""
         fast, self.fast = self.fast, None
         self.on_frame = self.handle
+        self.on_sbe_frame = self.handle_sbe
         if fast is not None:
             self.frames_fast = fast.frames
             self.ids.take_back(fast)  # the ids it published are Python's again
@@ -290,6 +297,15 @@ class Ingest:
             conn.got_first()
         if not self._iter_open and self._loop is not None:
             self._open_iteration()
+
+    def _fast_sbe_fallback(self, conn: Conn, payload: bytes, recv_ns: int, code: int) -> None:
+        """:meth:`_fast_fallback` for SBE connections (the compiled ``on_sbe_message``): code
+        0, a frame it did not take, goes to :meth:`handle_sbe`; code 2 is the same
+        per-connection bookkeeping as for JSON."""
+        if code == 0:
+            self.handle_sbe(conn, payload, recv_ns)
+        else:
+            self._fast_fallback(conn, payload, recv_ns, code)
 
     def _book_far(self, sid: int, val: tuple[Any, ...]) -> None:
         """A bookTicker whose `u` is far from the last one: held aside (one bogus id must not

@@ -66,10 +66,10 @@ class Conn:
         self.shutdown_requested = False
         # the transport calls the frame handler directly (no per-frame wrapper): the compiled
         # fast path's on_message(conn, ...) or Ingest.handle(conn, ...)
-        #: an SBE connection's frames go to Ingest.handle_sbe (never the JSON decoder nor the
-        #: compiled path); the JSON path checks nothing
+        #: an SBE connection's frames go to the compiled path's on_sbe_message or
+        #: Ingest.handle_sbe (never the JSON decoder); the JSON path checks nothing
         self.sbe: bool = shard.sbe
-        handler = shard.ingest.handle_sbe if self.sbe else shard.ingest.on_frame
+        handler = shard.ingest.on_sbe_frame if self.sbe else shard.ingest.on_frame
         self.on_message = functools.partial(handler, self)
 
     def got_first(self) -> None:
