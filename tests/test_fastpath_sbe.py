@@ -298,6 +298,7 @@ def test_the_fast_path_tells_python_of_each_connection_once_per_iteration(
     """As on_message: the first frame of a connection in a loop iteration reaches the shell
     (its last frame time, its first message), the rest do not."""
     with ingest(shm_name, "on") as ing:
+        assert ing.on_sbe_frame == ing.fast.on_sbe_message  # what SBE connections are given
         a, b = _Conn(), _Conn()
         b.first_pending = True
         seen: list[int] = []

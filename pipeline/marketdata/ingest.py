@@ -227,9 +227,11 @@ class Ingest:
         self.fast, how = fastpath.build(self.cfg.fast_path, self.cfg.symbols, self.ring,
                                         self._fast_fallback, self.cfg.max_frame_bytes,
                                         self.decoder.time_mult, self.cfg.max_id_jump,
-                                        self._fast_sbe_fallback)
+                                        self._fast_sbe_fallback if self.cfg.sbe_streams
+                                        else None)
         self.on_frame = self.fast.on_message if self.fast is not None else self.handle
-        self.on_sbe_frame = (self.fast.on_sbe_message if self.fast is not None
+        self.on_sbe_frame = (self.fast.on_sbe_message
+                             if self.fast is not None and self.cfg.sbe_streams
                              else self.handle_sbe)
         log.info("fast path: " + how)
 
