@@ -472,9 +472,10 @@ static int parse_frame(TickFastPath *self, const char *buf, Py_ssize_t n, Tick *
  * at this version's fixed offsets. The rules are pipeline/binance/sbe.py's (the reference); this
  * takes a strict subset of what it accepts: the exact block and entry lengths of version 0 (a
  * longer one from a newer version goes to Python, which skips by blockLength and counts it),
- * nothing after the symbol, both exponents in -18..-1 and mantissas in 0..2^53 (so mantissa /
+ * nothing after the symbol, both exponents in -18..0 and mantissas in 0..2^53 (so mantissa /
  * 10^k is one correctly rounded IEEE division of two exact doubles: the double CPython's
- * int / int gives), event times whose ns value fits an int64, and for trades a group of at
+ * int / int gives; for exponent 0 it is the mantissa itself, exact, as float(m * 1) is: the
+ * simulator sends 0 for symbols with integer step sizes), event times whose ns value fits an int64, and for trades a group of at
  * least one trade with contiguous ids. Anything else is declined before a byte is written. */
 #define SBE_SCHEMA_ID 1
 #define SBE_SCHEMA_VERSION 0
@@ -519,7 +520,7 @@ typedef struct {
     Tick bba;
 } SbeEvent;
 
-/* The fixed exponents -> their divisors; 0 if either is outside -18..-1 (Python decides). */
+/* The fixed exponents -> their divisors; 0 if either is outside -18..0 (Python decides). */
 static inline int sbe_divisors(const unsigned char *p, SbeEvent *ev) {
     int pe = (int8_t)p[0], qe = (int8_t)p[1];
     if (pe > 0 || pe < -SBE_MAX_EXPONENT || qe > 0 || qe < -SBE_MAX_EXPONENT)
