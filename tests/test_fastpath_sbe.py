@@ -487,3 +487,55 @@ def test_frames_of_many_trades_are_one_frame_and_publish_in_order(shm_name: str)
                                       ("sbe", big)])
     assert (taken, len(recs)) == (1, n + 1)
 
+
+
+# ---- the real process, over real sockets -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_ingest_process_takes_sbe_frames_in_c_with_the_same_records(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, shm_name: str) -> None:
+    """Two ingest processes on one simulator's SBE streams, ``--fast-path on`` and ``off``:
+    the compiled entry is what the SBE connections call (frames_fast grows, the log says so),
+    and over their common trade ids and update ids both rings hold the same records (receive
+    and publish times aside: two processes)."""
+    from nacl.signing import SigningKey
+
+    from pipeline.sim.testing import run_sim_process
+    from tests.test_ingest_integration import run_ingest
+
+    pub = tmp_path / "pub.hex"
+    pub.write_text(SigningKey.generate().verify_key.encode().hex())
+    monkeypatch.setenv("PIPELINE_TEST_SBE_KEY", "sbe-ingest-key")
+    sbe_args = ("--streams", "aggTrade", "--sbe-streams", "trade,bestBidAsk",
+                "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY")
+    with run_sim_process("--api-key", f"sbe-ingest-key={pub}", "--symbols",
+                         ",".join(SYMS)) as sim, \
+            run_ingest(sim, f"{shm_name}_c", "--sbe-url", sim.sbe_url, *sbe_args,
+                       "--fast-path", "on", symbols=SYMS) as fast, \
+            run_ingest(sim, f"{shm_name}_py", "--sbe-url", sim.sbe_url, *sbe_args,
+                       "--fast-path", "off", symbols=SYMS) as slow:
+        def of(ing: Any, kind: Kind) -> np.ndarray:
+            r = ing.records()
+            return r[(r["kind"] == kind) & (r["symbol"] == 0)]
+
+        def enough() -> bool:
+            common = np.intersect1d(of(fast, Kind.TRADE)["trade_id"],
+                                    of(slow, Kind.TRADE)["trade_id"])
+            return len(common) > 50 and fast.metrics()["frames_fast"] > 50
+
+        fast.wait_for(enough, 60, "50 common trade ids and 50 frames taken in C")
+        assert "fast path: compiled (aggTrade, trade, bookTicker; SBE trade, bestBidAsk)" in \
+            fast.log_text()
+        assert slow.metrics()["frames_fast"] == 0
+        for kind in (Kind.TRADE, Kind.BOOK_TICKER):
+            a, b = of(fast, kind), of(slow, kind)
+            common = np.intersect1d(a["trade_id"], b["trade_id"])
+            a = a[np.isin(a["trade_id"], common)]
+            b = b[np.isin(b["trade_id"], common)]
+            assert len(common) > 0
+            assert len(a) == len(b) == len(common)  # each id once in each ring
+            for f in ("kind", "flags", "symbol", "price", "qty", "bid_price", "bid_qty",
+                      "ask_price", "ask_qty", "trade_id", "aux_id", "event_time_ns"):
+                assert np.array_equal(a[f], b[f]), (kind, f)
+        assert fast.metrics()["skipped_total"] == slow.metrics()["skipped_total"] == 0
