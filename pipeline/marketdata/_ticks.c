@@ -811,10 +811,12 @@ static int TickFastPath_init(TickFastPath *self, PyObject *args, PyObject *kwds)
         }
         pos = 0;
         while (PyDict_Next(sbe_symbols, &pos, &key, &value)) {
-            if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) > 255) {
-                PyErr_SetString(PyExc_TypeError, "sbe_symbols keys must be bytes (<= 255)");
+            if (!PyBytes_Check(key)) {
+                PyErr_SetString(PyExc_TypeError, "sbe_symbols keys must be bytes");
                 return -1;
             }
+            if (PyBytes_GET_SIZE(key) > 255)
+                continue; /* no u8-length wire symbol can name it: its frames never come */
             long sid = PyLong_AsLong(value);
             if (sid == -1 && PyErr_Occurred())
                 return -1;
