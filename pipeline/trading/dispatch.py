@@ -259,6 +259,52 @@ class OrderDispatcher:
                              symbol=symbol, side=side)  # fmt: skip
         return True
 
+    def _amend_refused(self, cmd: Any) -> bool:
+        """An amend through the same local rules as a new order (:meth:`PreTradeRules.
+        check_amend`: LOT_SIZE, notional at the order's price, a reduction above the filled
+        quantity), judged on what the order table knows of the order; on a refusal publish
+        the AMEND_REJECT (the order as it stands, the venue's code, the rule named) and return
+        True. An order the table does not know goes out unchecked (the venue answers it)."""
+        rules = self._rules
+        if rules is None:
+            return False
+        order = self.session.tracked(cmd.client_order_id)
+        if order is None:
+            rules.amend_untracked()
+            self._mark_dirty()
+            return False
+        symbol = order.symbol  # the order's own (a restated symbol is the venue's to judge)
+        refused = rules.check_amend(
+            symbol, order.type, order.price, order.qty, order.cum_qty, cmd.qty
+        )
+        if refused is None:
+            return False
+        code, text = refused
+        self._mark_dirty()
+        self._rl.warning("pretrade_reject", f"amend refused locally: {text}",
+                         client_order_id=cmd.client_order_id, symbol=symbol)  # fmt: skip
+        self._publish(
+            [
+                ExecUpdate(
+                    cmd.client_order_id,
+                    ExecKind.AMEND_REJECT,
+                    order.status,
+                    symbol=symbol,
+                    side=order.side,
+                    order_id=order.order_id,
+                    price=order.price,
+                    qty=order.qty,
+                    cum_qty=order.cum_qty,
+                    cum_quote=order.cum_quote,
+                    error_code=code,
+                    error_msg=text,
+                    submit_time_ns=cmd.submit_time_ns,
+                    client_id=cmd.client_id,
+                )
+            ]
+        )
+        return True
+
     def _refuse_busy(self, cmd: Any) -> None:
         """Answer a command locally because the outbox is nearly full (never queue it)."""
         self.outbox_full_rejects += 1
@@ -327,6 +373,8 @@ class OrderDispatcher:
             if sent and self._risk is not None:
                 self._risk.sent(cmd.client_order_id, cmd.symbol, cmd.side, cmd.qty)
         elif cmd.action is OrderAction.AMEND:  # only reduces exposure: no risk check needed
+            if self._amend_refused(cmd):
+                return
             s.amend(cmd.client_order_id, cmd.qty, cmd.symbol or None, client_id=cmd.client_id)
         elif cmd.action is OrderAction.CANCEL:
             s.cancel(cmd.client_order_id, cmd.symbol or None, client_id=cmd.client_id)

@@ -93,7 +93,7 @@ from pipeline.binance.wsapi import (
 from pipeline.logs import RateLimitedLog
 from pipeline.trading.connections import ConnectionMachine
 from pipeline.trading.orderentry import OrderEntry
-from pipeline.trading.ordertable import OrderTable
+from pipeline.trading.ordertable import OrderTable, TrackedOrder
 from pipeline.trading.reconcile import (  # re-exported: callers name them from here
     WEIGHT_OPEN_ORDERS_SYMBOL as WEIGHT_OPEN_ORDERS_SYMBOL,
 )
@@ -337,6 +337,12 @@ class Session:
         them for a modify that does not restate them)."""
         order = self.table.orders.get(coid)
         return (order.symbol, order.side) if order else None
+
+    def tracked(self, coid: str) -> TrackedOrder | None:
+        """The order table's entry for ``coid`` (read only): what the shell's checks of an
+        amend need (price, type, quantity, filled quantity), None if this session does not
+        know the order."""
+        return self.table.orders.get(coid)
 
     def stop(self) -> None:
         """Close everything (SIGTERM). Unanswered orders stay UNKNOWN in the final report."""
