@@ -9,6 +9,8 @@ sockets in tests/test_order_semantics_sim.py.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,6 +182,135 @@ def test_amend_without_answer_makes_the_order_unknown_never_a_new_order(how: str
     assert d.session.table.orders["a1"].qty == 0.5
     assert "order.place" not in d.methods()
     assert "order.amend.keepPriority" not in d.methods()
+
+
+# ---- exactly one REPLACED per amend (its reply and its executionReport) ------------------------
+
+FIX = Path(__file__).parent / "fixtures" / "trading"
+
+
+def replaced(d: Driver, coid: str = "a1") -> list[ExecUpdate]:
+    d.pump()
+    return updates(d, coid, ExecKind.REPLACED)
+
+
+def test_reply_then_report_gives_one_replaced_and_the_report_adds_its_state() -> None:
+    d = acked(qty=1.0)
+    assert d.session.amend("a1", 0.4)
+    d.reply(1, d.take("order.amend.keepPriority"), result=amend_result("a1", "0.4"))
+    d.event(1, report("a1", "REPLACED", 5, q="0.4"))
+    (rep,) = replaced(d)
+    assert rep.qty == 0.4
+    order = d.session.table.orders["a1"]
+    assert (order.qty, order.amends, d.session.metrics["orders_amended"]) == (0.4, 1, 1)
+    # the report is still taken in: a fill after it is on the amended order
+    d.event(1, report("a1", "TRADE", 6, q="0.4", z="0.1", last="0.1", status="PARTIALLY_FILLED"))
+    assert d.session.table.orders["a1"].cum_qty == 0.1
+    assert len(replaced(d)) == 1
+
+
+def test_report_then_reply_gives_one_replaced_from_the_report() -> None:
+    d = acked(qty=1.0)
+    assert d.session.amend("a1", 0.4)
+    msg = d.take("order.amend.keepPriority")
+    d.event(1, report("a1", "REPLACED", 5, q="0.4"))
+    d.reply(1, msg, result=amend_result("a1", "0.4"))
+    (rep,) = replaced(d)
+    assert (rep.qty, rep.exec_id) == (0.4, 5)  # the report's record: it carries ``I``
+    order = d.session.table.orders["a1"]
+    assert (order.qty, order.amends, d.session.metrics["orders_amended"]) == (0.4, 1, 1)
+
+
+def test_two_amends_with_replies_and_reports_interleaved_give_two_and_never_raise_qty() -> None:
+    d = acked(qty=1.0)
+    assert d.session.amend("a1", 0.4)
+    first = d.take("order.amend.keepPriority")
+    assert d.session.amend("a1", 0.3)
+    second = d.take("order.amend.keepPriority")
+    d.reply(1, first, result=amend_result("a1", "0.4"))
+    d.reply(1, second, result=amend_result("a1", "0.3"))
+    d.event(1, report("a1", "REPLACED", 5, q="0.4"))  # the first amend's report, late
+    assert d.session.table.orders["a1"].qty == 0.3  # not back up to 0.4
+    d.event(1, report("a1", "REPLACED", 6, q="0.3"))
+    assert [u.qty for u in replaced(d)] == [0.4, 0.3]
+    assert d.session.table.orders["a1"].amends == 2
+
+
+def test_report_first_goes_to_the_client_that_asked_for_the_amend() -> None:
+    d = acked(qty=1.0)  # placed by client 0
+    assert d.session.amend("a1", 0.4, client_id=7)
+    msg = d.take("order.amend.keepPriority")
+    d.event(1, report("a1", "REPLACED", 5, q="0.4"))
+    d.reply(1, msg, result=amend_result("a1", "0.4"))
+    (rep,) = replaced(d)
+    assert rep.client_id == 7
+    assert d.session.table.orders["a1"].amend_requesters == {}
+
+
+def test_reply_lost_in_a_reconnect_the_report_alone_gives_the_replaced() -> None:
+    d = acked(qty=1.0)
+    assert d.session.amend("a1", 0.5)
+    d.take("order.amend.keepPriority")
+    d.event(1, report("a1", "REPLACED", 5, q="0.5"))  # the report, then the connection dies
+    d.session.connection_lost(1, "gone")
+    d.pump()
+    d.tick_to(1.0)
+    d.connect(2)
+    st = d.take("order.status")
+    result = order_result("a1")
+    result["origQty"] = "0.5"
+    d.reply(2, st, result=result)
+    (rep,) = replaced(d)
+    assert rep.qty == 0.5
+    assert updates(d, "a1", ExecKind.RECONCILED)
+    assert d.session.table.orders["a1"].qty == 0.5
+    assert "order.amend.keepPriority" not in d.methods()  # never sent again
+
+
+def test_amend_in_doubt_reconciled_by_status_then_its_late_report_is_the_one_replaced() -> None:
+    d = acked(qty=1.0)
+    assert d.session.amend("a1", 0.5)
+    msg = d.take("order.amend.keepPriority")
+    d.reply(1, msg, status=408, error={"code": -1007, "msg": "Timeout"})
+    st = d.take("order.status")
+    result = order_result("a1")
+    result["origQty"] = "0.5"
+    d.reply(1, st, result=result)
+    assert not replaced(d)  # order.status says RECONCILED (with the quantity), not REPLACED
+    assert updates(d, "a1", ExecKind.RECONCILED)[-1].qty == 0.5
+    d.event(1, report("a1", "REPLACED", 5, q="0.5"))
+    (rep,) = replaced(d)
+    assert rep.qty == 0.5
+    d.event(1, report("a1", "REPLACED", 5, q="0.5"))  # delivered twice (rollover): still one
+    assert len(replaced(d)) == 1
+
+
+def test_documented_payloads_in_either_order_give_one_replaced() -> None:
+    """The documented amend response (2.11) and executionReport (2.15), re-addressed to one
+    order (orderId 12, client id re-sent as newClientOrderId, qty 10 -> 5)."""
+    reply = json.loads((FIX / "doc_order_amend_keepPriority.json").read_text())["result"]
+    reply["amendedOrder"]["clientOrderId"] = "my_test_order1"
+    event = json.loads((FIX / "ud_doc_executionReport.json").read_text())["event"]
+    event.update(s="BTCUSDT", c="my_test_order1", x="REPLACED", X="NEW", i=12,
+                 q="5.00000000", p="5.00000000")  # fmt: skip
+    for report_first in (False, True):
+        d = Driver(json_ping_interval_s=1000, ping_interval_s=1000)
+        d.start_ready()
+        assert d.session.place("my_test_order1", "BTCUSDT", "BUY", "LIMIT", 10.0, 5.0, "GTC")
+        ack = order_result("my_test_order1")
+        ack.update(orderId=12, origQty="10", price="5")
+        d.reply(1, d.take("order.place"), result=ack)
+        assert d.session.amend("my_test_order1", 5.0)
+        msg = d.take("order.amend.keepPriority")
+        if report_first:
+            d.event(1, event)
+        d.reply(1, msg, result=reply)
+        if not report_first:
+            d.event(1, event)
+        (rep,) = replaced(d, "my_test_order1")
+        assert (rep.qty, rep.order_id) == (5.0, 12)
+        assert rep.exec_id == (8641984 if report_first else -1)  # the record that came first
+        assert d.session.metrics["orders_amended"] == 1
 
 
 # ---- cancel / cancelReplace by orderId ---------------------------------------------------------

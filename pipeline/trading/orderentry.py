@@ -126,9 +126,14 @@ class OrderEntry:
         self._order_ref(params, client_order_id, "orderId", "origClientOrderId")
         params["newClientOrderId"] = client_order_id  # keep the id: tracking survives (7.2)
         params["newQty"] = qty
-        return self._link.send_on_primary(
+        sent = self._link.send_on_primary(
             "order.amend.keepPriority", params, "amend", coid=client_order_id, tag=client_id
         )
+        if sent and order is not None:  # its REPLACED goes to this client, reply or report
+            if order.amend_requesters is None:
+                order.amend_requesters = {}
+            order.amend_requesters[qty] = client_id
+        return sent
 
     def _order_ref(self, params: dict[str, Any], coid: str, by_id: str, by_coid: str) -> None:
         """Name an existing order by ``orderId`` once acknowledged (the venue's faster lookup,

@@ -97,6 +97,10 @@ class TrackedOrder:
     next_reconcile_ns: int = 0  # monotonic, when it may be asked again
     bulk_checked: bool = False  # openOrders.status did not list it: ask order.status
     amends: int = 0  # order.amend.keepPriority accepted (the venue allows MAX_ORDER_AMENDS)
+    replaced_qty: float = 0.0  # the quantity the last REPLACED we published gave (0: none)
+    # amends sent and not yet seen as REPLACED: new quantity -> the client that asked (at most
+    # MAX_ORDER_AMENDS and a few refused ones; None until the first amend)
+    amend_requesters: dict[float, int] | None = None
 
 
 class OrderTable:
@@ -352,7 +356,9 @@ class OrderTable:
         if outcome is Outcome.OK:
             info = parse_amend(msg.result)
             venue_status(info.status, missing=OrderStatus.NEW)
-            if order is None:
+            if order is not None:
+                self._amend_answered(order, info, client_id)
+            else:
                 self.updates.append(
                     ExecUpdate(
                         p.coid,
@@ -366,20 +372,44 @@ class OrderTable:
                         client_id=client_id,
                     )
                 )
-                return
-            order.amends += 1
-            self.metrics["orders_amended"] += 1
-            self.apply_info(order, info)
+            return
+        if order is not None and order.amend_requesters and outcome is Outcome.REJECTED:
+            order.amend_requesters.pop(float(p.params.get("newQty", 0.0)), None)  # not REPLACED
+        self._request_failed(p, order, msg, outcome, ExecKind.AMEND_REJECT, client_id=client_id,
+                             order_id=order.order_id if order else -1,
+                             qty=order.qty if order else 0.0)  # fmt: skip
+
+    def _amend_answered(self, order: TrackedOrder, info: OrderInfo, client_id: int) -> None:
+        """The venue's reply to an amend: REPLACED unless the executionReport of the same amend
+        came first (:meth:`_first_replace`); then it only adds what the report did not say."""
+        first = self._first_replace(order, info.orig_qty)
+        self.apply(order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty)
+        if first:
             self.emit(
                 order,
                 ExecKind.REPLACED,
                 client_id=client_id,
                 event_time_ns=info.transact_time_ms * 1_000_000,
             )
-            return
-        self._request_failed(p, order, msg, outcome, ExecKind.AMEND_REJECT, client_id=client_id,
-                             order_id=order.order_id if order else -1,
-                             qty=order.qty if order else 0.0)  # fmt: skip
+
+    def _first_replace(self, order: TrackedOrder, qty: float) -> bool:
+        """True (and the amend counted, the quantity taken) the first time the amend that left
+        ``order`` at ``qty`` is seen, from its reply or its ``x=REPLACED`` report, whichever
+        came first; False for the other one.
+
+        Why the quantity identifies the amend: an amend only reduces (2.11), so the quantities
+        an order's amends leave are strictly decreasing. A REPLACED at or above the lowest
+        quantity already published is one we have published; a lower one is a new amend (ours,
+        or one whose reply was lost in a reconnect). Nothing here depends on which of the two
+        messages arrives first, or on the reply arriving at all. The answer goes to the client
+        that asked for the amend (:attr:`TrackedOrder.amend_requesters`)."""
+        if qty <= 0 or (order.replaced_qty and qty >= order.replaced_qty):
+            return False
+        order.replaced_qty = qty
+        order.qty = qty if not order.qty else min(order.qty, qty)
+        order.amends += 1
+        self.metrics["orders_amended"] += 1
+        return True
 
     def on_status(self, conn: Connection, p: PendingRequest, msg: Response) -> None:
         order = self.orders.get(p.coid)
@@ -464,8 +494,16 @@ class OrderTable:
         kind = _EXEC_KIND.get(ev.exec_type, ExecKind.STATUS)
         if kind is ExecKind.EXPIRED and order.status not in FINAL:
             kind = ExecKind.STATUS  # STP DECREMENT shrank the order; it is still working
-        if kind is ExecKind.REPLACED and ev.qty > 0:
-            order.qty = ev.qty  # an amend: the report carries the new quantity
+        client_id = order.client_id
+        seen = False
+        if kind is ExecKind.REPLACED:  # an amend: the report carries the new quantity
+            requesters = order.amend_requesters
+            if requesters:
+                client_id = requesters.pop(ev.qty, client_id)
+            if not self._first_replace(order, ev.qty):
+                # its reply came first and was published: only the state it lacked is new
+                seen = True
+                kind = ExecKind.STATUS
         if was_unknown:
             self.metrics["orders_reconciled"] += 1
             kind = ExecKind.RECONCILED if kind in (ExecKind.NEW, ExecKind.STATUS) else kind
@@ -477,9 +515,12 @@ class OrderTable:
         if ev.skipped_fields:
             # the parser dropped malformed optional fields (and logged them): count, never hide
             self.metrics["user_data_fields_skipped"] += len(ev.skipped_fields)
+        if seen and not was_unknown:
+            return  # one REPLACED per amend (its reply's); the state is applied above
         self.emit(
             order,
             kind,
+            client_id=client_id,
             last_qty=ev.last_qty,
             last_price=ev.last_price,
             event_time_ns=ev.event_time_ns,
