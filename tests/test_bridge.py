@@ -23,7 +23,7 @@ from nats_helpers import NatsServer
 
 from pipeline.ipc import shm
 from pipeline.ipc.metrics import MetricsBlock, MetricsError
-from pipeline.ipc.records import TICK_DTYPE, Kind, agg_trade_record, book_ticker_record
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind, agg_trade_record, book_ticker_record
 from pipeline.ipc.ring import RingError, RingReader, RingWriter
 from pipeline.ops.health import evaluate, snapshot_blocks
 
@@ -361,6 +361,12 @@ def test_a_lapped_publisher_reports_it_and_sends_gap_records(
 
         wait_until(all_arrived, "the last trades", on_fail=procs.logs)
         recs = mirror.records()
+        lap_gaps = recs[(recs["kind"] == Kind.GAP) & (recs["flags"] & Flags.LAPPED != 0)]
+        assert len(lap_gaps) == 1  # the lap itself, with the sequences it lost
+        lost = int(lap_gaps["aux_id"][0]) - int(lap_gaps["trade_id"][0]) + 1
+        assert lost == procs.metrics("publish")["lapped_records"]
+        assert_lap_in_place(recs, lap_gaps[0])
+        recs = recs[(recs["flags"] & Flags.LAPPED) == 0]  # the id GAPs, as before
         gaps = recs[recs["kind"] == Kind.GAP]
         assert sorted(gaps["symbol"].tolist()) == [0, 1]
         for sid in (0, 1):
@@ -376,6 +382,82 @@ def test_a_lapped_publisher_reports_it_and_sends_gap_records(
             pos = int(np.nonzero(mine["kind"] == Kind.GAP)[0][0])
             assert mine[pos + 1]["trade_id"] == gap["aux_id"] + 1
         assert procs.metrics("publish")["gap_records"] == 2
+        assert mirror.reader is not None
+        assert mirror.reader.missed == 0  # the mirror itself lost nothing
+    finally:
+        codes = procs.stop()
+        mirror.close()
+        small.close()
+    assert codes == [0, 0], procs.logs()
+
+
+def ring_seq_of(rec: np.void) -> int:
+    """The source ring sequence of a record the test writers made: they stamp it in the book
+    ticker's update id and the aggregate trade's event time."""
+    return int(rec["trade_id"] if rec["kind"] == Kind.BOOK_TICKER else rec["event_time_ns"])
+
+
+def assert_lap_in_place(recs: np.ndarray, lap: np.void) -> None:
+    """The lap GAP ``lap`` sits in the mirror ring exactly where the lost source sequences
+    [trade_id, aux_id] would be: every record before it is from before them, every one after
+    from after them, and no source sequence is missing from the mirror but those."""
+    at = [i for i, r in enumerate(recs) if r["kind"] == Kind.GAP and r["flags"] & Flags.LAPPED]
+    assert len(at) == 1
+    first_lost, last_lost = int(lap["trade_id"]), int(lap["aux_id"])
+    seqs = [ring_seq_of(r) if r["kind"] != Kind.GAP else -1 for r in recs]
+    assert all(s < first_lost for s in seqs[: at[0]] if s >= 0)
+    assert all(s > last_lost for s in seqs[at[0] + 1 :] if s >= 0)
+    got = sorted(s for s in seqs if s >= 0)
+    assert got == [*range(first_lost), *range(last_lost + 1, last_lost + 1 + len(got) - first_lost)]
+
+
+def test_a_lap_over_book_tickers_is_told_downstream_with_the_exact_count(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer
+) -> None:
+    """Records without ids (book tickers only: no id jump to see) lost in a lap: the mirror's
+    reader finds one GAP flagged LAPPED naming the lost source ring sequences, exactly where
+    they were lost (between the last record before and the first after); no id GAP."""
+    small = RingWriter.create(f"{shm_name}_small", TICK_DTYPE, 1024, SYMBOLS)
+    small.configure_staging("publish_time_ns")
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, small.name)
+    mirror = MirrorReader(procs.mirror_ring)
+    written = 0
+
+    def write(n: int) -> None:
+        nonlocal written
+        for _ in range(n):
+            small.stage(book_ticker_record(written % 2, 1.0, 2.0, 3.0, 4.0, written, 0))
+            written += 1
+        small.commit(time.time_ns())
+
+    try:
+        procs.start_publisher()
+        procs.start_mirror()
+        write(500)
+        wait_until(lambda: mirror.count() >= 500, "first records", on_fail=procs.logs)
+        wait_until(lambda: procs_metric(procs, "in_flight") == 0
+                   and procs_metric(procs, "acked_records") == 500, "acked")  # fmt: skip
+        procs.kill_publisher()
+        write(5000)  # the ring holds 1024: sequences 500 .. 5500 - 1024 - 1 are overwritten
+        procs.start_publisher()
+        wait_until(lambda: procs_metric(procs, "lapped_records") > 0, "lap reported",
+                   on_fail=procs.logs)  # fmt: skip
+        write(100)  # read after the lap
+        wait_until(lambda: mirror.count() >= 500 + 1 + 1024 + 100, "the lap and what followed",
+                   on_fail=procs.logs)  # fmt: skip
+        time.sleep(0.3)  # anything more (a duplicate lap GAP) would arrive now
+        recs = mirror.records()
+        assert len(recs) == 500 + 1 + 1024 + 100
+        gap = recs[500]
+        assert (gap["kind"], gap["flags"]) == (Kind.GAP, Flags.LAPPED)
+        assert (gap["trade_id"], gap["aux_id"]) == (500, 5500 - 1024 - 1)
+        assert recs[499]["trade_id"] == 499
+        assert recs[501]["trade_id"] == 5500 - 1024
+        assert_lap_in_place(recs, gap)
+        assert int(np.count_nonzero(recs["kind"] == Kind.GAP)) == 1
+        pub = procs.metrics("publish")
+        assert pub["lapped_records"] == 5500 - 1024 - 500
+        assert (pub["lap_gaps"], pub["gap_records"]) == (1, 0)
         assert mirror.reader is not None
         assert mirror.reader.missed == 0  # the mirror itself lost nothing
     finally:

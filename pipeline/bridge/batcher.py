@@ -18,8 +18,20 @@ restart is arithmetic on ring sequences, and arithmetic is a unit test:
   the records at or below it. Within a subject batches are published in sequence order and the
   stream stores them in that order, so a subject's stored records are exactly a prefix of it;
 * a lap (the ring writer overwrote records before the publisher read them: :meth:`note_lap`) is
-  told downstream as a GAP record in the tick format, per symbol whose aggregate/trade ids jump
-  over the lost records, placed right before the first record after the jump.
+  told downstream twice, in the tick format:
+
+  - one *lap GAP* per lap (``Flags.LAPPED``, subject ``<prefix>._lap``), whatever the lost records
+    were (book tickers, depth, ingest's own GAPs have no ids a reader could see jump):
+    ``trade_id`` .. ``aux_id`` are the source ring sequences lost, so ``aux_id - trade_id + 1``
+    records. Every buffered record from before the lap is cut into a batch first, so on the
+    stream (and in a mirror's ring) the lap GAP sits exactly between the records read before the
+    lap and those read after it;
+  - per symbol whose aggregate/trade ids jump over the lost records, an id GAP (the ids, as
+    ingest reports them), placed right before the first record after the jump.
+
+A batch that starts with a record the batcher made (a GAP) is named on the stream by the ring
+sequence it stands in for plus a tag (``Batch.tag``), so its message id never equals that of a
+batch of real records starting at the same sequence (JetStream would drop it as a duplicate).
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ _TRACKED = {int(Kind.AGG_TRADE), int(Kind.TRADE)}
 _GAP = int(Kind.GAP)
 _TRADE = int(Kind.TRADE)
 _TRADE_IDS = int(Flags.TRADE_IDS)
+_LAPPED = int(Flags.LAPPED)
+#: the subject token of lap GAPs (like ``_meta``: no symbol or kind name can be it)
+LAP_TOKEN = "_lap"
 _TICK_FIELDS = ("kind", "flags", "symbol", "trade_id", "aux_id", "recv_time_ns")
 
 
@@ -49,6 +64,9 @@ class Batch:
     last: int  #: ring sequence of the last record
     low: int  #: every ring record below this is in this batch or an earlier one
     high: int  #: no ring record at or above this is in this batch or an earlier one
+    #: "" for a batch led by a ring record; "gap" / "lap" when it starts with a GAP record the
+    #: batcher made (its message id needs the tag: ``first`` is not a record of its own)
+    tag: str = ""
 
 
 @dataclass
@@ -91,8 +109,11 @@ class Batcher:
         self._lap_at_last: dict[int, int] = {}
         self.laps = 0
         self.skipped_stored = 0  #: records dropped because the stream already holds them
-        self.gap_records = 0  #: GAP records synthesised after laps
+        self.gap_records = 0  #: id GAP records synthesised after laps
+        self.lap_gaps = 0  #: lap GAP records (one per lap seen in the ring sequences)
         self.dropped_lapped = 0  #: records the ring writer overwrote before they were read
+        # batches cut outside ready(): what was buffered when a lap was seen, then its lap GAP
+        self._cut_early: list[Batch] = []
 
     # --- restart --------------------------------------------------------------------------
 
@@ -152,7 +173,9 @@ class Batcher:
 
     def note_lap(self, missed: int) -> None:
         """The ring writer overwrote ``missed`` records before they were read: the next record
-        of each traded symbol whose ids jump gets a GAP record before it."""
+        of each traded symbol whose ids jump gets a GAP record before it. (The lap GAP itself
+        comes from the ring sequences :meth:`add` is given, which are exact whoever calls this.)
+        Call it before :meth:`unknown_keys` so that the symbols' last ids are learnt."""
         if missed > 0:
             self.laps += 1
             self.dropped_lapped += missed
@@ -162,6 +185,8 @@ class Batcher:
         n = len(records)
         if not n:
             return
+        if first_seq > self.next_seq:
+            self._lapped(self.next_seq, first_seq, now_ns)
         self.next_seq = first_seq + n
         seqs = np.arange(first_seq, first_seq + n, dtype=np.int64)
         keys = self._keys(records)
@@ -187,22 +212,49 @@ class Batcher:
                     recs, sq = recs[keep], sq[keep]
                     if not len(sq):
                         continue
+            lead = 0
             if self.ticks and (key & 0xFF) in _TRACKED:
-                recs, sq = self._with_gap(key, recs, sq, now_ns)
-            self._append(key, recs, sq, now_ns)
+                recs, sq, lead = self._with_gap(key, recs, sq, now_ns)
+            self._append(key, recs, sq, now_ns, int(sq[lead]))
+
+    def _lapped(self, lost_from: int, next_read: int, now_ns: int) -> None:
+        """Ring sequences ``lost_from .. next_read - 1`` were overwritten unread: cut what is
+        buffered (all of it read before the lap), then one lap GAP naming the lost sequences."""
+        for buf in self._buffers.values():
+            if buf.count:
+                self._cut_early.append(self._cut(buf, buf.count))
+        if not self.ticks:  # no record format to tell it in: counted (note_lap) and logged only
+            return
+        gap = np.zeros(1, dtype=self.dtype)
+        gap["kind"] = _GAP
+        gap["flags"] = _LAPPED
+        gap["trade_id"] = lost_from
+        gap["aux_id"] = next_read - 1
+        gap["recv_time_ns"] = now_ns
+        if "publish_time_ns" in (self.dtype.names or ()):
+            gap["publish_time_ns"] = now_ns
+        self.lap_gaps += 1
+        # low: every record below the first one read after the lap is sent or lost (a publisher
+        # restarted on this message resumes after the lap and never reports it twice)
+        self._cut_early.append(Batch(
+            f"{self.prefix}.{LAP_TOKEN}", gap.tobytes(), 1, lost_from, next_read - 1,
+            low=next_read, high=max(self.high, next_read), tag="lap",
+        ))  # fmt: skip
 
     def _with_gap(
         self, key: int, recs: np.ndarray, sq: np.ndarray, now_ns: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """``recs`` with an id GAP before them if the symbol's ids jumped over a lap; and how
+        many records were put before them (0 or 1)."""
         last = self._last_id.get(key)
         lap_before = self._lap_at_last.get(key, self.laps)
         self._last_id[key] = int(recs["trade_id"][-1])
         self._lap_at_last[key] = self.laps
         if last is None or lap_before == self.laps:
-            return recs, sq
+            return recs, sq, 0
         first_id = int(recs["trade_id"][0])
         if first_id <= last + 1 or int(sq[0]) < 1:
-            return recs, sq
+            return recs, sq, 0
         gap = np.zeros(1, dtype=self.dtype)
         gap["kind"] = _GAP
         gap["flags"] = _TRADE_IDS if (key & 0xFF) == _TRADE else 0
@@ -213,17 +265,22 @@ class Batcher:
         if "publish_time_ns" in (self.dtype.names or ()):
             gap["publish_time_ns"] = now_ns
         self.gap_records += 1
-        # the GAP takes the sequence just before its record: a lost record's, never sent
+        # the GAP takes the sequence just before its record (so a subject's last stored
+        # sequence never covers that record); the batch it leads is tagged "gap" (its id)
         gap_seq = np.array([int(sq[0]) - 1], dtype=np.int64)
-        return np.concatenate([gap, recs]), np.concatenate([gap_seq, sq])
+        return np.concatenate([gap, recs]), np.concatenate([gap_seq, sq]), 1
 
-    def _append(self, key: int, recs: np.ndarray, sq: np.ndarray, now_ns: int) -> None:
+    def _append(
+        self, key: int, recs: np.ndarray, sq: np.ndarray, now_ns: int, first_real: int
+    ) -> None:
+        """Buffer ``recs``; ``first_real`` is the ring sequence of the first ring record among
+        them (what ``low`` may say: a made GAP's sequence may be a lost record's)."""
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = _Buffer(self.subject_of(key), key)
         if not buf.count:
             buf.since_ns = now_ns
-            buf.first_seq = int(sq[0])
+            buf.first_seq = first_real
         buf.records.append(recs)
         buf.seqs.append(sq)
         buf.count += len(sq)
@@ -244,7 +301,7 @@ class Batcher:
 
     def ready(self, now_ns: int, idle: bool = False) -> list[Batch]:
         """The batches to publish now, in publish order (see the module docstring)."""
-        out: list[Batch] = []
+        out, self._cut_early = self._cut_early, []
         linger = self.linger_ns
         for buf in self._buffers.values():
             while buf.count >= self.max_records:
@@ -268,4 +325,7 @@ class Batcher:
         buf.count -= n
         self.high = max(self.high, last + 1)
         payload = take.tobytes()
-        return Batch(buf.subject, payload, n, first, last, self._low(), self.high)
+        made = self.ticks and (buf.key & 0xFF) in _TRACKED and int(take["kind"][0]) == _GAP
+        return Batch(
+            buf.subject, payload, n, first, last, self._low(), self.high, "gap" if made else ""
+        )

@@ -11,8 +11,10 @@ Anything that goes wrong in a session (the connection dropped, an ack timed out 
 an error or a duplicate, the stream was changed under us) ends it, and the next session starts
 again from what the stream holds: one recovery path for a bridge restart, a server restart and a
 network cut, and it is the one that restarts test. The ring keeps the records meanwhile; if the
-ring writer laps the bridge before it is back, the loss is counted (``lapped_records``) and told
-downstream as GAP records.
+ring writer laps the bridge before it is back, the loss is counted (``lapped_records``,
+``lap_gaps``) and told downstream as GAP records: one flagged LAPPED per lap with the lost count,
+where the records were lost, and id GAPs for the symbols whose trade ids jumped
+(:mod:`pipeline.bridge.batcher`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ METRICS_FIELDS = [
     ("sessions", "i8"), ("published_msgs", "i8"), ("published_records", "i8"),
     ("in_flight", "i8"), ("acked_msgs", "i8"), ("acked_records", "i8"), ("lag", "i8"),
     ("last_ack_ns", "i8"), ("last_ack_age_ms", "i8"), ("stream_seq", "i8"),
-    ("lapped_records", "i8"), ("gap_records", "i8"), ("skipped_stored", "i8"),
+    ("lapped_records", "i8"), ("gap_records", "i8"), ("lap_gaps", "i8"), ("skipped_stored", "i8"),
     ("problem_nats_down", "i8"),
 ]  # fmt: skip
 
@@ -109,6 +111,7 @@ class Publisher:
         self.stream_seq = 0
         self._lapped_before = 0  # batcher counters of earlier sessions
         self._gaps_before = 0
+        self._lap_gaps_before = 0
         self._skipped_before = 0
         self._missed_seen = 0
         self.metrics: MetricsBlock | None = None
@@ -264,6 +267,7 @@ class Publisher:
         if old is not None:
             self._lapped_before += old.dropped_lapped
             self._gaps_before += old.gap_records
+            self._lap_gaps_before += old.lap_gaps
             self._skipped_before += old.skipped_stored
         opts = self.opts
         self.batcher = Batcher(
@@ -387,6 +391,7 @@ class Publisher:
         headers = data_headers(
             epoch_ns=self.meta.epoch_ns, first=b.first, last=b.last, low=b.low, high=b.high,
             layout=self.meta.layout, meta_seq=self.meta_seq, expected_last_seq=expected,
+            tag=b.tag,
         )  # fmt: skip
         fut = await js.publish_async(b.subject, b.payload, headers=headers)
         self.next_stream_seq = expected + 1
@@ -449,6 +454,7 @@ class Publisher:
             "stream_seq": self.stream_seq,
             "lapped_records": lapped,
             "gap_records": self._gaps_before + (b.gap_records if b else 0),
+            "lap_gaps": self._lap_gaps_before + (b.lap_gaps if b else 0),
             "skipped_stored": self._skipped_before + (b.skipped_stored if b else 0),
             "problem_nats_down": int(down) if down >= DOWN_PROBLEM_S else 0,
         }

@@ -5,7 +5,10 @@ format: no re-encoding on either side) plus headers:
 
 * ``Nats-Msg-Id`` ``<epoch>.<first seq>``: each ring record travels in exactly one message, so
   the sequence of its first record names a batch; a batch published twice (a retry after a
-  lost ack) is stored once (JetStream de-duplication);
+  lost ack) is stored once (JetStream de-duplication). A batch led by a GAP record the
+  publisher made after a lap has no record of its own to be named by: ``<epoch>.<seq>.<tag>``
+  (``gap``: an id GAP standing at ``seq``; ``lap``: the lap GAP of the lost sequences from
+  ``seq``), so it never collides with a batch of ring records;
 * ``Nats-Expected-Last-Sequence``: the stream sequence this message must follow. The publisher
   is the stream's only writer and knows it; if an earlier in-flight message was lost (a cut
   connection) every later one is refused instead of stored after a hole, so the stream is
@@ -163,10 +166,10 @@ def meta_headers(
 
 def data_headers(
     *, epoch_ns: int, first: int, last: int, low: int, high: int, layout: str, meta_seq: int,
-    expected_last_seq: int,
+    expected_last_seq: int, tag: str = "",
 ) -> dict[str, str]:  # fmt: skip
     return {
-        H_MSG_ID: f"{epoch_ns}.{first}",
+        H_MSG_ID: f"{epoch_ns}.{first}.{tag}" if tag else f"{epoch_ns}.{first}",
         H_EXPECTED_LAST_SEQ: str(expected_last_seq),
         H_KIND: "data",
         H_LAYOUT: layout,

@@ -25,7 +25,8 @@ class Kind(IntEnum):
     DEPTH_TOP = 4  # top of the locally maintained book (bid/ask fields), after a diff applied
     DEPTH_LEVEL = 5  # one level of a book: `level` index, bid_* and ask_* at that depth
     GAP = 6  # ids [trade_id, aux_id] of `symbol` are missing and could not be recovered
-    # (aggregate trade ids; trade ids of the @trade stream when flagged TRADE_IDS)
+    # (aggregate trade ids; trade ids of the @trade stream when flagged TRADE_IDS; flagged
+    # LAPPED: source ring sequences a bridge lost, of every symbol; see Flags)
     BOOK_RESYNC = 7  # the local book was rebuilt from a snapshot (trade_id = new lastUpdateId)
 
 
@@ -36,6 +37,11 @@ class Flags(IntFlag):
     SNAPSHOT = 4  # depth record produced from a REST snapshot / partial depth stream
     RESYNCED = 8  # first record after a depth sequence break
     TRADE_IDS = 16  # GAP: the missing ids are @trade ids, not aggregate trade ids
+    # GAP: not exchange ids but a lap: the NATS bridge publisher (pipeline.bridge) lost source
+    # ring sequences [trade_id, aux_id] (aux_id - trade_id + 1 records of any kind and symbol:
+    # `symbol` is 0 and means nothing) because the ring writer overwrote them unread. A mirror's
+    # readers see it where the lost records would have been.
+    LAPPED = 32
 
 
 TICK_DTYPE = np.dtype(
