@@ -284,6 +284,20 @@ def test_a_group_is_taken_whole_or_not_at_all(shm_name: str) -> None:
     assert len(recs) == 9
 
 
+def test_far_trade_ids_held_aside_are_forgotten_alike_on_both_paths(shm_name: str) -> None:
+    """A far id held aside is forgotten when the next id arrives. With ids held, the compiled
+    lane stays disarmed so that id reaches the tracker: otherwise the far run would keep
+    growing on one path only and re-base the stream there (3 far ids here) but not on the
+    other."""
+    far = 10**6
+    feed: list[tuple[str, Any]] = [
+        ("sbe", trades_frame(EV_US, [(t, 1, 1, 0)])) for t in (10, 11, far, 12, far + 1,
+                                                               far + 2, 13, 14)]
+    taken, recs = run_both(shm_name, feed, max_id_jump=1_000, id_resync_after=3)
+    assert recs["trade_id"].tolist() == [10, 11, 12, 13, 14]  # no re-base on the far ids
+    assert taken == 2  # 11, and 14 once nothing is held any more
+
+
 def test_far_and_duplicate_best_bid_ask_ids_go_to_python(shm_name: str) -> None:
     feed: list[tuple[str, Any]] = [("sbe", bba_frame(EV_US, u, 1, 1, 1, 1)) for u in
                                    (100, 101, 101, 99, 1100, 1101, 10**12, 1102, 10**12 + 1)]
@@ -451,12 +465,10 @@ def sbe_feed(draw: Any) -> list[tuple[str, Any]]:
 @given(feed=sbe_feed())
 def test_fuzz_identical_rings_and_counters_with_and_without_the_fast_path(
         shm_name: str, feed: list[tuple[str, Any]]) -> None:
-    """id_resync_after is above any run of far ids a feed can hold: a far trade id held aside
-    is forgotten by the Python tracker when the next id arrives, but not when the compiled path
-    takes that id (pipeline/marketdata/trade_ids.py keeps it armed while ids are held aside), so
-    a restart after more than id_resync_after far ids would differ; JSON @trade and aggTrade
-    have the same hand-off."""
-    taken, _ = run_both(shm_name, feed, max_id_jump=10**6, id_resync_after=64)
+    """A small id_resync_after (3), so runs of far ids that re-base the stream happen in the
+    feeds: the compiled lane is disarmed while far ids are held aside
+    (pipeline/marketdata/trade_ids.py), so both paths forget or re-base alike."""
+    taken, _ = run_both(shm_name, feed, max_id_jump=10**6, id_resync_after=3)
     event(f"frames the fast path took: {min(taken, 5)}{'+' if taken >= 5 else ''}")
 
 

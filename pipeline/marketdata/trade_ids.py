@@ -84,7 +84,10 @@ class TradeIds:
         if out:
             self.publish_tracked(tr, out)
         if fast is not None:
-            fast.set_last(sid, None if tr.pending else tr.last, kind)
+            # disarmed while far ids are held aside too: the next id must reach the tracker,
+            # which forgets them then (the compiled lane would not, and a later run of far ids
+            # could re-base the stream on one path and not on the other)
+            fast.set_last(sid, None if tr.pending or tr.far.held else tr.last, kind)
         if tr.pending:
             if kind == 1 and sid not in self.backfilling:
                 ing._spawn(ing.recovery.backfill(sid), self.backfilling, sid)
@@ -123,7 +126,7 @@ class TradeIds:
         tr = (self.agg if kind == 1 else self.trade)[sid]
         fast = self.ing.fast
         if fast is not None:
-            fast.set_last(sid, None if tr.pending else tr.last, kind)
+            fast.set_last(sid, None if tr.pending or tr.far.held else tr.last, kind)
 
     def last_agg_id(self, sid: int) -> int | None:
         """The last aggregate id published for the symbol (whichever path published it)."""
