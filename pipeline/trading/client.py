@@ -386,8 +386,13 @@ class OrderClient:
     def amend(self, client_order_id: str, *, qty: float, symbol: str = "") -> str:
         """Reduce ``client_order_id``'s quantity to ``qty`` keeping its queue priority
         (``order.amend.keepPriority``); the order keeps its client order id, which is returned.
-        The answer is REPLACED (with the new ``qty``) or AMEND_REJECT (-2038: not a reduction
-        or below the executed quantity; the venue's limit of 10 amends per order).
+        The answer is exactly one REPLACED (with the new ``qty``; from the venue's reply or its
+        executionReport, whichever came first) or AMEND_REJECT: -2038 when ``qty`` is not below
+        the order's quantity or not above its filled quantity, -1013 for the symbol's LOT_SIZE
+        or notional (at the order's price), or the venue's limit of 10 amends per order. What
+        the trading process can tell from the order and the symbol's rules it refuses without
+        sending (``error_msg`` says "checked locally"). An amend whose outcome is in doubt is
+        answered RECONCILED once order.status has told the order's quantity.
         Use :meth:`modify` to change the price or increase the quantity."""
         if not qty > 0:
             raise ValueError("amend: qty must be positive (and below the current quantity)")
