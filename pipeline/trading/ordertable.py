@@ -345,7 +345,9 @@ class OrderTable:
             self.reject(new, code, err.msg if err else "new order not attempted")
 
     def on_amend(self, conn: Connection, p: PendingRequest, msg: Response) -> None:
-        """order.amend.keepPriority answered: REPLACED with the new quantity, or AMEND_REJECT
+        """order.amend.keepPriority answered: REPLACED with the new quantity (unless the
+        amend's executionReport came first: one REPLACED per amend, see
+        :meth:`_first_replace`), or AMEND_REJECT
         (-2038, the MAX_NUM_ORDER_AMENDS filter, ...) leaving the order as it was. An answer
         that may hide an executed amend (5xx, -1006/-1007) makes the order UNKNOWN: its
         quantity is then learnt from order.status. An amend never creates an order, so no
