@@ -18,8 +18,10 @@
 4. SBE vs JSON in process (issue 18): the same events (trade x1 and x5 per event, bestBidAsk /
    bookTicker, diff depth 10x10 and 100x100) through each connection's frame handler into a
    real ring: JSON through ``on_frame`` with and without the compiled JSON path, SBE through
-   ``handle_sbe`` with whichever SBE decoder the ingest builds for ``--fast-path off`` / ``on``
-   (named in the table). CPU us per event and bytes per event both ways.
+   ``on_sbe_frame`` as the live connection does: ``--fast-path on`` takes trade and bestBidAsk
+   frames straight into the ring in C and decodes the rest with the compiled SBE decoder,
+   ``off`` is the pure-Python reference decoder (named in the table). CPU us per event and
+   bytes per event both ways.
 5. SBE vs JSON in the real process: two ingest processes on one simulator (same walk, same
    book), JSON ``trade,bookTicker,depth@100ms`` vs SBE ``trade,bestBidAsk,depth`` (20 ms
    diffs): CPU per frame, per record and utilisation, and the book's freshness from each ring
@@ -109,7 +111,7 @@ def _handler_to_ring(benchmark: Any, tag: str, cfg: Any,
     """Frames through an ingest entry point into a real ring, all frames of a run in one uvloop
     loop iteration (as when one socket read carries many frames; the end-of-iteration commit
     runs after them). ``entry``: ``on_frame`` (what the transport calls for a JSON connection)
-    or ``handle_sbe`` (an SBE connection's). ``frames_for(n, first_id)`` makes ``n`` frames
+    or ``on_sbe_frame`` (an SBE connection's). ``frames_for(n, first_id)`` makes ``n`` frames
     that use ``ids_per_frame`` ids each from ``first_id``; ``prepare(ing)`` runs once before
     (e.g. anchors a book). Returns the best CPU us per frame and the (released) ingest; checks
     every frame published ``records_per_frame`` records and none was skipped."""
@@ -368,10 +370,11 @@ def test_sbe_vs_json_handler_to_ring(benchmark: Any, event: str, encoding: str,
     """The same market events through the ingest's frame handler into a real ring: JSON frames
     through ``on_frame`` (``fast`` on: the compiled JSON path takes trade and bookTicker; depth
     falls back to Python through it, as in the live process) vs SBE frames through
-    ``handle_sbe`` (``fast`` picks the SBE decoder as the ingest does: whichever it is, it is
-    read from the ingest). Depth: diffs applied to a synced 1,000-level book, its top
-    published. Reported per event (JSON trade x5 = 5 frames) with the bytes per event (the
-    combined stream's JSON text vs the SBE message, WebSocket frame header excluded)."""
+    ``on_sbe_frame`` (``fast`` on: the compiled SBE path takes trade and bestBidAsk, the
+    compiled decoder the rest; the decoder is read from the ingest). Depth: diffs applied to a
+    synced 1,000-level book, its top published. Reported per event (JSON trade x5 = 5 frames)
+    with the bytes per event (the combined stream's JSON text vs the SBE message, WebSocket
+    frame header excluded)."""
     from pipeline.marketdata.ingest import IngestConfig
 
     pair = PAIRS[event]
@@ -385,11 +388,13 @@ def test_sbe_vs_json_handler_to_ring(benchmark: Any, event: str, encoding: str,
         cfg = IngestConfig(symbols=SYMBOLS, streams=[], sbe_streams=[pair.sbe_stream],
                            sbe_api_key_env="BENCH_SBE_KEY_UNUSED", fast_path=fast)
         us, ing = _handler_to_ring(benchmark, f"sb{fast}", cfg, pair.sbe_frames,
-                                   entry="handle_sbe", n=pair.n,
+                                   entry="on_sbe_frame", n=pair.n,
                                    ids_per_frame=pair.ids_per_event,
                                    records_per_frame=1 if pair.depth else pair.ids_per_event,
                                    prepare=prepare)
         path = SBE_DECODERS[fast] = sbe_decoder_in_use(ing)
+        if fast == "on" and not pair.depth:
+            path = "C frame -> ring (" + path + " decoder for the rest)"
     row = SBE_ROWS.setdefault(event, {})
     row[f"{encoding}_{fast}_us"] = us  # one frame is one event (JSON x5: see the report)
     json_frames, sbe_frames = pair.json_frames(pair.json_per_event, 1), pair.sbe_frames(1, 1)
