@@ -8,6 +8,7 @@ test; nothing asserts on timing.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -517,6 +518,89 @@ def test_mirror_start_applies_only_without_a_saved_position(
             assert m[0] > 300  # started at "new", not at 0
         assert mirror.reader is not None
         assert mirror.reader.missed == 0
+    finally:
+        codes = procs.stop()
+        mirror.close()
+    assert codes == [0, 0], procs.logs()
+
+
+def stream_messages(url: str, stream: str) -> list[tuple[int, dt.datetime, dict[str, str], bytes]]:
+    """Every message of ``stream``: (sequence, the server's store time, headers, payload)."""
+    import asyncio
+
+    import nats
+
+    async def read() -> list[tuple[int, dt.datetime, dict[str, str], bytes]]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            last = int((await js.stream_info(stream)).state.last_seq)
+            out = []
+            for seq in range(1, last + 1):
+                m = await js.get_msg(stream, seq=seq)
+                assert m.time is not None
+                out.append((seq, m.time, dict(m.headers or {}), m.data or b""))
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("moment", ["between", "at"])
+def test_mirror_start_time_begins_at_the_first_message_stored_then_and_resumes_after(
+    tmp_path: Path, shm_name: str, nats_server: NatsServer, source: RingWriter, moment: str
+) -> None:
+    """`--start time:T` on a first start: the mirror ring begins with the records of the first
+    stream message stored at or after T and holds every later message's records, once, in
+    stream order. The granularity is the message (a batch of records), not the record:
+    JetStream picks messages by the time the server stored them, so a batch stored at/after T
+    comes whole even if some of its records entered the source ring a little before T, and no
+    record of a batch stored before T comes. The same command line after a SIGKILL resumes from
+    the saved position: nothing from before T, nothing twice, nothing missed. T is a moment
+    between two messages, or exactly a message's store time (to the microsecond, as the request
+    carries it: "at or after" includes it)."""
+    procs = BridgeProcs(tmp_path, shm_name, nats_server.url, source.name)
+    mirror = MirrorReader(procs.mirror_ring)
+    feeder = Feeder(source)
+
+    def publish(n: int) -> None:
+        target = feeder.written + n
+        feeder.write(n)
+        wait_until(lambda: procs_metric(procs, "acked_records") >= target
+                   and procs_metric(procs, "in_flight") == 0, f"{target} acked",
+                   on_fail=procs.logs)  # fmt: skip
+
+    try:
+        procs.start_publisher()
+        publish(1000)
+        time.sleep(0.05)  # a quiet moment between the two halves: T is in it
+        publish(1000)
+        msgs = stream_messages(nats_server.url, procs.stream)
+        data = [m for m in msgs if m[2].get("Bridge-Kind") == "data"]
+        k = next(i for i, m in enumerate(data) if int(m[2]["Bridge-First"]) >= 1000)
+        assert 0 < k < len(data) - 1  # a moment in the middle of the stream
+        assert data[k - 1][1] < data[k][1]
+        when = data[k][1] if moment == "at" else data[k - 1][1] + (data[k][1] - data[k - 1][1]) / 2
+        start = f"time:{when.isoformat()}"
+        expected = b"".join(m[3] for m in data[k:])  # the messages stored at or after T
+        procs.start_mirror(start=start)
+        wait_until(lambda: mirror.count() * 96 >= len(expected), "the second half",
+                   on_fail=procs.logs)  # fmt: skip
+        procs.kill_mirror()  # maybe before it saved its latest position: the ring says the rest
+        publish(1000)  # while the mirror is down
+        procs.start_mirror(start=start)  # the same command line
+        later = [m for m in stream_messages(nats_server.url, procs.stream)
+                 if m[2].get("Bridge-Kind") == "data" and m[0] > data[-1][0]]  # fmt: skip
+        expected += b"".join(m[3] for m in later)
+        wait_until(lambda: mirror.count() * 96 >= len(expected), "resumed", on_fail=procs.logs)
+        time.sleep(0.3)  # a replay from T would arrive now
+        recs = mirror.records()
+        assert recs.tobytes() == expected  # from the first message at/after T, once, in order
+        assert int(recs["event_time_ns"][recs["kind"] == Kind.AGG_TRADE].min()) >= 1000
+        assert mirror.reader is not None
+        assert mirror.reader.missed == 0
+        assert procs.metrics("mirror")["replay_skipped"] == 0
     finally:
         codes = procs.stop()
         mirror.close()
