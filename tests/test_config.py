@@ -257,6 +257,7 @@ INGEST_SAMPLES: dict[str, object] = {
     "id_resync_after": 4, "max_backfill_ids": 5000, "extra_args": ["--decoder", "orjson"],
     "rest_weight_limit": 1200, "rest_weight_interval": 10.0, "rest_api_key_env": "MY_KEY",
     "sbe_streams": ["depth20"], "sbe_url": "ws://127.0.0.3:9000", "sbe_api_key_env": "MY_SBE",
+    "sbe_api_key_file": "/run/credentials/pipeline-ingest.service/sbe-api-key",
 }  # fmt: skip
 SIM_SAMPLES: dict[str, object] = {
     "host": "127.0.0.2", "port": 8765, "sbe_port": 8766, "symbols": ["ETHUSDT", "XRPUSDT"],

@@ -212,9 +212,49 @@ def test_sbe_without_a_key_exits_2_with_a_message(shm_name: str) -> None:
     assert "API key" in proc.stderr
 
 
+def test_sbe_key_from_a_file_wins_over_the_variable(tmp_path: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--sbe-api-key-file (a systemd credential, say) is read like trading's --api-key-file and
+    wins over --sbe-api-key-env; an unusable source is named, the key never shown."""
+    from pipeline.config import SecretFileError
+    from pipeline.marketdata.config import sbe_api_key
+
+    key = tmp_path / "sbe.key"
+    key.write_text("file-key-123\n")
+    key.chmod(0o600)
+    monkeypatch.setenv("PIPELINE_TEST_SBE_ENV_KEY", "env-key-456")
+    both = _cfg(streams=["aggTrade"], sbe_streams=["trade"], sbe_api_key_file=str(key),
+                sbe_api_key_env="PIPELINE_TEST_SBE_ENV_KEY")
+    assert sbe_api_key(both) == "file-key-123"
+    only_env = _cfg(streams=["aggTrade"], sbe_streams=["trade"],
+                    sbe_api_key_env="PIPELINE_TEST_SBE_ENV_KEY")
+    assert sbe_api_key(only_env) == "env-key-456"
+    key.chmod(0o644)  # every local user could read it
+    with pytest.raises(SecretFileError) as err:
+        sbe_api_key(both)
+    assert str(key) in str(err.value)
+    assert "file-key-123" not in str(err.value)
+
+
+def test_sbe_key_file_readable_by_others_exits_2_naming_the_file(tmp_path: Any,
+                                                                 shm_name: str) -> None:
+    key = tmp_path / "sbe.key"
+    key.write_text("secret-sbe-key-789\n")
+    key.chmod(0o644)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "ingest", "--symbols", "BTCUSDT",
+         "--streams", "aggTrade", "--sbe-streams", "trade", "--sbe-api-key-file", str(key),
+         "--ring", f"{shm_name}_r", "--metrics", f"{shm_name}_m"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert str(key) in proc.stderr
+    assert "API key" in proc.stderr
+    assert "secret-sbe-key-789" not in proc.stderr + proc.stdout
+
+
 @pytest.mark.slow
 def test_sbe_and_json_trades_of_one_session_are_the_same_records(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, shm_name: str,
+    tmp_path: Any, shm_name: str,
 ) -> None:
     """Done-when of #18: JSON @trade and SBE @trade of one simulated session give the same
     trade records (ids, prices, quantities, flags, kinds) over their common id range."""
@@ -227,14 +267,16 @@ def test_sbe_and_json_trades_of_one_session_are_the_same_records(
 
     pub = tmp_path / "pub.hex"
     pub.write_text(SigningKey.generate().verify_key.encode().hex())
-    monkeypatch.setenv("PIPELINE_TEST_SBE_KEY", "sbe-ingest-key")
+    key_file = tmp_path / "sbe.key"  # the key from a file here (the cut test: a variable)
+    key_file.write_text("sbe-ingest-key\n")
+    key_file.chmod(0o600)
     with run_sim_process("--api-key", f"sbe-ingest-key={pub}", "--symbols",
                          ",".join(SYMS)) as sim, \
             run_ingest(sim, f"{shm_name}_json", "--streams", "trade,bookTicker",
                        symbols=SYMS) as js, \
             run_ingest(sim, f"{shm_name}_sbe", "--streams", "aggTrade", "--sbe-url", sim.sbe_url,
                        "--sbe-streams", "trade,bestBidAsk",
-                       "--sbe-api-key-env", "PIPELINE_TEST_SBE_KEY", symbols=SYMS) as sb:
+                       "--sbe-api-key-file", str(key_file), symbols=SYMS) as sb:
         def trades(ing: Any) -> Any:
             r = ing.records()
             return r[(r["kind"] == Kind.TRADE) & (r["symbol"] == 0)]

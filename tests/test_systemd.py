@@ -107,6 +107,8 @@ def test_trading_keys_come_from_credentials() -> None:
 def _expand(cmd: str, env: dict[str, str], instance: str) -> list[str]:
     cmd = cmd.replace("%i", instance).replace("%d", "/run/credentials/unit")
     cmd = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), f"<{m.group(1)}>"), cmd)
+    # unbraced $VAR: systemd splits the value into words (an empty one gives none)
+    cmd = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), f"<{m.group(1)}>"), cmd)
     return shlex.split(cmd)
 
 
@@ -249,3 +251,21 @@ def test_segments_live_in_a_private_runtime_directory() -> None:
         assert env["PIPELINE_SHM_DIR"] == "/run/" + d["RuntimeDirectory"], path.name
         dirs.add(env["PIPELINE_SHM_DIR"])
     assert len(dirs) == 1, dirs
+
+
+def test_the_ingest_units_sbe_recipe_parses_with_our_cli() -> None:
+    """The SBE recipe in the ingest unit's comment (STREAMS and SBE_ARGS for pipeline.env) is a
+    command line our CLI accepts, with the key as a file (a credential), never a value."""
+    path = UNITS / "pipeline-ingest.service"
+    text = path.read_text()
+    recipe = dict(m.groups() for m in re.finditer(r"^#\s+(STREAMS|SBE_ARGS)=(.*)$", text, re.M))
+    assert set(recipe) == {"STREAMS", "SBE_ARGS"}, recipe
+    env = dict(v.split("=", 1) for _, k, v in directives(path) if k == "Environment")
+    assert env["SBE_ARGS"] == ""  # no SBE unless configured
+    env.update(recipe)
+    start = next(v for _, k, v in directives(path) if k == "ExecStart")
+    argv = _expand(start, env, "")
+    ns = build_parser().parse_args(argv[1:])
+    assert "bestBidAsk" in ns.sbe_streams
+    assert "--sbe-api-key-file" in argv
+    assert argv[argv.index("--sbe-api-key-file") + 1].startswith("/run/credentials/")

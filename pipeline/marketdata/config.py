@@ -128,6 +128,10 @@ class IngestConfig:
     sbe_api_key_env: str = field(default="", metadata=setting(
         "name of an environment variable holding the API key SBE streams require "
         "(X-MBX-APIKEY); the key itself never goes on a command line"))
+    sbe_api_key_file: str = field(default="", metadata=setting(
+        "file holding the API key SBE streams require, checked as trading's --api-key-file is "
+        "(ours, not readable by other users; a systemd credential fits); wins over "
+        "--sbe-api-key-env"))
     extra_args: list[str] = field(default_factory=lambda: [], metadata=setting(
         "extra `pipeline ingest` arguments `pipeline run` appends", flag=None,
         no_flag="raw flags for the child's command line, so it has no flag of its own"))
@@ -297,9 +301,23 @@ def _validate_sbe(cfg: IngestConfig) -> None:
     if "depth" in cfg.sbe_streams and any(s.startswith("depth@") for s in cfg.streams):
         raise ConfigError("--sbe-streams", "one diff-depth stream per symbol: depth is also "
                                            "in --streams")
-    if not cfg.sbe_api_key_env:
+    if not cfg.sbe_api_key_env and not cfg.sbe_api_key_file:
         raise ConfigError("--sbe-api-key-env", "SBE streams need an API key: name the "
-                                               "environment variable holding it")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", cfg.sbe_api_key_env):
+                                               "environment variable holding it (or the file: "
+                                               "--sbe-api-key-file)")
+    if cfg.sbe_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}",
+                                                cfg.sbe_api_key_env):
         raise ConfigError("--sbe-api-key-env", "must be an environment variable name")
+
+
+def sbe_api_key(cfg: IngestConfig) -> str:
+    """The API key for SBE connections, from ``--sbe-api-key-file`` or else the variable named
+    by ``--sbe-api-key-env``. Read when the process starts (validate() may run on another host,
+    for a TOML file); :class:`~pipeline.config.SecretFileError` names the source, never the key.
+    """
+    from pipeline.config import read_api_key_env, read_api_key_file
+
+    if cfg.sbe_api_key_file:
+        return read_api_key_file(cfg.sbe_api_key_file)
+    return read_api_key_env(cfg.sbe_api_key_env)
 

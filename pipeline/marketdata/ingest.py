@@ -176,8 +176,17 @@ class Ingest:
         sbe_names = cfg.sbe_stream_names()
         self.shards += [Shard(self, len(self.shards) + i, sbe_names[k:k + per], sbe=True)
                         for i, k in enumerate(range(0, len(sbe_names), per))]
-        #: X-MBX-APIKEY of SBE connections (validate() made sure the variable is set)
-        self.sbe_api_key = os.environ.get(cfg.sbe_api_key_env, "") if sbe_names else ""
+        #: X-MBX-APIKEY of SBE connections (--sbe-api-key-file / -env; run() refuses to start
+        #: when neither gives a usable key)
+        self.sbe_api_key = ""
+        if sbe_names:
+            from pipeline.config import SecretFileError
+            from pipeline.marketdata.config import sbe_api_key
+
+            try:
+                self.sbe_api_key = sbe_api_key(cfg)
+            except SecretFileError:  # run() refused to start on it; in-process tests go on
+                pass
         self._tasks: set[asyncio.Task[Any]] = set()
         #: a long-lived task died of an exception: the process stops and exits non-zero
         self.failed: BaseException | None = None
@@ -593,12 +602,16 @@ def run(cfg: IngestConfig) -> int:
             print(f"pipeline ingest: error: --fast-path on: {load_compiled()[1]}",
                   file=sys.stderr)
             return 2
-    if cfg.sbe_streams and not os.environ.get(cfg.sbe_api_key_env):
-        # the variable's name only: the key never goes to a log or a message
-        print(f"pipeline ingest: error: --sbe-api-key-env: SBE streams need an API key, but "
-              f"the environment variable {cfg.sbe_api_key_env!r} is not set or empty",
-              file=sys.stderr)
-        return 2
+    if cfg.sbe_streams:
+        from pipeline.config import SecretFileError
+        from pipeline.marketdata.config import sbe_api_key
+
+        try:
+            sbe_api_key(cfg)
+        except SecretFileError as exc:  # names the variable or file, never the key
+            print(f"pipeline ingest: error: SBE streams need an API key: {exc}",
+                  file=sys.stderr)
+            return 2
     if cfg.cpu is not None:
         os.sched_setaffinity(0, {cfg.cpu})
     logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connect at INFO
