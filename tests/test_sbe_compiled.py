@@ -26,6 +26,7 @@ from pipeline.binance import sbe
 from pipeline.binance import streams as st
 from tests.test_sbe_decode import (
     B_HEADER,
+    EDITS,
     HOSTILE,
     RECV,
     SYMBOLS,
@@ -34,6 +35,7 @@ from tests.test_sbe_decode import (
     diff_frame,
     m8,
     message,
+    mutate,
     snapshot_frame,
     trades_frame,
 )
@@ -213,22 +215,10 @@ def test_fuzz_random_bodies_behind_a_valid_header_identical(body: bytes, templat
 
 
 @settings(max_examples=1000, deadline=None)
-@given(hs.sampled_from([*_valid_frames(), *VALID]),
-       hs.lists(hs.tuples(hs.sampled_from(["flip", "insert", "delete", "cut"]),
-                          hs.integers(0, 400), hs.integers(0, 255)), min_size=1, max_size=6))
+@given(hs.sampled_from([*_valid_frames(), *VALID]), EDITS)
 def test_fuzz_mutated_valid_frames_identical(frame: bytes, edits: list[tuple[str, int, int]]
                                              ) -> None:
-    buf = bytearray(frame)
-    for op, pos, byte in edits:
-        pos %= len(buf) + 1
-        if op == "flip" and pos < len(buf):
-            buf[pos] = byte
-        elif op == "insert":
-            buf.insert(pos, byte)
-        elif op == "delete" and pos < len(buf):
-            del buf[pos]
-        elif op == "cut":
-            del buf[pos:]
+    buf = mutate(frame, edits)
     assert_same(bytes(buf))
     assert_same(buf)
 

@@ -474,12 +474,13 @@ def test_fuzz_random_bodies_behind_a_valid_header(body: bytes, template: int,
     _check_result(sbe.SbeDecoder(SYMBOLS), struct.pack(B_HEADER, bl, template, 1, version) + body)
 
 
-@settings(max_examples=600, deadline=None)
-@given(hs.sampled_from(_valid_frames()),
-       hs.lists(hs.tuples(hs.sampled_from(["flip", "insert", "delete", "cut"]),
-                          hs.integers(0, 400), hs.integers(0, 255)), min_size=1, max_size=6))
-def test_fuzz_mutated_valid_frames_only_skip(frame: bytes, edits: list[tuple[str, int, int]]
-                                             ) -> None:
+#: edits a fuzzer applies to a valid frame: (operation, position, byte)
+EDITS = hs.lists(hs.tuples(hs.sampled_from(["flip", "insert", "delete", "cut"]),
+                           hs.integers(0, 400), hs.integers(0, 255)), min_size=1, max_size=6)
+
+
+def mutate(frame: bytes, edits: list[tuple[str, int, int]]) -> bytearray:
+    """``frame`` with ``edits`` (:data:`EDITS`) applied in order (positions wrap around)."""
     buf = bytearray(frame)
     for op, pos, byte in edits:
         pos %= len(buf) + 1
@@ -493,7 +494,14 @@ def test_fuzz_mutated_valid_frames_only_skip(frame: bytes, edits: list[tuple[str
             del buf[pos:]
         if not buf:
             break
-    _check_result(sbe.SbeDecoder(SYMBOLS), bytes(buf))
+    return buf
+
+
+@settings(max_examples=600, deadline=None)
+@given(hs.sampled_from(_valid_frames()), EDITS)
+def test_fuzz_mutated_valid_frames_only_skip(frame: bytes, edits: list[tuple[str, int, int]]
+                                             ) -> None:
+    _check_result(sbe.SbeDecoder(SYMBOLS), bytes(mutate(frame, edits)))
 
 
 _mantissa = hs.integers(0, (1 << 63) - 1)
