@@ -25,7 +25,8 @@ restart is arithmetic on ring sequences, and arithmetic is a unit test:
     ``trade_id`` .. ``aux_id`` are the source ring sequences lost, so ``aux_id - trade_id + 1``
     records. Every buffered record from before the lap is cut into a batch first, so on the
     stream (and in a mirror's ring) the lap GAP sits exactly between the records read before the
-    lap and those read after it;
+    lap and those read after it. A lap GAP found *in* the ring (a mirror's ring published on
+    to another site) is relayed the same way: alone, on ``_lap``, in place, byte for byte;
   - per symbol whose aggregate/trade ids jump over the lost records, an id GAP (the ids, as
     ingest reports them), placed right before the first record after the jump.
 
@@ -50,6 +51,9 @@ _TRADE_IDS = int(Flags.TRADE_IDS)
 _LAPPED = int(Flags.LAPPED)
 #: the subject token of lap GAPs (like ``_meta``: no symbol or kind name can be it)
 LAP_TOKEN = "_lap"
+#: the subject key of lap GAPs (made here, or read from a mirror's ring and relayed): above any
+#: ``symbol << 8 | kind``
+LAP_KEY = 1 << 24
 _TICK_FIELDS = ("kind", "flags", "symbol", "trade_id", "aux_id", "recv_time_ns")
 
 
@@ -162,6 +166,8 @@ class Batcher:
     def subject_of(self, key: int) -> str:
         if not self.ticks:
             return f"{self.prefix}.all"
+        if key == LAP_KEY:
+            return f"{self.prefix}.{LAP_TOKEN}"
         return f"{self.prefix}.{symbol_token(self.symbols, key >> 8)}.{kind_token(key & 0xFF)}"
 
     # --- records in ------------------------------------------------------------------------
@@ -169,7 +175,12 @@ class Batcher:
     def _keys(self, records: np.ndarray) -> np.ndarray:
         if not self.ticks:
             return np.zeros(len(records), dtype=np.int64)
-        return (records["symbol"].astype(np.int64) << 8) | records["kind"].astype(np.int64)
+        kinds = records["kind"]
+        keys = (records["symbol"].astype(np.int64) << 8) | kinds.astype(np.int64)
+        gaps = kinds == _GAP
+        if gaps.any():  # rare: only then the flags are looked at
+            keys[gaps & ((records["flags"] & _LAPPED) != 0)] = LAP_KEY
+        return keys
 
     def note_lap(self, missed: int) -> None:
         """The ring writer overwrote ``missed`` records before they were read: the next record
@@ -187,9 +198,46 @@ class Batcher:
             return
         if first_seq > self.next_seq:
             self._lapped(self.next_seq, first_seq, now_ns)
-        self.next_seq = first_seq + n
-        seqs = np.arange(first_seq, first_seq + n, dtype=np.int64)
         keys = self._keys(records)
+        if self.ticks and int(keys.max()) == LAP_KEY:  # lap GAPs of an upstream bridge
+            self._add_around_laps(records, keys, first_seq, now_ns)
+            return
+        self.next_seq = first_seq + n
+        self._add_groups(records, keys, first_seq, now_ns)
+
+    def _add_around_laps(
+        self, records: np.ndarray, keys: np.ndarray, first_seq: int, now_ns: int
+    ) -> None:
+        """Records with lap GAPs among them: each lap GAP goes out alone after everything
+        before it (as one made here would), the rest as usual."""
+        prev = 0
+        for i in np.flatnonzero(keys == LAP_KEY).tolist():
+            seq = first_seq + i
+            if i > prev:
+                self.next_seq = seq
+                self._add_groups(records[prev:i], keys[prev:i], first_seq + prev, now_ns)
+            self.next_seq = seq
+            prev = i + 1
+            if first_seq < self.resume_high and self._stored_last.get(LAP_KEY, -1) >= seq:
+                self.skipped_stored += 1
+                continue
+            for buf in self._buffers.values():
+                if buf.count:
+                    self._cut_early.append(self._cut(buf, buf.count))
+            self.next_seq = seq + 1
+            self._append(LAP_KEY, records[i : i + 1], np.array([seq], np.int64), now_ns, seq)
+            self._cut_early.append(self._cut(self._buffers[LAP_KEY], 1))
+        n = len(records)
+        self.next_seq = first_seq + n
+        if prev < n:
+            self._add_groups(records[prev:], keys[prev:], first_seq + prev, now_ns)
+
+    def _add_groups(
+        self, records: np.ndarray, keys: np.ndarray, first_seq: int, now_ns: int
+    ) -> None:
+        """Buffer ring records ``first_seq`` .. per subject (none of them a lap GAP)."""
+        n = len(records)
+        seqs = np.arange(first_seq, first_seq + n, dtype=np.int64)
         if not self.ticks:
             groups = [(0, records, seqs)]
         else:
@@ -237,7 +285,7 @@ class Batcher:
         # low: every record below the first one read after the lap is sent or lost (a publisher
         # restarted on this message resumes after the lap and never reports it twice)
         self._cut_early.append(Batch(
-            f"{self.prefix}.{LAP_TOKEN}", gap.tobytes(), 1, lost_from, next_read - 1,
+            self.subject_of(LAP_KEY), gap.tobytes(), 1, lost_from, next_read - 1,
             low=next_read, high=max(self.high, next_read), tag="lap",
         ))  # fmt: skip
 
