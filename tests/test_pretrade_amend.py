@@ -69,7 +69,8 @@ def test_amend_of_an_order_without_price_checks_no_notional() -> None:
 def test_amend_not_below_the_current_quantity_is_2038() -> None:
     for new in (1.0, 1.5):
         assert amend_reduction_violation(1.0, 0.0, new) == (
-            -2038, "Order amend (quantity increase) is not supported. (checked locally)")  # fmt: skip
+            -2038, "Order amend (quantity increase) is not supported. (checked locally)",
+        )  # fmt: skip
     assert amend_reduction_violation(1.0, 0.0, 0.0)[0] == -2038  # type: ignore[index]
     assert amend_reduction_violation(1.0, 0.0, 0.99) is None
 
