@@ -16,7 +16,6 @@ second, independent source of well-formed frames.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from pipeline.binance import sbe
 from pipeline.ipc.records import TICK_DTYPE, Kind
 from pipeline.ipc.ring import RingReader
 from pipeline.marketdata import fastpath
+from tests.ingesthelpers import inproc_ingest
 from tests.test_sbe_decode import bba_frame, diff_frame, message, trades_frame
 
 SYMS = ["BTCUSDT", "ETHUSDT"]
@@ -67,26 +67,11 @@ def ingest(name: str, fast_path: str, *, id_resync_after: int = 16,
            max_id_jump: int = 5_000_000) -> Iterator[Any]:
     """An Ingest on a real shared-memory ring, set up as the process does (setup_publishing),
     with JSON @trade / bookTicker and SBE trade / bestBidAsk connections' handlers."""
-    from pipeline.ipc.ring import RingWriter
-    from pipeline.marketdata.ingest import Ingest, IngestConfig
-
-    w = RingWriter.create(name, TICK_DTYPE, 1 << 12, symbols=SYMS)
-    loop = asyncio.new_event_loop()
-    ing = None
-    try:
-        cfg = IngestConfig(symbols=SYMS, streams=["aggTrade"],
-                           sbe_streams=["trade", "bestBidAsk", "depth"],
-                           sbe_api_key_env="SBE_KEY", publish_batch=1, fast_path=fast_path,
-                           id_resync_after=id_resync_after, max_id_jump=max_id_jump)
-        ing = Ingest(cfg, w, None)
-        ing._spawn = lambda coro, running, key: coro.close()  # type: ignore[method-assign]
-        ing.setup_publishing(loop)
+    with inproc_ingest(name, SYMS, streams=["aggTrade"],
+                       sbe_streams=["trade", "bestBidAsk", "depth"], sbe_api_key_env="SBE_KEY",
+                       publish_batch=1, fast_path=fast_path, id_resync_after=id_resync_after,
+                       max_id_jump=max_id_jump) as ing:
         yield ing
-    finally:
-        if ing is not None:
-            ing.release()
-        loop.close()
-        w.close()
 
 
 def ring_records(name: str) -> np.ndarray:

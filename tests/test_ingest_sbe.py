@@ -7,7 +7,6 @@ through the real config path; the missing key through the real process (exit 2).
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,8 +15,8 @@ from typing import Any
 import pytest
 
 from pipeline.binance import sbe
-from pipeline.ipc.records import TICK_DTYPE
 from pipeline.settings import ConfigError
+from tests.ingesthelpers import inproc_ingest
 from tests.test_sbe_decode import bba_frame, diff_frame, message, snapshot_frame, trades_frame
 
 SYMS = ["BTCUSDT", "ETHUSDT"]
@@ -35,25 +34,10 @@ class _Conn:
 
 @pytest.fixture
 def ing(shm_name: str) -> Iterator[Any]:
-    from pipeline.ipc.ring import RingWriter
-    from pipeline.marketdata.ingest import Ingest, IngestConfig
-
-    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 12, symbols=SYMS)
-    loop = asyncio.new_event_loop()
-    ing = None
-    try:
-        cfg = IngestConfig(symbols=SYMS, streams=["aggTrade"],
-                           sbe_streams=["trade", "bestBidAsk", "depth"],
-                           sbe_api_key_env="SBE_KEY", publish_batch=1)
-        ing = Ingest(cfg, w, None)
-        ing._spawn = lambda coro, running, key: coro.close()  # type: ignore[method-assign]
-        ing.setup_publishing(loop)
+    with inproc_ingest(shm_name, SYMS, streams=["aggTrade"],
+                       sbe_streams=["trade", "bestBidAsk", "depth"], sbe_api_key_env="SBE_KEY",
+                       publish_batch=1) as ing:
         yield ing
-    finally:
-        if ing is not None:
-            ing.release()
-        loop.close()
-        w.close()
 
 
 def test_sbe_shards_are_separate_and_know_they_are_sbe(ing: Any) -> None:

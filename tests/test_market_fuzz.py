@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.binance import streams as S
-from pipeline.ipc.records import TICK_DTYPE
+from tests.ingesthelpers import inproc_ingest
 
 SYMS = ["BTCUSDT", "ETHUSDT"]
 I64 = (1 << 63) - 1
@@ -106,27 +106,10 @@ def test_decoders_never_raise_and_never_build_an_unpackable_record(case: tuple[s
 @pytest.fixture(params=["auto", "off"])
 def handler(request: pytest.FixtureRequest, shm_name: str) -> Iterator[Any]:
     """An ingest frame handler on a real ring (the compiled path too when built)."""
-    import asyncio
-
-    from pipeline.ipc.ring import RingWriter
-    from pipeline.marketdata.ingest import Ingest, IngestConfig
-
-    w = RingWriter.create(shm_name, TICK_DTYPE, 1 << 14, symbols=SYMS)
-    loop = asyncio.new_event_loop()
-    ing = None
-    try:
-        cfg = IngestConfig(symbols=SYMS, streams=["aggTrade", "trade", "bookTicker", "depth",
-                                                  "depth5"], fast_path=request.param,
-                           publish_batch=1)
-        ing = Ingest(cfg, w, None)
-        ing._spawn = lambda coro, running, key: coro.close()  # type: ignore[method-assign]
-        ing.setup_publishing(loop)
+    with inproc_ingest(shm_name, SYMS, 1 << 14,
+                       streams=["aggTrade", "trade", "bookTicker", "depth", "depth5"],
+                       fast_path=request.param, publish_batch=1) as ing:
         yield ing
-    finally:
-        if ing is not None:
-            ing.release()
-        loop.close()
-        w.close()
 
 
 class _Conn:
