@@ -459,6 +459,10 @@ def test_a_lap_over_book_tickers_is_told_downstream_with_the_exact_count(
         pub = procs.metrics("publish")
         assert pub["lapped_records"] == 5500 - 1024 - 500
         assert (pub["lap_gaps"], pub["gap_records"]) == (1, 0)
+        # the mirror's operator sees it too, without reading the ring
+        wait_until(lambda: procs_metric(procs, "upstream_lapped", "mirror") == 5500 - 1024 - 500,
+                   "the mirror's count", on_fail=procs.logs)  # fmt: skip
+        assert "the source's publisher was lapped" in (tmp_path / "mirror.log").read_text()
         assert mirror.reader is not None
         assert mirror.reader.missed == 0  # the mirror itself lost nothing
     finally:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.bridge.wire import MAX_PAYLOAD, kind_token, symbol_token
+from pipeline.bridge.wire import LAP_TOKEN, MAX_PAYLOAD, kind_token, symbol_token
 from pipeline.ipc.records import Flags, Kind
 
 _TRACKED = {int(Kind.AGG_TRADE), int(Kind.TRADE)}
@@ -49,8 +49,6 @@ _GAP = int(Kind.GAP)
 _TRADE = int(Kind.TRADE)
 _TRADE_IDS = int(Flags.TRADE_IDS)
 _LAPPED = int(Flags.LAPPED)
-#: the subject token of lap GAPs (like ``_meta``: no symbol or kind name can be it)
-LAP_TOKEN = "_lap"
 #: the subject key of lap GAPs (made here, or read from a mirror's ring and relayed): above any
 #: ``symbol << 8 | kind``
 LAP_KEY = 1 << 24

@@ -11,6 +11,11 @@ measures the whole way from the source ring (same host clocks: meaningful; acros
 their clock sync). A symbol table or dtype change at the source recreates the ring (generation
 bump; readers resync as they do for a restarted writer). Any NATS trouble ends the session and the
 next one resumes from the next unread stream sequence, which this process keeps in memory.
+
+A lap GAP (the source's publisher was lapped by its ring writer; subject ``<prefix>._lap``) is
+written into the ring like any record, where the loss happened, and also counted here
+(``upstream_lapped``: records lost before they reached the stream) and logged, so an operator of
+this host sees it without reading the ring.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pipeline.bridge.mirror_state import (
 )
 from pipeline.bridge.nats_io import Backoff, BridgeConfigError, Link, connect, wait_or_stop
 from pipeline.bridge.wire import (
+    LAP_TOKEN,
     BridgeWireError,
     SourceMeta,
     decode_records,
@@ -41,6 +47,7 @@ from pipeline.bridge.wire import (
     parse_data_headers,
 )
 from pipeline.ipc.metrics import MetricsBlock
+from pipeline.ipc.records import Flags
 from pipeline.ipc.ring import RingNotFoundError, RingWriter, ring_stats
 
 log = logging.getLogger("pipeline.bridge.mirror")
@@ -49,12 +56,15 @@ HEARTBEAT_MS = 500
 DOWN_PROBLEM_S = 5.0
 SAVE_INTERVAL_S = 0.05
 FETCH_BATCH = 512
+_LAP_SUFFIX = f".{LAP_TOKEN}"
+_LAPPED = int(Flags.LAPPED)
 
 METRICS_FIELDS = [
     ("heartbeat_interval_ms", "i8"), ("connected", "i8"), ("reconnects", "i8"),
     ("sessions", "i8"), ("position", "i8"), ("lag", "i8"), ("msgs", "i8"), ("records", "i8"),
     ("last_msg_ns", "i8"), ("stream_holes", "i8"), ("replay_skipped", "i8"),
     ("ring_generation", "i8"), ("ring_recreated", "i8"), ("problem_nats_down", "i8"),
+    ("upstream_lapped", "i8"),
 ]  # fmt: skip
 
 
@@ -89,6 +99,7 @@ class Mirror:
         self.ring_epoch = 0
         self.sessions = self.msgs = self.records = self.stream_holes = 0
         self.replay_skipped = self.ring_recreated = 0
+        self.upstream_lapped = 0  #: records the source's publisher lost in laps (its lap GAPs)
         self.lag = 0
         self.last_msg_ns = 0
         self._dirty = False
@@ -271,9 +282,24 @@ class Mirror:
                     f"replay skip of {self.skip} records ends inside the message at {seq}: "
                     "the ring left by the last run is not the one the position file describes"
                 )
+            if m.subject.endswith(_LAP_SUFFIX):
+                self._upstream_lap(recs)
             chunks.append(recs)
         self._write(chunks, self.next_seq or 0)
         self.last_msg_ns = time.time_ns()
+
+    def _upstream_lap(self, recs: np.ndarray) -> None:
+        """Count and log the lap GAPs of a ``_lap`` message (they are written on as they are)."""
+        if not {"flags", "trade_id", "aux_id"} <= set(recs.dtype.names or ()):
+            return
+        for rec in recs[(recs["flags"] & _LAPPED) != 0]:
+            first, last = int(rec["trade_id"]), int(rec["aux_id"])
+            self.upstream_lapped += last - first + 1
+            log.warning(
+                "the source's publisher was lapped: records lost before the stream",
+                extra={"stream": self.opts.stream, "lost": last - first + 1,
+                       "source_seq_first": first, "source_seq_last": last},
+            )  # fmt: skip
 
     def _write(self, chunks: list[np.ndarray], next_seq: int) -> None:
         if not chunks:
@@ -355,6 +381,7 @@ class Mirror:
             "ring_generation": self.writer.generation if self.writer is not None else 0,
             "ring_recreated": self.ring_recreated,
             "problem_nats_down": int(down) if down >= DOWN_PROBLEM_S else 0,
+            "upstream_lapped": self.upstream_lapped,
         }
 
     def _update_metrics(self, force: bool = False) -> None:

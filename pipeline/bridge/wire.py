@@ -52,6 +52,8 @@ H_META = "Bridge-Meta"
 H_KIND = "Bridge-Kind"  # "data" or "meta"
 
 META_TOKEN = "_meta"
+#: the subject token of lap GAPs (``<prefix>._lap``; see pipeline.bridge.batcher)
+LAP_TOKEN = "_lap"
 WIRE_VERSION = 1
 #: the largest payload the bridge builds; the NATS default max_payload is 1 MiB
 MAX_PAYLOAD = 1 << 20
