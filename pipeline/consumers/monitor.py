@@ -11,7 +11,8 @@ Status line (every ``status_interval_s``)::
 ``lag`` is the reader's backlog in records; ``latency`` is ring delivery time (our wall clock
 minus the newest record's ``publish_time_ns`` when a batch arrives; avg and max since the last
 status line); ``missed`` counts records lost because the writer lapped us; ``gaps``
-counts GAP records ingest published (exchange ids it could not recover); ``resyncs`` counts
+counts GAP records ingest published (exchange ids it could not recover; on a bridge mirror's
+ring also the source bridge's laps, flagged LAPPED, one per lap); ``resyncs`` counts
 writer restarts this reader followed (``gen`` is the current writer generation).
 
 Metrics block (``{shm_prefix}monitor.metrics``, ``--metrics-name``; '' for none): the same
