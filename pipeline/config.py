@@ -382,6 +382,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError("trading.api_key", str(exc)) from None
     if cfg.supervisor.backoff_max_s < cfg.supervisor.backoff_initial_s:
         raise ConfigError("supervisor.backoff_max_s", "must be >= supervisor.backoff_initial_s")
+    if cfg.sim.stp_problem():
+        raise ConfigError("sim.stp_default", cfg.sim.stp_problem())
     if cfg.run.mode == "sim":
         missing = [s for s in cfg.ingest.symbols if s not in cfg.sim.symbols]
         if missing:

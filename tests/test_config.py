@@ -261,7 +261,7 @@ INGEST_SAMPLES: dict[str, object] = {
 }  # fmt: skip
 SIM_SAMPLES: dict[str, object] = {
     "host": "127.0.0.2", "port": 8765, "sbe_port": 8766, "symbols": ["ETHUSDT", "XRPUSDT"],
-    "seed": 7,
+    "stp_modes": ["NONE", "EXPIRE_TAKER"], "stp_default": "NONE", "seed": 7,
     "rate": 55.5, "rate_unit": "msgs", "replay": "/captures/day1.jsonl", "replay_speed": "max",
     "ping_interval": 5.0, "pong_timeout": 7.0, "max_lifetime": 600.0, "shutdown_notice": 30.0,
     "shutdown_lead": "fixed", "max_incoming_per_s": 0, "max_streams": 10, "history": 5000,

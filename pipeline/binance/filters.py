@@ -51,6 +51,12 @@ CHECKED_FILTERS = frozenset(
 DEFAULT_ORDER_TYPES: tuple[str, ...] = ("LIMIT", "LIMIT_MAKER", "MARKET")
 #: What Binance answers a new order on a symbol that is not TRADING (errors.md, -2010 table).
 MSG_MARKET_CLOSED = "Market is closed."
+#: Binance's default STP mode on its symbols' exchangeInfo (``defaultSelfTradePreventionMode``)
+DEFAULT_STP_MODE = "EXPIRE_MAKER"
+#: An order whose ``selfTradePreventionMode`` the symbol does not allow. errors.md lists no
+#: code or message for it (checked 2026-12): -1013 (rejected before the matching engine, as
+#: every order-parameter rule) is our conservative choice, and the text is ours.
+MSG_STP_NOT_ALLOWED = "selfTradePreventionMode is not allowed for this symbol."
 
 
 class RulesError(ValueError):
@@ -72,6 +78,7 @@ _PRICE = _violation("PRICE_FILTER")
 _LOT = _violation("LOT_SIZE")
 _MARKET_LOT = _violation("MARKET_LOT_SIZE")
 _CLOSED = Violation("SYMBOL_STATUS", MSG_MARKET_CLOSED)
+_STP = Violation("STP_MODE", MSG_STP_NOT_ALLOWED)
 
 
 def _dec(entry: Mapping[str, Any], key: str, where: str) -> Decimal:
@@ -132,6 +139,10 @@ class SymbolRules:
     max_num_order_amends: int = 0
     order_types: tuple[str, ...] = DEFAULT_ORDER_TYPES
     unchecked_filters: tuple[str, ...] = field(default=())
+    # exchangeInfo ``allowedSelfTradePreventionModes`` / ``defaultSelfTradePreventionMode``;
+    # an entry without them allows all six (the venue decides)
+    allowed_stp_modes: tuple[str, ...] = STP_MODES
+    default_stp_mode: str = DEFAULT_STP_MODE
 
     # ---- parsing -----------------------------------------------------------------------
 
@@ -156,6 +167,14 @@ class SymbolRules:
         filters = entry.get("filters", [])
         if not isinstance(filters, list):
             raise RulesError(f"{where}.filters: not a list")
+        allowed_stp = entry.get("allowedSelfTradePreventionModes", STP_MODES)
+        if not isinstance(allowed_stp, (list, tuple)) or not all(
+            isinstance(m, str) for m in allowed_stp
+        ):
+            raise RulesError(f"{where}.allowedSelfTradePreventionModes: not a list of strings")
+        default_stp = entry.get("defaultSelfTradePreventionMode", DEFAULT_STP_MODE)
+        if not isinstance(default_stp, str):
+            raise RulesError(f"{where}.defaultSelfTradePreventionMode: not a string")
         kw: dict[str, Any] = {}
         unchecked: list[str] = []
         for f in filters:
@@ -197,8 +216,22 @@ class SymbolRules:
             quote_precision=_int(entry, "quoteAssetPrecision", 8, where),
             order_types=tuple(types),
             unchecked_filters=tuple(unchecked),
+            allowed_stp_modes=tuple(m[:40] for m in allowed_stp),
+            default_stp_mode=default_stp[:40],
             **kw,
         )
+
+    def with_stp_modes(self, allowed: Iterable[str], default: str) -> SymbolRules:
+        """The same rules allowing only ``allowed`` STP modes, ``default`` for an order that
+        names none (a simulator restricting a symbol); :class:`RulesError` for a mode Binance
+        does not document or a default that is not allowed."""
+        modes = tuple(dict.fromkeys(allowed))
+        unknown = [m for m in (*modes, default) if m not in STP_MODES]
+        if unknown or not modes:
+            raise RulesError(f"STP modes must be some of {', '.join(STP_MODES)}: {unknown}")
+        if default not in modes:
+            raise RulesError(f"default STP mode {default} is not among the allowed {modes}")
+        return replace(self, allowed_stp_modes=modes, default_stp_mode=default)
 
     def with_status(self, status: str) -> SymbolRules:
         """The same rules under another symbol status (exchangeInfo changes nothing else)."""
@@ -279,6 +312,13 @@ class SymbolRules:
             above and (not market or self.apply_max_to_market)
         ):
             return _violation(self.notional_filter)
+        return None
+
+    def stp_violation(self, mode: str) -> Violation | None:
+        """``selfTradePreventionMode`` not in the symbol's allowed set ("" = none named: the
+        symbol's default applies, which is allowed)."""
+        if mode and mode not in self.allowed_stp_modes:
+            return _STP
         return None
 
     def check(

@@ -138,7 +138,10 @@ def build_config(args: argparse.Namespace) -> SimConfig:
         + [load_api_key_from(s, "--api-key-file") for s in args.api_key_file]
         + [load_api_key_from(s, "--api-key-env") for s in args.api_key_env]
     )
-    return SimConfig(**values, api_keys=api_keys, faults=faults)
+    config = SimConfig(**values, api_keys=api_keys, faults=faults)
+    if config.stp_problem():
+        raise ValueError(f"--stp-default/--stp-modes: {config.stp_problem()}")
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pipeline.binance.filters import DEFAULT_STP_MODE, STP_MODES
 from pipeline.settings import setting
 from pipeline.sim.faults import Faults
 
@@ -61,6 +62,14 @@ class SimConfig:
     symbols: list[str] = field(default_factory=lambda: list(DEFAULT_SYMBOLS), metadata=setting(
         "simulated symbols (comma-separated)", run_default=RUN_SYMBOLS, symbols=True,
         parse=_upper_symbols))
+    # Binance allows a subset per symbol (exchangeInfo allowedSelfTradePreventionModes)
+    stp_modes: list[str] = field(default_factory=lambda: list(STP_MODES), metadata=setting(
+        "selfTradePreventionMode values every simulated symbol allows (comma-separated); an "
+        "order naming another is refused with -1013", each_choices=STP_MODES,
+        parse=_upper_symbols))
+    stp_default: str = field(default=DEFAULT_STP_MODE, metadata=setting(
+        "selfTradePreventionMode of an order that names none (exchangeInfo "
+        "defaultSelfTradePreventionMode); one of --stp-modes", choices=STP_MODES))
     seed: int = field(default=0, metadata=setting("seed of the market walk"))
     # per second per symbol: walk actions (taker order / maker order / cancel) or, with
     # rate_unit="msgs", aggTrade messages; inf = max (as fast as clients take)
@@ -124,6 +133,16 @@ class SimConfig:
     extra_args: list[str] = field(default_factory=lambda: [], metadata=setting(
         "extra `pipeline sim` arguments `pipeline run` appends", flag=None,
         no_flag="raw flags for the child's command line, so it has no flag of its own"))
+
+    def stp_problem(self) -> str:
+        """Why ``stp_modes``/``stp_default`` cannot be simulated ("" if they can): a symbol's
+        default STP mode must be one it allows (the CLI and the TOML loader both ask)."""
+        unknown = [m for m in self.stp_modes if m not in STP_MODES]
+        if unknown or not self.stp_modes:
+            return f"STP modes are some of {','.join(STP_MODES)}, not {','.join(unknown)}"
+        if self.stp_default not in self.stp_modes:
+            return f"{self.stp_default} is not among the allowed {','.join(self.stp_modes)}"
+        return ""
 
 
 __all__ = ["DEFAULT_SYMBOLS", "SHUTDOWN_LEADS", "SimConfig", "parse_rate", "show_rate"]

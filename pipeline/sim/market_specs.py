@@ -38,6 +38,10 @@ class SymbolSpec:
     def step_size(self) -> Decimal:
         return self.rules.step_size
 
+    def with_stp_modes(self, allowed: list[str], default: str) -> SymbolSpec:
+        """The same symbol allowing only ``allowed`` STP modes (``--stp-modes``)."""
+        return replace(self, rules=self.rules.with_stp_modes(allowed, default))
+
     def with_status(self, status: str) -> SymbolSpec:
         """The same symbol under another status (``POST /sim/symbol_status``)."""
         return replace(self, rules=self.rules.with_status(status))

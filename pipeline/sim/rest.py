@@ -22,7 +22,6 @@ from websockets.http11 import Response
 from pipeline.binance.filters import SymbolRules
 from pipeline.sim import market as mk
 from pipeline.sim.rest_limits import RestLimits
-from pipeline.sim.venue_params import STP_MODES
 
 if TYPE_CHECKING:
     from pipeline.sim.faults import Faults
@@ -94,8 +93,8 @@ def _symbol_entry(rules: SymbolRules) -> dict[str, Any]:
         "filters": rules.exchange_info_filters(),
         "permissions": [],
         "permissionSets": [["SPOT"]],
-        "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
-        "allowedSelfTradePreventionModes": list(STP_MODES),  # all six (section 7.2)
+        "defaultSelfTradePreventionMode": rules.default_stp_mode,
+        "allowedSelfTradePreventionModes": list(rules.allowed_stp_modes),  # --stp-modes
     }
 
 

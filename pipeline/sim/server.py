@@ -74,6 +74,7 @@ from pipeline.sim.config import DEFAULT_SYMBOLS, SimConfig
 from pipeline.sim.connection import SimConnection
 from pipeline.sim.faults import FaultRequest
 from pipeline.sim.framing import ws_frame
+from pipeline.sim.market_specs import default_spec
 from pipeline.sim.pacing import RATE_UNITS, MarketPacer
 from pipeline.sim.replay import CaptureReplay, capture_symbols, load_capture
 from pipeline.sim.rest import RestApi, json_response
@@ -103,7 +104,11 @@ class Simulator:
             for s in capture_symbols(self.capture):
                 if s not in symbols:
                     symbols.append(s)
-        self.market = mk.Market(symbols, cfg.seed, history=cfg.history)
+        # each symbol's allowed STP set and default (exchangeInfo, the venue's check)
+        specs = {
+            s: default_spec(s).with_stp_modes(cfg.stp_modes, cfg.stp_default) for s in symbols
+        }
+        self.market = mk.Market(symbols, cfg.seed, history=cfg.history, specs=specs)
         self.conns: set[SimConnection] = set()
         self._timers: dict[SimConnection, list[asyncio.TimerHandle]] = {}
         self._server: Server | None = None

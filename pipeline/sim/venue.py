@@ -29,9 +29,11 @@ Simplifications (documented so that nobody mistakes them for Binance behaviour):
 - User orders resting on the book are invisible to the market (they do not add public liquidity).
 - A resting order fills at its own price when a public trade prints at or through that price,
   for at most the printed quantity (shared by price, then time priority among user orders).
-- Commission is a flat rate on the received asset (0 by default). Self-trade prevention is not
-  simulated: user orders never meet each other, so ``selfTradePreventionMode`` (default
-  ``"EXPIRE_MAKER"``, as on the live exchange in 2026) is only validated and reported.
+- Commission is a flat rate on the received asset (0 by default). Self-trade prevention
+  (:mod:`~pipeline.sim.venue_stp`): an order without ``selfTradePreventionMode`` takes its
+  symbol's ``defaultSelfTradePreventionMode`` (EXPIRE_MAKER unless ``--stp-default``), one
+  outside the symbol's allowed set (``--stp-modes``) is refused with -1013 (Binance documents
+  no code for it: see ``pipeline.binance.filters.MSG_STP_NOT_ALLOWED``).
 - MAX_NUM_ORDERS (200 open orders per account and symbol) is enforced with -1013.
 - Only LIMIT, LIMIT_MAKER and MARKET are simulated; other order types get -1116.
 
@@ -110,7 +112,7 @@ class Venue:
         balances: Mapping[str, Decimal | str | int] | None = None,
         maker_commission: Decimal | str = ZERO,
         taker_commission: Decimal | str = ZERO,
-        stp_mode: str = "EXPIRE_MAKER",
+        stp_mode: str = "",  # "" = each symbol's defaultSelfTradePreventionMode
         max_num_orders: int = 200,
         fill_on_touch: bool = True,
         max_closed_orders: int = 100_000,

@@ -146,6 +146,8 @@ class OrderValidator:
         if otype == "MARKET" and quote_qty is None:
             ref = self.view.reference_price(rules.symbol, side)
         _refuse(rules.check(otype, price, qty, quote_qty=quote_qty, reference_price=ref))
+        if stp is not None:  # the symbol's allowed set (exchangeInfo); see MSG_STP_NOT_ALLOWED
+            _refuse(rules.stp_violation(stp))
         if resp is None:
             resp = "FULL" if otype in ("LIMIT", "MARKET") else "ACK"
         return NewOrder(

@@ -132,7 +132,7 @@ class MatchingEngine:
             time=now_ms,
             update_time=now_ms,
             working_time=now_ms,
-            stp_mode=spec.stp_mode or self.stp_mode,
+            stp_mode=spec.stp_mode or self.stp_mode or self.rules[spec.symbol].default_stp_mode,
             strategy_id=spec.strategy_id,
             strategy_type=spec.strategy_type,
         )

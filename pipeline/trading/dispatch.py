@@ -243,12 +243,13 @@ class OrderDispatcher:
                              symbol=symbol, side=side)  # fmt: skip
         return True
 
-    def _rules_refused(self, cmd: Any, symbol: str, side: str) -> bool:
+    def _rules_refused(self, cmd: Any, symbol: str, side: str, stp: str = "") -> bool:
         """The symbol's exchangeInfo rules (:mod:`pipeline.trading.pretrade`); on a violation
-        publish the REJECT with the venue's code and the filter's name, and return True."""
+        publish the REJECT with the venue's code and the filter's name, and return True.
+        ``stp``: the STP mode the request will carry (a place's; a modify sends none)."""
         if self._rules is None:
             return False
-        refused = self._rules.check(symbol, cmd.type, cmd.price, cmd.qty)
+        refused = self._rules.check(symbol, cmd.type, cmd.price, cmd.qty, stp)
         if refused is None:
             return False
         code, text = refused
@@ -354,7 +355,7 @@ class OrderDispatcher:
             self._refuse_busy(cmd)
             return
         if cmd.action is OrderAction.PLACE:
-            if self._rules_refused(cmd, cmd.symbol, cmd.side):
+            if self._rules_refused(cmd, cmd.symbol, cmd.side, cmd.stp):
                 return
             if self._risk_refused(cmd, cmd.symbol, cmd.side):
                 return

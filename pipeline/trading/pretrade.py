@@ -98,10 +98,11 @@ class PreTradeRules:
     # ---- the check (the order path) ----------------------------------------------------
 
     def check(
-        self, symbol: str, order_type: str, price: float, qty: float
+        self, symbol: str, order_type: str, price: float, qty: float, stp: str = ""
     ) -> tuple[int, str] | None:
         """None when the order may go out (or its rules are not known yet), else the venue's
-        code and the message for the local REJECT. ``price`` 0 means none (MARKET)."""
+        code and the message for the local REJECT. ``price`` 0 means none (MARKET); ``stp``
+        the ``selfTradePreventionMode`` sent ("" none: the symbol's default applies)."""
         rules = self.rules.get(symbol)
         if rules is None:
             self._learn(symbol)
@@ -112,6 +113,8 @@ class PreTradeRules:
         except InvalidOperation:  # inf/nan: the session refuses those itself
             return None
         v = rules.check(order_type or "LIMIT", p, q)
+        if v is None and stp:
+            v = rules.stp_violation(stp)  # exchangeInfo allowedSelfTradePreventionModes
         if v is None:
             return None
         self.rejected += 1
