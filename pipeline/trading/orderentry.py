@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.trading.amends import amend_sent
 from pipeline.trading.connections import ConnectionMachine
 from pipeline.trading.ordertable import OrderTable, TrackedOrder
 from pipeline.trading.session_types import (
@@ -130,9 +131,7 @@ class OrderEntry:
             "order.amend.keepPriority", params, "amend", coid=client_order_id, tag=client_id
         )
         if sent and order is not None:  # its REPLACED goes to this client, reply or report
-            if order.amend_requesters is None:
-                order.amend_requesters = {}
-            order.amend_requesters[qty] = client_id
+            amend_sent(order, qty, client_id)
         return sent
 
     def _order_ref(self, params: dict[str, Any], coid: str, by_id: str, by_coid: str) -> None:

@@ -26,6 +26,7 @@ from pipeline.binance.wsapi import (
     parse_order,
 )
 from pipeline.logs import RateLimitedLog
+from pipeline.trading.amends import amend_requester, first_replace
 from pipeline.trading.session_types import (
     ERROR_TEXT,
     LOCAL_TIMEOUT,
@@ -345,10 +346,9 @@ class OrderTable:
             self.reject(new, code, err.msg if err else "new order not attempted")
 
     def on_amend(self, conn: Connection, p: PendingRequest, msg: Response) -> None:
-        """order.amend.keepPriority answered: REPLACED with the new quantity (unless the
-        amend's executionReport came first: one REPLACED per amend, see
-        :meth:`_first_replace`), or AMEND_REJECT
-        (-2038, the MAX_NUM_ORDER_AMENDS filter, ...) leaving the order as it was. An answer
+        """order.amend.keepPriority answered: REPLACED with the new quantity (unless its
+        executionReport came first: one per amend, :mod:`pipeline.trading.amends`), or
+        AMEND_REJECT (-2038, MAX_NUM_ORDER_AMENDS, ...) leaving the order as it was. An answer
         that may hide an executed amend (5xx, -1006/-1007) makes the order UNKNOWN: its
         quantity is then learnt from order.status. An amend never creates an order, so no
         answer here can lead to a duplicate."""
@@ -375,16 +375,16 @@ class OrderTable:
                     )
                 )
             return
-        if order is not None and order.amend_requesters and outcome is Outcome.REJECTED:
-            order.amend_requesters.pop(float(p.params.get("newQty", 0.0)), None)  # not REPLACED
+        if order is not None and outcome is Outcome.REJECTED:  # it will not be REPLACED
+            amend_requester(order, float(p.params.get("newQty", 0.0)), 0)
         self._request_failed(p, order, msg, outcome, ExecKind.AMEND_REJECT, client_id=client_id,
                              order_id=order.order_id if order else -1,
                              qty=order.qty if order else 0.0)  # fmt: skip
 
     def _amend_answered(self, order: TrackedOrder, info: OrderInfo, client_id: int) -> None:
-        """The venue's reply to an amend: REPLACED unless the executionReport of the same amend
-        came first (:meth:`_first_replace`); then it only adds what the report did not say."""
-        first = self._first_replace(order, info.orig_qty)
+        """An amend's reply: REPLACED unless its report came first (then only its state)."""
+        first = first_replace(order, info.orig_qty, self.metrics)
+        amend_requester(order, info.orig_qty, client_id)  # answered: forget the requester
         self.apply(order, info.status, info.order_id, info.executed_qty, info.cum_quote_qty)
         if first:
             self.emit(
@@ -393,25 +393,6 @@ class OrderTable:
                 client_id=client_id,
                 event_time_ns=info.transact_time_ms * 1_000_000,
             )
-
-    def _first_replace(self, order: TrackedOrder, qty: float) -> bool:
-        """True (and the amend counted, the quantity taken) the first time the amend that left
-        ``order`` at ``qty`` is seen, from its reply or its ``x=REPLACED`` report, whichever
-        came first; False for the other one.
-
-        Why the quantity identifies the amend: an amend only reduces (2.11), so the quantities
-        an order's amends leave are strictly decreasing. A REPLACED at or above the lowest
-        quantity already published is one we have published; a lower one is a new amend (ours,
-        or one whose reply was lost in a reconnect). Nothing here depends on which of the two
-        messages arrives first, or on the reply arriving at all. The answer goes to the client
-        that asked for the amend (:attr:`TrackedOrder.amend_requesters`)."""
-        if qty <= 0 or (order.replaced_qty and qty >= order.replaced_qty):
-            return False
-        order.replaced_qty = qty
-        order.qty = qty if not order.qty else min(order.qty, qty)
-        order.amends += 1
-        self.metrics["orders_amended"] += 1
-        return True
 
     def on_status(self, conn: Connection, p: PendingRequest, msg: Response) -> None:
         order = self.orders.get(p.coid)
@@ -499,10 +480,8 @@ class OrderTable:
         client_id = order.client_id
         seen = False
         if kind is ExecKind.REPLACED:  # an amend: the report carries the new quantity
-            requesters = order.amend_requesters
-            if requesters:
-                client_id = requesters.pop(ev.qty, client_id)
-            if not self._first_replace(order, ev.qty):
+            client_id = amend_requester(order, ev.qty, client_id)
+            if not first_replace(order, ev.qty, self.metrics):
                 # its reply came first and was published: only the state it lacked is new
                 seen = True
                 kind = ExecKind.STATUS
