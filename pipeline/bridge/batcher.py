@@ -80,6 +80,7 @@ class _Buffer:
     count: int = 0
     since_ns: int = 0  #: when its oldest waiting record arrived
     first_seq: int = -1  #: ring sequence of its oldest waiting record
+    gap_led: bool = False  #: its oldest waiting record is an id GAP the batcher made
 
 
 class Batcher:
@@ -171,14 +172,20 @@ class Batcher:
     # --- records in ------------------------------------------------------------------------
 
     def _keys(self, records: np.ndarray) -> np.ndarray:
+        return self._keys_and_laps(records)[0]
+
+    def _keys_and_laps(self, records: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Each record's subject key, and whether any is a lap GAP (key ``LAP_KEY``)."""
         if not self.ticks:
-            return np.zeros(len(records), dtype=np.int64)
+            return np.zeros(len(records), dtype=np.int64), False
         kinds = records["kind"]
         keys = (records["symbol"].astype(np.int64) << 8) | kinds.astype(np.int64)
         gaps = kinds == _GAP
-        if gaps.any():  # rare: only then the flags are looked at
-            keys[gaps & ((records["flags"] & _LAPPED) != 0)] = LAP_KEY
-        return keys
+        if not gaps.any():
+            return keys, False
+        laps = gaps & ((records["flags"] & _LAPPED) != 0)  # rare: only then the flags are read
+        keys[laps] = LAP_KEY
+        return keys, bool(laps.any())
 
     def note_lap(self, missed: int) -> None:
         """The ring writer overwrote ``missed`` records before they were read: the next record
@@ -196,8 +203,8 @@ class Batcher:
             return
         if first_seq > self.next_seq:
             self._lapped(self.next_seq, first_seq, now_ns)
-        keys = self._keys(records)
-        if self.ticks and int(keys.max()) == LAP_KEY:  # lap GAPs of an upstream bridge
+        keys, laps = self._keys_and_laps(records)
+        if laps:  # lap GAPs of an upstream bridge
             self._add_around_laps(records, keys, first_seq, now_ns)
             return
         self.next_seq = first_seq + n
@@ -223,7 +230,7 @@ class Batcher:
                 if buf.count:
                     self._cut_early.append(self._cut(buf, buf.count))
             self.next_seq = seq + 1
-            self._append(LAP_KEY, records[i : i + 1], np.array([seq], np.int64), now_ns, seq)
+            self._append(LAP_KEY, records[i : i + 1], np.array([seq], np.int64), now_ns, 0)
             self._cut_early.append(self._cut(self._buffers[LAP_KEY], 1))
         n = len(records)
         self.next_seq = first_seq + n
@@ -261,7 +268,7 @@ class Batcher:
             lead = 0
             if self.ticks and (key & 0xFF) in _TRACKED:
                 recs, sq, lead = self._with_gap(key, recs, sq, now_ns)
-            self._append(key, recs, sq, now_ns, int(sq[lead]))
+            self._append(key, recs, sq, now_ns, lead)
 
     def _lapped(self, lost_from: int, next_read: int, now_ns: int) -> None:
         """Ring sequences ``lost_from .. next_read - 1`` were overwritten unread: cut what is
@@ -316,17 +323,19 @@ class Batcher:
         gap_seq = np.array([int(sq[0]) - 1], dtype=np.int64)
         return np.concatenate([gap, recs]), np.concatenate([gap_seq, sq]), 1
 
-    def _append(
-        self, key: int, recs: np.ndarray, sq: np.ndarray, now_ns: int, first_real: int
-    ) -> None:
-        """Buffer ``recs``; ``first_real`` is the ring sequence of the first ring record among
-        them (what ``low`` may say: a made GAP's sequence may be a lost record's)."""
+    def _append(self, key: int, recs: np.ndarray, sq: np.ndarray, now_ns: int, lead: int) -> None:
+        """Buffer ``recs``, the first ``lead`` of them GAPs made here (0 or 1): the buffer's
+        ``first_seq`` (what ``low`` may say) is its first ring record's, since a made GAP's
+        sequence may be a lost record's; and a made GAP always leads its batch (the tag)."""
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = _Buffer(self.subject_of(key), key)
+        if lead and buf.count:  # (not seen: a lap cuts every buffer first)
+            self._cut_early.append(self._cut(buf, buf.count))
         if not buf.count:
             buf.since_ns = now_ns
-            buf.first_seq = first_real
+            buf.first_seq = int(sq[lead])
+            buf.gap_led = bool(lead)
         buf.records.append(recs)
         buf.seqs.append(sq)
         buf.count += len(sq)
@@ -371,7 +380,6 @@ class Batcher:
         buf.count -= n
         self.high = max(self.high, last + 1)
         payload = take.tobytes()
-        made = self.ticks and (buf.key & 0xFF) in _TRACKED and int(take["kind"][0]) == _GAP
-        return Batch(
-            buf.subject, payload, n, first, last, self._low(), self.high, "gap" if made else ""
-        )
+        tag = "gap" if buf.gap_led else ""
+        buf.gap_led = False
+        return Batch(buf.subject, payload, n, first, last, self._low(), self.high, tag)
