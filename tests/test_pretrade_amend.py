@@ -120,3 +120,23 @@ def test_check_amend_ignores_the_symbol_status() -> None:
     # BCCBTC is BREAK: whether Binance takes an amend then is not documented; the venue decides
     core = loaded("BCCBTC")
     assert core.check_amend("BCCBTC", "LIMIT", 0.001, 2.0, 0.0, 1.0) is None
+
+
+def test_nan_and_infinite_fields_are_refused_not_raised() -> None:
+    """A client writing its order ring by hand can send NaN or inf; a Decimal NaN raises on
+    the first comparison, which would have stopped the order path."""
+    core = loaded("BTCUSDT")
+    nan, inf = float("nan"), float("inf")
+    assert core.check("BTCUSDT", "LIMIT", nan, 1.0) == (
+        -1013, "Filter failure: PRICE_FILTER (checked locally)")  # fmt: skip
+    assert core.check("BTCUSDT", "LIMIT", 60000.0, nan) == (
+        -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip
+    assert core.check("BTCUSDT", "LIMIT", 60000.0, inf)[1].startswith(  # type: ignore[index]
+        "Filter failure: LOT_SIZE")  # fmt: skip
+    for bad in (nan, inf, -inf):
+        assert core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.0, bad) == (
+            -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip
+        assert amend_reduction_violation(0.01, 0.0, bad) is not None
+    no_max = SymbolRules("X", "A", "B", step_size=btcusdt().step_size)  # maxQty 0: disabled
+    assert amend_filter_violation(no_max, "LIMIT", 1.0, inf) == (
+        -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
@@ -110,9 +111,10 @@ class PreTradeRules:
         try:
             p = Decimal(repr(price)) if price else None
             q = Decimal(repr(qty)) if qty else None
-        except InvalidOperation:  # inf/nan: the session refuses those itself
-            return None
-        v = rules.check(order_type or "LIMIT", p, q)
+            v = rules.check(order_type or "LIMIT", p, q)
+        except InvalidOperation:  # a Decimal NaN (or inf off a grid): no rule passes it
+            self.rejected += 1
+            return -1013, f"Filter failure: {_not_finite(price, qty) or 'LOT_SIZE'}{LOCAL_SUFFIX}"
         if v is None and stp:
             v = rules.stp_violation(stp)  # exchangeInfo allowedSelfTradePreventionModes
         if v is None:
@@ -252,15 +254,26 @@ def amend_filter_violation(
     (MIN_)NOTIONAL at the order's own ``price`` (skipped without one: a MARKET order does not
     rest, and the venue knows its own reference price). -1013 "Filter failure: X" like a
     refused new order, marked as checked locally."""
-    try:
-        q = Decimal(repr(new_qty))
-        p = Decimal(repr(price)) if price and order_type != "MARKET" else None
-    except InvalidOperation:  # inf/nan: the session refuses those itself
-        return None
+    if _not_finite(0.0, new_qty):
+        return -1013, f"Filter failure: LOT_SIZE{LOCAL_SUFFIX}"
+    q = Decimal(repr(new_qty))
+    finite_price = price and order_type != "MARKET" and not _not_finite(price, 0.0)
+    p = Decimal(repr(price)) if finite_price else None
     v = rules.qty_violation(q)
     if v is None and p is not None:
         v = rules.notional_violation(p * q)
     return None if v is None else (-1013, f"{v.msg}{LOCAL_SUFFIX}")
+
+
+def _not_finite(price: float, qty: float) -> str:
+    """The filter a NaN or infinite ``price``/``qty`` fails ("" when both are finite): such a
+    value can come from a client writing its order ring by hand, and must be refused, never
+    turned into a Decimal NaN that raises on the first comparison."""
+    if not math.isfinite(price):
+        return "PRICE_FILTER"
+    if not math.isfinite(qty):
+        return "LOT_SIZE"
+    return ""
 
 
 def amend_reduction_violation(
@@ -271,7 +284,7 @@ def amend_reduction_violation(
     the order table has confirmed: the venue's quantity can only be lower (amends reduce) and
     its filled quantity only higher, so each refusal here is one the venue would certainly
     make. ``open_qty`` 0 means unknown (not checked)."""
-    if new_qty <= 0 or (open_qty > 0 and new_qty >= open_qty):
+    if not new_qty > 0 or (open_qty > 0 and not new_qty < open_qty):  # NaN too
         return -2038, f"{AMEND_NOT_BELOW}{LOCAL_SUFFIX}"
     if new_qty <= filled_qty:
         return -2038, f"{AMEND_NOT_ABOVE_FILLED}{LOCAL_SUFFIX}"
