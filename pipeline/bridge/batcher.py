@@ -23,10 +23,14 @@ restart is arithmetic on ring sequences, and arithmetic is a unit test:
   - one *lap GAP* per lap (``Flags.LAPPED``, subject ``<prefix>._lap``), whatever the lost records
     were (book tickers, depth, ingest's own GAPs have no ids a reader could see jump):
     ``trade_id`` .. ``aux_id`` are the source ring sequences lost, so ``aux_id - trade_id + 1``
-    records. Every buffered record from before the lap is cut into a batch first, so on the
-    stream (and in a mirror's ring) the lap GAP sits exactly between the records read before the
-    lap and those read after it. A lap GAP found *in* the ring (a mirror's ring published on
-    to another site) is relayed the same way: alone, on ``_lap``, in place, byte for byte;
+    records (exact while the publisher runs; when a restarted publisher finds its resume point
+    overwritten, the range starts at that point and may also cover up to ``high - low`` records
+    that reached the stream before the restart: which of those did is per subject and the
+    records are gone, so it is an upper bound then). Every buffered record from before the lap
+    is cut into a batch first, so on the stream (and in a mirror's ring) the lap GAP sits
+    exactly between the records read before the lap and those read after it. A lap GAP found
+    *in* the ring (a mirror's ring published on to another site) is relayed the same way:
+    alone, on ``_lap``, in place, byte for byte;
   - per symbol whose aggregate/trade ids jump over the lost records, an id GAP (the ids, as
     ingest reports them), placed right before the first record after the jump.
 
