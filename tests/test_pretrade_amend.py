@@ -40,27 +40,20 @@ def btcusdt() -> SymbolRules:
 
 
 def test_amend_off_the_step_size_is_lot_size() -> None:
-    assert amend_filter_violation(btcusdt(), "LIMIT", 60000.0, 0.000015) == (
+    assert amend_filter_violation(btcusdt(), 0.000015) == (
         -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip
-    assert amend_filter_violation(btcusdt(), "LIMIT", 60000.0, 0.00102) is None
+    assert amend_filter_violation(btcusdt(), 0.00102) is None
 
 
 def test_amend_below_min_qty_is_lot_size() -> None:
     rules = loaded("BNBBTC").rules["BNBBTC"]  # minQty 0.001 = stepSize
-    assert amend_filter_violation(rules, "LIMIT", 0.01, 0.0005) == (
+    assert amend_filter_violation(rules, 0.0005) == (
         -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip
 
 
-def test_amend_below_min_notional_at_the_orders_price() -> None:
-    # 0.0001 BTC at 60 000 is 6 USDT, under MIN_NOTIONAL 10; at 200 000 it is 20
-    assert amend_filter_violation(btcusdt(), "LIMIT", 60000.0, 0.0001) == (
-        -1013, "Filter failure: MIN_NOTIONAL (checked locally)")  # fmt: skip
-    assert amend_filter_violation(btcusdt(), "LIMIT", 200000.0, 0.0001) is None
-
-
-def test_amend_of_an_order_without_price_checks_no_notional() -> None:
-    assert amend_filter_violation(btcusdt(), "MARKET", 0.0, 0.0001) is None
-    assert amend_filter_violation(btcusdt(), "LIMIT", 0.0, 0.0001) is None
+def test_amend_below_min_notional_is_the_venues_to_judge() -> None:
+    # 0.0001 BTC at any price: MIN_NOTIONAL 10 is not applied to an amend (undocumented)
+    assert amend_filter_violation(btcusdt(), 0.0001) is None
 
 
 # ---- a reduction above the filled quantity (pure) --------------------------------------------
@@ -92,13 +85,13 @@ def test_amend_of_an_order_of_unknown_quantity_is_left_to_the_venue() -> None:
 
 def test_check_amend_counts_refusals_and_checks_filters_before_the_reduction() -> None:
     core = loaded("BTCUSDT")
-    ok = core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.0, 0.005)
+    ok = core.check_amend("BTCUSDT", 0.01, 0.0, 0.005)
     assert ok is None
     # off the step AND an increase: the venue's order names LOT_SIZE first
-    assert core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.0, 0.020005) == (
+    assert core.check_amend("BTCUSDT", 0.01, 0.0, 0.020005) == (
         -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip
-    assert core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.0, 0.02)[0] == -2038  # type: ignore[index]
-    assert core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.006, 0.005)[0] == -2038  # type: ignore[index]
+    assert core.check_amend("BTCUSDT", 0.01, 0.0, 0.02)[0] == -2038  # type: ignore[index]
+    assert core.check_amend("BTCUSDT", 0.01, 0.006, 0.005)[0] == -2038  # type: ignore[index]
     m = core.metrics()
     assert (m["pretrade_rejected"], m["pretrade_untracked"]) == (3, 0)
     core.amend_untracked()
@@ -109,17 +102,17 @@ def test_check_amend_without_rules_still_refuses_what_is_not_a_reduction() -> No
     woken: list[int] = []
     core = PreTradeRules(wake=lambda: woken.append(1))
     # rules not loaded: the filters are the venue's to judge, and the symbol is learned
-    assert core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.0, 0.000015) is None
+    assert core.check_amend("BTCUSDT", 0.01, 0.0, 0.000015) is None
     assert core.wanted == {"BTCUSDT"}
     assert woken
-    assert core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.0, 0.01)[0] == -2038  # type: ignore[index]
+    assert core.check_amend("BTCUSDT", 0.01, 0.0, 0.01)[0] == -2038  # type: ignore[index]
     assert core.metrics()["pretrade_rejected"] == 1
 
 
 def test_check_amend_ignores_the_symbol_status() -> None:
     # BCCBTC is BREAK: whether Binance takes an amend then is not documented; the venue decides
     core = loaded("BCCBTC")
-    assert core.check_amend("BCCBTC", "LIMIT", 0.001, 2.0, 0.0, 1.0) is None
+    assert core.check_amend("BCCBTC", 2.0, 0.0, 1.0) is None
 
 
 def test_nan_and_infinite_fields_are_refused_not_raised() -> None:
@@ -134,9 +127,9 @@ def test_nan_and_infinite_fields_are_refused_not_raised() -> None:
     assert core.check("BTCUSDT", "LIMIT", 60000.0, inf)[1].startswith(  # type: ignore[index]
         "Filter failure: LOT_SIZE")  # fmt: skip
     for bad in (nan, inf, -inf):
-        assert core.check_amend("BTCUSDT", "LIMIT", 60000.0, 0.01, 0.0, bad) == (
+        assert core.check_amend("BTCUSDT", 0.01, 0.0, bad) == (
             -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip
         assert amend_reduction_violation(0.01, 0.0, bad) is not None
     no_max = SymbolRules("X", "A", "B", step_size=btcusdt().step_size)  # maxQty 0: disabled
-    assert amend_filter_violation(no_max, "LIMIT", 1.0, inf) == (
+    assert amend_filter_violation(no_max, inf) == (
         -1013, "Filter failure: LOT_SIZE (checked locally)")  # fmt: skip

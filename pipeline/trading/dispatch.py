@@ -262,7 +262,7 @@ class OrderDispatcher:
 
     def _amend_refused(self, cmd: Any) -> bool:
         """An amend through the same local rules as a new order (:meth:`PreTradeRules.
-        check_amend`: LOT_SIZE, notional at the order's price, a reduction above the filled
+        check_amend`: LOT_SIZE (not the notional: undocumented), a reduction above the filled
         quantity), judged on what the order table knows of the order; on a refusal publish
         the AMEND_REJECT (the order as it stands, the venue's code, the rule named) and return
         True. An order the table does not know goes out unchecked (the venue answers it)."""
@@ -275,9 +275,7 @@ class OrderDispatcher:
             self._mark_dirty()
             return False
         symbol = order.symbol  # the order's own (a restated symbol is the venue's to judge)
-        refused = rules.check_amend(
-            symbol, order.type, order.price, order.qty, order.cum_qty, cmd.qty
-        )
+        refused = rules.check_amend(symbol, order.qty, order.cum_qty, cmd.qty)
         if refused is None:
             return False
         code, text = refused

@@ -125,22 +125,21 @@ class PreTradeRules:
         return -1013, f"{v.msg}{LOCAL_SUFFIX}"
 
     def check_amend(
-        self, symbol: str, order_type: str, price: float, open_qty: float, filled_qty: float,
-        new_qty: float,
+        self, symbol: str, open_qty: float, filled_qty: float, new_qty: float
     ) -> tuple[int, str] | None:  # fmt: skip
         """None when an amend (order.amend.keepPriority) of a tracked order may go out, else
         the venue's code and the message for the local AMEND_REJECT.
 
         Why: an amend off the step size or one that is not a reduction costs a round trip and
         request weight to learn what we already know. Checked, in the venue's order:
-        LOT_SIZE on ``new_qty``, the notional at the order's own ``price`` (a MARKET order
-        has none: not checked), then :func:`amend_reduction_violation`. The symbol's status
+        LOT_SIZE on ``new_qty`` (:func:`amend_filter_violation`: not the notional), then
+        :func:`amend_reduction_violation`. The symbol's status
         is not: whether Binance takes an amend on a CANCEL_ONLY symbol is not documented,
         so the venue decides (as for an order whose rules are not loaded yet)."""
         rules = self.rules.get(symbol)
         refused = None
         if rules is not None:
-            refused = amend_filter_violation(rules, order_type, price, new_qty)
+            refused = amend_filter_violation(rules, new_qty)
         elif symbol:
             self._learn(symbol)
         refused = refused or amend_reduction_violation(open_qty, filled_qty, new_qty)
@@ -247,21 +246,17 @@ AMEND_NOT_BELOW = "Order amend (quantity increase) is not supported."
 AMEND_NOT_ABOVE_FILLED = "Order amend rejected: newQty must exceed executedQty."
 
 
-def amend_filter_violation(
-    rules: SymbolRules, order_type: str, price: float, new_qty: float
-) -> tuple[int, str] | None:
-    """The quantity-dependent filters of ``rules`` on an amend's ``new_qty``: LOT_SIZE, then
-    (MIN_)NOTIONAL at the order's own ``price`` (skipped without one: a MARKET order does not
-    rest, and the venue knows its own reference price). -1013 "Filter failure: X" like a
-    refused new order, marked as checked locally."""
+def amend_filter_violation(rules: SymbolRules, new_qty: float) -> tuple[int, str] | None:
+    """LOT_SIZE of ``rules`` on an amend's ``new_qty`` (a quantity off the step or below the
+    minimum is no quantity the venue holds an order at). -1013 "Filter failure: LOT_SIZE" like a
+    refused new order, marked as checked locally.
+
+    Not (MIN_)NOTIONAL: Binance documents no notional rule for amends (2.11 names only
+    MAX_NUM_ORDER_AMENDS), and an amend is a reduction, the way out of risk: refusing locally
+    one the venue might take would be the worse mistake, so the venue decides."""
     if _not_finite(0.0, new_qty):
         return -1013, f"Filter failure: LOT_SIZE{LOCAL_SUFFIX}"
-    q = Decimal(repr(new_qty))
-    finite_price = price and order_type != "MARKET" and not _not_finite(price, 0.0)
-    p = Decimal(repr(price)) if finite_price else None
-    v = rules.qty_violation(q)
-    if v is None and p is not None:
-        v = rules.notional_violation(p * q)
+    v = rules.qty_violation(Decimal(repr(new_qty)))
     return None if v is None else (-1013, f"{v.msg}{LOCAL_SUFFIX}")
 
 
