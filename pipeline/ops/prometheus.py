@@ -166,7 +166,7 @@ _TRADING_COUNTERS = {
     "pretrade_loads": "exchangeInfo loads.",
     "pretrade_load_failures": "exchangeInfo loads that failed.",
     "pretrade_symbols_skipped": "exchangeInfo symbol entries that could not be parsed.",
-    "pretrade_untracked": "Orders for a symbol beyond the rules table (sent unchecked).",
+    "pretrade_untracked": "Orders beyond the rules table, amends of untracked orders (unchecked).",
     "exec_published": "Execution records published on the exec ring.",
     "orders_stale": "Orders older than their deadline when read from an order ring.",
     "orders_risk_rejected": "Orders refused by the pre-trade risk gate.",
