@@ -600,6 +600,25 @@ def test_cancel_and_execution_reports() -> None:
     assert d.session.order_status("not-ours") is None
 
 
+def test_a_late_reply_never_moves_the_status_back() -> None:
+    """Reports (user data) and replies (the request's connection) travel apart: a place reply
+    that says NEW, arriving after the reports of fills, must not make a filled order look
+    working again, nor a partly filled one untouched."""
+    d = Driver()
+    d.start_ready()
+    d.session.place("c1", "BTCUSDT", "BUY", "LIMIT", 2.0, 100.0)
+    d.session.place("c2", "BTCUSDT", "BUY", "LIMIT", 2.0, 100.0)
+    r1, r2 = d.take("order.place"), d.take("order.place")
+    d.event(1, order_report("c1", "FILLED", "TRADE", z="2", last="2"))
+    d.event(1, order_report("c2", "PARTIALLY_FILLED", "TRADE", z="1", last="1"))
+    d.reply(1, r1, result=order_result("c1"))  # NEW, executed 0: older than the reports
+    d.reply(1, r2, result=order_result("c2"))
+    assert d.session.order_status("c1") is OrderStatus.FILLED
+    assert d.session.order_status("c2") is OrderStatus.PARTIALLY_FILLED
+    assert (d.last("c1").status, d.last("c1").cum_qty) == (OrderStatus.FILLED, 2.0)
+    assert (d.last("c2").status, d.last("c2").cum_qty) == (OrderStatus.PARTIALLY_FILLED, 1.0)
+
+
 def test_stream_terminated_resubscribes() -> None:
     d = Driver()
     d.start_ready()

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline.session")
 
 STATUS_BY_NAME = {s.name: s for s in OrderStatus}
+#: final statuses only the venue sets (REJECTED may be ours: see OrderTable.apply)
+_ENDED = FINAL - {OrderStatus.REJECTED}
 # What the venue may say an order's status is (PENDING and UNKNOWN are ours alone).
 VENUE_STATUS = {
     n: st
@@ -131,7 +133,17 @@ class OrderTable:
     def apply(
         self, order: TrackedOrder, status: str, order_id: int, cum_qty: float, cum_quote: float
     ) -> None:
-        order.status = VENUE_STATUS.get(status, order.status)
+        """Take what the venue says of an order. Replies and reports of one order travel apart
+        (a reply on the request's connection, reports on the user-data subscription), so an
+        older one can arrive after a newer one: the status never moves back from an ended
+        order to a working one, nor from PARTIALLY_FILLED to NEW (quantities only grow).
+        REJECTED is the exception: set by us when reconciling found no order, a later report
+        that the order exists must win (``late`` in :meth:`on_execution_report`)."""
+        new = VENUE_STATUS.get(status, order.status)
+        cur = order.status
+        if not ((cur in _ENDED and new not in FINAL)
+                or (cur is OrderStatus.PARTIALLY_FILLED and new is OrderStatus.NEW)):
+            order.status = new
         if order_id >= 0:
             order.order_id = order_id
         order.cum_qty = max(order.cum_qty, cum_qty)
