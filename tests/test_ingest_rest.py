@@ -119,7 +119,10 @@ def test_trade_holes_are_backfilled_exactly_once_in_order(shm_name: str) -> None
                         symbols=symbols) as ing:
             ing.wait_for(lambda: len(ing.records()) > 200, 20, "trades")
             for _ in range(3):
+                sim.fault("refuse")  # held off a while: trades are printed while it is away
                 sim.fault("drop", target="streams")
+                time.sleep(0.2)
+                sim.fault("refuse", on=False)
                 time.sleep(0.4)
             ing.wait_for(lambda: ing.metrics()["trade_gaps_backfilled"] >= 1, 20, "a backfill")
             time.sleep(0.5)
@@ -152,7 +155,12 @@ def test_a_trade_hole_is_a_gap_only_when_rest_fails(shm_name: str) -> None:
                         symbols=symbols) as ing:
             ing.wait_for(lambda: len(ing.records()) > 100, 20, "trades")
             sim.fault("rest_fail", count=1000, status=500)
+            # held off for a while, so trades are certainly printed while it is away (a bare
+            # drop reconnects in ~40 ms, and a quiet market may print nothing in that time)
+            sim.fault("refuse")
             sim.fault("drop", target="streams")
+            time.sleep(0.5)
+            sim.fault("refuse", on=False)
             ing.wait_for(lambda: ing.metrics()["trade_gaps"] >= 1, 20, "a GAP record")
             recs = ing.records()
         gaps = recs[recs["kind"] == Kind.GAP]
