@@ -199,5 +199,19 @@ async def test_sim_advertises_its_restricted_set_and_the_trading_process_refuses
                 ack = await asyncio.to_thread(client.wait, good, 10.0)
                 assert ack.status == "NEW"
                 assert placed() == 2
+
+                def replaced() -> int:
+                    return int(sim.state()["venue"]["methods"].get("order.cancelReplace", 0))
+
+                # a cancel-replace's replacement carries its own mode, checked the same way
+                bad = client.modify(good, qty=0.002, price=price, stp="EXPIRE_BOTH")
+                local = await asyncio.to_thread(client.wait, bad, 10.0)
+                assert (local.kind, local.error_code, local.error_msg) == (
+                    "REJECT", -1013, f"{MSG_STP_NOT_ALLOWED} (checked locally)")  # fmt: skip
+                assert replaced() == 0
+                new = client.modify(good, qty=0.002, price=price, stp="EXPIRE_TAKER")
+                report = await asyncio.to_thread(client.wait, new, 10.0, frozenset({"NEW"}))
+                assert report.stp_mode == "EXPIRE_TAKER"  # the venue's executionReport says so
+                assert replaced() == 1
             finally:
                 client.close()

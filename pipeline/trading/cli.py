@@ -225,6 +225,15 @@ def _register_order(subparsers: Any) -> None:
         sp.add_argument("--reply-ring", default=None, metavar="NAME")
         sp.add_argument("--order-prefix", default=ORDER_RING_PREFIX, metavar="PREFIX")
 
+    def stp_flag(sp: argparse.ArgumentParser, whose: str = "") -> None:
+        sp.add_argument(
+            "--stp",
+            default="",
+            type=str.upper,
+            choices=("", *STP_MODES),
+            help=f"selfTradePreventionMode{whose} (default: the venue's for the symbol)",
+        )
+
     pl = sub.add_parser("place", help="place a new order")
     pl.add_argument("--symbol", required=True)
     pl.add_argument("--side", required=True, choices=("BUY", "SELL"), type=str.upper)
@@ -235,13 +244,7 @@ def _register_order(subparsers: Any) -> None:
     pl.add_argument("--qty", required=True, type=float)
     pl.add_argument("--tif", choices=("GTC", "IOC", "FOK"), type=str.upper)
     pl.add_argument("--id", dest="client_order_id", help="client order id (default: generated)")
-    pl.add_argument(
-        "--stp",
-        default="",
-        type=str.upper,
-        choices=("", *STP_MODES),
-        help="selfTradePreventionMode (default: the venue's for the symbol)",
-    )
+    stp_flag(pl)
     common(pl)
 
     cx = sub.add_parser("cancel", help="cancel an order by client order id")
@@ -262,6 +265,7 @@ def _register_order(subparsers: Any) -> None:
     md.add_argument(
         "--type", default="", choices=("", "LIMIT", "MARKET", "LIMIT_MAKER"), type=str.upper
     )
+    stp_flag(md, " of the replacement (not carried over from the replaced order)")
     common(md)
 
     am = sub.add_parser(
@@ -363,6 +367,7 @@ def _order(args: argparse.Namespace) -> int:
                 symbol=args.symbol,
                 side=args.side,
                 type=args.type,
+                stp=args.stp,
             )
         else:
             coid = client.status(args.client_order_id, symbol=args.symbol)

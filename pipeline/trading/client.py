@@ -362,8 +362,7 @@ class OrderClient:
         TRANSFER; "" = the venue's default for the symbol)."""
         coid = client_order_id or self._ids.next()
         _check(side, type, tif or "", symbol)
-        if stp not in STP_MODES or stp == "OTHER":
-            raise ValueError(f"stp must be one of {', '.join(STP_MODES[1:-1])}")
+        _check_stp(stp)
         if type == "LIMIT" and tif is None:
             tif = "GTC"
         self._publish(
@@ -389,7 +388,8 @@ class OrderClient:
         The answer is exactly one REPLACED (with the new ``qty``; from the venue's reply or its
         executionReport, whichever came first) or AMEND_REJECT: -2038 when ``qty`` is not below
         the order's quantity or not above its filled quantity, -1013 for the symbol's LOT_SIZE
-        or notional (at the order's price), or the venue's limit of 10 amends per order. What
+        (Binance documents no notional rule for amends), or the venue's limit of 10 amends per
+        order. What
         the trading process can tell from the order and the symbol's rules it refuses without
         sending (``error_msg`` says "checked locally"). An amend whose outcome is in doubt is
         answered RECONCILED once order.status has told the order's quantity.
@@ -411,11 +411,15 @@ class OrderClient:
         side: str = "",
         type: str = "",
         tif: str | None = None,
+        stp: str = "",
     ) -> str:
         """Cancel-replace ``client_order_id`` (``order.cancelReplace``: a price change or a
         quantity increase; queue priority is lost and the replacement is a new order); returns
-        the replacement's client order id. To only reduce the quantity use :meth:`amend`."""
+        the replacement's client order id. To only reduce the quantity use :meth:`amend`.
+        ``stp`` is the replacement's ``selfTradePreventionMode`` as for :meth:`place` ("" = the
+        venue's default for the symbol, not the replaced order's mode)."""
         _check(side, type, tif or "", symbol or "X")
+        _check_stp(stp)
         new = self._ids.next()
         self._publish(
             OrderAction.MODIFY,
@@ -427,6 +431,7 @@ class OrderClient:
             price=price,
             qty=qty,
             orig=client_order_id,
+            stp=stp,
         )
         return new
 
@@ -546,3 +551,8 @@ def _check(side: str, type: str, tif: str, symbol: str) -> None:
         raise ValueError("side must be BUY|SELL, type LIMIT|MARKET|LIMIT_MAKER, tif GTC|IOC|FOK")
     if not symbol or len(symbol.encode()) > 24:
         raise ValueError("symbol: 1-24 bytes")
+
+
+def _check_stp(stp: str) -> None:
+    if stp not in STP_MODES or stp == "OTHER":
+        raise ValueError(f"stp must be one of {', '.join(STP_MODES[1:-1])}")

@@ -246,7 +246,7 @@ class OrderDispatcher:
     def _rules_refused(self, cmd: Any, symbol: str, side: str, stp: str = "") -> bool:
         """The symbol's exchangeInfo rules (:mod:`pipeline.trading.pretrade`); on a violation
         publish the REJECT with the venue's code and the filter's name, and return True.
-        ``stp``: the STP mode the request will carry (a place's; a modify sends none)."""
+        ``stp``: the STP mode the request will carry (a place's or a modify's replacement's)."""
         if self._rules is None:
             return False
         refused = self._rules.check(symbol, cmd.type, cmd.price, cmd.qty, stp)
@@ -381,7 +381,7 @@ class OrderDispatcher:
             info = s.order_info(cmd.orig_client_order_id)
             symbol = cmd.symbol or (info[0] if info else "")
             side = cmd.side or (info[1] if info else "")
-            if self._rules_refused(cmd, symbol, side):
+            if self._rules_refused(cmd, symbol, side, cmd.stp):
                 return
             if self._risk_refused(cmd, symbol, side):
                 return
@@ -396,6 +396,7 @@ class OrderDispatcher:
                 tif=cmd.tif or None,
                 submit_time_ns=cmd.submit_time_ns,
                 client_id=cmd.client_id,
+                stp=cmd.stp,
             )
             if sent and self._risk is not None:
                 self._risk.sent(cmd.client_order_id, symbol, side, cmd.qty)

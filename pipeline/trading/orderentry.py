@@ -162,8 +162,11 @@ class OrderEntry:
         tif: str | None = None,
         submit_time_ns: int = 0,
         client_id: int = 0,
+        stp: str = "",
     ) -> bool:
-        """``order.cancelReplace``: cancel ``client_order_id``, place ``new_client_order_id``."""
+        """``order.cancelReplace``: cancel ``client_order_id``, place ``new_client_order_id``;
+        ``stp`` is the replacement's ``selfTradePreventionMode`` ("" = the venue's default: the
+        replaced order's mode is not carried over, as on Binance)."""
         old = self._orders.get(client_order_id)
         sym = symbol or (old.symbol if old else "")
         sd = side or (old.side if old else "")
@@ -179,12 +182,15 @@ class OrderEntry:
             submit_time_ns=submit_time_ns,
             client_id=client_id,
         )
-        if self._refused(new, malformed=not sym or not sd):
+        if self._refused(new, malformed=not sym or not sd,
+                         bad_fields=bool(stp) and stp not in STP_MODES):
             return False
         params: dict[str, Any] = {
             "symbol": sym,
             "cancelReplaceMode": self.config.cancel_replace_mode,
         }
+        if stp:
+            params["selfTradePreventionMode"] = stp
         self._order_ref(params, client_order_id, "cancelOrderId", "cancelOrigClientOrderId")
         return self._send_new(
             new,

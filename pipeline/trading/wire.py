@@ -203,7 +203,7 @@ ORDER_DTYPE = np.dtype(
         ("symbol", "S24"),
         ("client_order_id", "S40"),  # PLACE/MODIFY: the new order's id; CANCEL/STATUS: target
         ("orig_client_order_id", "S40"),  # MODIFY: the order being replaced
-        ("stp", "u1"),  # PLACE: index into STP_MODES (0 = the venue's default for the symbol)
+        ("stp", "u1"),  # PLACE, MODIFY: index into STP_MODES (0: the venue's default)
     ],
     align=True,
 )
