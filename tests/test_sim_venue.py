@@ -778,6 +778,28 @@ def test_amend_keep_priority_reduces_quantity(venue: Venue, market: Market) -> N
     assert exc.value.code == -2013
 
 
+def test_amend_of_a_partly_filled_order_must_stay_above_what_is_filled(
+    venue: Venue, market: Market
+) -> None:
+    """order.amend.keepPriority's second -2038 (section 2.11): ``newQty`` at or below the
+    executed quantity is refused; above it the order keeps its fills and stays PARTIALLY_FILLED."""
+    _, _, ask, ask_qty = market.best("BTCUSDT")
+    # takes the whole best ask and rests the rest: filled ask_qty of 3 * ask_qty
+    res, _ = venue.place(ACC, limit("BUY", str(ask), str(ask_qty * 3)), NOW)
+    assert (res["status"], res["executedQty"]) == ("PARTIALLY_FILLED", fmt(ask_qty))
+    ref = {"symbol": "BTCUSDT", "orderId": str(res["orderId"])}
+    step = market.rules("BTCUSDT").step_size
+    for qty in (ask_qty, ask_qty - step):  # at, then below, what is filled
+        with pytest.raises(VenueError) as exc:
+            venue.amend_keep_priority(ACC, {**ref, "newQty": str(qty)}, NOW + 1)
+        assert errcode(exc) == (-2038, "Order amend rejected: newQty must exceed executedQty.")
+    out, events = venue.amend_keep_priority(ACC, {**ref, "newQty": str(ask_qty * 2)}, NOW + 2)
+    er = events[0][1]
+    assert (er["x"], er["X"], er["q"], er["z"]) == (
+        "REPLACED", "PARTIALLY_FILLED", fmt(ask_qty * 2), fmt(ask_qty))  # fmt: skip
+    assert out["amendedOrder"]["executedQty"] == fmt(ask_qty)
+
+
 def test_max_num_orders_and_stp_modes(market: Market) -> None:
     v = Venue(market, [ACC], max_num_orders=2)
     bid = market.best("BTCUSDT")[0]
