@@ -18,6 +18,9 @@ from pipeline.binance.filters import DEFAULT_STP_MODE, STP_MODES
 from pipeline.settings import setting
 from pipeline.sim.faults import Faults
 
+# what --rate counts: walk actions or aggTrade messages per second per symbol (pacing.py)
+RATE_UNITS = ("actions", "msgs")
+
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")
 # what `pipeline run` simulates with no config: the demo's symbols
 RUN_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
@@ -80,7 +83,7 @@ class SimConfig:
     rate_unit: str = field(default="actions", metadata=setting(
         "what --rate counts: walk actions (taker/maker/cancel; ~0.36 aggTrades each) or "
         "aggTrade messages (exact on average; for benchmarks that want a message rate)",
-        choices=("actions", "msgs")))
+        choices=RATE_UNITS))
     replay: str | None = field(default=None, metadata=setting(
         "replay a capture file instead of the walk (TOML: empty = walk)", metavar="FILE",
         run_default="",

@@ -41,7 +41,6 @@ BATCH_MIN_MSGS = 32
 # step_batch taker prints ~1.0 aggTrade, so a batched turn of n actions runs
 # round(n * WALK_AGGS_PER_ACTION) takers: the message rate does not jump at the threshold.
 WALK_AGGS_PER_ACTION = 0.36
-RATE_UNITS = ("actions", "msgs")
 
 
 class MarketPacer:

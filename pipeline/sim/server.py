@@ -70,12 +70,12 @@ from websockets.protocol import State
 
 from pipeline.sim import market as mk
 from pipeline.sim.admin import Admin
-from pipeline.sim.config import DEFAULT_SYMBOLS, SimConfig
+from pipeline.sim.config import DEFAULT_SYMBOLS, RATE_UNITS, SimConfig
 from pipeline.sim.connection import SimConnection
 from pipeline.sim.faults import FaultRequest
 from pipeline.sim.framing import ws_frame
 from pipeline.sim.market_specs import default_spec
-from pipeline.sim.pacing import RATE_UNITS, MarketPacer
+from pipeline.sim.pacing import MarketPacer
 from pipeline.sim.replay import CaptureReplay, capture_symbols, load_capture
 from pipeline.sim.rest import RestApi, json_response
 from pipeline.sim.sbe_streams import SbeHub, check_api_key
