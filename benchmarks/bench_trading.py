@@ -334,3 +334,104 @@ def test_amend_vs_cancel_replace(stack: dict[str, Any], benchmark: Any) -> None:
     }
     benchmark.extra_info.update(summary)
     emit("amend vs cancelReplace (strategy submit -> answer seen): " + json.dumps(summary))
+
+
+# ---- in-process rows: the trading process's own CPU per order, no sockets -------------------
+#
+# Why apart from the round trip: the round trip's "submit -> written" mixes this process's
+# Python with two processes' wake-ups on two busy cores; these rows time only the code an
+# order runs inside one process, so a change to it shows up as a ratio, not as noise.
+
+_RULES_ENTRY = {  # an exchangeInfo symbol entry like the simulator's (checked on every PLACE)
+    "symbol": "BTCUSDT", "status": "TRADING", "baseAsset": "BTC", "quoteAsset": "USDT",
+    "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET"],
+    "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
+    "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
+    "filters": [
+        {"filterType": "PRICE_FILTER", "minPrice": "0.01", "maxPrice": "1000000.00",
+         "tickSize": "0.01"},
+        {"filterType": "LOT_SIZE", "minQty": "0.00001", "maxQty": "9000.00000",
+         "stepSize": "0.00001"},
+        {"filterType": "NOTIONAL", "minNotional": "5.00", "applyMinToMarket": True,
+         "maxNotional": "9000000.00", "applyMaxToMarket": False, "avgPriceMins": 5},
+    ],
+}  # fmt: skip
+
+
+def _ready_dispatcher() -> tuple[Any, Any]:
+    """A :class:`TradingProcess`'s dispatcher and session, logged on by hand (the venue's
+    replies written here, no socket), with the exchangeInfo rules loaded and a connection
+    object in place so the outbox check runs as in production. Returns (process, conn)."""
+    from pipeline.binance.keys import parse_private_key
+    from pipeline.trading.process import TradingConfig, TradingProcess
+    from pipeline.trading.session import Send, State
+    from pipeline.trading.sockets import WsConn
+
+    tp = TradingProcess(TradingConfig(), parse_private_key("11" * 32))
+    s = tp.session
+
+    def answer(result: dict[str, Any]) -> None:
+        sends = [a for a in s.actions() if isinstance(a, Send)]
+        rid = json.loads(sends[-1].text)["id"]
+        s.frame_received(1, json.dumps({"id": rid, "status": 200, "result": result}))
+
+    s.start()
+    s.actions()
+    s.connected(1)
+    answer({"serverTime": time.time_ns() // 1_000_000})
+    answer({"apiKey": "bench"})
+    answer({"subscriptionId": 0})
+    assert s.state is State.READY
+    s.updates()
+    tp._sockets.conns[1] = WsConn(1, tp.config.outbox_capacity)
+    assert tp._rules is not None
+    tp._rules.check("BTCUSDT", "LIMIT", 1.0, 1.0)  # the first order of a symbol asks its rules
+    tp._rules.loaded({"symbols": [_RULES_ENTRY]}, tp._rules.start_fetch())
+    assert "BTCUSDT" in tp._rules.rules
+    return tp, tp._sockets.conns[1]
+
+
+def test_execute_place_in_process(benchmark: Any) -> None:
+    """One PLACE through ``OrderDispatcher.execute`` as the trading process runs it: outbox
+    check, exchangeInfo rules, order entry checks, order table, the request text; the
+    session's Send action is then taken off (what the pump does before the socket write).
+    Per round: one order. The table and the pending requests are emptied every 1000 orders
+    (they are not what is measured; a full table would refuse)."""
+    from pipeline.trading.intake import OrderCommand
+    from pipeline.trading.wire import OrderAction
+
+    tp, _conn = _ready_dispatcher()
+    s = tp.session
+    execute = tp._orders.execute
+    link = s.connections
+    n = [0]
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        n[0] += 1
+        if n[0] % 1000 == 0:
+            s.table.orders.clear()
+            link.conns[1].pending.clear()
+        cmd = OrderCommand(OrderAction.PLACE, 7, f"benchc1m2k3l4-{n[0]:x}", "", "BTCUSDT",
+                           "BUY", "LIMIT", "GTC", 45000.12, 0.001, time.time_ns())  # fmt: skip
+        return (cmd,), {}
+
+    def one(cmd: Any) -> None:
+        execute(cmd)
+        s.actions()
+
+    benchmark.pedantic(one, setup=setup, rounds=max(2000, int(20000 * SCALE)), warmup_rounds=100)
+    assert s.metrics["orders_sent"] > 0 and not s.table.updates  # sent, none refused
+
+
+def test_exec_report_from_record(benchmark: Any) -> None:
+    """The strategy's decoding of one ACK record off the exec ring (``OrderClient.poll``)."""
+    from pipeline.trading.client import ExecReport
+    from pipeline.trading.wire import EXEC_DTYPE, ExecKind, ExecUpdate, OrderStatus, exec_record
+
+    u = ExecUpdate("benchc1m2k3l4-1a", ExecKind.ACK, OrderStatus.NEW, symbol="BTCUSDT",
+                   side="BUY", order_id=123456789, price=45000.12, qty=0.001,
+                   submit_time_ns=time.time_ns(), event_time_ns=time.time_ns(), client_id=7,
+                   sent_time_ns=time.time_ns(), reply_time_ns=time.time_ns())  # fmt: skip
+    rec = np.array([exec_record(u, time.time_ns())], dtype=EXEC_DTYPE)[0]
+    r = benchmark(ExecReport.from_record, rec)
+    assert (r.kind, r.status, r.side, r.qty) == ("ACK", "NEW", "BUY", 0.001)
