@@ -307,23 +307,30 @@ class ConnectionMachine:
         tag: Any = None,
         retried: bool = False,
     ) -> PendingRequest:
-        now = self._now()
-        rid, text = self._builder.build(method, params, timestamp_ms=self.timestamp_ms())
+        """Write one request on ``conn`` and remember it until answered. The clock is read
+        here directly, not through :meth:`_now` / :meth:`timestamp_ms` (the same reads, in the
+        same order): this is on the order-submit path."""
+        clock = self.clock
+        now = clock.monotonic_ns()
+        rid, text = self._builder.build(
+            method, params, timestamp_ms=int(clock.time_ns() / 1e6 + self.offset_ms)
+        )
+        conn_id = conn.id
         p = PendingRequest(
             rid,
-            conn.id,
+            conn_id,
             method,
             params,
             kind,
             now + int(self.config.request_timeout_s * 1e9),
-            self.clock.time_ns(),
+            clock.time_ns(),
             coid,
             new_coid,
             tag,
             retried,
         )
         conn.pending[rid] = p
-        self.actions.append(Send(conn.id, text))
+        self.actions.append(Send(conn_id, text))
         return p
 
     def send_gate(self) -> int:
@@ -341,6 +348,16 @@ class ConnectionMachine:
             return False
         self.request(self.conns[self.primary], method, params, kind, **kw)
         return True
+
+    def send_gated(
+        self, method: str, params: dict[str, Any], kind: str, coid: str, new_coid: str = ""
+    ) -> None:
+        """Send on the primary a request whose caller got 0 from :meth:`send_gate` in this same
+        synchronous call (a new order: :class:`pipeline.trading.orderentry.OrderEntry`), so
+        the gate is not asked twice on the order-submit path; nothing between the two can
+        change the connections."""
+        self.request(self.conns[self.primary], method, params, kind,  # type: ignore[index]
+                     coid=coid, new_coid=new_coid)  # fmt: skip
 
     def json_ping_failed(self, p: PendingRequest, code: int) -> None:
         """A JSON ping that will never be answered: the next one may go out."""

@@ -42,15 +42,24 @@ def _json_text(s: str) -> str:
 
 
 class TemplateRequestBuilder(RequestBuilder):
-    """A :class:`RequestBuilder` whose unsigned requests are written straight to text."""
+    """A :class:`RequestBuilder` whose unsigned requests are written straight to text.
+
+    Why one cache keyed ``(key, type, value)``: the fragment of a repeating field is then one
+    dict lookup per field on the order path (type in the key because 1, 1.0 and True are equal
+    dict keys that render apart; 0.0 is never stored, since -0.0 == 0.0 renders apart too), and
+    only a miss pays for checking the key and rendering the value."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # (key, value) -> '"key":value' for values that repeat (prices, sizes, symbols, sides)
-        self._floats: dict[tuple[str, float], str] = {}
-        self._texts: dict[tuple[str, str], str] = {}
+        # (key, type(value), value) -> '"key":value' for values that repeat (prices, sizes,
+        # symbols, sides, the recvWindow)
+        self._frags: dict[tuple[str, type, Any], str] = {}
         self._ok_keys: set[str] = set()
-        self._heads: dict[str, str] = {}
+        self._heads: dict[str, tuple[str, str]] = {}
+        self._rw_frag: tuple[Any, str] = (None, "")  # (recv_window_ms, its fragment)
+        # generated ids are the prefix and a decimal number: plain JSON text if the prefix is
+        prefix = getattr(self, "_prefix", None)
+        self._plain_ids = isinstance(prefix, str) and _json_text(prefix) == f'"{prefix}"'
 
     def _value(self, v: Any) -> str:
         if type(v) is int:
@@ -62,6 +71,22 @@ class TemplateRequestBuilder(RequestBuilder):
         if isinstance(v, int) and not isinstance(v, bool):
             return str(int(v))
         return _json_text(render_value(v))  # bool, Decimal; anything else raises as wsapi does
+
+    def _fragment(self, k: str, v: Any) -> str | None:
+        """``"k":value`` for a field the cache did not have; None if wsapi must build the
+        frame (a key that needs escaping, or ``timestamp`` / ``recvWindow`` given)."""
+        if k not in self._ok_keys:
+            if not _PLAIN_KEY.match(k) or k in ("timestamp", "recvWindow"):
+                return None
+            self._ok_keys.add(k)
+        frag = f'"{k}":{self._value(v)}'
+        t = type(v)
+        if (t is float and v) or (t is str and k in _REPEATING):
+            frags = self._frags
+            if len(frags) >= _CACHE_MAX:
+                frags.clear()
+            frags[(k, t, v)] = frag
+        return frag
 
     def build(
         self,
@@ -76,41 +101,44 @@ class TemplateRequestBuilder(RequestBuilder):
             return super().build(method, params, timestamp_ms=timestamp_ms, sign=sign,
                                  request_id=request_id)  # fmt: skip
         fields: list[str] = []
+        frags = self._frags
         if params:
-            ok_keys, floats, texts = self._ok_keys, self._floats, self._texts
-            for k, v in params.items():
-                if v is None:
-                    continue
-                if k not in ok_keys:
-                    if not _PLAIN_KEY.match(k) or k in ("timestamp", "recvWindow"):
-                        return super().build(method, params, timestamp_ms=timestamp_ms,
-                                             sign=sign, request_id=request_id)  # fmt: skip
-                    ok_keys.add(k)
-                t = type(v)
-                # one cache per type: 1, 1.0 and True are equal dict keys but render apart;
-                # 0.0 is not cached (-0.0 == 0.0 renders apart too)
-                cache = floats if t is float and v else texts if t is str else None
-                if cache is None:
-                    fields.append(f'"{k}":{self._value(v)}')
-                    continue
-                frag = cache.get((k, v))
-                if frag is None:
-                    frag = f'"{k}":{self._value(v)}'
-                    if cache is floats or k in _REPEATING:
-                        if len(cache) >= _CACHE_MAX:
-                            cache.clear()
-                        cache[(k, v)] = frag
-                fields.append(frag)
+            try:
+                for k, v in params.items():
+                    frag = frags.get((k, type(v), v))
+                    if frag is None:
+                        if v is None:
+                            continue
+                        frag = self._fragment(k, v)
+                        if frag is None:
+                            raise _WsapiBuilds
+                    fields.append(frag)
+            except (_WsapiBuilds, TypeError):  # TypeError: unhashable; wsapi says what it is
+                return super().build(method, params, timestamp_ms=timestamp_ms, sign=sign,
+                                     request_id=request_id)  # fmt: skip
         if method in SIGNED_METHODS:
             if timestamp_ms is None:
                 raise ValueError(f"{method} needs a timestamp")
             fields.append(f'"timestamp":{int(timestamp_ms)}')
-            if self.recv_window_ms is not None:
-                fields.append(f'"recvWindow":{self._value(self.recv_window_ms)}')
-        rid = request_id or self.next_id()
-        head = self._heads.get(method)
-        if head is None:
-            head = self._heads[method] = f',"method":{_json_text(method)}'
+            rw = self.recv_window_ms
+            if rw is not None:
+                if self._rw_frag[0] is not rw:  # the value it was rendered from, by identity
+                    self._rw_frag = (rw, f'"recvWindow":{self._value(rw)}')
+                fields.append(self._rw_frag[1])
+        heads = self._heads.get(method)
+        if heads is None:
+            head = f',"method":{_json_text(method)}'
+            heads = self._heads[method] = (head + "}", head + ',"params":{')
+        if request_id is None and self._plain_ids:
+            rid = self.next_id()
+            opening = f'{{"id":"{rid}"'
+        else:
+            rid = request_id or self.next_id()
+            opening = f'{{"id":{_json_text(rid)}'
         if fields:
-            return rid, f'{{"id":{_json_text(rid)}{head},"params":{{{",".join(fields)}}}}}'
-        return rid, f'{{"id":{_json_text(rid)}{head}}}'
+            return rid, f"{opening}{heads[1]}{','.join(fields)}}}}}"
+        return rid, opening + heads[0]
+
+
+class _WsapiBuilds(Exception):
+    """Raised inside :meth:`TemplateRequestBuilder.build`: this frame is wsapi's to write."""

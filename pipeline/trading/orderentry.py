@@ -37,6 +37,8 @@ from pipeline.trading.session_types import (
 )
 from pipeline.trading.wire import CLIENT_ORDER_ID_RE, ExecKind, ExecUpdate, OrderStatus
 
+PENDING = OrderStatus.PENDING
+
 
 class OrderEntry:
     def __init__(self, config: SessionConfig, table: OrderTable, link: ConnectionMachine) -> None:
@@ -62,17 +64,8 @@ class OrderEntry:
     ) -> bool:
         """Send ``order.place``; False (and a REJECT update) if refused locally. ``stp`` is the
         ``selfTradePreventionMode`` ("" = the venue's default for the symbol)."""
-        order = TrackedOrder(
-            client_order_id,
-            symbol,
-            side,
-            type,
-            price or 0.0,
-            qty,
-            tif or "",
-            submit_time_ns=submit_time_ns,
-            client_id=client_id,
-        )
+        order = TrackedOrder(client_order_id, symbol, side, type, price or 0.0, qty, tif or "",
+                             PENDING, -1, 0.0, 0.0, submit_time_ns, client_id)  # fmt: skip
         bad_fields = side not in ("BUY", "SELL") or qty <= 0 or (type == "LIMIT" and not price)
         if stp and stp not in STP_MODES:
             bad_fields = True
@@ -81,7 +74,7 @@ class OrderEntry:
         params: dict[str, Any] = {"symbol": symbol}
         if stp:
             params["selfTradePreventionMode"] = stp
-        self._send_new(order, "order.place", params, "place", coid=client_order_id)
+        self._send_new(order, "order.place", params, "place", client_order_id)
         return True
 
     def cancel(
@@ -193,12 +186,7 @@ class OrderEntry:
             params["selfTradePreventionMode"] = stp
         self._order_ref(params, client_order_id, "cancelOrderId", "cancelOrigClientOrderId")
         return self._send_new(
-            new,
-            "order.cancelReplace",
-            params,
-            "modify",
-            coid=client_order_id,
-            new_coid=new_client_order_id,
+            new, "order.cancelReplace", params, "modify", client_order_id, new_client_order_id
         )
 
     def query(self, client_order_id: str, symbol: str | None = None, *, client_id: int = 0) -> bool:
@@ -238,9 +226,17 @@ class OrderEntry:
         return bool(code)
 
     def _send_new(
-        self, order: TrackedOrder, method: str, params: dict[str, Any], kind: str, **kw: Any
+        self,
+        order: TrackedOrder,
+        method: str,
+        params: dict[str, Any],
+        kind: str,
+        coid: str,
+        new_coid: str = "",
     ) -> bool:
-        """Send a request creating ``order``: its fields follow the method's own ``params``."""
+        """Send a request creating ``order``: its fields follow the method's own ``params``.
+        Only after :meth:`_refused` passed it, in the same call: the send gate is not asked
+        again (:meth:`ConnectionMachine.send_gated`)."""
         params["side"] = order.side
         params["type"] = order.type
         params["quantity"] = order.qty
@@ -252,7 +248,8 @@ class OrderEntry:
         params["newOrderRespType"] = "RESULT"
         self._orders[order.coid] = order
         self._metrics["orders_sent"] += 1
-        return self._link.send_on_primary(method, params, kind, **kw)
+        self._link.send_gated(method, params, kind, coid, new_coid)
+        return True
 
     def _gate_existing(
         self,
