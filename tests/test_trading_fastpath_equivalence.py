@@ -11,13 +11,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
+import pytest
+
 from pipeline.binance.wsapi import RequestBuilder
 from pipeline.trading.encode import TemplateRequestBuilder
+from pipeline.trading.wire import (
+    EXEC_DTYPE,
+    EXPIRY_REASONS,
+    FLAG_WORKING,
+    SIDES,
+    STP_MODES,
+    ExecKind,
+    ExecUpdate,
+    OrderStatus,
+    exec_record,
+)
 
 TS = 1_767_225_600_123
 PLACE = {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "quantity": 0.001,
@@ -111,7 +126,7 @@ def test_place_writes_the_frame_pending_request_and_order_wsapi_would() -> None:
     """A PLACE asks the send gate once now: the frame is still wsapi's byte for byte, the
     pending request and the order table entry are the ones the session always kept, and a
     refused order (duplicate id, bad side, not ready) writes nothing."""
-    from pipeline.trading.session import ExecKind, OrderStatus, Send
+    from pipeline.trading.session import Send
 
     for recv_window in (None, 5000):
         s = _ready_session(recv_window)
@@ -146,3 +161,180 @@ def test_place_writes_the_frame_pending_request_and_order_wsapi_would() -> None:
         assert kinds == [("o-1", ExecKind.REJECT), ("o-2", ExecKind.REJECT),
                          ("o-1", ExecKind.UNKNOWN), ("o-3", ExecKind.REJECT)]  # fmt: skip
         assert s.metrics["orders_sent"] == 1
+
+
+# ---- ExecReport: the NamedTuple against the frozen dataclass it replaced -------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExecReport:
+    """The reference: ExecReport and its from_record as they were before the NamedTuple (the
+    class name is the same so that the reprs can be compared as they are)."""
+
+    client_order_id: str
+    kind: str
+    status: str
+    symbol: str
+    side: str
+    order_id: int
+    price: float
+    qty: float
+    last_qty: float
+    last_price: float
+    cum_qty: float
+    cum_quote: float
+    error_code: int
+    error_msg: str
+    submit_time_ns: int
+    event_time_ns: int
+    publish_time_ns: int
+    sent_time_ns: int
+    reply_time_ns: int
+    exec_id: int = -1
+    expiry_reason: str = ""
+    stp_mode: str = ""
+    working: bool = False
+    last_quote: float = 0.0
+    prevented_qty: float = 0.0
+    quote_order_qty: float = 0.0
+
+    @classmethod
+    def from_record(cls, r: Any) -> ExecReport:
+        v = r.item()
+        g = {name: i for i, name in enumerate(EXEC_DTYPE.names or ())}
+
+        def name(names: tuple[str, ...], i: int) -> str:
+            return names[i] if i < len(names) else "OTHER"
+
+        side = v[g["side"]]
+        return cls(
+            client_order_id=v[g["client_order_id"]].decode("ascii", "replace"),
+            kind=ExecKind(v[g["kind"]]).name,
+            status=OrderStatus(v[g["status"]]).name,
+            symbol=v[g["symbol"]].decode("utf-8", "replace"),
+            side=SIDES[side] if side < len(SIDES) else "",
+            order_id=v[g["order_id"]],
+            price=v[g["price"]],
+            qty=v[g["qty"]],
+            last_qty=v[g["last_qty"]],
+            last_price=v[g["last_price"]],
+            cum_qty=v[g["cum_qty"]],
+            cum_quote=v[g["cum_quote"]],
+            error_code=v[g["error_code"]],
+            error_msg=v[g["error_msg"]].decode("utf-8", "replace"),
+            submit_time_ns=v[g["submit_time_ns"]],
+            event_time_ns=v[g["event_time_ns"]],
+            publish_time_ns=v[g["publish_time_ns"]],
+            sent_time_ns=v[g["sent_time_ns"]],
+            reply_time_ns=v[g["reply_time_ns"]],
+            exec_id=v[g["exec_id"]],
+            expiry_reason=name(EXPIRY_REASONS, v[g["expiry_reason"]]),
+            stp_mode=name(STP_MODES, v[g["stp_mode"]]),
+            working=bool(v[g["flags"]] & FLAG_WORKING),
+            last_quote=v[g["last_quote"]],
+            prevented_qty=v[g["prevented_qty"]],
+            quote_order_qty=v[g["quote_order_qty"]],
+        )
+
+
+def _records(n: int) -> np.ndarray:
+    """Exec records of every kind, status, side, reason and mode, odd bytes included."""
+    rng = random.Random(13)
+    out = np.zeros(n, dtype=EXEC_DTYPE)
+    for i in range(n):
+        u = ExecUpdate(
+            rng.choice(["c-1", f"strat{i}-x", "ü-not-ascii", ""]),
+            rng.choice(list(ExecKind)),
+            rng.choice(list(OrderStatus)),
+            symbol=rng.choice(["BTCUSDT", "币安USDT", ""]),
+            side=rng.choice(["BUY", "SELL", ""]),
+            order_id=rng.choice([-1, 0, 2**63 - 1, rng.randrange(10**12)]),
+            price=rng.choice([0.0, 45000.12, 1e-08]),
+            qty=rng.random(),
+            last_qty=rng.random(),
+            last_price=rng.random() * 1e5,
+            cum_qty=rng.random(),
+            cum_quote=rng.random(),
+            error_code=rng.choice([0, -2010, -9001]),
+            error_msg=rng.choice(["", "Filter failure: LOT_SIZE (checked locally)", "é" * 70]),
+            submit_time_ns=rng.randrange(2**62),
+            event_time_ns=rng.randrange(2**62),
+            sent_time_ns=rng.randrange(2**62),
+            reply_time_ns=rng.randrange(2**62),
+            exec_id=rng.choice([-1, 117599651999]),
+            expiry_reason=rng.choice([*EXPIRY_REASONS, "NEW_2027"]),
+            stp_mode=rng.choice([*STP_MODES[:-1], "NEW_MODE"]),
+            working=rng.random() < 0.5,
+            last_quote=rng.random(),
+            prevented_qty=rng.random(),
+            quote_order_qty=rng.random(),
+            client_id=rng.choice([7, 8]),
+        )
+        out[i] = exec_record(u, rng.randrange(2**62))
+    out["side"][::7] = 200  # a side number no table knows: "" as before
+    out["expiry_reason"][::5] = 250  # and reason / mode numbers past the tables: OTHER
+    out["stp_mode"][::3] = 251
+    out["flags"][::4] |= 0x80  # a flag bit of the future: only FLAG_WORKING is read
+    return out
+
+
+def test_exec_report_decodes_and_behaves_as_the_dataclass_did() -> None:
+    from pipeline.trading.client import ExecReport as Fast
+
+    assert Fast._fields == tuple(f.name for f in dataclasses.fields(ExecReport))
+    assert Fast._field_defaults == {
+        f.name: f.default for f in dataclasses.fields(ExecReport)
+        if f.default is not dataclasses.MISSING
+    }  # fmt: skip
+    recs = _records(400)
+    for r in recs:
+        got, want = Fast.from_record(r), ExecReport.from_record(r)
+        assert got.as_dict() == dataclasses.asdict(want)
+        assert [type(x) for x in got] == [type(getattr(want, f)) for f in Fast._fields]
+        assert repr(got) == repr(want)
+        assert hash(got) == hash(want)
+        assert got == Fast.from_record(r)
+        assert not got != Fast.from_record(r)  # noqa: SIM202 (__ne__ is its own method)
+        assert got != tuple(got)  # a plain tuple of the same values is not a report
+        assert tuple(got) != got
+        assert got != want  # nor is another class with equal fields, as for the dataclass
+        assert got._replace(qty=9.0).as_dict() == dataclasses.asdict(
+            dataclasses.replace(want, qty=9.0)
+        )
+    with pytest.raises(AttributeError):
+        got.kind = "ACK"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        _ = got < got
+    bad = recs[:1].copy()
+    bad["kind"] = 99  # a kind nobody defined: the same ValueError as before, not a name
+    with pytest.raises(ValueError, match="99"):
+        ExecReport.from_record(bad[0])
+    with pytest.raises(ValueError, match="99"):
+        Fast.from_record(bad[0])
+
+
+def test_poll_returns_this_clients_reports_as_from_record_does(shm_name: str) -> None:
+    """OrderClient.poll reads the client id off each record's tuple now: the same reports,
+    in order, and only this client's."""
+    from pipeline.ipc.ring import RingReader, RingWriter
+    from pipeline.trading.client import ExecReport as Fast
+    from pipeline.trading.client import OrderClient
+
+    recs = _records(300)
+    writer = RingWriter.create(f"{shm_name}.exec", EXEC_DTYPE, 512)
+    orders = RingWriter.create(f"{shm_name}.o", np.dtype([("x", "u1")]), 16)
+    reader = RingReader.attach(f"{shm_name}.exec", name="t")
+    try:
+        client = OrderClient("t", orders, reader)
+        client.client_id = 7
+        for r in recs:
+            writer.publish(r)
+        got: list[Fast] = []
+        while len(got) < int((recs["client_id"] == 7).sum()):
+            got.extend(client.poll())
+        assert got == [Fast.from_record(r) for r in recs if r["client_id"] == 7]
+        assert client.reports(got[0].client_order_id)
+    finally:
+        reader.close()
+        orders.close()
+        writer.close()
