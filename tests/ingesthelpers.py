@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline.ipc.records import TICK_DTYPE
+import numpy as np
+
+from pipeline.ipc.records import TICK_DTYPE, Kind
 
 
 @contextmanager
@@ -36,3 +38,24 @@ def inproc_ingest(ring: str, symbols: list[str], capacity: int = 1 << 12,
             ing.release()
         loop.close()
         w.close()
+
+
+_DEPTH_KINDS = (int(Kind.DEPTH_TOP), int(Kind.DEPTH_LEVEL), int(Kind.BOOK_RESYNC),
+                int(Kind.BOOK_STALE))
+
+
+def stale_marks(recs: np.ndarray, sid: int, ends: tuple[Kind, ...]) -> int:
+    """Check symbol ``sid``'s BOOK_STALE records against its other depth records and return how
+    many there are: each follows a live book record (one per outage, never two in a row) and
+    names that record's update id, and what ends it is one of ``ends``."""
+    mine = recs[recs["symbol"] == sid]
+    depth = mine[np.isin(mine["kind"], _DEPTH_KINDS)]
+    kinds = depth["kind"]
+    marks = np.flatnonzero(kinds == Kind.BOOK_STALE)
+    for i in marks:
+        assert i > 0, (sid, "a BOOK_STALE before any book")
+        assert kinds[i - 1] in (Kind.DEPTH_TOP, Kind.DEPTH_LEVEL), (sid, kinds[:i + 1])
+        assert depth["trade_id"][i] == depth["trade_id"][i - 1], sid
+        if i + 1 < len(depth):
+            assert Kind(int(kinds[i + 1])) in ends, (sid, kinds[i - 1:i + 2])
+    return len(marks)

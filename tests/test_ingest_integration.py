@@ -26,6 +26,7 @@ from pipeline.ipc.metrics import MetricsBlock, MetricsError
 from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
 from pipeline.ipc.ring import RingError, RingReader
 from pipeline.sim.testing import SimProcess, run_sim_process
+from tests.ingesthelpers import stale_marks
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 FAST = ["--stall-timeout", "1.0", "--backoff-base", "0.05", "--backoff-max", "0.3",
@@ -235,6 +236,12 @@ def test_chaos_every_agg_trade_exactly_once(shm_name: str) -> None:
             assert np.all(np.diff(u) > 0), "bookTicker duplicates or reordering"
         pub = recs["publish_time_ns"]
         assert np.all(pub >= recs["recv_time_ns"])
+        # each lost connection marked the books stale (once per outage) until they were
+        # current again: resynced after a break, or carried on by contiguous diffs
+        marks = [stale_marks(recs, sid, ends=(Kind.BOOK_RESYNC, Kind.DEPTH_TOP))
+                 for sid in (0, 1)]
+        assert min(marks) >= 1
+        assert 1 <= m["books_stale"] <= sum(marks)  # metrics were read before the ring
 
 
 def test_rest_failure_produces_a_gap_record(shm_name: str) -> None:
@@ -277,11 +284,13 @@ def test_rest_failure_produces_a_gap_record(shm_name: str) -> None:
 def test_rotation_is_make_before_break(shm_name: str, fast_path: str) -> None:
     """Server lifetime 2.5 s with a serverShutdown notice, plus our own --max-lifetime: every
     connection is replaced several times, and the ring sees no gap and no duplicate (with the
-    compiled path and without it: the overlap's duplicates are its fallback's job)."""
+    compiled path and without it: the overlap's duplicates are its fallback's job), and the
+    books never go stale nor resync after their first snapshot."""
     with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "60", "--max-lifetime", "2.5",
                          "--shutdown-notice", "1.0") as sim, \
             run_ingest(sim, shm_name, "--max-lifetime", "1.2",
-                       "--streams", "aggTrade,bookTicker", "--fast-path", fast_path) as ing:
+                       "--streams", "aggTrade,bookTicker,depth@100ms",
+                       "--fast-path", fast_path) as ing:
         ing.wait_for(lambda: ing.metrics()["rotations"] >= 4, 20, "4 rotations")
         last = {s: int(agg_of(ing.records(), s)["trade_id"][-1]) for s in (0, 1)}
         ing.wait_for(lambda: all(int(agg_of(ing.records(), s)["trade_id"][-1]) > last[s]
@@ -293,6 +302,10 @@ def test_rotation_is_make_before_break(shm_name: str, fast_path: str) -> None:
         assert m["reconnects"] == 0, m  # never a break
         assert m["gaps_unrecoverable"] == 0
         assert backfilled == {"BTCUSDT": 0, "ETHUSDT": 0}, "rotation left a hole"
+        assert not np.any(recs["kind"] == Kind.BOOK_STALE)
+        resyncs = recs[recs["kind"] == Kind.BOOK_RESYNC]
+        assert sorted(resyncs["symbol"].tolist()) == [0, 1]  # each book synced once, at start
+        assert (m["books_stale"], m["book_breaks"]) == (0, 0)
         assert m["duplicates"] > 0  # the overlap delivered trades twice; the ring has them once
         expect = ("compiled (aggTrade, trade, bookTicker)" if fast_path == "auto"
                   else "off (--fast-path off)")

@@ -18,6 +18,7 @@ from test_ingest_integration import run_ingest
 
 from pipeline.ipc.records import Flags, Kind
 from pipeline.sim.testing import SimProcess, run_sim_process
+from tests.ingesthelpers import stale_marks
 
 STORM_SYMBOLS = [f"S{i:02d}USDT" for i in range(50)]
 # the fast path is the lead's (#14) and irrelevant to REST; off keeps these tests about REST
@@ -61,6 +62,10 @@ def test_resync_storm_of_50_books_stays_under_the_budget(shm_name: str) -> None:
         resynced = recs[(recs["kind"] == Kind.BOOK_RESYNC)
                         & ((recs["flags"] & Flags.RESYNCED) != 0)]
         assert set(resynced["symbol"].tolist()) == set(range(50))
+        # each book said it was stale from its break until its snapshot came
+        marks = [stale_marks(recs, sid, ends=(Kind.BOOK_RESYNC,)) for sid in range(50)]
+        assert min(marks) >= 1
+        assert m["books_stale"] == sum(marks)
 
 
 def test_a_429_is_honoured_and_a_418_stops_all_rest_until_it_ends(shm_name: str) -> None:

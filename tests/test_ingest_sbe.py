@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.binance import sbe
 from pipeline.settings import ConfigError
-from tests.ingesthelpers import inproc_ingest
+from tests.ingesthelpers import inproc_ingest, stale_marks
 from tests.test_sbe_decode import bba_frame, diff_frame, message, snapshot_frame, trades_frame
 
 SYMS = ["BTCUSDT", "ETHUSDT"]
@@ -373,6 +373,11 @@ def test_sbe_connection_cut_mid_session_keeps_trades_exactly_once_and_resyncs_th
         assert m["trade_ids_lost"] == 0
         assert m["trades_backfilled"] >= len(filled)
         assert m["callback_errors"] == 0
+        # the book was marked stale once when its connection went, until the resync
+        assert stale_marks(recs, 0, ends=(Kind.BOOK_RESYNC,)) == 1
+        stale = recs[(recs["kind"] == Kind.BOOK_STALE) & (recs["symbol"] == 0)]
+        assert int(stale["recv_time_ns"][0]) <= int(resync["recv_time_ns"][0])
+        assert m["books_stale"] >= 1
 
 
 #: one frame per skip reason of the done-when list (and a few more), each injected a distinct

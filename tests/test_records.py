@@ -58,6 +58,7 @@ def test_each_builder_puts_every_named_argument_in_the_field_of_that_name() -> N
          {"flags": 16 | 8, "trade_id": 5, "aux_id": 10**12}, Kind.GAP),
         (r.book_resync_record, {"flags": 12, "snapshot_update_id": 5, "book_update_id": 9},
          {"flags": 12, "trade_id": 5, "aux_id": 9}, Kind.BOOK_RESYNC),
+        (r.book_stale_record, {"update_id": 41}, {"trade_id": 41}, Kind.BOOK_STALE),
     ]
     for build, kwargs, fields, kind in cases:
         rec = build(**common, **kwargs)

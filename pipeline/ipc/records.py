@@ -28,6 +28,11 @@ class Kind(IntEnum):
     # (aggregate trade ids; trade ids of the @trade stream when flagged TRADE_IDS; flagged
     # LAPPED: source ring sequences a bridge lost, of every symbol; see Flags)
     BOOK_RESYNC = 7  # the local book was rebuilt from a snapshot (trade_id = new lastUpdateId)
+    # the symbol's depth stopped following the exchange (its connection was lost, or after a
+    # sequence break, while it waits for a snapshot): its last depth records are stale until
+    # its next depth record (DEPTH_TOP / DEPTH_LEVEL / BOOK_RESYNC); trade_id = the
+    # book's last update id (0 if it never synced)
+    BOOK_STALE = 8
 
 
 class Flags(IntFlag):
@@ -123,6 +128,7 @@ _DEPTH_TOP = int(Kind.DEPTH_TOP)
 _DEPTH_LEVEL = int(Kind.DEPTH_LEVEL)
 _GAP = int(Kind.GAP)
 _BOOK_RESYNC = int(Kind.BOOK_RESYNC)
+_BOOK_STALE = int(Kind.BOOK_STALE)
 _RESYNCED = int(Flags.RESYNCED)
 
 #: The record kinds whose ``trade_id`` an id tracker accounts for (gap-free, exactly once).
@@ -199,3 +205,11 @@ def book_resync_record(*, symbol: int, flags: int, snapshot_update_id: int, book
     ``lastUpdateId``, ``aux_id`` = the book's update id once the buffered diffs are applied."""
     return (_BOOK_RESYNC, flags, symbol, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, snapshot_update_id,
             book_update_id, 0, recv_time_ns)
+
+
+def book_stale_record(*, symbol: int, update_id: int, recv_time_ns: int) -> TickTuple:
+    """The symbol's depth records stopped being current (:data:`Kind.BOOK_STALE`): a consumer
+    holding its last book must not trade on it until the symbol's next depth record.
+    ``trade_id`` = the last update id the book had; ``recv_time_ns`` = when ingest noticed."""
+    return (_BOOK_STALE, 0, symbol, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, update_id, 0, 0,
+            recv_time_ns)

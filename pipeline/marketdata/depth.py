@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.ipc.records import Flags
+from pipeline.ipc.records import Flags, book_stale_record
 from pipeline.marketdata.book import BookAction, OrderBook, book_records
 from pipeline.marketdata.gapfill import FarRun
 
@@ -43,9 +43,25 @@ class DepthFeed:
             FarRun(jump, again, contiguous=False) for _ in range(n)]
         self.partial_far_seen = 0
         self.partial_resets = 0
+        #: a BOOK_STALE went out for the symbol and no depth record since (one per outage)
+        self.stale = [False] * n
+
+    def mark_stale(self, sid: int, recv_ns: int) -> None:
+        """Tell consumers the symbol's last depth records are no longer current: its connection
+        was lost or its book broke and waits for a snapshot. Why a record: without it a
+        consumer cannot tell a book frozen by an outage from a quiet market, and would go on
+        pricing from it. Once per outage; nothing if no depth record was ever published."""
+        book = self.books[sid]
+        if self.stale[sid] or (book.syncs == 0 and self.last_partial[sid] < 0):
+            return
+        self.stale[sid] = True
+        self.ing.c["books_stale"] += 1
+        uid = book.update_id if book.syncs else self.last_partial[sid]
+        self.ing.publish(book_stale_record(symbol=sid, update_id=uid, recv_time_ns=recv_ns))
 
     def publish_book(self, sid: int, flags: int, first: int, ev_ns: int, recv_ns: int) -> None:
         """Publish the symbol's local book top (and ``--depth-levels`` levels)."""
+        self.stale[sid] = False
         book = self.books[sid]
         bids, asks = book.top(max(1, self._levels))
         self.ing.publish_many(book_records(symbol=sid, flags=flags, update_id=book.update_id,
@@ -61,6 +77,7 @@ class DepthFeed:
         elif act == BookAction.IGNORED:
             self.ing.c["duplicates"] += 1
         elif act == BookAction.NEED_SNAPSHOT:
+            self.mark_stale(d.symbol, d.recv_time_ns)
             self.ing.start_resync(d.symbol)
 
     def on_partial(self, p: DepthPartial) -> None:
@@ -89,6 +106,7 @@ class DepthFeed:
         self._publish_partial(p)
 
     def _publish_partial(self, p: DepthPartial) -> None:
+        self.stale[p.symbol] = False
         self.ing.publish_many(book_records(symbol=p.symbol, flags=_SNAPSHOT,
                                            update_id=p.last_update_id, first_update_id=0,
                                            event_time_ns=p.event_time_ns,

@@ -33,6 +33,8 @@ COUNTERS = (
     "publish_errors", "book_levels_trimmed",
     # @trade ids fetched from REST historicalTrades, and @trade holes closed that way
     "trades_backfilled", "trade_gaps_backfilled",
+    # BOOK_STALE records: a symbol's depth stopped being current (connection lost, break)
+    "books_stale",
 )
 #: the REST client's budget (pipeline/net/rest.py): weight used in the current window and the
 #: highest of any window, requests that waited for it and for how long, 429s and 418s

@@ -52,6 +52,15 @@ def rejection_error(url: str, status: int) -> ConfigError:
                                         "stream names it serves")
 
 
+def depth_symbol_ids(streams: list[str], symbols: list[str]) -> list[int]:
+    """Ring symbol ids of the depth streams among ``streams`` (``btcusdt@depth@100ms``,
+    ``btcusdt@depth5``, SBE ``btcusdt@depth20``...)."""
+    index = {s: i for i, s in enumerate(symbols)}
+    sids = {index[sym.upper()] for sym, _, kind in (s.partition("@") for s in streams)
+            if kind.startswith("depth") and sym.upper() in index}
+    return sorted(sids)
+
+
 class Conn:
     """One websocket connection of a shard, with its own liveness bookkeeping."""
 
@@ -115,6 +124,9 @@ class Shard:
             self.url_streams.append(s)
         self.sub_streams = streams[len(self.url_streams):]
         self.url = base + "/".join(self.url_streams) + suffix
+        #: symbol ids whose depth (diff or partial) this shard carries: marked stale when its
+        #: connection is lost
+        self.depth_sids = depth_symbol_ids(streams, cfg.symbols)
 
     async def open(self) -> Conn:
         """Connect and subscribe everything; raises WsConnectError."""
@@ -222,6 +234,9 @@ class Shard:
             info = conn.ws.close_info
             ing.rlog.warning("reconnect", "connection lost; reconnecting", shard=self.index,
                              reason=reason, close=str(info), retry_in_s=round(delay, 3))
+            lost_ns = time.time_ns()
+            for sid in self.depth_sids:
+                ing.depth.mark_stale(sid, lost_ns)
             self._set_state(BACKOFF)
             await ing.sleep(delay)
         self._set_state(DOWN)

@@ -106,6 +106,7 @@ _INGEST_COUNTERS = {
     "trade_gaps": "Holes found in @trade ids (reported, not fetched).",
     "trade_ids_lost": "@trade ids lost.",
     "book_resyncs": "Order book snapshots re-fetched.",
+    "books_stale": "Times a symbol's depth stopped being current (BOOK_STALE records).",
     "book_breaks": "Depth update sequence breaks.",
     "rest_requests": "REST requests made (backfill, snapshots).",
     "rest_errors": "REST requests that failed.",
