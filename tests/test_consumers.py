@@ -102,6 +102,19 @@ def test_status_line_reports_rate_lag_missed_gaps() -> None:
     assert "latency -" in later
 
 
+def test_a_stale_book_is_said_at_once_and_so_is_its_return() -> None:
+    core = MonitorCore()
+    assert core.on_batch(ticks(Kind.DEPTH_TOP, [(1, 3000.0, 0.0, 40)]), SYMBOLS, now=1.0) == []
+    stale = ticks(Kind.BOOK_STALE, [(1, 0.0, 0.0, 40), (1, 0.0, 0.0, 40)])
+    assert core.on_batch(stale, SYMBOLS, now=1.1) == [
+        "ETHUSDT | book stale (depth not current since update 40)"]  # once, not per record
+    assert core.on_batch(ticks(Kind.BOOK_TICKER, [(1, 1.0, 1.0, 7)]), SYMBOLS, now=1.2) == []
+    back = np.concatenate([ticks(Kind.BOOK_RESYNC, [(1, 0.0, 0.0, 90)]),
+                           ticks(Kind.DEPTH_TOP, [(1, 3000.0, 0.0, 91)])])
+    assert core.on_batch(back, SYMBOLS, now=1.3) == ["ETHUSDT | book live again"]
+    assert core.on_batch(ticks(Kind.DEPTH_TOP, [(1, 3000.0, 0.0, 92)]), SYMBOLS, now=1.4) == []
+
+
 def test_format_price_keeps_small_prices_readable() -> None:
     assert format_price(3098.07) == "3098.07"
     assert format_price(0.00001234) == "0.00001234"

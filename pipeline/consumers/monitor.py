@@ -15,6 +15,11 @@ counts GAP records ingest published (exchange ids it could not recover; on a bri
 ring also the source bridge's laps, flagged LAPPED, one per lap); ``resyncs`` counts
 writer restarts this reader followed (``gen`` is the current writer generation).
 
+A BOOK_STALE record (a symbol's depth stopped being current: its connection was lost) prints
+``ETHUSDT | book stale (depth not current since update 123)`` at once, and the symbol's next
+depth record ``ETHUSDT | book live again``: an operator watching the monitor sees the outage
+where it matters, per symbol.
+
 Metrics block (``{shm_prefix}monitor.metrics``, ``--metrics-name``; '' for none): the same
 counters for ``pipeline health``, written on every tick (0.25 s) and while waiting for the ring,
 with ``heartbeat_interval_ms`` = 1000, so a monitor that hangs shows as stale. A second monitor
@@ -41,6 +46,9 @@ from pipeline.ipc.records import Kind
 log = logging.getLogger("pipeline.monitor")
 
 TRADE_KINDS = (int(Kind.AGG_TRADE), int(Kind.TRADE))
+_BOOK_STALE = int(Kind.BOOK_STALE)
+#: records that say a symbol's book is current again after a BOOK_STALE
+_BOOK_LIVE = (int(Kind.DEPTH_TOP), int(Kind.DEPTH_LEVEL), int(Kind.BOOK_RESYNC))
 
 METRICS_FIELDS = [
     ("records", "<i8"),
@@ -82,6 +90,8 @@ class MonitorCore:
     trades: int = 0
     gaps: int = 0
     resyncs_seen: int = 0
+    #: symbols whose book a BOOK_STALE marked and no depth record has refreshed since
+    stale_books: set[str] = field(default_factory=set)
     _last_status: float | None = None
     _records_at_status: int = 0
     _trades_at_status: int = 0
@@ -106,6 +116,7 @@ class MonitorCore:
         gap_mask = kinds == int(Kind.GAP)
         if gap_mask.any():
             self.gaps += int(gap_mask.sum())
+        book_lines = self._book_states(batch, kinds, names)
         trades = batch[np.isin(kinds, TRADE_KINDS)]
         self.trades += len(trades)
         for sid, price, qty in zip(
@@ -119,7 +130,26 @@ class MonitorCore:
             st.price = price
             st.vol += qty
             st.dirty = True
-        return self.due_lines(now)
+        return book_lines + self.due_lines(now)
+
+    def _book_states(self, batch: np.ndarray, kinds: np.ndarray, names: list[str]) -> list[str]:
+        """Lines for books going stale and live again, in ring order (rare: one check per
+        batch unless the batch holds a BOOK_STALE or a book is stale)."""
+        if not self.stale_books and not (kinds == _BOOK_STALE).any():
+            return []
+        out = []
+        sel = batch[(kinds == _BOOK_STALE) | np.isin(kinds, _BOOK_LIVE)]
+        for kind, sid, uid in zip(sel["kind"].tolist(), sel["symbol"].tolist(),
+                                  sel["trade_id"].tolist(), strict=True):
+            name = symbol_of(names, sid)
+            if kind == _BOOK_STALE:
+                if name not in self.stale_books:
+                    self.stale_books.add(name)
+                    out.append(f"{name} | book stale (depth not current since update {uid})")
+            elif name in self.stale_books:
+                self.stale_books.discard(name)
+                out.append(f"{name} | book live again")
+        return out
 
     def due_lines(self, now: float) -> list[str]:
         out = []
