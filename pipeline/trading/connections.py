@@ -13,6 +13,7 @@ that became usable to ``primary_ready`` (both wired by
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ from pipeline.trading.session_types import (
     SessionAction,
     SessionConfig,
     State,
+    SystemClock,
 )
 
 log = logging.getLogger("pipeline.session")
@@ -63,6 +65,13 @@ class ConnectionMachine:
     ) -> None:
         self.config = config
         self.clock = clock
+        # The clock's two readings, bound once. The system clock's methods only forward to
+        # time.monotonic_ns / time.time_ns: called directly, a reading on the order-submit
+        # path is a C call instead of a Python one (three per request).
+        self._mono_ns: Callable[[], int] = clock.monotonic_ns
+        self._wall_ns: Callable[[], int] = clock.time_ns
+        if type(clock) is SystemClock:
+            self._mono_ns, self._wall_ns = time.monotonic_ns, time.time_ns
         self.metrics = metrics
         self.state = State.DISCONNECTED
         self.failure: str = ""
@@ -86,11 +95,11 @@ class ConnectionMachine:
         self.handshake = Handshake(self)
 
     def _now(self) -> int:
-        return self.clock.monotonic_ns()
+        return self._mono_ns()
 
     def timestamp_ms(self) -> int:
         """Venue time now, as signed requests and retryAfter use it."""
-        return int(self.clock.time_ns() / 1e6 + self.offset_ms)
+        return int(self._wall_ns() / 1e6 + self.offset_ms)
 
     def transition(self, event: str, why: str = "") -> None:
         new = TRANSITIONS.get((self.state, event))
@@ -310,10 +319,10 @@ class ConnectionMachine:
         """Write one request on ``conn`` and remember it until answered. The clock is read
         here directly, not through :meth:`_now` / :meth:`timestamp_ms` (the same reads, in the
         same order): this is on the order-submit path."""
-        clock = self.clock
-        now = clock.monotonic_ns()
+        wall_ns = self._wall_ns
+        now = self._mono_ns()
         rid, text = self._builder.build(
-            method, params, timestamp_ms=int(clock.time_ns() / 1e6 + self.offset_ms)
+            method, params, timestamp_ms=int(wall_ns() / 1e6 + self.offset_ms)
         )
         conn_id = conn.id
         p = PendingRequest(
@@ -323,7 +332,7 @@ class ConnectionMachine:
             params,
             kind,
             now + int(self.config.request_timeout_s * 1e9),
-            clock.time_ns(),
+            wall_ns(),
             coid,
             new_coid,
             tag,
@@ -334,10 +343,12 @@ class ConnectionMachine:
         return p
 
     def send_gate(self) -> int:
-        """0 if a request may go out on the primary now, else the local code saying why not."""
-        if not self.ready:
+        """0 if a request may go out on the primary now, else the local code saying why not.
+        (:attr:`ready` spelt out: this is asked for every order.)"""
+        primary = self.primary
+        if self.state is not State.READY or primary is None or primary not in self.conns:
             return LOCAL_NOT_READY
-        if self._now() < self.rate_limited_until_ns:
+        if self._mono_ns() < self.rate_limited_until_ns:
             return LOCAL_RATE_LIMITED
         return 0
 
