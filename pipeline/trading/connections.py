@@ -316,9 +316,9 @@ class ConnectionMachine:
         tag: Any = None,
         retried: bool = False,
     ) -> PendingRequest:
-        """Write one request on ``conn`` and remember it until answered. The clock is read
-        here directly, not through :meth:`_now` / :meth:`timestamp_ms` (the same reads, in the
-        same order): this is on the order-submit path."""
+        """Write one request on ``conn`` and remember it until answered. The clock's bound
+        readers are called here, not through :meth:`_now` / :meth:`timestamp_ms` (the same
+        readings, in the same order): this is on the order-submit path."""
         wall_ns = self._wall_ns
         now = self._mono_ns()
         rid, text = self._builder.build(
