@@ -337,6 +337,9 @@ def _validate_ingest(cfg: Config) -> None:
         streams_url=urls["streams_url"] or "ws://127.0.0.1:1",
         rest_url=urls["rest_url"] or "http://127.0.0.1:1",
     )
+    if cfg.run.mode == "sim" and not (cfg.ingest.sbe_api_key_env or cfg.ingest.sbe_api_key_file):
+        # the simulator's SBE key is the one `pipeline run` generates and registers with it
+        probe.sbe_api_key_file = "sim: generated"
     try:
         validate_ingest(probe)
     except ConfigError as exc:

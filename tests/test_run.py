@@ -26,6 +26,7 @@ from pipeline.ops.runner import (
     cleanup_segments,
     plan_components,
 )
+from pipeline.settings import ConfigError
 
 PRICE_LINE = re.compile(r"^[A-Z0-9]+ \| \d+\.\d+ \| vol \d+\.\d{4}$")
 AVAILABLE = available_subcommands()
@@ -77,6 +78,31 @@ def test_plan_inline_api_key_goes_by_environment_never_argv() -> None:
     assert sim[sim.index("--api-key-env") + 1] == f"{API_KEY_ENV}=/k.pub"
     assert by["ingest"].env is None
     assert by["monitor"].env is None
+
+
+def test_plan_sim_mode_sbe_streams_use_the_simulators_port_and_registered_key() -> None:
+    """SBE in sim mode needs no key in the config: ingest is pointed at the simulator's SBE
+    port with the API key `pipeline run` registered with it (a file path, never the key)."""
+    cfg = load_config(env={"PIPELINE_INGEST_STREAMS": "aggTrade",
+                           "PIPELINE_INGEST_SBE_STREAMS": "trade,depth"})  # fmt: skip
+    ctx = RunContext(api_key_file="/keys/api_key", private_key="/k.pem", public_key="/k.pub")
+    ctx.sim_urls.update(streams="ws://127.0.0.1:9", rest="http://127.0.0.1:9",
+                        wsapi="ws://x/ws", sbe="ws://127.0.0.1:10")  # fmt: skip
+    comps, _ = plan_components(cfg, ctx, {"sim", "ingest", "trade", "consume"})
+    ingest = {c.name: c for c in comps}["ingest"].argv()
+    assert ingest[ingest.index("--sbe-url") + 1] == "ws://127.0.0.1:10"
+    assert ingest[ingest.index("--sbe-api-key-file") + 1] == "/keys/api_key"
+    # a key the config names wins; outside sim mode one is required
+    named = load_config(env={"PIPELINE_INGEST_STREAMS": "aggTrade",
+                             "PIPELINE_INGEST_SBE_STREAMS": "trade",
+                             "PIPELINE_INGEST_SBE_API_KEY_ENV": "MY_SBE_KEY"})  # fmt: skip
+    comps, _ = plan_components(named, ctx, {"sim", "ingest", "trade", "consume"})
+    ingest = {c.name: c for c in comps}["ingest"].argv()
+    assert ingest[ingest.index("--sbe-api-key-env") + 1] == "MY_SBE_KEY"
+    assert "--sbe-api-key-file" not in ingest
+    with pytest.raises(ConfigError, match="sbe_api_key_env"):
+        load_config(env={"PIPELINE_RUN_MODE": "testnet", "PIPELINE_TRADING_ENABLED": "false",
+                         "PIPELINE_INGEST_SBE_STREAMS": "trade"})  # fmt: skip
 
 
 def test_plan_live_mode_uses_config_endpoints_and_no_simulator(tmp_path: Path) -> None:
@@ -241,6 +267,9 @@ def test_run_shows_ticks_and_leaves_nothing_behind(run_env: SimpleNamespace) -> 
 def test_killed_ingest_is_restarted_and_consumers_carry_on(run_env: SimpleNamespace) -> None:
     run_env.env["PIPELINE_RUN_CONSUMERS"] = "monitor"
     run_env.env["PIPELINE_TRADING_ENABLED"] = "false"  # keep the test to the data path
+    # SBE trades beside JSON: sim mode supplies the simulator's SBE port and a registered key
+    # even with trading off (its shard connects, or ingest would exit 2 on the 401)
+    run_env.env["PIPELINE_INGEST_SBE_STREAMS"] = "trade"
     run = Run(["--duration", "14", "--status-interval", "1"], run_env.env, run_env.stderr)
     try:
         first = run.wait_for(lambda s: bool(PRICE_LINE.match(s)), timeout=20)
@@ -270,6 +299,9 @@ def test_killed_ingest_is_restarted_and_consumers_carry_on(run_env: SimpleNamesp
     assert "stopping (SIGTERM)" in run.text()
     monitors = [line for _, line in run.lines if "monitor exited 0" in line]
     assert monitors, run.text()[-2000:]
+    sbe_shard = re.compile(r'"msg":"connected".*"shard":1\b')
+    connects = [line for line in run_env.stderr.read_text().splitlines() if sbe_shard.search(line)]
+    assert len(connects) >= 2, "the SBE shard connected before and after the restart"
 
 
 @pytest.mark.slow

@@ -175,6 +175,12 @@ def plan_components(
         def ingest_argv() -> list[str]:
             streams_url, rest_url = url("streams_url", "streams"), url("rest_url", "rest")
             child = dataclasses.replace(cfg.ingest, streams_url=streams_url, rest_url=rest_url)
+            if sim_mode and cfg.ingest.sbe_streams:
+                # the simulator's SBE port, and (unless the config names one) the API key
+                # registered with it: the sim refuses SBE without a key, as Binance does
+                child.sbe_url = ctx.sim_urls.get("sbe", "")
+                if not (child.sbe_api_key_env or child.sbe_api_key_file):
+                    child.sbe_api_key_file = ctx.api_key_file
             return [*base, "ingest", *to_argv(child), *cfg.ingest.extra_args]
 
         comps.append(Component("ingest", "ingest", ingest_argv, depends_on=upstream))
@@ -327,7 +333,9 @@ def main(args: argparse.Namespace) -> int:
     available = available_subcommands()
     key_dir: Path | None = None
     try:
-        if cfg.run.mode == "sim" and cfg.trading.enabled:
+        # sim mode: a throwaway key pair registered with the simulator, for the trading
+        # session and for SBE streams (which need an API key there as on Binance)
+        if cfg.run.mode == "sim" and (cfg.trading.enabled or cfg.ingest.sbe_streams):
             from pipeline.binance.keys import generate_keypair
 
             key_dir = Path(tempfile.mkdtemp(prefix="pipeline-run-keys-"))  # mode 0700
