@@ -275,6 +275,9 @@ def _records(n: int) -> np.ndarray:
     out["expiry_reason"][::5] = 250  # and reason / mode numbers past the tables: OTHER
     out["stp_mode"][::3] = 251
     out["flags"][::4] |= 0x80  # a flag bit of the future: only FLAG_WORKING is read
+    out["symbol"][::11] = b"BT\x00C\xff"  # a NUL inside (kept) and a byte that is not UTF-8
+    out["client_order_id"][::9] = b"x" * 40  # full width: no NUL to strip
+    out["error_msg"][::10] = "é".encode() * 64  # full width, multi-byte
     return out
 
 
