@@ -341,3 +341,21 @@ def test_poll_returns_this_clients_reports_as_from_record_does(shm_name: str) ->
         reader.close()
         orders.close()
         writer.close()
+
+
+def test_the_record_layout_is_derived_from_the_dtype_and_refuses_what_it_cannot_read() -> None:
+    """The struct that decodes exec records follows EXEC_DTYPE (offsets, padding, widths); a
+    field it has no exact code for (a float32, a big-endian number) is an ImportError at
+    import time, never a silently wrong decode."""
+    from pipeline.trading.client import _EXEC_STRUCT, _record_struct
+
+    assert _EXEC_STRUCT.size == EXEC_DTYPE.itemsize
+    padded = np.dtype({"names": ["a", "b"], "formats": ["u1", "<i8"], "offsets": [0, 8],
+                       "itemsize": 24})  # fmt: skip
+    s = _record_struct(padded)
+    rec = np.zeros(1, dtype=padded)
+    rec["a"], rec["b"] = 7, -5
+    assert s.unpack(rec[0].tobytes()) == rec[0].item()
+    for bad in (np.dtype([("a", "<f4")]), np.dtype([("a", ">i8")])):
+        with pytest.raises(ImportError):
+            _record_struct(bad)
