@@ -132,11 +132,17 @@ def test_sbe_diffs_apply_only_when_provably_contiguous(ing: Any) -> None:
     # overlapping (a rotation's two connections): 11 <= 13 <= 16, applied
     ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_040_000, 11, 16, [(120, 1)], []), RECV)
     assert book.update_id == 16
-    c2 = ing.ring.cursor
-    assert c2 > c1
-    # 17 never arrived (sent while disconnected): nothing published, resync due
-    ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_060_000, 18, 20, [(130, 1)], []), RECV)
-    assert ing.ring.cursor == c2
+    assert ing.ring.cursor > c1
+    # 17 never arrived (sent while disconnected): no book published, only the word that the
+    # last one is stale (at update 16), and a resync due
+    from pipeline.ipc.records import Kind
+    from pipeline.ipc.ring import RingReader
+
+    with RingReader.attach(ing.ring.name) as rd:
+        ing.handle_sbe(_Conn(), diff_frame(1_700_000_000_060_000, 18, 20, [(130, 1)], []), RECV)
+        recs = rd.poll()
+    assert recs["kind"].tolist() == [Kind.BOOK_STALE]
+    assert int(recs["trade_id"][0]) == 16
     assert book.state is BookState.WAIT_SNAPSHOT
     assert book.breaks == 1
     assert ing.c["callback_errors"] == 0
