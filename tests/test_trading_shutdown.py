@@ -39,7 +39,8 @@ async def test_shutdown_with_no_lead_logs_on_again_and_orders_go_on(
             await sim.set_fault("shutdown", target="wsapi", close_after=0, notice=notice)
             await until(lambda: s.primary_conn != first and s.state is State.READY)
             await until(lambda: service.counters["logons"] > logons)
-            assert s.metrics["user_data_subscribed"] == 1
+            # the user-data subscription follows the logon's answer (READY does not wait for it)
+            await until(lambda: s.metrics["user_data_subscribed"] == 1)
             assert s.place("after", "BTCUSDT", "BUY", "LIMIT", 0.001, round(bid * 0.9, 2))
             tp._pump()
             await until(lambda: s.order_status("after") is OrderStatus.NEW)
