@@ -89,7 +89,10 @@ def test_server_shutdown_with_no_lead_loses_nothing(shm_name: str) -> None:
     with run_sim_process("--symbols", ",".join(SYMBOLS), "--rate", "60", "--seed", "11") as sim, \
             run_ingest(sim, shm_name, "--streams", "aggTrade,bookTicker,depth@100ms",
                        *PURE) as ing:
-        ing.wait_for(lambda: len(agg_of(ing.records(), 0)) > 5, 15, "first trades")
+        # both symbols: the rounds below name each one's last trade (a random walk may print
+        # none for one of them in the first second)
+        ing.wait_for(lambda: all(len(agg_of(ing.records(), s)) > 5 for s in (0, 1)), 30,
+                     "first trades")
         for round_ in range(3):
             shutdowns = ing.metrics()["server_shutdowns"]
             sim.fault("shutdown", close_after=0)
