@@ -210,3 +210,28 @@ def test_a_trade_hole_refused_for_want_of_a_key_is_a_gap_at_once_said_once(
         assert len(gaps) == m["trade_gaps"]
         assert ((gaps["flags"] & Flags.TRADE_IDS) != 0).all()
         assert log.count("historicalTrades refused the request") == 1
+
+
+def test_a_book_stale_for_long_is_a_health_problem_until_it_is_current_again(
+        shm_name: str) -> None:
+    """A break whose snapshots keep failing leaves the book stale behind a live connection:
+    half dead, so `problem_books_stale` makes ingest unhealthy once it lasts longer than a
+    reconnect cycle (here 2 x 1 s stall timeout + 1 s backoff), and clears after the resync."""
+    from pipeline.ops.health import problem_fields
+
+    with run_sim_process("--symbols", "BTCUSDT", "--rate", "50") as sim, \
+            run_ingest(sim, shm_name, "--fast-path", "off", "--stall-timeout", "1",
+                       "--backoff-max", "1", "--streams", "aggTrade,depth@100ms",
+                       symbols=["BTCUSDT"]) as ing:
+        ing.wait_for(lambda: ing.metrics()["book_resyncs"] >= 1, 20, "the book synced")
+        assert ing.metrics()["problem_books_stale"] == 0
+        sim.fault("rest_fail", duration=10)
+        resync_all_books(sim)
+        ing.wait_for(lambda: ing.metrics()["problem_books_stale"] == 1, 20, "problem raised")
+        assert "books_stale=1" in problem_fields(ing.metrics())
+        ing.wait_for(lambda: ing.metrics()["problem_books_stale"] == 0, 30, "problem cleared")
+        m = ing.metrics()
+        recs = ing.records()
+    assert m["book_resyncs"] >= 2
+    assert stale_marks(recs, 0, ends=(Kind.BOOK_RESYNC,)) >= 1
+    assert m["rest_errors"] > 0

@@ -13,6 +13,7 @@ events and gives it ``publish_many`` and the counters.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.ipc.records import Flags, book_stale_record
@@ -43,8 +44,9 @@ class DepthFeed:
             FarRun(jump, again, contiguous=False) for _ in range(n)]
         self.partial_far_seen = 0
         self.partial_resets = 0
-        #: a BOOK_STALE went out for the symbol and no depth record since (one per outage)
-        self.stale = [False] * n
+        #: monotonic time a BOOK_STALE went out for the symbol, None once a depth record
+        #: followed (one per outage; problem_books_stale counts the long ones)
+        self.stale_since: list[float | None] = [None] * n
 
     def mark_stale(self, sid: int, recv_ns: int) -> None:
         """Tell consumers the symbol's last depth records are no longer current: its connection
@@ -52,16 +54,16 @@ class DepthFeed:
         consumer cannot tell a book frozen by an outage from a quiet market, and would go on
         pricing from it. Once per outage; nothing if no depth record was ever published."""
         book = self.books[sid]
-        if self.stale[sid] or (book.syncs == 0 and self.last_partial[sid] < 0):
+        if self.stale_since[sid] is not None or (book.syncs == 0 and self.last_partial[sid] < 0):
             return
-        self.stale[sid] = True
+        self.stale_since[sid] = time.monotonic()
         self.ing.c["books_stale"] += 1
         uid = book.update_id if book.syncs else self.last_partial[sid]
         self.ing.publish(book_stale_record(symbol=sid, update_id=uid, recv_time_ns=recv_ns))
 
     def publish_book(self, sid: int, flags: int, first: int, ev_ns: int, recv_ns: int) -> None:
         """Publish the symbol's local book top (and ``--depth-levels`` levels)."""
-        self.stale[sid] = False
+        self.stale_since[sid] = None
         book = self.books[sid]
         bids, asks = book.top(max(1, self._levels))
         self.ing.publish_many(book_records(symbol=sid, flags=flags, update_id=book.update_id,
@@ -106,7 +108,7 @@ class DepthFeed:
         self._publish_partial(p)
 
     def _publish_partial(self, p: DepthPartial) -> None:
-        self.stale[p.symbol] = False
+        self.stale_since[p.symbol] = None
         self.ing.publish_many(book_records(symbol=p.symbol, flags=_SNAPSHOT,
                                            update_id=p.last_update_id, first_update_id=0,
                                            event_time_ns=p.event_time_ns,

@@ -71,6 +71,9 @@ def metrics_fields(n_symbols: int) -> list[tuple[str, str]]:
     # venue no longer serves this URL or these streams (pipeline/marketdata/shards.py); the
     # shard retries slowly until it is served again
     fields += [("problem_streams_rejected", "<i8")]
+    # symbols whose depth has been stale (BOOK_STALE, no depth record since) for longer than a
+    # reconnect cycle takes: a book half dead behind a live connection (snapshots failing, say)
+    fields += [("problem_books_stale", "<i8")]
     fields += [(f"conn_state_{i}", "<i8") for i in range(MAX_SHARDS_IN_METRICS)]
     fields += [(f"last_agg_id_{i}", "<i8") for i in range(min(n_symbols, MAX_SYMBOLS_IN_METRICS))]
     return fields
@@ -102,6 +105,8 @@ def metric_values(ing: Ingest) -> dict[str, float]:
         1 for sh in ing.shards
         if sh.down_since is not None and now - sh.down_since > ing.down_grace_s)
     vals["problem_streams_rejected"] = max(sh.rejected_status for sh in ing.shards)
+    vals["problem_books_stale"] = sum(
+        1 for t in ing.depth.stale_since if t is not None and now - t > ing.down_grace_s)
     trackers = (*ing.trackers, *ing.trade_trackers)
     books = ing.depth.books
     vals["ids_far"] = (sum(t.stats.far_ids for t in trackers) + ing.book_far_seen
