@@ -182,6 +182,11 @@ class RiskConfig:
     max_order_notional: float = field(
         default=1e5, metadata=_m("max notional of one order", min=0.0)
     )
+    block_stale_books: bool = field(
+        default=True,
+        metadata=_m("refuse a symbol's orders while its depth is stale (a BOOK_STALE record "
+                    "and no depth record since): no order priced off a frozen book"),
+    )
 
 
 @dataclass(frozen=True)

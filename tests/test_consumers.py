@@ -308,6 +308,26 @@ def test_check_order_names_the_limit() -> None:
     assert check_order(_table(halt=1), "BTCUSDT", "BUY", 0.01, 1000.0).startswith("halt")  # type: ignore[union-attr]
 
 
+def test_orders_wait_while_the_symbols_book_is_stale() -> None:
+    """BOOK_STALE stops a symbol's orders (risk.block_stale_books) until a depth record says
+    the book is current again; another symbol's orders are not held; the switch turns it off."""
+    book = RiskBook(["BTCUSDT", "ETHUSDT"])
+    names = ["BTCUSDT", "ETHUSDT"]
+    book.on_ticks(ticks(Kind.DEPTH_TOP, [(0, 1000.0, 0.0, 40), (1, 50.0, 0.0, 7)]), names)
+    on, off = RiskLimits(), RiskLimits(block_stale_books=False)
+    assert check_order(book.table(on, False, 1), "BTCUSDT", "BUY", 0.01, 1000.0) is None
+    # stale, then (same batch) a trade: trades do not make a book current
+    book.on_ticks(np.concatenate([ticks(Kind.BOOK_STALE, [(0, 0.0, 0.0, 40)]),
+                                  ticks(Kind.AGG_TRADE, [(0, 1000.0, 0.1, 9)])]), names)
+    reason = check_order(book.table(on, False, 1), "BTCUSDT", "BUY", 0.01, 1000.0)
+    assert reason is not None
+    assert reason.startswith("stale_book BTCUSDT: its order book is not current")
+    assert check_order(book.table(on, False, 1), "ETHUSDT", "BUY", 0.01, 50.0) is None
+    assert check_order(book.table(off, False, 1), "BTCUSDT", "BUY", 0.01, 1000.0) is None
+    book.on_ticks(ticks(Kind.BOOK_RESYNC, [(0, 0.0, 0.0, 90)]), names)
+    assert check_order(book.table(on, False, 1), "BTCUSDT", "BUY", 0.01, 1000.0) is None
+
+
 def test_limits_table_is_shared_and_fails_closed(shm_name: str) -> None:
     table = LimitsTable(f"{shm_name}.limits", ["BTCUSDT"])
     try:

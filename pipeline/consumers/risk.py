@@ -13,6 +13,9 @@ Pieces (pure first):
   quantity (working orders), mark price (last trade, else book mid), notional = |pos| * mark.
 * :class:`RiskLimits` - max |position| and max notional per symbol (with defaults), max notional
   of one order, and a ``halt`` switch.
+* Stale books: a BOOK_STALE tick marks the symbol's book stale until its next depth record
+  (DEPTH_TOP, DEPTH_LEVEL, BOOK_RESYNC); with ``block_stale_books`` (the default) its orders
+  are refused meanwhile, so nothing is priced off a frozen book by a strategy that missed it.
 * :func:`check_order` - the pre-trade check over a *snapshot* of the table (a plain dict):
   returns None (allowed) or a reason that names the limit, e.g.
   ``"max_position BTCUSDT: 0.4 + open buys 0.1 + order 0.2 = 0.7 > 0.5"``.
@@ -56,7 +59,8 @@ OPEN_STATUSES = frozenset(
 )  # PENDING, NEW, PARTIALLY_FILLED, UNKNOWN, PENDING_CANCEL
 SIDE_NAMES = ("", "BUY", "SELL")
 
-PER_SYMBOL = ("pos", "open_buy", "open_sell", "mark", "notional", "max_pos", "max_notional")
+PER_SYMBOL = ("pos", "open_buy", "open_sell", "mark", "notional", "max_pos", "max_notional",
+              "book_stale")
 GLOBAL_FIELDS = (
     ("halt", "<i8"),
     ("max_order_notional", "<f8"),
@@ -66,7 +70,11 @@ GLOBAL_FIELDS = (
     ("ticks", "<i8"),
     ("heartbeat_interval_ms", "<i8"),  # pipeline health: stale after 3 intervals (min 2 s)
     ("tick_ring_attached", "<i8"),
+    ("block_stale_books", "<i8"),
 )
+_BOOK_STALE = int(Kind.BOOK_STALE)
+#: what makes a stale book current again
+_BOOK_LIVE = (int(Kind.DEPTH_TOP), int(Kind.DEPTH_LEVEL), int(Kind.BOOK_RESYNC))
 
 
 def field_name(symbol: str, what: str) -> str:
@@ -86,6 +94,7 @@ class RiskLimits:
     default_max_position: float = 10.0
     default_max_notional: float = 1e6
     max_order_notional: float = 1e5
+    block_stale_books: bool = True
 
     def position_limit(self, symbol: str) -> float:
         return self.max_position.get(symbol, self.default_max_position)
@@ -100,6 +109,7 @@ class RiskLimits:
             default_max_position=rc.default_max_position,
             default_max_notional=rc.default_max_notional,
             max_order_notional=rc.max_order_notional,
+            block_stale_books=rc.block_stale_books,
         )  # fmt: skip
 
 
@@ -118,6 +128,7 @@ class SymbolRisk:
     open_buy: float = 0.0
     open_sell: float = 0.0
     mark: float = math.nan
+    stale: bool = False  # the book: a BOOK_STALE and no depth record since
 
     @property
     def notional(self) -> float:
@@ -133,6 +144,7 @@ class RiskBook:
         self.exec_records = 0
         self.fills = 0
         self.ticks = 0
+        self._stale = 0  # symbols whose book is stale now
 
     def _sym(self, symbol: str) -> SymbolRisk:
         st = self.symbols.get(symbol)
@@ -187,6 +199,8 @@ class RiskBook:
     def on_ticks(self, batch: np.ndarray, names: list[str]) -> None:
         """Marks from a tick batch: trade prices, else book mids; the last per symbol wins."""
         kinds = batch["kind"]
+        if self._stale or (kinds == _BOOK_STALE).any():
+            self._book_states(batch, kinds, names)
         trades = np.isin(kinds, (int(Kind.AGG_TRADE), int(Kind.TRADE)))
         books = np.isin(kinds, (int(Kind.BOOK_TICKER), int(Kind.DEPTH_TOP)))
         for rec in batch[trades | books]:
@@ -196,12 +210,22 @@ class RiskBook:
             elif rec["bid_price"] > 0 and rec["ask_price"] > 0:
                 self.on_mark(sym, (float(rec["bid_price"]) + float(rec["ask_price"])) / 2)
 
+    def _book_states(self, batch: np.ndarray, kinds: np.ndarray, names: list[str]) -> None:
+        """Books going stale (BOOK_STALE) and current again, in ring order."""
+        sel = batch[(kinds == _BOOK_STALE) | np.isin(kinds, _BOOK_LIVE)]
+        for kind, sid in zip(sel["kind"].tolist(), sel["symbol"].tolist(), strict=True):
+            st = self._sym(symbol_of(names, sid))
+            stale = kind == _BOOK_STALE
+            if stale != st.stale:
+                self._stale += 1 if stale else -1
+                st.stale = stale
+
     def table(self, limits: RiskLimits, halt: bool, now_ns: int) -> dict[str, float]:
         """The flat field -> value mapping the limits table holds."""
         out: dict[str, float] = {
             "halt": int(halt), "max_order_notional": limits.max_order_notional,
             "updated_ns": now_ns, "exec_records": self.exec_records, "fills": self.fills,
-            "ticks": self.ticks,
+            "ticks": self.ticks, "block_stale_books": int(limits.block_stale_books),
         }  # fmt: skip
         for sym, st in self.symbols.items():
             out[field_name(sym, "pos")] = st.pos
@@ -211,6 +235,7 @@ class RiskBook:
             out[field_name(sym, "notional")] = st.notional
             out[field_name(sym, "max_pos")] = limits.position_limit(sym)
             out[field_name(sym, "max_notional")] = limits.notional_limit(sym)
+            out[field_name(sym, "book_stale")] = int(st.stale)
         return out
 
 
@@ -228,6 +253,9 @@ def check_order(
         return f"bad_side {side!r}"
     if not (qty > 0 and math.isfinite(qty)):
         return f"bad_qty {qty!r}"
+    if table.get("block_stale_books") and table.get(field_name(symbol, "book_stale")):
+        return (f"stale_book {symbol}: its order book is not current (BOOK_STALE); orders wait "
+                "until it is (risk.block_stale_books)")
     mark = float(table.get(field_name(symbol, "mark"), 0.0))
     px = price if price > 0 else mark
     if not px > 0:
