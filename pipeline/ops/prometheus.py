@@ -288,6 +288,8 @@ _RISK: dict[str, Family] = dict(
         _counter("risk", "fills", "Fills applied to positions."),
         _counter("risk", "ticks", "Market records read (marks)."),
         _gauge("risk", "tick_ring_attached", "1 while attached to the tick ring."),
+        _gauge("risk", "block_stale_books",
+               "1 while a symbol's orders are refused when its book is stale."),
     ]
 )
 _RISK_PER_SYMBOL = {
@@ -298,6 +300,7 @@ _RISK_PER_SYMBOL = {
     "notional": ("notional", "Position times mark (quote asset)."),
     "max_pos": ("max_position", "Position limit."),
     "max_notional": ("max_notional", "Notional limit."),
+    "book_stale": ("book_stale", "1 while the symbol's order book is stale (BOOK_STALE)."),
 }
 
 #: component kind -> field -> family (a component's kind: see :func:`kind_of`)
