@@ -173,6 +173,29 @@ def test_values_in_base_units_and_labels_instead_of_indexes(
     assert dict(version[0][1])["version"], version
 
 
+def test_the_order_round_trip_is_a_histogram_in_seconds(
+    pipeline_shm: tuple[str, str, dict[str, MetricsBlock]],
+) -> None:
+    """The trading block's bucket counts become one Prometheus histogram: cumulative buckets
+    with their bounds in seconds, +Inf, _count and _sum; the parts appear nowhere else."""
+    prefix, ring, blocks = pipeline_shm
+    blocks["trading.metrics"].set(order_rtt_le_300us=2, order_rtt_le_1000us=5,
+                                  order_rtt_le_inf=1, order_rtt_count=8,
+                                  order_rtt_sum_us=9000.0)  # fmt: skip
+    text = scrape(prefix, ring)
+    assert naming_problems(text) == [], text
+    got = samples(text)
+    name = "pipeline_trading_order_rtt_seconds"
+    assert got[f"{name}_bucket", (("le", "0.0002"),)] == 0
+    assert got[f"{name}_bucket", (("le", "0.0003"),)] == 2
+    assert got[f"{name}_bucket", (("le", "0.001"),)] == 7
+    assert got[f"{name}_bucket", (("le", "0.1"),)] == 7
+    assert got[f"{name}_bucket", (("le", "+Inf"),)] == 8
+    assert got[f"{name}_count", ()] == 8
+    assert got[f"{name}_sum", ()] == 0.009
+    assert not any("order_rtt" in n and not n.startswith(name) for n, _ in got)
+
+
 def test_every_field_of_every_process_has_a_family_of_its_own() -> None:
     """A field added to a process's block without a name here fails this test (it would be
     exposed raw as pipeline_component_field, which the naming rules let through)."""

@@ -930,3 +930,28 @@ def test_stale_unknown_orders_raise_the_problem_metric() -> None:
     d.tick_to(1.1)
     assert d.session.metrics["problem_unknown_orders_stale"] == 0
     assert d.session.metrics["orders_unknown_now"] == 0
+
+
+def test_order_answers_fill_the_round_trip_histogram_and_nothing_else_does() -> None:
+    """Each answered order request lands in one bucket by its written -> answered time (the
+    bounds are inclusive); logon, time and status requests do not count."""
+    from pipeline.trading.session import ORDER_RTT_FIELDS
+
+    d = Driver()
+    d.start_ready()
+    m = d.session.metrics
+    assert m["order_rtt_count"] == 0  # the handshake's requests are not orders
+    d.session.place("h1", "BTCUSDT", "BUY", "LIMIT", 1.0, 100.0)
+    msg = d.take("order.place")
+    d.clock.advance(0.0003)  # exactly 300 us: the 300 us bucket
+    d.reply(1, msg, result=order_result("h1"))
+    assert d.session.cancel("h1")
+    msg = d.take("order.cancel")
+    d.clock.advance(0.2)  # beyond the last bound
+    d.reply(1, msg, result=order_result("h1", "CANCELED"))
+    d.session.query("h1", "BTCUSDT")
+    d.reply(1, d.take("order.status"), result=order_result("h1", "CANCELED"))
+    counts = {f: m[f] for f in ORDER_RTT_FIELDS if m[f]}
+    assert counts == {"order_rtt_le_300us": 1, "order_rtt_le_inf": 1}
+    assert m["order_rtt_count"] == 2
+    assert m["order_rtt_sum_us"] == 300.0 + 200_000.0

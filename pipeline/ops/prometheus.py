@@ -24,9 +24,11 @@ How a block field becomes a sample (:func:`families`):
   the naming rules; ``tests/test_prometheus.py`` fails until a known component's new field is
   named here.
 
-No histograms: no block holds a latency distribution today (the processes publish the last or
-smoothed value: ``rtt_us``, ``rtt_smoothed_us``, ``last_flush_us``), and a histogram made from
-one sample per scrape would be invented. Those are gauges in seconds.
+One histogram, where a process measures a distribution itself: the trading block's order
+round trip (``order_rtt_le_<N>us`` bucket counts, ``order_rtt_count``, ``order_rtt_sum_us``;
+the bounds are in the field names) -> ``pipeline_trading_order_rtt_seconds``. Elsewhere the
+processes publish the last or smoothed value (``rtt_us``, ``last_flush_us``): gauges in
+seconds, since a histogram made from one sample per scrape would be invented.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -413,6 +416,8 @@ def field_family(
         }
     if fld == "heartbeat_interval_ms":
         return _COMPONENT_FAMILIES["heartbeat"], {"component": component}
+    if kind == "trading" and fld.startswith(_ORDER_RTT_PREFIX):
+        return None  # the histogram's parts (:func:`_order_rtt`)
     if kind is not None:
         if fld in _NOT_EXPOSED.get(kind, ()):
             return None
@@ -468,6 +473,8 @@ def families(report: Mapping[str, Any], symbols: Sequence[str] = ()) -> list[Met
     """Every family of a `pipeline health` report (:func:`pipeline.ops.health.evaluate`).
     Pure: ``symbols`` names ingest's symbol ids (``cfg.ingest.symbols``, the ring's order)."""
     b = _Builder()
+    hists: list[Metric] = []
+    seen_hist: set[str] = set()  # one series per family: the first trading block wins
     comp_f = _COMPONENT_FAMILIES
     for comp, entry in report.items():
         b.add(comp_f["healthy"], {"component": comp}, bool(entry.get("healthy")))
@@ -490,7 +497,44 @@ def families(report: Mapping[str, Any], symbols: Sequence[str] = ()) -> list[Met
             code = fields["state"]
             for i, state in enumerate(TRADING_STATES):
                 b.add(_TRADING_SESSION_STATE, {"state": state}, int(code == i))
-    return b.metrics()
+        hist = _order_rtt(fields) if kind_of(comp) == "trading" else None
+        if hist is not None and ORDER_RTT_FAMILY not in seen_hist:
+            seen_hist.add(ORDER_RTT_FAMILY)
+            hists.append(hist)
+    return b.metrics() + hists
+
+
+_ORDER_RTT_PREFIX = "order_rtt_"
+_ORDER_RTT_BUCKET = re.compile(r"^order_rtt_le_(\d+)us$")
+ORDER_RTT_FAMILY = "pipeline_trading_order_rtt_seconds"
+
+
+def _order_rtt(fields: Mapping[str, Any]) -> Metric | None:
+    """The trading block's order round-trip buckets as a Prometheus histogram (cumulative
+    counts, bounds in seconds from the field names); None when the block has none or a value
+    is torn (a histogram with a bad count would be worse than none for one scrape)."""
+    bounds: list[tuple[float, int]] = []
+    for fld, value in fields.items():
+        m = _ORDER_RTT_BUCKET.match(fld)
+        if m:
+            n = _number(value)
+            if n is None or not math.isfinite(n):
+                return None
+            bounds.append((int(m[1]) / US, int(n)))
+    inf, total = _number(fields.get("order_rtt_le_inf")), _number(fields.get("order_rtt_sum_us"))
+    if not bounds or inf is None or total is None or not math.isfinite(inf + total):
+        return None
+    buckets, running = [], 0
+    for le, n in sorted(bounds):
+        running += n
+        buckets.append((repr(le), float(running)))
+    buckets.append(("+Inf", float(running + int(inf))))
+    hist = HistogramMetricFamily(
+        ORDER_RTT_FAMILY,
+        "Order requests (place, cancel, modify, amend): written -> answer received.",
+    )
+    hist.add_metric([], buckets, sum_value=total / US)
+    return hist
 
 
 def _ring(b: _Builder, ring: str, entry: Mapping[str, Any]) -> None:

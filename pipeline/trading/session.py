@@ -77,6 +77,7 @@ Decisions (documented, tested in tests/test_session.py):
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -147,6 +148,16 @@ log = logging.getLogger("pipeline.session")
 ReplyHandler = Callable[[Connection, PendingRequest, Response], None]
 FailureHandler = Callable[[PendingRequest, int], None]
 
+#: Upper bounds (us) of the order round-trip histogram: an order request (place, cancel,
+#: modify, amend) written -> its answer received. Why a histogram in the block: the last or
+#: smoothed RTT hides the tail an operator alerts on; bucket counts can be summed across
+#: scrapes and processes (Prometheus histogram_quantile), a gauge cannot. The field names carry
+#: the bounds, so the exporter needs no copy of this tuple.
+ORDER_RTT_BUCKETS_US = (100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10_000, 30_000,
+                        100_000)
+ORDER_RTT_FIELDS = (*(f"order_rtt_le_{b}us" for b in ORDER_RTT_BUCKETS_US), "order_rtt_le_inf")
+_ORDER_KINDS = frozenset({"place", "cancel", "modify", "amend"})
+
 METRIC_FIELDS: tuple[str, ...] = (
     "state",
     "connected_since_ns",
@@ -187,8 +198,11 @@ METRIC_FIELDS: tuple[str, ...] = (
     "orders_amended",
     "reconcile_requests",
     "orders_table_full",
+    *ORDER_RTT_FIELDS,
+    "order_rtt_count",
+    "order_rtt_sum_us",
 )
-FLOAT_METRICS = frozenset({"rtt_us", "rtt_smoothed_us", "clock_offset_ms"})
+FLOAT_METRICS = frozenset({"rtt_us", "rtt_smoothed_us", "clock_offset_ms", "order_rtt_sum_us"})
 
 
 class Session:
@@ -378,6 +392,14 @@ class Session:
         """A primary is logged on (or promoted): what is UNKNOWN can be asked about now."""
         self.reconciler.reconcile_all()
 
+    def _observe_order_rtt(self, ns: int) -> None:
+        """One answered order request into the histogram (wall clock: a step back counts 0)."""
+        us = max(0.0, ns / 1000)
+        m = self.metrics
+        m[ORDER_RTT_FIELDS[bisect_left(ORDER_RTT_BUCKETS_US, us)]] += 1
+        m["order_rtt_count"] += 1
+        m["order_rtt_sum_us"] += us
+
     def _request_failed(self, p: PendingRequest, code: int) -> None:
         """A request that will never be answered (connection gone or deadline passed)."""
         self._failure_handlers[p.kind](p, code)
@@ -426,6 +448,8 @@ class Session:
             self.metrics["protocol_errors"] += 1
             log.warning("response to an unknown request id", extra={"event": "unmatched_reply"})
             return
+        if p.kind in _ORDER_KINDS:
+            self._observe_order_rtt(self.table.reply_ns - p.sent_wall_ns)
         if msg.error is not None:
             self.metrics["last_error_code"] = msg.error.code
         if msg.status in (418, 429) or msg.code in (-1003,):
