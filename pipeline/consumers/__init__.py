@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from pipeline.consumers.registry import BUILTINS
+from pipeline.ipc.records import symbol_of as symbol_of  # re-exported: consumers name it here
 from pipeline.ops import sdnotify
 
 log = logging.getLogger("pipeline.consumer")
@@ -279,6 +280,3 @@ def symbol_names(reader: Any) -> list[str]:
     """The ring's symbol table (id -> name), tolerant of records with an unknown id."""
     return list(getattr(reader, "symbols", []) or [])
 
-
-def symbol_of(symbols: list[str], sid: int) -> str:
-    return symbols[sid] if 0 <= sid < len(symbols) else f"#{sid}"

@@ -41,14 +41,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from pipeline.consumers import symbol_names, symbol_of
-from pipeline.ipc.records import Kind
+from pipeline.ipc.records import Kind, StaleBooks
 
 log = logging.getLogger("pipeline.monitor")
 
 TRADE_KINDS = (int(Kind.AGG_TRADE), int(Kind.TRADE))
-_BOOK_STALE = int(Kind.BOOK_STALE)
-#: records that say a symbol's book is current again after a BOOK_STALE
-_BOOK_LIVE = (int(Kind.DEPTH_TOP), int(Kind.DEPTH_LEVEL), int(Kind.BOOK_RESYNC))
 
 METRICS_FIELDS = [
     ("records", "<i8"),
@@ -91,7 +88,7 @@ class MonitorCore:
     gaps: int = 0
     resyncs_seen: int = 0
     #: symbols whose book a BOOK_STALE marked and no depth record has refreshed since
-    stale_books: set[str] = field(default_factory=set)
+    stale_books: StaleBooks = field(default_factory=StaleBooks)
     _last_status: float | None = None
     _records_at_status: int = 0
     _trades_at_status: int = 0
@@ -116,7 +113,11 @@ class MonitorCore:
         gap_mask = kinds == int(Kind.GAP)
         if gap_mask.any():
             self.gaps += int(gap_mask.sum())
-        book_lines = self._book_states(batch, kinds, names)
+        book_lines = [
+            f"{name} | book stale (depth not current since update {uid})" if stale
+            else f"{name} | book live again"
+            for name, stale, uid in self.stale_books.update(batch, names)
+        ]  # fmt: skip
         trades = batch[np.isin(kinds, TRADE_KINDS)]
         self.trades += len(trades)
         for sid, price, qty in zip(
@@ -131,25 +132,6 @@ class MonitorCore:
             st.vol += qty
             st.dirty = True
         return book_lines + self.due_lines(now)
-
-    def _book_states(self, batch: np.ndarray, kinds: np.ndarray, names: list[str]) -> list[str]:
-        """Lines for books going stale and live again, in ring order (rare: one check per
-        batch unless the batch holds a BOOK_STALE or a book is stale)."""
-        if not self.stale_books and not (kinds == _BOOK_STALE).any():
-            return []
-        out = []
-        sel = batch[(kinds == _BOOK_STALE) | np.isin(kinds, _BOOK_LIVE)]
-        for kind, sid, uid in zip(sel["kind"].tolist(), sel["symbol"].tolist(),
-                                  sel["trade_id"].tolist(), strict=True):
-            name = symbol_of(names, sid)
-            if kind == _BOOK_STALE:
-                if name not in self.stale_books:
-                    self.stale_books.add(name)
-                    out.append(f"{name} | book stale (depth not current since update {uid})")
-            elif name in self.stale_books:
-                self.stale_books.discard(name)
-                out.append(f"{name} | book live again")
-        return out
 
     def due_lines(self, now: float) -> list[str]:
         out = []

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.consumers import symbol_names, symbol_of
-from pipeline.ipc.records import Kind
+from pipeline.ipc.records import Kind, StaleBooks
 
 log = logging.getLogger("pipeline.risk")
 
@@ -72,9 +72,6 @@ GLOBAL_FIELDS = (
     ("tick_ring_attached", "<i8"),
     ("block_stale_books", "<i8"),
 )
-_BOOK_STALE = int(Kind.BOOK_STALE)
-#: what makes a stale book current again
-_BOOK_LIVE = (int(Kind.DEPTH_TOP), int(Kind.DEPTH_LEVEL), int(Kind.BOOK_RESYNC))
 
 
 def field_name(symbol: str, what: str) -> str:
@@ -128,7 +125,6 @@ class SymbolRisk:
     open_buy: float = 0.0
     open_sell: float = 0.0
     mark: float = math.nan
-    stale: bool = False  # the book: a BOOK_STALE and no depth record since
 
     @property
     def notional(self) -> float:
@@ -144,7 +140,7 @@ class RiskBook:
         self.exec_records = 0
         self.fills = 0
         self.ticks = 0
-        self._stale = 0  # symbols whose book is stale now
+        self.stale_books = StaleBooks()
 
     def _sym(self, symbol: str) -> SymbolRisk:
         st = self.symbols.get(symbol)
@@ -198,9 +194,8 @@ class RiskBook:
 
     def on_ticks(self, batch: np.ndarray, names: list[str]) -> None:
         """Marks from a tick batch: trade prices, else book mids; the last per symbol wins."""
+        self.stale_books.update(batch, names)
         kinds = batch["kind"]
-        if self._stale or (kinds == _BOOK_STALE).any():
-            self._book_states(batch, kinds, names)
         trades = np.isin(kinds, (int(Kind.AGG_TRADE), int(Kind.TRADE)))
         books = np.isin(kinds, (int(Kind.BOOK_TICKER), int(Kind.DEPTH_TOP)))
         for rec in batch[trades | books]:
@@ -209,16 +204,6 @@ class RiskBook:
                 self.on_mark(sym, float(rec["price"]))
             elif rec["bid_price"] > 0 and rec["ask_price"] > 0:
                 self.on_mark(sym, (float(rec["bid_price"]) + float(rec["ask_price"])) / 2)
-
-    def _book_states(self, batch: np.ndarray, kinds: np.ndarray, names: list[str]) -> None:
-        """Books going stale (BOOK_STALE) and current again, in ring order."""
-        sel = batch[(kinds == _BOOK_STALE) | np.isin(kinds, _BOOK_LIVE)]
-        for kind, sid in zip(sel["kind"].tolist(), sel["symbol"].tolist(), strict=True):
-            st = self._sym(symbol_of(names, sid))
-            stale = kind == _BOOK_STALE
-            if stale != st.stale:
-                self._stale += 1 if stale else -1
-                st.stale = stale
 
     def table(self, limits: RiskLimits, halt: bool, now_ns: int) -> dict[str, float]:
         """The flat field -> value mapping the limits table holds."""
@@ -235,7 +220,7 @@ class RiskBook:
             out[field_name(sym, "notional")] = st.notional
             out[field_name(sym, "max_pos")] = limits.position_limit(sym)
             out[field_name(sym, "max_notional")] = limits.notional_limit(sym)
-            out[field_name(sym, "book_stale")] = int(st.stale)
+            out[field_name(sym, "book_stale")] = int(sym in self.stale_books.names)
         return out
 
 

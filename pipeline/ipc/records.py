@@ -213,3 +213,39 @@ def book_stale_record(*, symbol: int, update_id: int, recv_time_ns: int) -> Tick
     ``trade_id`` = the last update id the book had; ``recv_time_ns`` = when ingest noticed."""
     return (_BOOK_STALE, 0, symbol, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, update_id, 0, 0,
             recv_time_ns)
+
+
+def symbol_of(symbols: list[str], sid: int) -> str:
+    """A record's symbol name; ``#<id>`` for an id outside the ring's table (never an error)."""
+    return symbols[sid] if 0 <= sid < len(symbols) else f"#{sid}"
+
+
+#: depth records that say a symbol's book is current (again, after a BOOK_STALE)
+BOOK_LIVE_KINDS = (_DEPTH_TOP, _DEPTH_LEVEL, _BOOK_RESYNC)
+
+
+class StaleBooks:
+    """Which symbols' books are stale now (a BOOK_STALE and no depth record since), followed
+    from tick batches in ring order. One reading of the rule for every consumer (the monitor
+    says it, risk refuses orders on it). Costs one comparison per batch while no book is stale.
+    """
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def update(self, batch: np.ndarray, names: list[str]) -> list[tuple[str, bool, int]]:
+        """The changes ``batch`` makes, in ring order: (symbol, stale now, update id)."""
+        kinds = batch["kind"]
+        stale = kinds == _BOOK_STALE
+        if not self.names and not stale.any():
+            return []
+        sel = batch[stale | np.isin(kinds, BOOK_LIVE_KINDS)]
+        out = []
+        for kind, sid, uid in zip(sel["kind"].tolist(), sel["symbol"].tolist(),
+                                  sel["trade_id"].tolist(), strict=True):
+            name, now_stale = symbol_of(names, sid), kind == _BOOK_STALE
+            if now_stale != (name in self.names):
+                (self.names.add if now_stale else self.names.discard)(name)
+                out.append((name, now_stale, uid))
+        return out
+

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from pipeline.ipc.records import TICK_DTYPE, Flags, Kind
+from pipeline.ipc.records import TICK_DTYPE, Flags, Kind, symbol_of
 
 _KIND_NAMES = {int(k): k.name for k in Kind}
 _FLAG_NAMES = [(int(f), f.name or "") for f in Flags if f.value]
@@ -49,15 +49,11 @@ def utc(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%H:%M:%S.%f")
 
 
-def _symbol(symbols: list[str], sid: int) -> str:
-    return symbols[sid] if 0 <= sid < len(symbols) else f"#{sid}"
-
-
 def tick_line(rec: Any, symbols: list[str]) -> str:
     """One tick record (a numpy void of TICK_DTYPE, or its ``item()`` tuple's mapping) as text:
     publish time, kind, symbol, then the fields that kind uses."""
     kind = int(rec["kind"])
-    sym = _symbol(symbols, int(rec["symbol"]))
+    sym = symbol_of(symbols, int(rec["symbol"]))
     head = f"{utc(int(rec['publish_time_ns']))} {kind_name(kind):<11} {sym:<10}"
     tid, aux = int(rec["trade_id"]), int(rec["aux_id"])
     if kind in (Kind.AGG_TRADE, Kind.TRADE):
@@ -100,7 +96,7 @@ def record_dict(rec: Any, dtype: np.dtype[Any], symbols: list[str]) -> dict[str,
             out[name] = v.item() if hasattr(v, "item") else v
     if is_tick_dtype(dtype):
         out["kind_name"] = kind_name(int(rec["kind"]))
-        out["symbol_name"] = _symbol(symbols, int(rec["symbol"]))
+        out["symbol_name"] = symbol_of(symbols, int(rec["symbol"]))
         out["flag_names"] = flag_names(int(rec["flags"]))
     return out
 

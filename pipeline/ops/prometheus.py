@@ -518,7 +518,7 @@ def _order_rtt(fields: Mapping[str, Any]) -> Metric | None:
         m = _ORDER_RTT_BUCKET.match(fld)
         if m:
             n = _number(value)
-            if n is None or not math.isfinite(n):
+            if n is None or not math.isfinite(n) or n < 0:
                 return None
             bounds.append((int(m[1]) / US, int(n)))
     inf, total = _number(fields.get("order_rtt_le_inf")), _number(fields.get("order_rtt_sum_us"))
