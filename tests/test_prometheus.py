@@ -180,7 +180,7 @@ def test_the_order_round_trip_is_a_histogram_in_seconds(
     with their bounds in seconds, +Inf, _count and _sum; the parts appear nowhere else."""
     prefix, ring, blocks = pipeline_shm
     blocks["trading.metrics"].set(order_rtt_le_300us=2, order_rtt_le_1000us=5,
-                                  order_rtt_le_inf=1, order_rtt_count=8,
+                                  order_rtt_le_inf=1,
                                   order_rtt_sum_us=9000.0)  # fmt: skip
     text = scrape(prefix, ring)
     assert naming_problems(text) == [], text

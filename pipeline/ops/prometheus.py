@@ -25,7 +25,7 @@ How a block field becomes a sample (:func:`families`):
   named here.
 
 One histogram, where a process measures a distribution itself: the trading block's order
-round trip (``order_rtt_le_<N>us`` bucket counts, ``order_rtt_count``, ``order_rtt_sum_us``;
+round trip (``order_rtt_le_<N>us`` bucket counts and ``order_rtt_sum_us``; the count is their sum;
 the bounds are in the field names) -> ``pipeline_trading_order_rtt_seconds``. Elsewhere the
 processes publish the last or smoothed value (``rtt_us``, ``last_flush_us``): gauges in
 seconds, since a histogram made from one sample per scrape would be invented.

@@ -198,8 +198,7 @@ METRIC_FIELDS: tuple[str, ...] = (
     "orders_amended",
     "reconcile_requests",
     "orders_table_full",
-    *ORDER_RTT_FIELDS,
-    "order_rtt_count",
+    *ORDER_RTT_FIELDS,  # their sum is the count: not kept twice
     "order_rtt_sum_us",
 )
 FLOAT_METRICS = frozenset({"rtt_us", "rtt_smoothed_us", "clock_offset_ms", "order_rtt_sum_us"})
@@ -397,7 +396,6 @@ class Session:
         us = max(0.0, ns / 1000)
         m = self.metrics
         m[ORDER_RTT_FIELDS[bisect_left(ORDER_RTT_BUCKETS_US, us)]] += 1
-        m["order_rtt_count"] += 1
         m["order_rtt_sum_us"] += us
 
     def _request_failed(self, p: PendingRequest, code: int) -> None:
